@@ -1,0 +1,202 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Every event starts with a `u32` kind; userspace converts it with `TryFrom`, never `transmute`.
+//! All structs are `#[repr(C)]` without implicit padding, and their sizes are asserted so that a
+//! layout change on one side breaks the build instead of the data.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Largest payload prefix one data event can carry. Power of two: the kernel masks with it.
+pub const MAX_CAPTURE: usize = 16384;
+/// Payload prefix captured per syscall unless the user configures another size.
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// Most iovecs walked to copy a readv/writev/recvmsg/sendmsg payload.
+pub const MAX_IOVECS: u32 = 8;
+
+/// Event kinds. Discriminants are part of the wire contract with the kernel: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes moved on a TCP socket: [`DataEvent`] followed by `captured` payload bytes.
+    Data = 1,
+    /// accept/accept4 returned a new socket fd: [`ConnEvent`].
+    Accept = 2,
+    /// connect returned (0 or EINPROGRESS): [`ConnEvent`].
+    Connect = 3,
+    /// A tracked TCP socket reached TCP_CLOSE: [`ConnEvent`] (fd unknown).
+    Close = 4,
+    /// A traced process exited: [`ProcessEvent`].
+    ProcessExit = 5,
+    /// Any process called execve: [`ProcessEvent`] (lets userspace select new processes).
+    Exec = 6,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        Ok(match v {
+            1 => Self::Data,
+            2 => Self::Accept,
+            3 => Self::Connect,
+            4 => Self::Close,
+            5 => Self::ProcessExit,
+            6 => Self::Exec,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Which way bytes went, seen from the traced process.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// The syscall that moved the bytes (from the syscall number in the task's registers).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallKind {
+    /// A path whose buffers we do not know (sendfile, splice, io_uring, mmsg): byte count only.
+    Other = 0,
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    RecvFrom = 5,
+    SendTo = 6,
+    RecvMsg = 7,
+    SendMsg = 8,
+    SendFile = 9,
+}
+
+impl TryFrom<u32> for SyscallKind {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        Ok(match v {
+            0 => Self::Other,
+            1 => Self::Read,
+            2 => Self::Write,
+            3 => Self::Readv,
+            4 => Self::Writev,
+            5 => Self::RecvFrom,
+            6 => Self::SendTo,
+            7 => Self::RecvMsg,
+            8 => Self::SendMsg,
+            9 => Self::SendFile,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Header of a data event; `captured` payload bytes follow it in the ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataEvent {
+    pub kind: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u32,
+    /// Process id (tgid) and thread id.
+    pub pid: u32,
+    pub tid: u32,
+    /// File descriptor, or `u32::MAX` when the syscall does not name one we can read.
+    pub fd: u32,
+    /// [`SyscallKind`].
+    pub syscall: u32,
+    /// Kernel monotonic time (`bpf_ktime_get_ns`) when the bytes had been moved.
+    pub ts_ns: u64,
+    /// Socket cookie: unique per socket for the life of the boot, so fd reuse never glues
+    /// two connections together.
+    pub sock_cookie: u64,
+    /// Exact byte count the syscall moved.
+    pub bytes: u64,
+    /// How many payload bytes follow (a prefix of `bytes`).
+    pub captured: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u32,
+    /// Addresses in network order; IPv4 in the first four bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Ports in host order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Bit flags, see `DATA_FLAG_*`.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<DataEvent>() == 96);
+
+/// The user buffer could not be read (page not resident): `captured` is 0 though `bytes` is not.
+pub const DATA_FLAG_COPY_FAILED: u32 = 1;
+/// First event the kernel saw for this socket (it was just added to the tracked set).
+pub const DATA_FLAG_NEW_SOCKET: u32 = 2;
+
+/// Connection lifecycle: accept, connect, close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// fd for accept/connect; `u32::MAX` for close.
+    pub fd: u32,
+    pub ts_ns: u64,
+    /// Socket cookie for close; 0 where the kernel did not know it (accept/connect).
+    pub sock_cookie: u64,
+    /// Syscall return value (connect: 0 or -EINPROGRESS).
+    pub ret: i64,
+}
+const _: () = assert!(size_of::<ConnEvent>() == 40);
+
+pub const COMM_LEN: usize = 16;
+
+/// Process exec or exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub ts_ns: u64,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<ProcessEvent>() == 32);
+
+/// Indices of the kernel's per-CPU counters (array `COUNTERS`). Never reuse an index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Data events written to the ring buffer.
+    DataEvents = 0,
+    /// Events lost because the ring buffer was full.
+    RingbufFull = 1,
+    /// Data events whose payload was cut to the capture size (normal for bodies; reported).
+    Truncated = 2,
+    /// User buffers that could not be read.
+    CopyFailed = 3,
+    /// The tracked-socket map was full (closes of those sockets are not reported).
+    SocketMapFull = 4,
+    /// Lifecycle and process events written.
+    OtherEvents = 5,
+    /// Bytes moved on traced sockets (sum of `bytes`).
+    Bytes = 6,
+}
+pub const COUNTER_COUNT: u32 = 7;
+
+/// Offsets of kernel struct fields, read from /sys/kernel/btf/vmlinux at load time so the
+/// programs do not depend on one kernel build's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct sock.sk_protocol` (u16).
+    pub sk_protocol: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}

@@ -1,0 +1,130 @@
+//! Connection and process lifecycle: accept, connect, close, exec, exit.
+
+use agent_common::{ConnEvent, EventKind, ProcessEvent};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    },
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+
+use crate::maps::{TRACKED_SOCKETS, emit, offsets, selected_tgid};
+
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
+/// `ret` of a `sys_exit_*` tracepoint record.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+fn on_accept(ctx: &TracePointContext) {
+    let Some((tgid, tid)) = selected_tgid() else {
+        return;
+    };
+    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(-1);
+    if ret < 0 {
+        return;
+    }
+    emit(ConnEvent {
+        kind: EventKind::Accept as u32,
+        pid: tgid,
+        tid,
+        fd: ret as u32,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        sock_cookie: 0,
+        ret,
+    });
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn agent_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn agent_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx);
+    0
+}
+
+/// TCP state changes: SYN_SENT is a connect by the current process; CLOSE ends a socket we
+/// saw data on (or a connect we reported), whatever context the kernel is in.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let newstate: i32 = ctx.arg(2);
+    if sk == 0 || (newstate != TCP_SYN_SENT && newstate != TCP_CLOSE) {
+        return 0;
+    }
+    let protocol: u16 =
+        unsafe { bpf_probe_read_kernel((sk + offsets().sk_protocol as u64) as *const u16) }
+            .unwrap_or(0);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    if newstate == TCP_SYN_SENT {
+        let Some((tgid, tid)) = selected_tgid() else {
+            return 0;
+        };
+        let _ = TRACKED_SOCKETS.insert(&cookie, &tgid, 0);
+        emit(ConnEvent {
+            kind: EventKind::Connect as u32,
+            pid: tgid,
+            tid,
+            fd: u32::MAX,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            sock_cookie: cookie,
+            ret: 0,
+        });
+        return 0;
+    }
+    let Some(owner) = TRACKED_SOCKETS.get_ptr(&cookie) else {
+        return 0;
+    };
+    let pid = unsafe { *owner };
+    let _ = TRACKED_SOCKETS.remove(&cookie);
+    emit(ConnEvent {
+        kind: EventKind::Close as u32,
+        pid,
+        tid: 0,
+        fd: u32::MAX,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        sock_cookie: cookie,
+        ret: 0,
+    });
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn agent_process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit(ProcessEvent {
+        kind: EventKind::Exec as u32,
+        pid: tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = selected_tgid() else {
+        return 0;
+    };
+    if tgid != tid {
+        // A thread ended, not the process.
+        return 0;
+    }
+    emit(ProcessEvent {
+        kind: EventKind::ProcessExit as u32,
+        pid: tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    0
+}

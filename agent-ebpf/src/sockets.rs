@@ -1,0 +1,266 @@
+//! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`.
+
+use agent_common::{
+    Counter, DATA_FLAG_COPY_FAILED, DATA_FLAG_NEW_SOCKET, DIR_EGRESS, DIR_INGRESS, EventKind,
+    MAX_CAPTURE, MAX_IOVECS, SyscallKind,
+};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
+        },
+    },
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+
+use crate::maps::{
+    EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, count, offsets, ringbuf_flags,
+    selected_tgid,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+
+// x86_64 `struct pt_regs` (the ptrace ABI, stable): the syscall number and its arguments.
+const REG_ORIG_AX: usize = 120;
+const REG_DI: usize = 112;
+const REG_SI: usize = 104;
+const REG_DX: usize = 96;
+
+// x86_64 syscall numbers of the paths whose user buffers we know how to read.
+const NR_READ: u64 = 0;
+const NR_WRITE: u64 = 1;
+const NR_READV: u64 = 19;
+const NR_WRITEV: u64 = 20;
+const NR_SENDFILE: u64 = 40;
+const NR_SENDTO: u64 = 44;
+const NR_RECVFROM: u64 = 45;
+const NR_SENDMSG: u64 = 46;
+const NR_RECVMSG: u64 = 47;
+
+/// Where the payload of the current syscall lives in user memory.
+enum UserBuf {
+    None,
+    Flat(u64),
+    Iov { iov: u64, count: u64 },
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    on_socket_io(&ctx, ret as u64, DIR_INGRESS);
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
+    let ret: i32 = ctx.arg(1);
+    if ret <= 0 {
+        return 0;
+    }
+    on_socket_io(&ctx, ret as u64, DIR_EGRESS);
+    0
+}
+
+#[inline(always)]
+fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+#[inline(always)]
+fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
+    // Unselected processes stop here, before anything is read or copied.
+    let Some((tgid, tid)) = selected_tgid() else {
+        return;
+    };
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        return;
+    }
+    let off = offsets();
+    let family: u16 = read_kernel(sk, off.skc_family).unwrap_or(0);
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let protocol: u16 = read_kernel(sk, off.sk_protocol).unwrap_or(0);
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let ev = &mut scratch.header;
+    ev.kind = EventKind::Data as u32;
+    ev.direction = direction;
+    ev.pid = tgid;
+    ev.tid = tid;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.sock_cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    ev.bytes = bytes;
+    ev.family = family as u32;
+    ev.flags = 0;
+    ev.local_addr = [0; 16];
+    ev.remote_addr = [0; 16];
+    if family == AF_INET {
+        let l: [u8; 4] = read_kernel(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
+        let r: [u8; 4] = read_kernel(sk, off.skc_daddr).unwrap_or([0; 4]);
+        ev.local_addr[..4].copy_from_slice(&l);
+        ev.remote_addr[..4].copy_from_slice(&r);
+    } else {
+        ev.local_addr = read_kernel(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+        ev.remote_addr = read_kernel(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+    }
+    ev.local_port = read_kernel::<u16>(sk, off.skc_num).unwrap_or(0);
+    ev.remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
+
+    let cookie = ev.sock_cookie;
+    if TRACKED_SOCKETS.get_ptr(&cookie).is_none() {
+        ev.flags |= DATA_FLAG_NEW_SOCKET;
+        if TRACKED_SOCKETS.insert(&cookie, &tgid, 0).is_err() {
+            count(Counter::SocketMapFull, 1);
+        }
+    }
+
+    let (syscall, fd, buf) = syscall_args();
+    ev.syscall = syscall as u32;
+    ev.fd = fd;
+
+    let cap = capture_size() as u64;
+    let want = if bytes < cap { bytes } else { cap };
+    let captured = match buf {
+        UserBuf::None => 0,
+        UserBuf::Flat(ptr) => copy_flat(&mut scratch.payload, ptr, want),
+        UserBuf::Iov { iov, count } => copy_iov(&mut scratch.payload, iov, count, want),
+    };
+    let ev = &mut scratch.header;
+    if captured == 0 && want > 0 && !matches!(buf, UserBuf::None) {
+        ev.flags |= DATA_FLAG_COPY_FAILED;
+        count(Counter::CopyFailed, 1);
+    }
+    if captured < bytes && !matches!(buf, UserBuf::None) {
+        count(Counter::Truncated, 1);
+    }
+    ev.captured = captured as u32;
+
+    let size = size_of::<agent_common::DataEvent>() as u64 + (captured & (MAX_CAPTURE as u64 - 1));
+    let size = if captured >= MAX_CAPTURE as u64 {
+        size_of::<agent_common::DataEvent>() as u64 + MAX_CAPTURE as u64
+    } else {
+        size
+    };
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut c_void,
+            scratch as *mut _ as *mut c_void,
+            size,
+            ringbuf_flags(),
+        )
+    };
+    if ret < 0 {
+        count(Counter::RingbufFull, 1);
+    } else {
+        count(Counter::DataEvents, 1);
+        count(Counter::Bytes, bytes);
+    }
+}
+
+/// The syscall being served, its fd and where its buffer is, from the saved user registers.
+#[inline(always)]
+fn syscall_args() -> (SyscallKind, u32, UserBuf) {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return (SyscallKind::Other, u32::MAX, UserBuf::None);
+    }
+    let nr: u64 = read_kernel(regs, REG_ORIG_AX as u32).unwrap_or(u64::MAX);
+    let di: u64 = read_kernel(regs, REG_DI as u32).unwrap_or(0);
+    let si: u64 = read_kernel(regs, REG_SI as u32).unwrap_or(0);
+    let dx: u64 = read_kernel(regs, REG_DX as u32).unwrap_or(0);
+    let fd = di as u32;
+    match nr {
+        NR_READ => (SyscallKind::Read, fd, UserBuf::Flat(si)),
+        NR_WRITE => (SyscallKind::Write, fd, UserBuf::Flat(si)),
+        NR_RECVFROM => (SyscallKind::RecvFrom, fd, UserBuf::Flat(si)),
+        NR_SENDTO => (SyscallKind::SendTo, fd, UserBuf::Flat(si)),
+        NR_READV => (SyscallKind::Readv, fd, UserBuf::Iov { iov: si, count: dx }),
+        NR_WRITEV => (SyscallKind::Writev, fd, UserBuf::Iov { iov: si, count: dx }),
+        NR_RECVMSG | NR_SENDMSG => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            let iov: u64 = unsafe { read_user::<u64>(si + 16) }.unwrap_or(0);
+            let count: u64 = unsafe { read_user::<u64>(si + 24) }.unwrap_or(0);
+            let kind = if nr == NR_RECVMSG { SyscallKind::RecvMsg } else { SyscallKind::SendMsg };
+            (kind, fd, UserBuf::Iov { iov, count })
+        }
+        NR_SENDFILE => (SyscallKind::SendFile, fd, UserBuf::None),
+        _ => (SyscallKind::Other, u32::MAX, UserBuf::None),
+    }
+}
+
+#[inline(always)]
+unsafe fn read_user<T>(addr: u64) -> Option<T> {
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T).ok() }
+}
+
+/// Copy `want` (≤ capture size) bytes of a flat user buffer; returns the bytes copied.
+#[inline(always)]
+fn copy_flat(payload: &mut [u8; 2 * MAX_CAPTURE], ptr: u64, want: u64) -> u64 {
+    let n = want & (MAX_CAPTURE as u64 - 1);
+    let n = if want >= MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { n };
+    if n == 0 || ptr == 0 {
+        return 0;
+    }
+    let ret = unsafe {
+        bpf_probe_read_user(payload.as_mut_ptr() as *mut c_void, n as u32, ptr as *const c_void)
+    };
+    if ret < 0 { 0 } else { n }
+}
+
+/// Copy up to `want` bytes from an iovec array, in order; returns the bytes copied.
+#[inline(always)]
+fn copy_iov(payload: &mut [u8; 2 * MAX_CAPTURE], iov: u64, count: u64, want: u64) -> u64 {
+    let mut done: u64 = 0;
+    let mut i: u64 = 0;
+    while i < MAX_IOVECS as u64 {
+        if i >= count || done >= want {
+            break;
+        }
+        let base: u64 = unsafe { read_user::<u64>(iov + i * 16) }.unwrap_or(0);
+        let len: u64 = unsafe { read_user::<u64>(iov + i * 16 + 8) }.unwrap_or(0);
+        i += 1;
+        if base == 0 || len == 0 {
+            continue;
+        }
+        let left = want - done;
+        let take = if len < left { len } else { left };
+        // Both masks are no-ops for valid values (done < MAX, take ≤ MAX) and prove the
+        // bounds to the verifier.
+        let at = (done & (MAX_CAPTURE as u64 - 1)) as usize;
+        let take = if take >= MAX_CAPTURE as u64 {
+            MAX_CAPTURE as u32
+        } else {
+            (take & (MAX_CAPTURE as u64 - 1)) as u32
+        };
+        if take == 0 {
+            break;
+        }
+        let dst = unsafe { payload.as_mut_ptr().add(at) };
+        let ret =
+            unsafe { bpf_probe_read_user(dst as *mut c_void, take, base as *const c_void) };
+        if ret < 0 {
+            break;
+        }
+        done += take as u64;
+    }
+    done
+}

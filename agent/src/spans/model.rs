@@ -1,0 +1,103 @@
+//! The agent's own span record: what a protocol produced, with kernel-derived wall-clock times,
+//! explicit ids and the resource of the process it belongs to. Exporters translate it.
+
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TraceId(pub [u8; 16]);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpanId(pub [u8; 8]);
+
+impl TraceId {
+    pub fn to_hex(self) -> String {
+        hex(&self.0)
+    }
+}
+
+impl SpanId {
+    pub fn to_hex(self) -> String {
+        hex(&self.0)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    /// What a process received and answered.
+    Server,
+    /// What a process sent and got an answer to.
+    Client,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error { description: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attribute {
+    pub key: &'static str,
+    pub value: AttrValue,
+}
+
+impl Attribute {
+    pub fn str(key: &'static str, value: impl Into<String>) -> Self {
+        Self { key, value: AttrValue::Str(value.into()) }
+    }
+    pub fn int(key: &'static str, value: i64) -> Self {
+        Self { key, value: AttrValue::Int(value) }
+    }
+    pub fn bool(key: &'static str, value: bool) -> Self {
+        Self { key, value: AttrValue::Bool(value) }
+    }
+}
+
+/// The OpenTelemetry resource of one traced process. Spans of two processes never share one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub pid: u32,
+    pub service_name: String,
+    /// All resource attributes, service.name included.
+    pub attributes: Vec<Attribute>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SpanRecord {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    /// The parent came from another process (an incoming `traceparent`).
+    pub parent_is_remote: bool,
+    /// W3C `tracestate` received with the parent, passed through untouched.
+    pub trace_state: Option<String>,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub attributes: Vec<Attribute>,
+    pub status: SpanStatus,
+    pub resource: Arc<Resource>,
+}
+
+impl SpanRecord {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+}

@@ -1,0 +1,69 @@
+//! Counters for every noteworthy outcome. Anything that drops or rejects data counts it here;
+//! the summary at shutdown (and `--stats-interval`) prints them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        #[derive(Default, Debug)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// (name, value) of every counter, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name.load(Ordering::Relaxed)), )* ]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Ring buffer records read.
+    events_read,
+    /// Records that could not be decoded (unknown kind, short record).
+    events_malformed,
+    /// Data events, and their payload bytes, fed to connections.
+    data_events,
+    /// Connections seen (first data on a socket).
+    connections_opened,
+    /// Connections ended (close, process exit, idle timeout).
+    connections_closed,
+    /// Connections evicted because too many were open or idle.
+    connections_evicted,
+    /// Connections whose bytes are not HTTP/1.x (ignored from then on).
+    connections_not_http,
+    /// Parser lost message boundaries and resynchronised on a later message start.
+    http_resyncs,
+    /// Messages whose header block did not fit in the captured prefix.
+    http_headers_truncated,
+    /// Requests whose connection closed before a response ended.
+    http_incomplete,
+    /// HTTP exchanges completed.
+    http_exchanges,
+    /// Incoming `traceparent` headers that were present but invalid (ignored).
+    traceparent_invalid,
+    /// Incoming `traceparent` headers honoured.
+    traceparent_honoured,
+    /// Client spans linked to the server span active on the same thread.
+    client_spans_linked,
+    /// Spans built.
+    spans_built,
+    /// Spans dropped because the export queue was full.
+    spans_dropped_queue_full,
+    /// Spans handed to an exporter successfully.
+    spans_exported,
+    /// Spans lost because the exporter failed (collector down, rejected).
+    spans_export_failed,
+    /// Export batches that failed.
+    export_errors,
+    /// Processes selected for tracing.
+    processes_selected,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
