@@ -7,8 +7,9 @@
 
 use core::mem::size_of;
 
-/// Largest payload prefix one data event can carry. Power of two: the kernel masks with it.
-pub const MAX_CAPTURE: usize = 16384;
+/// Largest payload prefix one data event can carry. Power of two: the kernel masks with it;
+/// twice this plus the header must stay under the 32 KiB limit of a per-CPU map value.
+pub const MAX_CAPTURE: usize = 8192;
 /// Payload prefix captured per syscall unless the user configures another size.
 pub const DEFAULT_CAPTURE: u32 = 4096;
 /// Most iovecs walked to copy a readv/writev/recvmsg/sendmsg payload.

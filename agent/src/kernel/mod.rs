@@ -1,0 +1,187 @@
+//! Loading and attaching the kernel programs, and reading what they report.
+
+pub mod btf;
+pub mod environment;
+
+use agent_common::{COUNTER_COUNT, Counter, MAX_CAPTURE};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("cannot read the kernel's BTF for tp_btf programs: {0}")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error(
+        "the kernel refused to load the eBPF object: {0}\n  hint: run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name} is missing from the eBPF object (build mismatch): rebuild the agent")]
+    MissingProgram { name: &'static str },
+    #[error("map {0} is missing from the eBPF object (build mismatch): rebuild the agent")]
+    MissingMap(&'static str),
+    #[error("{what}: {source}{hint}")]
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("this agent's kernel programs support x86_64 only (found {0})")]
+    UnsupportedArch(&'static str),
+}
+
+/// What the caller chose to load.
+pub struct LoadOptions {
+    pub trace_all: bool,
+    pub capture_size: u32,
+}
+
+/// One attached program, for the start-up report.
+pub struct Attached {
+    pub program: &'static str,
+    pub hook: String,
+}
+
+/// The loaded object: keeps programs attached for as long as it lives (dropping it detaches).
+pub struct Probes {
+    ebpf: Ebpf,
+    pub attached: Vec<Attached>,
+}
+
+const TP_BTF: &[(&str, &str)] = &[
+    ("agent_sock_recv", "sock_recv_length"),
+    ("agent_sock_send", "sock_send_length"),
+    ("agent_sock_state", "inet_sock_set_state"),
+];
+
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("agent_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("agent_exit_accept", "syscalls", "sys_exit_accept"),
+    ("agent_process_exec", "sched", "sched_process_exec"),
+    ("agent_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Capture sizes are clamped to what one event can carry.
+pub fn clamp_capture(size: u32) -> u32 {
+    size.clamp(64, MAX_CAPTURE as u32)
+}
+
+impl Probes {
+    pub fn load(opts: &LoadOptions) -> Result<Self, KernelError> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(KernelError::UnsupportedArch(std::env::consts::ARCH));
+        }
+        let offsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
+        let trace_all: u32 = opts.trace_all.into();
+        let agent_pid = std::process::id();
+        let capture = clamp_capture(opts.capture_size);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("AGENT_PID", &agent_pid, true)
+            .override_global("CAPTURE_SIZE", &capture, true)
+            .override_global("OFFSETS", &offsets, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent")))?;
+
+        let kernel_btf = aya::Btf::from_sys_fs()?;
+        let mut attached = Vec::new();
+        for &(name, tp) in TP_BTF {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| program_error(name, "is not a tp_btf program", source))?;
+            prog.load(tp, &kernel_btf).map_err(|source| {
+                program_error(name, &format!("loading tp_btf/{tp}"), source)
+            })?;
+            prog.attach()
+                .map_err(|source| program_error(name, &format!("attaching tp_btf/{tp}"), source))?;
+            attached.push(Attached { program: name, hook: format!("tp_btf/{tp}") });
+        }
+        for &(name, category, tp) in TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| program_error(name, "is not a tracepoint program", source))?;
+            prog.load()
+                .map_err(|source| program_error(name, &format!("loading {category}/{tp}"), source))?;
+            prog.attach(category, tp).map_err(|source| {
+                program_error(name, &format!("attaching tracepoint {category}/{tp}"), source)
+            })?;
+            attached.push(Attached { program: name, hook: format!("tracepoint/{category}/{tp}") });
+        }
+        Ok(Self { ebpf, attached })
+    }
+
+    /// The ring buffer all events arrive on (taken once, by the event loop).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })
+    }
+
+    /// The selected-process map (taken once, by the selector).
+    pub fn take_selected(&mut self) -> Result<HashMap<MapData, u32, u32>, KernelError> {
+        let map = self.ebpf.take_map("SELECTED").ok_or(KernelError::MissingMap("SELECTED"))?;
+        HashMap::try_from(map).map_err(|source| KernelError::Map { name: "SELECTED", source })
+    }
+
+    /// The per-CPU counters (taken once).
+    pub fn take_counters(&mut self) -> Result<KernelCounters, KernelError> {
+        let map = self.ebpf.take_map("COUNTERS").ok_or(KernelError::MissingMap("COUNTERS"))?;
+        let array = PerCpuArray::try_from(map)
+            .map_err(|source| KernelError::Map { name: "COUNTERS", source })?;
+        Ok(KernelCounters { array })
+    }
+}
+
+fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) -> KernelError {
+    let text = source.to_string();
+    let hint = if text.contains("EPERM") || text.contains("Operation not permitted") {
+        "\n  hint: run as root; the kernel may also be in lockdown mode"
+    } else if text.contains("tracefs") || text.contains("No such file") {
+        "\n  hint: tracefs must be mounted at /sys/kernel/tracing (the agent mounts it when it can)"
+    } else if text.contains("btf_trace_") {
+        "\n  hint: this tracepoint needs Linux >= 6.3 with BTF (CONFIG_DEBUG_INFO_BTF=y)"
+    } else {
+        ""
+    };
+    KernelError::Program { what: format!("{name}: {what}"), source, hint }
+}
+
+/// Sums of the kernel's per-CPU counters.
+pub struct KernelCounters {
+    array: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    pub fn read(&self, counter: Counter) -> u64 {
+        self.array
+            .get(&(counter as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let all = [
+            (Counter::DataEvents, "kernel_data_events"),
+            (Counter::OtherEvents, "kernel_lifecycle_events"),
+            (Counter::Bytes, "kernel_bytes"),
+            (Counter::RingbufFull, "kernel_lost_ringbuf_full"),
+            (Counter::Truncated, "kernel_payload_truncated"),
+            (Counter::CopyFailed, "kernel_payload_copy_failed"),
+            (Counter::SocketMapFull, "kernel_socket_map_full"),
+        ];
+        debug_assert_eq!(all.len() as u32, COUNTER_COUNT);
+        all.iter().map(|&(c, name)| (name, self.read(c))).collect()
+    }
+}
