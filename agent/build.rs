@@ -7,7 +7,8 @@ use aya_build::{Package, Toolchain};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
 
 fn main() -> anyhow::Result<()> {
-    let ebpf_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    let ebpf_dir = std::path::Path::new(&manifest_dir)
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("agent-ebpf");

@@ -9,8 +9,8 @@ use aya_ebpf::{
     helpers::{
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns,
-            bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_user,
+            bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
     macros::btf_tracepoint,
@@ -18,8 +18,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, count, offsets, ringbuf_flags,
-    selected_tgid,
+    EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, count, offsets, ringbuf_flags, selected_tgid,
 };
 
 const AF_INET: u16 = 2;
@@ -199,7 +198,11 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
             // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
             let iov: u64 = unsafe { read_user::<u64>(si + 16) }.unwrap_or(0);
             let count: u64 = unsafe { read_user::<u64>(si + 24) }.unwrap_or(0);
-            let kind = if nr == NR_RECVMSG { SyscallKind::RecvMsg } else { SyscallKind::SendMsg };
+            let kind = if nr == NR_RECVMSG {
+                SyscallKind::RecvMsg
+            } else {
+                SyscallKind::SendMsg
+            };
             (kind, fd, UserBuf::Iov { iov, count })
         }
         NR_SENDFILE => (SyscallKind::SendFile, fd, UserBuf::None),
@@ -216,12 +219,20 @@ unsafe fn read_user<T>(addr: u64) -> Option<T> {
 #[inline(always)]
 fn copy_flat(payload: &mut [u8; 2 * MAX_CAPTURE], ptr: u64, want: u64) -> u64 {
     let n = want & (MAX_CAPTURE as u64 - 1);
-    let n = if want >= MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { n };
+    let n = if want >= MAX_CAPTURE as u64 {
+        MAX_CAPTURE as u64
+    } else {
+        n
+    };
     if n == 0 || ptr == 0 {
         return 0;
     }
     let ret = unsafe {
-        bpf_probe_read_user(payload.as_mut_ptr() as *mut c_void, n as u32, ptr as *const c_void)
+        bpf_probe_read_user(
+            payload.as_mut_ptr() as *mut c_void,
+            n as u32,
+            ptr as *const c_void,
+        )
     };
     if ret < 0 { 0 } else { n }
 }
@@ -255,8 +266,7 @@ fn copy_iov(payload: &mut [u8; 2 * MAX_CAPTURE], iov: u64, count: u64, want: u64
             break;
         }
         let dst = unsafe { payload.as_mut_ptr().add(at) };
-        let ret =
-            unsafe { bpf_probe_read_user(dst as *mut c_void, take, base as *const c_void) };
+        let ret = unsafe { bpf_probe_read_user(dst as *mut c_void, take, base as *const c_void) };
         if ret < 0 {
             break;
         }

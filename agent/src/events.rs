@@ -6,7 +6,10 @@ use thiserror::Error;
 
 #[derive(Debug)]
 pub enum Event<'a> {
-    Data { header: DataEvent, payload: &'a [u8] },
+    Data {
+        header: DataEvent,
+        payload: &'a [u8],
+    },
     Accept(ConnEvent),
     Connect(ConnEvent),
     Close(ConnEvent),
@@ -43,9 +46,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let header: DataEvent = read(bytes)?;
             SyscallKind::try_from(header.syscall).map_err(DecodeError::UnknownSyscall)?;
             let rest = &bytes[size_of::<DataEvent>()..];
-            let payload = rest
-                .get(..header.captured as usize)
-                .ok_or(DecodeError::PayloadLength { claimed: header.captured, present: rest.len() })?;
+            let payload =
+                rest.get(..header.captured as usize)
+                    .ok_or(DecodeError::PayloadLength {
+                        claimed: header.captured,
+                        present: rest.len(),
+                    })?;
             Event::Data { header, payload }
         }
         EventKind::Accept => Event::Accept(read(bytes)?),
@@ -87,7 +93,10 @@ mod tests {
         };
         // SAFETY: DataEvent is repr(C) POD without padding (asserted in agent-common).
         let raw = unsafe {
-            std::slice::from_raw_parts((&header as *const DataEvent).cast::<u8>(), size_of::<DataEvent>())
+            std::slice::from_raw_parts(
+                (&header as *const DataEvent).cast::<u8>(),
+                size_of::<DataEvent>(),
+            )
         };
         let mut v = raw.to_vec();
         v.extend_from_slice(payload);
@@ -109,9 +118,15 @@ mod tests {
     #[test]
     fn rejects_short_unknown_and_lying_records() {
         assert_eq!(decode(&[1, 0]).unwrap_err(), DecodeError::Short(2));
-        assert_eq!(decode(&[42, 0, 0, 0]).unwrap_err(), DecodeError::UnknownKind(42));
+        assert_eq!(
+            decode(&[42, 0, 0, 0]).unwrap_err(),
+            DecodeError::UnknownKind(42)
+        );
         let rec = data_record(100, b"GET ");
-        assert!(matches!(decode(&rec), Err(DecodeError::PayloadLength { claimed: 100, .. })));
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::PayloadLength { claimed: 100, .. })
+        ));
         let rec = data_record(4, b"GET ");
         for n in 0..rec.len() {
             let _ = decode(&rec[..n]);

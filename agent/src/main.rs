@@ -1,10 +1,144 @@
+//! The agent binary: wiring only. See docs/architecture.md for the pipeline.
+
+mod cli;
+mod event_loop;
+mod events;
 mod export;
+mod kernel;
+mod pipeline;
 mod process;
 mod protocols;
+mod selection;
 mod spans;
 mod stats;
 
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent"));
-    println!("{}", obj.len());
+use std::sync::{Arc, atomic::AtomicBool};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = cli::Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    let env = kernel::environment::prepare()?;
+    eprintln!("agent: kernel {}", env.kernel_release);
+    if env.tracefs_mounted_by_us {
+        eprintln!(
+            "agent: tracefs was not mounted; mounted it at {}",
+            kernel::environment::TRACEFS
+        );
+    }
+    if let Some(mode) = &env.lockdown {
+        eprintln!("agent: kernel lockdown mode: {mode}");
+    }
+    let selection = cli.selection();
+    let capture = kernel::clamp_capture(cli.capture_size);
+    let mut probes = kernel::Probes::load(&kernel::LoadOptions {
+        trace_all: selection.traces_all(),
+        capture_size: capture,
+    })?;
+    for a in &probes.attached {
+        eprintln!("agent: attached {} to {}", a.program, a.hook);
+    }
+    eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
+
+    let stats = Arc::new(stats::Stats::default());
+    let export_cfg = cli.export_config();
+    match &export_cfg.target {
+        export::ExportTarget::Console => {
+            eprintln!("agent: no OTLP endpoint set: printing traces here")
+        }
+        export::ExportTarget::Otlp { endpoint, protocol } => {
+            eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
+        }
+    }
+    let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
+
+    let selected_map = if selection.traces_all() {
+        None
+    } else {
+        Some(probes.take_selected()?)
+    };
+    let mut selector = selection::Selector::new(selection, selected_map);
+    if selector.traces_all() {
+        eprintln!("agent: tracing all processes (except this agent)");
+    } else {
+        let found = selector.scan();
+        eprintln!(
+            "agent: selected {} process(es){}{}",
+            found.len(),
+            if found.is_empty() { "" } else { ": " },
+            found
+                .iter()
+                .map(|(p, c)| format!("{c}[{p}]"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_cfg = event_loop::LoopConfig {
+        events: probes.take_events()?,
+        counters: probes.take_counters()?,
+        selector,
+        resources: process::Resources::new(process::host_name()),
+        stats: stats.clone(),
+        stop: stop.clone(),
+        stats_interval: std::time::Duration::from_secs(cli.stats_interval),
+    };
+    let worker = std::thread::Builder::new()
+        .name("events".into())
+        .spawn(move || event_loop::run(loop_cfg, exporter))
+        .context("cannot start the event thread")?;
+    eprintln!("agent ready: press Ctrl-C to stop");
+
+    wait_for_signal().await;
+    eprintln!("agent: stopping: detaching probes and flushing spans");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (exporter, kernel_counts) = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the event thread panicked"))?;
+    drop(probes);
+    let summary = exporter.shutdown().await;
+    kernel::environment::restore(&env);
+
+    eprintln!("agent: summary");
+    for (name, value) in kernel_counts.into_iter().chain(stats.snapshot()) {
+        eprintln!("  {name:<28} {value}");
+    }
+    eprintln!(
+        "  export: {} exported, {} failed, {} dropped (queue full)",
+        summary.exported, summary.failed, summary.dropped
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers we can still stop on Ctrl-C.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,984 @@
+//! Per-process OpenTelemetry resources, read from `/proc/PID`.
+//!
+//! Each traced process is its own resource: `service.name` comes from the process's own
+//! `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else from its executable's name. The
+//! command line is redacted before it leaves the machine: values of secret-looking flags,
+//! `key=value` pairs with secret-looking keys and passwords in URLs become `REDACTED`.
+#![allow(dead_code)] // The event pipeline calls this once it is wired in main.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::spans::model::{AttrValue, Attribute, Resource};
+
+/// What replaces a secret.
+pub const REDACTED: &str = "REDACTED";
+/// `telemetry.distro.name` of the spans this agent produces.
+pub const DISTRO_NAME: &str = "ebpf-agent";
+
+/// Resource attribute keys taken from a process's `OTEL_RESOURCE_ATTRIBUTES` must be
+/// `&'static str` (see `Attribute`), so distinct keys are interned (leaked once each). A process
+/// could invent unbounded keys; past this many distinct keys, new ones are ignored.
+const MAX_INTERNED_KEYS: usize = 1024;
+/// Longest key or value accepted from `OTEL_RESOURCE_ATTRIBUTES`.
+const MAX_ENV_ATTR_LEN: usize = 4096;
+/// Longest command line kept (after redaction), in bytes.
+const MAX_COMMAND_LINE_LEN: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The process exited (or never existed) before it could be inspected.
+    #[error(
+        "process {pid} is gone: /proc/{pid} does not exist (it exited before it could be inspected)"
+    )]
+    Gone { pid: u32 },
+    /// `/proc/PID/...` exists but could not be read.
+    #[error(
+        "cannot read /proc/{pid}/{file}: {source}; run the agent as root (or with CAP_SYS_PTRACE and \
+         CAP_DAC_READ_SEARCH) to inspect processes of other users"
+    )]
+    Read {
+        pid: u32,
+        file: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The host's name, as `host.name` reports it (`/proc/sys/kernel/hostname`, then `$HOSTNAME`).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The version of the OpenTelemetry SDK we export with (`telemetry.sdk.version`).
+fn sdk_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        use opentelemetry_sdk::resource::TelemetryResourceDetector;
+        let detected = opentelemetry_sdk::Resource::builder_empty()
+            .with_detector(Box::new(TelemetryResourceDetector))
+            .build();
+        detected
+            .get(&opentelemetry::Key::from_static_str(
+                "telemetry.sdk.version",
+            ))
+            .map(|v| v.as_str().into_owned())
+            .unwrap_or_else(|| "unknown".to_owned())
+    })
+}
+
+/// Reads `/proc/PID` and builds the OpenTelemetry resource of that process.
+pub fn resource_for_pid(pid: u32, host_name: &str) -> Result<Resource, ProcessError> {
+    resource_from_proc(Path::new("/proc"), pid, host_name)
+}
+
+fn resource_from_proc(
+    proc_root: &Path,
+    pid: u32,
+    host_name: &str,
+) -> Result<Resource, ProcessError> {
+    let dir = proc_root.join(pid.to_string());
+    let read = |file: &'static str| -> Result<Vec<u8>, ProcessError> {
+        std::fs::read(dir.join(file)).map_err(|source| classify(pid, file, source, &dir))
+    };
+
+    // `status` is readable for every process: it tells whether the process still exists.
+    let status = read("status")?;
+    let status = String::from_utf8_lossy(&status);
+    let euid = status_uid(&status);
+    let comm = read("comm")
+        .map(|c| {
+            String::from_utf8_lossy(&c)
+                .trim_end_matches('\n')
+                .to_owned()
+        })
+        .unwrap_or_default();
+    // exe and environ need ptrace-read access; without it we still produce a resource.
+    let exe_path = match std::fs::read_link(dir.join("exe")) {
+        Ok(path) => Some(strip_deleted(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.exists() => {
+            return Err(ProcessError::Gone { pid });
+        }
+        Err(_) => None,
+    };
+    let cmdline = read("cmdline").unwrap_or_default();
+    let environ = read("environ").unwrap_or_default();
+
+    let args: Vec<String> = split_nul(&cmdline)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let exe_name = exe_path
+        .as_deref()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| comm.clone());
+
+    let env = ProcessEnv::parse(&environ);
+    let env_attrs = match env
+        .resource_attributes
+        .as_deref()
+        .map(parse_resource_attributes)
+    {
+        Some(Ok(attrs)) => attrs,
+        Some(Err(e)) => {
+            log::warn!("pid {pid}: ignoring its OTEL_RESOURCE_ATTRIBUTES: {e}");
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let service_name = env
+        .service_name
+        .clone()
+        .or_else(|| {
+            env_attrs
+                .iter()
+                .find(|(k, _)| k == "service.name")
+                .map(|(_, v)| v.clone())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            if exe_name.is_empty() {
+                format!("unknown:{pid}")
+            } else {
+                exe_name.clone()
+            }
+        });
+
+    let owner = euid.map(|uid| user_name(proc_root, pid, uid).unwrap_or_else(|| uid.to_string()));
+
+    let mut attributes = vec![
+        Attribute::str("service.name", service_name.clone()),
+        Attribute::str("service.instance.id", format!("{host_name}:{pid}")),
+        Attribute::int("process.pid", i64::from(pid)),
+        Attribute::str("process.executable.name", exe_name),
+    ];
+    if let Some(path) = &exe_path {
+        attributes.push(Attribute::str(
+            "process.executable.path",
+            path.to_string_lossy().into_owned(),
+        ));
+    }
+    if !args.is_empty() {
+        attributes.push(Attribute::str(
+            "process.command_line",
+            redact_command_line(&args),
+        ));
+    }
+    if let Some(owner) = owner {
+        attributes.push(Attribute::str("process.owner", owner));
+    }
+    attributes.extend([
+        Attribute::str("host.name", host_name.to_owned()),
+        Attribute::str("telemetry.sdk.name", "opentelemetry"),
+        Attribute::str("telemetry.sdk.language", "rust"),
+        Attribute::str("telemetry.sdk.version", sdk_version()),
+        Attribute::str("telemetry.distro.name", DISTRO_NAME),
+        Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ]);
+    // The process's own OTEL_RESOURCE_ATTRIBUTES: they add to (and may refine) what we detected,
+    // but cannot change which process this is nor the service name chosen above.
+    for (key, value) in env_attrs {
+        if matches!(key.as_str(), "process.pid" | "service.name") {
+            continue;
+        }
+        let Some(key) = intern_key(&key) else {
+            continue;
+        };
+        match attributes.iter_mut().find(|a| a.key == key) {
+            Some(existing) => existing.value = AttrValue::Str(value),
+            None => attributes.push(Attribute::str(key, value)),
+        }
+    }
+
+    Ok(Resource {
+        pid,
+        service_name,
+        attributes,
+    })
+}
+
+/// The resource used when `/proc/PID` could not be read (the process is gone, or access denied).
+pub fn minimal_resource(pid: u32, host_name: &str) -> Resource {
+    let service_name = format!("unknown:{pid}");
+    Resource {
+        pid,
+        service_name: service_name.clone(),
+        attributes: vec![
+            Attribute::str("service.name", service_name),
+            Attribute::int("process.pid", i64::from(pid)),
+            Attribute::str("host.name", host_name.to_owned()),
+            Attribute::str("telemetry.sdk.name", "opentelemetry"),
+            Attribute::str("telemetry.sdk.language", "rust"),
+            Attribute::str("telemetry.sdk.version", sdk_version()),
+            Attribute::str("telemetry.distro.name", DISTRO_NAME),
+            Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+        ],
+    }
+}
+
+/// Resources of the traced processes, loaded once per process (and again after `exec`).
+#[derive(Debug)]
+pub struct Resources {
+    host_name: String,
+    by_pid: HashMap<u32, Arc<Resource>>,
+}
+
+impl Resources {
+    pub fn new(host_name: impl Into<String>) -> Self {
+        Self {
+            host_name: host_name.into(),
+            by_pid: HashMap::new(),
+        }
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.host_name
+    }
+
+    /// The resource of `pid`, read from `/proc` the first time. A process that is already gone
+    /// (or unreadable) gets a minimal resource (`service.name` = `unknown:PID`).
+    pub fn get_or_load(&mut self, pid: u32) -> Arc<Resource> {
+        if let Some(r) = self.by_pid.get(&pid) {
+            return Arc::clone(r);
+        }
+        let r = Arc::new(self.load(pid));
+        self.by_pid.insert(pid, Arc::clone(&r));
+        r
+    }
+
+    /// Re-reads `/proc/PID` (after `exec`, the process is a different program).
+    pub fn refresh(&mut self, pid: u32) -> Arc<Resource> {
+        let r = Arc::new(self.load(pid));
+        self.by_pid.insert(pid, Arc::clone(&r));
+        r
+    }
+
+    /// Drops the cached resource of a process that exited (its pid may be reused).
+    pub fn forget(&mut self, pid: u32) {
+        self.by_pid.remove(&pid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_pid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_pid.is_empty()
+    }
+
+    fn load(&self, pid: u32) -> Resource {
+        match resource_for_pid(pid, &self.host_name) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("using a minimal resource for pid {pid}: {e}");
+                minimal_resource(pid, &self.host_name)
+            }
+        }
+    }
+}
+
+fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> ProcessError {
+    // ESRCH: the process died between open and read.
+    let gone = source.kind() == io::ErrorKind::NotFound
+        || source.raw_os_error() == Some(libc::ESRCH)
+        || !dir.exists();
+    if gone {
+        ProcessError::Gone { pid }
+    } else {
+        ProcessError::Read { pid, file, source }
+    }
+}
+
+fn split_nul(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes.split(|&b| b == 0).filter(|s| !s.is_empty())
+}
+
+/// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
+fn strip_deleted(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => path,
+    }
+}
+
+/// Effective uid from `/proc/PID/status` (`Uid: real effective saved fs`), as `ps` shows it.
+fn status_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    let mut ids = line["Uid:".len()..].split_whitespace();
+    let real = ids.next()?;
+    ids.next().unwrap_or(real).parse().ok()
+}
+
+/// The user name of `uid`, from the process's own `/etc/passwd` (it may live in a container),
+/// then the host's.
+fn user_name(proc_root: &Path, pid: u32, uid: u32) -> Option<String> {
+    let own = proc_root.join(pid.to_string()).join("root/etc/passwd");
+    [own.as_path(), Path::new("/etc/passwd")]
+        .into_iter()
+        .find_map(|path| {
+            let text = read_regular_file(path, MAX_PASSWD_LEN)?;
+            passwd_lookup(&String::from_utf8_lossy(&text), uid)
+        })
+}
+
+/// Longest `/etc/passwd` read.
+const MAX_PASSWD_LEN: u64 = 4 << 20;
+
+/// Reads at most `limit` bytes of a regular file. The file may belong to a traced container:
+/// a FIFO or device planted there must not block or flood the agent.
+fn read_regular_file(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(limit).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+fn passwd_lookup(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let id: u32 = fields.next()?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+/// The OpenTelemetry variables of a process's environment.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessEnv {
+    service_name: Option<String>,
+    resource_attributes: Option<String>,
+}
+
+impl ProcessEnv {
+    fn parse(environ: &[u8]) -> Self {
+        let mut env = Self::default();
+        for entry in split_nul(environ) {
+            let Some(eq) = entry.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            let (name, value) = (&entry[..eq], &entry[eq + 1..]);
+            let value = || String::from_utf8_lossy(value).trim().to_owned();
+            match name {
+                b"OTEL_SERVICE_NAME" => env.service_name = Some(value()).filter(|v| !v.is_empty()),
+                b"OTEL_RESOURCE_ATTRIBUTES" => env.resource_attributes = Some(value()),
+                _ => {}
+            }
+        }
+        env
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceAttributesError {
+    #[error("list member {0:?} is not key=value (expected OTEL_RESOURCE_ATTRIBUTES=k1=v1,k2=v2)")]
+    NotKeyValue(String),
+    #[error("a key or value is longer than {} bytes", MAX_ENV_ATTR_LEN)]
+    TooLong,
+    #[error("invalid percent-encoding in {0:?} (a literal % must be written %25)")]
+    BadPercentEncoding(String),
+}
+
+/// Parses `OTEL_RESOURCE_ATTRIBUTES` (`k1=v1,k2=v2`, values percent-encoded). As the
+/// specification asks, a malformed value is rejected as a whole.
+fn parse_resource_attributes(
+    value: &str,
+) -> Result<Vec<(String, String)>, ResourceAttributesError> {
+    let mut out = Vec::new();
+    for member in value.split(',') {
+        let member = member.trim();
+        if member.is_empty() {
+            continue;
+        }
+        let (key, val) = member
+            .split_once('=')
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| ResourceAttributesError::NotKeyValue(member.to_owned()))?;
+        if key.len() > MAX_ENV_ATTR_LEN || val.len() > MAX_ENV_ATTR_LEN {
+            return Err(ResourceAttributesError::TooLong);
+        }
+        let decode = |s: &str| {
+            percent_decode(s)
+                .ok_or_else(|| ResourceAttributesError::BadPercentEncoding(s.to_owned()))
+        };
+        out.push((decode(key)?, decode(val)?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `&'static` key for an attribute read from a process (see `MAX_INTERNED_KEYS`).
+fn intern_key(key: &str) -> Option<&'static str> {
+    static KEYS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut keys = KEYS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = keys.get(key) {
+        return Some(k);
+    }
+    if keys.len() >= MAX_INTERNED_KEYS {
+        log::debug!("ignoring resource attribute {key:?}: too many distinct keys");
+        return None;
+    }
+    let leaked: &'static str = Box::leak(key.to_owned().into_boxed_str());
+    keys.insert(leaked);
+    Some(leaked)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command-line redaction
+
+/// Flags whose next argument (or `=value`) is a secret. Compared case-insensitively, without
+/// leading dashes, with `_` and `-` treated alike.
+const SECRET_FLAGS: &[&str] = &[
+    "p",
+    "password",
+    "passwd",
+    "pass",
+    "pwd",
+    "passphrase",
+    "secret",
+    "client-secret",
+    "token",
+    "access-token",
+    "auth-token",
+    "refresh-token",
+    "api-key",
+    "apikey",
+    "key",
+    "access-key",
+    "secret-key",
+    "private-key",
+    "auth",
+    "credentials",
+    "creds",
+    "db-password",
+    "redis-password",
+];
+
+/// Whether `name` (a flag without dashes, or the key of `key=value`) names a secret.
+fn is_secret_name(name: &str) -> bool {
+    let name = name
+        .trim_start_matches('-')
+        .to_ascii_lowercase()
+        .replace('_', "-");
+    if name.is_empty() {
+        return false;
+    }
+    if SECRET_FLAGS.contains(&name.as_str()) {
+        return true;
+    }
+    // Words like "pg.password", "aws-secret-access-key", "github_token", "passwordFile".
+    name.split(['-', '.']).any(|word| {
+        word.starts_with("pass")
+            || word.starts_with("pwd")
+            || word.contains("secret")
+            || word.contains("token")
+            || word == "key"
+            || word.ends_with("key")
+                && word.len() > 3
+                && (word.starts_with("api") || word.starts_with("private"))
+            || word == "credentials"
+    })
+}
+
+/// The command line with secrets replaced by `REDACTED`, arguments joined by spaces.
+pub fn redact_command_line(args: &[String]) -> String {
+    let mut out = String::new();
+    let mut redact_next = false;
+    for arg in args {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if redact_next {
+            redact_next = false;
+            // `--password --other` : the flag had no value.
+            if !arg.starts_with('-') || arg.len() == 1 {
+                out.push_str(REDACTED);
+                continue;
+            }
+        }
+        let redacted = redact_arg(arg);
+        redact_next = arg.starts_with('-') && !arg.contains('=') && is_secret_name(arg);
+        out.push_str(&redacted);
+        if out.len() > MAX_COMMAND_LINE_LEN {
+            let mut end = MAX_COMMAND_LINE_LEN;
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
+/// Redacts one argument: `--flag=secret`, `key=secret` pairs anywhere inside it (query strings,
+/// DSNs such as `host=db password=x`), and `user:password@` in URLs.
+fn redact_arg(arg: &str) -> String {
+    if arg.starts_with('-')
+        && let Some((flag, _)) = arg.split_once('=')
+        && is_secret_name(flag)
+    {
+        return format!("{flag}={REDACTED}");
+    }
+    redact_url_passwords(&redact_pairs(arg))
+}
+
+/// Replaces the value of every `name=value` whose name is secret-looking. A value ends at `&`,
+/// `;`, `,`, whitespace, or the end of the argument.
+fn redact_pairs(s: &str) -> String {
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let is_value_end = |c: char| c.is_whitespace() || matches!(c, '&' | ';' | ',');
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let before = &rest[..eq];
+        let name_start = before
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !is_name_char(c))
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let name = &before[name_start..];
+        out.push_str(before);
+        out.push('=');
+        let after = &rest[eq + 1..];
+        let value_end = after.find(is_value_end).unwrap_or(after.len());
+        if is_secret_name(name) && value_end > 0 {
+            out.push_str(REDACTED);
+            rest = &after[value_end..];
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `scheme://user:password@host` → `scheme://user:REDACTED@host`, for every URL in `s`.
+fn redact_url_passwords(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or whitespace.
+        let auth_end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..auth_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, pass)) if !pass.is_empty() => {
+                        out.push_str(user);
+                        out.push(':');
+                        out.push_str(REDACTED);
+                    }
+                    _ => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[auth_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redact(cmd: &str) -> String {
+        let args: Vec<String> = cmd.split(' ').map(str::to_owned).collect();
+        redact_command_line(&args)
+    }
+
+    #[test]
+    fn redacts_secret_flags_with_separate_values() {
+        assert_eq!(
+            redact("app --password hunter2 --port 80"),
+            "app --password REDACTED --port 80"
+        );
+        assert_eq!(
+            redact("mysql -u root -p hunter2 db"),
+            "mysql -u root -p REDACTED db"
+        );
+        assert_eq!(
+            redact("app --api-key abc --token xyz"),
+            "app --api-key REDACTED --token REDACTED"
+        );
+        assert_eq!(
+            redact("app --DB_PASSWORD s3cr3t"),
+            "app --DB_PASSWORD REDACTED"
+        );
+        assert_eq!(
+            redact("app --client-secret s"),
+            "app --client-secret REDACTED"
+        );
+        // A secret flag followed by another flag had no value: nothing to hide, nothing eaten.
+        assert_eq!(
+            redact("app --password --verbose"),
+            "app --password --verbose"
+        );
+    }
+
+    #[test]
+    fn redacts_flag_equals_values() {
+        assert_eq!(
+            redact("app --password=hunter2 --port=80"),
+            "app --password=REDACTED --port=80"
+        );
+        assert_eq!(redact("app --password=a&b,c"), "app --password=REDACTED");
+        assert_eq!(
+            redact("app -Dspring.datasource.password=x"),
+            "app -Dspring.datasource.password=REDACTED"
+        );
+    }
+
+    #[test]
+    fn redacts_key_value_pairs_anywhere() {
+        assert_eq!(
+            redact("app token=abc secret=def"),
+            "app token=REDACTED secret=REDACTED"
+        );
+        assert_eq!(
+            redact("app key=k1 passphrase=p"),
+            "app key=REDACTED passphrase=REDACTED"
+        );
+        assert_eq!(
+            redact("curl http://h/x?access_token=abc&page=2"),
+            "curl http://h/x?access_token=REDACTED&page=2"
+        );
+        assert_eq!(
+            redact_command_line(&["psql".into(), "host=db user=me password=pw dbname=x".into()]),
+            "psql host=db user=me password=REDACTED dbname=x"
+        );
+        assert_eq!(
+            redact("app AWS_SECRET_ACCESS_KEY=zzz"),
+            "app AWS_SECRET_ACCESS_KEY=REDACTED"
+        );
+        assert_eq!(redact("app GITHUB_TOKEN=zzz"), "app GITHUB_TOKEN=REDACTED");
+    }
+
+    #[test]
+    fn non_ascii_arguments_are_handled() {
+        assert_eq!(redact("app é=1 ü-token=x"), "app é=1 ü-token=REDACTED");
+        assert_eq!(redact("app ключ=значение"), "app ключ=значение");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn redaction_never_panics_and_hides_passwords(
+            args in proptest::collection::vec(".{0,40}", 0..6),
+            pw in "[a-z0-9]{6,12}",
+        ) {
+            let _ = redact_command_line(&args);
+            let mut with_secret = args.clone();
+            with_secret.push("--password".into());
+            with_secret.push(format!("S{pw}"));
+            let out = redact_command_line(&with_secret);
+            proptest::prop_assert!(out.ends_with("--password REDACTED") || out.ends_with('…'), "{}", out);
+        }
+    }
+
+    #[test]
+    fn keeps_harmless_arguments() {
+        for cmd in [
+            "python3 -m http.server 8080",
+            "nginx -g daemon off;",
+            "app --port=80 --log-level=debug --workers 4",
+            "java -Xmx1g -jar app.jar",
+            "app --keyboard us mode=fast",
+            "app http://example.com:8080/path?q=1",
+        ] {
+            assert_eq!(redact(cmd), cmd);
+        }
+    }
+
+    #[test]
+    fn redacts_url_passwords() {
+        assert_eq!(
+            redact("app --db postgres://alice:s3cret@db:5432/app"),
+            "app --db postgres://alice:REDACTED@db:5432/app"
+        );
+        assert_eq!(
+            redact("app redis://:pw@cache:6379"),
+            "app redis://:REDACTED@cache:6379"
+        );
+        // A user without a password is not a secret.
+        assert_eq!(
+            redact("git clone https://bob@host/r.git"),
+            "git clone https://bob@host/r.git"
+        );
+        assert_eq!(
+            redact("app --url=https://u:p@h/x,https://v:q@k/y"),
+            "app --url=https://u:REDACTED@h/x,https://v:REDACTED@k/y"
+        );
+    }
+
+    #[test]
+    fn parses_otel_resource_attributes() {
+        assert_eq!(
+            parse_resource_attributes(
+                "service.name=checkout, deployment.environment=prod ,team=a%2Cb%3Dc%20d"
+            ),
+            Ok(vec![
+                ("service.name".into(), "checkout".into()),
+                ("deployment.environment".into(), "prod".into()),
+                ("team".into(), "a,b=c d".into()),
+            ])
+        );
+        assert_eq!(parse_resource_attributes(""), Ok(vec![]));
+        assert_eq!(
+            parse_resource_attributes("a=1,,b=2,").map(|v| v.len()),
+            Ok(2)
+        );
+        assert_eq!(
+            parse_resource_attributes("k=%C3%A9"),
+            Ok(vec![("k".into(), "é".into())])
+        );
+        assert!(matches!(
+            parse_resource_attributes("a=1,novalue"),
+            Err(ResourceAttributesError::NotKeyValue(_))
+        ));
+        assert!(matches!(
+            parse_resource_attributes("=x"),
+            Err(ResourceAttributesError::NotKeyValue(_))
+        ));
+        assert!(matches!(
+            parse_resource_attributes("a=%zz"),
+            Err(ResourceAttributesError::BadPercentEncoding(_))
+        ));
+        assert!(matches!(
+            parse_resource_attributes("a=50%"),
+            Err(ResourceAttributesError::BadPercentEncoding(_))
+        ));
+    }
+
+    #[test]
+    fn parses_process_environ() {
+        let environ =
+            b"PATH=/bin\0OTEL_SERVICE_NAME=checkout\0OTEL_RESOURCE_ATTRIBUTES=a=b\0EMPTY=\0\0";
+        assert_eq!(
+            ProcessEnv::parse(environ),
+            ProcessEnv {
+                service_name: Some("checkout".into()),
+                resource_attributes: Some("a=b".into())
+            }
+        );
+        assert_eq!(
+            ProcessEnv::parse(b"OTEL_SERVICE_NAME=\0"),
+            ProcessEnv::default()
+        );
+    }
+
+    #[test]
+    fn passwd_that_is_a_fifo_is_not_read() {
+        let path = std::env::temp_dir().join(format!("agent-fifo-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let status = std::process::Command::new("mkfifo").arg(&path).status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED passwd_that_is_a_fifo_is_not_read: mkfifo is not available");
+            return;
+        }
+        // Would block forever with a plain open + read.
+        assert_eq!(read_regular_file(&path, 1024), None);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            read_regular_file(Path::new("/proc/self/status"), 1024).is_none_or(|b| b.len() <= 1024)
+        );
+    }
+
+    #[test]
+    fn looks_up_users_and_uids() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n";
+        assert_eq!(passwd_lookup(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_lookup(passwd, 33).as_deref(), Some("www-data"));
+        assert_eq!(passwd_lookup(passwd, 1000), None);
+        assert_eq!(
+            status_uid("Name:\tx\nUid:\t1000\t1001\t1000\t1000\nGid:\t0\n"),
+            Some(1001)
+        );
+    }
+
+    fn attr<'a>(r: &'a Resource, key: &str) -> Option<&'a AttrValue> {
+        r.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+
+    #[test]
+    fn loads_own_process() {
+        let pid = std::process::id();
+        let r = match resource_for_pid(pid, "testhost") {
+            Ok(r) => r,
+            Err(e) => panic!("reading our own /proc/{pid} failed: {e}"),
+        };
+        let exe = std::env::current_exe().expect("current_exe");
+        let exe_name = exe.file_name().map(|n| n.to_string_lossy().into_owned());
+        assert_eq!(r.pid, pid);
+        assert_eq!(
+            attr(&r, "process.pid"),
+            Some(&AttrValue::Int(i64::from(pid)))
+        );
+        assert_eq!(
+            attr(&r, "host.name"),
+            Some(&AttrValue::Str("testhost".into()))
+        );
+        assert_eq!(
+            attr(&r, "service.instance.id"),
+            Some(&AttrValue::Str(format!("testhost:{pid}")))
+        );
+        assert_eq!(
+            attr(&r, "process.executable.name"),
+            exe_name.clone().map(AttrValue::Str).as_ref()
+        );
+        assert_eq!(
+            attr(&r, "process.executable.path"),
+            Some(&AttrValue::Str(exe.to_string_lossy().into_owned()))
+        );
+        assert_eq!(
+            attr(&r, "telemetry.sdk.language"),
+            Some(&AttrValue::Str("rust".into()))
+        );
+        assert_eq!(
+            attr(&r, "telemetry.distro.name"),
+            Some(&AttrValue::Str(DISTRO_NAME.into()))
+        );
+        match attr(&r, "telemetry.sdk.version") {
+            Some(AttrValue::Str(v)) => assert!(v.starts_with("0."), "sdk version {v}"),
+            other => panic!("telemetry.sdk.version: {other:?}"),
+        }
+        let Some(AttrValue::Str(cmd)) = attr(&r, "process.command_line") else {
+            panic!("no command line")
+        };
+        assert!(
+            cmd.contains(exe_name.as_deref().unwrap_or_default()),
+            "{cmd}"
+        );
+        assert!(attr(&r, "process.owner").is_some());
+        // service.name: OTEL_SERVICE_NAME from our environment if the test runner has one.
+        match std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
+            Some(name) => assert_eq!(r.service_name, name),
+            None if std::env::var_os("OTEL_RESOURCE_ATTRIBUTES").is_none() => {
+                assert_eq!(Some(r.service_name.clone()), exe_name)
+            }
+            None => {}
+        }
+        assert_eq!(
+            attr(&r, "service.name"),
+            Some(&AttrValue::Str(r.service_name.clone()))
+        );
+    }
+
+    #[test]
+    fn vanished_process_is_a_typed_error() {
+        // pid_max is at most 2^22: this pid cannot exist.
+        let pid = 4_194_304 + 17;
+        assert!(
+            matches!(resource_for_pid(pid, "h"), Err(ProcessError::Gone { pid: p }) if p == pid)
+        );
+
+        let mut cache = Resources::new("h");
+        let r = cache.get_or_load(pid);
+        assert_eq!(r.service_name, format!("unknown:{pid}"));
+        assert_eq!(
+            attr(&r, "process.pid"),
+            Some(&AttrValue::Int(i64::from(pid)))
+        );
+        assert_eq!(attr(&r, "host.name"), Some(&AttrValue::Str("h".into())));
+        assert!(Arc::ptr_eq(&r, &cache.get_or_load(pid)));
+        cache.forget(pid);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn fake_proc_tree_with_env_and_resource_attributes() {
+        let root = std::env::temp_dir().join(format!("agent-proc-test-{}", std::process::id()));
+        let dir = root.join("4242");
+        std::fs::create_dir_all(&dir).expect("create fake /proc");
+        std::fs::write(dir.join("status"), "Name:\tpython3\nUid:\t0\t0\t0\t0\n").expect("write");
+        std::fs::write(dir.join("comm"), "python3\n").expect("write");
+        std::fs::write(dir.join("cmdline"), b"python3\0app.py\0--password\0pw\0").expect("write");
+        std::fs::write(
+            dir.join("environ"),
+            b"OTEL_RESOURCE_ATTRIBUTES=service.name=from-attrs,process.pid=1,deployment.environment=prod%2Fa,host.name=other\0",
+        )
+        .expect("write");
+        let r = resource_from_proc(&root, 4242, "h").expect("fake process");
+        let _ = std::fs::remove_dir_all(&root);
+
+        assert_eq!(r.service_name, "from-attrs");
+        assert_eq!(attr(&r, "process.pid"), Some(&AttrValue::Int(4242)));
+        assert_eq!(
+            attr(&r, "process.executable.name"),
+            Some(&AttrValue::Str("python3".into()))
+        );
+        assert_eq!(attr(&r, "process.executable.path"), None);
+        assert_eq!(
+            attr(&r, "deployment.environment"),
+            Some(&AttrValue::Str("prod/a".into()))
+        );
+        assert_eq!(attr(&r, "host.name"), Some(&AttrValue::Str("other".into())));
+        assert_eq!(
+            attr(&r, "process.command_line"),
+            Some(&AttrValue::Str("python3 app.py --password REDACTED".into()))
+        );
+        assert_eq!(
+            r.attributes
+                .iter()
+                .filter(|a| a.key == "process.pid")
+                .count(),
+            1
+        );
+        assert_eq!(
+            r.attributes
+                .iter()
+                .filter(|a| a.key == "service.name")
+                .count(),
+            1
+        );
+    }
+}

@@ -1,1 +1,405 @@
+//! Exporters: the end of the pipeline. Spans are queued (bounded, never blocking the event
+//! thread) and a tokio task prints them (console) or sends them over OTLP, one resource per
+//! traced process.
+//!
+//! - `console`: trace fragments as compact trees on stdout (the default).
+//! - `otlp`: opentelemetry-otlp exporters over gRPC (tonic) or HTTP/protobuf (reqwest).
+#![allow(dead_code)] // main wires this in; until then parts of the API have no caller.
 
+mod console;
+mod convert;
+mod otlp;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::spans::model::SpanRecord;
+use crate::stats::Stats;
+use console::ConsoleSink;
+use otlp::OtlpSink;
+
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportTarget {
+    /// Compact trace trees on stdout.
+    Console,
+    /// An OTLP receiver (an OpenTelemetry collector). `endpoint`: for gRPC the URL as is
+    /// (e.g. `http://localhost:4317`); for HTTP/protobuf the base URL (e.g.
+    /// `http://localhost:4318`) to which `/v1/traces` is appended. Empty: the protocol's default.
+    Otlp {
+        endpoint: String,
+        protocol: OtlpProtocol,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl std::fmt::Display for OtlpProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OtlpProtocol::Grpc => "gRPC",
+            OtlpProtocol::HttpProtobuf => "HTTP/protobuf",
+        })
+    }
+}
+
+impl OtlpProtocol {
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "http://localhost:4317",
+            OtlpProtocol::HttpProtobuf => "http://localhost:4318",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub target: ExportTarget,
+    /// Spans per OTLP export request (at most).
+    pub max_batch: usize,
+    /// Queued spans are exported at least this often.
+    pub flush_interval: Duration,
+    /// Spans waiting for the exporter; more are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Limit of one export request, and of `ExportHandle::shutdown`.
+    pub timeout: Duration,
+}
+
+impl ExportConfig {
+    pub fn new(target: ExportTarget) -> Self {
+        Self {
+            target,
+            max_batch: 512,
+            flush_interval: Duration::from_secs(1),
+            queue_capacity: 8192,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self::new(ExportTarget::Console)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(
+        "the exporter must be started inside a tokio runtime (call spawn_exporter from async code)"
+    )]
+    NoRuntime,
+    #[error(
+        "invalid OTLP endpoint {endpoint:?}: {reason}; pass a URL such as http://localhost:4317 (gRPC) \
+         or http://localhost:4318 (HTTP/protobuf)"
+    )]
+    InvalidEndpoint { endpoint: String, reason: String },
+    #[error(
+        "OTLP endpoint {endpoint:?} uses https, but this build of the agent has no TLS support; export \
+         over http:// to a collector nearby (e.g. an OpenTelemetry Collector on the node) that forwards over TLS"
+    )]
+    TlsUnsupported { endpoint: String },
+    #[error("invalid export configuration: {0}")]
+    InvalidConfig(&'static str),
+    #[error("cannot create the OTLP exporter for {endpoint}: {source}")]
+    Build {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
+/// What happened to the spans handed to `ExportHandle::send`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Delivered to the collector (or printed, for the console).
+    pub exported: u64,
+    /// Lost: the export failed, or had not finished when shutdown's timeout expired.
+    pub failed: u64,
+    /// Never queued because the queue was full.
+    pub dropped: u64,
+}
+
+/// Counts of one exporter (for its summary), kept next to the process-wide `Stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    accepted: AtomicU64,
+    exported: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Tally {
+    fn exported(&self, stats: &Stats, spans: u64) {
+        if spans > 0 {
+            self.exported.fetch_add(spans, Ordering::Relaxed);
+            Stats::add(&stats.spans_exported, spans);
+        }
+    }
+
+    /// `spans` lost in `batches` failed export requests.
+    fn failed(&self, stats: &Stats, spans: u64, batches: u64) {
+        self.failed.fetch_add(spans, Ordering::Relaxed);
+        Stats::add(&stats.spans_export_failed, spans);
+        Stats::add(&stats.export_errors, batches);
+    }
+
+    fn summary(&self) -> ExportSummary {
+        ExportSummary {
+            exported: self.exported.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The sending side of a running exporter.
+pub struct ExportHandle {
+    tx: mpsc::Sender<SpanRecord>,
+    task: JoinHandle<()>,
+    tally: Arc<Tally>,
+    stats: Arc<Stats>,
+    timeout: Duration,
+    /// The worker is gone (it only stops on shutdown, or if it panicked): warned once.
+    closed_warned: AtomicBool,
+}
+
+impl ExportHandle {
+    /// Non-blocking; called from the (non-async) event-processing thread. When the queue is
+    /// full the span is dropped and counted (stats.spans_dropped_queue_full).
+    pub fn send(&self, span: SpanRecord) {
+        match self.tx.try_send(span) {
+            Ok(()) => {
+                self.tally.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.tally.dropped.fetch_add(1, Ordering::Relaxed);
+                Stats::add(&self.stats.spans_dropped_queue_full, 1);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.tally.failed(&self.stats, 1, 0);
+                if !self.closed_warned.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "the span exporter stopped unexpectedly; spans are being dropped (see earlier errors)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Flush everything queued and stop; waits at most `timeout`. Returns how many spans were
+    /// exported vs failed (spans still unexported when the timeout expires count as failed).
+    pub async fn shutdown(self) -> ExportSummary {
+        let ExportHandle {
+            tx,
+            mut task,
+            tally,
+            stats,
+            timeout,
+            ..
+        } = self;
+        drop(tx); // the worker drains the queue, flushes, and ends
+        let finished = match tokio::time::timeout(timeout, &mut task).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                log::error!("the span exporter task failed: {e}");
+                false
+            }
+            Err(_) => {
+                task.abort();
+                let _ = task.await;
+                false
+            }
+        };
+        if !finished {
+            let s = tally.summary();
+            let settled = s.exported + s.failed;
+            let lost = tally
+                .accepted
+                .load(Ordering::Relaxed)
+                .saturating_sub(settled);
+            if lost > 0 {
+                tally.failed(&stats, lost, 0);
+                log::warn!(
+                    "span export did not finish within {timeout:?} at shutdown: {lost} spans were not exported \
+                     (is the collector reachable? a longer export timeout gives it more time)"
+                );
+            }
+        }
+        tally.summary()
+    }
+}
+
+/// Starts the exporter task. Must be called inside a tokio runtime.
+pub fn spawn_exporter(cfg: ExportConfig, stats: Arc<Stats>) -> Result<ExportHandle, ExportError> {
+    spawn_with_console_output(cfg, stats, Box::new(std::io::stdout()))
+}
+
+/// `spawn_exporter`, with the console exporter writing to `out` instead of stdout.
+pub(crate) fn spawn_with_console_output(
+    cfg: ExportConfig,
+    stats: Arc<Stats>,
+    out: Box<dyn Write + Send>,
+) -> Result<ExportHandle, ExportError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
+    if cfg.max_batch == 0 {
+        return Err(ExportError::InvalidConfig("max_batch must be at least 1"));
+    }
+    if cfg.queue_capacity == 0 {
+        return Err(ExportError::InvalidConfig(
+            "queue_capacity must be at least 1",
+        ));
+    }
+    if cfg.flush_interval.is_zero() {
+        return Err(ExportError::InvalidConfig(
+            "flush_interval must be longer than zero",
+        ));
+    }
+    if cfg.timeout.is_zero() {
+        return Err(ExportError::InvalidConfig(
+            "timeout must be longer than zero",
+        ));
+    }
+    let tally = Arc::new(Tally::default());
+    let sink = match &cfg.target {
+        ExportTarget::Console => Sink::Console(ConsoleSink::new(out)),
+        ExportTarget::Otlp { endpoint, protocol } => {
+            let sink = OtlpSink::new(
+                endpoint,
+                *protocol,
+                cfg.timeout,
+                Arc::clone(&stats),
+                Arc::clone(&tally),
+            )?;
+            log::info!(
+                "exporting spans over OTLP/{protocol} to {}",
+                sink.endpoint()
+            );
+            Sink::Otlp(sink)
+        }
+    };
+    let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+    let worker = Worker {
+        rx,
+        sink,
+        max_batch: cfg.max_batch,
+        flush_interval: cfg.flush_interval,
+        stats: Arc::clone(&stats),
+        tally: Arc::clone(&tally),
+        console_write_failed: false,
+    };
+    let task = runtime.spawn(worker.run());
+    Ok(ExportHandle {
+        tx,
+        task,
+        tally,
+        stats,
+        timeout: cfg.timeout,
+        closed_warned: AtomicBool::new(false),
+    })
+}
+
+enum Sink {
+    Console(ConsoleSink),
+    Otlp(OtlpSink),
+}
+
+/// How often the console checks for finished traces.
+const CONSOLE_TICK: Duration = Duration::from_millis(100);
+
+struct Worker {
+    rx: mpsc::Receiver<SpanRecord>,
+    sink: Sink,
+    max_batch: usize,
+    flush_interval: Duration,
+    stats: Arc<Stats>,
+    tally: Arc<Tally>,
+    console_write_failed: bool,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.flush_interval.min(CONSOLE_TICK));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut batch: Vec<SpanRecord> = Vec::new();
+        let mut batch_since = Instant::now();
+        loop {
+            tokio::select! {
+                // The tick first: under a flood of spans, timers must still fire.
+                biased;
+                _ = ticker.tick() => {
+                    let now = Instant::now();
+                    match &mut self.sink {
+                        Sink::Console(console) => {
+                            let ready = console.buffer().take_ready(now);
+                            self.print(ready);
+                        }
+                        Sink::Otlp(otlp) => {
+                            if !batch.is_empty() && now.duration_since(batch_since) >= self.flush_interval {
+                                otlp.export(std::mem::take(&mut batch)).await;
+                            }
+                            otlp.tick(now);
+                        }
+                    }
+                }
+                received = self.rx.recv() => {
+                    let Some(span) = received else { break };
+                    match &mut self.sink {
+                        Sink::Console(console) => {
+                            if let Some(evicted) = console.buffer().add(span, Instant::now()) {
+                                self.print(vec![evicted]);
+                            }
+                        }
+                        Sink::Otlp(otlp) => {
+                            if batch.is_empty() {
+                                batch_since = Instant::now();
+                            }
+                            batch.push(span);
+                            if batch.len() >= self.max_batch {
+                                otlp.export(std::mem::take(&mut batch)).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The queue is closed and drained: flush what is left.
+        match &mut self.sink {
+            Sink::Console(console) => {
+                let all = console.buffer().take_all();
+                self.print(all);
+            }
+            Sink::Otlp(otlp) => otlp.export(batch).await,
+        }
+    }
+
+    fn print(&mut self, fragments: Vec<Vec<SpanRecord>>) {
+        let Sink::Console(console) = &mut self.sink else {
+            return;
+        };
+        let (spans, result) = console.print(fragments);
+        match result {
+            Ok(()) => self.tally.exported(&self.stats, spans as u64),
+            Err(e) => {
+                self.tally.failed(&self.stats, spans as u64, 1);
+                if !self.console_write_failed {
+                    self.console_write_failed = true;
+                    log::error!("cannot print spans to stdout: {e}; spans are counted as failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,15 +13,24 @@ pub enum BtfError {
     #[error(
         "cannot read {path}: {source}; the kernel must be built with CONFIG_DEBUG_INFO_BTF=y (and sysfs mounted)"
     )]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel BTF is malformed: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct {0}")]
     NoStruct(&'static str),
     #[error("kernel BTF: struct {strukt} has no field {field}")]
-    NoField { strukt: &'static str, field: &'static str },
+    NoField {
+        strukt: &'static str,
+        field: &'static str,
+    },
     #[error("kernel BTF: {strukt}.{field} is a bitfield, which the probes cannot read")]
-    Bitfield { strukt: &'static str, field: &'static str },
+    Bitfield {
+        strukt: &'static str,
+        field: &'static str,
+    },
 }
 
 const KIND_STRUCT: u32 = 4;
@@ -64,17 +73,27 @@ impl Btf {
 
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
-            return Err(BtfError::Malformed("bad magic (only little-endian BTF is supported)"));
+            return Err(BtfError::Malformed(
+                "bad magic (only little-endian BTF is supported)",
+            ));
         }
         let hdr_len = u32_at(data, 4)? as usize;
         let type_off = u32_at(data, 8)? as usize;
         let type_len = u32_at(data, 12)? as usize;
         let str_off = u32_at(data, 16)? as usize;
         let str_len = u32_at(data, 20)? as usize;
-        let types_start = hdr_len.checked_add(type_off).ok_or(BtfError::Malformed("offsets"))?;
-        let types_end = types_start.checked_add(type_len).ok_or(BtfError::Malformed("offsets"))?;
-        let str_start = hdr_len.checked_add(str_off).ok_or(BtfError::Malformed("offsets"))?;
-        let str_end = str_start.checked_add(str_len).ok_or(BtfError::Malformed("offsets"))?;
+        let types_start = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Malformed("offsets"))?;
+        let types_end = types_start
+            .checked_add(type_len)
+            .ok_or(BtfError::Malformed("offsets"))?;
+        let str_start = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Malformed("offsets"))?;
+        let str_end = str_start
+            .checked_add(str_len)
+            .ok_or(BtfError::Malformed("offsets"))?;
         let strings = data
             .get(str_start..str_end)
             .ok_or(BtfError::Malformed("string section out of bounds"))?
@@ -83,7 +102,11 @@ impl Btf {
             .get(types_start..types_end)
             .ok_or(BtfError::Malformed("type section out of bounds"))?;
 
-        let mut types = vec![Type { name_off: 0, kind: 0, members: Vec::new() }];
+        let mut types = vec![Type {
+            name_off: 0,
+            kind: 0,
+            members: Vec::new(),
+        }];
         let mut at = 0usize;
         while at < tdata.len() {
             let name_off = u32_at(tdata, at)?;
@@ -94,8 +117,8 @@ impl Btf {
             let kind_flag = info >> 31 == 1;
             let mut members = Vec::new();
             let extra = match kind {
-                1 => 4,                       // INT
-                3 => 12,                      // ARRAY
+                1 => 4,  // INT
+                3 => 12, // ARRAY
                 KIND_STRUCT | KIND_UNION => {
                     for i in 0..vlen {
                         let m = at + i * 12;
@@ -114,17 +137,21 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                6 => vlen * 8,                // ENUM
-                13 => vlen * 8,               // FUNC_PROTO
-                14 => 4,                      // VAR
-                15 => vlen * 12,              // DATASEC
-                17 => 4,                      // DECL_TAG
-                19 => vlen * 12,              // ENUM64
-                2 | 7..=12 | 16 | 18 => 0,    // PTR FWD TYPEDEF VOLATILE CONST RESTRICT FUNC FLOAT TYPE_TAG
+                6 => vlen * 8,             // ENUM
+                13 => vlen * 8,            // FUNC_PROTO
+                14 => 4,                   // VAR
+                15 => vlen * 12,           // DATASEC
+                17 => 4,                   // DECL_TAG
+                19 => vlen * 12,           // ENUM64
+                2 | 7..=12 | 16 | 18 => 0, // PTR FWD TYPEDEF VOLATILE CONST RESTRICT FUNC FLOAT TYPE_TAG
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
             at += extra;
-            types.push(Type { name_off, kind, members });
+            types.push(Type {
+                name_off,
+                kind,
+                members,
+            });
         }
         Ok(Self { strings, types })
     }
@@ -160,9 +187,15 @@ impl Btf {
         None
     }
 
-    pub fn member_offset(&self, strukt: &'static str, field: &'static str) -> Result<u32, BtfError> {
+    pub fn member_offset(
+        &self,
+        strukt: &'static str,
+        field: &'static str,
+    ) -> Result<u32, BtfError> {
         let id = self.struct_id(strukt)?;
-        let (bits, bitfield) = self.find(id, field, 0).ok_or(BtfError::NoField { strukt, field })?;
+        let (bits, bitfield) = self
+            .find(id, field, 0)
+            .ok_or(BtfError::NoField { strukt, field })?;
         if bitfield || bits % 8 != 0 {
             return Err(BtfError::Bitfield { strukt, field });
         }
@@ -242,9 +275,18 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "x").expect("x"), 0);
         assert_eq!(btf.member_offset("outer", "a").expect("a"), 4);
         assert_eq!(btf.member_offset("outer", "b").expect("b"), 8);
-        assert!(matches!(btf.member_offset("outer", "bf"), Err(BtfError::Bitfield { .. })));
-        assert!(matches!(btf.member_offset("outer", "zz"), Err(BtfError::NoField { .. })));
-        assert!(matches!(btf.member_offset("nope", "x"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.member_offset("outer", "bf"),
+            Err(BtfError::Bitfield { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("outer", "zz"),
+            Err(BtfError::NoField { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("nope", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]

@@ -67,7 +67,11 @@ fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
     let (src, tgt, fs) = (c("nodev")?, c(target)?, c(fstype)?);
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Unmount tracefs if we mounted it (best effort: a busy mount stays).

@@ -90,7 +90,10 @@ impl Probes {
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_SIZE", &capture, true)
             .override_global("OFFSETS", &offsets, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent")))?;
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/agent"
+            )))?;
 
         let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut attached = Vec::new();
@@ -100,12 +103,14 @@ impl Probes {
                 .ok_or(KernelError::MissingProgram { name })?
                 .try_into()
                 .map_err(|source| program_error(name, "is not a tp_btf program", source))?;
-            prog.load(tp, &kernel_btf).map_err(|source| {
-                program_error(name, &format!("loading tp_btf/{tp}"), source)
-            })?;
+            prog.load(tp, &kernel_btf)
+                .map_err(|source| program_error(name, &format!("loading tp_btf/{tp}"), source))?;
             prog.attach()
                 .map_err(|source| program_error(name, &format!("attaching tp_btf/{tp}"), source))?;
-            attached.push(Attached { program: name, hook: format!("tp_btf/{tp}") });
+            attached.push(Attached {
+                program: name,
+                hook: format!("tp_btf/{tp}"),
+            });
         }
         for &(name, category, tp) in TRACEPOINTS {
             let prog: &mut TracePoint = ebpf
@@ -113,33 +118,58 @@ impl Probes {
                 .ok_or(KernelError::MissingProgram { name })?
                 .try_into()
                 .map_err(|source| program_error(name, "is not a tracepoint program", source))?;
-            prog.load()
-                .map_err(|source| program_error(name, &format!("loading {category}/{tp}"), source))?;
-            prog.attach(category, tp).map_err(|source| {
-                program_error(name, &format!("attaching tracepoint {category}/{tp}"), source)
+            prog.load().map_err(|source| {
+                program_error(name, &format!("loading {category}/{tp}"), source)
             })?;
-            attached.push(Attached { program: name, hook: format!("tracepoint/{category}/{tp}") });
+            prog.attach(category, tp).map_err(|source| {
+                program_error(
+                    name,
+                    &format!("attaching tracepoint {category}/{tp}"),
+                    source,
+                )
+            })?;
+            attached.push(Attached {
+                program: name,
+                hook: format!("tracepoint/{category}/{tp}"),
+            });
         }
         Ok(Self { ebpf, attached })
     }
 
     /// The ring buffer all events arrive on (taken once, by the event loop).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(KernelError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| KernelError::Map {
+            name: "EVENTS",
+            source,
+        })
     }
 
     /// The selected-process map (taken once, by the selector).
     pub fn take_selected(&mut self) -> Result<HashMap<MapData, u32, u32>, KernelError> {
-        let map = self.ebpf.take_map("SELECTED").ok_or(KernelError::MissingMap("SELECTED"))?;
-        HashMap::try_from(map).map_err(|source| KernelError::Map { name: "SELECTED", source })
+        let map = self
+            .ebpf
+            .take_map("SELECTED")
+            .ok_or(KernelError::MissingMap("SELECTED"))?;
+        HashMap::try_from(map).map_err(|source| KernelError::Map {
+            name: "SELECTED",
+            source,
+        })
     }
 
     /// The per-CPU counters (taken once).
     pub fn take_counters(&mut self) -> Result<KernelCounters, KernelError> {
-        let map = self.ebpf.take_map("COUNTERS").ok_or(KernelError::MissingMap("COUNTERS"))?;
-        let array = PerCpuArray::try_from(map)
-            .map_err(|source| KernelError::Map { name: "COUNTERS", source })?;
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(KernelError::MissingMap("COUNTERS"))?;
+        let array = PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
         Ok(KernelCounters { array })
     }
 }
@@ -155,7 +185,11 @@ fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) ->
     } else {
         ""
     };
-    KernelError::Program { what: format!("{name}: {what}"), source, hint }
+    KernelError::Program {
+        what: format!("{name}: {what}"),
+        source,
+        hint,
+    }
 }
 
 /// Sums of the kernel's per-CPU counters.

@@ -1,0 +1,2888 @@
+//! Sans-I/O HTTP/1.x connection parser.
+//!
+//! One [`Http1Stream`] per TCP connection. The kernel hands us one [`Segment`] per send/recv
+//! syscall: the exact number of bytes the syscall moved (`len`) and only a captured prefix of
+//! them (`data`). The stream follows both directions of the connection byte by byte, counting
+//! uncaptured bytes by length, and turns every request/response pair into an [`HttpExchange`].
+//!
+//! Design notes:
+//! - Message heads are parsed with `httparse`, straight from the segment when the head fits in
+//!   it; only a head split over several segments is copied into a bounded per-direction buffer.
+//!   Bodies are never copied: they are skipped by length (`Content-Length`, chunk sizes).
+//! - Body framing follows RFC 9112 §6: `Transfer-Encoding: chunked`, `Content-Length`, no body
+//!   for HEAD / 1xx / 204 / 304 responses, close-delimited responses.
+//! - When the position of the next message cannot be known (a chunk-size line in uncaptured
+//!   bytes, a head cut by the capture, bytes that do not parse) the direction is *lost*: it
+//!   skips segments until one whose captured data starts with a message start line. Where a lost
+//!   message ended is inferred from the other direction (a new request means the previous
+//!   response ended at the last segment sent before it); such exchanges end with
+//!   [`ExchangeEnd::Resynced`].
+//! - Every length read from the wire is capped ([`MAX_BODY_LEN`]) and all arithmetic on lengths
+//!   is checked or saturating; nothing is allocated in proportion to a length field.
+
+// The span pipeline that consumes this parser is wired in separately; until then the binary
+// does not reach these items outside of tests.
+#![cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "consumed by the span pipeline, wired in by main.rs"
+    )
+)]
+
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+
+/// Direction of a segment, seen from the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The traced process received these bytes.
+    Ingress,
+    /// The traced process sent these bytes.
+    Egress,
+}
+
+impl Direction {
+    const fn index(self) -> usize {
+        match self {
+            Self::Ingress => 0,
+            Self::Egress => 1,
+        }
+    }
+}
+
+/// Which side of the HTTP conversation the traced process is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The process receives requests (accepted connection).
+    Server,
+    /// The process sends requests (connected socket).
+    Client,
+}
+
+/// The bytes one send/recv syscall moved on a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub direction: Direction,
+    /// Kernel timestamp of the syscall.
+    pub ts_ns: u64,
+    /// Exact number of bytes the syscall moved.
+    pub len: u64,
+    /// Captured prefix of those bytes (`data.len() <= len`).
+    pub data: &'a [u8],
+    /// Thread that made the syscall.
+    pub tid: u32,
+}
+
+/// What we keep of a request head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRequestInfo {
+    pub method: String,
+    /// Raw request-target, e.g. `/a/b?x=1` or an absolute-form URI.
+    pub target: String,
+    /// `1` for HTTP/1.1, `0` for HTTP/1.0.
+    pub version_minor: u8,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// Value of a well-formed `Content-Length` header (even one too large to follow).
+    pub content_length: Option<u64>,
+    /// The final transfer coding is `chunked`.
+    pub chunked: bool,
+}
+
+/// How an exchange ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeEnd {
+    /// Request and response were followed to their last byte.
+    Complete,
+    /// The connection ended before the response ended (or no response was seen).
+    ConnectionClosed,
+    /// An end was inferred at a resync point: the response's (or the request's) last byte was
+    /// in bytes we could not follow, and the next message on the connection told us it was over.
+    Resynced,
+}
+
+/// One request/response pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpExchange {
+    pub role: Role,
+    pub request: HttpRequestInfo,
+    /// Final (non-1xx) status; `None` when no final response head was seen.
+    pub status: Option<u16>,
+    /// Timestamp of the segment holding the request's first byte.
+    pub request_start_ns: u64,
+    /// Timestamp of the segment holding the request's last byte (the last request segment seen
+    /// when the request did not complete).
+    pub request_end_ns: u64,
+    /// Timestamp of the segment holding the first byte of the final response head.
+    pub response_start_ns: Option<u64>,
+    /// Timestamp of the segment holding the response's last byte (the last response-direction
+    /// segment seen when the end was inferred or the connection closed first).
+    pub response_end_ns: Option<u64>,
+    /// Body bytes, counted from lengths rather than captured bytes. For chunked bodies this is
+    /// the sum of the chunk sizes (framing not included).
+    pub request_body_size: u64,
+    pub response_body_size: u64,
+    /// Thread of the segment holding the request's first byte.
+    pub tid: u32,
+    pub end: ExchangeEnd,
+}
+
+/// Classification of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamState {
+    /// No HTTP message recognised yet.
+    Detecting,
+    /// HTTP/1.x.
+    Http,
+    /// Not HTTP/1.x (or no longer: upgraded / tunnelled); further segments are ignored.
+    NotHttp,
+}
+
+/// What happened to a segment; the caller counts these (each is a counter in the agent's stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedReport {
+    /// The connection was classified as not HTTP with this segment.
+    pub became_not_http: bool,
+    /// A direction that had lost sync found a message start again, or the end of a message we
+    /// lost track of was inferred.
+    pub resynced: bool,
+    /// A message head could not be parsed because the capture (or the head buffer) ended first.
+    pub headers_truncated: bool,
+}
+
+/// Longest head we buffer across segments.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Header slots handed to httparse; a head with more headers is treated as unparsable.
+const MAX_HEADERS: usize = 96;
+/// Larger body or chunk lengths are treated as lost sync: nothing real is that big, and a
+/// connection stuck counting down such a length could never resync.
+const MAX_BODY_LEN: u64 = 1 << 40;
+/// Requests waiting for their response; beyond this the oldest is given up.
+const MAX_PENDING: usize = 32;
+/// Non-HTTP segments / captured bytes tolerated at the start of a connection we saw open.
+const FRESH_DETECT_SEGMENTS: u32 = 4;
+const FRESH_DETECT_BYTES: u64 = 8 * 1024;
+/// Same for connections opened before the agent started, which may begin in the middle of a
+/// large body: more patience before giving up.
+const PICKUP_DETECT_SEGMENTS: u32 = 64;
+const PICKUP_DETECT_BYTES: u64 = 1024 * 1024;
+/// Longest chunk-size line (with extensions) and trailer section we accept.
+const MAX_CHUNK_LINE: u16 = 4096;
+const MAX_TRAILER_BYTES: u32 = 64 * 1024;
+
+/// The kind of message a direction carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Request,
+    Response,
+}
+
+/// Per-direction reading position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReadState {
+    /// The next byte starts a message.
+    Boundary,
+    /// A head is being collected in `Reader::head`.
+    Head,
+    /// Inside a body. `msg` is the id of the pending exchange it belongs to (`None`: a response
+    /// nobody asked for, followed only to stay in sync).
+    Body { msg: Option<u64>, body: Body },
+    /// Looking for a segment starting with a message (new connection of unknown position, or
+    /// after an end was already inferred); resuming is not reported.
+    #[default]
+    Seek,
+    /// Lost sync; resuming is reported as a resync.
+    Lost,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+/// Chunked transfer coding decoder state (RFC 9112 §7.1). Bare LF is accepted for CRLF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Reading hex digits of a chunk size.
+    Size {
+        value: u64,
+        digits: u8,
+    },
+    /// After the digits: whitespace and extensions until the end of the line.
+    SizeTail {
+        value: u64,
+        ext: bool,
+        len: u16,
+    },
+    /// Saw CR at the end of the size line.
+    SizeLf {
+        value: u64,
+    },
+    /// Chunk data still to come.
+    Data(u64),
+    /// CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// Start of a trailer line (or of the final empty line); `u32` counts trailer bytes.
+    TrailerStart(u32),
+    TrailerLine(u32),
+    /// Saw CR of the final empty line.
+    TrailerLf,
+}
+
+enum ChunkStep {
+    Next(Chunk),
+    Done,
+    Bad,
+}
+
+enum ChunkRun {
+    /// The segment ended inside the body.
+    More(Chunk),
+    /// The body ended at this offset.
+    Done(u64),
+    /// Framing bytes were not captured or did not parse.
+    Lost,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+    /// Unusable framing (bad or oversized length, unknown request transfer coding).
+    Invalid,
+}
+
+struct RequestHead {
+    info: HttpRequestInfo,
+    framing: Framing,
+}
+
+struct ResponseHead {
+    code: u16,
+    /// Framing from the headers alone; the request method and status refine it.
+    framing: Framing,
+}
+
+enum Head {
+    Request(RequestHead),
+    Response(ResponseHead),
+}
+
+/// What a partial (incomplete) head told us.
+#[derive(Clone, Copy, Debug, Default)]
+struct StartLine {
+    /// The whole start line (`METHOD SP target SP HTTP/1.x` / `HTTP/1.x NNN`) was readable.
+    recognized: bool,
+    is_head: bool,
+    code: Option<u16>,
+}
+
+enum HeadParse {
+    Complete(usize, Head),
+    Partial(StartLine),
+    Invalid,
+}
+
+#[derive(Debug, Default)]
+struct Reader {
+    state: ReadState,
+    /// Bytes of a head split over segments (empty otherwise).
+    head: Vec<u8>,
+    /// Timestamp and thread of the segment holding the buffered head's first byte.
+    head_ts: u64,
+    head_tid: u32,
+    /// Timestamp and sequence number of the last segment of this direction (`0`: none yet).
+    last_ts: u64,
+    last_seq: u64,
+}
+
+/// A request waiting for its response (or for its own end).
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    /// `None`: a request whose head could not be parsed; it only keeps responses matched FIFO.
+    request: Option<HttpRequestInfo>,
+    is_head: bool,
+    is_connect: bool,
+    /// Sequence number of the segment that completed the request head.
+    seq: u64,
+    request_start_ns: u64,
+    request_end_ns: u64,
+    tid: u32,
+    request_body_size: u64,
+    request_done: bool,
+    status: Option<u16>,
+    response_start_ns: Option<u64>,
+    response_end_ns: Option<u64>,
+    response_body_size: u64,
+    response_done: bool,
+    /// Some end was inferred rather than seen.
+    inferred: bool,
+}
+
+/// A request head that just started, before it becomes a [`Pending`].
+struct NewRequest {
+    info: Option<HttpRequestInfo>,
+    is_head: bool,
+    is_connect: bool,
+    start_ns: u64,
+    tid: u32,
+}
+
+/// Outcome of one step of the per-segment loop.
+enum Step {
+    /// Go on at this offset of the segment.
+    At(u64),
+    /// Nothing more to do with this segment.
+    Stop,
+}
+
+/// HTTP/1.x parser for one TCP connection.
+#[derive(Debug)]
+pub struct Http1Stream {
+    state: StreamState,
+    role: Option<Role>,
+    /// We saw the connection open (role hint given): it starts at a message boundary.
+    fresh: bool,
+    closed: bool,
+    detect_segments: u32,
+    detect_bytes: u64,
+    /// Segments fed so far (sequence numbers start at 1).
+    seq: u64,
+    next_id: u64,
+    /// Indexed by [`Direction::index`].
+    readers: [Reader; 2],
+    pending: VecDeque<Pending>,
+}
+
+impl Http1Stream {
+    /// `role_hint`: from accept()/connect() when the kernel saw it; `None` for connections
+    /// opened before the agent started (which may be picked up in the middle of a message).
+    pub fn new(role_hint: Option<Role>) -> Self {
+        let initial = if role_hint.is_some() {
+            ReadState::Boundary
+        } else {
+            ReadState::Seek
+        };
+        let reader = || Reader {
+            state: initial,
+            ..Reader::default()
+        };
+        Self {
+            state: StreamState::Detecting,
+            role: role_hint,
+            fresh: role_hint.is_some(),
+            closed: false,
+            detect_segments: 0,
+            detect_bytes: 0,
+            seq: 0,
+            next_id: 0,
+            readers: [reader(), reader()],
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub fn state(&self) -> StreamState {
+        self.state
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+
+    /// Feeds one segment; completed exchanges are appended to `out`.
+    pub fn feed(&mut self, seg: Segment<'_>, out: &mut Vec<HttpExchange>) -> FeedReport {
+        let mut report = FeedReport::default();
+        if self.closed || self.state == StreamState::NotHttp {
+            return report;
+        }
+        let total = seg.len.max(seg.data.len() as u64);
+        if total == 0 {
+            return report;
+        }
+        self.seq += 1;
+        let d = seg.direction.index();
+        let detecting = self.state == StreamState::Detecting;
+
+        self.process(&seg, total, &mut report, out);
+
+        let reader = &mut self.readers[d];
+        reader.last_ts = seg.ts_ns;
+        reader.last_seq = self.seq;
+
+        if detecting && self.state == StreamState::Detecting {
+            // A head still being collected is a valid prefix: it costs bytes, not segments.
+            if reader.state != ReadState::Head {
+                self.detect_segments += 1;
+            }
+            self.detect_bytes = self.detect_bytes.saturating_add(seg.data.len() as u64);
+            let (max_segments, max_bytes) = if self.fresh {
+                (FRESH_DETECT_SEGMENTS, FRESH_DETECT_BYTES)
+            } else {
+                (PICKUP_DETECT_SEGMENTS, PICKUP_DETECT_BYTES)
+            };
+            if self.detect_segments >= max_segments || self.detect_bytes >= max_bytes {
+                self.state = StreamState::NotHttp;
+                self.pending.clear();
+                self.release();
+                report.became_not_http = true;
+            }
+        }
+        report
+    }
+
+    /// The connection ended: emits every request still pending. A close-delimited response
+    /// completes here; anything else unfinished ends with [`ExchangeEnd::ConnectionClosed`].
+    /// End timestamps come from the last segments seen, not from `_ts_ns`.
+    pub fn close(&mut self, _ts_ns: u64, out: &mut Vec<HttpExchange>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        for d in 0..2 {
+            if let ReadState::Body {
+                msg,
+                body: Body::UntilClose,
+            } = self.readers[d].state
+            {
+                let ts = self.readers[d].last_ts;
+                self.message_done(d, Kind::Response, msg, ts, out);
+            }
+        }
+        while let Some(p) = self.pending.pop_front() {
+            let end = if p.response_done {
+                if p.inferred {
+                    ExchangeEnd::Resynced
+                } else {
+                    ExchangeEnd::Complete
+                }
+            } else {
+                ExchangeEnd::ConnectionClosed
+            };
+            self.emit(p, end, out);
+        }
+        self.release();
+    }
+
+    /// Frees per-direction buffers (the stream will not parse again).
+    fn release(&mut self) {
+        for r in &mut self.readers {
+            r.head = Vec::new();
+            r.state = ReadState::Seek;
+        }
+    }
+
+    fn kind_of(&self, d: usize) -> Kind {
+        match (self.role, d) {
+            (None, _) | (Some(Role::Server), 0) | (Some(Role::Client), 1) => Kind::Request,
+            _ => Kind::Response,
+        }
+    }
+
+    /// Walks one segment of direction `d`.
+    fn process(
+        &mut self,
+        seg: &Segment<'_>,
+        total: u64,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) {
+        let d = seg.direction.index();
+        let mut pos = 0u64;
+        while pos < total && self.state != StreamState::NotHttp {
+            let kind = self.kind_of(d);
+            let step = match self.readers[d].state {
+                ReadState::Seek | ReadState::Lost => {
+                    if pos == 0 && self.resume(d, kind, seg.data, report, out) {
+                        Step::At(0)
+                    } else {
+                        Step::Stop
+                    }
+                }
+                ReadState::Boundary => self.at_boundary(d, kind, seg, pos, total, report, out),
+                ReadState::Head => self.continue_head(d, kind, seg, total, report, out),
+                ReadState::Body { msg, body } => {
+                    self.in_body(d, kind, msg, body, seg, pos, total, out)
+                }
+            };
+            match step {
+                Step::At(p) => pos = p,
+                Step::Stop => return,
+            }
+        }
+    }
+
+    /// A lost direction gets a segment: resume when its data starts a message.
+    fn resume(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        data: &[u8],
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) -> bool {
+        if !starts_message(kind, data) {
+            return false;
+        }
+        if kind == Kind::Response {
+            let waiting = self.pending.len();
+            if let Some(front) = self.pending.front_mut()
+                && front.response_start_ns.is_some()
+                && !front.response_done
+            {
+                // We lost track inside this response. A status line now only means a new
+                // response if another request is waiting for one; otherwise it is just body
+                // bytes that happen to look like one.
+                if waiting < 2 {
+                    return false;
+                }
+                front.response_done = true;
+                front.response_end_ns = Some(self.readers[d].last_ts);
+                front.inferred = true;
+                report.resynced = true;
+                self.try_emit(out);
+            }
+        }
+        if self.readers[d].state == ReadState::Lost {
+            report.resynced = true;
+        }
+        self.readers[d].state = ReadState::Boundary;
+        true
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "internal step function; the arguments are the segment walk's state"
+    )]
+    fn at_boundary(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        seg: &Segment<'_>,
+        pos: u64,
+        total: u64,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) -> Step {
+        // The next message starts in bytes we do not have.
+        let Some(buf) = usize::try_from(pos).ok().and_then(|p| seg.data.get(p..)) else {
+            self.lose(d);
+            return Step::Stop;
+        };
+        if buf.is_empty() {
+            self.lose(d);
+            return Step::Stop;
+        }
+        let captured_to_end = seg.data.len() as u64 == total;
+        match parse_head(kind, buf) {
+            HeadParse::Complete(n, head) => {
+                self.start_message(d, head, seg.ts_ns, seg.tid, seg.ts_ns, report, out);
+                Step::At(pos.saturating_add(n as u64))
+            }
+            HeadParse::Partial(start) => {
+                if !captured_to_end || buf.len() >= MAX_HEAD_BYTES {
+                    report.headers_truncated = true;
+                    self.truncated_head(d, kind, start, seg.ts_ns, seg.tid, report, out);
+                    self.lose(d);
+                } else {
+                    if start.recognized {
+                        self.confirm(d);
+                    }
+                    let r = &mut self.readers[d];
+                    r.head.clear();
+                    r.head.extend_from_slice(buf);
+                    r.head_ts = seg.ts_ns;
+                    r.head_tid = seg.tid;
+                    r.state = ReadState::Head;
+                }
+                Step::Stop
+            }
+            HeadParse::Invalid => {
+                self.lose(d);
+                Step::Stop
+            }
+        }
+    }
+
+    /// A head started in an earlier segment; this segment (from offset 0) continues it.
+    fn continue_head(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        seg: &Segment<'_>,
+        total: u64,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) -> Step {
+        let mut head = std::mem::take(&mut self.readers[d].head);
+        let (start_ts, tid) = (self.readers[d].head_ts, self.readers[d].head_tid);
+        let old = head.len();
+        let take = seg.data.len().min(MAX_HEAD_BYTES.saturating_sub(old));
+        head.extend_from_slice(seg.data.get(..take).unwrap_or_default());
+        let step = match parse_head(kind, &head) {
+            HeadParse::Complete(n, parsed) => match n.checked_sub(old) {
+                Some(used) if used > 0 => {
+                    self.start_message(d, parsed, start_ts, tid, seg.ts_ns, report, out);
+                    Step::At(used as u64)
+                }
+                // Cannot happen (the buffered bytes alone were incomplete); stay safe anyway.
+                _ => {
+                    self.lose(d);
+                    Step::Stop
+                }
+            },
+            HeadParse::Partial(start) => {
+                let truncated = take < seg.data.len()
+                    || (seg.data.len() as u64) < total
+                    || head.len() >= MAX_HEAD_BYTES;
+                if truncated {
+                    report.headers_truncated = true;
+                    self.truncated_head(d, kind, start, start_ts, tid, report, out);
+                    self.lose(d);
+                } else if start.recognized {
+                    self.confirm(d);
+                }
+                Step::Stop
+            }
+            HeadParse::Invalid => {
+                self.lose(d);
+                Step::Stop
+            }
+        };
+        if self.readers[d].state == ReadState::Head {
+            self.readers[d].head = head;
+        } else {
+            head.clear();
+            // Keep a small buffer for the next split head; give big ones back.
+            if head.capacity() <= 4096 {
+                self.readers[d].head = head;
+            }
+        }
+        step
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "internal step function; the arguments are the segment walk's state"
+    )]
+    fn in_body(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        msg: Option<u64>,
+        body: Body,
+        seg: &Segment<'_>,
+        pos: u64,
+        total: u64,
+        out: &mut Vec<HttpExchange>,
+    ) -> Step {
+        let ts = seg.ts_ns;
+        match body {
+            Body::Length(remaining) => {
+                let take = remaining.min(total.saturating_sub(pos));
+                self.add_body(kind, msg, take, ts);
+                let left = remaining - take;
+                if left == 0 {
+                    self.message_done(d, kind, msg, ts, out);
+                } else {
+                    self.readers[d].state = ReadState::Body {
+                        msg,
+                        body: Body::Length(left),
+                    };
+                }
+                Step::At(pos.saturating_add(take))
+            }
+            Body::UntilClose => {
+                self.add_body(kind, msg, total.saturating_sub(pos), ts);
+                Step::At(total)
+            }
+            Body::Chunked(chunk) => {
+                let (run, size) = run_chunked(chunk, seg.data, pos, total);
+                self.add_body(kind, msg, size, ts);
+                match run {
+                    ChunkRun::More(chunk) => {
+                        self.readers[d].state = ReadState::Body {
+                            msg,
+                            body: Body::Chunked(chunk),
+                        };
+                        Step::At(total)
+                    }
+                    ChunkRun::Done(end) => {
+                        self.message_done(d, kind, msg, ts, out);
+                        Step::At(end)
+                    }
+                    ChunkRun::Lost => {
+                        self.lose(d);
+                        Step::Stop
+                    }
+                }
+            }
+        }
+    }
+
+    /// The direction can no longer tell where the next message starts.
+    fn lose(&mut self, d: usize) {
+        let r = &mut self.readers[d];
+        r.head.clear();
+        r.state = if self.state == StreamState::Detecting {
+            ReadState::Seek
+        } else {
+            ReadState::Lost
+        };
+    }
+
+    /// A message start was recognised on direction `d`: this is HTTP, and if the role was
+    /// unknown, a request on `d` decides it.
+    fn confirm(&mut self, d: usize) {
+        if self.role.is_none() {
+            self.role = Some(if d == Direction::Ingress.index() {
+                Role::Server
+            } else {
+                Role::Client
+            });
+            // The other direction was looking for requests; it now carries responses.
+            let other = &mut self.readers[1 - d];
+            other.head.clear();
+            other.state = ReadState::Seek;
+        }
+        if self.state == StreamState::Detecting {
+            self.state = StreamState::Http;
+        }
+    }
+
+    /// A complete head: record it and set up its body.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "internal step function; the arguments are the segment walk's state"
+    )]
+    fn start_message(
+        &mut self,
+        d: usize,
+        head: Head,
+        start_ts: u64,
+        tid: u32,
+        ts: u64,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) {
+        self.confirm(d);
+        match head {
+            Head::Request(h) => {
+                let is_head = h.info.method == "HEAD";
+                let is_connect = h.info.method == "CONNECT";
+                let id = self.begin_request(
+                    d,
+                    NewRequest {
+                        info: Some(h.info),
+                        is_head,
+                        is_connect,
+                        start_ns: start_ts,
+                        tid,
+                    },
+                    report,
+                    out,
+                );
+                self.start_body(d, Kind::Request, Some(id), h.framing, ts, out);
+            }
+            Head::Response(h) => {
+                let target = self.begin_response(d, report, out);
+                let code = h.code;
+                if (100..200).contains(&code) && code != 101 {
+                    // Interim response: the final one follows on the same exchange.
+                    self.readers[d].state = ReadState::Boundary;
+                    return;
+                }
+                let (mut is_head, mut is_connect) = (false, false);
+                if let Some(p) = target.and_then(|id| self.pending_mut(id)) {
+                    p.status = Some(code);
+                    p.response_start_ns = Some(start_ts);
+                    p.response_end_ns = Some(ts);
+                    is_head = p.is_head;
+                    is_connect = p.is_connect;
+                }
+                if code == 101 || (is_connect && (200..300).contains(&code)) {
+                    // Upgrade or tunnel: the connection stops speaking HTTP/1.
+                    self.message_done(d, Kind::Response, target, ts, out);
+                    self.state = StreamState::NotHttp;
+                    self.release();
+                    return;
+                }
+                let framing = if is_head || code == 204 || code == 304 {
+                    Framing::None
+                } else {
+                    h.framing
+                };
+                self.start_body(d, Kind::Response, target, framing, ts, out);
+            }
+        }
+    }
+
+    /// A head that the capture (or the head buffer) cut: the message is dropped, but a request
+    /// keeps a placeholder so responses stay matched, and a response keeps its status.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "internal step function; the arguments are the segment walk's state"
+    )]
+    fn truncated_head(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        start: StartLine,
+        start_ts: u64,
+        tid: u32,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) {
+        if start.recognized {
+            self.confirm(d);
+        } else if self.role.is_none() {
+            return;
+        }
+        match kind {
+            Kind::Request => {
+                self.begin_request(
+                    d,
+                    NewRequest {
+                        info: None,
+                        is_head: start.is_head,
+                        is_connect: false,
+                        start_ns: start_ts,
+                        tid,
+                    },
+                    report,
+                    out,
+                );
+            }
+            Kind::Response => {
+                let target = self.begin_response(d, report, out);
+                if let Some(code) = start.code.filter(|c| *c >= 200)
+                    && let Some(p) = target.and_then(|id| self.pending_mut(id))
+                {
+                    p.status = Some(code);
+                    p.response_start_ns = Some(start_ts);
+                    p.response_end_ns = Some(start_ts);
+                }
+            }
+        }
+    }
+
+    /// A new request head on direction `d`. Ends what the request's arrival proves ended, then
+    /// queues it. Returns its id.
+    fn begin_request(
+        &mut self,
+        d: usize,
+        new: NewRequest,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) -> u64 {
+        // The previous request was lost in its body: it ended before this one.
+        let last_ts = self.readers[d].last_ts;
+        if let Some(back) = self.pending.back_mut()
+            && !back.request_done
+        {
+            back.request_done = true;
+            back.request_end_ns = last_ts.max(back.request_start_ns);
+            back.inferred = true;
+            report.resynced = true;
+        }
+        // Direction switch: the response we lost track of ended at the last segment the other
+        // direction carried before this request.
+        let rd = 1 - d;
+        let other = &self.readers[rd];
+        if matches!(other.state, ReadState::Lost | ReadState::Seek) {
+            let (other_ts, other_seq) = (other.last_ts, other.last_seq);
+            if let Some(front) = self.pending.front_mut()
+                && front.request_done
+                && !front.response_done
+                && other_seq > front.seq
+            {
+                front.response_done = true;
+                front.response_end_ns = Some(other_ts);
+                front.inferred = true;
+                report.resynced = true;
+                // Already accounted for: the next status line resumes silently.
+                self.readers[rd].state = ReadState::Seek;
+            }
+            self.try_emit(out);
+        }
+
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.push_back(Pending {
+            id,
+            request: new.info,
+            is_head: new.is_head,
+            is_connect: new.is_connect,
+            seq: self.seq,
+            request_start_ns: new.start_ns,
+            request_end_ns: new.start_ns,
+            tid: new.tid,
+            request_body_size: 0,
+            request_done: false,
+            status: None,
+            response_start_ns: None,
+            response_end_ns: None,
+            response_body_size: 0,
+            response_done: false,
+            inferred: false,
+        });
+        if self.pending.len() > MAX_PENDING
+            && let Some(oldest) = self.pending.pop_front()
+        {
+            log::debug!("http1: more than {MAX_PENDING} requests without response");
+            self.emit(oldest, ExchangeEnd::ConnectionClosed, out);
+        }
+        id
+    }
+
+    /// A new response head on direction `d`; returns the pending exchange it answers.
+    fn begin_response(
+        &mut self,
+        d: usize,
+        report: &mut FeedReport,
+        out: &mut Vec<HttpExchange>,
+    ) -> Option<u64> {
+        let qd = 1 - d;
+        let request_lost = matches!(self.readers[qd].state, ReadState::Lost | ReadState::Seek);
+        let request_last_ts = self.readers[qd].last_ts;
+        let front = self.pending.front_mut()?;
+        if front.response_done {
+            // Answered already (early response, request still streaming): nobody asked.
+            return None;
+        }
+        if !front.request_done && request_lost {
+            // We lost the request in its body; the response proves it ended.
+            front.request_done = true;
+            front.request_end_ns = request_last_ts.max(front.request_start_ns);
+            front.inferred = true;
+            report.resynced = true;
+            self.readers[qd].state = ReadState::Seek;
+        }
+        let id = front.id;
+        self.try_emit(out);
+        Some(id)
+    }
+
+    fn start_body(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        msg: Option<u64>,
+        framing: Framing,
+        ts: u64,
+        out: &mut Vec<HttpExchange>,
+    ) {
+        let body = match framing {
+            Framing::None | Framing::Length(0) => {
+                self.message_done(d, kind, msg, ts, out);
+                return;
+            }
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(Chunk::Size {
+                value: 0,
+                digits: 0,
+            }),
+            Framing::UntilClose => Body::UntilClose,
+            Framing::Invalid => {
+                self.lose(d);
+                return;
+            }
+        };
+        self.readers[d].state = ReadState::Body { msg, body };
+    }
+
+    fn add_body(&mut self, kind: Kind, msg: Option<u64>, n: u64, ts: u64) {
+        let Some(p) = msg.and_then(|id| self.pending_mut(id)) else {
+            return;
+        };
+        match kind {
+            Kind::Request => {
+                p.request_body_size = p.request_body_size.saturating_add(n);
+                p.request_end_ns = ts;
+            }
+            Kind::Response => {
+                p.response_body_size = p.response_body_size.saturating_add(n);
+                p.response_end_ns = Some(ts);
+            }
+        }
+    }
+
+    /// The message on direction `d` ended with the segment stamped `ts`.
+    fn message_done(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        msg: Option<u64>,
+        ts: u64,
+        out: &mut Vec<HttpExchange>,
+    ) {
+        self.readers[d].state = ReadState::Boundary;
+        let Some(p) = msg.and_then(|id| self.pending_mut(id)) else {
+            return;
+        };
+        match kind {
+            Kind::Request => {
+                p.request_done = true;
+                p.request_end_ns = ts;
+            }
+            Kind::Response => {
+                p.response_done = true;
+                p.response_end_ns = Some(ts);
+            }
+        }
+        self.try_emit(out);
+    }
+
+    fn pending_mut(&mut self, id: u64) -> Option<&mut Pending> {
+        self.pending.iter_mut().find(|p| p.id == id)
+    }
+
+    /// Emits finished exchanges from the front of the queue, in request order.
+    fn try_emit(&mut self, out: &mut Vec<HttpExchange>) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.request_done && p.response_done)
+        {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let end = if p.inferred {
+                ExchangeEnd::Resynced
+            } else {
+                ExchangeEnd::Complete
+            };
+            self.emit(p, end, out);
+        }
+    }
+
+    fn emit(&self, p: Pending, end: ExchangeEnd, out: &mut Vec<HttpExchange>) {
+        let (Some(role), Some(request)) = (self.role, p.request) else {
+            return;
+        };
+        out.push(HttpExchange {
+            role,
+            request,
+            status: p.status,
+            request_start_ns: p.request_start_ns,
+            request_end_ns: p.request_end_ns,
+            response_start_ns: p.response_start_ns,
+            response_end_ns: p.response_end_ns,
+            request_body_size: p.request_body_size,
+            response_body_size: p.response_body_size,
+            tid: p.tid,
+            end,
+        });
+    }
+}
+
+/// Whether `data` starts with a complete start line of `kind` (cheap: no headers parsed).
+fn starts_message(kind: Kind, data: &[u8]) -> bool {
+    let config = httparse::ParserConfig::default();
+    // No header slots: a head with headers stops at the first one with `TooManyHeaders`, which
+    // only happens once the start line has been read.
+    let mut headers: [MaybeUninit<httparse::Header<'_>>; 0] = [];
+    match kind {
+        Kind::Request => {
+            let mut req = httparse::Request::new(&mut []);
+            match config.parse_request_with_uninit_headers(&mut req, data, &mut headers) {
+                Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => true,
+                Ok(httparse::Status::Partial) => req.version.is_some(),
+                Err(_) => false,
+            }
+        }
+        Kind::Response => {
+            let mut resp = httparse::Response::new(&mut []);
+            match config.parse_response_with_uninit_headers(&mut resp, data, &mut headers) {
+                Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => true,
+                Ok(httparse::Status::Partial) => resp.code.is_some(),
+                Err(_) => false,
+            }
+        }
+    }
+}
+
+fn parse_head(kind: Kind, buf: &[u8]) -> HeadParse {
+    let config = httparse::ParserConfig::default();
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    match kind {
+        Kind::Request => {
+            let mut req = httparse::Request::new(&mut []);
+            match config.parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let (Some(method), Some(target), Some(version)) =
+                        (req.method, req.path, req.version)
+                    else {
+                        return HeadParse::Invalid;
+                    };
+                    let fields = HeaderFields::collect(req.headers, true);
+                    let framing = if fields.te_present {
+                        if fields.chunked {
+                            Framing::Chunked
+                        } else {
+                            // A request with a transfer coding we cannot delimit (RFC 9112 §6.3).
+                            Framing::Invalid
+                        }
+                    } else {
+                        match fields.content_length {
+                            ContentLength::Absent => Framing::None,
+                            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
+                            _ => Framing::Invalid,
+                        }
+                    };
+                    HeadParse::Complete(
+                        n,
+                        Head::Request(RequestHead {
+                            info: HttpRequestInfo {
+                                method: method.to_owned(),
+                                target: target.to_owned(),
+                                version_minor: version,
+                                host: fields.host,
+                                user_agent: fields.user_agent,
+                                traceparent: fields.traceparent,
+                                tracestate: fields.tracestate,
+                                content_length: match fields.content_length {
+                                    ContentLength::Valid(n) => Some(n),
+                                    _ => None,
+                                },
+                                chunked: fields.chunked,
+                            },
+                            framing,
+                        }),
+                    )
+                }
+                Ok(httparse::Status::Partial) => HeadParse::Partial(StartLine {
+                    recognized: req.version.is_some(),
+                    is_head: req.method == Some("HEAD"),
+                    code: None,
+                }),
+                Err(_) => HeadParse::Invalid,
+            }
+        }
+        Kind::Response => {
+            let mut resp = httparse::Response::new(&mut []);
+            match config.parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let Some(code) = resp.code else {
+                        return HeadParse::Invalid;
+                    };
+                    let fields = HeaderFields::collect(resp.headers, false);
+                    let framing = if fields.te_present {
+                        if fields.chunked {
+                            Framing::Chunked
+                        } else {
+                            Framing::UntilClose
+                        }
+                    } else {
+                        match fields.content_length {
+                            ContentLength::Absent => Framing::UntilClose,
+                            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
+                            _ => Framing::Invalid,
+                        }
+                    };
+                    HeadParse::Complete(n, Head::Response(ResponseHead { code, framing }))
+                }
+                Ok(httparse::Status::Partial) => HeadParse::Partial(StartLine {
+                    recognized: resp.code.is_some(),
+                    is_head: false,
+                    code: resp.code,
+                }),
+                Err(_) => HeadParse::Invalid,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ContentLength {
+    Absent,
+    Valid(u64),
+    Bad,
+}
+
+/// The header fields we look at.
+#[derive(Debug)]
+struct HeaderFields {
+    host: Option<String>,
+    user_agent: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    content_length: ContentLength,
+    te_present: bool,
+    chunked: bool,
+}
+
+impl HeaderFields {
+    /// `request`: also extract the request-only fields (host, user agent, trace context).
+    fn collect(headers: &[httparse::Header<'_>], request: bool) -> Self {
+        let mut f = Self {
+            host: None,
+            user_agent: None,
+            traceparent: None,
+            tracestate: None,
+            content_length: ContentLength::Absent,
+            te_present: false,
+            chunked: false,
+        };
+        for h in headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                f.content_length = merge_content_length(f.content_length, h.value);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                // The last coding of the last field is the one that frames the body.
+                f.te_present = true;
+                f.chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if request {
+                let slot = if name.eq_ignore_ascii_case("host") {
+                    &mut f.host
+                } else if name.eq_ignore_ascii_case("user-agent") {
+                    &mut f.user_agent
+                } else if name.eq_ignore_ascii_case("traceparent") {
+                    &mut f.traceparent
+                } else if name.eq_ignore_ascii_case("tracestate") {
+                    &mut f.tracestate
+                } else {
+                    continue;
+                };
+                if slot.is_none() {
+                    *slot = Some(String::from_utf8_lossy(h.value.trim_ascii()).into_owned());
+                }
+            }
+        }
+        f
+    }
+}
+
+/// Folds one `Content-Length` field value (possibly a list, `5, 5`) into what we have: every
+/// value must be the same non-negative decimal (RFC 9112 §6.3).
+fn merge_content_length(current: ContentLength, value: &[u8]) -> ContentLength {
+    let mut current = current;
+    for part in value.split(|&b| b == b',') {
+        let Some(n) = parse_decimal(part.trim_ascii()) else {
+            return ContentLength::Bad;
+        };
+        current = match current {
+            ContentLength::Absent => ContentLength::Valid(n),
+            ContentLength::Valid(m) if m == n => current,
+            _ => return ContentLength::Bad,
+        };
+    }
+    current
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+/// Runs the chunked decoder over `data[pos..total]` (bytes past `data.len()` are uncaptured).
+/// Returns what happened and how many chunk-data bytes went by.
+fn run_chunked(mut chunk: Chunk, data: &[u8], mut pos: u64, total: u64) -> (ChunkRun, u64) {
+    let mut size = 0u64;
+    loop {
+        if let Chunk::Data(remaining) = chunk {
+            // Chunk data is skipped by length, captured or not.
+            let take = remaining.min(total.saturating_sub(pos));
+            pos = pos.saturating_add(take);
+            size = size.saturating_add(take);
+            chunk = if take == remaining {
+                Chunk::DataCr
+            } else {
+                Chunk::Data(remaining - take)
+            };
+        }
+        if pos >= total {
+            return (ChunkRun::More(chunk), size);
+        }
+        // Framing bytes must be captured to be read.
+        let Some(&b) = usize::try_from(pos).ok().and_then(|p| data.get(p)) else {
+            return (ChunkRun::Lost, size);
+        };
+        pos += 1;
+        match chunk_step(chunk, b) {
+            ChunkStep::Next(next) => chunk = next,
+            ChunkStep::Done => return (ChunkRun::Done(pos), size),
+            ChunkStep::Bad => return (ChunkRun::Lost, size),
+        }
+    }
+}
+
+fn chunk_step(chunk: Chunk, b: u8) -> ChunkStep {
+    match chunk {
+        Chunk::Size { value, digits } => match hex_value(b) {
+            // 16 hex digits fill a u64: a 17th would overflow.
+            Some(_) if digits >= 16 => ChunkStep::Bad,
+            Some(h) => ChunkStep::Next(Chunk::Size {
+                value: (value << 4) | u64::from(h),
+                digits: digits + 1,
+            }),
+            None if digits == 0 => ChunkStep::Bad,
+            None => chunk_step(
+                Chunk::SizeTail {
+                    value,
+                    ext: false,
+                    len: 0,
+                },
+                b,
+            ),
+        },
+        Chunk::SizeTail { value, ext, len } => {
+            if len >= MAX_CHUNK_LINE {
+                return ChunkStep::Bad;
+            }
+            let len = len + 1;
+            match b {
+                b'\r' => ChunkStep::Next(Chunk::SizeLf { value }),
+                b'\n' => size_line_done(value),
+                b' ' | b'\t' => ChunkStep::Next(Chunk::SizeTail { value, ext, len }),
+                b';' => ChunkStep::Next(Chunk::SizeTail {
+                    value,
+                    ext: true,
+                    len,
+                }),
+                // Extension names, values, quoted strings: any visible byte.
+                0x21..=0x7e | 0x80..=0xff if ext => {
+                    ChunkStep::Next(Chunk::SizeTail { value, ext, len })
+                }
+                _ => ChunkStep::Bad,
+            }
+        }
+        Chunk::SizeLf { value } => {
+            if b == b'\n' {
+                size_line_done(value)
+            } else {
+                ChunkStep::Bad
+            }
+        }
+        // The driver skips data by length; it never steps through it.
+        Chunk::Data(_) => ChunkStep::Bad,
+        Chunk::DataCr => match b {
+            b'\r' => ChunkStep::Next(Chunk::DataLf),
+            b'\n' => ChunkStep::Next(Chunk::Size {
+                value: 0,
+                digits: 0,
+            }),
+            _ => ChunkStep::Bad,
+        },
+        Chunk::DataLf => {
+            if b == b'\n' {
+                ChunkStep::Next(Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                })
+            } else {
+                ChunkStep::Bad
+            }
+        }
+        Chunk::TrailerStart(n) => match b {
+            b'\r' => ChunkStep::Next(Chunk::TrailerLf),
+            b'\n' => ChunkStep::Done,
+            _ => ChunkStep::Next(Chunk::TrailerLine(n.saturating_add(1))),
+        },
+        Chunk::TrailerLine(n) => {
+            if n >= MAX_TRAILER_BYTES {
+                ChunkStep::Bad
+            } else if b == b'\n' {
+                ChunkStep::Next(Chunk::TrailerStart(n.saturating_add(1)))
+            } else {
+                ChunkStep::Next(Chunk::TrailerLine(n.saturating_add(1)))
+            }
+        }
+        Chunk::TrailerLf => {
+            if b == b'\n' {
+                ChunkStep::Done
+            } else {
+                ChunkStep::Bad
+            }
+        }
+    }
+}
+
+fn size_line_done(value: u64) -> ChunkStep {
+    if value == 0 {
+        ChunkStep::Next(Chunk::TrailerStart(0))
+    } else if value > MAX_BODY_LEN {
+        ChunkStep::Bad
+    } else {
+        ChunkStep::Next(Chunk::Data(value))
+    }
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const IN: Direction = Direction::Ingress;
+    const OUT: Direction = Direction::Egress;
+
+    // ---- wire fixtures, written out as the real programs send them ----
+
+    /// curl 7.88.1, `curl http://localhost:8080/` (keep-alive by default in HTTP/1.1).
+    const CURL_GET_ROOT: &[u8] = b"GET / HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+\r\n";
+
+    /// curl 7.88.1 reusing the connection for a second and third URL.
+    const CURL_GET_A: &[u8] = b"GET /a HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+\r\n";
+    const CURL_GET_B: &[u8] = b"GET /b?x=1&y=2 HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+\r\n";
+
+    /// `curl -I http://localhost:8080/`.
+    const CURL_HEAD: &[u8] = b"HEAD / HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+\r\n";
+
+    /// `curl -H 'Content-Type: application/json' -d '{"name":"widget","qty":12}' .../api/items`.
+    const CURL_POST_HEAD: &[u8] = b"POST /api/items HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 26\r\n\
+\r\n";
+    const CURL_POST_BODY: &[u8] = br#"{"name":"widget","qty":12}"#;
+
+    /// curl 7.88.1 uploading a large file (`--data-binary @big`) sends Expect: 100-continue.
+    const CURL_POST_EXPECT: &[u8] = b"POST /upload HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+Content-Length: 2000\r\n\
+Content-Type: application/x-www-form-urlencoded\r\n\
+Expect: 100-continue\r\n\
+\r\n";
+
+    /// nginx 1.22.1 serving a 45-byte static file.
+    const NGINX_200: &[u8] = b"HTTP/1.1 200 OK\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:02 GMT\r\n\
+Content-Type: text/html\r\n\
+Content-Length: 45\r\n\
+Last-Modified: Mon, 06 May 2024 09:58:11 GMT\r\n\
+Connection: keep-alive\r\n\
+ETag: \"6638aa73-2d\"\r\n\
+Accept-Ranges: bytes\r\n\
+\r\n\
+<html><body><h1>It works!</h1></body></html>\n";
+
+    /// nginx 1.22.1 answering `curl -I`: the length of the file, no body.
+    const NGINX_HEAD_200: &[u8] = b"HTTP/1.1 200 OK\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:03 GMT\r\n\
+Content-Type: text/html\r\n\
+Content-Length: 45\r\n\
+Last-Modified: Mon, 06 May 2024 09:58:11 GMT\r\n\
+Connection: keep-alive\r\n\
+ETag: \"6638aa73-2d\"\r\n\
+Accept-Ranges: bytes\r\n\
+\r\n";
+
+    /// nginx 1.22.1, `location /ping { return 204; }`.
+    const NGINX_204: &[u8] = b"HTTP/1.1 204 No Content\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:04 GMT\r\n\
+Connection: keep-alive\r\n\
+\r\n";
+
+    /// nginx 1.22.1 answering a matching If-None-Match.
+    const NGINX_304: &[u8] = b"HTTP/1.1 304 Not Modified\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:05 GMT\r\n\
+Last-Modified: Mon, 06 May 2024 09:58:11 GMT\r\n\
+Connection: keep-alive\r\n\
+ETag: \"6638aa73-2d\"\r\n\
+\r\n";
+
+    /// nginx 1.22.1 proxying to an app that created something.
+    const NGINX_201: &[u8] = b"HTTP/1.1 201 Created\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:06 GMT\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 9\r\n\
+Connection: keep-alive\r\n\
+\r\n\
+{\"id\":42}";
+
+    const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+    /// Python 3.11 `http.server` (SimpleHTTPRequestHandler) serving a 6-byte file.
+    const PYTHON_200: &[u8] = b"HTTP/1.0 200 OK\r\n\
+Server: SimpleHTTP/0.6 Python/3.11.2\r\n\
+Date: Mon, 06 May 2024 10:15:07 GMT\r\n\
+Content-type: text/plain\r\n\
+Content-Length: 6\r\n\
+Last-Modified: Mon, 06 May 2024 09:58:11 GMT\r\n\
+\r\n\
+hello\n";
+
+    /// Python 3.11 BaseHTTPRequestHandler whose do_GET writes a body without Content-Length:
+    /// the body ends when the server closes the connection.
+    const PYTHON_CLOSE_HEAD: &[u8] = b"HTTP/1.0 200 OK\r\n\
+Server: BaseHTTP/0.6 Python/3.11.2\r\n\
+Date: Mon, 06 May 2024 10:15:08 GMT\r\n\
+Content-Type: text/plain\r\n\
+\r\n";
+
+    /// Node 20 `res.write('hello'); res.end(' world')`: head and first chunk in one write,
+    /// then the last chunk with the terminator.
+    const NODE_CHUNKED_1: &[u8] = b"HTTP/1.1 200 OK\r\n\
+Content-Type: text/plain\r\n\
+Date: Mon, 06 May 2024 10:15:09 GMT\r\n\
+Connection: keep-alive\r\n\
+Keep-Alive: timeout=5\r\n\
+Transfer-Encoding: chunked\r\n\
+\r\n\
+5\r\nhello\r\n";
+    const NODE_CHUNKED_2: &[u8] = b"6\r\n world\r\n0\r\n\r\n";
+
+    /// A Python `requests` client (urllib3) sending trace context.
+    const TRACED_GET: &[u8] = b"GET /orders/17?expand=items HTTP/1.1\r\n\
+Host: orders.internal:8000\r\n\
+User-Agent: python-requests/2.31.0\r\n\
+Accept-Encoding: gzip, deflate\r\n\
+Accept: */*\r\n\
+Connection: keep-alive\r\n\
+traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+tracestate: congo=t61rcWkgMzE,rojo=00f067aa0ba902b7\r\n\
+\r\n";
+
+    /// Header names in odd case (hand-rolled clients, old proxies).
+    const ODD_CASE_POST: &[u8] = b"POST /Submit HTTP/1.1\r\n\
+HOST: Example.COM\r\n\
+uSeR-aGeNt: OddClient/1.0\r\n\
+TRACEPARENT: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+Content-LENGTH: 5\r\n\
+\r\n\
+hello";
+
+    /// Odd-case chunked response.
+    const ODD_CASE_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\n\
+transfer-ENCODING: Chunked\r\n\
+\r\n\
+3\r\nabc\r\n0\r\n\r\n";
+
+    /// First bytes of a TLS 1.3 ClientHello (curl 7.88 / OpenSSL 3).
+    const TLS_CLIENT_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\
+\x8e\x1a\x5c\x92\x07\x3b\x41\x9d\xe0\x11\x6a\x7f\x2c\x90\x31\x55\
+\x4b\x0c\x77\xd2\x18\xa9\x6e\x03\xbf\x42\xc1\x39\x58\xee\x0d\x21\
+\x20\x6b\x3e\x11\x90\x2d\x7c\x4a\x88\x05\x13\x02\x13\x03\x13\x01\
+\x00\x2f\x00\x35\x01\x00\x01\x93\x00\x00\x00\x0e\x00\x0c\x00\x00\x09localhost";
+    /// First bytes of the ServerHello that answers it.
+    const TLS_SERVER_HELLO: &[u8] = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03\
+\x5d\x2e\x61\x0a\x93\x41\x17\xc8\x2b\x6e\x00\x13\x01\x00\x00\x2e\x00\x2b\x00\x02\x03\x04";
+    /// TLS application data record header and some ciphertext.
+    const TLS_APP_DATA: &[u8] = b"\x17\x03\x03\x00\x35\xa1\x9f\x42\x0e\x77\x81\x2c\xd3\x5b\x00\x10";
+
+    /// libpq: SSLRequest, then (after the server's 'N') the StartupMessage for protocol 3.0.
+    const PG_SSL_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
+    const PG_STARTUP: &[u8] = b"\x00\x00\x00\x29\x00\x03\x00\x00\
+user\x00postgres\x00database\x00postgres\x00\x00";
+    const PG_AUTH_OK: &[u8] = b"R\x00\x00\x00\x08\x00\x00\x00\x00";
+
+    // ---- helpers ----
+
+    fn seg(direction: Direction, ts_ns: u64, data: &[u8]) -> Segment<'_> {
+        Segment {
+            direction,
+            ts_ns,
+            len: data.len() as u64,
+            data,
+            tid: 100 + ts_ns as u32,
+        }
+    }
+
+    /// A syscall that moved `len` bytes of which only `data` was captured.
+    fn partial(direction: Direction, ts_ns: u64, len: u64, data: &[u8]) -> Segment<'_> {
+        Segment {
+            direction,
+            ts_ns,
+            len,
+            data,
+            tid: 100 + ts_ns as u32,
+        }
+    }
+
+    struct Conn {
+        s: Http1Stream,
+        out: Vec<HttpExchange>,
+        reports: Vec<FeedReport>,
+    }
+
+    impl Conn {
+        fn new(hint: Option<Role>) -> Self {
+            Self {
+                s: Http1Stream::new(hint),
+                out: Vec::new(),
+                reports: Vec::new(),
+            }
+        }
+        fn feed(&mut self, s: Segment<'_>) -> FeedReport {
+            let r = self.s.feed(s, &mut self.out);
+            self.reports.push(r);
+            r
+        }
+        fn send(&mut self, direction: Direction, ts: u64, data: &[u8]) -> FeedReport {
+            self.feed(seg(direction, ts, data))
+        }
+        fn close(&mut self, ts: u64) {
+            self.s.close(ts, &mut self.out);
+        }
+        fn count(&self, f: impl Fn(&FeedReport) -> bool) -> usize {
+            self.reports.iter().filter(|r| f(r)).count()
+        }
+    }
+
+    /// (request direction, response direction) for a role.
+    fn dirs(role: Role) -> (Direction, Direction) {
+        match role {
+            Role::Server => (IN, OUT),
+            Role::Client => (OUT, IN),
+        }
+    }
+
+    fn summary(e: &HttpExchange) -> (String, String, Option<u16>, u64, u64, ExchangeEnd) {
+        (
+            e.request.method.clone(),
+            e.request.target.clone(),
+            e.status,
+            e.request_body_size,
+            e.response_body_size,
+            e.end,
+        )
+    }
+
+    fn s(
+        method: &str,
+        target: &str,
+        status: Option<u16>,
+        req_body: u64,
+        resp_body: u64,
+        end: ExchangeEnd,
+    ) -> (String, String, Option<u16>, u64, u64, ExchangeEnd) {
+        (
+            method.to_owned(),
+            target.to_owned(),
+            status,
+            req_body,
+            resp_body,
+            end,
+        )
+    }
+
+    use ExchangeEnd::{Complete, ConnectionClosed, Resynced};
+
+    // ---- keep-alive, pipelining ----
+
+    #[test]
+    fn fixtures_are_self_consistent() {
+        assert_eq!(CURL_POST_BODY.len(), 26);
+        assert!(NGINX_200.ends_with(b"\r\n\r\n<html><body><h1>It works!</h1></body></html>\n"));
+        assert_eq!(b"<html><body><h1>It works!</h1></body></html>\n".len(), 45);
+    }
+
+    #[test]
+    fn keep_alive_three_gets_both_roles() {
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            for (i, req) in [CURL_GET_ROOT, CURL_GET_A, CURL_GET_B].iter().enumerate() {
+                let t = 1000 * (i as u64 + 1);
+                c.send(rq, t, req);
+                assert_eq!(c.out.len(), i, "no exchange before the response");
+                c.send(rs, t + 500, NGINX_200);
+                assert_eq!(c.out.len(), i + 1);
+            }
+            assert_eq!(c.s.state(), StreamState::Http);
+            assert_eq!(c.s.role(), Some(role));
+            let targets: Vec<_> = c.out.iter().map(|e| e.request.target.as_str()).collect();
+            assert_eq!(targets, ["/", "/a", "/b?x=1&y=2"]);
+            for (i, e) in c.out.iter().enumerate() {
+                let t = 1000 * (i as u64 + 1);
+                assert_eq!(e.role, role);
+                assert_eq!(e.status, Some(200));
+                assert_eq!(e.request.method, "GET");
+                assert_eq!(e.request.version_minor, 1);
+                assert_eq!(e.request.host.as_deref(), Some("localhost:8080"));
+                assert_eq!(e.request.user_agent.as_deref(), Some("curl/7.88.1"));
+                assert_eq!(e.request_start_ns, t);
+                assert_eq!(e.request_end_ns, t);
+                assert_eq!(e.response_start_ns, Some(t + 500));
+                assert_eq!(e.response_end_ns, Some(t + 500));
+                assert_eq!(e.request_body_size, 0);
+                assert_eq!(e.response_body_size, 45);
+                assert_eq!(e.tid, 100 + t as u32);
+                assert_eq!(e.end, Complete);
+            }
+            c.close(9999);
+            assert_eq!(c.out.len(), 3, "nothing pending, nothing emitted at close");
+            assert_eq!(c.count(|r| *r != FeedReport::default()), 0);
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_in_one_segment() {
+        let mut reqs = Vec::new();
+        reqs.extend_from_slice(CURL_GET_ROOT);
+        reqs.extend_from_slice(CURL_HEAD);
+        reqs.extend_from_slice(CURL_GET_B);
+        let mut resps = Vec::new();
+        resps.extend_from_slice(NGINX_200);
+        resps.extend_from_slice(NGINX_HEAD_200);
+        resps.extend_from_slice(NGINX_304);
+
+        let expected = vec![
+            s("GET", "/", Some(200), 0, 45, Complete),
+            s("HEAD", "/", Some(200), 0, 0, Complete),
+            s("GET", "/b?x=1&y=2", Some(304), 0, 0, Complete),
+        ];
+
+        // Responses in one segment.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 10, &reqs);
+        c.send(OUT, 20, &resps);
+        assert_eq!(c.out.iter().map(summary).collect::<Vec<_>>(), expected);
+        assert!(
+            c.out
+                .iter()
+                .all(|e| e.request_start_ns == 10 && e.request_end_ns == 10)
+        );
+        assert!(c.out.iter().all(|e| e.response_end_ns == Some(20)));
+
+        // Responses in three segments.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 10, &reqs);
+        c.send(OUT, 20, NGINX_200);
+        assert_eq!(c.out.len(), 1);
+        c.send(OUT, 30, NGINX_HEAD_200);
+        assert_eq!(c.out.len(), 2);
+        c.send(OUT, 40, NGINX_304);
+        assert_eq!(c.out.iter().map(summary).collect::<Vec<_>>(), expected);
+        let ends: Vec<_> = c.out.iter().map(|e| e.response_end_ns).collect();
+        assert_eq!(ends, [Some(20), Some(30), Some(40)]);
+
+        // Client side: the same bytes the other way round, requests sent before any response.
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 10, CURL_GET_ROOT);
+        c.send(OUT, 11, CURL_HEAD);
+        c.send(OUT, 12, CURL_GET_B);
+        c.send(IN, 20, &resps);
+        assert_eq!(c.out.iter().map(summary).collect::<Vec<_>>(), expected);
+        let starts: Vec<_> = c.out.iter().map(|e| e.request_start_ns).collect();
+        assert_eq!(starts, [10, 11, 12]);
+    }
+
+    // ---- bodies ----
+
+    #[test]
+    fn post_body_split_over_many_segments() {
+        let mut c = Conn::new(Some(Role::Server));
+        // Head split in three, then the body a few bytes at a time.
+        c.send(IN, 1, &CURL_POST_HEAD[..10]);
+        c.send(IN, 2, &CURL_POST_HEAD[10..40]);
+        c.send(IN, 3, &CURL_POST_HEAD[40..]);
+        for (i, piece) in CURL_POST_BODY.chunks(7).enumerate() {
+            c.send(IN, 10 + i as u64, piece);
+        }
+        c.send(OUT, 50, NGINX_201);
+        assert_eq!(c.out.len(), 1);
+        let e = &c.out[0];
+        assert_eq!(e.request.method, "POST");
+        assert_eq!(e.request.target, "/api/items");
+        assert_eq!(e.request.content_length, Some(26));
+        assert!(!e.request.chunked);
+        assert_eq!(e.request_body_size, 26);
+        assert_eq!(e.request_start_ns, 1);
+        assert_eq!(e.tid, 101);
+        assert_eq!(
+            e.request_end_ns, 13,
+            "the fourth body piece holds the last byte"
+        );
+        assert_eq!(e.status, Some(201));
+        assert_eq!(e.response_body_size, 9);
+        assert_eq!(e.end, Complete);
+    }
+
+    #[test]
+    fn three_segment_request_ends_at_third_segment() {
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 100, &CURL_GET_A[..5]);
+        c.send(OUT, 200, &CURL_GET_A[5..30]);
+        c.send(OUT, 300, &CURL_GET_A[30..]);
+        c.send(IN, 400, PYTHON_200);
+        assert_eq!(c.out.len(), 1);
+        let e = &c.out[0];
+        assert_eq!(
+            (e.request_start_ns, e.request_end_ns, e.tid),
+            (100, 300, 200)
+        );
+        assert_eq!(e.response_start_ns, Some(400));
+        assert_eq!(e.status, Some(200));
+        assert_eq!(e.response_body_size, 6);
+    }
+
+    /// 300 KiB upload in 64 KiB syscalls of which only 4 KiB are captured, then a second
+    /// request that must parse.
+    #[test]
+    fn large_body_counted_by_length_not_capture() {
+        const BODY: u64 = 300 * 1024;
+        const CAPTURE: usize = 4096;
+        let head = b"PUT /blobs/7 HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+Content-Length: 307200\r\n\
+Content-Type: application/octet-stream\r\n\
+\r\n";
+        let payload = vec![0xa5u8; CAPTURE];
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, head);
+            let mut left = BODY;
+            let mut ts = 2;
+            while left > 0 {
+                let len = left.min(64 * 1024);
+                c.feed(partial(rq, ts, len, &payload));
+                left -= len;
+                ts += 1;
+            }
+            let last_body_ts = ts - 1;
+            c.send(rs, 50, NGINX_201);
+            c.send(rq, 60, CURL_GET_A);
+            c.send(rs, 70, NGINX_200);
+            assert_eq!(c.out.len(), 2, "{role:?}");
+            assert_eq!(
+                summary(&c.out[0]),
+                s("PUT", "/blobs/7", Some(201), BODY, 9, Complete)
+            );
+            assert_eq!(c.out[0].request_end_ns, last_body_ts);
+            assert_eq!(
+                summary(&c.out[1]),
+                s("GET", "/a", Some(200), 0, 45, Complete)
+            );
+            assert_eq!(c.count(|r| r.resynced || r.headers_truncated), 0);
+        }
+    }
+
+    /// The body ends inside a syscall whose remaining bytes are the next (pipelined) request.
+    #[test]
+    fn body_end_inside_segment_then_next_message() {
+        let head = b"POST /ingest HTTP/1.1\r\nHost: h\r\nContent-Length: 70000\r\n\r\n";
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, head);
+        c.feed(partial(IN, 2, 69_000, &[b'x'; 4096]));
+        // Last 1000 body bytes and a whole request, all captured.
+        let mut tail = vec![b'y'; 1000];
+        tail.extend_from_slice(CURL_GET_A);
+        c.send(IN, 3, &tail);
+        c.send(OUT, 4, NGINX_201);
+        c.send(OUT, 5, NGINX_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("POST", "/ingest", Some(201), 70_000, 9, Complete),
+                s("GET", "/a", Some(200), 0, 45, Complete)
+            ]
+        );
+        assert_eq!((c.out[0].request_end_ns, c.out[1].request_start_ns), (3, 3));
+
+        // Same, but the tail's capture stops inside the body: the next request is lost, and
+        // the stream resyncs on the next segment that starts with a request line.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, head);
+        c.feed(partial(IN, 2, 69_000, &[b'x'; 64]));
+        c.feed(partial(IN, 3, tail.len() as u64, &tail[..64]));
+        c.send(OUT, 4, NGINX_201);
+        c.send(OUT, 5, NGINX_200); // answers the request we could not see: dropped
+        c.send(IN, 6, CURL_GET_B);
+        c.send(OUT, 7, NGINX_204);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("POST", "/ingest", Some(201), 70_000, 9, Complete),
+                s("GET", "/b?x=1&y=2", Some(204), 0, 0, Complete)
+            ]
+        );
+        assert!(c.count(|r| r.resynced) >= 1);
+    }
+
+    #[test]
+    fn chunked_response_with_sizes_split_across_segments() {
+        // Node: head + first chunk, then the rest.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_GET_ROOT);
+        c.send(OUT, 2, NODE_CHUNKED_1);
+        assert!(c.out.is_empty());
+        c.send(OUT, 3, NODE_CHUNKED_2);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/", Some(200), 0, 11, Complete)
+        );
+        assert_eq!(c.out[0].response_end_ns, Some(3));
+
+        // Multi-digit sizes split inside the digits, inside CRLFs and inside the terminator.
+        let mut body = Vec::new();
+        body.extend_from_slice(b"1f4\r\n");
+        body.extend_from_slice(&[b'a'; 0x1f4]);
+        body.extend_from_slice(b"\r\nA;name=\"v\"\r\n0123456789\r\n0\r\nX-Checksum: abc\r\n\r\n");
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for cut1 in 0..body.len() {
+            let cut2 = (cut1 + 3).min(body.len());
+            let mut c = Conn::new(Some(Role::Client));
+            c.send(OUT, 1, CURL_GET_ROOT);
+            c.send(IN, 2, head);
+            c.send(IN, 3, &body[..cut1]);
+            c.send(IN, 4, &body[cut1..cut2]);
+            c.send(IN, 5, &body[cut2..]);
+            c.send(OUT, 6, CURL_GET_A);
+            c.send(IN, 7, NGINX_200);
+            let got: Vec<_> = c.out.iter().map(summary).collect();
+            assert_eq!(
+                got,
+                [
+                    s("GET", "/", Some(200), 0, 0x1f4 + 10, Complete),
+                    s("GET", "/a", Some(200), 0, 45, Complete)
+                ],
+                "cut at {cut1}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_request_body() {
+        // Node's http.request with req.write() twice and req.end(): chunked upload.
+        let req = b"POST /events HTTP/1.1\r\n\
+Host: collector:4318\r\n\
+Transfer-Encoding: chunked\r\n\
+Connection: keep-alive\r\n\
+\r\n\
+c\r\n{\"event\":1}\n\r\n\
+c\r\n{\"event\":2}\n\r\n\
+0\r\n\r\n";
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, &req[..70]);
+        c.send(OUT, 2, &req[70..]);
+        c.send(IN, 3, NGINX_204);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("POST", "/events", Some(204), 24, 0, Complete)
+        );
+        assert!(c.out[0].request.chunked);
+        assert_eq!(c.out[0].request_end_ns, 2);
+    }
+
+    /// A chunked response whose chunk-size lines fall in uncaptured bytes: the direction is
+    /// lost until the next request shows the response ended at the last egress segment.
+    #[test]
+    fn chunked_truncated_capture_resyncs_on_direction_switch() {
+        let mut first = Vec::new();
+        first.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        first.extend_from_slice(b"4000\r\n");
+        first.extend_from_slice(&[b'z'; 200]);
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, CURL_GET_ROOT);
+            // 64 KiB write, 256 bytes captured: chunk data, then sizes we never see.
+            c.feed(partial(rs, 2, 65_536, &first[..256.min(first.len())]));
+            let r = c.feed(partial(rs, 3, 65_536, &[b'z'; 256]));
+            assert!(!r.resynced);
+            c.feed(partial(rs, 4, 1000, &[b'z'; 256]));
+            assert!(c.out.is_empty());
+            let r = c.send(rq, 5, CURL_GET_A);
+            assert!(r.resynced, "{role:?}");
+            assert_eq!(c.out.len(), 1);
+            let e = &c.out[0];
+            assert_eq!(e.end, Resynced);
+            assert_eq!(e.status, Some(200));
+            assert_eq!(e.response_start_ns, Some(2));
+            assert_eq!(e.response_end_ns, Some(4));
+            c.send(rs, 6, NGINX_200);
+            assert_eq!(
+                summary(&c.out[1]),
+                s("GET", "/a", Some(200), 0, 45, Complete)
+            );
+            c.close(7);
+            assert_eq!(c.out.len(), 2);
+        }
+    }
+
+    #[test]
+    fn head_response_has_no_body() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_HEAD);
+        c.send(OUT, 2, NGINX_HEAD_200);
+        c.send(IN, 3, CURL_GET_A);
+        c.send(OUT, 4, NGINX_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("HEAD", "/", Some(200), 0, 0, Complete),
+                s("GET", "/a", Some(200), 0, 45, Complete)
+            ]
+        );
+    }
+
+    #[test]
+    fn no_content_and_not_modified() {
+        let inm = b"GET / HTTP/1.1\r\n\
+Host: localhost:8080\r\n\
+User-Agent: curl/7.88.1\r\n\
+Accept: */*\r\n\
+If-None-Match: \"6638aa73-2d\"\r\n\
+\r\n";
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, CURL_GET_A);
+        c.send(IN, 2, NGINX_204);
+        c.send(OUT, 3, inm);
+        c.send(IN, 4, NGINX_304);
+        c.send(OUT, 5, CURL_GET_B);
+        c.send(IN, 6, NGINX_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("GET", "/a", Some(204), 0, 0, Complete),
+                s("GET", "/", Some(304), 0, 0, Complete),
+                s("GET", "/b?x=1&y=2", Some(200), 0, 45, Complete)
+            ]
+        );
+    }
+
+    #[test]
+    fn continue_100_then_final() {
+        let body = [b'q'; 2000];
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, CURL_POST_EXPECT);
+            c.send(rs, 2, CONTINUE_100);
+            assert!(c.out.is_empty());
+            c.send(rq, 3, &body[..1000]);
+            c.send(rq, 4, &body[1000..]);
+            c.send(rs, 5, NGINX_201);
+            assert_eq!(c.out.len(), 1);
+            let e = &c.out[0];
+            assert_eq!(
+                summary(e),
+                s("POST", "/upload", Some(201), 2000, 9, Complete)
+            );
+            assert_eq!(e.request_end_ns, 4);
+            assert_eq!(
+                e.response_start_ns,
+                Some(5),
+                "the final response, not the 100"
+            );
+            // 100 and final response in one segment.
+            let mut both = CONTINUE_100.to_vec();
+            both.extend_from_slice(NGINX_204);
+            c.send(rq, 6, CURL_POST_HEAD);
+            c.send(rq, 7, CURL_POST_BODY);
+            c.send(rs, 8, &both);
+            assert_eq!(
+                summary(&c.out[1]),
+                s("POST", "/api/items", Some(204), 26, 0, Complete)
+            );
+        }
+    }
+
+    #[test]
+    fn response_delimited_by_close() {
+        let mut c = Conn::new(Some(Role::Client));
+        let req = b"GET /stream HTTP/1.0\r\nHost: localhost:8000\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n";
+        c.send(OUT, 1, req);
+        c.send(IN, 2, PYTHON_CLOSE_HEAD);
+        c.send(IN, 3, b"line 1\n");
+        c.feed(partial(IN, 4, 10_000, b"line 2\n"));
+        assert!(c.out.is_empty());
+        c.close(9);
+        assert_eq!(c.out.len(), 1);
+        let e = &c.out[0];
+        assert_eq!(
+            summary(e),
+            s("GET", "/stream", Some(200), 0, 10_007, Complete)
+        );
+        assert_eq!(e.request.version_minor, 0);
+        assert_eq!(e.response_start_ns, Some(2));
+        assert_eq!(e.response_end_ns, Some(4));
+        // Head and body in one segment, server side.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, req);
+        let mut resp = PYTHON_CLOSE_HEAD.to_vec();
+        resp.extend_from_slice(b"done\n");
+        c.send(OUT, 2, &resp);
+        c.close(3);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/stream", Some(200), 0, 5, Complete)
+        );
+    }
+
+    #[test]
+    fn close_mid_request_and_mid_response() {
+        // Mid-request: head and part of the body, no response.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_POST_EXPECT);
+        c.send(IN, 2, &[b'q'; 300]);
+        c.close(3);
+        assert_eq!(c.out.len(), 1);
+        let e = &c.out[0];
+        assert_eq!(
+            summary(e),
+            s("POST", "/upload", None, 300, 0, ConnectionClosed)
+        );
+        assert_eq!(
+            (e.request_end_ns, e.response_start_ns, e.response_end_ns),
+            (2, None, None)
+        );
+
+        // Mid-response: status seen, body cut short.
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, CURL_GET_ROOT);
+        c.send(IN, 2, &NGINX_200[..NGINX_200.len() - 20]);
+        c.close(3);
+        let e = &c.out[0];
+        assert_eq!(
+            summary(e),
+            s("GET", "/", Some(200), 0, 25, ConnectionClosed)
+        );
+        assert_eq!((e.response_start_ns, e.response_end_ns), (Some(2), Some(2)));
+
+        // Mid-response head: no status yet.
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, CURL_GET_ROOT);
+        c.send(IN, 2, &NGINX_200[..30]);
+        c.close(3);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/", None, 0, 0, ConnectionClosed)
+        );
+
+        // Pipelined: one answered, two not.
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, CURL_GET_ROOT);
+        c.send(OUT, 2, CURL_GET_A);
+        c.send(OUT, 3, CURL_GET_B);
+        c.send(IN, 4, NGINX_204);
+        c.close(5);
+        let got: Vec<_> = c
+            .out
+            .iter()
+            .map(|e| (e.request.target.clone(), e.end))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/".to_owned(), Complete),
+                ("/a".to_owned(), ConnectionClosed),
+                ("/b?x=1&y=2".to_owned(), ConnectionClosed)
+            ]
+        );
+        // Closing again or feeding after close does nothing.
+        c.close(6);
+        c.send(OUT, 7, CURL_GET_ROOT);
+        assert_eq!(c.out.len(), 3);
+    }
+
+    #[test]
+    fn request_not_yet_answered_is_not_emitted_early() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_GET_ROOT);
+        c.close(2);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/", None, 0, 0, ConnectionClosed)
+        );
+        let mut c = Conn::new(Some(Role::Server));
+        c.close(2);
+        assert!(c.out.is_empty(), "nothing pending, nothing emitted");
+    }
+
+    // ---- role detection, mid-stream pickup ----
+
+    #[test]
+    fn role_detected_from_first_request() {
+        let mut c = Conn::new(None);
+        assert_eq!(c.s.state(), StreamState::Detecting);
+        c.send(IN, 1, CURL_GET_ROOT);
+        assert_eq!(
+            (c.s.role(), c.s.state()),
+            (Some(Role::Server), StreamState::Http)
+        );
+        c.send(OUT, 2, NGINX_200);
+        assert_eq!(c.out[0].role, Role::Server);
+
+        let mut c = Conn::new(None);
+        c.send(OUT, 1, CURL_GET_ROOT);
+        assert_eq!(c.s.role(), Some(Role::Client));
+        c.send(IN, 2, NGINX_200);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/", Some(200), 0, 45, Complete)
+        );
+        assert_eq!(c.out[0].role, Role::Client);
+    }
+
+    #[test]
+    fn mid_stream_pickup() {
+        // Agent started while a server was receiving an upload and answering it.
+        let mut c = Conn::new(None);
+        c.send(IN, 1, br#"3,"qty":4},{"id":4,"qty":1}]}"#);
+        c.feed(partial(IN, 2, 60_000, &[0x00, 0x13, 0x77, 0xfe]));
+        c.send(OUT, 3, NGINX_201); // answers a request we never saw
+        assert_eq!(c.s.state(), StreamState::Detecting);
+        assert_eq!(c.s.role(), None);
+        c.send(IN, 4, CURL_GET_A);
+        assert_eq!(
+            (c.s.role(), c.s.state()),
+            (Some(Role::Server), StreamState::Http)
+        );
+        c.send(OUT, 5, NGINX_200);
+        c.send(IN, 6, CURL_HEAD);
+        c.send(OUT, 7, NGINX_HEAD_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("GET", "/a", Some(200), 0, 45, Complete),
+                s("HEAD", "/", Some(200), 0, 0, Complete)
+            ]
+        );
+        assert_eq!(c.count(|r| r.became_not_http || r.resynced), 0);
+
+        // Picked up in the middle of a response body on the client side: the response's
+        // remaining bytes are skipped, the next request/response pair is parsed.
+        let mut c = Conn::new(None);
+        c.send(IN, 1, b"</html>\n");
+        c.send(OUT, 2, CURL_GET_B);
+        c.send(IN, 3, NGINX_200);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/b?x=1&y=2", Some(200), 0, 45, Complete)
+        );
+        assert_eq!(c.out[0].role, Role::Client);
+    }
+
+    #[test]
+    fn hinted_role_with_response_side_start() {
+        // A status line on the response side also proves HTTP once the role is known.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(OUT, 1, NGINX_204);
+        assert_eq!(c.s.state(), StreamState::Http);
+        c.send(IN, 2, CURL_GET_ROOT);
+        c.send(OUT, 3, NGINX_200);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/", Some(200), 0, 45, Complete)
+        );
+    }
+
+    // ---- not HTTP ----
+
+    fn assert_not_http(c: &Conn) {
+        assert!(c.out.is_empty());
+        assert!(matches!(
+            c.s.state(),
+            StreamState::NotHttp | StreamState::Detecting
+        ));
+        assert!(c.count(|r| r.became_not_http) <= 1);
+    }
+
+    #[test]
+    fn tls_is_not_http() {
+        for hint in [Some(Role::Client), Some(Role::Server), None] {
+            let mut c = Conn::new(hint);
+            c.send(OUT, 1, TLS_CLIENT_HELLO);
+            c.send(IN, 2, TLS_SERVER_HELLO);
+            for i in 0..10 {
+                c.send(OUT, 3 + 2 * i, TLS_APP_DATA);
+                c.send(IN, 4 + 2 * i, TLS_APP_DATA);
+            }
+            if hint.is_some() {
+                // Even something HTTP-looking is ignored once classified.
+                c.send(OUT, 50, CURL_GET_ROOT);
+                c.send(IN, 51, NGINX_200);
+            }
+            c.close(52);
+            if hint.is_some() {
+                assert_eq!(c.s.state(), StreamState::NotHttp);
+                assert_eq!(c.count(|r| r.became_not_http), 1);
+            }
+            assert_not_http(&c);
+        }
+    }
+
+    #[test]
+    fn postgres_is_not_http() {
+        for hint in [Some(Role::Client), None] {
+            let mut c = Conn::new(hint);
+            c.send(OUT, 1, PG_SSL_REQUEST);
+            c.send(IN, 2, b"N");
+            c.send(OUT, 3, PG_STARTUP);
+            c.send(IN, 4, PG_AUTH_OK);
+            c.send(OUT, 5, b"Q\x00\x00\x00\x0dSELECT 1\x00");
+            c.close(6);
+            if hint.is_some() {
+                assert_eq!(c.s.state(), StreamState::NotHttp);
+            }
+            assert_not_http(&c);
+        }
+    }
+
+    #[test]
+    fn random_bytes_are_not_http() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for hint in [Some(Role::Server), Some(Role::Client), None] {
+            let mut c = Conn::new(hint);
+            for i in 0..40u64 {
+                let data: Vec<u8> = (0..(next() % 300)).map(|_| next() as u8).collect();
+                let dir = if next() % 2 == 0 { IN } else { OUT };
+                c.feed(partial(dir, i, data.len() as u64 + next() % 50, &data));
+            }
+            c.close(99);
+            assert_not_http(&c);
+        }
+        // Text that is not HTTP (SMTP greeting and commands).
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(
+            IN,
+            1,
+            b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n",
+        );
+        c.send(OUT, 2, b"EHLO client.example.com\r\n");
+        c.send(
+            IN,
+            3,
+            b"250-mail.example.com\r\n250-PIPELINING\r\n250 SIZE 10240000\r\n",
+        );
+        c.send(OUT, 4, b"QUIT\r\n");
+        assert_eq!(c.s.state(), StreamState::NotHttp);
+        assert_not_http(&c);
+    }
+
+    #[test]
+    fn not_http_after_eight_kib_of_garbage() {
+        let mut c = Conn::new(Some(Role::Server));
+        let r = c.feed(partial(IN, 1, 20_000, &[0xffu8; 9000]));
+        assert!(r.became_not_http);
+        assert_eq!(c.s.state(), StreamState::NotHttp);
+    }
+
+    #[test]
+    fn upgrade_leaves_http() {
+        let req = b"GET /chat HTTP/1.1\r\n\
+Host: localhost:3000\r\n\
+Upgrade: websocket\r\n\
+Connection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Version: 13\r\n\
+\r\n";
+        let resp = b"HTTP/1.1 101 Switching Protocols\r\n\
+Upgrade: websocket\r\n\
+Connection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+\r\n\
+\x81\x05hello";
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, req);
+        c.send(OUT, 2, resp);
+        assert_eq!(
+            summary(&c.out[0]),
+            s("GET", "/chat", Some(101), 0, 0, Complete)
+        );
+        assert_eq!(c.s.state(), StreamState::NotHttp);
+        c.send(IN, 3, b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58");
+        c.close(4);
+        assert_eq!(c.out.len(), 1);
+        assert_eq!(
+            c.count(|r| r.became_not_http),
+            0,
+            "an upgrade is not a misclassification"
+        );
+    }
+
+    // ---- hostile lengths ----
+
+    #[test]
+    fn huge_and_garbage_content_lengths() {
+        for cl in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "-1",
+            "12abc",
+            "",
+            "5, 6",
+            "0x10",
+        ] {
+            for role in [Role::Server, Role::Client] {
+                let (rq, rs) = dirs(role);
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {cl}\r\n\r\nsome bytes");
+                let mut c = Conn::new(Some(role));
+                c.send(rq, 1, CURL_GET_ROOT);
+                c.send(rs, 2, resp.as_bytes());
+                c.feed(partial(rs, 3, u64::MAX, b"more bytes"));
+                c.send(rq, 4, CURL_GET_A);
+                c.send(rs, 5, NGINX_200);
+                let got: Vec<_> = c.out.iter().map(|e| (e.status, e.end)).collect();
+                assert_eq!(got, [(Some(200), Resynced), (Some(200), Complete)], "{cl}");
+                assert_eq!(c.out[0].response_end_ns, Some(3));
+
+                // Same length on a request: the response proves it ended.
+                let req = format!("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: {cl}\r\n\r\nabc");
+                let mut c = Conn::new(Some(role));
+                c.send(rq, 1, req.as_bytes());
+                c.feed(partial(rq, 2, u64::MAX, b"def"));
+                c.send(rs, 3, NGINX_204);
+                c.send(rq, 4, CURL_GET_A);
+                c.send(rs, 5, NGINX_200);
+                let got: Vec<_> = c.out.iter().map(|e| (e.status, e.end)).collect();
+                assert_eq!(got, [(Some(204), Resynced), (Some(200), Complete)], "{cl}");
+                assert_eq!(c.out[0].request_end_ns, 2);
+            }
+        }
+        // A Content-Length list with equal values is fine.
+        let mut c = Conn::new(Some(Role::Client));
+        c.send(OUT, 1, CURL_GET_ROOT);
+        c.send(IN, 2, b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc");
+        assert_eq!(summary(&c.out[0]), s("GET", "/", Some(200), 0, 3, Complete));
+    }
+
+    #[test]
+    fn chunk_size_overflow_and_garbage() {
+        for chunk in [
+            "10000000000000000\r\n",    // 17 hex digits
+            "fffffffffffffffff\r\n",    // overflow
+            "ffffffffffffffff\r\n",     // fits u64, far too large
+            "zz\r\n",                   // not hex
+            "\r\n",                     // empty size
+            "5 x\r\nhello\r\n",         // junk after size
+            "5\r\nhelloXX0\r\n\r\n",    // missing CRLF after data
+            "-5\r\nhello\r\n0\r\n\r\n", // negative
+        ] {
+            let resp = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}");
+            let mut c = Conn::new(Some(Role::Server));
+            c.send(IN, 1, CURL_GET_ROOT);
+            c.send(OUT, 2, resp.as_bytes());
+            c.send(OUT, 3, b"0\r\n\r\n");
+            c.send(IN, 4, CURL_GET_A);
+            c.send(OUT, 5, NGINX_200);
+            let got: Vec<_> = c.out.iter().map(|e| (e.status, e.end)).collect();
+            assert_eq!(
+                got,
+                [(Some(200), Resynced), (Some(200), Complete)],
+                "{chunk:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_segment_lengths_do_not_overflow() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(
+            IN,
+            1,
+            b"POST / HTTP/1.1\r\nContent-Length: 1099511627776\r\n\r\n",
+        );
+        c.feed(partial(IN, 2, u64::MAX, b"xx"));
+        c.feed(partial(IN, 3, u64::MAX, b"xx"));
+        c.close(4);
+        assert_eq!(c.out[0].request_body_size, 1 << 40);
+        assert_eq!(c.out[0].end, ConnectionClosed);
+    }
+
+    // ---- headers ----
+
+    #[test]
+    fn trace_context_and_identity_headers() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, TRACED_GET);
+        c.send(OUT, 2, PYTHON_200);
+        let r = &c.out[0].request;
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.target, "/orders/17?expand=items");
+        assert_eq!(r.host.as_deref(), Some("orders.internal:8000"));
+        assert_eq!(r.user_agent.as_deref(), Some("python-requests/2.31.0"));
+        assert_eq!(
+            r.traceparent.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(
+            r.tracestate.as_deref(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
+        assert_eq!(r.content_length, None);
+        assert_eq!(c.out[0].response_body_size, 6);
+    }
+
+    #[test]
+    fn header_names_in_odd_case() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, ODD_CASE_POST);
+        c.send(OUT, 2, ODD_CASE_CHUNKED);
+        let e = &c.out[0];
+        assert_eq!(e.request.host.as_deref(), Some("Example.COM"));
+        assert_eq!(e.request.user_agent.as_deref(), Some("OddClient/1.0"));
+        assert_eq!(
+            e.request.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(e.request.content_length, Some(5));
+        assert_eq!(summary(e), s("POST", "/Submit", Some(200), 5, 3, Complete));
+    }
+
+    #[test]
+    fn absolute_form_target_kept_raw() {
+        let req = b"GET http://example.com:8080/a%20b?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nProxy-Connection: Keep-Alive\r\n\r\n";
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, req);
+        c.send(OUT, 2, NGINX_204);
+        assert_eq!(c.out[0].request.target, "http://example.com:8080/a%20b?q=1");
+    }
+
+    #[test]
+    fn head_cut_by_capture_is_dropped_and_resynced() {
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, CURL_GET_ROOT);
+            c.send(rs, 2, NGINX_200);
+            // A request whose head the 64-byte capture cuts.
+            let r = c.feed(partial(rq, 3, TRACED_GET.len() as u64, &TRACED_GET[..64]));
+            assert!(r.headers_truncated);
+            c.send(rs, 4, PYTHON_200); // its response: matched to the dropped request
+            c.send(rq, 5, CURL_GET_B);
+            c.send(rs, 6, NGINX_204);
+            let got: Vec<_> = c.out.iter().map(summary).collect();
+            assert_eq!(
+                got,
+                [
+                    s("GET", "/", Some(200), 0, 45, Complete),
+                    s("GET", "/b?x=1&y=2", Some(204), 0, 0, Complete)
+                ],
+                "{role:?}"
+            );
+        }
+        // A response head cut by the capture keeps the exchange; its end is inferred.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_GET_ROOT);
+        let r = c.feed(partial(OUT, 2, 4000, &NGINX_200[..64]));
+        assert!(r.headers_truncated);
+        c.feed(partial(OUT, 3, 4000, &[b'x'; 64]));
+        c.send(IN, 4, CURL_GET_A);
+        c.send(OUT, 5, NGINX_204);
+        let got: Vec<_> = c
+            .out
+            .iter()
+            .map(|e| (e.status, e.end, e.response_end_ns))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(200), Resynced, Some(3)),
+                (Some(204), Complete, Some(5))
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_head_is_truncated() {
+        let mut head = b"GET /big HTTP/1.1\r\nHost: h\r\n".to_vec();
+        for i in 0..3000 {
+            head.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "v".repeat(20)).as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        assert!(head.len() > MAX_HEAD_BYTES);
+        let mut c = Conn::new(Some(Role::Server));
+        for (i, piece) in head.chunks(4096).enumerate() {
+            c.send(IN, i as u64, piece);
+        }
+        assert_eq!(c.count(|r| r.headers_truncated), 1);
+        c.send(
+            OUT,
+            100,
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n",
+        );
+        c.send(IN, 101, CURL_GET_A);
+        c.send(OUT, 102, NGINX_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(got, [s("GET", "/a", Some(200), 0, 45, Complete)]);
+    }
+
+    #[test]
+    fn split_head_costs_no_allocation_when_it_fits() {
+        // Parsing straight from the segment leaves the head buffer untouched.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_GET_ROOT);
+        c.send(OUT, 2, NGINX_200);
+        assert!(c.s.readers.iter().all(|r| r.head.capacity() == 0));
+    }
+
+    // ---- property tests ----
+
+    /// Several keep-alive and pipelined exchanges: (request bytes, response bytes) per round;
+    /// each round's requests all go before its responses.
+    fn rounds() -> Vec<(Vec<u8>, Vec<u8>)> {
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let chunked_req: &[u8] =
+            b"POST /events HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n10;ext=1\r\n0123456789abcdef\r\n0\r\nTrailer-A: x\r\n\r\n";
+        vec![
+            (CURL_GET_ROOT.to_vec(), NGINX_200.to_vec()),
+            (
+                cat(&[CURL_GET_A, CURL_POST_HEAD, CURL_POST_BODY, CURL_HEAD]),
+                cat(&[NODE_CHUNKED_1, NODE_CHUNKED_2, NGINX_201, NGINX_HEAD_200]),
+            ),
+            (chunked_req.to_vec(), NGINX_204.to_vec()),
+            (
+                cat(&[CURL_POST_EXPECT, &[b'q'; 2000]]),
+                cat(&[CONTINUE_100, PYTHON_200]),
+            ),
+            (
+                cat(&[TRACED_GET, CURL_GET_B]),
+                cat(&[NGINX_304, ODD_CASE_CHUNKED]),
+            ),
+        ]
+    }
+
+    type Summary = (String, String, Option<u16>, u64, u64, ExchangeEnd);
+
+    fn expected_rounds() -> Vec<Summary> {
+        vec![
+            s("GET", "/", Some(200), 0, 45, Complete),
+            s("GET", "/a", Some(200), 0, 11, Complete),
+            s("POST", "/api/items", Some(201), 26, 9, Complete),
+            s("HEAD", "/", Some(200), 0, 0, Complete),
+            s("POST", "/events", Some(204), 19, 0, Complete),
+            s("POST", "/upload", Some(200), 2000, 6, Complete),
+            s("GET", "/orders/17?expand=items", Some(304), 0, 0, Complete),
+            s("GET", "/b?x=1&y=2", Some(200), 0, 3, Complete),
+        ]
+    }
+
+    /// Feeds the rounds with each direction's bytes cut at the given points.
+    fn feed_rounds(role: Role, cuts: &[Vec<usize>]) -> Vec<HttpExchange> {
+        let (rq, rs) = dirs(role);
+        let mut stream = Http1Stream::new(Some(role));
+        let mut out = Vec::new();
+        let mut ts = 0;
+        let mut piece = 0;
+        for (req, resp) in rounds() {
+            for (dir, bytes) in [(rq, &req), (rs, &resp)] {
+                let mut points: Vec<usize> = cuts
+                    .get(piece)
+                    .map(|c| c.iter().map(|p| p % (bytes.len() + 1)).collect())
+                    .unwrap_or_default();
+                piece += 1;
+                points.push(0);
+                points.push(bytes.len());
+                points.sort_unstable();
+                points.dedup();
+                for w in points.windows(2) {
+                    ts += 1;
+                    stream.feed(seg(dir, ts, &bytes[w[0]..w[1]]), &mut out);
+                }
+            }
+        }
+        stream.close(ts + 1, &mut out);
+        out
+    }
+
+    #[test]
+    fn unsplit_rounds_parse_as_expected() {
+        for role in [Role::Server, Role::Client] {
+            let got: Vec<_> = feed_rounds(role, &[]).iter().map(summary).collect();
+            assert_eq!(got, expected_rounds(), "{role:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn splitting_never_changes_the_exchanges(
+            server in any::<bool>(),
+            cuts in prop::collection::vec(prop::collection::vec(0usize..5000, 0..12), 10),
+        ) {
+            let role = if server { Role::Server } else { Role::Client };
+            let got: Vec<_> = feed_rounds(role, &cuts).iter().map(summary).collect();
+            prop_assert_eq!(got, expected_rounds());
+        }
+
+        #[test]
+        fn random_segments_never_panic(
+            hint in prop_oneof![Just(None), Just(Some(Role::Server)), Just(Some(Role::Client))],
+            segs in prop::collection::vec(
+                (any::<bool>(), prop::collection::vec(any::<u8>(), 0..300), 0u64..100_000, any::<bool>()),
+                0..40,
+            ),
+        ) {
+            let mut stream = Http1Stream::new(hint);
+            let mut out = Vec::new();
+            for (i, (ingress, data, extra, full)) in segs.iter().enumerate() {
+                let direction = if *ingress { IN } else { OUT };
+                let len = data.len() as u64 + if *full { 0 } else { *extra };
+                stream.feed(partial(direction, i as u64, len, data), &mut out);
+            }
+            stream.close(1_000_000, &mut out);
+        }
+
+        #[test]
+        fn http_fragments_and_noise_never_panic(
+            hint in prop_oneof![Just(None), Just(Some(Role::Server)), Just(Some(Role::Client))],
+            picks in prop::collection::vec((0usize..16, any::<bool>(), 0usize..400, 0u64..70_000), 0..40),
+        ) {
+            let pieces: [&[u8]; 16] = [
+                CURL_GET_ROOT, CURL_HEAD, CURL_POST_HEAD, CURL_POST_BODY, CURL_POST_EXPECT,
+                NGINX_200, NGINX_HEAD_200, NGINX_204, NGINX_304, CONTINUE_100, PYTHON_CLOSE_HEAD,
+                NODE_CHUNKED_1, NODE_CHUNKED_2, ODD_CASE_CHUNKED, TLS_CLIENT_HELLO, b"0\r\n\r\n",
+            ];
+            let mut stream = Http1Stream::new(hint);
+            let mut out = Vec::new();
+            for (i, (which, ingress, cut, extra)) in picks.iter().enumerate() {
+                let bytes = pieces[*which];
+                let data = &bytes[..(*cut).min(bytes.len())];
+                let direction = if *ingress { IN } else { OUT };
+                stream.feed(partial(direction, i as u64, bytes.len() as u64 + extra, data), &mut out);
+            }
+            stream.close(1_000_000, &mut out);
+        }
+    }
+
+    /// A ~500-byte two-way stream as (direction, bytes) segments.
+    fn sweep_stream() -> Vec<(Direction, Vec<u8>)> {
+        vec![
+            (IN, CURL_POST_HEAD.to_vec()),
+            (IN, CURL_POST_BODY.to_vec()),
+            (OUT, NODE_CHUNKED_1.to_vec()),
+            (OUT, NODE_CHUNKED_2.to_vec()),
+            (IN, [CURL_HEAD, CURL_GET_A].concat()),
+            (OUT, [NGINX_HEAD_200, NGINX_204].concat()),
+        ]
+    }
+
+    fn run_stream(hint: Option<Role>, segs: &[(Direction, Vec<u8>, u64)]) -> Vec<HttpExchange> {
+        let mut stream = Http1Stream::new(hint);
+        let mut out = Vec::new();
+        for (i, (d, data, len)) in segs.iter().enumerate() {
+            stream.feed(partial(*d, i as u64, *len, data), &mut out);
+        }
+        stream.close(999, &mut out);
+        out
+    }
+
+    #[test]
+    fn sweep_prefixes_mutations_and_captures() {
+        let base = sweep_stream();
+        let total: usize = base.iter().map(|(_, b)| b.len()).sum();
+        assert!((400..=1200).contains(&total), "{total}");
+        let full: Vec<_> = base
+            .iter()
+            .map(|(d, b)| (*d, b.clone(), b.len() as u64))
+            .collect();
+        let reference = run_stream(Some(Role::Server), &full);
+        assert_eq!(reference.len(), 4, "{reference:#?}");
+
+        // Position `k` of the whole stream as (segment, offset).
+        let locate = |k: usize| {
+            let mut k = k;
+            for (i, (_, b)) in base.iter().enumerate() {
+                if k < b.len() {
+                    return (i, k);
+                }
+                k -= b.len();
+            }
+            (base.len(), 0)
+        };
+
+        for hint in [Some(Role::Server), Some(Role::Client), None] {
+            for k in 0..=total {
+                let (si, off) = locate(k);
+                // Prefix: everything before byte k.
+                let mut prefix: Vec<_> = full[..si.min(full.len())].to_vec();
+                if si < base.len() && off > 0 {
+                    let b = base[si].1[..off].to_vec();
+                    prefix.push((base[si].0, b, off as u64));
+                }
+                let out = run_stream(hint, &prefix);
+                assert!(out.len() <= reference.len());
+
+                if si == base.len() {
+                    continue;
+                }
+                // Capture ends at byte k (the syscall still moved the whole segment).
+                let mut cut = full.clone();
+                cut[si].1.truncate(off);
+                run_stream(hint, &cut);
+
+                // Single-byte mutations at byte k.
+                let original = base[si].1[off];
+                for v in [
+                    0x00,
+                    0xff,
+                    b'\r',
+                    b'\n',
+                    b' ',
+                    b'0',
+                    b'9',
+                    b'f',
+                    b':',
+                    original ^ 0x20,
+                ] {
+                    let mut m = full.clone();
+                    m[si].1[off] = v;
+                    let out = run_stream(hint, &m);
+                    assert!(out.len() <= reference.len() + 1, "k={k} v={v}");
+                }
+            }
+        }
+    }
+}

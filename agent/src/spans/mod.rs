@@ -1,1 +1,5 @@
+//! Spans: the record exporters take, how HTTP exchanges become spans, trace context, linking.
+pub mod context;
+pub mod correlation;
+pub mod http;
 pub mod model;

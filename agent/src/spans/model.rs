@@ -59,13 +59,22 @@ pub struct Attribute {
 
 impl Attribute {
     pub fn str(key: &'static str, value: impl Into<String>) -> Self {
-        Self { key, value: AttrValue::Str(value.into()) }
+        Self {
+            key,
+            value: AttrValue::Str(value.into()),
+        }
     }
     pub fn int(key: &'static str, value: i64) -> Self {
-        Self { key, value: AttrValue::Int(value) }
+        Self {
+            key,
+            value: AttrValue::Int(value),
+        }
     }
     pub fn bool(key: &'static str, value: bool) -> Self {
-        Self { key, value: AttrValue::Bool(value) }
+        Self {
+            key,
+            value: AttrValue::Bool(value),
+        }
     }
 }
 
@@ -98,6 +107,9 @@ pub struct SpanRecord {
 
 impl SpanRecord {
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
-        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| &a.value)
     }
 }

@@ -1,0 +1,124 @@
+//! Command line. Every option can also come from the environment (standard OTEL_* variables
+//! for export); flags win over the environment.
+
+use clap::{Parser, ValueEnum};
+
+use crate::{
+    export::{ExportConfig, ExportTarget, OtlpProtocol},
+    selection::Selection,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    #[value(name = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Traces HTTP/1.x requests of unmodified processes with eBPF and exports OpenTelemetry spans.
+///
+/// With no selection option every process is traced. With no OTLP endpoint, traces are printed
+/// on the terminal.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version)]
+pub struct Cli {
+    /// Trace this process id (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace processes whose command name matches (glob with * and ?; repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Trace processes whose executable path or file name matches (glob; repeatable).
+    #[arg(long = "exe", value_name = "PATH")]
+    pub exes: Vec<String>,
+    /// Trace processes listening on or connected to this TCP port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// OTLP endpoint of an OpenTelemetry collector, e.g. http://localhost:4317 (gRPC) or
+    /// http://localhost:4318 (HTTP). Unset: print traces on the terminal.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub otlp_protocol: ProtocolArg,
+    /// Bytes of each socket read/write copied from the kernel (64..=8192). HTTP headers larger
+    /// than this are not parsed; bodies are followed by length whatever their size.
+    #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE, value_name = "BYTES")]
+    pub capture_size: u32,
+    /// Print the counters every N seconds (0: only at exit).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub stats_interval: u64,
+}
+
+impl Cli {
+    pub fn selection(&self) -> Selection {
+        Selection {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            exes: self.exes.clone(),
+            ports: self.ports.clone(),
+        }
+    }
+
+    pub fn export_config(&self) -> ExportConfig {
+        let target = match self.otlp_endpoint.as_deref().map(str::trim) {
+            None | Some("") => ExportTarget::Console,
+            Some(endpoint) => ExportTarget::Otlp {
+                endpoint: endpoint.to_string(),
+                protocol: match self.otlp_protocol {
+                    ProtocolArg::Grpc => OtlpProtocol::Grpc,
+                    ProtocolArg::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+                },
+            },
+        };
+        ExportConfig::new(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_selection_and_export() {
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--pid",
+            "1",
+            "--comm",
+            "py*",
+            "--port",
+            "80",
+            "--otlp-endpoint",
+            "http://c:4318",
+            "--otlp-protocol",
+            "http/protobuf",
+        ])
+        .expect("parse");
+        assert_eq!(cli.selection().pids, vec![1]);
+        assert!(!cli.selection().traces_all());
+        assert_eq!(
+            cli.export_config().target,
+            ExportTarget::Otlp {
+                endpoint: "http://c:4318".into(),
+                protocol: OtlpProtocol::HttpProtobuf
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_trace_all_to_console() {
+        let cli = Cli::try_parse_from(["agent"]).expect("parse");
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            assert_eq!(cli.export_config().target, ExportTarget::Console);
+        }
+        assert!(cli.selection().traces_all());
+        assert!(Cli::try_parse_from(["agent", "--otlp-protocol", "json"]).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! The event thread: drains the ring buffer, runs the pipeline, keeps the selection current.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    events,
+    export::ExportHandle,
+    kernel::KernelCounters,
+    pipeline::{Pipeline, ProcessChange},
+    process::Resources,
+    selection::Selector,
+    spans::context::Clock,
+    stats::Stats,
+};
+
+pub struct LoopConfig {
+    pub events: RingBuf<MapData>,
+    pub counters: KernelCounters,
+    pub selector: Selector,
+    pub resources: Resources,
+    pub stats: Arc<Stats>,
+    pub stop: Arc<AtomicBool>,
+    pub stats_interval: Duration,
+}
+
+/// Kernel events are written without wake-ups; we poll at this period (the kernel forces a
+/// wake-up when the buffer fills faster).
+const POLL_PERIOD_MS: i32 = 10;
+const TICK: Duration = Duration::from_millis(100);
+const RESCAN: Duration = Duration::from_secs(2);
+
+/// Runs until `stop` is set; returns the exporter handle (for flushing) and the final kernel
+/// counters.
+pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'static str, u64)>) {
+    let LoopConfig {
+        mut events,
+        counters,
+        mut selector,
+        resources,
+        stats,
+        stop,
+        stats_interval,
+    } = cfg;
+    let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
+    let (mut last_tick, mut last_scan, mut last_stats) =
+        (Instant::now(), Instant::now(), Instant::now());
+    let fd = events.as_raw_fd();
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        while let Some(record) = events.next() {
+            Stats::add(&stats.events_read, 1);
+            match events::decode(&record) {
+                Ok(event) => {
+                    if let Some(change) = pipeline.on_event(event) {
+                        apply(change, &mut selector, &mut pipeline, &stats);
+                    }
+                }
+                Err(err) => {
+                    Stats::add(&stats.events_malformed, 1);
+                    log::debug!("malformed kernel event: {err}");
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+        if last_tick.elapsed() >= TICK {
+            pipeline.tick(Clock::monotonic_ns());
+            last_tick = Instant::now();
+        }
+        if !selector.traces_all() && last_scan.elapsed() >= RESCAN {
+            for (pid, comm) in selector.scan() {
+                log::info!("selected {comm}[{pid}]");
+                Stats::add(&stats.processes_selected, 1);
+            }
+            last_scan = Instant::now();
+        }
+        if !stats_interval.is_zero() && last_stats.elapsed() >= stats_interval {
+            let all: Vec<String> = counters
+                .snapshot()
+                .into_iter()
+                .chain(stats.snapshot())
+                .filter(|(_, v)| *v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            log::info!(
+                "open_connections={} {}",
+                pipeline.open_connections(),
+                all.join(" ")
+            );
+            last_stats = Instant::now();
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a failure (EINTR) just means we loop again.
+        unsafe { libc::poll(&mut pfd, 1, POLL_PERIOD_MS) };
+    }
+    let exporter = pipeline.finish();
+    (exporter, counters.snapshot())
+}
+
+fn apply(
+    change: ProcessChange,
+    selector: &mut Selector,
+    pipeline: &mut Pipeline<ExportHandle>,
+    stats: &Stats,
+) {
+    match change {
+        ProcessChange::Exec { pid, comm } => {
+            let newly = !selector.traces_all() && !selector.selected().contains_key(&pid);
+            if selector.on_exec(pid, &comm) {
+                if newly {
+                    log::info!("selected {comm}[{pid}] (started after the agent)");
+                    Stats::add(&stats.processes_selected, 1);
+                }
+                pipeline.preload(pid);
+            }
+        }
+        ProcessChange::Exit { pid } => selector.on_exit(pid),
+    }
+}

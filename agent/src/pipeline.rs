@@ -1,0 +1,343 @@
+//! Events → connections → HTTP exchanges → spans → (linking) → exporter.
+//!
+//! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use agent_common::{ConnEvent, DIR_INGRESS, DataEvent, ProcessEvent};
+
+use crate::{
+    events::Event,
+    process::Resources,
+    protocols::http1::{
+        Direction, FeedReport, Http1Stream, HttpExchange, Role, Segment, StreamState,
+    },
+    spans::{
+        context::{Clock, IdGenerator},
+        correlation::{HOLD_NS, LinkOutcome, Linker},
+        http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
+        model::SpanRecord,
+    },
+    stats::Stats,
+};
+
+/// Connections without traffic for this long are dropped (their pending requests emitted).
+const IDLE_CONNECTION_NS: u64 = 300 * 1_000_000_000;
+/// Most connections followed at once; beyond it the least recently active are evicted.
+const MAX_CONNECTIONS: usize = 100_000;
+/// Accept/connect hints not matched by data within this time are forgotten.
+const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
+
+struct Connection {
+    stream: Http1Stream,
+    info: ConnInfo,
+    last_ns: u64,
+}
+
+/// Where finished spans go (the exporter in production, a vector in tests).
+pub trait SpanSink {
+    fn send(&mut self, span: SpanRecord);
+}
+
+impl SpanSink for crate::export::ExportHandle {
+    fn send(&mut self, span: SpanRecord) {
+        crate::export::ExportHandle::send(self, span);
+    }
+}
+
+impl SpanSink for Vec<SpanRecord> {
+    fn send(&mut self, span: SpanRecord) {
+        self.push(span);
+    }
+}
+
+/// What the pipeline wants done outside it (process selection lives with the kernel maps).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProcessChange {
+    Exec { pid: u32, comm: String },
+    Exit { pid: u32 },
+}
+
+pub struct Pipeline<S: SpanSink> {
+    conns: HashMap<(u32, u64), Connection>,
+    /// accept() returned this fd in this process: its next new socket is a server side.
+    accepted: HashMap<(u32, u32), u64>,
+    /// connect() was called on this socket: client side.
+    connected: HashMap<(u32, u64), u64>,
+    resources: Resources,
+    linker: Linker,
+    ids: IdGenerator,
+    clock: Clock,
+    stats: Arc<Stats>,
+    sink: S,
+    exchanges: Vec<HttpExchange>,
+    released: Vec<(SpanRecord, LinkOutcome)>,
+}
+
+fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == libc::AF_INET6 as u32 {
+        let v6 = Ipv6Addr::from(addr);
+        // Dual-stack sockets show IPv4 peers as ::ffff:a.b.c.d; report them as IPv4.
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    };
+    SocketAddr::new(ip, port)
+}
+
+impl<S: SpanSink> Pipeline<S> {
+    pub fn new(resources: Resources, stats: Arc<Stats>, sink: S) -> Self {
+        Self {
+            conns: HashMap::new(),
+            accepted: HashMap::new(),
+            connected: HashMap::new(),
+            resources,
+            linker: Linker::default(),
+            ids: IdGenerator::new(),
+            clock: Clock::now(),
+            stats,
+            sink,
+            exchanges: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// Read a process's resource now, while it surely exists (short-lived clients such as curl
+    /// may be gone by the time their span is built).
+    pub fn preload(&mut self, pid: u32) {
+        self.resources.get_or_load(pid);
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn on_event(&mut self, event: Event<'_>) -> Option<ProcessChange> {
+        match event {
+            Event::Data { header, payload } => self.on_data(&header, payload),
+            Event::Accept(ev) => {
+                self.accepted.insert((ev.pid, ev.fd), ev.ts_ns);
+            }
+            Event::Connect(ev) => {
+                self.connected.insert((ev.pid, ev.sock_cookie), ev.ts_ns);
+            }
+            Event::Close(ev) => self.on_close(&ev),
+            Event::Exec(ev) => return Some(self.on_exec(&ev)),
+            Event::ProcessExit(ev) => {
+                self.on_exit(ev.pid, ev.ts_ns);
+                return Some(ProcessChange::Exit { pid: ev.pid });
+            }
+        }
+        None
+    }
+
+    fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
+        Stats::add(&self.stats.data_events, 1);
+        let key = (h.pid, h.sock_cookie);
+        if !self.conns.contains_key(&key) {
+            if self.conns.len() >= MAX_CONNECTIONS {
+                self.evict_oldest();
+            }
+            let hint = if self.connected.remove(&key).is_some() {
+                Some(Role::Client)
+            } else if self.accepted.remove(&(h.pid, h.fd)).is_some() {
+                Some(Role::Server)
+            } else {
+                None
+            };
+            let info = ConnInfo {
+                local: socket_addr(h.family, h.local_addr, h.local_port),
+                remote: socket_addr(h.family, h.remote_addr, h.remote_port),
+            };
+            self.conns.insert(
+                key,
+                Connection {
+                    stream: Http1Stream::new(hint),
+                    info,
+                    last_ns: h.ts_ns,
+                },
+            );
+            self.resources.get_or_load(h.pid);
+            Stats::add(&self.stats.connections_opened, 1);
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        conn.last_ns = h.ts_ns;
+        if conn.stream.state() == StreamState::NotHttp {
+            return;
+        }
+        let direction = if h.direction == DIR_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let seg = Segment {
+            direction,
+            ts_ns: h.ts_ns,
+            len: h.bytes,
+            data: payload,
+            tid: h.tid,
+        };
+        let report = conn.stream.feed(seg, &mut self.exchanges);
+        if direction == Direction::Ingress && conn.stream.role() == Some(Role::Server) {
+            self.linker.note_serving(h.pid, h.tid, h.ts_ns);
+        }
+        let info = conn.info;
+        self.count_report(report);
+        self.flush_exchanges(h.pid, info);
+    }
+
+    fn count_report(&self, r: FeedReport) {
+        if r.became_not_http {
+            Stats::add(&self.stats.connections_not_http, 1);
+        }
+        if r.resynced {
+            Stats::add(&self.stats.http_resyncs, 1);
+        }
+        if r.headers_truncated {
+            Stats::add(&self.stats.http_headers_truncated, 1);
+        }
+    }
+
+    fn on_close(&mut self, ev: &ConnEvent) {
+        self.connected.remove(&(ev.pid, ev.sock_cookie));
+        if let Some(mut conn) = self.conns.remove(&(ev.pid, ev.sock_cookie)) {
+            conn.stream.close(ev.ts_ns, &mut self.exchanges);
+            Stats::add(&self.stats.connections_closed, 1);
+            self.flush_exchanges(ev.pid, conn.info);
+        }
+    }
+
+    fn on_exec(&mut self, ev: &ProcessEvent) -> ProcessChange {
+        // A new program image: its resource (service name, command line) changed.
+        self.resources.forget(ev.pid);
+        ProcessChange::Exec {
+            pid: ev.pid,
+            comm: crate::events::comm_str(&ev.comm),
+        }
+    }
+
+    fn on_exit(&mut self, pid: u32, ts: u64) {
+        let keys: Vec<_> = self
+            .conns
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(mut conn) = self.conns.remove(&key) {
+                conn.stream.close(ts, &mut self.exchanges);
+                Stats::add(&self.stats.connections_closed, 1);
+                self.flush_exchanges(pid, conn.info);
+            }
+        }
+        self.accepted.retain(|(p, _), _| *p != pid);
+        self.connected.retain(|(p, _), _| *p != pid);
+        self.linker.forget_process(pid, &mut self.released);
+        self.drain_released();
+        self.resources.forget(pid);
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((&key, _)) = self.conns.iter().min_by_key(|(_, c)| c.last_ns)
+            && let Some(mut conn) = self.conns.remove(&key)
+        {
+            conn.stream.close(conn.last_ns, &mut self.exchanges);
+            Stats::add(&self.stats.connections_evicted, 1);
+            self.flush_exchanges(key.0, conn.info);
+        }
+    }
+
+    fn flush_exchanges(&mut self, pid: u32, info: ConnInfo) {
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let resource = self.resources.get_or_load(pid);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        for ex in &exchanges {
+            Stats::add(&self.stats.http_exchanges, 1);
+            if ex.status.is_none() {
+                Stats::add(&self.stats.http_incomplete, 1);
+            }
+            let inputs = SpanInputs {
+                exchange: ex,
+                conn: info,
+                resource: resource.clone(),
+                clock: self.clock,
+            };
+            let (span, parent) = build_span(inputs, &mut self.ids);
+            match parent {
+                ParentOutcome::Honoured => Stats::add(&self.stats.traceparent_honoured, 1),
+                ParentOutcome::Invalid => Stats::add(&self.stats.traceparent_invalid, 1),
+                ParentOutcome::None => {}
+            }
+            Stats::add(&self.stats.spans_built, 1);
+            let start = ex.request_start_ns;
+            let end = ex.response_end_ns.unwrap_or(ex.request_end_ns);
+            match ex.role {
+                Role::Server => {
+                    self.linker.server_span(pid, ex.tid, start, end, &span);
+                    self.sink.send(span);
+                }
+                Role::Client => {
+                    self.linker
+                        .client_span(pid, ex.tid, start, end, span, &mut self.released);
+                    self.drain_released();
+                }
+            }
+        }
+        // Give the allocation back for reuse.
+        self.exchanges = exchanges;
+        self.exchanges.clear();
+    }
+
+    fn drain_released(&mut self) {
+        for (span, outcome) in self.released.drain(..) {
+            if outcome == LinkOutcome::Linked {
+                Stats::add(&self.stats.client_spans_linked, 1);
+            }
+            self.sink.send(span);
+        }
+    }
+
+    /// Periodic work: release held client spans, expire idle state, refresh the clock.
+    pub fn tick(&mut self, now_ns: u64) {
+        self.clock = Clock::now();
+        self.linker.release(Some(now_ns), &mut self.released);
+        self.drain_released();
+        let idle: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_ns.saturating_add(IDLE_CONNECTION_NS) < now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            if let Some(mut conn) = self.conns.remove(&key) {
+                conn.stream.close(conn.last_ns, &mut self.exchanges);
+                Stats::add(&self.stats.connections_evicted, 1);
+                self.flush_exchanges(key.0, conn.info);
+            }
+        }
+        self.accepted
+            .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
+        self.connected
+            .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
+        self.linker.prune(now_ns, 10 * HOLD_NS);
+    }
+
+    /// Shutdown: release held spans. Requests still in flight are not reported as failed:
+    /// their connections did not close, the agent stopped watching them.
+    pub fn finish(mut self) -> S {
+        self.linker.release(None, &mut self.released);
+        self.drain_released();
+        self.sink
+    }
+}

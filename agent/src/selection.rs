@@ -1,0 +1,300 @@
+//! Which processes are traced: by pid, command name, executable path or TCP port, or all.
+//! The kernel filters on the `SELECTED` map this module keeps up to date.
+
+use std::{collections::HashMap, path::Path};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub pids: Vec<u32>,
+    /// Globs (`*`, `?`) matched against the 15-character kernel command name.
+    pub comms: Vec<String>,
+    /// Globs matched against the executable's full path and its file name.
+    pub exes: Vec<String>,
+    /// Processes listening on, or connected to, one of these TCP ports.
+    pub ports: Vec<u16>,
+}
+
+impl Selection {
+    pub fn traces_all(&self) -> bool {
+        self.pids.is_empty()
+            && self.comms.is_empty()
+            && self.exes.is_empty()
+            && self.ports.is_empty()
+    }
+
+    fn matches_names(&self, comm: &str, exe: Option<&str>) -> bool {
+        self.comms.iter().any(|p| glob_match(p, comm))
+            || exe.is_some_and(|exe| {
+                let name = Path::new(exe)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(exe);
+                self.exes
+                    .iter()
+                    .any(|p| glob_match(p, exe) || glob_match(p, name))
+            })
+    }
+}
+
+/// `*` matches any run of characters, `?` exactly one; everything else literally.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+fn read_comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+fn read_exe(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Socket inodes whose local or remote TCP port is one of `ports` (/proc/net/tcp{,6}).
+fn socket_inodes_on_ports(ports: &[u16]) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(inode)) = (cols.get(1), cols.get(2), cols.get(9))
+            else {
+                continue;
+            };
+            let port = |addr: &str| {
+                addr.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            let hit = [port(local), port(remote)]
+                .iter()
+                .flatten()
+                .any(|p| ports.contains(p));
+            if hit
+                && let Ok(inode) = inode.parse::<u64>()
+                && inode != 0
+            {
+                inodes.push(inode);
+            }
+        }
+    }
+    inodes
+}
+
+fn process_has_socket(pid: u32, inodes: &[u64]) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|link| {
+            link.to_str()
+                .and_then(|s| {
+                    s.strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .is_some_and(|inode| inodes.contains(&inode))
+        })
+}
+
+pub struct Selector {
+    selection: Selection,
+    map: Option<BpfHashMap<MapData, u32, u32>>,
+    selected: HashMap<u32, String>,
+    own_pid: u32,
+    pub map_errors: u64,
+}
+
+impl Selector {
+    /// `map` is None when tracing everything (the kernel then ignores the map).
+    pub fn new(selection: Selection, map: Option<BpfHashMap<MapData, u32, u32>>) -> Self {
+        Self {
+            selection,
+            map,
+            selected: HashMap::new(),
+            own_pid: std::process::id(),
+            map_errors: 0,
+        }
+    }
+
+    pub fn traces_all(&self) -> bool {
+        self.selection.traces_all()
+    }
+
+    pub fn selected(&self) -> &HashMap<u32, String> {
+        &self.selected
+    }
+
+    fn select(&mut self, pid: u32, name: String) -> bool {
+        if pid == self.own_pid || self.selected.contains_key(&pid) {
+            return false;
+        }
+        if let Some(map) = self.map.as_mut()
+            && map.insert(&pid, &1, 0).is_err()
+        {
+            self.map_errors += 1;
+            return false;
+        }
+        self.selected.insert(pid, name);
+        true
+    }
+
+    /// Walks /proc and selects every matching process not selected yet; returns the new ones.
+    pub fn scan(&mut self) -> Vec<(u32, String)> {
+        if self.traces_all() {
+            return Vec::new();
+        }
+        let inodes = if self.selection.ports.is_empty() {
+            Vec::new()
+        } else {
+            socket_inodes_on_ports(&self.selection.ports)
+        };
+        let mut new = Vec::new();
+        for pid in all_pids() {
+            if self.selected.contains_key(&pid) || pid == self.own_pid {
+                continue;
+            }
+            let Some(comm) = read_comm(pid) else {
+                continue;
+            };
+            let by_pid = self.selection.pids.contains(&pid);
+            let by_name = !by_pid
+                && self
+                    .selection
+                    .matches_names(&comm, read_exe(pid).as_deref());
+            let by_port =
+                !by_pid && !by_name && !inodes.is_empty() && process_has_socket(pid, &inodes);
+            if (by_pid || by_name || by_port) && self.select(pid, comm.clone()) {
+                new.push((pid, comm));
+            }
+        }
+        new
+    }
+
+    /// A process exec'd: select it if it now matches by name. Returns whether it is traced.
+    pub fn on_exec(&mut self, pid: u32, comm: &str) -> bool {
+        if self.traces_all() {
+            return pid != self.own_pid;
+        }
+        if self.selected.contains_key(&pid) {
+            return true;
+        }
+        let exe = read_exe(pid);
+        if self.selection.matches_names(comm, exe.as_deref()) {
+            return self.select(pid, comm.to_string());
+        }
+        false
+    }
+
+    pub fn on_exit(&mut self, pid: u32) {
+        if self.selected.remove(&pid).is_some()
+            && let Some(map) = self.map.as_mut()
+        {
+            let _ = map.remove(&pid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("nginx", "nginx"));
+        assert!(glob_match("py*", "python3.11"));
+        assert!(glob_match("*thon*", "python3"));
+        assert!(glob_match("n?de", "node"));
+        assert!(!glob_match("node", "nodejs"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*b", "acd"));
+        assert!(glob_match("/usr/sbin/*", "/usr/sbin/nginx"));
+    }
+
+    #[test]
+    fn selection_by_names() {
+        let s = Selection {
+            exes: vec!["nginx".into()],
+            comms: vec!["py*".into()],
+            ..Default::default()
+        };
+        assert!(s.matches_names("python3", None));
+        assert!(s.matches_names("whatever", Some("/usr/sbin/nginx")));
+        assert!(!s.matches_names("node", Some("/usr/bin/node")));
+        assert!(!s.traces_all());
+        assert!(Selection::default().traces_all());
+    }
+
+    #[test]
+    fn scan_finds_this_test_process_by_pid() {
+        let me = std::process::id();
+        let mut sel = Selector::new(
+            Selection {
+                pids: vec![me],
+                ..Default::default()
+            },
+            None,
+        );
+        // The selector never selects the agent itself; pretend we are someone else.
+        sel.own_pid = 0;
+        let found = sel.scan();
+        assert_eq!(found.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![me]);
+        assert!(
+            sel.scan().is_empty(),
+            "already selected processes are not reported twice"
+        );
+    }
+
+    #[test]
+    fn scan_finds_a_listener_by_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut sel = Selector::new(
+            Selection {
+                ports: vec![port],
+                ..Default::default()
+            },
+            None,
+        );
+        sel.own_pid = 0;
+        let found = sel.scan();
+        assert!(
+            found.iter().any(|(p, _)| *p == std::process::id()),
+            "listener on {port} not found: {found:?}"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! In-process linking: a client span made by a thread while it served a request becomes the
+//! child of that request's server span (thread-per-request servers).
+//!
+//! Server spans are known only once their response ends, after the client calls they caused.
+//! So a client span made on a thread that has been serving is held for a short while; then, if
+//! exactly one server span of that thread encloses it in time, it joins that span's trace.
+//! Several candidates (an event loop serving concurrent requests) is ambiguous: we do not
+//! guess, the client span stays a root and the case is counted.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::model::{SpanId, SpanRecord, TraceId};
+
+/// How long a client span waits for its enclosing server span to end (kernel ns).
+pub const HOLD_NS: u64 = 1_000_000_000;
+/// Server spans remembered per thread for matching.
+const RECENT_SERVERS: usize = 64;
+/// Held client spans per thread before the oldest is released unlinked.
+const MAX_HELD: usize = 1024;
+
+#[derive(Clone, Copy)]
+struct ServerInterval {
+    start: u64,
+    end: u64,
+    trace_id: TraceId,
+    span_id: SpanId,
+}
+
+struct Held {
+    span: SpanRecord,
+    start: u64,
+    end: u64,
+}
+
+#[derive(Default)]
+struct ThreadState {
+    /// Kernel time of the latest request bytes this thread received as a server.
+    serving_since: Option<u64>,
+    servers: VecDeque<ServerInterval>,
+    held: VecDeque<Held>,
+}
+
+/// What happened to a released client span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Linked,
+    Ambiguous,
+    Unlinked,
+}
+
+#[derive(Default)]
+pub struct Linker {
+    threads: HashMap<(u32, u32), ThreadState>,
+}
+
+impl Linker {
+    /// A server-role connection received request bytes on this thread.
+    pub fn note_serving(&mut self, pid: u32, tid: u32, ts: u64) {
+        self.threads.entry((pid, tid)).or_default().serving_since = Some(ts);
+    }
+
+    /// A server span ended; it may adopt held client spans later (see `release`).
+    pub fn server_span(&mut self, pid: u32, tid: u32, start: u64, end: u64, span: &SpanRecord) {
+        let t = self.threads.entry((pid, tid)).or_default();
+        if t.servers.len() == RECENT_SERVERS {
+            t.servers.pop_front();
+        }
+        t.servers.push_back(ServerInterval {
+            start,
+            end,
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+        });
+    }
+
+    /// A client span ended. Returned when it cannot have a local parent (the thread never
+    /// served); otherwise held until `release`.
+    pub fn client_span(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        start: u64,
+        end: u64,
+        span: SpanRecord,
+        out: &mut Vec<(SpanRecord, LinkOutcome)>,
+    ) {
+        let Some(t) = self.threads.get_mut(&(pid, tid)) else {
+            out.push((span, LinkOutcome::Unlinked));
+            return;
+        };
+        if t.serving_since.is_none() {
+            out.push((span, LinkOutcome::Unlinked));
+            return;
+        }
+        if t.held.len() >= MAX_HELD
+            && let Some(old) = t.held.pop_front()
+        {
+            out.push(decide(&t.servers, old));
+        }
+        t.held.push_back(Held { span, start, end });
+    }
+
+    /// Releases held client spans whose wait is over (`now` in kernel ns), or all with `None`.
+    pub fn release(&mut self, now: Option<u64>, out: &mut Vec<(SpanRecord, LinkOutcome)>) {
+        for t in self.threads.values_mut() {
+            while let Some(h) = t.held.front() {
+                if now.is_some_and(|n| h.end.saturating_add(HOLD_NS) > n) {
+                    break;
+                }
+                if let Some(h) = t.held.pop_front() {
+                    out.push(decide(&t.servers, h));
+                }
+            }
+        }
+    }
+
+    /// Forget a process's threads (it exited).
+    pub fn forget_process(&mut self, pid: u32, out: &mut Vec<(SpanRecord, LinkOutcome)>) {
+        let keys: Vec<_> = self
+            .threads
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        for k in keys {
+            if let Some(t) = self.threads.remove(&k) {
+                for h in t.held {
+                    out.push(decide(&t.servers, h));
+                }
+            }
+        }
+    }
+
+    /// Drop state of threads idle for long (nothing held, last server long ago).
+    pub fn prune(&mut self, now: u64, idle_ns: u64) {
+        self.threads.retain(|_, t| {
+            !t.held.is_empty()
+                || t.serving_since
+                    .is_some_and(|s| s.saturating_add(idle_ns) > now)
+                || t.servers
+                    .back()
+                    .is_some_and(|s| s.end.saturating_add(idle_ns) > now)
+        });
+    }
+}
+
+fn decide(servers: &VecDeque<ServerInterval>, held: Held) -> (SpanRecord, LinkOutcome) {
+    let mut found: Option<ServerInterval> = None;
+    let mut count = 0;
+    for s in servers {
+        if s.start <= held.start && held.end <= s.end {
+            count += 1;
+            found = Some(*s);
+        }
+    }
+    let mut span = held.span;
+    match (count, found) {
+        (1, Some(parent)) => {
+            span.trace_id = parent.trace_id;
+            span.parent_span_id = Some(parent.span_id);
+            span.parent_is_remote = false;
+            (span, LinkOutcome::Linked)
+        }
+        (0, _) => (span, LinkOutcome::Unlinked),
+        _ => (span, LinkOutcome::Ambiguous),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::spans::model::{Resource, SpanKind, SpanStatus};
+
+    fn span(id: u8, kind: SpanKind) -> SpanRecord {
+        SpanRecord {
+            trace_id: TraceId([id; 16]),
+            span_id: SpanId([id; 8]),
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: None,
+            name: "x".into(),
+            kind,
+            start_unix_nanos: 0,
+            end_unix_nanos: 0,
+            attributes: vec![],
+            status: SpanStatus::Unset,
+            resource: Arc::new(Resource {
+                pid: 1,
+                service_name: "s".into(),
+                attributes: vec![],
+            }),
+        }
+    }
+
+    #[test]
+    fn client_inside_one_server_is_linked() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        assert!(out.is_empty(), "held while the thread serves");
+        l.server_span(1, 2, 100, 400, &span(5, SpanKind::Server));
+        l.release(Some(300 + HOLD_NS), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1, LinkOutcome::Linked);
+        assert_eq!(out[0].0.trace_id, TraceId([5; 16]));
+        assert_eq!(out[0].0.parent_span_id, Some(SpanId([5; 8])));
+    }
+
+    #[test]
+    fn thread_that_never_served_is_not_held() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.client_span(1, 3, 200, 300, span(9, SpanKind::Client), &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Unlinked);
+    }
+
+    #[test]
+    fn two_enclosing_servers_are_ambiguous() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        l.server_span(1, 2, 100, 400, &span(5, SpanKind::Server));
+        l.server_span(1, 2, 150, 500, &span(6, SpanKind::Server));
+        l.release(None, &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Ambiguous);
+        assert_eq!(out[0].0.parent_span_id, None);
+    }
+
+    #[test]
+    fn not_released_before_hold_time() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        l.release(Some(301), &mut out);
+        assert!(out.is_empty());
+        l.release(None, &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Unlinked);
+    }
+}

@@ -1,0 +1,446 @@
+//! HTTP exchange → span, with OpenTelemetry semantic-convention attributes.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use super::{
+    context::{Clock, IdGenerator, parse_traceparent},
+    model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
+};
+use crate::protocols::http1::{ExchangeEnd, HttpExchange, Role};
+
+/// Where the exchange happened, seen from the traced process.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// How an incoming `traceparent` was handled, for counting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentOutcome {
+    None,
+    Honoured,
+    Invalid,
+}
+
+const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Splits a request-target into path and query (absolute-form targets lose scheme and authority).
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    let without_fragment = target.split('#').next().unwrap_or(target);
+    let path_and_query = match without_fragment.find("://") {
+        Some(i) => {
+            let rest = &without_fragment[i + 3..];
+            rest.find('/').map_or("/", |j| &rest[j..])
+        }
+        None => without_fragment,
+    };
+    match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    }
+}
+
+/// Keeps query keys, replaces every value: query strings carry tokens and personal data.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A low-cardinality form of a path for span names: segments that look like ids
+/// (numbers, UUIDs, long hex or mixed tokens) become `{id}`.
+pub fn path_template(path: &str) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if looks_like_id(seg) {
+            out.push_str("{id}");
+        } else {
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+fn looks_like_id(seg: &str) -> bool {
+    if seg.is_empty() {
+        return false;
+    }
+    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+    let hex = seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    digits == seg.len()
+        || (hex && seg.len() >= 16)
+        || (seg.len() >= 8 && digits * 2 >= seg.len())
+        || seg.len() > 40
+}
+
+/// Host header → (address, port).
+fn split_host(host: &str) -> (String, Option<u16>) {
+    let host = host.trim();
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        if let Some((addr, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (addr.to_string(), port);
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
+        _ => (host.to_string(), None),
+    }
+}
+
+pub struct SpanInputs<'a> {
+    pub exchange: &'a HttpExchange,
+    pub conn: ConnInfo,
+    pub resource: Arc<Resource>,
+    pub clock: Clock,
+}
+
+pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord, ParentOutcome) {
+    let SpanInputs {
+        exchange: ex,
+        conn,
+        resource,
+        clock,
+    } = inputs;
+    let req = &ex.request;
+    let kind = match ex.role {
+        Role::Server => SpanKind::Server,
+        Role::Client => SpanKind::Client,
+    };
+    let (path, query) = split_target(&req.target);
+    let method_known = KNOWN_METHODS.contains(&req.method.as_str());
+    let method = if method_known {
+        req.method.as_str()
+    } else {
+        "_OTHER"
+    };
+    let name = format!("{method} {}", path_template(path));
+
+    let mut attrs = Vec::with_capacity(20);
+    attrs.push(Attribute::str("http.request.method", method));
+    if !method_known {
+        attrs.push(Attribute::str(
+            "http.request.method_original",
+            req.method.clone(),
+        ));
+    }
+    attrs.push(Attribute::str("url.path", path));
+    if let Some(q) = query {
+        attrs.push(Attribute::str("url.query", redact_query(q)));
+    }
+    attrs.push(Attribute::str("url.scheme", "http"));
+    attrs.push(Attribute::str(
+        "network.protocol.version",
+        format!("1.{}", req.version_minor),
+    ));
+    attrs.push(Attribute::str("network.transport", "tcp"));
+    attrs.push(Attribute::str(
+        "network.type",
+        if conn.remote.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        },
+    ));
+    attrs.push(Attribute::str(
+        "network.peer.address",
+        conn.remote.ip().to_string(),
+    ));
+    attrs.push(Attribute::int(
+        "network.peer.port",
+        conn.remote.port().into(),
+    ));
+    let (host_addr, host_port) = req.host.as_deref().map(split_host).unzip();
+    let host_port = host_port.flatten();
+    match kind {
+        SpanKind::Server => {
+            attrs.push(Attribute::str(
+                "server.address",
+                host_addr.unwrap_or_else(|| conn.local.ip().to_string()),
+            ));
+            attrs.push(Attribute::int(
+                "server.port",
+                host_port.unwrap_or(conn.local.port()).into(),
+            ));
+            attrs.push(Attribute::str(
+                "client.address",
+                conn.remote.ip().to_string(),
+            ));
+            attrs.push(Attribute::int("client.port", conn.remote.port().into()));
+        }
+        SpanKind::Client => {
+            let server = host_addr.unwrap_or_else(|| conn.remote.ip().to_string());
+            let port = host_port.unwrap_or(conn.remote.port());
+            let mut full = format!("http://{server}:{port}{path}");
+            if let Some(q) = query {
+                full.push('?');
+                full.push_str(&redact_query(q));
+            }
+            attrs.push(Attribute::str("server.address", server));
+            attrs.push(Attribute::int("server.port", port.into()));
+            attrs.push(Attribute::str("url.full", full));
+        }
+    }
+    if let Some(ua) = &req.user_agent {
+        attrs.push(Attribute::str("user_agent.original", ua.clone()));
+    }
+    attrs.push(Attribute::int(
+        "http.request.body.size",
+        clamp_i64(ex.request_body_size),
+    ));
+    if ex.status.is_some() {
+        attrs.push(Attribute::int(
+            "http.response.body.size",
+            clamp_i64(ex.response_body_size),
+        ));
+    }
+
+    let mut status = SpanStatus::Unset;
+    match ex.status {
+        Some(code) => {
+            attrs.push(Attribute::int("http.response.status_code", code.into()));
+            let error = match kind {
+                SpanKind::Server => code >= 500,
+                SpanKind::Client => code >= 400,
+            };
+            if error {
+                attrs.push(Attribute::str("error.type", code.to_string()));
+                status = SpanStatus::Error {
+                    description: String::new(),
+                };
+            }
+        }
+        None => {
+            attrs.push(Attribute::str("error.type", "connection_closed"));
+            status = SpanStatus::Error {
+                description: "connection closed before a response was received".into(),
+            };
+        }
+    }
+    if ex.end == ExchangeEnd::Resynced {
+        attrs.push(Attribute::bool("agent.http.end_inferred", true));
+    }
+
+    // Server spans continue an incoming, valid trace context; client spans start a trace of
+    // their own here (in-process linking may re-parent them later).
+    let mut outcome = ParentOutcome::None;
+    let mut parent = None;
+    if kind == SpanKind::Server
+        && let Some(value) = &req.traceparent
+    {
+        match parse_traceparent(value) {
+            Some(tp) => {
+                outcome = ParentOutcome::Honoured;
+                parent = Some(tp);
+            }
+            None => outcome = ParentOutcome::Invalid,
+        }
+    }
+    let (trace_id, parent_span_id, trace_state) = match parent {
+        Some(tp) => (tp.trace_id, Some(tp.parent_id), req.tracestate.clone()),
+        None => (ids.trace_id(), None, None),
+    };
+
+    let start = ex.request_start_ns;
+    let end = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(start);
+    let span = SpanRecord {
+        trace_id,
+        span_id: ids.span_id(),
+        parent_span_id,
+        parent_is_remote: parent_span_id.is_some(),
+        trace_state,
+        name,
+        kind,
+        start_unix_nanos: clock.to_unix_nanos(start),
+        end_unix_nanos: clock.to_unix_nanos(end),
+        attributes: attrs,
+        status,
+        resource,
+    };
+    (span, outcome)
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::http1::HttpRequestInfo;
+    use crate::spans::model::AttrValue;
+
+    fn exchange(role: Role, target: &str, status: Option<u16>) -> HttpExchange {
+        HttpExchange {
+            role,
+            request: HttpRequestInfo {
+                method: "GET".into(),
+                target: target.into(),
+                version_minor: 1,
+                host: Some("api.example:8080".into()),
+                user_agent: Some("curl/7.88.1".into()),
+                traceparent: None,
+                tracestate: None,
+                content_length: None,
+                chunked: false,
+            },
+            status,
+            request_start_ns: 1_000,
+            request_end_ns: 1_500,
+            response_start_ns: Some(4_000),
+            response_end_ns: Some(5_000),
+            request_body_size: 0,
+            response_body_size: 42,
+            tid: 7,
+            end: ExchangeEnd::Complete,
+        }
+    }
+
+    fn resource() -> Arc<Resource> {
+        Arc::new(Resource {
+            pid: 1,
+            service_name: "svc".into(),
+            attributes: vec![],
+        })
+    }
+
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            local: "127.0.0.1:8080".parse().expect("addr"),
+            remote: "127.0.0.1:50000".parse().expect("addr"),
+        }
+    }
+
+    fn build(ex: &HttpExchange) -> (SpanRecord, ParentOutcome) {
+        let mut ids = IdGenerator::new();
+        build_span(
+            SpanInputs {
+                exchange: ex,
+                conn: conn(),
+                resource: resource(),
+                clock: Clock::with_offset(10),
+            },
+            &mut ids,
+        )
+    }
+
+    #[test]
+    fn server_span_has_semconv_attributes() {
+        let (span, outcome) = build(&exchange(Role::Server, "/users/123?token=abc&x", Some(200)));
+        assert_eq!(outcome, ParentOutcome::None);
+        assert_eq!(span.kind, SpanKind::Server);
+        assert_eq!(span.name, "GET /users/{id}");
+        assert_eq!(span.start_unix_nanos, 1_010);
+        assert_eq!(span.end_unix_nanos, 5_010);
+        let s = |k| span.attr(k).cloned();
+        assert_eq!(s("url.path"), Some(AttrValue::Str("/users/123".into())));
+        assert_eq!(
+            s("url.query"),
+            Some(AttrValue::Str("token=REDACTED&x".into()))
+        );
+        assert_eq!(
+            s("server.address"),
+            Some(AttrValue::Str("api.example".into()))
+        );
+        assert_eq!(s("server.port"), Some(AttrValue::Int(8080)));
+        assert_eq!(s("client.port"), Some(AttrValue::Int(50000)));
+        assert_eq!(s("http.response.status_code"), Some(AttrValue::Int(200)));
+        assert_eq!(
+            s("network.protocol.version"),
+            Some(AttrValue::Str("1.1".into()))
+        );
+        assert_eq!(
+            s("user_agent.original"),
+            Some(AttrValue::Str("curl/7.88.1".into()))
+        );
+        assert_eq!(s("http.response.body.size"), Some(AttrValue::Int(42)));
+        assert_eq!(span.status, SpanStatus::Unset);
+    }
+
+    #[test]
+    fn error_status_rules_differ_by_kind() {
+        assert_eq!(
+            build(&exchange(Role::Server, "/", Some(404))).0.status,
+            SpanStatus::Unset
+        );
+        assert!(matches!(
+            build(&exchange(Role::Server, "/", Some(500))).0.status,
+            SpanStatus::Error { .. }
+        ));
+        assert!(matches!(
+            build(&exchange(Role::Client, "/", Some(404))).0.status,
+            SpanStatus::Error { .. }
+        ));
+        let (span, _) = build(&exchange(Role::Client, "/", None));
+        assert!(matches!(span.status, SpanStatus::Error { .. }));
+        assert_eq!(
+            span.attr("error.type"),
+            Some(&AttrValue::Str("connection_closed".into()))
+        );
+    }
+
+    #[test]
+    fn honours_valid_traceparent_and_ignores_invalid() {
+        let mut ex = exchange(Role::Server, "/", Some(200));
+        ex.request.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        ex.request.tracestate = Some("vendor=x".into());
+        let (span, outcome) = build(&ex);
+        assert_eq!(outcome, ParentOutcome::Honoured);
+        assert_eq!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span.parent_span_id.map(|p| p.to_hex()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert!(span.parent_is_remote);
+        assert_eq!(span.trace_state.as_deref(), Some("vendor=x"));
+
+        ex.request.traceparent = Some("00-zz".into());
+        let (span, outcome) = build(&ex);
+        assert_eq!(outcome, ParentOutcome::Invalid);
+        assert_eq!(span.parent_span_id, None);
+        assert_ne!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn client_span_has_url_full_and_peer() {
+        let (span, _) = build(&exchange(Role::Client, "/a?b=c", Some(200)));
+        assert_eq!(
+            span.attr("url.full"),
+            Some(&AttrValue::Str(
+                "http://api.example:8080/a?b=REDACTED".into()
+            ))
+        );
+        assert_eq!(span.attr("network.peer.port"), Some(&AttrValue::Int(50000)));
+    }
+
+    #[test]
+    fn templates_and_targets() {
+        assert_eq!(path_template("/"), "/");
+        assert_eq!(path_template("/api/v1/items"), "/api/v1/items");
+        assert_eq!(
+            path_template("/o/550e8400-e29b-41d4-a716-446655440000/x"),
+            "/o/{id}/x"
+        );
+        assert_eq!(path_template("/u/42/p/7"), "/u/{id}/p/{id}");
+        assert_eq!(split_target("http://h:1/p?q=1"), ("/p", Some("q=1")));
+        assert_eq!(split_target("http://h:1"), ("/", None));
+        assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
+        assert_eq!(split_host("h"), ("h".to_string(), None));
+    }
+}

@@ -1,0 +1,249 @@
+//! The agent under test, run as a child process.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::collector::Collector;
+use crate::process::{ChildGuard, POLL, TestDir, read_text, tail};
+use crate::workspace_dir;
+
+/// How long the agent may take to attach its probes and print `agent ready`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent may take to flush and exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_MARKER: &str = "agent ready";
+
+/// The agent binary: `AGENT_BIN`, else `<workspace>/target/release/agent`.
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target/release/agent"));
+    assert!(
+        path.exists(),
+        "agent binary {} does not exist: build it (`cargo build --release -p agent`) or set AGENT_BIN",
+        path.display()
+    );
+    path
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// Command line of the agent: selection flags plus how it reaches the collector.
+#[derive(Debug, Clone)]
+pub struct AgentBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    protocol: OtlpProtocol,
+    endpoint_via_env: bool,
+}
+
+impl AgentBuilder {
+    /// `--pid N`
+    pub fn pid(mut self, pid: u32) -> Self {
+        self.args.extend(["--pid".to_string(), pid.to_string()]);
+        self
+    }
+
+    /// `--comm NAME_OR_GLOB`
+    pub fn comm(mut self, comm: &str) -> Self {
+        self.args.extend(["--comm".to_string(), comm.to_string()]);
+        self
+    }
+
+    /// `--exe PATH_OR_GLOB`
+    pub fn exe(mut self, exe: &str) -> Self {
+        self.args.extend(["--exe".to_string(), exe.to_string()]);
+        self
+    }
+
+    /// `--port P`
+    pub fn port(mut self, port: u16) -> Self {
+        self.args.extend(["--port".to_string(), port.to_string()]);
+        self
+    }
+
+    /// `--capture-size BYTES`
+    pub fn capture_size(mut self, bytes: usize) -> Self {
+        self.args
+            .extend(["--capture-size".to_string(), bytes.to_string()]);
+        self
+    }
+
+    /// Any extra argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Export with OTLP/HTTP protobuf instead of gRPC.
+    pub fn protocol(mut self, protocol: OtlpProtocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Pass endpoint and protocol in `OTEL_EXPORTER_OTLP_ENDPOINT`/`_PROTOCOL` instead of flags.
+    pub fn endpoint_via_env(mut self) -> Self {
+        self.endpoint_via_env = true;
+        self
+    }
+
+    /// Starts the agent exporting to `collector` and waits (60 s) for `agent ready` on stderr.
+    /// Panics with the agent's stderr if it exits or never becomes ready.
+    pub fn start(self, collector: &Collector) -> Agent {
+        let bin = agent_bin();
+        let dir = TestDir::new("agent");
+        let stdout = dir.join("agent.out");
+        let stderr = dir.join("agent.err");
+        let endpoint = match self.protocol {
+            OtlpProtocol::Grpc => collector.grpc_endpoint(),
+            OtlpProtocol::HttpProtobuf => collector.http_endpoint(),
+        };
+        let mut cmd = Command::new(&bin);
+        cmd.args(&self.args);
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .env_remove("OTEL_SERVICE_NAME");
+        if self.endpoint_via_env {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.as_str());
+        } else {
+            cmd.args(["--otlp-endpoint", &endpoint])
+                .args(["--otlp-protocol", self.protocol.as_str()]);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let command_line = format!("{} {}", bin.display(), self.args.join(" "));
+        let mut child = ChildGuard::spawn("agent", cmd, &stdout, &stderr);
+        let started = Instant::now();
+        loop {
+            let err = read_text(&stderr);
+            if err.contains(READY_MARKER) {
+                break;
+            }
+            if let Some(status) = child.try_wait() {
+                panic!(
+                    "the agent exited with {status} before printing {READY_MARKER:?}\ncommand: {command_line}\nstderr:\n{}\nstdout:\n{}",
+                    tail(&err, 80),
+                    tail(&read_text(&stdout), 20)
+                );
+            }
+            if started.elapsed() >= READY_TIMEOUT {
+                child.kill();
+                panic!(
+                    "the agent did not print {READY_MARKER:?} within {READY_TIMEOUT:?}\ncommand: {command_line}\nstderr:\n{}",
+                    tail(&read_text(&stderr), 80)
+                );
+            }
+            thread::sleep(POLL);
+        }
+        eprintln!(
+            "[e2e] agent ready after {:?}: {command_line}",
+            started.elapsed()
+        );
+        Agent {
+            child,
+            stdout,
+            stderr,
+            command_line,
+            _dir: dir,
+        }
+    }
+}
+
+/// A running agent. Dropping it sends SIGTERM (so it can detach cleanly), SIGKILL after 5 s;
+/// [`Agent::stop`] is the checked graceful path.
+pub struct Agent {
+    child: ChildGuard,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    command_line: String,
+    _dir: TestDir,
+}
+
+impl Agent {
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder {
+            args: Vec::new(),
+            env: Vec::new(),
+            protocol: OtlpProtocol::Grpc,
+            endpoint_via_env: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn stderr(&self) -> String {
+        read_text(&self.stderr)
+    }
+
+    pub fn stdout(&self) -> String {
+        read_text(&self.stdout)
+    }
+
+    /// SIGTERM, then wait for the flush and exit. Panics (with stderr) unless it exits 0 in time.
+    pub fn stop(&mut self) -> ExitStatus {
+        if let Some(status) = self.child.try_wait() {
+            panic!(
+                "the agent already exited with {status} before the test stopped it\nstderr:\n{}",
+                tail(&self.stderr(), 80)
+            );
+        }
+        self.child.signal(libc::SIGTERM);
+        match self.child.wait_timeout(STOP_TIMEOUT) {
+            Some(status) if status.success() => status,
+            Some(status) => panic!(
+                "the agent exited with {status} after SIGTERM (expected 0)\nstderr:\n{}",
+                tail(&self.stderr(), 80)
+            ),
+            None => {
+                self.child.kill();
+                panic!(
+                    "the agent did not exit within {STOP_TIMEOUT:?} after SIGTERM\nstderr:\n{}",
+                    tail(&self.stderr(), 80)
+                )
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().is_none() {
+            self.child.signal(libc::SIGTERM);
+            let _ = self.child.wait_timeout(Duration::from_secs(5));
+        }
+        self.child.kill();
+        if thread::panicking() {
+            eprintln!(
+                "[e2e] agent ({}) stderr:\n{}",
+                self.command_line,
+                tail(&self.stderr(), 120)
+            );
+        }
+    }
+}

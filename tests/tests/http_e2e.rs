@@ -1,0 +1,958 @@
+//! Privileged end-to-end tests: the real agent traces real, unmodified HTTP/1.x servers and
+//! clients; a real OTLP collector (rotel) receives the spans.
+//!
+//! Needs root and the agent binary (`AGENT_BIN`, default `target/release/agent`). Run serially:
+//! `cargo test -p tests --test http_e2e -- --test-threads=1` (as root), or `cargo xtask test`.
+//!
+//! Shape of each test: collector → server → agent (selecting processes) → requests → wait for
+//! the expected spans → stop the agent (SIGTERM flushes) → settle → exact assertions.
+
+use tests::clients::CURL_USER_AGENT;
+use tests::servers::{
+    HELLO_BODY, LARGE_SIZE, NGINX_HELLO_BODY, NGINX_HELLO_PATH, NGINX_LARGE_PATH, NGINX_LARGE_SIZE,
+    NODE_CHUNK_SIZES,
+};
+use tests::{
+    Agent, Checks, ClientRun, Collector, Curl, HttpServer, NginxServer, NodeServer, OtlpProtocol,
+    PyServer, ReceivedSpan, RequestResult, SpanFilter, SpanKind, SpanStatus, Spans, node_client,
+    node_exe_name, pipeline_client, py_client, python_bin, python_exe_name, require_root,
+};
+
+const LOOPBACK: &str = "127.0.0.1";
+
+/// Checks common to every server span for a request from `client_port` to `server`.
+fn check_server_span(
+    what: &str,
+    span: &ReceivedSpan,
+    server: &dyn HttpServer,
+    method: &str,
+    path: &str,
+    status: i64,
+    client_port: u16,
+) -> Checks {
+    let mut c = Checks::new(what.to_string(), span);
+    c.kind(SpanKind::Server)
+        .attr_str("http.request.method", method)
+        .attr_str("url.path", path)
+        .attr_str("url.scheme", "http")
+        .attr_int("http.response.status_code", status)
+        .attr_str("network.protocol.version", "1.1")
+        .attr_int("server.port", i64::from(server.port()))
+        .attr_str("client.address", LOOPBACK)
+        .attr_int("client.port", i64::from(client_port))
+        .attr_str("network.peer.address", LOOPBACK)
+        .attr_int("network.peer.port", i64::from(client_port))
+        .resource_int("process.pid", i64::from(server.pid()))
+        .status(if status >= 500 {
+            SpanStatus::Error
+        } else {
+            SpanStatus::Unset
+        });
+    c.check(span.name.starts_with(&format!("{method} ")), || {
+        format!(
+            "span name: expected \"{method} <route or path>\", got {:?}",
+            span.name
+        )
+    });
+    c
+}
+
+/// Checks common to every client span for a request to `server_port`.
+fn check_client_span(
+    what: &str,
+    span: &ReceivedSpan,
+    server_port: u16,
+    method: &str,
+    path: &str,
+    status: i64,
+) -> Checks {
+    let mut c = Checks::new(what.to_string(), span);
+    c.kind(SpanKind::Client)
+        .attr_str("http.request.method", method)
+        .attr_str("url.path", path)
+        .attr_int("http.response.status_code", status)
+        .attr_str("network.protocol.version", "1.1")
+        .attr_str("server.address", LOOPBACK)
+        .attr_int("server.port", i64::from(server_port))
+        .attr_str("network.peer.address", LOOPBACK)
+        .attr_int("network.peer.port", i64::from(server_port))
+        .status(if status >= 400 {
+            SpanStatus::Error
+        } else {
+            SpanStatus::Unset
+        });
+    c.check(span.name.starts_with(method), || {
+        format!(
+            "span name: expected to start with {method:?}, got {:?}",
+            span.name
+        )
+    });
+    c
+}
+
+/// The spans matching `filter` (ordered by end time) must be exactly one per client request,
+/// in the same order, with the requests' paths.
+fn spans_per_request<'a>(
+    spans: &'a Spans,
+    filter: &SpanFilter,
+    run: &ClientRun,
+) -> Vec<(&'a ReceivedSpan, RequestResult)> {
+    let found = spans.expect_n(filter, run.results.len());
+    let got: Vec<&str> = found
+        .iter()
+        .map(|s| s.attr_str("url.path").unwrap_or("<no url.path>"))
+        .collect();
+    let want: Vec<&str> = run.results.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        got, want,
+        "spans matching {filter} (ordered by end time) must have the requests' paths in order; \
+         the collector received:\n{spans}"
+    );
+    found.into_iter().zip(run.results.iter().cloned()).collect()
+}
+
+fn hex_of_len(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[test]
+fn python_server_and_curl_get_hello() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("curl")
+        .start(&collector);
+
+    let curl = Curl::get(server.url("/hello")).run();
+    let t = curl.one().clone();
+    assert_eq!(t.status, 200);
+
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    collector.wait_for_all(&[(&server_spans, 1), (&curl_spans, 1)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    check_server_span(
+        "python SERVER span of GET /hello",
+        s,
+        &server,
+        "GET",
+        "/hello",
+        200,
+        t.local_port,
+    )
+    .name("GET /hello")
+    .resource_str_prefix("service.name", "python3")
+    .resource_str("process.executable.name", &python_exe_name())
+    .attr_str("user_agent.original", CURL_USER_AGENT)
+    .attr_int("http.response.body.size", HELLO_BODY.len() as i64)
+    .timing_within(&t.timing)
+    .finish();
+    assert!(
+        hex_of_len(&s.trace_id, 32) && hex_of_len(&s.span_id, 16),
+        "ids must be lowercase hex: {s}"
+    );
+
+    let c = spans.expect_one(&curl_spans);
+    check_client_span(
+        "curl CLIENT span of GET /hello",
+        c,
+        server.port(),
+        "GET",
+        "/hello",
+        200,
+    )
+    .resource_str("service.name", "curl")
+    .resource_str("process.executable.name", "curl")
+    .attr_str("user_agent.original", CURL_USER_AGENT)
+    .attr_int("http.response.body.size", HELLO_BODY.len() as i64)
+    .timing_within(&t.timing)
+    .finish();
+    assert_ne!(
+        s.resource, c.resource,
+        "server and client processes must have different resources"
+    );
+}
+
+#[test]
+fn python_client_keep_alive_five_requests_on_one_connection() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm(&python_exe_name())
+        .start(&collector);
+
+    let run = py_client(
+        server.port(),
+        &[
+            "GET:/hello",
+            "GET:/users/1",
+            "GET:/users/2",
+            "GET:/users/3",
+            "GET:/missing",
+        ],
+    );
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let client_spans = SpanFilter::client().pid(run.pid);
+    collector.wait_for_all(&[(&server_spans, 5), (&client_spans, 5)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    for (span, r) in spans_per_request(&spans, &server_spans, &run) {
+        check_server_span(
+            &format!("python SERVER span #{} ({})", r.index, r.path),
+            span,
+            &server,
+            "GET",
+            &r.path,
+            i64::from(r.status),
+            r.local_port,
+        )
+        .timing_within(&r.timing)
+        .finish();
+    }
+    for (span, r) in spans_per_request(&spans, &client_spans, &run) {
+        check_client_span(
+            &format!("python CLIENT span #{} ({})", r.index, r.path),
+            span,
+            server.port(),
+            "GET",
+            &r.path,
+            i64::from(r.status),
+        )
+        .resource_str("process.executable.name", &python_exe_name())
+        .timing_within(&r.timing)
+        .finish();
+    }
+}
+
+#[test]
+fn pipelined_requests_in_one_write() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let run = pipeline_client(server.port(), &["/users/1", "/hello", "/users/22"]);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 3);
+    agent.stop();
+    let spans = collector.settle();
+
+    for (span, r) in spans_per_request(&spans, &server_spans, &run) {
+        check_server_span(
+            &format!("pipelined SERVER span #{} ({})", r.index, r.path),
+            span,
+            &server,
+            "GET",
+            &r.path,
+            200,
+            r.local_port,
+        )
+        .attr_int("http.response.body.size", r.response_body as i64)
+        .timing_within(&r.timing)
+        .finish();
+    }
+}
+
+#[test]
+fn large_bodies_then_another_request_on_the_same_connection() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm(&python_exe_name())
+        .start(&collector);
+
+    let size = LARGE_SIZE.to_string();
+    let post = format!("POST:/echo:{size}");
+    let run = py_client(server.port(), &["GET:/large", &post, "GET:/hello"]);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let client_spans = SpanFilter::client().pid(run.pid);
+    collector.wait_for_all(&[(&server_spans, 3), (&client_spans, 3)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    let expected_sizes = [
+        (None, LARGE_SIZE as i64),
+        (Some(LARGE_SIZE as i64), LARGE_SIZE as i64),
+        (None, HELLO_BODY.len() as i64),
+    ];
+    for ((span, r), (req, resp)) in spans_per_request(&spans, &server_spans, &run)
+        .into_iter()
+        .zip(expected_sizes)
+    {
+        let mut c = check_server_span(
+            &format!("python SERVER span #{} ({} {})", r.index, r.method, r.path),
+            span,
+            &server,
+            &r.method,
+            &r.path,
+            200,
+            r.local_port,
+        );
+        c.attr_int("http.response.body.size", resp)
+            .timing_within(&r.timing);
+        if let Some(req) = req {
+            c.attr_int("http.request.body.size", req);
+        }
+        c.finish();
+    }
+    for ((span, r), (req, resp)) in spans_per_request(&spans, &client_spans, &run)
+        .into_iter()
+        .zip(expected_sizes)
+    {
+        let mut c = check_client_span(
+            &format!("python CLIENT span #{} ({} {})", r.index, r.method, r.path),
+            span,
+            server.port(),
+            &r.method,
+            &r.path,
+            200,
+        );
+        c.attr_int("http.response.body.size", resp)
+            .timing_within(&r.timing);
+        if let Some(req) = req {
+            c.attr_int("http.request.body.size", req);
+        }
+        c.finish();
+    }
+}
+
+#[test]
+fn node_chunked_response_then_another_request() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NodeServer::start();
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let curl = Curl::get(server.url("/chunked"))
+        .then(server.url("/hello"))
+        .run();
+    assert_eq!(
+        curl.transfers[1].num_connects, 0,
+        "curl reused the connection"
+    );
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 2);
+    agent.stop();
+    let spans = collector.settle();
+
+    let found = spans.expect_n(&server_spans, 2);
+    let chunked_total: usize = NODE_CHUNK_SIZES.iter().sum();
+    check_server_span(
+        "node SERVER span of the chunked response",
+        found[0],
+        &server,
+        "GET",
+        "/chunked",
+        200,
+        curl.transfers[0].local_port,
+    )
+    .resource_str("service.name", &node_exe_name())
+    .attr_int("http.response.body.size", chunked_total as i64)
+    .timing_within(&curl.transfers[0].timing)
+    .finish();
+    check_server_span(
+        "node SERVER span of GET /hello after the chunked response",
+        found[1],
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.transfers[1].local_port,
+    )
+    .attr_int("http.response.body.size", HELLO_BODY.len() as i64)
+    .timing_within(&curl.transfers[1].timing)
+    .finish();
+}
+
+#[test]
+fn python_404_and_500_statuses() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("curl")
+        .start(&collector);
+
+    let curl = Curl::get(server.url("/missing"))
+        .then(server.url("/boom"))
+        .run();
+    let statuses: Vec<u16> = curl.transfers.iter().map(|t| t.status).collect();
+    assert_eq!(statuses, [404, 500]);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    collector.wait_for_all(&[(&server_spans, 2), (&curl_spans, 2)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    for (i, (path, status)) in [("/missing", 404), ("/boom", 500)].into_iter().enumerate() {
+        let t = &curl.transfers[i];
+        let s = spans.expect_one(&server_spans.clone().path(path));
+        // check_server_span expects Unset for 404 and Error for 500.
+        check_server_span(
+            &format!("python SERVER span of {path}"),
+            s,
+            &server,
+            "GET",
+            path,
+            status,
+            t.local_port,
+        )
+        .timing_within(&t.timing)
+        .finish();
+        let c = spans.expect_one(&curl_spans.clone().path(path));
+        // check_client_span expects Error for both.
+        check_client_span(
+            &format!("curl CLIENT span of {path}"),
+            c,
+            server.port(),
+            "GET",
+            path,
+            status,
+        )
+        .timing_within(&t.timing)
+        .finish();
+    }
+}
+
+#[test]
+fn nginx_200_404_500_statuses() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NginxServer::start();
+    let mut agent = Agent::builder()
+        .comm("nginx")
+        .comm("curl")
+        .start(&collector);
+
+    let curl = Curl::get(server.url(NGINX_HELLO_PATH))
+        .then(server.url("/missing"))
+        .then(server.url("/boom"))
+        .run();
+    let statuses: Vec<u16> = curl.transfers.iter().map(|t| t.status).collect();
+    assert_eq!(statuses, [200, 404, 500]);
+    let server_spans = SpanFilter::server().pid(server.worker_pid());
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    collector.wait_for_all(&[(&server_spans, 3), (&curl_spans, 3)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    let cases = [(NGINX_HELLO_PATH, 200), ("/missing", 404), ("/boom", 500)];
+    for (i, (path, status)) in cases.into_iter().enumerate() {
+        let t = &curl.transfers[i];
+        let s = spans.expect_one(&server_spans.clone().path(path));
+        let mut c = check_server_span(
+            &format!("nginx SERVER span of {path}"),
+            s,
+            &server,
+            "GET",
+            path,
+            status,
+            t.local_port,
+        );
+        c.resource_str("service.name", "nginx")
+            .resource_str("process.executable.name", "nginx")
+            .timing_within(&t.timing);
+        if status == 200 {
+            c.attr_int("http.response.body.size", NGINX_HELLO_BODY.len() as i64);
+        }
+        c.finish();
+        let c = spans.expect_one(&curl_spans.clone().path(path));
+        check_client_span(
+            &format!("curl CLIENT span of nginx {path}"),
+            c,
+            server.port(),
+            "GET",
+            path,
+            status,
+        )
+        .timing_within(&t.timing)
+        .finish();
+    }
+    // The master never accepts: no span may carry its pid.
+    spans.expect_none(&SpanFilter::any().pid(server.master_pid()));
+}
+
+#[test]
+fn nginx_large_static_file_via_sendfile_then_another_request() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NginxServer::start();
+    let mut agent = Agent::builder().comm("nginx").start(&collector);
+
+    let curl = Curl::get(server.url(NGINX_LARGE_PATH))
+        .then(server.url(NGINX_HELLO_PATH))
+        .run();
+    assert_eq!(curl.transfers[0].size_download, NGINX_LARGE_SIZE as u64);
+    let server_spans = SpanFilter::server().pid(server.worker_pid());
+    collector.wait_for(&server_spans, 2);
+    agent.stop();
+    let spans = collector.settle();
+
+    let found = spans.expect_n(&server_spans, 2);
+    check_server_span(
+        "nginx SERVER span of the large static file",
+        found[0],
+        &server,
+        "GET",
+        NGINX_LARGE_PATH,
+        200,
+        curl.transfers[0].local_port,
+    )
+    .attr_int("http.response.body.size", NGINX_LARGE_SIZE as i64)
+    .timing_within(&curl.transfers[0].timing)
+    .finish();
+    check_server_span(
+        "nginx SERVER span of the request after the large file",
+        found[1],
+        &server,
+        "GET",
+        NGINX_HELLO_PATH,
+        200,
+        curl.transfers[1].local_port,
+    )
+    .attr_int("http.response.body.size", NGINX_HELLO_BODY.len() as i64)
+    .timing_within(&curl.transfers[1].timing)
+    .finish();
+}
+
+#[test]
+fn incoming_valid_traceparent_makes_the_server_span_a_child() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    // Only the server: no client span of ours may become the parent.
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let curl = Curl::get(server.url("/users/1"))
+        .header(&format!("traceparent: 00-{trace_id}-{parent_id}-01"))
+        .run();
+    assert_eq!(curl.one().status, 200);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    let mut c = Checks::new("SERVER span of a request carrying a valid traceparent", s);
+    c.check(s.trace_id == trace_id, || {
+        format!(
+            "trace id: expected {trace_id} (from the header), got {}",
+            s.trace_id
+        )
+    })
+    .check(s.parent_span_id.as_deref() == Some(parent_id), || {
+        format!(
+            "parent span id: expected {parent_id} (from the header), got {:?}",
+            s.parent_span_id
+        )
+    })
+    .check(s.span_id != parent_id && hex_of_len(&s.span_id, 16), || {
+        format!("span id: expected a fresh 16-hex id, got {}", s.span_id)
+    })
+    .attr_str("url.path", "/users/1")
+    .finish();
+}
+
+#[test]
+fn incoming_invalid_traceparent_is_ignored() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let invalid = [
+        // All-zero trace id.
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        // All-zero parent id.
+        "00-4bf92f3577b34da6a3ce929d0e0e4731-0000000000000000-01",
+        // Version ff is forbidden.
+        "ff-4bf92f3577b34da6a3ce929d0e0e4732-00f067aa0ba902b7-01",
+        // Not hex.
+        "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        // Too short.
+        "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+        // Garbage.
+        "hello",
+    ];
+    let mut curls = Vec::new();
+    for (i, header) in invalid.iter().enumerate() {
+        let r = Curl::get(server.url(&format!("/users/{i}")))
+            .header(&format!("traceparent: {header}"))
+            .run();
+        assert_eq!(r.one().status, 200);
+        curls.push(r);
+    }
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, invalid.len());
+    agent.stop();
+    let spans = collector.settle();
+
+    let mut trace_ids = Vec::new();
+    for (i, header) in invalid.iter().enumerate() {
+        let s = spans.expect_one(&server_spans.clone().path(&format!("/users/{i}")));
+        let header_trace = header.split('-').nth(1).unwrap_or("");
+        Checks::new(
+            format!("SERVER span of a request with invalid traceparent {header:?}"),
+            s,
+        )
+        .check(s.parent_span_id.is_none(), || {
+            format!(
+                "parent: expected none (fresh root), got {:?}",
+                s.parent_span_id
+            )
+        })
+        .check(s.trace_id != header_trace, || {
+            format!(
+                "trace id: must not be taken from the invalid header, got {}",
+                s.trace_id
+            )
+        })
+        .check(
+            hex_of_len(&s.trace_id, 32) && s.trace_id != "0".repeat(32),
+            || format!("trace id: expected a fresh valid id, got {}", s.trace_id),
+        )
+        .finish();
+        trace_ids.push(s.trace_id.clone());
+    }
+    let mut unique = trace_ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        trace_ids.len(),
+        "every root span needs its own trace id: {trace_ids:?}"
+    );
+}
+
+#[test]
+fn node_client_keep_alive_against_node_server() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NodeServer::start();
+    let mut agent = Agent::builder().comm(&node_exe_name()).start(&collector);
+
+    let run = node_client(
+        server.port(),
+        &["GET:/hello", "POST:/echo:5000", "GET:/users/5"],
+    );
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let client_spans = SpanFilter::client().pid(run.pid);
+    collector.wait_for_all(&[(&server_spans, 3), (&client_spans, 3)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    for (span, r) in spans_per_request(&spans, &server_spans, &run) {
+        let mut c = check_server_span(
+            &format!("node SERVER span #{} ({} {})", r.index, r.method, r.path),
+            span,
+            &server,
+            &r.method,
+            &r.path,
+            200,
+            r.local_port,
+        );
+        c.resource_str("service.name", &node_exe_name())
+            .attr_int("http.response.body.size", r.response_body as i64)
+            .timing_within(&r.timing);
+        if r.request_body > 0 {
+            c.attr_int("http.request.body.size", r.request_body as i64);
+        }
+        c.finish();
+    }
+    for (span, r) in spans_per_request(&spans, &client_spans, &run) {
+        let mut c = check_client_span(
+            &format!("node CLIENT span #{} ({} {})", r.index, r.method, r.path),
+            span,
+            server.port(),
+            &r.method,
+            &r.path,
+            200,
+        );
+        c.resource_str("service.name", &node_exe_name())
+            .attr_int("http.response.body.size", r.response_body as i64)
+            .timing_within(&r.timing);
+        if r.request_body > 0 {
+            c.attr_int("http.request.body.size", r.request_body as i64);
+        }
+        c.finish();
+    }
+}
+
+#[test]
+fn pid_selection_excludes_the_other_server() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let selected = PyServer::start();
+    let other = PyServer::start();
+    let mut agent = Agent::builder().pid(selected.pid()).start(&collector);
+
+    for server in [&selected, &other] {
+        let r = Curl::get(server.url("/hello"))
+            .then(server.url("/users/3"))
+            .run();
+        assert!(r.transfers.iter().all(|t| t.status == 200));
+    }
+    let selected_spans = SpanFilter::server().pid(selected.pid());
+    collector.wait_for(&selected_spans, 2);
+    agent.stop();
+    let spans = collector.settle();
+
+    spans.expect_one(&selected_spans.clone().path("/hello"));
+    spans.expect_one(&selected_spans.clone().path("/users/3"));
+    spans.expect_none(&SpanFilter::any().pid(other.pid()));
+    // Nothing but the selected process was traced (curl was not selected).
+    let strays: Vec<String> = spans
+        .iter()
+        .filter(|s| s.pid() != Some(selected.pid()))
+        .map(ReceivedSpan::summary)
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "only pid {} was selected, yet spans of other processes arrived:\n{}",
+        selected.pid(),
+        strays.join("\n")
+    );
+}
+
+#[test]
+fn port_selection_traces_only_that_server() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let selected = PyServer::start();
+    let other = PyServer::start();
+    let mut agent = Agent::builder().port(selected.port()).start(&collector);
+
+    for server in [&selected, &other] {
+        let r = Curl::get(server.url("/hello")).run();
+        assert_eq!(r.one().status, 200);
+    }
+    let selected_spans = SpanFilter::server().pid(selected.pid());
+    collector.wait_for(&selected_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    spans.expect_one(&selected_spans.clone().path("/hello"));
+    spans.expect_none(&SpanFilter::any().pid(other.pid()));
+}
+
+#[test]
+fn two_server_processes_have_two_resources() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let py = PyServer::start();
+    let node = NodeServer::start();
+    let mut agent = Agent::builder()
+        .pid(py.pid())
+        .pid(node.pid())
+        .start(&collector);
+
+    Curl::get(py.url("/hello")).run();
+    Curl::get(node.url("/hello")).run();
+    let py_spans = SpanFilter::server().pid(py.pid());
+    let node_spans = SpanFilter::server().pid(node.pid());
+    collector.wait_for_all(&[(&py_spans, 1), (&node_spans, 1)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    let p = spans.expect_one(&py_spans);
+    let n = spans.expect_one(&node_spans);
+    Checks::new("resource of the python server's span", p)
+        .resource_str_prefix("service.name", "python3")
+        .resource_int("process.pid", i64::from(py.pid()))
+        .resource_str("process.executable.name", &python_exe_name())
+        .check(
+            p.resource_str("process.command_line")
+                .is_some_and(|c| c.contains("py_server.py")),
+            || "resource process.command_line: expected to contain py_server.py".to_string(),
+        )
+        .check(
+            p.resource_str("host.name").is_some_and(|h| !h.is_empty()),
+            || "resource host.name: expected non-empty".to_string(),
+        )
+        .check(
+            p.resource.keys().any(|k| k.starts_with("telemetry.sdk.")),
+            || "resource telemetry.sdk.*: expected present".to_string(),
+        )
+        .finish();
+    Checks::new("resource of the node server's span", n)
+        .resource_str("service.name", &node_exe_name())
+        .resource_int("process.pid", i64::from(node.pid()))
+        .resource_str("process.executable.name", &node_exe_name())
+        .check(
+            n.resource_str("process.command_line")
+                .is_some_and(|c| c.contains("node_server.js")),
+            || "resource process.command_line: expected to contain node_server.js".to_string(),
+        )
+        .finish();
+    assert_ne!(
+        p.resource, n.resource,
+        "two processes must not share a resource"
+    );
+    assert_eq!(
+        p.resource_str("host.name"),
+        n.resource_str("host.name"),
+        "same host"
+    );
+}
+
+#[test]
+fn otel_service_name_env_of_the_process_names_the_service() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start_with_env(&[("OTEL_SERVICE_NAME", "e2e-checkout")]);
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    Curl::get(server.url("/hello")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    Checks::new(
+        "SERVER span of a process with OTEL_SERVICE_NAME=e2e-checkout",
+        s,
+    )
+    .resource_str("service.name", "e2e-checkout")
+    .resource_str("process.executable.name", &python_exe_name())
+    .finish();
+}
+
+#[test]
+fn exports_over_otlp_http_protobuf_configured_by_env() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .protocol(OtlpProtocol::HttpProtobuf)
+        .endpoint_via_env()
+        .start(&collector);
+
+    let curl = Curl::get(server.url("/hello")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    check_server_span(
+        "SERVER span exported over OTLP/HTTP protobuf",
+        s,
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.one().local_port,
+    )
+    .finish();
+}
+
+#[test]
+fn query_string_values_are_redacted() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let secret = "s3cr3t-value";
+    let curl = Curl::get(server.url(&format!("/users/9?token={secret}&page=2"))).run();
+    assert_eq!(curl.one().status, 200);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    let query = s.attr_str("url.query").unwrap_or("");
+    let mut c = Checks::new("SERVER span of a request with a query string", s);
+    c.attr_str("url.path", "/users/9")
+        .attr_present("url.query")
+        .check(query.contains("token") && query.contains("page"), || {
+            format!("url.query: expected the keys token and page kept, got {query:?}")
+        })
+        .check(!query.contains(secret) && !query.contains('2'), || {
+            format!("url.query: expected values redacted, got {query:?}")
+        })
+        .check(!s.name.contains(secret) && !s.name.contains('?'), || {
+            format!("span name must not carry the query, got {:?}", s.name)
+        });
+    for (k, v) in &s.attributes {
+        c.check(!v.to_string().contains(secret), || {
+            format!("attribute {k} leaks the secret: {v}")
+        });
+    }
+    c.finish();
+}
+
+#[test]
+fn late_started_process_is_picked_up_by_comm() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let mut agent = Agent::builder().comm(&node_exe_name()).start(&collector);
+    // Started after the agent is ready.
+    let server = NodeServer::start();
+
+    let curl = Curl::get(server.url("/users/77")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    check_server_span(
+        "SERVER span of a node server started after the agent",
+        s,
+        &server,
+        "GET",
+        "/users/77",
+        200,
+        curl.one().local_port,
+    )
+    .resource_str("service.name", &node_exe_name())
+    .finish();
+}
+
+#[test]
+fn exe_selection_by_path() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let exe = python_bin().display().to_string();
+    let mut agent = Agent::builder().exe(&exe).start(&collector);
+
+    let curl = Curl::get(server.url("/hello")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&server_spans);
+    check_server_span(
+        &format!("SERVER span of a python server selected with --exe {exe}"),
+        s,
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.one().local_port,
+    )
+    .finish();
+    // curl's executable is not the python one.
+    spans.expect_none(&SpanFilter::any().pid(curl.pid));
+}
