@@ -1,1 +1,100 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | run | test | bench`.
+//!
+//! Everything a fresh machine needs is installed here, idempotently, so the README's two
+//! commands work on a new clone and on a machine that already has parts installed.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+  setup [--test-deps]   install the eBPF toolchain (and what the tests need)
+  run [-- AGENT ARGS]   set up, build the agent (release) and run it
+  test                  set up, run every test: unit tests, then privileged end-to-end tests (root)
+  bench [--pairs N]     nginx + wrk with and without the agent; writes BENCHMARKS.md numbers";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("", &[]));
+    match cmd {
+        "setup" => setup::run(rest.iter().any(|a| a == "--test-deps")),
+        "run" => run_agent(rest),
+        "test" => test(),
+        "bench" => bench::run(rest),
+        _ => {
+            eprintln!("{USAGE}");
+            bail!("unknown command {cmd:?}")
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Runs a command, failing with its command line when it does not succeed.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+pub fn build_agent() -> Result<PathBuf> {
+    sh(cargo().args(["build", "--release", "-p", "agent"]))?;
+    Ok(workspace_root().join("target/release/agent"))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run_agent(rest: &[String]) -> Result<()> {
+    setup::run(false)?;
+    let agent = build_agent()?;
+    let args: Vec<&String> = rest.iter().skip_while(|a| *a == "--").collect();
+    let mut cmd = if is_root() {
+        Command::new(&agent)
+    } else {
+        eprintln!("xtask: the agent needs root; running it with sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&agent);
+        c
+    };
+    sh(cmd.args(args))
+}
+
+fn test() -> Result<()> {
+    setup::run(true)?;
+    // Pure tests: parsers, reassembly, span building, exporters (no privileges needed).
+    sh(cargo().args(["test", "--workspace", "--exclude", "tests"]))?;
+    if !is_root() {
+        bail!(
+            "the end-to-end tests load eBPF programs and must run as root: run `sudo -E cargo xtask test`"
+        );
+    }
+    let agent = build_agent()?;
+    // Privileged end-to-end tests: real servers and clients, the real agent, a real collector.
+    sh(cargo()
+        .args(["test", "-p", "tests", "--", "--test-threads=1"])
+        .env("AGENT_BIN", &agent))
+}

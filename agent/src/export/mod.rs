@@ -187,6 +187,8 @@ impl ExportHandle {
                 Stats::add(&self.stats.spans_dropped_queue_full, 1);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                // Accepted and lost at once, so shutdown's accounting stays exact.
+                self.tally.accepted.fetch_add(1, Ordering::Relaxed);
                 self.tally.failed(&self.stats, 1, 0);
                 if !self.closed_warned.swap(true, Ordering::Relaxed) {
                     log::error!(

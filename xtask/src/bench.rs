@@ -1,0 +1,2 @@
+use anyhow::Result;
+pub fn run(_args: &[String]) -> Result<()> { anyhow::bail!("bench: not written yet") }

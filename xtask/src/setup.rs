@@ -1,0 +1,96 @@
+//! Idempotent installation of the eBPF toolchain and of the test dependencies.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::sh;
+
+/// The nightly that builds the eBPF object: rustc >= 1.98 (aya-ebpf 0.3) with LLVM 22,
+/// which bpf-linker 0.13 is built against. Keep in sync with agent/build.rs.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const ROTEL_VERSION: &str = "0.0.1a15";
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("missing Debian packages {missing:?}: install them with `sudo apt-get install -y {}`", missing.join(" "));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+pub fn run(test_deps: bool) -> Result<()> {
+    // The eBPF toolchain: a pinned nightly with rust-src (for -Z build-std=core).
+    let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))
+        .unwrap_or_default();
+    if !installed.contains(EBPF_TOOLCHAIN) || !components.contains("rust-src") {
+        eprintln!("xtask: installing toolchain {EBPF_TOOLCHAIN} with rust-src");
+        sh(Command::new("rustup").args([
+            "toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+        ]))
+        .context("rustup could not install the eBPF toolchain")?;
+    }
+
+    // bpf-linker built against LLVM 22 (the current release wants a newer LLVM than Debian has).
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        apt_install(&["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"])?;
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22), about 2 minutes");
+        sh(Command::new("cargo")
+            .args([
+                "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked",
+                "--no-default-features", "--features", "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX))
+        .context("building bpf-linker failed")?;
+    }
+
+    if test_deps {
+        // Real servers, clients and load generators the tests and benchmarks drive.
+        apt_install(&["nginx-light", "curl", "wrk", "nodejs", "iproute2", "bpftool", "procps"])?;
+        let rotel_ok = output(Command::new("python3").args(["-m", "pip", "show", "rotel"]))
+            .is_some_and(|s| s.contains(&format!("Version: {ROTEL_VERSION}")));
+        if !rotel_ok {
+            eprintln!("xtask: installing the rotel OpenTelemetry collector {ROTEL_VERSION} (PyPI)");
+            sh(Command::new("python3").args([
+                "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                &format!("rotel=={ROTEL_VERSION}"),
+            ]))?;
+        }
+        if !have("node") {
+            bail!("node is missing after installing nodejs");
+        }
+    }
+    Ok(())
+}
