@@ -92,7 +92,9 @@ fn test() -> Result<()> {
             "the end-to-end tests load eBPF programs and must run as root: run `sudo -E cargo xtask test`"
         );
     }
-    let agent = build_agent()?;
+    // The debug build the unit tests already compiled: no second full build of the tree.
+    sh(cargo().args(["build", "-p", "agent"]))?;
+    let agent = workspace_root().join("target/debug/agent");
     // Privileged end-to-end tests: real servers and clients, the real agent, a real collector.
     sh(cargo()
         .args(["test", "-p", "tests", "--", "--test-threads=1"])
