@@ -30,6 +30,8 @@ pub struct LoopConfig {
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
     pub stats_interval: Duration,
+    /// Ports whose traffic is not traced (the OTLP endpoint's).
+    pub ignored_ports: Vec<u16>,
 }
 
 /// Kernel events are written without wake-ups; we poll at this period (the kernel forces a
@@ -49,8 +51,12 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         stats,
         stop,
         stats_interval,
+        ignored_ports,
     } = cfg;
     let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
+    for port in ignored_ports {
+        pipeline.ignore_port(port);
+    }
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
     let fd = events.as_raw_fd();

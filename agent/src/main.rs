@@ -63,6 +63,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
         }
     }
+    let ignored_ports = export_port(&export_cfg.target)
+        .into_iter()
+        .collect::<Vec<_>>();
+    for port in &ignored_ports {
+        eprintln!("agent: not tracing traffic on port {port} (the OTLP export itself)");
+    }
     let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
 
     let selected_map = if selection.traces_all() {
@@ -96,6 +102,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         stats: stats.clone(),
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
+        ignored_ports,
     };
     let worker = std::thread::Builder::new()
         .name("events".into())
@@ -122,6 +129,24 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         summary.exported, summary.failed, summary.dropped
     );
     Ok(())
+}
+
+/// The TCP port of the OTLP endpoint (explicit, or the protocol's default).
+fn export_port(target: &export::ExportTarget) -> Option<u16> {
+    let export::ExportTarget::Otlp { endpoint, protocol } = target else {
+        return None;
+    };
+    let url = if endpoint.is_empty() {
+        protocol.default_endpoint()
+    } else {
+        endpoint.as_str()
+    };
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next()?;
+    match authority.rsplit_once(':') {
+        Some((_, port)) => port.parse().ok(),
+        None if url.starts_with("https") => Some(443),
+        None => Some(80),
+    }
 }
 
 async fn wait_for_signal() {

@@ -74,6 +74,9 @@ pub struct Pipeline<S: SpanSink> {
     clock: Clock,
     stats: Arc<Stats>,
     sink: S,
+    /// Traffic to or from these ports is not traced: the agent's own OTLP export, which a
+    /// local collector receives and which would otherwise be traced in an endless loop.
+    ignored_ports: Vec<u16>,
     exchanges: Vec<HttpExchange>,
     released: Vec<(SpanRecord, LinkOutcome)>,
 }
@@ -104,9 +107,14 @@ impl<S: SpanSink> Pipeline<S> {
             clock: Clock::now(),
             stats,
             sink,
+            ignored_ports: Vec::new(),
             exchanges: Vec::new(),
             released: Vec::new(),
         }
+    }
+
+    pub fn ignore_port(&mut self, port: u16) {
+        self.ignored_ports.push(port);
     }
 
     /// Read a process's resource now, while it surely exists (short-lived clients such as curl
@@ -140,6 +148,10 @@ impl<S: SpanSink> Pipeline<S> {
 
     fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
         Stats::add(&self.stats.data_events, 1);
+        if self.ignored_ports.contains(&h.local_port) || self.ignored_ports.contains(&h.remote_port)
+        {
+            return;
+        }
         let key = (h.pid, h.sock_cookie);
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= MAX_CONNECTIONS {

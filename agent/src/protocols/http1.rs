@@ -645,10 +645,7 @@ impl Http1Stream {
         // readable at a space or newline: parse only then.
         let known = self.readers[d].head_start;
         let new_bytes = head.get(old.saturating_sub(3)..).unwrap_or_default();
-        let may_complete = new_bytes
-            .windows(2)
-            .any(|w| w == b"\n\n" || w == b"\n\r")
-            && new_bytes.contains(&b'\n');
+        let may_complete = new_bytes.windows(2).any(|w| w == b"\n\n" || w == b"\n\r");
         let may_recognize = !known.recognized && new_bytes.iter().any(|&b| b == b' ' || b == b'\n');
         let parsed = if may_complete || may_recognize {
             parse_head(kind, &head)
@@ -2719,6 +2716,70 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
         c.send(IN, 1, CURL_GET_ROOT);
         c.send(OUT, 2, NGINX_200);
         assert!(c.s.readers.iter().all(|r| r.head.capacity() == 0));
+    }
+
+    #[test]
+    #[ignore]
+    fn perf_tmp() {
+        let mut resp = NGINX_200.to_vec();
+        let n = 200_000u64;
+        let t = std::time::Instant::now();
+        let mut out = Vec::with_capacity(16);
+        let mut st = Http1Stream::new(Some(Role::Server));
+        for i in 0..n {
+            st.feed(seg(IN, i, TRACED_GET), &mut out);
+            st.feed(seg(OUT, i, &resp), &mut out);
+            out.clear();
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        eprintln!("per exchange (traced get + nginx 200): {per:.0} ns");
+        resp.clear();
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            st.feed(seg(IN, i, CURL_GET_ROOT), &mut out);
+            st.feed(seg(OUT, i, NODE_CHUNKED_1), &mut out);
+            st.feed(seg(OUT, i, NODE_CHUNKED_2), &mut out);
+            out.clear();
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        eprintln!("per exchange (curl + node chunked): {per:.0} ns");
+        let t = std::time::Instant::now();
+        let mut k = 0;
+        for _ in 0..n {
+            if let HeadParse::Complete(m, _) =
+                parse_head(Kind::Request, std::hint::black_box(CURL_GET_ROOT))
+            {
+                k += m;
+            }
+        }
+        eprintln!(
+            "parse req: {:.0} ns {k}",
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            if let HeadParse::Complete(m, _) =
+                parse_head(Kind::Response, std::hint::black_box(NGINX_200))
+            {
+                k += m;
+            }
+        }
+        eprintln!(
+            "parse resp: {:.0} ns {k}",
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut r = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(m)) = r.parse(std::hint::black_box(NGINX_200)) {
+                k += m;
+            }
+        }
+        eprintln!(
+            "raw httparse resp: {:.0} ns {k}",
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
     }
 
     // ---- property tests ----
