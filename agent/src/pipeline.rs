@@ -353,3 +353,176 @@ impl<S: SpanSink> Pipeline<S> {
         self.sink
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{DIR_EGRESS, EventKind, SyscallKind};
+
+    use super::*;
+    use crate::spans::model::{AttrValue, SpanKind};
+
+    const PID: u32 = 4_000_000; // no such process: resources fall back to a minimal one
+
+    fn pipeline() -> Pipeline<Vec<SpanRecord>> {
+        Pipeline::new(
+            Resources::new("test-host"),
+            Arc::new(Stats::default()),
+            Vec::new(),
+        )
+    }
+
+    fn data(cookie: u64, fd: u32, dir: u32, ts: u64, bytes: &[u8]) -> DataEvent {
+        DataEvent {
+            kind: EventKind::Data as u32,
+            direction: dir,
+            pid: PID,
+            tid: PID,
+            fd,
+            syscall: SyscallKind::Read as u32,
+            ts_ns: ts,
+            sock_cookie: cookie,
+            bytes: bytes.len() as u64,
+            captured: bytes.len() as u32,
+            family: libc::AF_INET as u32,
+            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_addr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port: 8080,
+            remote_port: 40000,
+            flags: 0,
+        }
+    }
+
+    fn feed(p: &mut Pipeline<Vec<SpanRecord>>, ev: DataEvent, payload: &[u8]) {
+        p.on_event(Event::Data {
+            header: ev,
+            payload,
+        });
+    }
+
+    fn close(p: &mut Pipeline<Vec<SpanRecord>>, cookie: u64, ts: u64) {
+        p.on_event(Event::Close(ConnEvent {
+            kind: EventKind::Close as u32,
+            pid: PID,
+            tid: 0,
+            fd: u32::MAX,
+            ts_ns: ts,
+            sock_cookie: cookie,
+            ret: 0,
+        }));
+    }
+
+    const REQ_A: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    const REQ_B: &[u8] = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[test]
+    fn fd_reuse_does_not_glue_connections() {
+        let mut p = pipeline();
+        // Connection 1 on fd 5 gets a request, then closes without answering.
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        // fd 5 is reused by a new socket (new cookie): its exchange must stand alone.
+        feed(&mut p, data(2, 5, DIR_INGRESS, 200, REQ_B), REQ_B);
+        feed(&mut p, data(2, 5, DIR_EGRESS, 300, RESP), RESP);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        let a = spans
+            .iter()
+            .find(|s| s.attr("url.path") == Some(&AttrValue::Str("/a".into())));
+        let b = spans
+            .iter()
+            .find(|s| s.attr("url.path") == Some(&AttrValue::Str("/b".into())));
+        let (a, b) = (a.expect("span /a"), b.expect("span /b"));
+        assert!(
+            a.attr("http.response.status_code").is_none(),
+            "/a never got a response"
+        );
+        assert_eq!(
+            b.attr("http.response.status_code"),
+            Some(&AttrValue::Int(200))
+        );
+        assert_eq!(b.kind, SpanKind::Server);
+    }
+
+    #[test]
+    fn fd_reuse_without_a_seen_close_still_separates_connections() {
+        let mut p = pipeline();
+        // The close of the first socket was never seen (e.g. lost): same pid and fd, new cookie.
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(2, 5, DIR_INGRESS, 200, REQ_B), REQ_B);
+        feed(&mut p, data(2, 5, DIR_EGRESS, 300, RESP), RESP);
+        assert_eq!(p.open_connections(), 2);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 1, "{spans:#?}");
+        assert_eq!(
+            spans[0].attr("url.path"),
+            Some(&AttrValue::Str("/b".into()))
+        );
+        // Timed from /b's own request (ts 200) to its response (ts 300), not from /a's.
+        assert_eq!(spans[0].end_unix_nanos - spans[0].start_unix_nanos, 100);
+    }
+
+    #[test]
+    fn accept_hint_and_addresses_reach_the_span() {
+        let mut p = pipeline();
+        p.on_event(Event::Accept(ConnEvent {
+            kind: EventKind::Accept as u32,
+            pid: PID,
+            tid: PID,
+            fd: 7,
+            ts_ns: 50,
+            sock_cookie: 0,
+            ret: 7,
+        }));
+        feed(&mut p, data(9, 7, DIR_INGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(9, 7, DIR_EGRESS, 200, RESP), RESP);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].attr("client.address"),
+            Some(&AttrValue::Str("127.0.0.2".into()))
+        );
+        assert_eq!(spans[0].attr("client.port"), Some(&AttrValue::Int(40000)));
+        assert_eq!(spans[0].resource.pid, PID);
+    }
+
+    #[test]
+    fn ignored_ports_produce_nothing() {
+        let mut p = pipeline();
+        p.ignore_port(8080);
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, 200, RESP), RESP);
+        assert_eq!(p.open_connections(), 0);
+        assert!(p.finish().is_empty());
+    }
+
+    #[test]
+    fn process_exit_ends_its_connections() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        let change = p.on_event(Event::ProcessExit(ProcessEvent {
+            kind: EventKind::ProcessExit as u32,
+            pid: PID,
+            ts_ns: 500,
+            comm: [0; 16],
+        }));
+        assert_eq!(change, Some(ProcessChange::Exit { pid: PID }));
+        assert_eq!(p.open_connections(), 0);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 1, "the unanswered request is reported");
+        assert!(matches!(
+            spans[0].status,
+            crate::spans::model::SpanStatus::Error { .. }
+        ));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_reported_as_ipv4() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
+        let addr = socket_addr(libc::AF_INET6 as u32, mapped, 80);
+        assert_eq!(addr.to_string(), "10.1.2.3:80");
+    }
+}
