@@ -4,7 +4,6 @@
 //! `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else from its executable's name. The
 //! command line is redacted before it leaves the machine: values of secret-looking flags,
 //! `key=value` pairs with secret-looking keys and passwords in URLs become `REDACTED`.
-#![allow(dead_code)] // The event pipeline calls this once it is wired in main.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -239,10 +238,6 @@ impl Resources {
         }
     }
 
-    pub fn host_name(&self) -> &str {
-        &self.host_name
-    }
-
     /// The resource of `pid`, read from `/proc` the first time. A process that is already gone
     /// (or unreadable) gets a minimal resource (`service.name` = `unknown:PID`).
     pub fn get_or_load(&mut self, pid: u32) -> Arc<Resource> {
@@ -254,24 +249,9 @@ impl Resources {
         r
     }
 
-    /// Re-reads `/proc/PID` (after `exec`, the process is a different program).
-    pub fn refresh(&mut self, pid: u32) -> Arc<Resource> {
-        let r = Arc::new(self.load(pid));
-        self.by_pid.insert(pid, Arc::clone(&r));
-        r
-    }
-
     /// Drops the cached resource of a process that exited (its pid may be reused).
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_pid.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_pid.is_empty()
     }
 
     fn load(&self, pid: u32) -> Resource {
@@ -931,7 +911,7 @@ mod tests {
         assert_eq!(attr(&r, "host.name"), Some(&AttrValue::Str("h".into())));
         assert!(Arc::ptr_eq(&r, &cache.get_or_load(pid)));
         cache.forget(pid);
-        assert!(cache.is_empty());
+        assert!(cache.by_pid.is_empty());
     }
 
     #[test]

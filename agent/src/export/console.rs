@@ -101,6 +101,7 @@ impl TraceBuffer {
         all.into_iter().map(|p| p.spans).collect()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.pending.len()
     }

@@ -4,7 +4,6 @@
 //!
 //! - `console`: trace fragments as compact trees on stdout (the default).
 //! - `otlp`: opentelemetry-otlp exporters over gRPC (tonic) or HTTP/protobuf (reqwest).
-#![allow(dead_code)] // main wires this in; until then parts of the API have no caller.
 
 mod console;
 mod convert;

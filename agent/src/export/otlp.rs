@@ -328,10 +328,12 @@ impl OtlpSink {
             .retain(|_, e| now.saturating_duration_since(e.last_used) < self.idle_ttl);
     }
 
+    #[cfg(test)]
     pub fn exporters(&self) -> usize {
         self.exporters.len()
     }
 
+    #[cfg(test)]
     pub fn in_failure_streak(&self) -> bool {
         self.streak.is_some()
     }

@@ -413,7 +413,7 @@ impl Http1Stream {
         if total == 0 {
             return report;
         }
-        self.seq += 1;
+        self.seq = self.seq.saturating_add(1);
         let d = seg.direction.index();
         let detecting = self.state == StreamState::Detecting;
 
@@ -947,7 +947,7 @@ impl Http1Stream {
         }
 
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         self.pending.push_back(Pending {
             id,
             request: new.info,
@@ -2719,67 +2719,180 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
     }
 
     #[test]
-    #[ignore]
-    fn perf_tmp() {
-        let mut resp = NGINX_200.to_vec();
-        let n = 200_000u64;
-        let t = std::time::Instant::now();
-        let mut out = Vec::with_capacity(16);
-        let mut st = Http1Stream::new(Some(Role::Server));
-        for i in 0..n {
-            st.feed(seg(IN, i, TRACED_GET), &mut out);
-            st.feed(seg(OUT, i, &resp), &mut out);
-            out.clear();
-        }
-        let per = t.elapsed().as_nanos() as f64 / n as f64;
-        eprintln!("per exchange (traced get + nginx 200): {per:.0} ns");
-        resp.clear();
-        let t = std::time::Instant::now();
-        for i in 0..n {
-            st.feed(seg(IN, i, CURL_GET_ROOT), &mut out);
-            st.feed(seg(OUT, i, NODE_CHUNKED_1), &mut out);
-            st.feed(seg(OUT, i, NODE_CHUNKED_2), &mut out);
-            out.clear();
-        }
-        let per = t.elapsed().as_nanos() as f64 / n as f64;
-        eprintln!("per exchange (curl + node chunked): {per:.0} ns");
-        let t = std::time::Instant::now();
-        let mut k = 0;
-        for _ in 0..n {
-            if let HeadParse::Complete(m, _) =
-                parse_head(Kind::Request, std::hint::black_box(CURL_GET_ROOT))
-            {
-                k += m;
+    fn heads_and_bodies_dribbled_byte_by_byte() {
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            let mut ts = 0;
+            for msg in [ODD_CASE_POST] {
+                for b in msg.chunks(1) {
+                    ts += 1;
+                    c.send(rq, ts, b);
+                }
             }
-        }
-        eprintln!(
-            "parse req: {:.0} ns {k}",
-            t.elapsed().as_nanos() as f64 / n as f64
-        );
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            if let HeadParse::Complete(m, _) =
-                parse_head(Kind::Response, std::hint::black_box(NGINX_200))
-            {
-                k += m;
+            let req_last = ts;
+            for msg in [CONTINUE_100, NODE_CHUNKED_1, NODE_CHUNKED_2] {
+                for b in msg.chunks(1) {
+                    ts += 1;
+                    c.send(rs, ts, b);
+                }
             }
+            assert_eq!(c.out.len(), 1);
+            let e = &c.out[0];
+            assert_eq!(summary(e), s("POST", "/Submit", Some(200), 5, 11, Complete));
+            assert_eq!((e.request_start_ns, e.request_end_ns), (1, req_last));
+            assert_eq!(
+                e.response_start_ns,
+                Some(req_last + CONTINUE_100.len() as u64 + 1)
+            );
+            assert_eq!(e.response_end_ns, Some(ts));
+            assert_eq!(e.request.traceparent.as_deref().map(str::len), Some(55));
         }
-        eprintln!(
-            "parse resp: {:.0} ns {k}",
-            t.elapsed().as_nanos() as f64 / n as f64
-        );
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            let mut headers = [httparse::EMPTY_HEADER; 16];
-            let mut r = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(m)) = r.parse(std::hint::black_box(NGINX_200)) {
-                k += m;
-            }
+    }
+
+    #[test]
+    fn head_split_then_capture_cut_is_truncated() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, &TRACED_GET[..40]);
+        let rest = &TRACED_GET[40..];
+        let r = c.feed(partial(IN, 2, rest.len() as u64, &rest[..20]));
+        assert!(r.headers_truncated);
+        c.send(OUT, 3, NGINX_204);
+        c.send(IN, 4, CURL_GET_A);
+        c.send(OUT, 5, NGINX_200);
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(got, [s("GET", "/a", Some(200), 0, 45, Complete)]);
+    }
+
+    /// A chunked upload whose capture loses the chunk framing: the response proves the request
+    /// ended at the last request segment before it.
+    #[test]
+    fn lost_request_body_ends_when_response_starts() {
+        let head = b"POST /upload HTTP/1.1\r\n\
+Host: storage:9000\r\n\
+User-Agent: Go-http-client/1.1\r\n\
+Transfer-Encoding: chunked\r\n\
+Accept-Encoding: gzip\r\n\
+\r\n";
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, head);
+            c.feed(partial(rq, 2, 40_000, b"8000\r\nxxxxxxxxxxxxxxxx"));
+            c.feed(partial(rq, 3, 40_000, b"xxxxxxxxxxxxxxxx"));
+            let r = c.send(rs, 4, NGINX_201);
+            assert!(r.resynced);
+            assert_eq!(c.out.len(), 1);
+            let e = &c.out[0];
+            assert_eq!(
+                (e.status, e.end, e.request_end_ns),
+                (Some(201), Resynced, 3)
+            );
+            assert_eq!(e.response_end_ns, Some(4));
+            c.send(rq, 5, CURL_GET_A);
+            c.send(rs, 6, NGINX_200);
+            assert_eq!(
+                summary(&c.out[1]),
+                s("GET", "/a", Some(200), 0, 45, Complete)
+            );
         }
-        eprintln!(
-            "raw httparse resp: {:.0} ns {k}",
-            t.elapsed().as_nanos() as f64 / n as f64
+    }
+
+    /// While lost inside a response, a body segment that happens to start with a status line
+    /// is not taken for a new response when no other request waits for one.
+    #[test]
+    fn status_line_inside_lost_body_is_not_a_response() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, CURL_GET_ROOT);
+        c.feed(partial(
+            OUT,
+            2,
+            100_000,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+        ));
+        // A proxied log file that contains a response.
+        c.feed(partial(
+            OUT,
+            3,
+            100_000,
+            b"HTTP/1.1 500 Internal Server Error\r\n\r\nlog",
+        ));
+        c.send(IN, 4, CURL_GET_A);
+        c.send(OUT, 5, NGINX_204);
+        let got: Vec<_> = c
+            .out
+            .iter()
+            .map(|e| (e.status, e.end, e.response_end_ns))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(200), Resynced, Some(3)),
+                (Some(204), Complete, Some(5))
+            ]
         );
+
+        // With a pipelined request waiting, the status line does start its response.
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, &[CURL_GET_ROOT, CURL_GET_A].concat());
+        c.feed(partial(
+            OUT,
+            2,
+            100_000,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+        ));
+        let r = c.send(OUT, 3, NGINX_204);
+        assert!(r.resynced);
+        let got: Vec<_> = c
+            .out
+            .iter()
+            .map(|e| (e.status, e.end, e.response_end_ns))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(200), Resynced, Some(2)),
+                (Some(204), Complete, Some(3))
+            ]
+        );
+    }
+
+    /// The server answers before the upload is over (nginx rejecting a too large body) and the
+    /// client keeps sending until the connection closes.
+    #[test]
+    fn early_response_while_request_body_streams() {
+        let head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n\r\n";
+        let resp = b"HTTP/1.1 413 Request Entity Too Large\r\n\
+Server: nginx/1.22.1\r\n\
+Date: Mon, 06 May 2024 10:15:10 GMT\r\n\
+Content-Type: text/html\r\n\
+Content-Length: 0\r\n\
+Connection: close\r\n\
+\r\n";
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(IN, 1, head);
+        c.feed(partial(IN, 2, 65_536, &[0u8; 64]));
+        c.send(OUT, 3, resp);
+        c.feed(partial(IN, 4, 65_536, &[0u8; 64]));
+        assert!(c.out.is_empty(), "emitted once the request is over");
+        c.close(5);
+        let e = &c.out[0];
+        assert_eq!(
+            summary(e),
+            s("POST", "/upload", Some(413), 131_072, 0, Complete)
+        );
+        assert_eq!((e.request_end_ns, e.response_end_ns), (4, Some(3)));
+    }
+
+    #[test]
+    fn many_unanswered_requests_stay_bounded() {
+        let mut c = Conn::new(Some(Role::Client));
+        for i in 0..(MAX_PENDING as u64 + 5) {
+            c.send(OUT, i, CURL_GET_A);
+        }
+        assert_eq!(c.s.pending.len(), MAX_PENDING);
+        assert_eq!(c.out.len(), 5);
+        assert!(c.out.iter().all(|e| e.end == ConnectionClosed));
     }
 
     // ---- property tests ----

@@ -23,7 +23,7 @@ fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, pair) in s.chunks_exact(2).enumerate() {
+    for (i, pair) in s.as_chunks::<2>().0.iter().enumerate() {
         out[i] = hex_nibble(pair[0])? << 4 | hex_nibble(pair[1])?;
     }
     Some(out)

@@ -16,6 +16,7 @@ impl TraceId {
 }
 
 impl SpanId {
+    #[cfg(test)]
     pub fn to_hex(self) -> String {
         hex(&self.0)
     }
