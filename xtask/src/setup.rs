@@ -22,7 +22,9 @@ fn have(cmd: &str) -> bool {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
@@ -38,7 +40,10 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     if !crate::is_root() {
-        bail!("missing Debian packages {missing:?}: install them with `sudo apt-get install -y {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}: install them with `sudo apt-get install -y {}`",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -51,12 +56,24 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 pub fn run(test_deps: bool) -> Result<()> {
     // The eBPF toolchain: a pinned nightly with rust-src (for -Z build-std=core).
     let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))
-        .unwrap_or_default();
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
     if !installed.contains(EBPF_TOOLCHAIN) || !components.contains("rust-src") {
         eprintln!("xtask: installing toolchain {EBPF_TOOLCHAIN} with rust-src");
         sh(Command::new("rustup").args([
-            "toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))
         .context("rustup could not install the eBPF toolchain")?;
     }
@@ -69,8 +86,14 @@ pub fn run(test_deps: bool) -> Result<()> {
         eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22), about 2 minutes");
         sh(Command::new("cargo")
             .args([
-                "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked",
-                "--no-default-features", "--features", "llvm-22",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
             ])
             .env("LLVM_PREFIX", LLVM_PREFIX))
         .context("building bpf-linker failed")?;
@@ -78,13 +101,25 @@ pub fn run(test_deps: bool) -> Result<()> {
 
     if test_deps {
         // Real servers, clients and load generators the tests and benchmarks drive.
-        apt_install(&["nginx-light", "curl", "wrk", "nodejs", "iproute2", "bpftool", "procps"])?;
+        apt_install(&[
+            "nginx-light",
+            "curl",
+            "wrk",
+            "nodejs",
+            "iproute2",
+            "bpftool",
+            "procps",
+        ])?;
         let rotel_ok = output(Command::new("python3").args(["-m", "pip", "show", "rotel"]))
             .is_some_and(|s| s.contains(&format!("Version: {ROTEL_VERSION}")));
         if !rotel_ok {
             eprintln!("xtask: installing the rotel OpenTelemetry collector {ROTEL_VERSION} (PyPI)");
             sh(Command::new("python3").args([
-                "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
                 &format!("rotel=={ROTEL_VERSION}"),
             ]))?;
         }
