@@ -17,7 +17,18 @@ use std::sync::{Arc, atomic::AtomicBool};
 use anyhow::Context as _;
 use clap::Parser as _;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // Errors are printed as sentences (with their causes), not as a debug dump with a backtrace.
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("agent: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
