@@ -132,6 +132,7 @@ pub struct Curl {
     headers: Vec<String>,
     body_size: Option<usize>,
     user_agent: String,
+    http10: bool,
 }
 
 /// One transfer as curl reported it (`-w`).
@@ -171,6 +172,7 @@ impl Curl {
             headers: Vec::new(),
             body_size: None,
             user_agent: CURL_USER_AGENT.to_string(),
+            http10: false,
         }
     }
 
@@ -194,6 +196,12 @@ impl Curl {
         self
     }
 
+    /// Speak HTTP/1.0 (`--http1.0`).
+    pub fn http10(mut self) -> Curl {
+        self.http10 = true;
+        self
+    }
+
     pub fn user_agent(mut self, ua: &str) -> Curl {
         self.user_agent = ua.to_string();
         self
@@ -209,6 +217,9 @@ impl Curl {
             "CURL status=%{http_code} time_total=%{time_total} local_port=%{local_port} \
              size_download=%{size_download} size_upload=%{size_upload} num_connects=%{num_connects}\\n",
         ]);
+        if self.http10 {
+            cmd.arg("--http1.0");
+        }
         for h in &self.headers {
             cmd.args(["-H", h]);
         }

@@ -859,6 +859,29 @@ mod tests {
         assert_eq!(parse_rotel_output(&text), parse_rotel_output(SAMPLE));
     }
 
+    /// What rotel printed for the agent's spans of `curl` → python `GET /hello`.
+    #[test]
+    fn parses_the_agents_spans_as_rotel_printed_them() {
+        let spans = parse_rotel_output(include_str!("../fixtures/rotel_agent_sample.txt"));
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        let (client, server) = (&spans[0], &spans[1]);
+        assert_eq!(client.kind, SpanKind::Client);
+        assert_eq!(client.service_name(), Some("curl"));
+        assert_eq!(client.pid(), Some(14069));
+        assert!(
+            client
+                .resource_str("process.command_line")
+                .is_some_and(|c| c.contains("%{http_code}"))
+        );
+        assert_eq!(server.kind, SpanKind::Server);
+        assert_eq!(server.name, "GET /hello");
+        assert_eq!(server.pid(), Some(14065));
+        assert_eq!(server.attr_i64("client.port"), Some(58996));
+        assert_eq!(server.attr_i64("http.response.body.size"), Some(6));
+        assert_eq!(server.attributes.len(), 16);
+        assert_eq!(server.duration_nanos(), 934_603);
+    }
+
     #[test]
     fn attr_value_parse() {
         assert_eq!(AttrValue::parse("Str(a(b))"), AttrValue::Str("a(b)".into()));

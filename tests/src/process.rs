@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 /// Polling period of every wait in the harness.
 pub const POLL: Duration = Duration::from_millis(50);
 
-/// A private scratch directory, removed on drop unless the test is panicking (then it is kept
-/// and its path printed, so logs and configs can be inspected).
+/// A private scratch directory, removed on drop unless the test is panicking or `E2E_KEEP` is
+/// set (then it is kept and its path printed, so logs and configs can be inspected).
 #[derive(Debug)]
 pub struct TestDir {
     path: PathBuf,
@@ -44,7 +44,7 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if thread::panicking() || std::env::var_os("E2E_KEEP").is_some() {
             eprintln!("[e2e] kept {} for inspection", self.path.display());
         } else {
             let _ = fs::remove_dir_all(&self.path);

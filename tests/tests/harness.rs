@@ -238,6 +238,9 @@ fn node_server_chunked_and_node_client_keep_alive() {
         NODE_CHUNK_SIZES.iter().sum::<usize>().to_string()
     );
 
+    let custom = Curl::get(server.url("/chunked?sizes=3,1,2")).run();
+    assert_eq!(custom.one().size_download, 6, "chunk sizes from the query");
+
     let run = node_client(
         server.port(),
         &[

@@ -181,6 +181,39 @@ fn python_server_and_curl_get_hello() {
 }
 
 #[test]
+fn http_1_0_request_reports_protocol_version_1_0() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("curl")
+        .start(&collector);
+
+    let curl = Curl::get(server.url("/users/10")).http10().run();
+    let t = curl.one().clone();
+    assert_eq!(t.status, 200);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    collector.wait_for_all(&[(&server_spans, 1), (&curl_spans, 1)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    for (what, filter) in [
+        ("python SERVER", &server_spans),
+        ("curl CLIENT", &curl_spans),
+    ] {
+        let s = spans.expect_one(filter);
+        Checks::new(format!("{what} span of an HTTP/1.0 request"), s)
+            .attr_str("network.protocol.version", "1.0")
+            .attr_str("url.path", "/users/10")
+            .attr_int("http.response.status_code", 200)
+            .timing_within(&t.timing)
+            .finish();
+    }
+}
+
+#[test]
 fn python_client_keep_alive_five_requests_on_one_connection() {
     let _serial = require_root();
     let collector = Collector::start();
@@ -372,6 +405,54 @@ fn node_chunked_response_then_another_request() {
         curl.transfers[1].local_port,
     )
     .attr_int("http.response.body.size", HELLO_BODY.len() as i64)
+    .timing_within(&curl.transfers[1].timing)
+    .finish();
+}
+
+/// Every chunk smaller than the capture size (the default chunk list has one chunk larger
+/// than the capture): separates "chunked framing" from "chunk larger than the capture".
+#[test]
+fn node_chunked_response_with_small_chunks() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NodeServer::start();
+    let mut agent = Agent::builder().pid(server.pid()).start(&collector);
+
+    let sizes = [100usize, 2000, 7, 1, 300];
+    let list: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    let curl = Curl::get(server.url(&format!("/chunked?sizes={}", list.join(","))))
+        .then(server.url("/hello"))
+        .run();
+    let total: usize = sizes.iter().sum();
+    assert_eq!(curl.transfers[0].size_download, total as u64);
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 2);
+    agent.stop();
+    let spans = collector.settle();
+
+    let found = spans.expect_n(&server_spans, 2);
+    check_server_span(
+        "node SERVER span of a chunked response with small chunks",
+        found[0],
+        &server,
+        "GET",
+        "/chunked",
+        200,
+        curl.transfers[0].local_port,
+    )
+    .attr_int("http.response.body.size", total as i64)
+    .attr_absent("agent.http.end_inferred")
+    .timing_within(&curl.transfers[0].timing)
+    .finish();
+    check_server_span(
+        "node SERVER span of GET /hello after the chunked response",
+        found[1],
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.transfers[1].local_port,
+    )
     .timing_within(&curl.transfers[1].timing)
     .finish();
 }

@@ -1355,9 +1355,34 @@ fn run_chunked(mut chunk: Chunk, data: &[u8], mut pos: u64, total: u64) -> (Chun
         if pos >= total {
             return (ChunkRun::More(chunk), size);
         }
-        // Framing bytes must be captured to be read.
+        // Framing bytes must be captured to be read, except the CRLF closing a chunk's data:
+        // a sender writing one large chunk per syscall (Node, nginx) puts it past the capture,
+        // and it is always those two bytes.
         let Some(&b) = usize::try_from(pos).ok().and_then(|p| data.get(p)) else {
-            return (ChunkRun::Lost, size);
+            match chunk {
+                Chunk::DataCr if total - pos >= 2 => {
+                    pos += 2;
+                    chunk = Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                    };
+                    continue;
+                }
+                Chunk::DataCr => {
+                    pos += 1;
+                    chunk = Chunk::DataLf;
+                    continue;
+                }
+                Chunk::DataLf => {
+                    pos += 1;
+                    chunk = Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                    };
+                    continue;
+                }
+                _ => return (ChunkRun::Lost, size),
+            }
         };
         pos += 1;
         match chunk_step(chunk, b) {
@@ -2090,6 +2115,37 @@ c\r\n{\"event\":2}\n\r\n\
             );
             c.close(7);
             assert_eq!(c.out.len(), 2);
+        }
+    }
+
+    #[test]
+    fn chunk_larger_than_capture_in_its_own_write_keeps_exact_size() {
+        // Node writes one chunk per writev: size line, data, CRLF. With a 4 KiB capture the
+        // 30000-byte chunk's closing CRLF is not captured; the next write starts a new chunk.
+        let head =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut big = b"7530\r\n".to_vec();
+        big.extend_from_slice(&[b'c'; 4090]);
+        for role in [Role::Server, Role::Client] {
+            let (rq, rs) = dirs(role);
+            let mut c = Conn::new(Some(role));
+            c.send(rq, 1, CURL_GET_ROOT);
+            c.send(rs, 2, head);
+            c.send(rs, 3, b"64\r\n");
+            c.send(rs, 3, &[b'a'; 100]);
+            c.send(rs, 3, b"\r\n");
+            let r = c.feed(partial(rs, 4, 30_008, &big));
+            assert!(!r.resynced);
+            // The CRLF split: one byte at the end of a write, one at the start of the next.
+            let mut tail = vec![b'd'; 5];
+            tail.extend_from_slice(b"\r");
+            c.send(rs, 5, b"5\r\n");
+            c.feed(partial(rs, 5, 6, &tail[..3]));
+            c.send(rs, 6, b"\n0\r\n\r\n");
+            assert_eq!(c.out.len(), 1, "{role:?}");
+            assert_eq!(c.out[0].end, Complete);
+            assert_eq!(c.out[0].response_body_size, 100 + 30_000 + 5);
+            assert_eq!(c.out[0].response_end_ns, Some(6));
         }
     }
 
