@@ -95,7 +95,14 @@ fn test() -> Result<()> {
     setup::run(true)?;
     // Pure tests: parsers, reassembly, span building, exporters (no privileges needed).
     // agent-ebpf is built for the BPF target by agent/build.rs, never for the host.
-    sh(cargo().args(["test", "--workspace", "--exclude", "tests", "--exclude", "agent-ebpf"]))?;
+    sh(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tests",
+        "--exclude",
+        "agent-ebpf",
+    ]))?;
     if !is_root() {
         bail!(
             "the end-to-end tests load eBPF programs and must run as root: run `sudo -E cargo xtask test`"
