@@ -95,6 +95,7 @@ fn test() -> Result<()> {
     setup::run(true)?;
     // Pure tests: parsers, reassembly, span building, exporters (no privileges needed).
     // agent-ebpf is built for the BPF target by agent/build.rs, never for the host.
+    // `--include-ignored`: tests that need the rotel collector run too (setup installed it).
     sh(cargo().args([
         "test",
         "--workspace",
@@ -102,6 +103,8 @@ fn test() -> Result<()> {
         "tests",
         "--exclude",
         "agent-ebpf",
+        "--",
+        "--include-ignored",
     ]))?;
     if !is_root() {
         bail!(
