@@ -126,8 +126,9 @@ const _: () = assert!(size_of::<DataEvent>() == 96);
 
 /// The user buffer could not be read (page not resident): `captured` is 0 though `bytes` is not.
 pub const DATA_FLAG_COPY_FAILED: u32 = 1;
-/// First event the kernel saw for this socket (it was just added to the tracked set).
-pub const DATA_FLAG_NEW_SOCKET: u32 = 2;
+/// The event carries the socket's addresses and ports (sent once per socket: userspace keeps
+/// them with the connection).
+pub const DATA_FLAG_ADDRESSES: u32 = 2;
 
 /// Connection lifecycle: accept, connect, close.
 #[repr(C)]
@@ -159,26 +160,38 @@ pub struct ProcessEvent {
 }
 const _: () = assert!(size_of::<ProcessEvent>() == 32);
 
-/// Indices of the kernel's per-CPU counters (array `COUNTERS`). Never reuse an index.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
+/// The kernel's per-CPU counters: one struct per CPU so a program updates all it needs after a
+/// single map lookup. Userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelStats {
     /// Data events written to the ring buffer.
-    DataEvents = 0,
-    /// Events lost because the ring buffer was full.
-    RingbufFull = 1,
-    /// Data events whose payload was cut to the capture size (normal for bodies; reported).
-    Truncated = 2,
-    /// User buffers that could not be read.
-    CopyFailed = 3,
-    /// The tracked-socket map was full (closes of those sockets are not reported).
-    SocketMapFull = 4,
+    pub data_events: u64,
     /// Lifecycle and process events written.
-    OtherEvents = 5,
-    /// Bytes moved on traced sockets (sum of `bytes`).
-    Bytes = 6,
+    pub other_events: u64,
+    /// Bytes moved on traced sockets (sum of `bytes` of the data events written).
+    pub bytes: u64,
+    /// Events lost because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// Data events whose payload was cut to the capture size (normal for bodies; reported).
+    pub truncated: u64,
+    /// User buffers that could not be read.
+    pub copy_failed: u64,
+    /// The tracked-socket map was full (closes of those sockets are not reported).
+    pub socket_map_full: u64,
 }
-pub const COUNTER_COUNT: u32 = 7;
+const _: () = assert!(size_of::<KernelStats>() == 56);
+
+/// Value of the kernel's tracked-socket map (key: socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackedSocket {
+    /// Process that used the socket.
+    pub pid: u32,
+    /// Addresses and ports were sent with an event already: later events omit them.
+    pub addresses_sent: u32,
+}
+const _: () = assert!(size_of::<TrackedSocket>() == 8);
 
 /// Offsets of kernel struct fields, read from /sys/kernel/btf/vmlinux at load time so the
 /// programs do not depend on one kernel build's layout.
@@ -200,4 +213,5 @@ const _: () = assert!(size_of::<KernelOffsets>() == 32);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::KernelStats {}
 }

@@ -1,6 +1,6 @@
 //! Connection and process lifecycle: accept, connect, close, exec, exit.
 
-use agent_common::{ConnEvent, EventKind, ProcessEvent};
+use agent_common::{ConnEvent, EventKind, ProcessEvent, TrackedSocket};
 use aya_ebpf::{
     cty::c_void,
     helpers::{
@@ -70,7 +70,11 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
         let Some((tgid, tid)) = selected_tgid() else {
             return 0;
         };
-        let _ = TRACKED_SOCKETS.insert(&cookie, &tgid, 0);
+        let owner = TrackedSocket {
+            pid: tgid,
+            addresses_sent: 0,
+        };
+        let _ = TRACKED_SOCKETS.insert(&cookie, &owner, 0);
         emit(ConnEvent {
             kind: EventKind::Connect as u32,
             pid: tgid,
@@ -85,7 +89,7 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     let Some(owner) = TRACKED_SOCKETS.get_ptr(&cookie) else {
         return 0;
     };
-    let pid = unsafe { *owner };
+    let pid = unsafe { (*owner).pid };
     let _ = TRACKED_SOCKETS.remove(&cookie);
     emit(ConnEvent {
         kind: EventKind::Close as u32,

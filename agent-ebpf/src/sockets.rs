@@ -1,8 +1,8 @@
 //! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`.
 
 use agent_common::{
-    Counter, DATA_FLAG_COPY_FAILED, DATA_FLAG_NEW_SOCKET, DIR_EGRESS, DIR_INGRESS, EventKind,
-    MAX_CAPTURE, MAX_IOVECS, SyscallKind,
+    DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE,
+    MAX_IOVECS, SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -18,7 +18,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, count, offsets, ringbuf_flags, selected_tgid,
+    BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, counters, offsets,
+    selected_tgid,
 };
 
 const AF_INET: u16 = 2;
@@ -26,11 +27,17 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
 
-// x86_64 `struct pt_regs` (the ptrace ABI, stable): the syscall number and its arguments.
-const REG_ORIG_AX: usize = 120;
-const REG_DI: usize = 112;
-const REG_SI: usize = 104;
-const REG_DX: usize = 96;
+/// x86_64 `struct pt_regs` (the ptrace ABI, stable) from `dx` (offset 96) to `orig_ax`
+/// (offset 120): the syscall's first three arguments and its number, read in one go.
+const REGS_DX_OFFSET: u32 = 96;
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallRegs {
+    dx: u64,
+    si: u64,
+    di: u64,
+    orig_ax: u64,
+}
 
 // x86_64 syscall numbers of the paths whose user buffers we know how to read.
 const NR_READ: u64 = 0;
@@ -112,24 +119,43 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
     ev.flags = 0;
     ev.local_addr = [0; 16];
     ev.remote_addr = [0; 16];
-    if family == AF_INET {
-        let l: [u8; 4] = read_kernel(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
-        let r: [u8; 4] = read_kernel(sk, off.skc_daddr).unwrap_or([0; 4]);
-        ev.local_addr[..4].copy_from_slice(&l);
-        ev.remote_addr[..4].copy_from_slice(&r);
-    } else {
-        ev.local_addr = read_kernel(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-        ev.remote_addr = read_kernel(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
-    }
-    ev.local_port = read_kernel::<u16>(sk, off.skc_num).unwrap_or(0);
-    ev.remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
+    ev.local_port = 0;
+    ev.remote_port = 0;
 
+    // Addresses and ports go with the first event of a socket only; userspace keeps them.
     let cookie = ev.sock_cookie;
-    if TRACKED_SOCKETS.get_ptr(&cookie).is_none() {
-        ev.flags |= DATA_FLAG_NEW_SOCKET;
-        if TRACKED_SOCKETS.insert(&cookie, &tgid, 0).is_err() {
-            count(Counter::SocketMapFull, 1);
+    let send_addresses = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
+        Some(t) => unsafe {
+            let first = (*t).addresses_sent == 0;
+            (*t).addresses_sent = 1;
+            first
+        },
+        None => {
+            let t = TrackedSocket {
+                pid: tgid,
+                addresses_sent: 1,
+            };
+            if TRACKED_SOCKETS.insert(&cookie, &t, 0).is_err()
+                && let Some(c) = counters()
+            {
+                c.socket_map_full += 1;
+            }
+            true
         }
+    };
+    if send_addresses {
+        ev.flags |= DATA_FLAG_ADDRESSES;
+        if family == AF_INET {
+            let l: [u8; 4] = read_kernel(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
+            let r: [u8; 4] = read_kernel(sk, off.skc_daddr).unwrap_or([0; 4]);
+            ev.local_addr[..4].copy_from_slice(&l);
+            ev.remote_addr[..4].copy_from_slice(&r);
+        } else {
+            ev.local_addr = read_kernel(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+            ev.remote_addr = read_kernel(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+        }
+        ev.local_port = read_kernel::<u16>(sk, off.skc_num).unwrap_or(0);
+        ev.remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
     }
 
     let (syscall, fd, buf) = syscall_args();
@@ -144,13 +170,11 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
         UserBuf::Iov { iov, count } => copy_iov(&mut scratch.payload, iov, count, want),
     };
     let ev = &mut scratch.header;
-    if captured == 0 && want > 0 && !matches!(buf, UserBuf::None) {
+    let copy_failed = captured == 0 && want > 0 && !matches!(buf, UserBuf::None);
+    if copy_failed {
         ev.flags |= DATA_FLAG_COPY_FAILED;
-        count(Counter::CopyFailed, 1);
     }
-    if captured < bytes && !matches!(buf, UserBuf::None) {
-        count(Counter::Truncated, 1);
-    }
+    let truncated = captured < bytes && !matches!(buf, UserBuf::None);
     ev.captured = captured as u32;
 
     let size = size_of::<agent_common::DataEvent>() as u64 + (captured & (MAX_CAPTURE as u64 - 1));
@@ -164,14 +188,18 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
             &EVENTS as *const _ as *mut c_void,
             scratch as *mut _ as *mut c_void,
             size,
-            ringbuf_flags(),
+            BPF_RB_NO_WAKEUP,
         )
     };
-    if ret < 0 {
-        count(Counter::RingbufFull, 1);
-    } else {
-        count(Counter::DataEvents, 1);
-        count(Counter::Bytes, bytes);
+    if let Some(c) = counters() {
+        if ret < 0 {
+            c.ringbuf_full += 1;
+        } else {
+            c.data_events += 1;
+            c.bytes += bytes;
+        }
+        c.copy_failed += copy_failed as u64;
+        c.truncated += truncated as u64;
     }
 }
 
@@ -182,10 +210,15 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
     if regs == 0 {
         return (SyscallKind::Other, u32::MAX, UserBuf::None);
     }
-    let nr: u64 = read_kernel(regs, REG_ORIG_AX as u32).unwrap_or(u64::MAX);
-    let di: u64 = read_kernel(regs, REG_DI as u32).unwrap_or(0);
-    let si: u64 = read_kernel(regs, REG_SI as u32).unwrap_or(0);
-    let dx: u64 = read_kernel(regs, REG_DX as u32).unwrap_or(0);
+    let Some(SyscallRegs {
+        dx,
+        si,
+        di,
+        orig_ax: nr,
+    }) = read_kernel(regs, REGS_DX_OFFSET)
+    else {
+        return (SyscallKind::Other, u32::MAX, UserBuf::None);
+    };
     let fd = di as u32;
     match nr {
         NR_READ => (SyscallKind::Read, fd, UserBuf::Flat(si)),

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use agent_common::{ConnEvent, DIR_INGRESS, DataEvent, ProcessEvent};
+use agent_common::{ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ProcessEvent};
 
 use crate::{
     events::Event,
@@ -36,6 +36,8 @@ struct Connection {
     stream: Http1Stream,
     info: ConnInfo,
     last_ns: u64,
+    /// Traffic on an ignored port: followed for its lifecycle only.
+    ignored: bool,
 }
 
 /// Where finished spans go (the exporter in production, a vector in tests).
@@ -148,11 +150,12 @@ impl<S: SpanSink> Pipeline<S> {
 
     fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
         Stats::add(&self.stats.data_events, 1);
-        if self.ignored_ports.contains(&h.local_port) || self.ignored_ports.contains(&h.remote_port)
-        {
-            return;
-        }
         let key = (h.pid, h.sock_cookie);
+        // The kernel sends a socket's addresses with its first event only.
+        let info = (h.flags & DATA_FLAG_ADDRESSES != 0).then(|| ConnInfo {
+            local: socket_addr(h.family, h.local_addr, h.local_port),
+            remote: socket_addr(h.family, h.remote_addr, h.remote_port),
+        });
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest();
@@ -164,18 +167,16 @@ impl<S: SpanSink> Pipeline<S> {
             } else {
                 None
             };
-            let info = ConnInfo {
-                local: socket_addr(h.family, h.local_addr, h.local_port),
-                remote: socket_addr(h.family, h.remote_addr, h.remote_port),
+            let info = info.unwrap_or(ConnInfo::UNKNOWN);
+            let ignored = self.ignored_ports.contains(&info.local.port())
+                || self.ignored_ports.contains(&info.remote.port());
+            let conn = Connection {
+                stream: Http1Stream::new(hint),
+                info,
+                last_ns: h.ts_ns,
+                ignored,
             };
-            self.conns.insert(
-                key,
-                Connection {
-                    stream: Http1Stream::new(hint),
-                    info,
-                    last_ns: h.ts_ns,
-                },
-            );
+            self.conns.insert(key, conn);
             self.resources.get_or_load(h.pid);
             Stats::add(&self.stats.connections_opened, 1);
         }
@@ -183,6 +184,12 @@ impl<S: SpanSink> Pipeline<S> {
             return;
         };
         conn.last_ns = h.ts_ns;
+        if let Some(info) = info {
+            conn.info = info;
+        }
+        if conn.ignored {
+            return;
+        }
         if conn.stream.state() == StreamState::NotHttp {
             return;
         }
@@ -388,7 +395,7 @@ mod tests {
             remote_addr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             local_port: 8080,
             remote_port: 40000,
-            flags: 0,
+            flags: DATA_FLAG_ADDRESSES,
         }
     }
 
@@ -491,8 +498,9 @@ mod tests {
         let mut p = pipeline();
         p.ignore_port(8080);
         feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
-        feed(&mut p, data(1, 5, DIR_EGRESS, 200, RESP), RESP);
-        assert_eq!(p.open_connections(), 0);
+        let mut later = data(1, 5, DIR_EGRESS, 200, RESP);
+        later.flags = 0; // later events of a socket carry no addresses
+        feed(&mut p, later, RESP);
         assert!(p.finish().is_empty());
     }
 

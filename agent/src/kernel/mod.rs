@@ -3,7 +3,7 @@
 pub mod btf;
 pub mod environment;
 
-use agent_common::{COUNTER_COUNT, Counter, MAX_CAPTURE};
+use agent_common::{KernelStats, MAX_CAPTURE};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
@@ -194,28 +194,36 @@ fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) ->
 
 /// Sums of the kernel's per-CPU counters.
 pub struct KernelCounters {
-    array: PerCpuArray<MapData, u64>,
+    array: PerCpuArray<MapData, KernelStats>,
 }
 
 impl KernelCounters {
-    pub fn read(&self, counter: Counter) -> u64 {
-        self.array
-            .get(&(counter as u32), 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+    pub fn read(&self) -> KernelStats {
+        let mut sum = KernelStats::default();
+        if let Ok(per_cpu) = self.array.get(&0, 0) {
+            for c in per_cpu.iter() {
+                sum.data_events += c.data_events;
+                sum.other_events += c.other_events;
+                sum.bytes += c.bytes;
+                sum.ringbuf_full += c.ringbuf_full;
+                sum.truncated += c.truncated;
+                sum.copy_failed += c.copy_failed;
+                sum.socket_map_full += c.socket_map_full;
+            }
+        }
+        sum
     }
 
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let all = [
-            (Counter::DataEvents, "kernel_data_events"),
-            (Counter::OtherEvents, "kernel_lifecycle_events"),
-            (Counter::Bytes, "kernel_bytes"),
-            (Counter::RingbufFull, "kernel_lost_ringbuf_full"),
-            (Counter::Truncated, "kernel_payload_truncated"),
-            (Counter::CopyFailed, "kernel_payload_copy_failed"),
-            (Counter::SocketMapFull, "kernel_socket_map_full"),
-        ];
-        debug_assert_eq!(all.len() as u32, COUNTER_COUNT);
-        all.iter().map(|&(c, name)| (name, self.read(c))).collect()
+        let s = self.read();
+        vec![
+            ("kernel_data_events", s.data_events),
+            ("kernel_lifecycle_events", s.other_events),
+            ("kernel_bytes", s.bytes),
+            ("kernel_lost_ringbuf_full", s.ringbuf_full),
+            ("kernel_payload_truncated", s.truncated),
+            ("kernel_payload_copy_failed", s.copy_failed),
+            ("kernel_socket_map_full", s.socket_map_full),
+        ]
     }
 }

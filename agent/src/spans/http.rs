@@ -15,6 +15,18 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
 }
 
+impl ConnInfo {
+    /// The kernel's event carrying the addresses was lost (counted as a ring buffer loss).
+    pub const UNKNOWN: Self = Self {
+        local: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+        remote: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+    };
+
+    fn known(addr: SocketAddr) -> Option<SocketAddr> {
+        (addr.port() != 0).then_some(addr)
+    }
+}
+
 /// How an incoming `traceparent` was handled, for counting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParentOutcome {
@@ -149,51 +161,49 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
         format!("1.{}", req.version_minor),
     ));
     attrs.push(Attribute::str("network.transport", "tcp"));
-    attrs.push(Attribute::str(
-        "network.type",
-        if conn.remote.is_ipv4() {
-            "ipv4"
-        } else {
-            "ipv6"
-        },
-    ));
-    attrs.push(Attribute::str(
-        "network.peer.address",
-        conn.remote.ip().to_string(),
-    ));
-    attrs.push(Attribute::int(
-        "network.peer.port",
-        conn.remote.port().into(),
-    ));
+    let (local, remote) = (ConnInfo::known(conn.local), ConnInfo::known(conn.remote));
+    if let Some(remote) = remote {
+        let network_type = if remote.is_ipv4() { "ipv4" } else { "ipv6" };
+        attrs.push(Attribute::str("network.type", network_type));
+        attrs.push(Attribute::str(
+            "network.peer.address",
+            remote.ip().to_string(),
+        ));
+        attrs.push(Attribute::int("network.peer.port", remote.port().into()));
+    }
     let (host_addr, host_port) = req.host.as_deref().map(split_host).unzip();
     let host_port = host_port.flatten();
     match kind {
         SpanKind::Server => {
-            attrs.push(Attribute::str(
-                "server.address",
-                host_addr.unwrap_or_else(|| conn.local.ip().to_string()),
-            ));
-            attrs.push(Attribute::int(
-                "server.port",
-                host_port.unwrap_or(conn.local.port()).into(),
-            ));
-            attrs.push(Attribute::str(
-                "client.address",
-                conn.remote.ip().to_string(),
-            ));
-            attrs.push(Attribute::int("client.port", conn.remote.port().into()));
+            let address = host_addr.or_else(|| local.map(|l| l.ip().to_string()));
+            if let Some(address) = address {
+                attrs.push(Attribute::str("server.address", address));
+            }
+            if let Some(port) = host_port.or(local.map(|l| l.port())) {
+                attrs.push(Attribute::int("server.port", port.into()));
+            }
+            if let Some(remote) = remote {
+                attrs.push(Attribute::str("client.address", remote.ip().to_string()));
+                attrs.push(Attribute::int("client.port", remote.port().into()));
+            }
         }
         SpanKind::Client => {
-            let server = host_addr.unwrap_or_else(|| conn.remote.ip().to_string());
-            let port = host_port.unwrap_or(conn.remote.port());
-            let mut full = format!("http://{server}:{port}{path}");
-            if let Some(q) = query {
-                full.push('?');
-                full.push_str(&redact_query(q));
+            let server = host_addr.or_else(|| remote.map(|r| r.ip().to_string()));
+            let port = host_port.or(remote.map(|r| r.port()));
+            if let (Some(server), Some(port)) = (&server, port) {
+                let mut full = format!("http://{server}:{port}{path}");
+                if let Some(q) = query {
+                    full.push('?');
+                    full.push_str(&redact_query(q));
+                }
+                attrs.push(Attribute::str("url.full", full));
             }
-            attrs.push(Attribute::str("server.address", server));
-            attrs.push(Attribute::int("server.port", port.into()));
-            attrs.push(Attribute::str("url.full", full));
+            if let Some(server) = server {
+                attrs.push(Attribute::str("server.address", server));
+            }
+            if let Some(port) = port {
+                attrs.push(Attribute::int("server.port", port.into()));
+            }
         }
     }
     if let Some(ua) = &req.user_agent {
@@ -427,6 +437,23 @@ mod tests {
             ))
         );
         assert_eq!(span.attr("network.peer.port"), Some(&AttrValue::Int(50000)));
+    }
+
+    #[test]
+    fn unknown_addresses_are_left_out_not_invented() {
+        let ex = exchange(Role::Server, "/", Some(200));
+        let mut ids = IdGenerator::new();
+        let inputs = SpanInputs {
+            exchange: &ex,
+            conn: ConnInfo::UNKNOWN,
+            resource: resource(),
+            clock: Clock::with_offset(0),
+        };
+        let (span, _) = build_span(inputs, &mut ids);
+        assert!(span.attr("client.address").is_none());
+        assert!(span.attr("network.peer.port").is_none());
+        // The Host header still names the server.
+        assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(8080)));
     }
 
     #[test]
