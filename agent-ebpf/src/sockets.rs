@@ -279,8 +279,8 @@ fn copy_iov(payload: &mut [u8; 2 * MAX_CAPTURE], iov: u64, count: u64, want: u64
         if i >= count || done >= want {
             break;
         }
-        let base: u64 = unsafe { read_user::<u64>(iov + i * 16) }.unwrap_or(0);
-        let len: u64 = unsafe { read_user::<u64>(iov + i * 16 + 8) }.unwrap_or(0);
+        // struct iovec { void *iov_base; size_t iov_len; }, read in one go.
+        let [base, len] = unsafe { read_user::<[u64; 2]>(iov + i * 16) }.unwrap_or([0, 0]);
         i += 1;
         if base == 0 || len == 0 {
             continue;
