@@ -4,6 +4,7 @@ mod cli;
 mod event_loop;
 mod events;
 mod export;
+mod idmap;
 mod kernel;
 mod pipeline;
 mod process;

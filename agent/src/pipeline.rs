@@ -3,7 +3,6 @@
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
@@ -12,6 +11,7 @@ use agent_common::{ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, Proce
 
 use crate::{
     events::Event,
+    idmap::IdMap,
     process::Resources,
     protocols::http1::{
         Direction, FeedReport, Http1Stream, HttpExchange, Role, Segment, StreamState,
@@ -65,11 +65,11 @@ pub enum ProcessChange {
 }
 
 pub struct Pipeline<S: SpanSink> {
-    conns: HashMap<(u32, u64), Connection>,
+    conns: IdMap<(u32, u64), Connection>,
     /// accept() returned this fd in this process: its next new socket is a server side.
-    accepted: HashMap<(u32, u32), u64>,
+    accepted: IdMap<(u32, u32), u64>,
     /// connect() was called on this socket: client side.
-    connected: HashMap<(u32, u64), u64>,
+    connected: IdMap<(u32, u64), u64>,
     resources: Resources,
     linker: Linker,
     ids: IdGenerator,
@@ -100,9 +100,9 @@ fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
 impl<S: SpanSink> Pipeline<S> {
     pub fn new(resources: Resources, stats: Arc<Stats>, sink: S) -> Self {
         Self {
-            conns: HashMap::new(),
-            accepted: HashMap::new(),
-            connected: HashMap::new(),
+            conns: IdMap::default(),
+            accepted: IdMap::default(),
+            connected: IdMap::default(),
             resources,
             linker: Linker::default(),
             ids: IdGenerator::new(),
@@ -532,5 +532,82 @@ mod tests {
         mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
         let addr = socket_addr(libc::AF_INET6 as u32, mapped, 80);
         assert_eq!(addr.to_string(), "10.1.2.3:80");
+    }
+}
+
+/// Cost of the event thread per request, without kernel or exporter: replays nginx-like
+/// keep-alive exchanges through the pipeline. Deterministic under
+/// `valgrind --tool=callgrind` (instructions per request); see BENCHMARKS.md.
+#[cfg(test)]
+mod replay_cost {
+    use agent_common::{DATA_FLAG_ADDRESSES, DIR_EGRESS, EventKind, SyscallKind};
+
+    use super::*;
+
+    struct CountingSink(u64);
+    impl SpanSink for CountingSink {
+        fn send(&mut self, span: SpanRecord) {
+            self.0 += 1;
+            std::hint::black_box(span);
+        }
+    }
+
+    const REQUEST: &[u8] = b"GET /api/items/42?page=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 01:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nhello\n";
+
+    fn event(cookie: u64, dir: u32, ts: u64, payload: &[u8], first: bool) -> DataEvent {
+        DataEvent {
+            kind: EventKind::Data as u32,
+            direction: dir,
+            pid: std::process::id(),
+            tid: 1,
+            fd: 3,
+            syscall: SyscallKind::Read as u32,
+            ts_ns: ts,
+            sock_cookie: cookie,
+            bytes: payload.len() as u64,
+            captured: payload.len() as u32,
+            family: libc::AF_INET as u32,
+            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port: 8080,
+            remote_port: 40000 + cookie as u16,
+            flags: if first { DATA_FLAG_ADDRESSES } else { 0 },
+        }
+    }
+
+    #[test]
+    #[ignore = "benchmark: cargo test --release -p agent replay_cost -- --ignored --nocapture"]
+    fn replay_cost() {
+        let requests: u64 = std::env::var("REPLAY_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let mut p = Pipeline::new(
+            Resources::new("bench"),
+            Arc::new(Stats::default()),
+            CountingSink(0),
+        );
+        let start = std::time::Instant::now();
+        for i in 0..requests {
+            let cookie = i % 16;
+            let ts = 1_000 + i * 10;
+            let first = i < 16;
+            p.on_event(Event::Data {
+                header: event(cookie, DIR_INGRESS, ts, REQUEST, first),
+                payload: REQUEST,
+            });
+            p.on_event(Event::Data {
+                header: event(cookie, DIR_EGRESS, ts + 5, RESPONSE, false),
+                payload: RESPONSE,
+            });
+        }
+        let elapsed = start.elapsed();
+        let sink = p.finish();
+        assert_eq!(sink.0, requests, "one span per request");
+        println!(
+            "replay: {requests} requests, {:.0} ns per request (events → spans, no exporter)",
+            elapsed.as_nanos() as f64 / requests as f64
+        );
     }
 }

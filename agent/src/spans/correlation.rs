@@ -7,9 +7,10 @@
 //! Several candidates (an event loop serving concurrent requests) is ambiguous: we do not
 //! guess, the client span stays a root and the case is counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::model::{SpanId, SpanRecord, TraceId};
+use crate::idmap::IdMap;
 
 /// How long a client span waits for its enclosing server span to end (kernel ns).
 pub const HOLD_NS: u64 = 1_000_000_000;
@@ -50,7 +51,7 @@ pub enum LinkOutcome {
 
 #[derive(Default)]
 pub struct Linker {
-    threads: HashMap<(u32, u32), ThreadState>,
+    threads: IdMap<(u32, u32), ThreadState>,
 }
 
 impl Linker {

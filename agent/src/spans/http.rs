@@ -73,6 +73,9 @@ pub fn path_template(path: &str) -> String {
     if path.is_empty() {
         return "/".into();
     }
+    if !path.split('/').any(looks_like_id) {
+        return path.to_string();
+    }
     let mut out = String::with_capacity(path.len());
     for (i, seg) in path.split('/').enumerate() {
         if i > 0 {
