@@ -1,1 +1,2 @@
 pub mod http1;
+pub mod postgres;
