@@ -31,6 +31,9 @@ pub enum EventKind {
     ProcessExit = 5,
     /// Any process called execve: [`ProcessEvent`] (lets userspace select new processes).
     Exec = 6,
+    /// A selected process forked a new process, which the kernel selected at once:
+    /// [`ProcessEvent`] with the child's pid.
+    Fork = 7,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -43,6 +46,7 @@ impl TryFrom<u32> for EventKind {
             4 => Self::Close,
             5 => Self::ProcessExit,
             6 => Self::Exec,
+            7 => Self::Fork,
             other => return Err(other),
         })
     }
@@ -207,8 +211,11 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     /// `struct sock.sk_protocol` (u16).
     pub sk_protocol: u32,
+    /// `struct task_struct.pid` and `.tgid` (i32): tell a new process from a new thread.
+    pub task_pid: u32,
+    pub task_tgid: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 32);
+const _: () = assert!(size_of::<KernelOffsets>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 
-use crate::maps::{TRACKED_SOCKETS, emit, offsets, selected_tgid};
+use crate::maps::{SELECTED, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all};
 
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
@@ -127,6 +127,39 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
     emit(ProcessEvent {
         kind: EventKind::ProcessExit as u32,
         pid: tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    0
+}
+
+/// A selected process forked: the child (a new process, not a thread) is selected here, in the
+/// kernel, so a pre-forked worker or a PostgreSQL backend is traced from its first byte.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn agent_process_fork(ctx: BtfTracePointContext) -> i32 {
+    if trace_all() || selected_tgid().is_none() {
+        return 0;
+    }
+    let child: u64 = ctx.arg(1);
+    if child == 0 {
+        return 0;
+    }
+    let off = offsets();
+    let pid: i32 =
+        unsafe { bpf_probe_read_kernel((child + off.task_pid as u64) as *const i32) }.unwrap_or(0);
+    let tgid: i32 = unsafe { bpf_probe_read_kernel((child + off.task_tgid as u64) as *const i32) }
+        .unwrap_or(-1);
+    if pid <= 0 || pid != tgid {
+        // A new thread of a selected process: already covered by its tgid.
+        return 0;
+    }
+    let child_pid = pid as u32;
+    if SELECTED.insert(&child_pid, &1, 0).is_err() {
+        return 0;
+    }
+    emit(ProcessEvent {
+        kind: EventKind::Fork as u32,
+        pid: child_pid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });

@@ -24,6 +24,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
     sk_protocol: 0,
+    task_pid: 0,
+    task_tgid: 0,
 };
 
 #[inline(always)]
@@ -70,6 +72,10 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 pub fn counters() -> Option<&'static mut KernelStats> {
     COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+pub fn trace_all() -> bool {
+    unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
 }
 
 /// The current process's tgid if it is selected for tracing.

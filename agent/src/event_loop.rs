@@ -134,6 +134,13 @@ fn apply(
                 pipeline.preload(pid);
             }
         }
+        ProcessChange::Fork { pid, comm } => {
+            if selector.adopt(pid, comm.clone()) {
+                log::info!("selected {comm}[{pid}] (forked by a selected process)");
+                Stats::add(&stats.processes_selected, 1);
+            }
+            pipeline.preload(pid);
+        }
         ProcessChange::Exit { pid } => selector.on_exit(pid),
     }
 }

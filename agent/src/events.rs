@@ -14,6 +14,7 @@ pub enum Event<'a> {
     Connect(ConnEvent),
     Close(ConnEvent),
     Exec(ProcessEvent),
+    Fork(ProcessEvent),
     ProcessExit(ProcessEvent),
 }
 
@@ -58,6 +59,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Connect => Event::Connect(read(bytes)?),
         EventKind::Close => Event::Close(read(bytes)?),
         EventKind::Exec => Event::Exec(read(bytes)?),
+        EventKind::Fork => Event::Fork(read(bytes)?),
         EventKind::ProcessExit => Event::ProcessExit(read(bytes)?),
     })
 }

@@ -60,8 +60,18 @@ impl SpanSink for Vec<SpanRecord> {
 /// What the pipeline wants done outside it (process selection lives with the kernel maps).
 #[derive(Debug, PartialEq, Eq)]
 pub enum ProcessChange {
-    Exec { pid: u32, comm: String },
-    Exit { pid: u32 },
+    Exec {
+        pid: u32,
+        comm: String,
+    },
+    /// The kernel selected the child of a selected process.
+    Fork {
+        pid: u32,
+        comm: String,
+    },
+    Exit {
+        pid: u32,
+    },
 }
 
 pub struct Pipeline<S: SpanSink> {
@@ -140,6 +150,10 @@ impl<S: SpanSink> Pipeline<S> {
             }
             Event::Close(ev) => self.on_close(&ev),
             Event::Exec(ev) => return Some(self.on_exec(&ev)),
+            Event::Fork(ev) => {
+                let comm = crate::events::comm_str(&ev.comm);
+                return Some(ProcessChange::Fork { pid: ev.pid, comm });
+            }
             Event::ProcessExit(ev) => {
                 self.on_exit(ev.pid, ev.ts_ns);
                 return Some(ProcessChange::Exit { pid: ev.pid });

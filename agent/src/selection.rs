@@ -220,6 +220,16 @@ impl Selector {
         false
     }
 
+    /// The kernel already selected this process (a fork of a selected one): keep track of it
+    /// so its map entry is removed when it exits. Returns whether it was new to us.
+    pub fn adopt(&mut self, pid: u32, name: String) -> bool {
+        if self.traces_all() || self.selected.contains_key(&pid) {
+            return false;
+        }
+        self.selected.insert(pid, name);
+        true
+    }
+
     pub fn on_exit(&mut self, pid: u32) {
         if self.selected.remove(&pid).is_some()
             && let Some(map) = self.map.as_mut()

@@ -1037,3 +1037,62 @@ fn exe_selection_by_path() {
     // curl's executable is not the python one.
     spans.expect_none(&SpanFilter::any().pid(curl.pid));
 }
+
+#[test]
+fn forked_child_of_a_selected_process_is_traced_from_its_first_request() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut forker = Command::new(python_bin())
+        .arg(tests::fixture("py_forker.py"))
+        .arg(server.url("/hello"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start py_forker.py");
+    let mut stdin = forker.stdin.take().expect("forker stdin");
+    let mut lines = BufReader::new(forker.stdout.take().expect("forker stdout")).lines();
+    let mut next_line = |what: &str| -> String {
+        lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("py_forker.py ended before printing {what}"))
+    };
+    let parent_pid: u32 = next_line("READY")
+        .strip_prefix("READY ")
+        .and_then(|p| p.parse().ok())
+        .expect("READY <pid>");
+    // Only the parent is selected; its child exists only after the agent is ready and makes
+    // its request at once, long before any /proc rescan could find it.
+    let mut agent = Agent::builder().pid(parent_pid).start(&collector);
+    writeln!(stdin, "go").expect("tell the forker to fork");
+    let child_pid: u32 = next_line("CHILD")
+        .strip_prefix("CHILD ")
+        .and_then(|p| p.parse().ok())
+        .expect("CHILD <pid>");
+    let done = next_line("DONE");
+    assert_eq!(done, "DONE 0", "the forked child's request failed");
+    let _ = forker.wait();
+
+    let child_spans = SpanFilter::client().pid(child_pid);
+    collector.wait_for(&child_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+
+    let s = spans.expect_one(&child_spans);
+    check_client_span(
+        "CLIENT span of a process forked by the selected one",
+        s,
+        server.port(),
+        "GET",
+        "/hello",
+        200,
+    )
+    .resource_int("process.pid", i64::from(child_pid))
+    .finish();
+    // The server was not selected.
+    spans.expect_none(&SpanFilter::any().pid(server.pid()));
+}

@@ -215,6 +215,8 @@ impl Btf {
             skc_v6_daddr: sc("skc_v6_daddr")?,
             skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
             sk_protocol: self.member_offset("sock", "sk_protocol")?,
+            task_pid: self.member_offset("task_struct", "pid")?,
+            task_tgid: self.member_offset("task_struct", "tgid")?,
         })
     }
 }
@@ -312,5 +314,7 @@ mod tests {
         assert_eq!(off.skc_dport, 12);
         assert_eq!(off.skc_num, 14);
         assert!(off.sk_protocol > off.skc_v6_rcv_saddr);
+        // pid and tgid are adjacent pid_t fields of task_struct.
+        assert_eq!(off.task_tgid, off.task_pid + 4);
     }
 }

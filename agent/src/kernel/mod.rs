@@ -62,6 +62,7 @@ const TP_BTF: &[(&str, &str)] = &[
     ("agent_sock_recv", "sock_recv_length"),
     ("agent_sock_send", "sock_send_length"),
     ("agent_sock_state", "inet_sock_set_state"),
+    ("agent_process_fork", "sched_process_fork"),
 ];
 
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
