@@ -11,7 +11,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 
-use crate::maps::{SELECTED, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all};
+use crate::maps::{
+    SELECTED, SELECTED_COMMS, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all,
+};
 
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
@@ -106,11 +108,15 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn agent_process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if !trace_all() && SELECTED_COMMS.get_ptr(&comm).is_some() {
+        let _ = SELECTED.insert(&tgid, &1, 0);
+    }
     emit(ProcessEvent {
         kind: EventKind::Exec as u32,
         pid: tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm,
     });
     0
 }

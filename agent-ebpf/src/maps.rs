@@ -47,6 +47,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static SELECTED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
+/// Exact command names to select at exec (`--comm` without glob characters), NUL-padded to
+/// the kernel's 16 bytes: a matching program is traced from its first instruction, before
+/// userspace could react to its exec event.
+#[map]
+pub static SELECTED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(256, 0);
+
 /// Sockets a traced process used (socket cookie → owner), so their close can be reported and
 /// their addresses sent only once.
 #[map]

@@ -89,6 +89,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Some(probes.take_selected()?)
     };
     let mut selector = selection::Selector::new(selection, selected_map);
+    if !selector.traces_all() {
+        let mut comms = probes.take_selected_comms()?;
+        selector
+            .install_exact_comms(&mut comms)
+            .context("cannot hand the --comm names to the kernel")?;
+    }
     if selector.traces_all() {
         eprintln!("agent: tracing all processes (except this agent)");
     } else {

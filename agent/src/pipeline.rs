@@ -1,4 +1,5 @@
-//! Events → connections → HTTP exchanges → spans → (linking) → exporter.
+//! Events → connections → protocol parsers (HTTP/1.x, PostgreSQL) → spans → (linking) →
+//! exporter.
 //!
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
@@ -13,14 +14,16 @@ use crate::{
     events::Event,
     idmap::IdMap,
     process::Resources,
-    protocols::http1::{
-        Direction, FeedReport, Http1Stream, HttpExchange, Role, Segment, StreamState,
+    protocols::{
+        Outputs, Stream, StreamReport,
+        http1::{Direction, Role, Segment},
     },
     spans::{
         context::{Clock, IdGenerator},
         correlation::{HOLD_NS, LinkOutcome, Linker},
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
         model::SpanRecord,
+        postgres::build_db_span,
     },
     stats::Stats,
 };
@@ -33,7 +36,7 @@ const MAX_CONNECTIONS: usize = 100_000;
 const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
 
 struct Connection {
-    stream: Http1Stream,
+    stream: Stream,
     info: ConnInfo,
     last_ns: u64,
     /// Traffic on an ignored port: followed for its lifecycle only.
@@ -89,7 +92,7 @@ pub struct Pipeline<S: SpanSink> {
     /// Traffic to or from these ports is not traced: the agent's own OTLP export, which a
     /// local collector receives and which would otherwise be traced in an endless loop.
     ignored_ports: Vec<u16>,
-    exchanges: Vec<HttpExchange>,
+    out: Outputs,
     released: Vec<(SpanRecord, LinkOutcome)>,
 }
 
@@ -120,7 +123,7 @@ impl<S: SpanSink> Pipeline<S> {
             stats,
             sink,
             ignored_ports: Vec::new(),
-            exchanges: Vec::new(),
+            out: Outputs::default(),
             released: Vec::new(),
         }
     }
@@ -185,7 +188,7 @@ impl<S: SpanSink> Pipeline<S> {
             let ignored = self.ignored_ports.contains(&info.local.port())
                 || self.ignored_ports.contains(&info.remote.port());
             let conn = Connection {
-                stream: Http1Stream::new(hint),
+                stream: Stream::new(hint),
                 info,
                 last_ns: h.ts_ns,
                 ignored,
@@ -204,7 +207,7 @@ impl<S: SpanSink> Pipeline<S> {
         if conn.ignored {
             return;
         }
-        if conn.stream.state() == StreamState::NotHttp {
+        if conn.stream.is_unrecognized() {
             return;
         }
         let direction = if h.direction == DIR_INGRESS {
@@ -219,33 +222,40 @@ impl<S: SpanSink> Pipeline<S> {
             data: payload,
             tid: h.tid,
         };
-        let report = conn.stream.feed(seg, &mut self.exchanges);
-        if direction == Direction::Ingress && conn.stream.role() == Some(Role::Server) {
+        let report = conn.stream.feed(seg, &mut self.out);
+        if direction == Direction::Ingress && conn.stream.serves() {
             self.linker.note_serving(h.pid, h.tid, h.ts_ns);
         }
         let info = conn.info;
         self.count_report(report);
-        self.flush_exchanges(h.pid, info);
+        self.flush(h.pid, info);
     }
 
-    fn count_report(&self, r: FeedReport) {
-        if r.became_not_http {
-            Stats::add(&self.stats.connections_not_http, 1);
-        }
-        if r.resynced {
-            Stats::add(&self.stats.http_resyncs, 1);
-        }
-        if r.headers_truncated {
-            Stats::add(&self.stats.http_headers_truncated, 1);
-        }
+    fn count_report(&self, r: StreamReport) {
+        let s = &self.stats;
+        let count = |counter, yes: bool| Stats::add(counter, u64::from(yes));
+        count(&s.connections_not_http, r.http.became_not_http);
+        count(&s.http_resyncs, r.http.resynced);
+        count(&s.http_headers_truncated, r.http.headers_truncated);
+        count(&s.connections_postgres, r.postgres.became_postgres);
+        count(&s.connections_encrypted, r.postgres.became_encrypted);
+        count(
+            &s.pg_lost_sync,
+            r.postgres.lost_sync || r.postgres.resynced || r.postgres.hostile_length,
+        );
+        Stats::add(
+            &s.pg_unmatched_responses,
+            u64::from(r.postgres.unmatched_responses),
+        );
+        count(&s.connections_unrecognized, r.unrecognized);
     }
 
     fn on_close(&mut self, ev: &ConnEvent) {
         self.connected.remove(&(ev.pid, ev.sock_cookie));
         if let Some(mut conn) = self.conns.remove(&(ev.pid, ev.sock_cookie)) {
-            conn.stream.close(ev.ts_ns, &mut self.exchanges);
+            conn.stream.close(ev.ts_ns, &mut self.out);
             Stats::add(&self.stats.connections_closed, 1);
-            self.flush_exchanges(ev.pid, conn.info);
+            self.flush(ev.pid, conn.info);
         }
     }
 
@@ -267,9 +277,9 @@ impl<S: SpanSink> Pipeline<S> {
             .collect();
         for key in keys {
             if let Some(mut conn) = self.conns.remove(&key) {
-                conn.stream.close(ts, &mut self.exchanges);
+                conn.stream.close(ts, &mut self.out);
                 Stats::add(&self.stats.connections_closed, 1);
-                self.flush_exchanges(pid, conn.info);
+                self.flush(pid, conn.info);
             }
         }
         self.accepted.retain(|(p, _), _| *p != pid);
@@ -283,25 +293,25 @@ impl<S: SpanSink> Pipeline<S> {
         if let Some((&key, _)) = self.conns.iter().min_by_key(|(_, c)| c.last_ns)
             && let Some(mut conn) = self.conns.remove(&key)
         {
-            conn.stream.close(conn.last_ns, &mut self.exchanges);
+            conn.stream.close(conn.last_ns, &mut self.out);
             Stats::add(&self.stats.connections_evicted, 1);
-            self.flush_exchanges(key.0, conn.info);
+            self.flush(key.0, conn.info);
         }
     }
 
-    fn flush_exchanges(&mut self, pid: u32, info: ConnInfo) {
-        if self.exchanges.is_empty() {
+    fn flush(&mut self, pid: u32, info: ConnInfo) {
+        if self.out.is_empty() {
             return;
         }
         let resource = self.resources.get_or_load(pid);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        for ex in &exchanges {
+        let mut out = std::mem::take(&mut self.out);
+        for ex in out.http.drain(..) {
             Stats::add(&self.stats.http_exchanges, 1);
             if ex.status.is_none() {
                 Stats::add(&self.stats.http_incomplete, 1);
             }
             let inputs = SpanInputs {
-                exchange: ex,
+                exchange: &ex,
                 conn: info,
                 resource: resource.clone(),
                 clock: self.clock,
@@ -312,24 +322,33 @@ impl<S: SpanSink> Pipeline<S> {
                 ParentOutcome::Invalid => Stats::add(&self.stats.traceparent_invalid, 1),
                 ParentOutcome::None => {}
             }
-            Stats::add(&self.stats.spans_built, 1);
-            let start = ex.request_start_ns;
             let end = ex.response_end_ns.unwrap_or(ex.request_end_ns);
-            match ex.role {
-                Role::Server => {
-                    self.linker.server_span(pid, ex.tid, start, end, &span);
-                    self.sink.send(span);
-                }
-                Role::Client => {
-                    self.linker
-                        .client_span(pid, ex.tid, start, end, span, &mut self.released);
-                    self.drain_released();
-                }
+            self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span);
+        }
+        for st in out.postgres.drain(..) {
+            Stats::add(&self.stats.db_statements, 1);
+            let span = build_db_span(&st, info, resource.clone(), self.clock, &mut self.ids);
+            self.route(pid, st.role, st.tid, st.start_ns, st.end_ns, span);
+        }
+        // Give the (now empty) buffers back for reuse.
+        self.out = out;
+    }
+
+    /// Server spans go out at once (and may adopt client spans later); client spans may wait
+    /// for the server span their thread is serving.
+    fn route(&mut self, pid: u32, role: Role, tid: u32, start: u64, end: u64, span: SpanRecord) {
+        Stats::add(&self.stats.spans_built, 1);
+        match role {
+            Role::Server => {
+                self.linker.server_span(pid, tid, start, end, &span);
+                self.sink.send(span);
+            }
+            Role::Client => {
+                self.linker
+                    .client_span(pid, tid, start, end, span, &mut self.released);
+                self.drain_released();
             }
         }
-        // Give the allocation back for reuse.
-        self.exchanges = exchanges;
-        self.exchanges.clear();
     }
 
     fn drain_released(&mut self) {
@@ -354,9 +373,9 @@ impl<S: SpanSink> Pipeline<S> {
             .collect();
         for key in idle {
             if let Some(mut conn) = self.conns.remove(&key) {
-                conn.stream.close(conn.last_ns, &mut self.exchanges);
+                conn.stream.close(conn.last_ns, &mut self.out);
                 Stats::add(&self.stats.connections_evicted, 1);
-                self.flush_exchanges(key.0, conn.info);
+                self.flush(key.0, conn.info);
             }
         }
         self.accepted

@@ -61,6 +61,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
+/// A command name as the kernel stores it: at most 15 bytes, NUL-padded to 16.
+fn comm_key(name: &str) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(15);
+    key[..n].copy_from_slice(&bytes[..n]);
+    key
+}
+
 fn read_comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
@@ -153,6 +162,25 @@ impl Selector {
 
     pub fn traces_all(&self) -> bool {
         self.selection.traces_all()
+    }
+
+    /// Hands the kernel the `--comm` names without glob characters, so it selects matching
+    /// programs at exec itself (no window before userspace reacts). Returns how many.
+    pub fn install_exact_comms(
+        &self,
+        comms: &mut BpfHashMap<MapData, [u8; 16], u32>,
+    ) -> Result<usize, aya::maps::MapError> {
+        let mut n = 0;
+        for name in self
+            .selection
+            .comms
+            .iter()
+            .filter(|c| !c.contains(['*', '?']))
+        {
+            comms.insert(&comm_key(name), &1, 0)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     pub fn selected(&self) -> &HashMap<u32, String> {
@@ -253,6 +281,14 @@ mod tests {
         assert!(glob_match("*", ""));
         assert!(!glob_match("a*b", "acd"));
         assert!(glob_match("/usr/sbin/*", "/usr/sbin/nginx"));
+    }
+
+    #[test]
+    fn comm_keys_are_kernel_shaped() {
+        assert_eq!(&comm_key("psql")[..5], b"psql\0");
+        let long = comm_key("a-very-long-program-name");
+        assert_eq!(&long[..15], b"a-very-long-pro");
+        assert_eq!(long[15], 0);
     }
 
     #[test]

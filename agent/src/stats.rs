@@ -32,8 +32,14 @@ counters! {
     connections_closed,
     /// Connections evicted because too many were open or idle.
     connections_evicted,
-    /// Connections whose bytes are not HTTP/1.x (ignored from then on).
+    /// Connections whose bytes are not HTTP/1.x (PostgreSQL is tried next).
     connections_not_http,
+    /// Connections recognised as PostgreSQL.
+    connections_postgres,
+    /// PostgreSQL connections that switched to TLS/GSS encryption (skipped).
+    connections_encrypted,
+    /// Connections in no protocol we parse (ignored from then on).
+    connections_unrecognized,
     /// Parser lost message boundaries and resynchronised on a later message start.
     http_resyncs,
     /// Messages whose header block did not fit in the captured prefix.
@@ -42,6 +48,12 @@ counters! {
     http_incomplete,
     /// HTTP exchanges completed.
     http_exchanges,
+    /// PostgreSQL statement executions seen.
+    db_statements,
+    /// PostgreSQL parser lost message boundaries (capture cut, hostile length) or resynced.
+    pg_lost_sync,
+    /// PostgreSQL responses that matched no request (bytes we could not follow).
+    pg_unmatched_responses,
     /// Incoming `traceparent` headers that were present but invalid (ignored).
     traceparent_invalid,
     /// Incoming `traceparent` headers honoured.

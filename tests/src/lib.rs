@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod clients;
 pub mod collector;
+pub mod postgres;
 pub mod process;
 pub mod servers;
 pub mod spans;
@@ -28,6 +29,10 @@ pub use clients::{
     py_client,
 };
 pub use collector::{AttrValue, Collector, ReceivedSpan, SpanKind, SpanStatus, parse_rotel_output};
+pub use postgres::{
+    PgBackend, PgServer, PgbenchMode, PgbenchOptions, PgbenchRun, PgbenchScript, PsqlRun,
+    PsycopgPlan, PsycopgRun, ServerStatement, pgbench, pgbench_init, psql_run, psycopg_client,
+};
 pub use servers::{HttpServer, NginxServer, NodeServer, PyServer};
 pub use spans::{Checks, SpanFilter, Spans};
 

@@ -161,6 +161,18 @@ impl Probes {
         })
     }
 
+    /// Exact command names the kernel selects at exec (taken once, by the selector).
+    pub fn take_selected_comms(&mut self) -> Result<HashMap<MapData, [u8; 16], u32>, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("SELECTED_COMMS")
+            .ok_or(KernelError::MissingMap("SELECTED_COMMS"))?;
+        HashMap::try_from(map).map_err(|source| KernelError::Map {
+            name: "SELECTED_COMMS",
+            source,
+        })
+    }
+
     /// The per-CPU counters (taken once).
     pub fn take_counters(&mut self) -> Result<KernelCounters, KernelError> {
         let map = self

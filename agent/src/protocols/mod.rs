@@ -1,2 +1,168 @@
+//! Protocol parsers (sans-I/O: segments in, exchanges out) and the choice between them.
+//!
+//! Adding a protocol: a module here, a variant of [`Stream`] and of [`Outputs`], and the
+//! compiler shows every place that must handle it.
+
 pub mod http1;
 pub mod postgres;
+
+use self::{
+    http1::{FeedReport, Http1Stream, HttpExchange, Role, Segment, StreamState},
+    postgres::{PgFeedReport, PgStatement, PgStream, PgStreamState, looks_like_postgres},
+};
+
+/// One connection's parser, chosen from its first captured bytes.
+pub enum Stream {
+    /// No captured byte seen yet; the role hint from accept()/connect(), if any.
+    Undecided(Option<Role>),
+    Http(Http1Stream),
+    Postgres(PgStream),
+    /// Neither protocol (or encrypted): further bytes are ignored.
+    Unrecognized,
+}
+
+/// What parsers produced, drained by the pipeline after each segment.
+#[derive(Default)]
+pub struct Outputs {
+    pub http: Vec<HttpExchange>,
+    pub postgres: Vec<PgStatement>,
+}
+
+impl Outputs {
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.postgres.is_empty()
+    }
+}
+
+/// What happened to a segment, for counting.
+#[derive(Default)]
+pub struct StreamReport {
+    pub http: FeedReport,
+    pub postgres: PgFeedReport,
+    /// The connection was given up as not a protocol we parse.
+    pub unrecognized: bool,
+}
+
+impl Stream {
+    pub fn new(role_hint: Option<Role>) -> Self {
+        Self::Undecided(role_hint)
+    }
+
+    pub fn is_unrecognized(&self) -> bool {
+        matches!(self, Self::Unrecognized)
+    }
+
+    /// The process is the server side (it receives requests).
+    pub fn serves(&self) -> bool {
+        match self {
+            Self::Http(s) => s.role() == Some(Role::Server),
+            Self::Postgres(s) => s.role() == Some(Role::Server),
+            Self::Undecided(_) | Self::Unrecognized => false,
+        }
+    }
+
+    pub fn feed(&mut self, seg: Segment<'_>, out: &mut Outputs) -> StreamReport {
+        let mut report = StreamReport::default();
+        if let Self::Undecided(hint) = *self {
+            if seg.data.is_empty() {
+                return report;
+            }
+            // HTTP never passes the PostgreSQL check: its first bytes read as a length > 1 GiB.
+            *self = if looks_like_postgres(seg.data, seg.direction) {
+                Self::Postgres(PgStream::new(hint))
+            } else {
+                Self::Http(Http1Stream::new(hint))
+            };
+        }
+        match self {
+            Self::Http(s) => {
+                report.http = s.feed(seg, &mut out.http);
+                if s.state() == StreamState::NotHttp && report.http.became_not_http {
+                    // Perhaps PostgreSQL picked up mid-stream: give it the next segments.
+                    *self = Self::Postgres(PgStream::new(None));
+                }
+            }
+            Self::Postgres(s) => {
+                report.postgres = s.feed(seg, &mut out.postgres);
+                if matches!(
+                    s.state(),
+                    PgStreamState::NotPostgres | PgStreamState::Encrypted
+                ) {
+                    *self = Self::Unrecognized;
+                    report.unrecognized = true;
+                }
+            }
+            Self::Undecided(_) | Self::Unrecognized => {}
+        }
+        report
+    }
+
+    pub fn close(&mut self, ts_ns: u64, out: &mut Outputs) {
+        match self {
+            Self::Http(s) => s.close(ts_ns, &mut out.http),
+            Self::Postgres(s) => s.close(ts_ns, &mut out.postgres),
+            Self::Undecided(_) | Self::Unrecognized => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::http1::Direction;
+
+    fn seg(direction: Direction, data: &[u8]) -> Segment<'_> {
+        Segment {
+            direction,
+            ts_ns: 1,
+            len: data.len() as u64,
+            data,
+            tid: 1,
+        }
+    }
+
+    #[test]
+    fn chooses_http_for_http() {
+        for first in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST /a HTTP/1.1\r\n",
+            b"PATCH /a HTTP/1.1\r\n",
+            b"HEAD / HTTP/1.0\r\n",
+        ] {
+            let mut s = Stream::new(None);
+            s.feed(seg(Direction::Ingress, first), &mut Outputs::default());
+            assert!(
+                matches!(s, Stream::Http(_)),
+                "{:?}",
+                String::from_utf8_lossy(first)
+            );
+        }
+    }
+
+    #[test]
+    fn chooses_postgres_for_a_startup_message() {
+        let ssl_request = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
+        let mut s = Stream::new(Some(Role::Client));
+        s.feed(seg(Direction::Egress, ssl_request), &mut Outputs::default());
+        assert!(matches!(s, Stream::Postgres(_)));
+    }
+
+    #[test]
+    fn garbage_ends_unrecognized_and_stays_quiet() {
+        let mut s = Stream::new(Some(Role::Server));
+        let mut out = Outputs::default();
+        let mut unrecognized = 0;
+        for i in 0..200u32 {
+            let junk: Vec<u8> = (0..64u32)
+                .map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(17)) as u8 | 0x80)
+                .collect();
+            unrecognized += u32::from(
+                s.feed(seg(Direction::Ingress, &junk), &mut out)
+                    .unrecognized,
+            );
+        }
+        assert!(s.is_unrecognized());
+        assert_eq!(unrecognized, 1, "given up once");
+        assert!(out.is_empty());
+    }
+}

@@ -35,11 +35,6 @@
 //! - `SSLRequest`/`GSSENCRequest` answered `S`/`G`: the rest is encrypted
 //!   ([`PgStreamState::Encrypted`]) and ignored.
 
-#![allow(
-    dead_code,
-    reason = "wired into the pipeline with the PostgreSQL spans (issue 3)"
-)]
-
 mod sql;
 mod wire;
 
@@ -211,12 +206,9 @@ pub fn looks_like_postgres(first_bytes: &[u8], direction: Direction) -> bool {
         || wire::plausible_chain(Kind::Backend, first_bytes, total)
 }
 
-/// Longest text [`sanitize_query`] returns.
-pub const MAX_SANITIZED_LEN: usize = sql::MAX_SANITIZED_LEN;
-
 /// The query with every literal (strings of any kind, dollar-quoted strings, numbers)
 /// replaced by `?`, comments removed and whitespace collapsed; keywords (`true`, `NULL` too),
-/// identifiers, operators and `$n` parameters kept. At most [`MAX_SANITIZED_LEN`] bytes.
+/// identifiers, operators and `$n` parameters kept. At most [`sql::MAX_SANITIZED_LEN`] bytes.
 pub fn sanitize_query(sql: &str) -> String {
     sql::sanitize_query(sql)
 }
@@ -340,6 +332,7 @@ enum Item {
     },
     Bind,
     Describe {
+        #[allow(dead_code, reason = "shown in Debug output of the request queue")]
         statement: bool,
     },
     Execute(Exec),
@@ -561,6 +554,7 @@ impl PgStream {
     }
 
     /// The StartupMessage's parameters, when it was seen.
+    #[cfg(test)]
     pub fn startup(&self) -> Option<&PgStartup> {
         self.startup.as_ref()
     }
@@ -1755,6 +1749,7 @@ struct Msg<'a> {
     len: u32,
     /// Body when kept (possibly only a prefix: `cut`), else empty.
     body: &'a [u8],
+    #[allow(dead_code, reason = "shown in Debug output of a message")]
     cut: bool,
     /// Timestamp and thread of the segment holding the first byte.
     start_ts: u64,

@@ -22,7 +22,7 @@ impl ConnInfo {
         remote: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
     };
 
-    fn known(addr: SocketAddr) -> Option<SocketAddr> {
+    pub fn known(addr: SocketAddr) -> Option<SocketAddr> {
         (addr.port() != 0).then_some(addr)
     }
 }

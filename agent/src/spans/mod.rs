@@ -3,3 +3,4 @@ pub mod context;
 pub mod correlation;
 pub mod http;
 pub mod model;
+pub mod postgres;

@@ -1,0 +1,144 @@
+//! Privileged end-to-end tests of PostgreSQL tracing: a real PostgreSQL server and real
+//! unmodified clients; the real agent; a real OTLP collector. Both sides are traced: the client
+//! process (frontend) gives CLIENT spans, the postgres backend process gives SERVER spans.
+
+use tests::postgres::{PSQL_DEMO, PSQL_DEMO_ERRORS};
+use tests::{
+    Agent, Collector, PgServer, ReceivedSpan, SpanKind, SpanStatus, Spans, psql_run, require_root,
+};
+
+/// Spans of `kind` whose resource is process `pid`, in end order.
+fn of_process(spans: &Spans, kind: SpanKind, pid: u32) -> Vec<&ReceivedSpan> {
+    let mut v: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.kind == kind && s.pid() == Some(pid))
+        .collect();
+    v.sort_by_key(|s| (s.end_unix_nanos, s.start_unix_nanos));
+    v
+}
+
+fn expected_operation(sql: &str) -> &str {
+    sql.split_whitespace().next().unwrap_or_default()
+}
+
+/// One span per statement, in order, with operation, outcome and SQLSTATE right.
+fn check_statements(
+    side: &str,
+    got: &[&ReceivedSpan],
+    statements: &[&str],
+    errors: &[(usize, &str)],
+) {
+    let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        got.len(),
+        statements.len(),
+        "{side}: expected one span per statement ({statements:?}), got {names:?}"
+    );
+    for (i, (span, sql)) in got.iter().zip(statements).enumerate() {
+        let what = format!("{side} span #{i} for {sql:?} (got name {:?})", span.name);
+        assert_eq!(
+            span.attr_str("db.system.name"),
+            Some("postgresql"),
+            "{what}"
+        );
+        assert_eq!(
+            span.attr_str("db.operation.name"),
+            Some(expected_operation(sql)),
+            "{what}"
+        );
+        let text = span
+            .attr_str("db.query.text")
+            .unwrap_or_else(|| panic!("{what}: no db.query.text"));
+        assert!(
+            !text.contains("'one'") && !text.contains("'TWO'"),
+            "{what}: literals must be redacted: {text}"
+        );
+        match errors.iter().find(|(at, _)| *at == i) {
+            Some((_, sqlstate)) => {
+                assert_eq!(
+                    span.attr_str("db.response.status_code"),
+                    Some(*sqlstate),
+                    "{what}"
+                );
+                assert_eq!(span.status, SpanStatus::Error, "{what}: status");
+            }
+            None => {
+                assert_eq!(span.attr_str("db.response.status_code"), None, "{what}");
+                assert_ne!(span.status, SpanStatus::Error, "{what}: status");
+            }
+        }
+        assert!(
+            span.end_unix_nanos >= span.start_unix_nanos,
+            "{what}: negative duration"
+        );
+    }
+}
+
+#[test]
+fn psql_statements_give_client_and_server_spans() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PgServer::start();
+    // The postmaster is selected; the backends it forks are selected by the kernel at fork.
+    // psql is selected by name at exec, in the kernel, before its first byte.
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("psql")
+        .start(&collector);
+
+    let run = psql_run(&server, "postgres", &PSQL_DEMO);
+    let backend = server
+        .statements()
+        .iter()
+        .find(|s| s.application == "psql")
+        .map(|s| s.backend_pid)
+        .expect("the server logged psql's statements");
+    let n = PSQL_DEMO.len();
+    collector.wait_for_spans(
+        "psql client and backend spans",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            of_process(spans, SpanKind::Client, run.pid).len() >= n
+                && of_process(spans, SpanKind::Server, backend).len() >= n
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    let client = of_process(&spans, SpanKind::Client, run.pid);
+    check_statements("psql CLIENT", &client, &PSQL_DEMO, &PSQL_DEMO_ERRORS);
+    let served = of_process(&spans, SpanKind::Server, backend);
+    check_statements(
+        "postgres backend SERVER",
+        &served,
+        &PSQL_DEMO,
+        &PSQL_DEMO_ERRORS,
+    );
+
+    // The SELECT returned two rows; both sides say so.
+    for span in [client[2], served[2]] {
+        assert_eq!(
+            span.attr_i64("db.response.returned_rows"),
+            Some(2),
+            "{}",
+            span.name
+        );
+        assert_eq!(span.name, "SELECT e2e_items");
+    }
+    // Timing: every client span lies inside psql's run, and psql measured each statement.
+    for (span, st) in client.iter().zip(&run.statements) {
+        let duration = span.end_unix_nanos - span.start_unix_nanos;
+        assert!(
+            span.start_unix_nanos >= run.timing.start_unix_nanos
+                && span.end_unix_nanos <= run.timing.end_unix_nanos,
+            "client span {:?} outside psql's run window",
+            span.name
+        );
+        assert!(
+            duration <= st.client_duration_nanos + 2_000_000,
+            "client span {:?} lasted {duration} ns, psql measured {} ns",
+            span.name,
+            st.client_duration_nanos
+        );
+    }
+}
