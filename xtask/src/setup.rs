@@ -12,6 +12,8 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const ROTEL_VERSION: &str = "0.0.1a15";
+const OTEL_PYTHON_VERSION: &str = "1.45.2";
+const PSYCOPG_VERSION: &str = "3.3.9";
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")
@@ -51,6 +53,31 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs the Python packages whose pinned version is not there yet.
+fn pip_install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<String> = packages
+        .iter()
+        .filter(|(name, version)| {
+            output(Command::new("python3").args(["-m", "pip", "show", name]))
+                .is_none_or(|s| !s.lines().any(|l| l == format!("Version: {version}")))
+        })
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (PyPI)", missing.join(" "));
+    sh(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))
 }
 
 pub fn run(test_deps: bool) -> Result<()> {
@@ -109,20 +136,21 @@ pub fn run(test_deps: bool) -> Result<()> {
             "iproute2",
             "bpftool",
             "procps",
+            "postgresql",
         ])?;
-        let rotel_ok = output(Command::new("python3").args(["-m", "pip", "show", "rotel"]))
-            .is_some_and(|s| s.contains(&format!("Version: {ROTEL_VERSION}")));
-        if !rotel_ok {
-            eprintln!("xtask: installing the rotel OpenTelemetry collector {ROTEL_VERSION} (PyPI)");
-            sh(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                &format!("rotel=={ROTEL_VERSION}"),
-            ]))?;
-        }
+        // Python packages, pinned: the rotel collector (the OTLP receiver the end-to-end tests
+        // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test) and
+        // psycopg 3 (a real PostgreSQL driver).
+        pip_install(&[
+            ("rotel", ROTEL_VERSION),
+            ("opentelemetry-sdk", OTEL_PYTHON_VERSION),
+            (
+                "opentelemetry-exporter-otlp-proto-grpc",
+                OTEL_PYTHON_VERSION,
+            ),
+            ("psycopg", PSYCOPG_VERSION),
+            ("psycopg-binary", PSYCOPG_VERSION),
+        ])?;
         if !have("node") {
             bail!("node is missing after installing nodejs");
         }
