@@ -142,3 +142,163 @@ fn psql_statements_give_client_and_server_spans() {
         );
     }
 }
+
+#[test]
+fn pgbench_in_every_protocol_mode_gives_one_span_per_statement() {
+    use tests::postgres::PGBENCH_SETUP_STATEMENTS;
+    use tests::{PgbenchMode, PgbenchOptions, PgbenchScript, pgbench, pgbench_init};
+
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PgServer::start();
+    pgbench_init(&server, "postgres", 1);
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("pgbench")
+        .start(&collector);
+
+    let mut runs = Vec::new();
+    for mode in [
+        PgbenchMode::Simple,
+        PgbenchMode::Extended,
+        PgbenchMode::Prepared,
+    ] {
+        let options = PgbenchOptions {
+            mode,
+            script: PgbenchScript::SelectOnly,
+            transactions: 25,
+            clients: 1,
+        };
+        runs.push(pgbench(&server, "postgres", options));
+    }
+    let expected = |run: &tests::PgbenchRun| PGBENCH_SETUP_STATEMENTS + run.statements();
+    collector.wait_for_spans(
+        "pgbench client spans",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            runs.iter()
+                .all(|run| of_process(spans, SpanKind::Client, run.pid).len() >= expected(run))
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    for run in &runs {
+        let mode = run.options.mode;
+        let client = of_process(&spans, SpanKind::Client, run.pid);
+        assert_eq!(
+            client.len(),
+            expected(run),
+            "{mode:?}: N statements sent → N client spans"
+        );
+        // The benchmark statements (after the setup connection's) are all the select-only
+        // script's SELECT, each with its text, even the prepared ones executed by name.
+        let bench: Vec<_> = client
+            .iter()
+            .filter(|s| s.attr_str("db.collection.name") == Some("pgbench_accounts"))
+            .collect();
+        assert_eq!(
+            bench.len(),
+            run.statements(),
+            "{mode:?}: spans on pgbench_accounts"
+        );
+        for s in &bench {
+            assert_eq!(s.attr_str("db.operation.name"), Some("SELECT"), "{mode:?}");
+            assert_eq!(s.attr_i64("db.response.returned_rows"), Some(1), "{mode:?}");
+            assert!(
+                s.attr_str("db.query.text")
+                    .is_some_and(|t| t.contains("pgbench_accounts")),
+                "{mode:?}"
+            );
+        }
+    }
+    // Server side: every backend that served pgbench produced one span per statement too.
+    let backends: std::collections::BTreeSet<u32> = server
+        .statements()
+        .iter()
+        .filter(|s| s.application == "pgbench")
+        .map(|s| s.backend_pid)
+        .collect();
+    let served: usize = backends
+        .iter()
+        .map(|pid| of_process(&spans, SpanKind::Server, *pid).len())
+        .sum();
+    let sent: usize = runs.iter().map(expected).sum();
+    assert_eq!(
+        served, sent,
+        "N statements sent → N server spans (backends {backends:?})"
+    );
+}
+
+#[test]
+fn psycopg_pipeline_mode_matches_responses_in_order_and_marks_skipped_statements() {
+    use tests::postgres::StatementOutcome;
+    use tests::{PsycopgPlan, psycopg_client};
+
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PgServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("python3*")
+        .start(&collector);
+    let plan = PsycopgPlan {
+        simple: 2,
+        prepared: 3,
+        pipeline: 5,
+        pipeline_fail_at: 2,
+    };
+    let run = psycopg_client(&server, "postgres", plan);
+    let n = run.statements.len();
+    collector.wait_for_spans(
+        "psycopg spans",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            of_process(spans, SpanKind::Client, run.pid).len() >= n
+                && of_process(spans, SpanKind::Server, run.backend_pid).len() >= n
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    for (side, got) in [
+        (
+            "psycopg CLIENT",
+            of_process(&spans, SpanKind::Client, run.pid),
+        ),
+        (
+            "backend SERVER",
+            of_process(&spans, SpanKind::Server, run.backend_pid),
+        ),
+    ] {
+        assert_eq!(
+            got.len(),
+            n,
+            "{side}: one span per statement: {:?}",
+            got.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+        // Pipelined statements can end in the same segment: compare as a multiset per outcome.
+        for outcome in [
+            StatementOutcome::Ok,
+            StatementOutcome::Error,
+            StatementOutcome::Skipped,
+        ] {
+            let want = run
+                .statements
+                .iter()
+                .filter(|s| s.outcome == outcome)
+                .count();
+            let have = got
+                .iter()
+                .filter(|s| match outcome {
+                    StatementOutcome::Ok => s.status != SpanStatus::Error,
+                    StatementOutcome::Error => {
+                        s.attr_str("db.response.status_code") == Some("42P01")
+                    }
+                    StatementOutcome::Skipped => s.attr("agent.db.skipped").is_some(),
+                })
+                .count();
+            assert_eq!(have, want, "{side}: statements with outcome {outcome:?}");
+        }
+    }
+}
