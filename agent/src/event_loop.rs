@@ -32,6 +32,7 @@ pub struct LoopConfig {
     pub stats_interval: Duration,
     /// Ports whose traffic is not traced (the OTLP endpoint's).
     pub ignored_ports: Vec<u16>,
+    pub raw_db_query: bool,
 }
 
 /// Kernel events are written without wake-ups; we poll at this period (the kernel forces a
@@ -52,11 +53,13 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         stop,
         stats_interval,
         ignored_ports,
+        raw_db_query,
     } = cfg;
     let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
     for port in ignored_ports {
         pipeline.ignore_port(port);
     }
+    pipeline.record_raw_db_query(raw_db_query);
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
     let fd = events.as_raw_fd();

@@ -121,6 +121,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
         ignored_ports,
+        raw_db_query: cli.db_raw_query,
     };
     let worker = std::thread::Builder::new()
         .name("events".into())

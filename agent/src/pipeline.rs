@@ -92,6 +92,8 @@ pub struct Pipeline<S: SpanSink> {
     /// Traffic to or from these ports is not traced: the agent's own OTLP export, which a
     /// local collector receives and which would otherwise be traced in an endless loop.
     ignored_ports: Vec<u16>,
+    /// Record SQL text as sent instead of with placeholders.
+    raw_db_query: bool,
     out: Outputs,
     released: Vec<(SpanRecord, LinkOutcome)>,
 }
@@ -123,9 +125,14 @@ impl<S: SpanSink> Pipeline<S> {
             stats,
             sink,
             ignored_ports: Vec::new(),
+            raw_db_query: false,
             out: Outputs::default(),
             released: Vec::new(),
         }
+    }
+
+    pub fn record_raw_db_query(&mut self, raw: bool) {
+        self.raw_db_query = raw;
     }
 
     pub fn ignore_port(&mut self, port: u16) {
@@ -327,7 +334,14 @@ impl<S: SpanSink> Pipeline<S> {
         }
         for st in out.postgres.drain(..) {
             Stats::add(&self.stats.db_statements, 1);
-            let span = build_db_span(&st, info, resource.clone(), self.clock, &mut self.ids);
+            let span = build_db_span(
+                &st,
+                self.raw_db_query,
+                info,
+                resource.clone(),
+                self.clock,
+                &mut self.ids,
+            );
             self.route(pid, st.role, st.tid, st.start_ns, st.end_ns, span);
         }
         // Give the (now empty) buffers back for reuse.

@@ -74,6 +74,15 @@ fn sdk_version() -> &'static str {
 }
 
 /// Reads `/proc/PID` and builds the OpenTelemetry resource of that process.
+/// Services whose executable name is not the name users know them by.
+fn well_known_service(exe_name: &str) -> Option<&'static str> {
+    match exe_name {
+        // Every PostgreSQL server process (postmaster and backends) runs the `postgres` binary.
+        "postgres" => Some("postgresql"),
+        _ => None,
+    }
+}
+
 pub fn resource_for_pid(pid: u32, host_name: &str) -> Result<Resource, ProcessError> {
     resource_from_proc(Path::new("/proc"), pid, host_name)
 }
@@ -146,6 +155,8 @@ fn resource_from_proc(
         .unwrap_or_else(|| {
             if exe_name.is_empty() {
                 format!("unknown:{pid}")
+            } else if let Some(name) = well_known_service(&exe_name) {
+                name.to_string()
             } else {
                 exe_name.clone()
             }
@@ -603,6 +614,17 @@ fn redact_url_passwords(s: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod well_known_tests {
+    use super::well_known_service;
+
+    #[test]
+    fn postgres_backends_are_the_postgresql_service() {
+        assert_eq!(well_known_service("postgres"), Some("postgresql"));
+        assert_eq!(well_known_service("python3.11"), None);
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,12 @@ fn psql_statements_give_client_and_server_spans() {
         &PSQL_DEMO_ERRORS,
     );
 
+    assert_eq!(
+        served[0].service_name(),
+        Some("postgresql"),
+        "backend resource"
+    );
+    assert_eq!(client[0].service_name(), Some("psql"), "client resource");
     // The SELECT returned two rows; both sides say so.
     for span in [client[2], served[2]] {
         assert_eq!(

@@ -12,8 +12,11 @@ use crate::protocols::{
     postgres::{PgOutcome, PgStatement, query_summary, sanitize_query},
 };
 
+/// `raw_query`: record statement text as sent (`--db-raw-query`); otherwise literals are
+/// replaced by placeholders.
 pub fn build_db_span(
     st: &PgStatement,
+    raw_query: bool,
     conn: ConnInfo,
     resource: Arc<Resource>,
     clock: Clock,
@@ -49,7 +52,8 @@ pub fn build_db_span(
         attrs.push(Attribute::str("db.query.summary", summary.clone()));
     }
     match &st.query {
-        // Literals are replaced by placeholders: statement text carries personal data.
+        // Literals are replaced by placeholders unless asked: statement text carries personal data.
+        Some(q) if raw_query => attrs.push(Attribute::str("db.query.text", q.clone())),
         Some(q) => attrs.push(Attribute::str("db.query.text", sanitize_query(q))),
         // Prepared before the agent started watching this connection: say so.
         None => attrs.push(Attribute::bool("agent.db.query.text_unknown", true)),
@@ -213,6 +217,31 @@ mod tests {
         assert_eq!(attr(&span, "server.port"), Some(&AttrValue::Int(5432)));
         assert_eq!(span.end_unix_nanos - span.start_unix_nanos, 250);
         assert_eq!(span.status, SpanStatus::Unset);
+    }
+
+    #[test]
+    fn raw_text_only_when_asked() {
+        let st = statement(Some("SELECT 1 FROM users WHERE email = 'a@b'"));
+        let conn = ConnInfo::UNKNOWN;
+        let resource = Arc::new(Resource {
+            pid: 1,
+            service_name: "app".into(),
+            attributes: vec![],
+        });
+        let span = build_db_span(
+            &st,
+            true,
+            conn,
+            resource,
+            Clock::with_offset(0),
+            &mut IdGenerator::new(),
+        );
+        assert_eq!(
+            attr(&span, "db.query.text"),
+            Some(&AttrValue::Str(
+                "SELECT 1 FROM users WHERE email = 'a@b'".into()
+            ))
+        );
     }
 
     #[test]
