@@ -308,3 +308,55 @@ fn psycopg_pipeline_mode_matches_responses_in_order_and_marks_skipped_statements
         }
     }
 }
+
+#[test]
+fn query_made_while_serving_an_http_request_is_a_child_of_its_server_span() {
+    use tests::{Curl, HttpServer, PyServer, SpanFilter};
+
+    let _serial = require_root();
+    let collector = Collector::start();
+    let db = PgServer::start();
+    let conninfo = db.conninfo("postgres");
+    // ThreadingHTTPServer: one thread per connection serves the request and makes the query.
+    let web = PyServer::start_with_env(&[("E2E_PG_CONNINFO", conninfo.as_str())]);
+    let mut agent = Agent::builder()
+        .pid(web.pid())
+        .pid(db.pid())
+        .start(&collector);
+
+    Curl::get(web.url("/db")).run();
+    let http_server = SpanFilter::server().pid(web.pid()).path("/db");
+    collector.wait_for_spans(
+        "HTTP server span and its query",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            !spans.matching(&http_server).is_empty()
+                && of_process(spans, SpanKind::Client, web.pid())
+                    .iter()
+                    .any(|s| s.attr_str("db.collection.name") == Some("pg_class"))
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    let parent = spans.expect_one(&http_server);
+    let query = of_process(&spans, SpanKind::Client, web.pid())
+        .into_iter()
+        .find(|s| s.attr_str("db.collection.name") == Some("pg_class"))
+        .expect("the query's CLIENT span");
+    assert_eq!(query.attr_str("db.system.name"), Some("postgresql"));
+    assert_eq!(
+        query.trace_id, parent.trace_id,
+        "the query joins the request's trace"
+    );
+    assert_eq!(
+        query.parent_span_id.as_deref(),
+        Some(parent.span_id.as_str()),
+        "parent: the HTTP server span"
+    );
+    assert!(
+        query.start_unix_nanos >= parent.start_unix_nanos
+            && query.end_unix_nanos <= parent.end_unix_nanos,
+        "the query lies inside the request"
+    );
+}
