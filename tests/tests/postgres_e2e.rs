@@ -360,3 +360,249 @@ fn query_made_while_serving_an_http_request_is_a_child_of_its_server_span() {
         "the query lies inside the request"
     );
 }
+
+/// A statement's window with the slack of the psql test (the agent's clock conversion, the
+/// clients' own clock readings).
+fn within(span: &ReceivedSpan, window: &tests::Timing, what: &str) {
+    const SLACK: u64 = 2_000_000;
+    assert!(
+        span.start_unix_nanos + SLACK >= window.start_unix_nanos
+            && span.end_unix_nanos <= window.end_unix_nanos + SLACK,
+        "{what}: span [{}, {}] outside the client's window [{}, {}]",
+        span.start_unix_nanos,
+        span.end_unix_nanos,
+        window.start_unix_nanos,
+        window.end_unix_nanos
+    );
+    let duration = span.end_unix_nanos.saturating_sub(span.start_unix_nanos);
+    assert!(
+        duration <= window.duration_nanos + SLACK,
+        "{what}: span lasted {duration} ns, the client measured {} ns",
+        window.duration_nanos
+    );
+}
+
+/// The one backend that served `application`, and how many statements it logged.
+fn backend_of(server: &PgServer, application: &str) -> (u32, usize) {
+    let logged: Vec<_> = server
+        .statements()
+        .into_iter()
+        .filter(|s| s.application == application)
+        .collect();
+    let backends: std::collections::BTreeSet<u32> = logged.iter().map(|s| s.backend_pid).collect();
+    assert_eq!(
+        backends.len(),
+        1,
+        "one backend logged {application}'s statements: {backends:?}"
+    );
+    (*backends.first().expect("one backend"), logged.len())
+}
+
+#[test]
+fn node_postgres_simple_extended_and_named_statements_give_one_span_each() {
+    use tests::pg_clients::{NODE_PG_APP, NodePgPlan, node_pg_client, node_pg_dir};
+
+    let _serial = require_root();
+    node_pg_dir(); // `npm ci` when node_modules is missing, before anything is timed.
+    let collector = Collector::start();
+    let server = PgServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm(&tests::node_exe_name())
+        .start(&collector);
+
+    let run = node_pg_client(&server, "postgres", NodePgPlan::default());
+    let n = run.statements.len();
+    let (backend, logged) = backend_of(&server, NODE_PG_APP);
+    assert_eq!(
+        Some(backend),
+        run.backend_pid,
+        "the backend node-postgres was told (BackendKeyData) logged its statements"
+    );
+    assert_eq!(logged, n, "the server logged every statement: {}", run.json);
+    collector.wait_for_spans(
+        "node-postgres client and backend spans",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            of_process(spans, SpanKind::Client, run.pid).len() >= n
+                && of_process(spans, SpanKind::Server, backend).len() >= n
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    let queries: Vec<&str> = run.statements.iter().map(|s| s.query.as_str()).collect();
+    let errors = run.errors();
+    for (side, got) in [
+        ("node CLIENT", of_process(&spans, SpanKind::Client, run.pid)),
+        (
+            "backend SERVER",
+            of_process(&spans, SpanKind::Server, backend),
+        ),
+    ] {
+        // node-postgres waits for each answer: one span per statement, in order.
+        check_statements(side, &got, &queries, &errors);
+        for (i, (span, st)) in got.iter().zip(&run.statements).enumerate() {
+            let what = format!(
+                "{side} span #{i} ({} #{}: {:?})",
+                st.phase, st.index, st.query
+            );
+            // Every execution carries its own text, also the named statement's after its Parse.
+            let marker = match st.phase.as_str() {
+                "simple" => "AS simple",
+                "params" => "generate_series",
+                "error" => "nope",
+                "named" => "doubled",
+                other => panic!("unexpected phase {other}"),
+            };
+            let text = span.attr_str("db.query.text").unwrap_or_default();
+            assert!(text.contains(marker), "{what}: db.query.text {text:?}");
+            assert!(span.attr("agent.db.skipped").is_none(), "{what}: skipped");
+            match st.sqlstate {
+                None => assert_eq!(
+                    span.attr_i64("db.response.returned_rows"),
+                    Some(st.rows as i64),
+                    "{what}: rows"
+                ),
+                Some(_) => {
+                    assert_eq!(span.attr_i64("db.response.returned_rows"), None, "{what}");
+                    assert_eq!(span.name, "SELECT nope", "{what}");
+                }
+            }
+            within(span, &st.timing, &what);
+        }
+    }
+}
+
+#[test]
+fn tokio_postgres_pipelined_executions_give_one_span_each() {
+    use tests::pg_clients::{
+        PgClientRun, TOKIO_PG_EXE, TokioPgPlan, TokioRuntime, pg_tokio_bin, tokio_pg_client,
+    };
+    use tests::postgres::StatementOutcome;
+
+    let _serial = require_root();
+    pg_tokio_bin(); // Built once (about 2 minutes from scratch), before anything is timed.
+    let collector = Collector::start();
+    let server = PgServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm(TOKIO_PG_EXE)
+        .start(&collector);
+
+    // The same client on both runtimes: on the multi-thread one the connection task writes and
+    // reads on a worker thread; on the current-thread one every request is queued first.
+    let runs: Vec<(PgClientRun, u32)> = [TokioRuntime::MultiThread, TokioRuntime::CurrentThread]
+        .into_iter()
+        .map(|runtime| {
+            let plan = TokioPgPlan {
+                runtime,
+                ..TokioPgPlan::default()
+            };
+            let run = tokio_pg_client(&server, "postgres", plan);
+            let (backend, logged) = backend_of(&server, plan.application());
+            assert_eq!(
+                logged,
+                run.statements.len(),
+                "{runtime:?}: the server logged every execution: {}",
+                run.json
+            );
+            (run, backend)
+        })
+        .collect();
+    collector.wait_for_spans(
+        "tokio-postgres client and backend spans",
+        std::time::Duration::from_secs(15),
+        |spans| {
+            runs.iter().all(|(run, backend)| {
+                of_process(spans, SpanKind::Client, run.pid).len() >= run.statements.len()
+                    && of_process(spans, SpanKind::Server, *backend).len() >= run.statements.len()
+            })
+        },
+    );
+    agent.stop();
+    let spans = collector.settle();
+
+    for (run, backend) in &runs {
+        let n = run.statements.len();
+        let pipeline = run.pipeline.expect("pipeline window");
+        for (side, got) in [
+            (
+                format!("{} CLIENT", run.application),
+                of_process(&spans, SpanKind::Client, run.pid),
+            ),
+            (
+                format!("{} backend SERVER", run.application),
+                of_process(&spans, SpanKind::Server, *backend),
+            ),
+        ] {
+            let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+            // The prepare (Parse/Describe/Sync) and the final Close execute nothing: no span.
+            assert_eq!(got.len(), n, "{side}: one span per execution: {names:?}");
+            for span in &got {
+                assert_eq!(span.attr_str("db.operation.name"), Some("SELECT"), "{side}");
+                assert!(
+                    span.attr("agent.db.skipped").is_none(),
+                    "{side}: every execution has its own Sync, none is skipped: {}",
+                    span.summary()
+                );
+            }
+            // The pipelined answers may share a segment: compare outcomes and rows as multisets.
+            let (piped, after): (Vec<&ReceivedSpan>, Vec<&ReceivedSpan>) = got
+                .iter()
+                .partition(|s| s.attr_str("db.response.status_code") != Some("42P01"));
+            assert_eq!(
+                after.len(),
+                1,
+                "{side}: one span for the failing Parse: {names:?}"
+            );
+            let failed = after[0];
+            assert_eq!(failed.name, "SELECT nope", "{side}");
+            assert_eq!(failed.status, SpanStatus::Error, "{side}");
+            assert!(
+                piped
+                    .iter()
+                    .all(|s| s.end_unix_nanos <= failed.end_unix_nanos),
+                "{side}: the failing statement came after the pipeline"
+            );
+            within(
+                failed,
+                &run.phase("error")[0].timing,
+                &format!("{side} 42P01"),
+            );
+            let outcome_of = |s: &ReceivedSpan| match s.attr_str("db.response.status_code") {
+                None if s.status != SpanStatus::Error => {
+                    Ok(s.attr_i64("db.response.returned_rows"))
+                }
+                code => Err(code.map(str::to_string)),
+            };
+            let mut have: Vec<_> = piped.iter().map(|s| outcome_of(s)).collect();
+            let mut want: Vec<_> = run
+                .phase("pipeline")
+                .iter()
+                .map(|st| match st.outcome {
+                    StatementOutcome::Ok => Ok(Some(st.rows as i64)),
+                    _ => Err(st.sqlstate.clone()),
+                })
+                .collect();
+            have.sort();
+            want.sort();
+            assert_eq!(
+                have, want,
+                "{side}: outcomes (rows or SQLSTATE) of the pipeline"
+            );
+            for span in &piped {
+                let text = span.attr_str("db.query.text").unwrap_or_default();
+                assert!(
+                    text.contains("generate_series"),
+                    "{side}: the prepared statement's text on every execution: {text:?}"
+                );
+                within(
+                    span,
+                    &pipeline,
+                    &format!("{side} pipelined {:?}", span.name),
+                );
+            }
+        }
+    }
+}
