@@ -1,22 +1,31 @@
 //! `cargo xtask bench`: what the agent costs a real server.
 //!
-//! nginx answers a tiny response on loopback while wrk loads it, alternately without and with
-//! the agent (`agent --comm nginx`, console exporter into /dev/null, so every request is traced
-//! and its span built and exported). Each pair of runs gives a throughput ratio and a p99
-//! latency ratio; the with-agent run also gives the agent's CPU time per request, the BPF run
-//! time per request (kernel `bpf_stats`), its memory and what it lost. Medians of the pairs
-//! are reported, printed on stdout and written into BENCHMARKS.md between markers.
+//! Two benchmarks, each run alternately without and with the agent (the release binary, console
+//! exporter into /dev/null, so every request is traced and its span built and exported):
 //!
-//! Placement on the 2-core machine: the nginx master and its single worker are pinned on CPU 1,
-//! wrk on CPU 0, the agent is not pinned (it takes its CPU from whichever side it lands on,
-//! as it would on a loaded server).
+//! - [`nginx`]: nginx answers a tiny response on loopback while wrk loads it
+//!   (`agent --comm nginx`).
+//! - [`pg`]: a throwaway PostgreSQL answers `pgbench -S` on loopback
+//!   (`agent --pid <postmaster> --comm pgbench`: the backends and the client are both traced).
+//!
+//! Each pair of runs gives a throughput ratio and latency ratios; the with-agent run also gives
+//! the agent's CPU time per request, the BPF run time per request (kernel `bpf_stats`), its
+//! memory and what it lost. Medians of the pairs are reported, printed on stdout and written
+//! into BENCHMARKS.md between markers (one pair of markers per benchmark).
+//!
+//! This module holds what both benchmarks share: options, the agent, the with/without-agent
+//! measurement, /proc and BPF statistics, the report helpers.
+
+mod nginx;
+mod pg;
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, TcpListener},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -29,23 +38,21 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-const USAGE: &str = "usage: cargo xtask bench [--pairs N] [--duration SECS] [--connections N] \
-[--agent PATH] [--no-write]
+const USAGE: &str = "usage: cargo xtask bench [nginx|pg] [--only nginx|pg] [--pairs N] [--duration SECS] \
+[--connections N] [--clients N] [--pg-modes LIST] [--agent PATH] [--no-write]
+  nginx | pg, --only B  run only this benchmark (default: nginx, then pg)
   --pairs N          pairs of runs (without, with the agent; order swapped every other pair), default 6
-  --duration SECS    length of each wrk run, default 10
-  --connections N    wrk connections, default 16
+  --duration SECS    length of each load run (wrk, pgbench -T), default 10
+  --connections N    wrk connections (nginx), default 16
+  --clients N        pgbench clients (pg), default 4
+  --pg-modes LIST    pgbench query modes, comma-separated, of prepared, simple, extended;
+                     default prepared (each mode runs its own pairs)
   --agent PATH       use this agent binary instead of building target/release/agent
   --no-write         print the results only; leave BENCHMARKS.md alone
-Needs root (eBPF, bpf_stats). Runs nginx on CPU 1 and wrk on CPU 0.";
+Needs root (eBPF, bpf_stats). Runs the server on CPU 1 and the load generator on CPU 0;
+PostgreSQL runs as the `postgres` OS user.";
 
-const NGINX: &str = "/usr/sbin/nginx";
-const NGINX_CPU: &str = "1";
-const WRK_CPU: &str = "0";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-const MARK_START: &str = "<!-- bench:nginx:start -->";
-const MARK_END: &str = "<!-- bench:nginx:end -->";
-const TARGET_THROUGHPUT_RATIO: f64 = 0.95;
-const TARGET_AGENT_US_PER_TRACED: f64 = 3.0;
 /// Counters of the agent's summary that count kernel events it lost (and said so).
 const EVENT_LOSS_COUNTERS: &[&str] = &[
     "kernel_lost_ringbuf_full",
@@ -59,6 +66,7 @@ const SPAN_LOSS_COUNTERS: &[&str] = &["spans_dropped_queue_full", "spans_export_
 const SIGINT: i32 = 2;
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
+const PR_SET_PDEATHSIG: i32 = 1;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -71,6 +79,8 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, signal: i32) -> i32;
     #[link_name = "signal"]
     fn libc_signal(signal: i32, handler: extern "C" fn(i32)) -> usize;
+    #[link_name = "prctl"]
+    fn libc_prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
 }
 
 fn send_signal(pid: u32, signal: i32) {
@@ -81,6 +91,32 @@ fn send_signal(pid: u32, signal: i32) {
         unsafe {
             libc_kill(pid, signal);
         }
+    }
+}
+
+/// Signals every process of a process group (one we made with `process_group(0)`).
+fn signal_group(pgid: u32, signal: i32) {
+    if let Ok(pgid) = i32::try_from(pgid)
+        && pgid > 1
+    {
+        // SAFETY: as above; a negative pid addresses the process group.
+        unsafe {
+            libc_kill(-pgid, signal);
+        }
+    }
+}
+
+/// The child gets SIGKILL when this benchmark dies without cleaning up (SIGKILL, panic abort):
+/// no server or load generator outlives it. Set after any uid change, so it survives that.
+fn kill_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc_prctl(PR_SET_PDEATHSIG, SIGKILL as u64, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -101,19 +137,47 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bench {
+    Nginx,
+    Pg,
+}
+
+impl Bench {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "nginx" => Ok(Self::Nginx),
+            "pg" | "postgres" | "postgresql" => Ok(Self::Pg),
+            other => bail!("unknown benchmark {other:?} (nginx or pg)\n{USAGE}"),
+        }
+    }
+}
+
 struct Options {
+    only: Option<Bench>,
     pairs: usize,
     duration: u64,
     connections: u32,
+    clients: u32,
+    pg_modes: Vec<pg::Mode>,
     agent: Option<PathBuf>,
     write: bool,
 }
 
+impl Options {
+    fn runs(&self, bench: Bench) -> bool {
+        self.only.is_none_or(|b| b == bench)
+    }
+}
+
 fn parse_args(args: &[String]) -> Result<Option<Options>> {
     let mut opts = Options {
+        only: None,
         pairs: 6,
         duration: 10,
         connections: 16,
+        clients: 4,
+        pg_modes: vec![pg::Mode::Prepared],
         agent: None,
         write: true,
     };
@@ -126,18 +190,34 @@ fn parse_args(args: &[String]) -> Result<Option<Options>> {
         };
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
+            "nginx" | "pg" => opts.only = Some(Bench::parse(arg)?),
+            "--only" => opts.only = Some(Bench::parse(&value("--only")?)?),
             "--pairs" => opts.pairs = value("--pairs")?.parse().context("--pairs")?,
             "--duration" => opts.duration = value("--duration")?.parse().context("--duration")?,
             "--connections" => {
                 opts.connections = value("--connections")?.parse().context("--connections")?
+            }
+            "--clients" => opts.clients = value("--clients")?.parse().context("--clients")?,
+            "--pg-modes" => {
+                let list = value("--pg-modes")?;
+                opts.pg_modes.clear();
+                for name in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                    let mode = pg::Mode::parse(name)?;
+                    if !opts.pg_modes.contains(&mode) {
+                        opts.pg_modes.push(mode);
+                    }
+                }
             }
             "--agent" => opts.agent = Some(PathBuf::from(value("--agent")?)),
             "--no-write" => opts.write = false,
             other => bail!("unknown bench option {other:?}\n{USAGE}"),
         }
     }
-    if opts.pairs == 0 || opts.duration == 0 || opts.connections == 0 {
-        bail!("--pairs, --duration and --connections must be at least 1");
+    if opts.pairs == 0 || opts.duration == 0 || opts.connections == 0 || opts.clients == 0 {
+        bail!("--pairs, --duration, --connections and --clients must be at least 1");
+    }
+    if opts.pg_modes.is_empty() {
+        bail!("--pg-modes needs at least one mode");
     }
     Ok(Some(opts))
 }
@@ -161,115 +241,62 @@ pub fn run(args: &[String]) -> Result<()> {
     if !agent_bin.is_file() {
         bail!("agent binary {} not found", agent_bin.display());
     }
-    let env = Environment::read()?;
-    if env.cpus < 2 {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
         bail!(
-            "the benchmark pins nginx and wrk on separate CPUs: it needs at least 2 (found {})",
-            env.cpus
+            "the benchmark pins the server and its load generator on separate CPUs: it needs at \
+             least 2 (found {cpus})"
         );
     }
-
-    let dir = TempDir::new()?;
-    let nginx = Nginx::start(&dir.0)?;
     let mut bpf_stats = BpfStats::new()?;
-    let foreign_nginx = processes_named("nginx")?
-        .into_iter()
-        .filter(|&pid| pid != nginx.master && pid != nginx.worker)
-        .count();
-    if foreign_nginx > 0 {
-        eprintln!(
-            "bench: warning: {foreign_nginx} other nginx process(es) running: the agent traces them too"
-        );
+    if opts.runs(Bench::Nginx) {
+        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats)?;
+        publish(&opts, &section, nginx::MARK_START, nginx::MARK_END)?;
     }
-    eprintln!(
-        "bench: nginx on 127.0.0.1:{} (master {}, worker {}); warming up",
-        nginx.port, nginx.master, nginx.worker
-    );
-    let cfg = RunConfig {
-        port: nginx.port,
-        duration: opts.duration,
-        connections: opts.connections,
-        clk_tck: env.clk_tck,
-    };
-    run_wrk(&RunConfig { duration: 2, ..cfg })?;
-    check_interrupted()?;
-
-    let mut pairs = Vec::with_capacity(opts.pairs);
-    for index in 0..opts.pairs {
-        let agent_first = index % 2 == 1;
-        let (without, with) = if agent_first {
-            let with = run_with_agent(&cfg, &nginx, &agent_bin, &mut bpf_stats)?;
-            check_interrupted()?;
-            (run_without_agent(&cfg, &nginx)?, with)
-        } else {
-            let without = run_without_agent(&cfg, &nginx)?;
-            check_interrupted()?;
-            (
-                without,
-                run_with_agent(&cfg, &nginx, &agent_bin, &mut bpf_stats)?,
-            )
-        };
+    if opts.runs(Bench::Pg) {
         check_interrupted()?;
-        let pair = Pair {
-            agent_first,
-            without,
-            with,
-        };
-        eprintln!(
-            "bench: pair {}/{}: {:.0} req/s without, {:.0} with (ratio {:.3}), p99 {} / {}, agent {:.2} µs/req, BPF {:.0} ns/req",
-            index + 1,
-            opts.pairs,
-            pair.without.wrk.rps,
-            pair.with.run.wrk.rps,
-            pair.throughput_ratio(),
-            fmt_latency(pair.without.wrk.p99_us),
-            fmt_latency(pair.with.run.wrk.p99_us),
-            pair.with.agent_us_per_request(cfg.clk_tck),
-            pair.with.bpf_ns_per_request(),
-        );
-        pairs.push(pair);
-    }
-    bpf_stats.restore();
-    drop(nginx);
-
-    let section = render(&opts, &env, &cfg, &pairs, &bpf_stats, foreign_nginx)?;
-    println!("{section}");
-    if opts.write {
-        let path = crate::workspace_root().join("BENCHMARKS.md");
-        let old = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        fs::write(&path, replace_section(&old, &section))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("bench: results written to {}", path.display());
+        let section = pg::run(&opts, &agent_bin, &mut bpf_stats)?;
+        publish(&opts, &section, pg::MARK_START, pg::MARK_END)?;
     }
     Ok(())
 }
 
+/// Prints a benchmark's section and (unless `--no-write`) puts it into BENCHMARKS.md at once,
+/// so the results of one benchmark survive a failure of the next.
+fn publish(opts: &Options, section: &str, start: &str, end: &str) -> Result<()> {
+    println!("{section}");
+    if !opts.write {
+        return Ok(());
+    }
+    let path = crate::workspace_root().join("BENCHMARKS.md");
+    let old = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    fs::write(&path, replace_section(&old, section, start, end))
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("bench: results written to {}", path.display());
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
-// Runs
+// Measuring one run, without or with the agent
 
-#[derive(Clone, Copy)]
-struct RunConfig {
-    port: u16,
-    duration: u64,
-    connections: u32,
-    clk_tck: u64,
-}
-
-/// One wrk run, and how busy the machine was meanwhile.
-struct Run {
-    wrk: WrkStats,
-    /// CPUs used by processes other than nginx, wrk, the agent and this benchmark (noise).
+/// One load run and how busy the machine was meanwhile; `client` is what the load generator
+/// reported.
+struct Measured<T> {
+    client: T,
+    /// CPUs used by processes other than the server, the load generator, the agent and this
+    /// benchmark (noise).
     other_load: f64,
-    /// CPUs used by nginx (master + worker).
-    nginx_load: f64,
+    /// CPUs used by the server's processes.
+    server_load: f64,
 }
 
-struct AgentRun {
-    run: Run,
+/// A with-agent run: the load run and what the agent spent and counted meanwhile.
+struct AgentRun<T> {
+    run: Measured<T>,
     /// utime + stime of the agent between "ready" and idle after the load.
     agent_ticks: u64,
     /// Whether the agent went idle after the run (else its CPU time misses the tail).
@@ -284,14 +311,10 @@ struct AgentRun {
     summary: AgentSummary,
 }
 
-impl AgentRun {
-    fn agent_us_per_request(&self, clk_tck: u64) -> f64 {
-        ticks_to_us(self.agent_ticks, clk_tck) / self.run.wrk.requests.max(1) as f64
-    }
-
-    fn agent_us_per_traced(&self, clk_tck: u64) -> f64 {
-        ticks_to_us(self.agent_ticks, clk_tck)
-            / self.summary.counter("http_exchanges").max(1) as f64
+impl<T> AgentRun<T> {
+    /// Agent CPU time (all threads) in µs, divided by `n`.
+    fn agent_us_per(&self, n: u64, clk_tck: u64) -> f64 {
+        ticks_to_us(self.agent_ticks, clk_tck) / n.max(1) as f64
     }
 
     fn bpf_total(&self) -> ProgStat {
@@ -304,8 +327,9 @@ impl AgentRun {
             })
     }
 
-    fn bpf_ns_per_request(&self) -> f64 {
-        self.bpf_total().run_time_ns as f64 / self.run.wrk.requests.max(1) as f64
+    /// BPF run time in ns, divided by `n`.
+    fn bpf_ns_per(&self, n: u64) -> f64 {
+        self.bpf_total().run_time_ns as f64 / n.max(1) as f64
     }
 
     fn bpf_ns_per_call(&self) -> f64 {
@@ -328,30 +352,11 @@ impl AgentRun {
             + s.failed.max(s.counter("spans_export_failed"))
     }
 
-    /// Requests wrk completed that produced no exchange, beyond the losses the agent counted,
-    /// plus spans built that were neither exported nor counted as dropped or failed.
-    fn unaccounted(&self) -> u64 {
-        let traced = self.summary.counter("http_exchanges");
-        let missing = self.run.wrk.requests.saturating_sub(traced);
-        let built = self.summary.counter("spans_built");
-        let settled = self.summary.exported + self.summary.failed + self.summary.dropped;
-        missing.saturating_sub(self.events_lost()) + built.saturating_sub(settled)
-    }
-}
-
-struct Pair {
-    agent_first: bool,
-    without: Run,
-    with: AgentRun,
-}
-
-impl Pair {
-    fn throughput_ratio(&self) -> f64 {
-        self.with.run.wrk.rps / self.without.wrk.rps
-    }
-
-    fn p99_ratio(&self) -> f64 {
-        self.with.run.wrk.p99_us / self.without.wrk.p99_us
+    /// Spans built that were neither exported nor counted as dropped or failed.
+    fn spans_unsettled(&self) -> u64 {
+        let s = &self.summary;
+        s.counter("spans_built")
+            .saturating_sub(s.exported + s.failed + s.dropped)
     }
 }
 
@@ -359,67 +364,78 @@ impl Pair {
 struct Sample {
     at: Instant,
     machine_busy: u64,
-    nginx: u64,
+    server: u64,
     own: u64,
     agent: u64,
 }
 
 impl Sample {
-    fn take(nginx: &Nginx, agent: Option<u32>) -> Result<Self> {
+    fn take(server_ticks: &dyn Fn() -> Result<u64>, agent: Option<u32>) -> Result<Self> {
         Ok(Self {
             at: Instant::now(),
             machine_busy: machine_busy_ticks()?,
-            nginx: process_ticks(nginx.master)? + process_ticks(nginx.worker)?,
-            // This process and the children it has reaped (wrk, once it ran).
+            server: server_ticks()?,
+            // This process and the children it has reaped (the load generator, once it ran).
             own: own_ticks()?,
             agent: agent.map(process_ticks).transpose()?.unwrap_or(0),
         })
     }
 }
 
+/// (other load, server load) in CPUs between two samples.
 fn loads(before: &Sample, after: &Sample, clk_tck: u64) -> (f64, f64) {
     let seconds = after.at.duration_since(before.at).as_secs_f64().max(1e-3) * clk_tck as f64;
     let busy = after.machine_busy.saturating_sub(before.machine_busy);
-    let nginx = after.nginx.saturating_sub(before.nginx);
+    let server = after.server.saturating_sub(before.server);
     let ours =
-        nginx + after.own.saturating_sub(before.own) + after.agent.saturating_sub(before.agent);
+        server + after.own.saturating_sub(before.own) + after.agent.saturating_sub(before.agent);
     (
         busy.saturating_sub(ours) as f64 / seconds,
-        nginx as f64 / seconds,
+        server as f64 / seconds,
     )
 }
 
-fn run_without_agent(cfg: &RunConfig, nginx: &Nginx) -> Result<Run> {
-    let before = Sample::take(nginx, None)?;
-    let wrk = run_wrk(cfg)?;
-    let after = Sample::take(nginx, None)?;
-    let (other_load, nginx_load) = loads(&before, &after, cfg.clk_tck);
-    Ok(Run {
-        wrk,
+/// Runs the load without the agent. `server_ticks` gives the server's CPU ticks so far.
+fn measure_without<T>(
+    clk_tck: u64,
+    server_ticks: &dyn Fn() -> Result<u64>,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Measured<T>> {
+    let before = Sample::take(server_ticks, None)?;
+    let client = load()?;
+    let after = Sample::take(server_ticks, None)?;
+    let (other_load, server_load) = loads(&before, &after, clk_tck);
+    Ok(Measured {
+        client,
         other_load,
-        nginx_load,
+        server_load,
     })
 }
 
-fn run_with_agent(
-    cfg: &RunConfig,
-    nginx: &Nginx,
+/// Starts the agent, runs the load, stops the agent: the agent's CPU from `agent ready` (plus
+/// 0.5 s and idle) to idle after the load, its BPF programs' statistics over the same window
+/// (bpf_stats switched on for it only), its memory, and its exit summary.
+fn measure_with_agent<T>(
     agent_bin: &Path,
+    agent_args: &[String],
+    clk_tck: u64,
     bpf_stats: &mut BpfStats,
-) -> Result<AgentRun> {
-    let agent = Agent::start(agent_bin)?;
+    server_ticks: &dyn Fn() -> Result<u64>,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<AgentRun<T>> {
+    let agent = Agent::start(agent_bin, agent_args)?;
     let pid = agent.pid();
     // Let the start-up (process scan, first polls) finish before the baseline.
     thread::sleep(Duration::from_millis(500));
-    wait_idle(pid, cfg.clk_tck)?;
+    wait_idle(pid, clk_tck)?;
     bpf_stats.enable()?;
     let bpf_before = bpf_programs(pid)?;
     let threads_before = thread_ticks(pid)?;
-    let before = Sample::take(nginx, Some(pid))?;
-    let wrk = run_wrk(cfg)?;
-    // Count the tail of the work too: events still queued when wrk stopped.
-    let settled = wait_idle(pid, cfg.clk_tck)?;
-    let after = Sample::take(nginx, Some(pid))?;
+    let before = Sample::take(server_ticks, Some(pid))?;
+    let client = load()?;
+    // Count the tail of the work too: events still queued when the load stopped.
+    let settled = wait_idle(pid, clk_tck)?;
+    let after = Sample::take(server_ticks, Some(pid))?;
     let threads_after = thread_ticks(pid)?;
     let bpf_after = bpf_programs(pid)?;
     let (vm_hwm_kb, vm_rss_kb) = memory_kb(pid)?;
@@ -427,7 +443,7 @@ fn run_with_agent(
     bpf_stats.restore();
     let summary = agent.stop()?;
 
-    let (other_load, nginx_load) = loads(&before, &after, cfg.clk_tck);
+    let (other_load, server_load) = loads(&before, &after, clk_tck);
     let mut bpf = BTreeMap::new();
     for (id, end) in bpf_after {
         let start = bpf_before.get(&id).cloned().unwrap_or_default();
@@ -446,20 +462,37 @@ fn run_with_agent(
         *agent_threads.entry(name).or_default() += end.saturating_sub(start);
     }
     Ok(AgentRun {
-        settled,
-        agent_threads,
-        run: Run {
-            wrk,
+        run: Measured {
+            client,
             other_load,
-            nginx_load,
+            server_load,
         },
         agent_ticks: after.agent.saturating_sub(before.agent),
+        settled,
+        agent_threads,
         bpf,
         bpf_stats_on,
         vm_hwm_kb,
         vm_rss_kb,
         summary,
     })
+}
+
+/// Runs one pair: without then with the agent, or the other way round when `agent_first`.
+fn run_pair<T>(
+    agent_first: bool,
+    without: impl FnOnce() -> Result<Measured<T>>,
+    with: impl FnOnce() -> Result<AgentRun<T>>,
+) -> Result<(Measured<T>, AgentRun<T>)> {
+    if agent_first {
+        let w = with()?;
+        check_interrupted()?;
+        Ok((without()?, w))
+    } else {
+        let wo = without()?;
+        check_interrupted()?;
+        Ok((wo, with()?))
+    }
 }
 
 /// Waits (at most 30 s) until the agent has used no CPU for 200 ms; false if it never settled.
@@ -484,102 +517,21 @@ fn wait_idle(pid: u32, clk_tck: u64) -> Result<bool> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// wrk
+// Processes and files
 
-struct WrkStats {
-    requests: u64,
-    rps: f64,
-    p99_us: f64,
-    /// Socket errors and non-2xx responses, as wrk printed them (empty: none).
-    errors: String,
-}
-
-fn wrk_args(cfg: &RunConfig) -> Vec<String> {
-    vec![
-        "-c".into(),
-        WRK_CPU.into(),
-        "wrk".into(),
-        "-t1".into(),
-        format!("-c{}", cfg.connections),
-        format!("-d{}s", cfg.duration),
-        "--latency".into(),
-        format!("http://127.0.0.1:{}/", cfg.port),
-    ]
-}
-
-fn run_wrk(cfg: &RunConfig) -> Result<WrkStats> {
-    let out = Command::new("taskset")
-        .args(wrk_args(cfg))
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run wrk (install it with `cargo xtask setup --test-deps`)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "wrk failed with {}:\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    parse_wrk(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
-}
-
-fn parse_wrk(text: &str) -> Result<WrkStats> {
-    let mut requests = None;
-    let mut rps = None;
-    let mut p99_us = None;
-    let mut errors = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = Some(v.trim().parse::<f64>().context("Requests/sec")?);
-        } else if let Some(v) = line.strip_prefix("99%") {
-            p99_us = Some(parse_duration_us(v.trim())?);
-        } else if line.contains(" requests in ") {
-            let n = line.split_whitespace().next().unwrap_or_default();
-            requests = Some(n.parse::<u64>().context("request count")?);
-        } else if line.starts_with("Socket errors:") || line.starts_with("Non-2xx") {
-            errors.push(line.to_string());
-        }
-    }
-    Ok(WrkStats {
-        requests: requests.ok_or_else(|| anyhow!("no \"N requests in\" line"))?,
-        rps: rps.ok_or_else(|| anyhow!("no Requests/sec line"))?,
-        p99_us: p99_us.ok_or_else(|| anyhow!("no 99% latency line (was --latency given?)"))?,
-        errors: errors.join("; "),
-    })
-}
-
-/// wrk prints durations as `812.00us`, `1.23ms`, `2.01s`, `1.50m`, `1.00h`.
-fn parse_duration_us(text: &str) -> Result<f64> {
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| anyhow!("latency {text:?} has no unit"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .with_context(|| format!("latency {text:?}"))?;
-    let scale = match unit {
-        "us" => 1.0,
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        "h" => 3600e6,
-        _ => bail!("latency {text:?}: unknown unit {unit:?}"),
-    };
-    Ok(value * scale)
-}
-
-// ---------------------------------------------------------------------------------------------
-// nginx
-
+/// A private directory under the system's temporary directory, removed on drop.
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("agent-bench-{}", std::process::id()));
+    fn new(name: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("agent-bench-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -589,155 +541,9 @@ impl Drop for TempDir {
     }
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        "# Written by `cargo xtask bench`.
-daemon off;
-master_process on;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    default_type text/plain;
-    keepalive_timeout 65s;
-    keepalive_requests 1000;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 \"hello\\n\"; }}
-    }}
-}}
-"
-    )
-}
-
-fn nginx_args(dir: &Path) -> Vec<String> {
-    let d = dir.display();
-    vec![
-        "-c".into(),
-        NGINX_CPU.into(),
-        NGINX.into(),
-        "-p".into(),
-        format!("{d}/"),
-        "-c".into(),
-        format!("{d}/nginx.conf"),
-        "-e".into(),
-        format!("{d}/error.log"),
-    ]
-}
-
-/// nginx (master + one worker), stopped on drop.
-struct Nginx {
-    child: Child,
-    master: u32,
-    worker: u32,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path) -> Result<Self> {
-        // A port picked free can be taken before nginx binds it: try a few.
-        let mut last_error = anyhow!("nginx did not start");
-        for _ in 0..3 {
-            match Self::try_start(dir) {
-                Ok(nginx) => return Ok(nginx),
-                Err(e) => last_error = e,
-            }
-            check_interrupted()?;
-        }
-        Err(last_error)
-    }
-
-    fn try_start(dir: &Path) -> Result<Self> {
-        let port = free_port()?;
-        fs::write(dir.join("nginx.conf"), nginx_conf(dir, port)).context("writing nginx.conf")?;
-        let log_path = dir.join("nginx.out");
-        let log = fs::File::create(&log_path).context("creating nginx.out")?;
-        // taskset execs nginx: the child's pid is the nginx master's.
-        let child = Command::new("taskset")
-            .args(nginx_args(dir))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {NGINX} (install nginx-light)"))?;
-        let master = child.id();
-        let mut nginx = Self {
-            child,
-            master,
-            worker: 0,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = nginx.child.try_wait()? {
-                let out = fs::read_to_string(&log_path).unwrap_or_default();
-                let err = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-                bail!("nginx exited with {status}:\n{out}{err}");
-            }
-            if http_ok(port) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("nginx did not answer on 127.0.0.1:{port} within 10 s");
-            }
-            check_interrupted()?;
-            thread::sleep(Duration::from_millis(50));
-        }
-        nginx.worker = child_pids(master)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("the nginx master {master} has no worker process"))?;
-        Ok(nginx)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM: fast shutdown, the master stops its worker.
-        send_signal(self.master, SIGTERM);
-        if !matches!(
-            wait_timeout(&mut self.child, Duration::from_secs(5)),
-            Ok(Some(_))
-        ) {
-            send_signal(self.master, SIGKILL);
-            let _ = self.child.wait();
-        }
-        if self.worker != 0 && Path::new(&format!("/proc/{}", self.worker)).exists() {
-            send_signal(self.worker, SIGKILL);
-        }
-    }
-}
-
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("no free loopback port")?;
     Ok(listener.local_addr()?.port())
-}
-
-fn http_ok(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 200")
-        && answer.contains("Server: nginx")
-        && answer.ends_with("hello\n")
 }
 
 fn child_pids(parent: u32) -> Result<Vec<u32>> {
@@ -799,10 +605,14 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>
     }
 }
 
+/// The last `n` lines of a text (for error messages).
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 // ---------------------------------------------------------------------------------------------
 // The agent
-
-const AGENT_ARGS: &[&str] = &["--comm", "nginx"];
 
 /// The agent, stopped (SIGINT, then SIGKILL) on drop unless `stop` already did.
 struct Agent {
@@ -813,13 +623,15 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path) -> Result<Self> {
-        let mut child = Command::new(bin)
-            .args(AGENT_ARGS)
+    fn start(bin: &Path, args: &[String]) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
             .stdin(Stdio::null())
             // The console exporter prints every span: into /dev/null.
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        kill_with_parent(&mut cmd);
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let stderr = child
@@ -963,8 +775,8 @@ fn parse_summary(lines: &[String]) -> Result<AgentSummary> {
             summary.counters.insert(name.to_string(), value);
         }
     }
-    if !saw_export || !summary.counters.contains_key("http_exchanges") {
-        bail!("the agent's summary lacks the export line or the http_exchanges counter");
+    if !saw_export || !summary.counters.contains_key("spans_built") {
+        bail!("the agent's summary lacks the export line or the spans_built counter");
     }
     Ok(summary)
 }
@@ -977,6 +789,14 @@ fn process_ticks(pid: u32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     stat_ticks(&stat, &[11, 12])
+}
+
+/// utime + stime + cutime + cstime of a process: its own CPU and that of the children it
+/// has reaped.
+fn process_and_reaped_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_ticks(&stat, &[11, 12, 13, 14])
 }
 
 /// utime + stime of each thread of a process, by thread id: (thread name, ticks).
@@ -1174,6 +994,7 @@ impl Drop for BpfStats {
 // ---------------------------------------------------------------------------------------------
 // Report
 
+/// The machine, read when a benchmark starts.
 struct Environment {
     date: String,
     kernel: String,
@@ -1181,28 +1002,28 @@ struct Environment {
     cpu_model: String,
     clk_tck: u64,
     loadavg: String,
-    nginx_version: String,
-    wrk_version: String,
+}
+
+/// The first line a command prints (stdout, else stderr), trimmed; empty if it cannot run.
+fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .map(|o| {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or_default().trim().to_string()
+        })
+        .unwrap_or_default()
 }
 
 impl Environment {
     fn read() -> Result<Self> {
-        let capture = |cmd: &mut Command| {
-            cmd.output()
-                .ok()
-                .map(|o| {
-                    let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
-                    text.push_str(&String::from_utf8_lossy(&o.stderr));
-                    text.lines().next().unwrap_or_default().trim().to_string()
-                })
-                .unwrap_or_default()
-        };
-        let clk_tck = capture(Command::new("getconf").arg("CLK_TCK"))
+        let clk_tck = first_line(Command::new("getconf").arg("CLK_TCK"))
             .parse::<u64>()
             .context("getconf CLK_TCK")?;
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         Ok(Self {
-            date: capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+            date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .unwrap_or_default()
                 .trim()
@@ -1216,15 +1037,6 @@ impl Environment {
                 .unwrap_or_default(),
             clk_tck,
             loadavg: fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            nginx_version: capture(Command::new(NGINX).arg("-v"))
-                .trim_start_matches("nginx version: ")
-                .to_string(),
-            wrk_version: capture(Command::new("wrk").arg("--version"))
-                .split("Copyright")
-                .next()
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
@@ -1262,303 +1074,20 @@ fn yes_no(ok: bool) -> &'static str {
     if ok { "**yes**" } else { "**no**" }
 }
 
-fn render(
-    opts: &Options,
-    env: &Environment,
-    cfg: &RunConfig,
-    pairs: &[Pair],
-    bpf_stats: &BpfStats,
-    foreign_nginx: usize,
-) -> Result<String> {
-    let tck = cfg.clk_tck;
-    let throughput = median(pairs.iter().map(Pair::throughput_ratio).collect());
-    let p99 = median(pairs.iter().map(Pair::p99_ratio).collect());
-    let cpu_req = median(
-        pairs
-            .iter()
-            .map(|p| p.with.agent_us_per_request(tck))
-            .collect(),
-    );
-    let cpu_traced = median(
-        pairs
-            .iter()
-            .map(|p| p.with.agent_us_per_traced(tck))
-            .collect(),
-    );
-    let bpf_req = median(pairs.iter().map(|p| p.with.bpf_ns_per_request()).collect());
-    let bpf_call = median(pairs.iter().map(|p| p.with.bpf_ns_per_call()).collect());
-    let total_req = median(
-        pairs
-            .iter()
-            .map(|p| p.with.agent_us_per_request(tck) + p.with.bpf_ns_per_request() / 1000.0)
-            .collect(),
-    );
-    let hwm_mib = pairs.iter().map(|p| p.with.vm_hwm_kb).max().unwrap_or(0) as f64 / 1024.0;
-    let rss_mib = median(
-        pairs
-            .iter()
-            .map(|p| p.with.vm_rss_kb as f64 / 1024.0)
-            .collect(),
-    );
-    let events_lost: u64 = pairs.iter().map(|p| p.with.events_lost()).sum();
-    let spans_lost: u64 = pairs.iter().map(|p| p.with.spans_lost()).sum();
-    let spans_built: u64 = pairs
-        .iter()
-        .map(|p| p.with.summary.counter("spans_built"))
-        .sum();
-    let mut by_counter: BTreeMap<&str, u64> = BTreeMap::new();
-    for p in pairs {
-        for name in EVENT_LOSS_COUNTERS.iter().chain(SPAN_LOSS_COUNTERS) {
-            *by_counter.entry(name).or_default() += p.with.summary.counter(name);
-        }
-    }
-    by_counter.retain(|_, n| *n > 0);
-    let unaccounted: u64 = pairs.iter().map(|p| p.with.unaccounted()).sum();
-    let requests: u64 = pairs.iter().map(|p| p.with.run.wrk.requests).sum();
-    let traced: u64 = pairs
-        .iter()
-        .map(|p| p.with.summary.counter("http_exchanges"))
-        .sum();
-    let other_load = median(
-        pairs
-            .iter()
-            .flat_map(|p| [p.without.other_load, p.with.run.other_load])
-            .collect(),
-    );
-    let bpf_ok = pairs
-        .iter()
-        .all(|p| p.with.bpf_stats_on && p.with.bpf_total().run_cnt > 0);
-
-    let throughput_ok = throughput >= TARGET_THROUGHPUT_RATIO;
-    let cpu_ok = cpu_traced <= TARGET_AGENT_US_PER_TRACED;
-    let loss_ok = unaccounted == 0;
-    let all_ok = throughput_ok && cpu_ok && loss_ok;
-
-    let mut s = String::new();
-    writeln!(s, "{MARK_START}")?;
-    writeln!(
-        s,
-        "## nginx + wrk on loopback, with and without the agent\n"
-    )?;
-    writeln!(
-        s,
-        "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs \
-         (`cargo xtask bench --pairs {} --duration {} --connections {}`). \
-         Load average when it started: {}.\n",
-        env.date,
-        env.kernel,
-        env.cpus,
-        env.cpu_model,
-        env.clk_tck,
-        opts.pairs,
-        opts.duration,
-        opts.pairs,
-        opts.duration,
-        opts.connections,
-        env.loadavg
-    )?;
-
-    writeln!(s, "### Result (medians of the per-pair values)\n")?;
-    writeln!(s, "| metric | measured | target | met |")?;
-    writeln!(s, "|---|---|---|---|")?;
-    writeln!(
-        s,
-        "| throughput ratio (with agent / without) | {throughput:.3} | ≥ {TARGET_THROUGHPUT_RATIO} | {} |",
-        yes_no(throughput_ok)
-    )?;
-    writeln!(s, "| p99 latency ratio (with / without) | {p99:.2} | — | |")?;
-    writeln!(
-        s,
-        "| agent CPU (utime+stime) per traced request | {cpu_traced:.2} µs | ≤ {TARGET_AGENT_US_PER_TRACED} µs | {} |",
-        yes_no(cpu_ok)
-    )?;
-    writeln!(
-        s,
-        "| agent CPU per completed wrk request | {cpu_req:.2} µs | — | |"
-    )?;
-    writeln!(
-        s,
-        "| BPF run time per request (bpf_stats) | {bpf_req:.0} ns ({bpf_call:.0} ns per program call) | — | |"
-    )?;
-    writeln!(
-        s,
-        "| agent CPU + BPF per request | {total_req:.2} µs | — | |"
-    )?;
-    writeln!(
-        s,
-        "| agent memory | VmHWM max {hwm_mib:.1} MiB, VmRSS median {rss_mib:.1} MiB | — | |"
-    )?;
-    writeln!(
-        s,
-        "| kernel events lost (counted by the agent) | {events_lost} | — | |"
-    )?;
-    writeln!(
-        s,
-        "| spans dropped or failed in export (counted) | {spans_lost} of {spans_built} built ({:.1} %) | — | |",
-        spans_lost as f64 * 100.0 / spans_built.max(1) as f64
-    )?;
-    writeln!(
-        s,
-        "| unaccounted loss | {unaccounted} ({traced} requests traced of {requests} completed) | zero | {} |",
-        yes_no(loss_ok)
-    )?;
-    writeln!(s)?;
-    if all_ok {
-        writeln!(s, "**Target met.**\n")?;
-    } else {
-        let mut missed = Vec::new();
-        if !throughput_ok {
-            missed.push(format!(
-                "throughput ratio {throughput:.3} < {TARGET_THROUGHPUT_RATIO}"
-            ));
-        }
-        if !cpu_ok {
-            missed.push(format!(
-                "agent CPU {cpu_traced:.2} µs per traced request > {TARGET_AGENT_US_PER_TRACED} µs"
-            ));
-        }
-        if !loss_ok {
-            missed.push(format!(
-                "{unaccounted} requests or spans lost without a counter"
-            ));
-        }
-        writeln!(
-            s,
-            "**Target NOT met:** {}. The agent's cost per request was {cpu_req:.2} µs of its own CPU \
-             (reading events, parsing, building and exporting spans) plus {bpf_req:.0} ns of BPF \
-             programs running in nginx's and wrk's threads.\n",
-            missed.join("; ")
-        )?;
-    }
-    if spans_lost > 0 {
-        writeln!(
-            s,
-            "**Spans lost:** {spans_lost} of the {spans_built} spans built ({:.1} %) were dropped or \
-             failed in export (counted, so not \"unaccounted\"): the exporter did not keep up. The \
-             agent CPU above was spent on fewer exported spans than traced requests.\n",
-            spans_lost as f64 * 100.0 / spans_built.max(1) as f64
-        )?;
-    }
-    if other_load > 0.2 {
-        writeln!(
-            s,
-            "**Noise:** the machine was not idle: other processes used a median of {other_load:.2} \
-             CPUs during the runs (column \"other load\"), competing with nginx, wrk and the agent. \
-             Ratios from such a run are noisier than on an idle machine.\n"
-        )?;
-    }
-    let unsettled: Vec<String> = pairs
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| !p.with.settled)
-        .map(|(i, _)| (i + 1).to_string())
-        .collect();
-    if !unsettled.is_empty() {
-        writeln!(
-            s,
-            "**Note:** in pair(s) {} the agent was still busy 30 s after wrk stopped; the CPU read \
-             then misses the rest of its backlog (an under-estimate).\n",
-            unsettled.join(", ")
-        )?;
-    }
-    if foreign_nginx > 0 {
-        writeln!(
-            s,
-            "**Note:** {foreign_nginx} other nginx process(es) were running on the machine; \
-             `--comm nginx` selected them too.\n"
-        )?;
-    }
-    if !bpf_ok {
-        writeln!(
-            s,
-            "**Note:** some with-agent runs saw no BPF statistics (bpf_stats_enabled switched off by \
-             someone else?); their BPF numbers read 0.\n"
-        )?;
-    }
-
-    writeln!(s, "### Per pair\n")?;
-    writeln!(
-        s,
-        "| pair | order | req/s without | req/s with | ratio | p99 without | p99 with | p99 ratio | \
-         agent µs/req | agent µs/traced | BPF ns/req | BPF ns/call | VmHWM MiB | requests (with) | \
-         traced | events lost | spans lost | unaccounted | nginx CPUs w/o / with | other load w/o / with |"
-    )?;
-    writeln!(s, "|{}", "---|".repeat(20))?;
-    for (i, p) in pairs.iter().enumerate() {
-        let w = &p.with;
-        writeln!(
-            s,
-            "| {} | {} | {:.0} | {:.0} | {:.3} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {:.2} / {:.2} | {:.2} / {:.2} |",
-            i + 1,
-            if p.agent_first {
-                "with, without"
-            } else {
-                "without, with"
-            },
-            p.without.wrk.rps,
-            w.run.wrk.rps,
-            p.throughput_ratio(),
-            fmt_latency(p.without.wrk.p99_us),
-            fmt_latency(w.run.wrk.p99_us),
-            p.p99_ratio(),
-            w.agent_us_per_request(tck),
-            w.agent_us_per_traced(tck),
-            w.bpf_ns_per_request(),
-            w.bpf_ns_per_call(),
-            w.vm_hwm_kb as f64 / 1024.0,
-            w.run.wrk.requests,
-            w.summary.counter("http_exchanges"),
-            w.events_lost(),
-            w.spans_lost(),
-            w.unaccounted(),
-            p.without.nginx_load,
-            w.run.nginx_load,
-            p.without.other_load,
-            w.run.other_load,
-        )?;
-    }
-    writeln!(
-        s,
-        "| **median** | | {:.0} | {:.0} | {throughput:.3} | {} | {} | {p99:.2} | {cpu_req:.2} | {cpu_traced:.2} | {bpf_req:.0} | {bpf_call:.0} | | | | | | | | |",
-        median(pairs.iter().map(|p| p.without.wrk.rps).collect()),
-        median(pairs.iter().map(|p| p.with.run.wrk.rps).collect()),
-        fmt_latency(median(pairs.iter().map(|p| p.without.wrk.p99_us).collect())),
-        fmt_latency(median(
-            pairs.iter().map(|p| p.with.run.wrk.p99_us).collect()
-        )),
-    )?;
-    writeln!(s)?;
-    let errors: Vec<String> = pairs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| {
-            [("without", &p.without.wrk), ("with", &p.with.run.wrk)]
-                .into_iter()
-                .filter(|(_, w)| !w.errors.is_empty())
-                .map(move |(which, w)| format!("pair {} {which}: {}", i + 1, w.errors))
-        })
-        .collect();
-    if !by_counter.is_empty() {
-        writeln!(
-            s,
-            "Losses counted by the agent (all with-agent runs): {}.\n",
-            by_counter
-                .iter()
-                .map(|(name, n)| format!("`{name}` {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )?;
-    }
-    if !errors.is_empty() {
-        writeln!(s, "wrk reported errors: {}.\n", errors.join("; "))?;
-    }
-
-    writeln!(s, "### Agent CPU by thread (sum of all with-agent runs)\n")?;
-    writeln!(s, "| thread | CPU s | µs per request |")?;
+/// Agent CPU by thread name over some with-agent runs, per unit of work (`per`: its name,
+/// `units`: how many over those runs).
+fn render_threads<'a, T: 'a>(
+    s: &mut String,
+    runs: impl Iterator<Item = &'a AgentRun<T>>,
+    clk_tck: u64,
+    per: &str,
+    units: u64,
+) -> Result<()> {
+    writeln!(s, "| thread | CPU s | µs per {per} |")?;
     writeln!(s, "|---|---|---|")?;
     let mut by_thread: BTreeMap<&str, u64> = BTreeMap::new();
-    for p in pairs {
-        for (name, ticks) in &p.with.agent_threads {
+    for run in runs {
+        for (name, ticks) in &run.agent_threads {
             *by_thread.entry(name.as_str()).or_default() += ticks;
         }
     }
@@ -1566,139 +1095,84 @@ fn render(
         writeln!(
             s,
             "| `{name}` | {:.2} | {:.2} |",
-            *ticks as f64 / tck.max(1) as f64,
-            ticks_to_us(*ticks, tck) / requests.max(1) as f64
+            *ticks as f64 / clk_tck.max(1) as f64,
+            ticks_to_us(*ticks, clk_tck) / units.max(1) as f64
         )?;
     }
     writeln!(s)?;
+    Ok(())
+}
 
-    writeln!(s, "### BPF programs (sum of all with-agent runs)\n")?;
+/// BPF programs' calls and run time over some with-agent runs, per unit of work.
+fn render_bpf_programs<'a, T: 'a>(
+    s: &mut String,
+    runs: impl Iterator<Item = &'a AgentRun<T>>,
+    per: &str,
+    units: u64,
+) -> Result<()> {
     writeln!(
         s,
-        "| program | calls | calls per request | ns per call | ns per request |"
+        "| program | calls | calls per {per} | ns per call | ns per {per} |"
     )?;
     writeln!(s, "|---|---|---|---|---|")?;
     let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for p in pairs {
-        for prog in p.with.bpf.values() {
+    for run in runs {
+        for prog in run.bpf.values() {
             let entry = by_name.entry(prog.name.clone()).or_default();
             entry.0 += prog.run_cnt;
             entry.1 += prog.run_time_ns;
         }
     }
-    let reqs = requests.max(1) as f64;
+    let units = units.max(1) as f64;
     for (name, (cnt, ns)) in &by_name {
         writeln!(
             s,
             "| `{name}` | {cnt} | {:.2} | {:.0} | {:.0} |",
-            *cnt as f64 / reqs,
+            *cnt as f64 / units,
             *ns as f64 / (*cnt).max(1) as f64,
-            *ns as f64 / reqs
+            *ns as f64 / units
         )?;
     }
     writeln!(s)?;
+    Ok(())
+}
 
-    writeln!(s, "### How it was measured\n")?;
-    let nginx_cmd = format!("taskset {}", nginx_args(Path::new("$DIR")).join(" "));
-    let wrk_cmd = format!(
-        "taskset {}",
-        wrk_args(&RunConfig { port: 0, ..*cfg }).join(" ")
-    )
-    .replace("127.0.0.1:0/", "127.0.0.1:$PORT/");
-    writeln!(
-        s,
-        "- {}, {}; nginx master + 1 worker pinned on CPU {NGINX_CPU}, wrk pinned on CPU {WRK_CPU}, \
-         the agent not pinned (the scheduler puts it on either CPU, so its CPU time is taken from \
-         nginx or from wrk, as on a busy server). One nginx serves all runs; a 2 s wrk warm-up precedes them.",
-        env.nginx_version, env.wrk_version
-    )?;
-    writeln!(s, "- nginx: `{nginx_cmd}` with `$DIR/nginx.conf`:")?;
-    writeln!(
-        s,
-        "\n```nginx\n{}```\n",
-        nginx_conf(Path::new("$DIR"), 0).replace(":0;", ":$PORT;")
-    )?;
-    writeln!(
-        s,
-        "- load: `{wrk_cmd}` (Requests/sec, the 99% line of `--latency`, \"N requests in\")."
-    )?;
-    writeln!(
-        s,
-        "- agent: `target/release/agent {} > /dev/null` — a user's configuration: select nginx by \
-         command name, console exporter (every span is built, formatted and written, to /dev/null). \
-         Started after nginx, before each with-agent run; the run starts 0.5 s after it printed \
-         `agent ready` and it is stopped with SIGINT after the run; its summary gives the counters.",
-        AGENT_ARGS.join(" ")
-    )?;
-    writeln!(
-        s,
-        "- order: pair i runs without then with the agent, odd pairs the other way round (drift \
-         cancels); each metric is the median over pairs of the per-pair value."
-    )?;
-    writeln!(
-        s,
-        "- agent CPU: utime+stime of all the agent's threads from `/proc/PID/stat` (in CLK_TCK \
-         ticks), read after `agent ready` and again once the agent was idle after the run (so the \
-         tail of queued events counts, start-up does not), divided by the requests wrk completed \
-         (\"per request\") or by the agent's `http_exchanges` (\"per traced request\")."
-    )?;
-    writeln!(
-        s,
-        "- BPF: `sysctl -w kernel.bpf_stats_enabled=1` during the with-agent runs only{} (it adds \
-         two clock reads per program call, so it slightly handicaps the with-agent runs); \
-         `run_time_ns` and `run_cnt` of the programs the agent holds (from its `/proc/PID/fdinfo`, the \
-         numbers `bpftool prog show` prints; names from bpftool), before and after the run. These \
-         programs run in the traced process's and wrk's threads, not in the agent's, so they are \
-         not part of the agent CPU above.",
-        if bpf_stats.was_on {
-            " (it was already on before the benchmark, and was left on)"
-        } else {
-            ", set back to 0 afterwards"
+/// The agent's loss counters that are not zero over some runs, as "`name` n, ...".
+fn nonzero_loss_counters<'a, T: 'a>(runs: impl Iterator<Item = &'a AgentRun<T>>) -> String {
+    let mut by_counter: BTreeMap<&str, u64> = BTreeMap::new();
+    for run in runs {
+        for name in EVENT_LOSS_COUNTERS.iter().chain(SPAN_LOSS_COUNTERS) {
+            *by_counter.entry(name).or_default() += run.summary.counter(name);
         }
-    )?;
-    writeln!(
-        s,
-        "- memory: VmHWM (peak) and VmRSS of the agent from `/proc/PID/status` at the end of each run."
-    )?;
-    writeln!(
-        s,
-        "- events lost: the agent's counters {}. Spans lost: {} (the same as the summary's \
-         `export:` line). Unaccounted: requests wrk completed minus the agent's `http_exchanges` \
-         minus the events lost (when positive), plus spans built but neither exported, failed nor \
-         dropped. nginx also answers the requests in flight when wrk stops, so traced may exceed \
-         completed by up to the connection count.",
-        EVENT_LOSS_COUNTERS
-            .iter()
-            .map(|c| format!("`{c}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        SPAN_LOSS_COUNTERS
-            .iter()
-            .map(|c| format!("`{c}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )?;
-    writeln!(
-        s,
-        "- nginx CPUs / other load: CPU time of nginx, and of everything except nginx, wrk, the agent \
-         and the benchmark itself (from `/proc/stat`), per second of the run, in CPUs."
-    )?;
-    writeln!(s, "{MARK_END}")?;
-    Ok(s)
+    }
+    by_counter
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| format!("`{name}` {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn code_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Replaces the section between the markers (or appends one), keeping the rest of the file.
-fn replace_section(old: &str, section: &str) -> String {
+fn replace_section(old: &str, section: &str, mark_start: &str, mark_end: &str) -> String {
     let section = section.trim_end();
-    if let Some(start) = old.find(MARK_START)
-        && let Some(end_rel) = old[start..].find(MARK_END)
+    if let Some(start) = old.find(mark_start)
+        && let Some(end_rel) = old[start..].find(mark_end)
     {
-        let end = start + end_rel + MARK_END.len();
+        let end = start + end_rel + mark_end.len();
         return format!("{}{section}{}", &old[..start], &old[end..]);
     }
     let mut out = if old.trim().is_empty() {
         "# Benchmarks\n\nNumbers measured with `cargo xtask bench` (see xtask/src/bench.rs); \
-         the section below is rewritten by each run.\n"
+         the sections between markers are rewritten by each run.\n"
             .to_string()
     } else {
         old.trim_end().to_string() + "\n"
@@ -1712,35 +1186,6 @@ fn replace_section(old: &str, section: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const WRK: &str = "Running 10s test @ http://127.0.0.1:41234/
-  1 threads and 16 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency   310.55us  402.12us  12.20ms   95.12%
-    Req/Sec    51.93k     3.10k   56.01k    71.00%
-  Latency Distribution
-     50%  240.00us
-     75%  301.00us
-     90%  405.00us
-     99%    1.52ms
-  516884 requests in 10.00s, 75.43MB read
-  Socket errors: connect 0, read 3, write 0, timeout 0
-Requests/sec:  51684.32
-Transfer/sec:      7.54MB
-";
-
-    #[test]
-    fn parses_wrk_output() {
-        let w = parse_wrk(WRK).expect("parse");
-        assert_eq!(w.requests, 516_884);
-        assert!((w.rps - 51_684.32).abs() < 1e-6);
-        assert!((w.p99_us - 1520.0).abs() < 1e-6);
-        assert!(w.errors.contains("read 3"));
-        assert!(parse_wrk("nothing").is_err());
-        assert!((parse_duration_us("812.00us").expect("us") - 812.0).abs() < 1e-9);
-        assert!((parse_duration_us("2.00s").expect("s") - 2e6).abs() < 1e-6);
-        assert!(parse_duration_us("2.00xs").is_err());
-    }
 
     #[test]
     fn parses_agent_summary() {
@@ -1765,15 +1210,40 @@ agent: summary
 
     #[test]
     fn replaces_only_the_section() {
-        let old = format!("# B\n\nintro\n\n{MARK_START}\nold\n{MARK_END}\n\n## other\n");
-        let new = replace_section(&old, &format!("{MARK_START}\nnew\n{MARK_END}\n"));
-        assert_eq!(
-            new,
-            format!("# B\n\nintro\n\n{MARK_START}\nnew\n{MARK_END}\n\n## other\n")
+        let (a, b) = ("<!-- bench:x:start -->", "<!-- bench:x:end -->");
+        let old = format!("# B\n\nintro\n\n{a}\nold\n{b}\n\n## other\n");
+        let new = replace_section(&old, &format!("{a}\nnew\n{b}\n"), a, b);
+        assert_eq!(new, format!("# B\n\nintro\n\n{a}\nnew\n{b}\n\n## other\n"));
+        let appended = replace_section("# B\n", &format!("{a}\nx\n{b}"), a, b);
+        assert_eq!(appended, format!("# B\n\n{a}\nx\n{b}\n"));
+        assert!(replace_section("", "s", a, b).starts_with("# Benchmarks"));
+        // Another benchmark's section is left alone.
+        let (c, d) = ("<!-- bench:y:start -->", "<!-- bench:y:end -->");
+        let both = replace_section(&new, &format!("{c}\ny\n{d}"), c, d);
+        assert!(
+            both.contains(&format!("{a}\nnew\n{b}")) && both.ends_with(&format!("{c}\ny\n{d}\n"))
         );
-        let appended = replace_section("# B\n", &format!("{MARK_START}\nx\n{MARK_END}"));
-        assert_eq!(appended, format!("# B\n\n{MARK_START}\nx\n{MARK_END}\n"));
-        assert!(replace_section("", "s").starts_with("# Benchmarks"));
+    }
+
+    #[test]
+    fn parses_options() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let o = parse_args(&[]).expect("parse").expect("options");
+        assert!(o.runs(Bench::Nginx) && o.runs(Bench::Pg));
+        assert_eq!(o.pg_modes, vec![pg::Mode::Prepared]);
+        let o = parse_args(&args("pg --pairs 2 --pg-modes prepared,simple,prepared"))
+            .expect("parse")
+            .expect("options");
+        assert!(!o.runs(Bench::Nginx) && o.runs(Bench::Pg));
+        assert_eq!(o.pairs, 2);
+        assert_eq!(o.pg_modes, vec![pg::Mode::Prepared, pg::Mode::Simple]);
+        let o = parse_args(&args("--only nginx"))
+            .expect("parse")
+            .expect("options");
+        assert!(o.runs(Bench::Nginx) && !o.runs(Bench::Pg));
+        assert!(parse_args(&args("--only mysql")).is_err());
+        assert!(parse_args(&args("--pg-modes fast")).is_err());
+        assert!(parse_args(&args("--help")).expect("parse").is_none());
     }
 
     #[test]
@@ -1783,5 +1253,6 @@ agent: summary
         assert_eq!(stat_ticks(stat, &[11, 12, 13, 14]).expect("ticks"), 17);
         assert!((median(vec![3.0, 1.0, 2.0, 10.0]) - 2.5).abs() < 1e-9);
         assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert_eq!(tail("a\nb\nc", 2), "b\nc");
     }
 }

@@ -17,7 +17,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup [--test-deps]   install the eBPF toolchain (and what the tests need)
   run [-- AGENT ARGS]   set up, build the agent (release) and run it
   test                  set up, run every test: unit tests, then privileged end-to-end tests (root)
-  bench [--pairs N]     nginx + wrk with and without the agent; writes BENCHMARKS.md numbers";
+  bench [pg|--only nginx|pg] [--pairs N]  nginx + wrk, pgbench -S: with and without the agent; BENCHMARKS.md";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
