@@ -1,27 +1,34 @@
-//! OTLP exporter: one opentelemetry-otlp `SpanExporter` per traced process's resource.
-//!
-//! An OTLP exporter carries a single resource (`set_resource`), and every process we trace is
-//! its own resource, so exporters are created lazily per resource, share one gRPC channel (one
-//! HTTP/2 connection) when the protocol is gRPC, and are dropped after a while without spans.
+//! OTLP exporter: spans are encoded as they arrive (see `encode`), one buffer per traced
+//! process's resource, and sent as one `ExportTraceServiceRequest` per flush holding one
+//! `ResourceSpans` per resource (each resource encoded once and cached). Requests go out
+//! concurrently (at most `MAX_IN_FLIGHT`), over one shared gRPC channel (one HTTP/2 connection)
+//! or over HTTP/1.1 keep-alive connections; transient failures are retried with backoff
+//! within the export timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use tokio::task::JoinSet;
+use bytes::Bytes;
+use tokio::task::{Id, JoinError, JoinSet};
 
-use super::convert::{sdk_resource, span_data};
+use super::encode::{self, PartialSuccess, ResourcePart};
+use super::transport::{GrpcTransport, HttpTransport, Transport, parse_http_url};
 use super::{ExportError, OtlpProtocol, Tally};
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
 
-/// An exporter unused for this long is dropped (its process most likely exited).
-const IDLE_EXPORTER_TTL: Duration = Duration::from_secs(300);
-/// Extra time given to an export call past the configured timeout before we give up on it
-/// ourselves (the exporter enforces the timeout too; this is the backstop).
-const EXPORT_SLACK: Duration = Duration::from_millis(500);
+/// A cached resource unused for this long is dropped (its process most likely exited).
+const IDLE_RESOURCE_TTL: Duration = Duration::from_secs(300);
+/// Export requests in flight at once; past this, flushing waits for one to finish.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// A request is sent once this many bytes of spans are waiting, whatever their number:
+/// collectors commonly refuse gRPC messages over 4 MiB.
+const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+/// Retries of a transiently failed request (within the export timeout), and the first delay
+/// (doubled each time).
+const MAX_RETRIES: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The endpoint a user gave, resolved for one protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +91,17 @@ pub fn resolve_endpoint(
     Ok(ResolvedEndpoint { url })
 }
 
-struct Entry {
+/// A traced process's resource: encoded once, plus the spans encoded for the next request.
+struct ResourceEntry {
+    /// `Arc::as_ptr` of the resource: its identity.
+    key: usize,
     /// Held so the allocation (whose address is our key) cannot be reused while cached.
     _resource: Arc<Resource>,
-    exporter: Arc<opentelemetry_otlp::SpanExporter>,
+    /// `ResourceSpans.resource`, encoded.
+    field: Vec<u8>,
+    /// Spans waiting for the next request, encoded back to back.
+    spans: Vec<u8>,
+    count: usize,
     last_used: Instant,
 }
 
@@ -98,16 +112,30 @@ struct FailureStreak {
     spans: u64,
 }
 
+/// What one request task reports: how many spans it carried and how it went.
+type Outcome = (u64, Result<PartialSuccess, String>);
+
 pub struct OtlpSink {
     endpoint: ResolvedEndpoint,
     protocol: OtlpProtocol,
     timeout: Duration,
-    /// gRPC: one lazily connected channel shared by every exporter.
-    channel: Option<tonic::transport::Channel>,
-    /// Keyed by the address of the `Arc<Resource>` the spans carry.
-    exporters: HashMap<usize, Entry>,
+    transport: Transport,
+    max_batch: usize,
+    resources: Vec<ResourceEntry>,
+    /// Index in `resources` by the address of the `Arc<Resource>` the spans carry, and the
+    /// last one used (consecutive spans mostly come from the same process).
+    index: HashMap<usize, usize>,
+    last: Option<(usize, usize)>,
     idle_ttl: Duration,
+    /// Spans (and their encoded bytes) waiting for the next request, and since when.
+    pending_spans: usize,
+    pending_bytes: usize,
+    pending_since: Option<Instant>,
+    in_flight: JoinSet<Outcome>,
+    /// Spans of each request in flight, for a task that panics.
+    in_flight_spans: HashMap<Id, u64>,
     streak: Option<FailureStreak>,
+    partial_warned: bool,
     stats: Arc<Stats>,
     tally: Arc<Tally>,
 }
@@ -118,163 +146,224 @@ impl OtlpSink {
         endpoint: &str,
         protocol: OtlpProtocol,
         timeout: Duration,
+        max_batch: usize,
         stats: Arc<Stats>,
         tally: Arc<Tally>,
     ) -> Result<Self, ExportError> {
         let resolved = resolve_endpoint(endpoint, protocol)?;
-        let channel =
-            match protocol {
-                OtlpProtocol::Grpc => {
-                    let ep = tonic::transport::Endpoint::from_shared(resolved.url.clone())
-                        .map_err(|e| ExportError::InvalidEndpoint {
-                            endpoint: endpoint.to_owned(),
-                            reason: e.to_string(),
-                        })?;
-                    Some(
-                        ep.timeout(timeout)
-                            .connect_timeout(timeout)
-                            .tcp_nodelay(true)
-                            .connect_lazy(),
-                    )
-                }
-                OtlpProtocol::HttpProtobuf => None,
-            };
-        let sink = Self {
+        let invalid = |reason: String| ExportError::InvalidEndpoint {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let transport = match protocol {
+            OtlpProtocol::Grpc => {
+                let ep = tonic::transport::Endpoint::from_shared(resolved.url.clone())
+                    .map_err(|e| invalid(e.to_string()))?;
+                let channel = ep
+                    .timeout(timeout)
+                    .connect_timeout(timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Transport::Grpc(GrpcTransport::new(channel, timeout))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let url = parse_http_url(&resolved.url).map_err(|e| invalid(e.to_owned()))?;
+                Transport::Http(HttpTransport::new(&url))
+            }
+        };
+        Ok(Self {
             endpoint: resolved,
             protocol,
             timeout,
-            channel,
-            exporters: HashMap::new(),
-            idle_ttl: IDLE_EXPORTER_TTL,
+            transport,
+            max_batch: max_batch.max(1),
+            resources: Vec::new(),
+            index: HashMap::new(),
+            last: None,
+            idle_ttl: IDLE_RESOURCE_TTL,
+            pending_spans: 0,
+            pending_bytes: 0,
+            pending_since: None,
+            in_flight: JoinSet::new(),
+            in_flight_spans: HashMap::new(),
             streak: None,
+            partial_warned: false,
             stats,
             tally,
-        };
-        // Surface configuration errors now rather than at the first span.
-        sink.build_exporter()?;
-        Ok(sink)
+        })
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint.url
     }
 
-    fn build_exporter(&self) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
-        let built = match &self.channel {
-            Some(channel) => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_channel(channel.clone())
-                .with_timeout(self.timeout)
-                .build(),
-            None => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(self.endpoint.url.clone())
-                .with_timeout(self.timeout)
-                .build(),
+    /// Encodes `span` for the next request. Returns true when a request should be sent now
+    /// (`max_batch` spans or `MAX_REQUEST_BYTES` are waiting).
+    pub fn add(&mut self, span: SpanRecord, now: Instant) -> bool {
+        let key = Arc::as_ptr(&span.resource) as usize;
+        let i = match self.last {
+            Some((last, i)) if last == key => i,
+            _ => {
+                let i = match self.index.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        self.resources.push(ResourceEntry {
+                            key,
+                            field: encode::resource_field(&span.resource),
+                            _resource: Arc::clone(&span.resource),
+                            spans: Vec::new(),
+                            count: 0,
+                            last_used: now,
+                        });
+                        self.index.insert(key, self.resources.len() - 1);
+                        self.resources.len() - 1
+                    }
+                };
+                self.last = Some((key, i));
+                i
+            }
         };
-        built.map_err(|source| ExportError::Build {
-            endpoint: self.endpoint.url.clone(),
-            source,
-        })
+        let entry = &mut self.resources[i];
+        entry.last_used = now;
+        entry.count += 1;
+        self.pending_bytes += encode::put_span(&mut entry.spans, 2, &span);
+        self.pending_spans += 1;
+        self.pending_since.get_or_insert(now);
+        self.pending_spans >= self.max_batch || self.pending_bytes >= MAX_REQUEST_BYTES
     }
 
-    fn exporter_for(
-        &mut self,
-        resource: &Arc<Resource>,
-        now: Instant,
-    ) -> Result<Arc<opentelemetry_otlp::SpanExporter>, ExportError> {
-        let key = Arc::as_ptr(resource) as usize;
-        if let Some(entry) = self.exporters.get_mut(&key) {
-            entry.last_used = now;
-            return Ok(Arc::clone(&entry.exporter));
-        }
-        let mut exporter = self.build_exporter()?;
-        exporter.set_resource(&sdk_resource(resource));
-        let exporter = Arc::new(exporter);
-        self.exporters.insert(
-            key,
-            Entry {
-                _resource: Arc::clone(resource),
-                exporter: Arc::clone(&exporter),
-                last_used: now,
-            },
-        );
-        Ok(exporter)
+    /// Spans have waited `interval` or longer.
+    pub fn flush_due(&self, now: Instant, interval: Duration) -> bool {
+        self.pending_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= interval)
     }
 
-    /// Exports one batch (spans of any number of processes), one request per resource, all
-    /// requests concurrently. Counts every span as exported or failed.
-    pub async fn export(&mut self, batch: Vec<SpanRecord>) {
-        if batch.is_empty() {
+    /// Whether requests are in flight (`next_done` has something to wait for).
+    pub fn busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Sends what is waiting as one request (in the background: its outcome is counted by
+    /// `settle`). Waits first if `MAX_IN_FLIGHT` requests are in flight.
+    pub async fn flush(&mut self) {
+        if self.pending_spans == 0 {
             return;
         }
-        let now = Instant::now();
-        let mut groups: HashMap<usize, (Arc<Resource>, Vec<SpanData>)> = HashMap::new();
-        for span in &batch {
-            groups
-                .entry(Arc::as_ptr(&span.resource) as usize)
-                .or_insert_with(|| (Arc::clone(&span.resource), Vec::new()))
-                .1
-                .push(span_data(span));
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            if let Some(done) = self.in_flight.join_next_with_id().await {
+                self.settle(done);
+            }
         }
-        drop(batch);
+        let body = {
+            let parts: Vec<ResourcePart<'_>> = self
+                .resources
+                .iter()
+                .filter(|e| e.count > 0)
+                .map(|e| ResourcePart {
+                    resource: &e.field,
+                    spans: &e.spans,
+                })
+                .collect();
+            encode::request(&parts)
+        };
+        for entry in self.resources.iter_mut().filter(|e| e.count > 0) {
+            entry.spans.clear();
+            entry.count = 0;
+            // A burst of large spans should not pin its buffer for ever.
+            if entry.spans.capacity() > 2 * MAX_REQUEST_BYTES {
+                entry.spans.shrink_to(MAX_REQUEST_BYTES);
+            }
+        }
+        let spans = self.pending_spans as u64;
+        self.pending_spans = 0;
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        let transport = self.transport.clone();
+        let timeout = self.timeout;
+        let task = self.in_flight.spawn(async move {
+            (
+                spans,
+                send_with_retries(&transport, Bytes::from(body), timeout).await,
+            )
+        });
+        self.in_flight_spans.insert(task.id(), spans);
+    }
 
-        let mut first_error: Option<String> = None;
-        let mut failed_spans = 0u64;
-        let mut failed_batches = 0u64;
-        let mut requests = JoinSet::new();
-        let mut in_flight = 0u64;
-        for (_, (resource, data)) in groups {
-            let n = data.len() as u64;
-            match self.exporter_for(&resource, now) {
-                Ok(exporter) => {
-                    let deadline = self.timeout + EXPORT_SLACK;
-                    in_flight += n;
-                    requests.spawn(async move {
-                        let result =
-                            match tokio::time::timeout(deadline, exporter.export(data)).await {
-                                Ok(Ok(())) => Ok(()),
-                                Ok(Err(e)) => Err(e.to_string()),
-                                Err(_) => Err(format!("no answer within {deadline:?}")),
-                            };
-                        (n, result)
-                    });
+    /// The next request to finish (call only while `busy`).
+    pub async fn next_done(&mut self) -> Option<Result<(Id, Outcome), JoinError>> {
+        self.in_flight.join_next_with_id().await
+    }
+
+    /// Counts a finished request's spans as exported or failed.
+    pub fn settle(&mut self, done: Result<(Id, Outcome), JoinError>) {
+        let (spans, result) = match done {
+            Ok((id, outcome)) => {
+                self.in_flight_spans.remove(&id);
+                outcome
+            }
+            Err(join_error) => {
+                // The request task panicked or was cancelled: its spans are lost, count them.
+                log::error!("OTLP export task failed: {join_error}");
+                let spans = self
+                    .in_flight_spans
+                    .remove(&join_error.id())
+                    .unwrap_or_default();
+                (spans, Err(join_error.to_string()))
+            }
+        };
+        match result {
+            Ok(partial) => {
+                let rejected = u64::try_from(partial.rejected_spans)
+                    .unwrap_or(0)
+                    .min(spans);
+                self.tally.exported(&self.stats, spans - rejected);
+                if rejected > 0 {
+                    self.tally.failed(&self.stats, rejected, 0);
                 }
-                Err(e) => {
-                    failed_spans += n;
-                    failed_batches += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
+                if rejected > 0 || !partial.error_message.is_empty() {
+                    self.note_partial_success(rejected, &partial.error_message);
                 }
+                self.note_outcome(0, 0, None);
+            }
+            Err(error) => {
+                self.tally.failed(&self.stats, spans, 1);
+                self.note_outcome(1, spans, Some(error));
             }
         }
-        let mut exported = 0u64;
-        while let Some(joined) = requests.join_next().await {
-            if let Ok((n, _)) = &joined {
-                in_flight -= n;
-            }
-            match joined {
-                Ok((n, Ok(()))) => exported += n,
-                Ok((n, Err(e))) => {
-                    failed_spans += n;
-                    failed_batches += 1;
-                    first_error.get_or_insert(e);
-                }
-                Err(join_error) => {
-                    // The export task panicked or was cancelled: its spans are lost, count them.
-                    failed_batches += 1;
-                    first_error.get_or_insert_with(|| join_error.to_string());
-                    log::error!("OTLP export task failed: {join_error}");
-                }
-            }
+    }
+
+    /// Sends what is waiting and waits for every request in flight.
+    pub async fn drain(&mut self) {
+        self.flush().await;
+        while let Some(done) = self.in_flight.join_next_with_id().await {
+            self.settle(done);
         }
-        // Spans of a panicked export task: lost.
-        failed_spans += in_flight;
-        self.tally.exported(&self.stats, exported);
-        if failed_batches > 0 {
-            self.tally.failed(&self.stats, failed_spans, failed_batches);
+    }
+
+    /// Exports `batch` now and waits for the outcome (tests).
+    #[cfg(test)]
+    pub async fn export(&mut self, batch: Vec<SpanRecord>) {
+        let now = Instant::now();
+        for span in batch {
+            self.add(span, now);
         }
-        self.note_outcome(failed_batches, failed_spans, first_error);
+        self.drain().await;
+    }
+
+    fn note_partial_success(&mut self, rejected: u64, message: &str) {
+        if self.partial_warned {
+            log::debug!(
+                "{} rejected {rejected} spans of an export request: {message}",
+                self.endpoint.url
+            );
+            return;
+        }
+        self.partial_warned = true;
+        log::warn!(
+            "the collector at {} rejected {rejected} spans of an export request: {message:?}; they are \
+             counted in spans_export_failed (this is reported once)",
+            self.endpoint.url
+        );
     }
 
     fn note_outcome(&mut self, failed_batches: u64, failed_spans: u64, error: Option<String>) {
@@ -322,20 +411,65 @@ impl OtlpSink {
         }
     }
 
-    /// Drops exporters of resources that sent nothing for a while.
+    /// Drops cached resources of processes that sent nothing for a while.
     pub fn tick(&mut self, now: Instant) {
-        self.exporters
-            .retain(|_, e| now.saturating_duration_since(e.last_used) < self.idle_ttl);
+        let ttl = self.idle_ttl;
+        let before = self.resources.len();
+        self.resources
+            .retain(|e| e.count > 0 || now.saturating_duration_since(e.last_used) < ttl);
+        if self.resources.len() != before {
+            self.index = (self.resources.iter().enumerate())
+                .map(|(i, e)| (e.key, i))
+                .collect();
+            self.last = None;
+        }
     }
 
     #[cfg(test)]
-    pub fn exporters(&self) -> usize {
-        self.exporters.len()
+    pub fn cached_resources(&self) -> usize {
+        self.resources.len()
     }
 
     #[cfg(test)]
     pub fn in_failure_streak(&self) -> bool {
         self.streak.is_some()
+    }
+}
+
+/// Sends one request; retries transient failures with exponential backoff while the export
+/// timeout allows. The error is the last attempt's.
+async fn send_with_retries(
+    transport: &Transport,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<PartialSuccess, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let attempts = async {
+        let mut backoff = FIRST_BACKOFF;
+        let mut retries = 0;
+        loop {
+            match transport.send(body.clone()).await {
+                Ok(partial) => return Ok(partial),
+                Err(e)
+                    if e.retryable
+                        && retries < MAX_RETRIES
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    log::debug!(
+                        "OTLP export attempt failed, retrying in {backoff:?}: {}",
+                        e.message
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    retries += 1;
+                }
+                Err(e) => return Err(e.message),
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, attempts).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -388,43 +522,66 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_exporter_per_resource_dropped_when_idle() {
+    async fn one_cached_resource_per_process_dropped_when_idle() {
         let stats = Arc::new(Stats::default());
         let mut sink = OtlpSink::new(
             "127.0.0.1:9",
             OtlpProtocol::Grpc,
             Duration::from_secs(1),
+            512,
             stats,
             Arc::default(),
         )
         .expect("sink");
-        let r1 = Arc::new(Resource {
-            pid: 1,
-            service_name: "a".into(),
-            attributes: vec![],
-        });
-        let r2 = Arc::new(Resource {
-            pid: 2,
-            service_name: "b".into(),
-            attributes: vec![],
-        });
+        let r1 = crate::export::encode::tests::resource(1, "a");
+        let r2 = crate::export::encode::tests::resource(2, "b");
         let t0 = Instant::now();
-        let e1 = sink.exporter_for(&r1, t0).expect("exporter");
-        assert!(Arc::ptr_eq(
-            &e1,
-            &sink.exporter_for(&r1, t0).expect("exporter")
-        ));
-        sink.exporter_for(&r2, t0 + Duration::from_secs(10))
-            .expect("exporter");
-        assert_eq!(sink.exporters(), 2);
+        let span = |r: &Arc<Resource>| crate::export::encode::tests::server_span(r);
+        assert!(!sink.add(span(&r1), t0));
+        assert!(!sink.add(span(&r1), t0));
+        assert!(!sink.add(span(&r2), t0 + Duration::from_secs(10)));
+        assert_eq!(sink.cached_resources(), 2);
         sink.idle_ttl = Duration::from_secs(5);
         sink.tick(t0 + Duration::from_secs(12));
         assert_eq!(
-            sink.exporters(),
+            sink.cached_resources(),
+            2,
+            "spans are waiting: nothing dropped"
+        );
+        // Forget the waiting spans without sending them.
+        for e in &mut sink.resources {
+            e.count = 0;
+            e.spans.clear();
+        }
+        sink.tick(t0 + Duration::from_secs(12));
+        assert_eq!(
+            sink.cached_resources(),
             1,
             "r1 idle for 12s is dropped, r2 (2s) kept"
         );
         sink.tick(t0 + Duration::from_secs(20));
-        assert_eq!(sink.exporters(), 0);
+        assert_eq!(sink.cached_resources(), 0);
+    }
+
+    #[tokio::test]
+    async fn asks_for_a_flush_at_max_batch_and_after_the_interval() {
+        let mut sink = OtlpSink::new(
+            "127.0.0.1:9",
+            OtlpProtocol::HttpProtobuf,
+            Duration::from_secs(1),
+            3,
+            Arc::default(),
+            Arc::default(),
+        )
+        .expect("sink");
+        let r = crate::export::encode::tests::resource(1, "a");
+        let t0 = Instant::now();
+        let span = crate::export::encode::tests::server_span(&r);
+        assert!(!sink.flush_due(t0 + Duration::from_secs(9), Duration::from_secs(1)));
+        assert!(!sink.add(span.clone(), t0));
+        assert!(!sink.add(span.clone(), t0 + Duration::from_millis(500)));
+        assert!(!sink.flush_due(t0 + Duration::from_millis(999), Duration::from_secs(1)));
+        assert!(sink.flush_due(t0 + Duration::from_secs(1), Duration::from_secs(1)));
+        assert!(sink.add(span, t0), "the third span fills the batch");
     }
 }

@@ -335,14 +335,15 @@ async fn otlp_batches_by_size_and_groups_by_resource() {
     for s in spans {
         handle.send(s);
     }
-    // Two full batches of 3, each split into one request per resource; the 7th span waits.
+    // Two full batches of 3, each one request with one ResourceSpans per resource; the 7th
+    // span waits.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while collector.received().len() < 4 && Instant::now() < deadline {
+    while collector.received().len() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = collector.received();
-    assert_eq!(before.len(), 4, "requests before shutdown: {before:?}");
+    assert_eq!(before.len(), 2, "requests before shutdown: {before:?}");
     assert_eq!(stats.spans_exported.load(Ordering::Relaxed), 6);
 
     let summary = handle.shutdown().await;
@@ -355,26 +356,47 @@ async fn otlp_batches_by_size_and_groups_by_resource() {
         }
     );
     let all = collector.received();
-    assert_eq!(all.len(), 5);
+    assert_eq!(all.len(), 3);
+    let mut exported = Vec::new();
     for request in &all {
         assert_eq!(request.path, "/v1/traces");
-        let is_a = request.contains(b"service-a");
-        assert_ne!(
-            is_a,
-            request.contains(b"service-b"),
-            "one resource per request"
-        );
-        let expected: &[usize] = if is_a { &[0, 1, 3, 6] } else { &[2, 4, 5] };
-        for (i, id) in ids.iter().enumerate() {
-            if request.contains(&id.0) {
+        let decoded = encode::tests::decode(&request.body);
+        let mut services = Vec::new();
+        for rs in &decoded.resource_spans {
+            let resource = rs.resource.as_ref().expect("a resource");
+            let service = resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            assert!(
+                !services.contains(&service),
+                "one ResourceSpans per resource"
+            );
+            services.push(service.clone());
+            assert_eq!(rs.scope_spans.len(), 1);
+            for got in &rs.scope_spans[0].spans {
+                let i = ids
+                    .iter()
+                    .position(|id| id.0[..] == got.span_id[..])
+                    .expect("a span we sent");
+                let expected = if [0, 1, 3, 6].contains(&i) {
+                    "service-a"
+                } else {
+                    "service-b"
+                };
                 assert!(
-                    expected.contains(&i),
-                    "span {i} exported with the wrong resource"
+                    service.contains(expected),
+                    "span {i} exported with the wrong resource: {service}"
                 );
+                exported.push(i);
             }
         }
     }
-    assert_eq!(all.iter().map(|r| r.span_count(&ids)).sum::<usize>(), 7);
+    exported.sort_unstable();
+    assert_eq!(exported, [0, 1, 2, 3, 4, 5, 6], "each span exactly once");
     assert_eq!(stats.export_errors.load(Ordering::Relaxed), 0);
 }
 
@@ -481,6 +503,7 @@ async fn recovers_when_the_collector_comes_back() {
         &format!("http://127.0.0.1:{port}"),
         OtlpProtocol::HttpProtobuf,
         Duration::from_secs(1),
+        512,
         Arc::clone(&stats),
         Arc::clone(&tally),
     )
@@ -497,7 +520,11 @@ async fn recovers_when_the_collector_comes_back() {
     assert!(!sink.in_failure_streak());
     assert_eq!(stats.spans_exported.load(Ordering::Relaxed), 1);
     assert_eq!(collector.received().len(), 1);
-    assert_eq!(sink.exporters(), 1, "one exporter for the one resource");
+    assert_eq!(
+        sink.cached_resources(),
+        1,
+        "one cached resource for the one process"
+    );
 }
 
 // ------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ use self::{
 pub enum Stream {
     /// No captured byte seen yet; the role hint from accept()/connect(), if any.
     Undecided(Option<Role>),
-    Http(Http1Stream),
-    Postgres(PgStream),
+    // Boxed: a connection map entry stays small whichever protocol it speaks.
+    Http(Box<Http1Stream>),
+    Postgres(Box<PgStream>),
     /// Neither protocol (or encrypted): further bytes are ignored.
     Unrecognized,
 }
@@ -69,9 +70,9 @@ impl Stream {
             }
             // HTTP never passes the PostgreSQL check: its first bytes read as a length > 1 GiB.
             *self = if looks_like_postgres(seg.data, seg.direction) {
-                Self::Postgres(PgStream::new(hint))
+                Self::Postgres(Box::new(PgStream::new(hint)))
             } else {
-                Self::Http(Http1Stream::new(hint))
+                Self::Http(Box::new(Http1Stream::new(hint)))
             };
         }
         match self {
@@ -79,7 +80,7 @@ impl Stream {
                 report.http = s.feed(seg, &mut out.http);
                 if s.state() == StreamState::NotHttp && report.http.became_not_http {
                     // Perhaps PostgreSQL picked up mid-stream: give it the next segments.
-                    *self = Self::Postgres(PgStream::new(None));
+                    *self = Self::Postgres(Box::new(PgStream::new(None)));
                 }
             }
             Self::Postgres(s) => {

@@ -10,6 +10,7 @@ pub struct TraceId(pub [u8; 16]);
 pub struct SpanId(pub [u8; 8]);
 
 impl TraceId {
+    #[cfg(test)]
     pub fn to_hex(self) -> String {
         hex(&self.0)
     }
@@ -22,6 +23,7 @@ impl SpanId {
     }
 }
 
+#[cfg(test)]
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);

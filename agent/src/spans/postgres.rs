@@ -169,6 +169,7 @@ mod tests {
         });
         build_db_span(
             st,
+            false,
             conn,
             resource,
             Clock::with_offset(0),
