@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod clients;
 pub mod collector;
+mod json;
 pub mod pg_clients;
 pub mod postgres;
 pub mod process;
