@@ -60,6 +60,14 @@ impl SpanSink for Vec<SpanRecord> {
     }
 }
 
+/// Why a connection ends, for counting.
+enum Ending {
+    /// Closed by the kernel or by its process's exit.
+    Closed,
+    /// Dropped by us: idle too long, or too many connections.
+    Evicted,
+}
+
 /// What the pipeline wants done outside it (process selection lives with the kernel maps).
 #[derive(Debug, PartialEq, Eq)]
 pub enum ProcessChange {
@@ -259,11 +267,7 @@ impl<S: SpanSink> Pipeline<S> {
 
     fn on_close(&mut self, ev: &ConnEvent) {
         self.connected.remove(&(ev.pid, ev.sock_cookie));
-        if let Some(mut conn) = self.conns.remove(&(ev.pid, ev.sock_cookie)) {
-            conn.stream.close(ev.ts_ns, &mut self.out);
-            Stats::add(&self.stats.connections_closed, 1);
-            self.flush(ev.pid, conn.info);
-        }
+        self.end_connection((ev.pid, ev.sock_cookie), Some(ev.ts_ns), Ending::Closed);
     }
 
     fn on_exec(&mut self, ev: &ProcessEvent) -> ProcessChange {
@@ -283,11 +287,7 @@ impl<S: SpanSink> Pipeline<S> {
             .copied()
             .collect();
         for key in keys {
-            if let Some(mut conn) = self.conns.remove(&key) {
-                conn.stream.close(ts, &mut self.out);
-                Stats::add(&self.stats.connections_closed, 1);
-                self.flush(pid, conn.info);
-            }
+            self.end_connection(key, Some(ts), Ending::Closed);
         }
         self.accepted.retain(|(p, _), _| *p != pid);
         self.connected.retain(|(p, _), _| *p != pid);
@@ -297,13 +297,24 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     fn evict_oldest(&mut self) {
-        if let Some((&key, _)) = self.conns.iter().min_by_key(|(_, c)| c.last_ns)
-            && let Some(mut conn) = self.conns.remove(&key)
-        {
-            conn.stream.close(conn.last_ns, &mut self.out);
-            Stats::add(&self.stats.connections_evicted, 1);
-            self.flush(key.0, conn.info);
+        if let Some((&key, _)) = self.conns.iter().min_by_key(|(_, c)| c.last_ns) {
+            self.end_connection(key, None, Ending::Evicted);
         }
+    }
+
+    /// Removes a connection, lets its parser emit what is pending (at `ts`, or at its last
+    /// activity) and turns that into spans.
+    fn end_connection(&mut self, key: (u32, u64), ts: Option<u64>, ending: Ending) {
+        let Some(mut conn) = self.conns.remove(&key) else {
+            return;
+        };
+        conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out);
+        let counter = match ending {
+            Ending::Closed => &self.stats.connections_closed,
+            Ending::Evicted => &self.stats.connections_evicted,
+        };
+        Stats::add(counter, 1);
+        self.flush(key.0, conn.info);
     }
 
     fn flush(&mut self, pid: u32, info: ConnInfo) {
@@ -386,11 +397,7 @@ impl<S: SpanSink> Pipeline<S> {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            if let Some(mut conn) = self.conns.remove(&key) {
-                conn.stream.close(conn.last_ns, &mut self.out);
-                Stats::add(&self.stats.connections_evicted, 1);
-                self.flush(key.0, conn.info);
-            }
+            self.end_connection(key, None, Ending::Evicted);
         }
         self.accepted
             .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
