@@ -8,6 +8,19 @@ use crate::{
     selection::Selection,
 };
 
+/// A feature switch on the command line: `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolArg {
     #[value(name = "grpc")]
@@ -58,6 +71,26 @@ pub struct Cli {
     /// Print the counters every N seconds (0: only at exit).
     #[arg(long, default_value_t = 0, value_name = "SECONDS")]
     pub stats_interval: u64,
+    /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of traced processes
+    /// (in the kernel, with sk_msg) so the called service continues the trace.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub context_propagation: Switch,
+    /// Make a client call the child of the request its process is serving on the same thread
+    /// (or the only request in flight on an event loop).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub in_process_linking: Switch,
+    /// When both ends of a connection are traced on this host, make the callee's server span
+    /// the child of the caller's client span even without a header (PostgreSQL, TLS later).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub same_host_pairing: Switch,
+    /// A trace adopted from a long-lived connection stops growing after this many spans from
+    /// this agent; later requests start new traces.
+    #[arg(long, default_value_t = 1000, value_name = "SPANS")]
+    pub max_spans_per_trace: u32,
+    /// A trace older than this (from its first span seen here) is not continued; later
+    /// requests start new traces.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub max_trace_age: u64,
 }
 
 impl Cli {
