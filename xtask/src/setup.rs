@@ -14,6 +14,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const ROTEL_VERSION: &str = "0.0.1a15";
 const OTEL_PYTHON_VERSION: &str = "1.45.2";
 const PSYCOPG_VERSION: &str = "3.3.9";
+/// The chart tests: Helm's Go SDK (Helm v4.2.3, renders offline) and the Kubernetes JSON
+/// schemas (1.25..1.37, bundled) with their validator.
+const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")
@@ -150,6 +154,8 @@ pub fn run(test_deps: bool) -> Result<()> {
             ),
             ("psycopg", PSYCOPG_VERSION),
             ("psycopg-binary", PSYCOPG_VERSION),
+            ("helm-python-sdk", HELM_PYTHON_SDK_VERSION),
+            ("kubernetes-validate", KUBERNETES_VALIDATE_VERSION),
         ])?;
         if !have("node") {
             bail!("node is missing after installing nodejs");
