@@ -205,6 +205,21 @@ impl Agent {
         read_text(&self.stdout)
     }
 
+    /// The counters of the exit summary (after [`Agent::stop`]): every `  <name> <value>` line
+    /// after `agent: summary`. Empty before the agent stopped.
+    pub fn summary_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        parse_summary_counters(&self.stderr())
+    }
+
+    /// What the agent said at start-up about context propagation: the text after
+    /// `agent: context propagation: `, e.g. `on (canary passed)` or `off (<why>)`.
+    pub fn context_propagation_status(&self) -> Option<String> {
+        self.stderr().lines().find_map(|l| {
+            l.strip_prefix("agent: context propagation: ")
+                .map(|s| s.trim().to_string())
+        })
+    }
+
     /// SIGTERM, then wait for the flush and exit. Panics (with stderr) unless it exits 0 in time.
     pub fn stop(&mut self) -> ExitStatus {
         if let Some(status) = self.child.try_wait() {
@@ -245,5 +260,48 @@ impl Drop for Agent {
                 tail(&self.stderr(), 120)
             );
         }
+    }
+}
+
+/// The `  <name> <value>` lines after the last `agent: summary` line (names without spaces,
+/// integer values; other lines are skipped).
+pub fn parse_summary_counters(stderr: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(start) = stderr.rfind("agent: summary") else {
+        return out;
+    };
+    for line in stderr[start..].lines().skip(1) {
+        if !line.starts_with(' ') {
+            break;
+        }
+        let mut words = line.split_whitespace();
+        if let (Some(name), Some(value), None) = (words.next(), words.next(), words.next())
+            && let Ok(value) = value.parse::<u64>()
+        {
+            out.insert(name.to_string(), value);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_exit_summary() {
+        let stderr = "agent ready: press Ctrl-C to stop\n\
+                      agent: stopping: detaching probes and flushing spans\n\
+                      agent: summary\n\
+                      \x20 data_events                  120\n\
+                      \x20 traceparent_injected         7\n\
+                      \x20 export: 3 exported, 0 failed, 0 dropped (queue full)\n\
+                      agent: bye\n\
+                      \x20 not_a_counter 9\n";
+        let counters = parse_summary_counters(stderr);
+        assert_eq!(counters.get("data_events"), Some(&120));
+        assert_eq!(counters.get("traceparent_injected"), Some(&7));
+        assert_eq!(counters.len(), 2, "{counters:?}");
+        assert!(parse_summary_counters("agent ready").is_empty());
     }
 }

@@ -511,6 +511,19 @@ pub fn rotel_bin() -> PathBuf {
         .clone()
 }
 
+/// How a [`Collector`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CollectorOptions {
+    /// Print only one line per received batch (`Received traces ... spans=N`, basic debug
+    /// log) instead of every span: for soaks, where hundreds of thousands of spans would flood
+    /// the disk. [`Collector::received_span_count`] still counts them; the span accessors
+    /// return nothing.
+    pub quiet: bool,
+    /// Listen on every address (0.0.0.0) instead of 127.0.0.1 only, so that senders in other
+    /// network namespaces reach it through a bridge ([`Collector::grpc_endpoint_at`]).
+    pub all_addresses: bool,
+}
+
 /// A running rotel collector with OTLP gRPC and HTTP receivers on free loopback ports.
 pub struct Collector {
     child: ChildGuard,
@@ -519,12 +532,31 @@ pub struct Collector {
     stdout: PathBuf,
     stderr: PathBuf,
     dir: TestDir,
+    options: CollectorOptions,
 }
 
 impl Collector {
     /// Starts rotel and waits until both receivers accept connections (10 s).
     pub fn start() -> Collector {
+        Self::start_with(CollectorOptions::default())
+    }
+
+    /// A collector that counts spans without printing them ([`CollectorOptions::quiet`]).
+    pub fn start_quiet() -> Collector {
+        Self::start_with(CollectorOptions {
+            quiet: true,
+            ..CollectorOptions::default()
+        })
+    }
+
+    pub fn start_with(options: CollectorOptions) -> Collector {
         let dir = TestDir::new("collector");
+        let bind = if options.all_addresses {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let verbosity = if options.quiet { "basic" } else { "detailed" };
         let mut last_error = String::new();
         for attempt in 0..3 {
             let grpc_port = free_port();
@@ -537,11 +569,11 @@ impl Collector {
             let mut cmd = Command::new(rotel_bin());
             cmd.arg("start")
                 .args(["--exporter", "blackhole"])
-                .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
+                .args(["--debug-log", "traces", "--debug-log-verbosity", verbosity])
                 .arg("--otlp-grpc-endpoint")
-                .arg(format!("127.0.0.1:{grpc_port}"))
+                .arg(format!("{bind}:{grpc_port}"))
                 .arg("--otlp-http-endpoint")
-                .arg(format!("127.0.0.1:{http_port}"))
+                .arg(format!("{bind}:{http_port}"))
                 .args(["--traces-batch-timeout", "50ms"])
                 .arg("--pid-file")
                 .arg(dir.join("rotel.pid"))
@@ -567,6 +599,7 @@ impl Collector {
                         stdout,
                         stderr,
                         dir,
+                        options,
                     };
                 }
                 if Instant::now() >= deadline {
@@ -594,6 +627,26 @@ impl Collector {
     /// OTLP/HTTP base endpoint (exporters append `/v1/traces`).
     pub fn http_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// OTLP/gRPC endpoint at another address of this machine, e.g. a bridge's address for a
+    /// sender in a network namespace (needs [`CollectorOptions::all_addresses`]).
+    pub fn grpc_endpoint_at(&self, address: std::net::IpAddr) -> String {
+        assert!(
+            self.options.all_addresses || address.is_loopback(),
+            "the collector listens on 127.0.0.1 only: start it with CollectorOptions::all_addresses"
+        );
+        format!("http://{address}:{}", self.grpc_port)
+    }
+
+    /// Spans received so far. Quiet mode: the sum of rotel's per-batch lines
+    /// (`Received traces. ... spans=N`); detailed mode: the spans printed.
+    pub fn received_span_count(&self) -> u64 {
+        if self.options.quiet {
+            count_received_spans(&self.raw_output())
+        } else {
+            self.spans_now().len() as u64
+        }
     }
 
     pub fn grpc_port(&self) -> u16 {
@@ -719,6 +772,18 @@ impl Drop for Collector {
             );
         }
     }
+}
+
+/// Sum of `spans=N` over rotel's `Received traces.` lines.
+fn count_received_spans(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.contains("Received traces."))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("spans="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// The text up to and including its last newline (rotel writes line by line).
@@ -880,6 +945,15 @@ mod tests {
         assert_eq!(server.attr_i64("http.response.body.size"), Some(6));
         assert_eq!(server.attributes.len(), 16);
         assert_eq!(server.duration_nanos(), 934_603);
+    }
+
+    #[test]
+    fn counts_spans_of_basic_batch_lines() {
+        let text = "2026-11-23T03:29:30.935530Z  INFO Starting Rotel. grpc_endpoint=\"127.0.0.1:14317\"\n\
+                    2026-11-23T03:29:34.461923Z  INFO Received traces. data_type=\"traces\" resource_spans=1 spans=3\n\
+                    2026-11-23T03:29:34.475443Z  INFO Received traces. data_type=\"traces\" resource_spans=2 spans=40\n";
+        assert_eq!(count_received_spans(text), 43);
+        assert_eq!(count_received_spans(SAMPLE), 0);
     }
 
     #[test]

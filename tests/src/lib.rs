@@ -13,11 +13,14 @@ pub mod agent;
 pub mod clients;
 pub mod collector;
 mod json;
+pub mod netns;
 pub mod pg_clients;
 pub mod postgres;
 pub mod process;
 pub mod servers;
+pub mod services;
 pub mod spans;
+pub mod traces;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -2,8 +2,9 @@
 //! (psql, pgbench, psycopg 3) that report what they sent and when.
 //!
 //! The server runs as the `postgres` OS user when the tests run as root (PostgreSQL refuses to
-//! run as root), as the current user otherwise. It listens on 127.0.0.1 only (every client here
-//! connects over TCP, never the Unix socket), without SSL, and logs every statement with the
+//! run as root), as the current user otherwise. It listens on 127.0.0.1 only, or on a network
+//! namespace's address ([`PgServer::start_in`]); every client here connects over TCP, never
+//! the Unix socket. Without SSL; it logs every statement with the
 //! backend pid and the client's port: [`PgServer::statements`] is the server's own account of
 //! what it executed, the ground truth to compare spans with.
 //!
@@ -249,7 +250,7 @@ fn client_command(program: &Path, server: &PgServer, db: &str) -> Command {
             cmd.env_remove(key);
         }
     }
-    cmd.env("PGHOST", "127.0.0.1")
+    cmd.env("PGHOST", &server.address)
         .env("PGPORT", server.port().to_string())
         .env("PGUSER", PG_USER)
         .env("PGDATABASE", db)
@@ -269,6 +270,8 @@ fn client_command(program: &Path, server: &PgServer, db: &str) -> Command {
 /// `log_connections`/`log_disconnections` on, C locale (English messages).
 pub struct PgServer {
     child: ChildGuard,
+    /// The address it listens on (127.0.0.1, or a network namespace's address).
+    address: String,
     port: u16,
     data: DataDir,
     socket_dir: PathBuf,
@@ -280,6 +283,18 @@ impl PgServer {
     /// Copies the template cluster and starts it, waiting until the postmaster accepts
     /// connections: about 0.2 s (plus about 1 s for initdb the first time on a machine).
     pub fn start() -> PgServer {
+        Self::start_impl(None)
+    }
+
+    /// The same cluster in a network namespace ("host"), listening on the host's address
+    /// only: `ip netns exec <ns> setpriv --reuid postgres ... postgres ...` (the pid is the
+    /// postmaster's: both exec). Clients anywhere reach it at [`PgServer::address`].
+    pub fn start_in(host: &crate::netns::Host) -> PgServer {
+        Self::start_impl(Some(host))
+    }
+
+    fn start_impl(host: Option<&crate::netns::Host>) -> PgServer {
+        let address = host.map_or_else(|| "127.0.0.1".to_string(), |h| h.ip().to_string());
         let dir = TestDir::new("pg");
         let user = server_os_user();
         let root = dir.join("pg");
@@ -301,12 +316,39 @@ impl PgServer {
         for attempt in 0..3 {
             let port = free_port();
             let log = dir.join(&format!("postgres-{attempt}.log"));
-            let mut cmd = Command::new(pg_bin("postgres"));
+            let mut cmd = match (host, user) {
+                (None, _) => Command::new(pg_bin("postgres")),
+                (Some(host), None) => host.command(pg_bin("postgres")),
+                // `ip netns exec` needs root: drop to the postgres user inside, and keep the
+                // parent-death signal (a change of uid clears it).
+                (Some(host), Some((uid, gid))) => {
+                    let mut cmd = host.command("setpriv");
+                    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()])
+                        .args(["--clear-groups", "--pdeathsig", "KILL", "--"])
+                        .arg(pg_bin("postgres"));
+                    cmd
+                }
+            };
             cmd.arg("-D").arg(&data_dir).arg("-p").arg(port.to_string());
             let socket_setting = format!("unix_socket_directories={}", socket_dir.display());
             let prefix_setting = format!("log_line_prefix={LOG_LINE_PREFIX}");
-            for setting in [
-                "listen_addresses=127.0.0.1",
+            let listen_setting = format!("listen_addresses={address}");
+            // In a namespace, clients come from other hosts' addresses: trust them all (the
+            // template's pg_hba.conf trusts loopback only).
+            let hba_file = root.join("pg_hba.conf");
+            let hba_setting = format!("hba_file={}", hba_file.display());
+            if host.is_some() {
+                fs::write(
+                    &hba_file,
+                    "local all all trust\nhost all all 0.0.0.0/0 trust\n",
+                )
+                .unwrap_or_else(|e| panic!("write {}: {e}", hba_file.display()));
+            }
+            let mut settings = vec![listen_setting.as_str()];
+            if host.is_some() {
+                settings.push(hba_setting.as_str());
+            }
+            for setting in settings.into_iter().chain([
                 socket_setting.as_str(),
                 "ssl=off",
                 "fsync=off",
@@ -320,11 +362,13 @@ impl PgServer {
                 "log_disconnections=on",
                 "lc_messages=C",
                 prefix_setting.as_str(),
-            ] {
+            ]) {
                 cmd.arg("-c").arg(setting);
             }
             cmd.current_dir(&root).env("LC_ALL", "C");
-            run_as(&mut cmd, user);
+            if host.is_none() {
+                run_as(&mut cmd, user);
+            }
             let mut child = ChildGuard::spawn("postgres", cmd, &log, &log);
             let pid_file = data_dir.join("postmaster.pid");
             let ready = poll_until(START_TIMEOUT, || {
@@ -341,6 +385,7 @@ impl PgServer {
             if ready == Some(true) {
                 return PgServer {
                     child,
+                    address,
                     port,
                     data,
                     socket_dir,
@@ -364,6 +409,11 @@ impl PgServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address it listens on: 127.0.0.1, or its network namespace's address.
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     /// The postmaster: it accepts connections and forks one backend per connection.
@@ -396,16 +446,16 @@ impl PgServer {
     /// libpq connection string for `db` over TCP, e.g. for psycopg.
     pub fn conninfo(&self, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user={PG_USER} dbname={db} sslmode=disable gssencmode=disable",
-            self.port
+            "host={} port={} user={PG_USER} dbname={db} sslmode=disable gssencmode=disable",
+            self.address, self.port
         )
     }
 
     /// The same as a URL: `postgresql://postgres@127.0.0.1:<port>/<db>?sslmode=disable`.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql://{PG_USER}@127.0.0.1:{}/{db}?sslmode=disable&gssencmode=disable",
-            self.port
+            "postgresql://{PG_USER}@{}:{}/{db}?sslmode=disable&gssencmode=disable",
+            self.address, self.port
         )
     }
 

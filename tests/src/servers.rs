@@ -35,23 +35,30 @@ pub trait HttpServer {
 }
 
 /// A server script that prints `READY port=<port> pid=<pid>` once it listens.
-struct ScriptServer {
+pub struct ScriptServer {
     child: ChildGuard,
     port: u16,
+    stdout: PathBuf,
     stderr: PathBuf,
     _dir: TestDir,
 }
 
 impl ScriptServer {
     fn start(name: &str, program: &Path, script: &Path, env: &[(&str, &str)]) -> ScriptServer {
-        let dir = TestDir::new(name);
-        let stdout = dir.join("stdout");
-        let stderr = dir.join("stderr");
         let mut cmd = Command::new(program);
         cmd.arg(script).arg("0").env_remove("OTEL_SERVICE_NAME");
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::start_command(name, cmd)
+    }
+
+    /// Spawns `cmd` (any server that prints `READY port=<port> ...` on stdout) and waits for
+    /// its READY line (15 s).
+    pub fn start_command(name: &str, cmd: Command) -> ScriptServer {
+        let dir = TestDir::new(name);
+        let stdout = dir.join("stdout");
+        let stderr = dir.join("stderr");
         let mut child = ChildGuard::spawn(name, cmd, &stdout, &stderr);
         let started = Instant::now();
         let port = loop {
@@ -77,9 +84,28 @@ impl ScriptServer {
         ScriptServer {
             child,
             port,
+            stdout,
             stderr,
             _dir: dir,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process that was spawned (with `ip netns exec`, the program itself: ip execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Everything the server printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        read_text(&self.stdout)
+    }
+
+    pub fn stderr(&self) -> String {
+        read_text(&self.stderr)
     }
 }
 
