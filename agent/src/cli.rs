@@ -1,5 +1,6 @@
-//! Command line. Every option can also come from the environment (standard OTEL_* variables
-//! for export); flags win over the environment.
+//! Command line. Every option can also come from the environment (`EBPF_AGENT_<OPTION>`, and
+//! the standard OTEL_* variables for export) or from the `--config` YAML file: see config.rs,
+//! which derives both from the definitions below. Flags > environment > file > defaults.
 
 use clap::{Parser, ValueEnum};
 
@@ -36,6 +37,10 @@ pub enum ProtocolArg {
 #[derive(Debug, Parser)]
 #[command(name = "agent", version)]
 pub struct Cli {
+    /// YAML file with settings, one key per option (`capture_size: 8192`, `comm: [nginx]`);
+    /// flags and environment variables override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
     /// Trace this process id (repeatable).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,

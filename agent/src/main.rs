@@ -1,6 +1,7 @@
 //! The agent binary: wiring only. See docs/architecture.md for the pipeline.
 
 mod cli;
+mod config;
 mod event_loop;
 mod events;
 mod export;
@@ -16,7 +17,6 @@ mod stats;
 use std::sync::{Arc, atomic::AtomicBool};
 
 use anyhow::Context as _;
-use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     // Errors are printed as sentences (with their causes), not as a debug dump with a backtrace.
@@ -33,7 +33,7 @@ fn start() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let cli = cli::Cli::parse();
+    let cli = config::load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -1,0 +1,663 @@
+use std::io;
+
+use super::*;
+use crate::cli::{ProtocolArg, Switch};
+
+const FILE: &str = "/etc/ebpf-agent/test.yaml";
+
+/// Resolves `args` with the environment `env` and, when `file` is given, `--config FILE`
+/// holding that text (added to the command line unless `args` names a file itself).
+fn run(
+    args: &[&str],
+    env: &[(&str, &str)],
+    file: Option<&str>,
+) -> Result<(Cli, Resolution), ConfigError> {
+    let mut argv: Vec<OsString> = vec!["agent".into()];
+    argv.extend(args.iter().map(OsString::from));
+    let names_file =
+        args.contains(&"--config") || env.iter().any(|(k, _)| *k == "EBPF_AGENT_CONFIG");
+    if file.is_some() && !names_file {
+        argv.extend(["--config".into(), FILE.into()]);
+    }
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let text = file.map(str::to_owned);
+    resolve(
+        &argv,
+        &|var| {
+            env.iter()
+                .find(|(k, _)| k == var)
+                .map(|(_, v)| OsString::from(v))
+        },
+        &|path| match &text {
+            Some(text) if path == Path::new(FILE) => Ok(text.clone()),
+            _ => Err(io::Error::new(io::ErrorKind::NotFound, "No such file")),
+        },
+    )
+}
+
+fn error(args: &[&str], env: &[(&str, &str)], file: Option<&str>) -> String {
+    match run(args, env, file) {
+        Ok((cli, _)) => panic!("accepted: {cli:?}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+fn raw(m: &ArgMatches, id: &str) -> Vec<String> {
+    m.get_raw(id)
+        .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn all_options() -> Vec<Opt> {
+    options(&Cli::command())
+}
+
+/// clap's default values of an option.
+fn defaults(opt: &Opt) -> Vec<String> {
+    // Built: clap gives flags (SetTrue) their `false` default only then.
+    let mut cmd = Cli::command();
+    cmd.build();
+    cmd.get_arguments()
+        .find(|a| a.get_id().as_str() == opt.id)
+        .map(|a| {
+            a.get_default_values()
+                .iter()
+                .map(|d| d.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Values tried as samples for options without possible values; the option's parser picks.
+const CANDIDATES: &[&str] = &["7", "9", "a=1", "b=2", "http://a:1", "http://b:2", "x", "y"];
+
+/// Two different values the option accepts, the first not its default.
+fn samples(opt: &Opt) -> (String, String) {
+    if opt.shape == Shape::Switch {
+        return ("true".into(), "false".into());
+    }
+    let valid: Vec<&str> = opt
+        .possible
+        .iter()
+        .map(String::as_str)
+        .chain(CANDIDATES.iter().copied())
+        .filter(|v| check_value(opt, v).is_ok())
+        .collect();
+    let first = valid
+        .iter()
+        .find(|v| !defaults(opt).iter().any(|d| d == *v))
+        .unwrap_or_else(|| panic!("no sample value for --{}: extend CANDIDATES", opt.long));
+    let second = valid
+        .iter()
+        .find(|v| *v != first)
+        .unwrap_or_else(|| panic!("no second sample value for --{}", opt.long));
+    ((*first).to_owned(), (*second).to_owned())
+}
+
+/// A YAML scalar: plain when it is a plain word or number (so typed YAML values are exercised),
+/// double-quoted otherwise.
+fn quote(value: &str) -> String {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+    {
+        value.to_owned()
+    } else {
+        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+fn yaml_value(opt: &Opt, values: &[String]) -> String {
+    match opt.shape {
+        Shape::Switch | Shape::One => values.first().map(|v| quote(v)).unwrap_or_default(),
+        Shape::Many => format!(
+            "[{}]",
+            values
+                .iter()
+                .map(|v| quote(v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The settings in `matches` as a config file: what `--config` would need to reproduce them.
+fn dump(matches: &ArgMatches) -> String {
+    let mut out = String::new();
+    for opt in all_options().iter().filter(|o| o.key != CONFIG_OPTION) {
+        let values = raw(matches, &opt.id);
+        if values.is_empty() && opt.shape == Shape::One {
+            continue;
+        }
+        out.push_str(&format!("{}: {}\n", opt.key, yaml_value(opt, &values)));
+    }
+    out
+}
+
+#[test]
+fn every_clap_argument_is_settable_from_file_and_environment() {
+    let opts = all_options();
+    for arg in Cli::command().get_arguments() {
+        assert!(
+            opts.iter().any(|o| o.id == arg.get_id().as_str()),
+            "option {} cannot be set from the file or the environment: give it a long name and a \
+             Set, SetTrue or Append action (see config.rs)",
+            arg.get_id()
+        );
+    }
+    for (key, _) in SIGNAL_ENV {
+        assert!(
+            opts.iter().any(|o| o.key == *key),
+            "SIGNAL_ENV names unknown key {key}"
+        );
+    }
+}
+
+#[test]
+fn flags_beat_environment_beat_file_beat_defaults_for_every_option() {
+    for opt in all_options().iter().filter(|o| o.key != CONFIG_OPTION) {
+        let (a, b) = samples(opt);
+        let ctx = format!("--{} (samples {a:?}, {b:?})", opt.long);
+        let file_a = format!(
+            "{}: {}\n",
+            opt.key,
+            yaml_value(opt, std::slice::from_ref(&a))
+        );
+        let file_b = format!(
+            "{}: {}\n",
+            opt.key,
+            yaml_value(opt, std::slice::from_ref(&b))
+        );
+        let flag = match opt.shape {
+            Shape::Switch => format!("--{}", opt.long),
+            Shape::One | Shape::Many => format!("--{}={a}", opt.long),
+        };
+
+        let (_, r) = run(&[], &[], None).expect(&ctx);
+        assert_eq!(raw(&r.matches, &opt.id), defaults(opt), "{ctx}: default");
+        assert_eq!(r.sources[&opt.key], Source::Default, "{ctx}");
+
+        // The file sets what nothing else sets.
+        let (_, r) = run(&[], &[], Some(&file_a)).expect(&ctx);
+        assert_eq!(raw(&r.matches, &opt.id), vec![a.clone()], "{ctx}: file");
+        assert_eq!(r.sources[&opt.key], Source::File { line: 1 }, "{ctx}");
+
+        // Each of the option's variables beats the file.
+        for var in &opt.env {
+            let (_, r) = run(&[], &[(var, &b)], Some(&file_a)).expect(&ctx);
+            assert_eq!(raw(&r.matches, &opt.id), vec![b.clone()], "{ctx}: {var}");
+            assert_eq!(r.sources[&opt.key], Source::Env(var.clone()), "{ctx}");
+        }
+        // Among the variables, the earlier one wins (EBPF_AGENT_* first).
+        for pair in opt.env.windows(2) {
+            let (_, r) = run(&[], &[(&pair[0], &a), (&pair[1], &b)], None).expect(&ctx);
+            assert_eq!(raw(&r.matches, &opt.id), vec![a.clone()], "{ctx}: {pair:?}");
+        }
+
+        // The flag beats every variable and the file.
+        let env: Vec<(&str, &str)> = opt.env.iter().map(|v| (v.as_str(), b.as_str())).collect();
+        let (_, r) = run(&[&flag], &env, Some(&file_b)).expect(&ctx);
+        assert_eq!(raw(&r.matches, &opt.id), vec![a.clone()], "{ctx}: flag");
+        assert_eq!(r.sources[&opt.key], Source::Flag, "{ctx}");
+    }
+}
+
+#[test]
+fn file_values_reach_the_typed_settings() {
+    let file = "\
+# a comment
+capture_size: 8192
+comm: [nginx, 'python*']
+exe:
+  - /usr/bin/node
+port: 8080            # one value for a list option
+otlp_endpoint: http://collector:4317
+otlp_protocol: http/protobuf
+db_raw_query: true
+context_propagation: off
+in_process_linking: false   # a YAML boolean for an on|off option
+same_host_pairing: !!str on
+max_spans_per_trace: 10
+max_trace_age: ~            # null: the default stays
+";
+    let (cli, r) = run(&[], &[], Some(file)).expect("valid file");
+    assert_eq!(cli.capture_size, 8192);
+    assert_eq!(cli.comms, ["nginx", "python*"]);
+    assert_eq!(cli.exes, ["/usr/bin/node"]);
+    assert_eq!(cli.ports, [8080]);
+    assert_eq!(cli.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+    assert_eq!(cli.otlp_protocol, ProtocolArg::HttpProtobuf);
+    assert!(cli.db_raw_query);
+    assert_eq!(cli.context_propagation, Switch::Off);
+    assert_eq!(cli.in_process_linking, Switch::Off);
+    assert_eq!(cli.same_host_pairing, Switch::On);
+    assert_eq!(cli.max_spans_per_trace, 10);
+    assert_eq!(cli.max_trace_age, 300);
+    assert_eq!(r.sources["max_trace_age"], Source::Default);
+    assert_eq!(r.sources["capture_size"], Source::File { line: 2 });
+    assert_eq!(cli.config.as_deref(), Some(Path::new(FILE)));
+}
+
+#[test]
+fn environment_lists_are_comma_separated_and_switches_take_words() {
+    let (cli, _) = run(
+        &[],
+        &[
+            ("EBPF_AGENT_COMM", "nginx, python* ,,node"),
+            ("EBPF_AGENT_PORT", "80,443"),
+            ("EBPF_AGENT_DB_RAW_QUERY", "yes"),
+            ("EBPF_AGENT_CONTEXT_PROPAGATION", "off"),
+        ],
+        None,
+    )
+    .expect("valid environment");
+    assert_eq!(cli.comms, ["nginx", "python*", "node"]);
+    assert_eq!(cli.ports, [80, 443]);
+    assert!(cli.db_raw_query);
+    assert_eq!(cli.context_propagation, Switch::Off);
+
+    // A false switch in the environment overrides a true one in the file.
+    let (cli, _) = run(
+        &[],
+        &[("EBPF_AGENT_DB_RAW_QUERY", "false")],
+        Some("db_raw_query: true\n"),
+    )
+    .expect("valid");
+    assert!(!cli.db_raw_query);
+}
+
+#[test]
+fn the_file_can_be_named_by_the_environment_and_flags_still_win() {
+    let (cli, r) = run(
+        &["--capture-size", "512"],
+        &[("EBPF_AGENT_CONFIG", FILE)],
+        Some("capture_size: 1024\nstats_interval: 5\n"),
+    )
+    .expect("valid");
+    assert_eq!(cli.config.as_deref(), Some(Path::new(FILE)));
+    assert_eq!(cli.capture_size, 512);
+    assert_eq!(cli.stats_interval, 5);
+    assert_eq!(r.sources["config"], Source::Env("EBPF_AGENT_CONFIG".into()));
+}
+
+#[test]
+fn empty_variables_count_as_unset() {
+    let (cli, r) = run(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            ("EBPF_AGENT_COMM", " "),
+        ],
+        Some("otlp_endpoint: http://from-file:4317\ncomm: [a]\n"),
+    )
+    .expect("valid");
+    assert_eq!(cli.otlp_endpoint.as_deref(), Some("http://from-file:4317"));
+    assert_eq!(cli.comms, ["a"]);
+    assert_eq!(r.sources["otlp_endpoint"], Source::File { line: 1 });
+}
+
+#[test]
+fn key_value_options_take_a_mapping() {
+    // Options whose values are KEY=VALUE (Kubernetes labels) accept a YAML mapping.
+    for opt in all_options()
+        .iter()
+        .filter(|o| o.pairs && o.shape == Shape::Many)
+    {
+        let (_, r) = run(
+            &[],
+            &[],
+            Some(&format!("{}: {{app: web, tier: \"1\"}}\n", opt.key)),
+        )
+        .expect(&opt.key);
+        assert_eq!(
+            raw(&r.matches, &opt.id),
+            ["app=web", "tier=1"],
+            "{}",
+            opt.key
+        );
+    }
+}
+
+#[test]
+fn every_key_round_trips() {
+    let opts = all_options();
+    let mut firsts = String::new();
+    let mut seconds = String::new();
+    for opt in opts.iter().filter(|o| o.key != CONFIG_OPTION) {
+        let (a, b) = samples(opt);
+        firsts.push_str(&format!(
+            "{}: {}\n",
+            opt.key,
+            yaml_value(opt, std::slice::from_ref(&a))
+        ));
+        let many = if opt.shape == Shape::Many {
+            vec![a, b]
+        } else {
+            vec![b]
+        };
+        seconds.push_str(&format!("{}: {}\n", opt.key, yaml_value(opt, &many)));
+    }
+    for original in ["", firsts.as_str(), seconds.as_str()] {
+        let (cli, r) = run(&[], &[], Some(original)).expect(original);
+        let dumped = dump(&r.matches);
+        let (again_cli, again) = run(&[], &[], Some(&dumped)).expect(&dumped);
+        for opt in &opts {
+            assert_eq!(
+                raw(&again.matches, &opt.id),
+                raw(&r.matches, &opt.id),
+                "{} did not round-trip through:\n{dumped}",
+                opt.key
+            );
+        }
+        assert_eq!(format!("{again_cli:?}"), format!("{cli:?}"));
+        assert_eq!(dump(&again.matches), dumped);
+    }
+    // Both sample files set every key, so each key really went through the file.
+    let (_, r) = run(&[], &[], Some(&firsts)).expect("firsts");
+    for opt in opts.iter().filter(|o| o.key != CONFIG_OPTION) {
+        assert!(
+            matches!(r.sources[&opt.key], Source::File { .. }),
+            "{} not taken from the file",
+            opt.key
+        );
+    }
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_place_and_a_suggestion() {
+    let msg = error(&[], &[], Some("capture_size: 1024\ncaptur_size: 2\n"));
+    assert!(
+        msg.contains("test.yaml:2:1: unknown key `captur_size`"),
+        "{msg}"
+    );
+    assert!(msg.contains("did you mean `capture_size`"), "{msg}");
+
+    let msg = error(&[], &[], Some("capture-size: 1024\n"));
+    assert!(msg.contains("did you mean `capture_size`"), "{msg}");
+    let msg = error(&[], &[], Some("comms: [a]\n"));
+    assert!(msg.contains("did you mean `comm`"), "{msg}");
+
+    let msg = error(&[], &[], Some("colour: blue\n"));
+    assert!(msg.contains("unknown key `colour`"), "{msg}");
+    assert!(msg.contains("capture_size"), "lists the keys: {msg}");
+
+    let msg = error(&[], &[], Some("config: /etc/other.yaml\n"));
+    assert!(
+        msg.contains("unknown key `config`: the file cannot name"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_values_are_named_with_key_place_and_reason() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "capture_size: lots\n",
+            &[
+                "test.yaml:1:15: key `capture_size`: invalid value \"lots\"",
+                "invalid digit",
+            ],
+        ),
+        (
+            "capture_size: -1\n",
+            &["key `capture_size`: invalid value \"-1\""],
+        ),
+        ("port: [80, 70000]\n", &["key `port`", "\"70000\"", "65535"]),
+        (
+            "otlp_protocol: json\n",
+            &["key `otlp_protocol`: invalid value \"json\": expected one of grpc, http/protobuf"],
+        ),
+        (
+            "context_propagation: maybe\n",
+            &["key `context_propagation`", "expected one of on, off"],
+        ),
+        (
+            "otlp_endpoint: [a, b]\n",
+            &["1:16: key `otlp_endpoint`: takes one value, not a list"],
+        ),
+        (
+            "comm: {a: b}\n",
+            &["key `comm`: expected a single value, found a mapping"],
+        ),
+        ("comm: [[a]]\n", &["key `comm`", "found a list"]),
+        (
+            "db_raw_query: maybe\n",
+            &["key `db_raw_query`: expected true or false, found \"maybe\""],
+        ),
+        (
+            "db_raw_query: [true]\n",
+            &["key `db_raw_query`: expected true or false, found a list"],
+        ),
+    ];
+    for (file, wanted) in cases {
+        let msg = error(&[], &[], Some(file));
+        for part in *wanted {
+            assert!(msg.contains(part), "{file:?}: {msg:?} lacks {part:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_environment_values_name_the_variable() {
+    let msg = error(&[], &[("EBPF_AGENT_CAPTURE_SIZE", "lots")], None);
+    assert!(
+        msg.starts_with(
+            "environment variable EBPF_AGENT_CAPTURE_SIZE: option --capture-size: invalid value \"lots\""
+        ),
+        "{msg}"
+    );
+    let msg = error(&[], &[("OTEL_EXPORTER_OTLP_PROTOCOL", "json")], None);
+    assert!(msg.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{msg}");
+    assert!(msg.contains("grpc, http/protobuf"), "{msg}");
+    let msg = error(&[], &[("EBPF_AGENT_DB_RAW_QUERY", "perhaps")], None);
+    assert!(msg.contains("expected true or false"), "{msg}");
+    let msg = error(&[], &[("EBPF_AGENT_PORT", "80,http")], None);
+    assert!(
+        msg.contains("EBPF_AGENT_PORT") && msg.contains("\"http\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn malformed_files_say_where_and_what() {
+    let msg = error(&[], &[], Some("comm: [a\nport: 1\n"));
+    assert!(
+        msg.starts_with(FILE) && msg.contains("not valid YAML"),
+        "{msg}"
+    );
+
+    let msg = error(&[], &[], Some("comm: a\ncomm: b\n"));
+    assert!(
+        msg.contains("test.yaml:2:") && msg.contains("duplicated key"),
+        "{msg}"
+    );
+
+    let msg = error(&[], &[], Some("- comm\n- nginx\n"));
+    assert!(
+        msg.contains("must be a mapping of option names to values"),
+        "{msg}"
+    );
+
+    let msg = error(&[], &[], Some("comm: [a]\n---\nport: [1]\n"));
+    assert!(msg.contains("holds 2 YAML documents"), "{msg}");
+
+    let msg = error(&["--config", "/nonexistent/agent.yaml"], &[], None);
+    assert!(
+        msg.starts_with("cannot read the configuration file /nonexistent/agent.yaml"),
+        "{msg}"
+    );
+
+    // Empty and comment-only files set nothing.
+    for empty in ["", "# nothing yet\n", "~\n"] {
+        let (cli, _) = run(&[], &[], Some(empty)).expect(empty);
+        assert_eq!(cli.capture_size, agent_common::DEFAULT_CAPTURE);
+    }
+}
+
+#[test]
+fn command_line_mistakes_stay_clap_errors() {
+    assert!(matches!(
+        run(&["--no-such-flag"], &[], None),
+        Err(ConfigError::CommandLine(_))
+    ));
+    assert!(matches!(
+        run(&["--capture-size", "lots"], &[], None),
+        Err(ConfigError::CommandLine(_))
+    ));
+}
+
+#[test]
+fn help_names_each_variable_and_key() {
+    let opts = all_options();
+    let help = command(&opts).render_long_help().to_string();
+    for opt in &opts {
+        for var in &opt.env {
+            assert!(help.contains(var.as_str()), "--help does not name {var}");
+        }
+        if opt.key != CONFIG_OPTION {
+            assert!(
+                help.contains(&format!("[config: {}]", opt.key)),
+                "{}",
+                opt.key
+            );
+        }
+    }
+    assert!(help.contains("Precedence: flags, then environment, then file"));
+}
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+#[test]
+fn the_example_config_file_is_valid() {
+    let path = repo_file("deploy/config.example.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/config.example.yaml");
+    let (_, r) = run(&[], &[], Some(&text)).expect("the example is valid");
+    let set: Vec<&String> = r
+        .sources
+        .iter()
+        .filter(|(_, s)| matches!(s, Source::File { .. }))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!set.is_empty(), "the example sets something");
+    // Keys shown commented out (`# key: value`) must be valid once uncommented.
+    let opts = all_options();
+    let mut shown: Vec<String> = set.iter().map(|k| (*k).clone()).collect();
+    let mut uncommented = text.clone();
+    for line in text.lines() {
+        let Some(setting) = line.strip_prefix("# ") else {
+            continue;
+        };
+        let Some((key, _)) = setting.split_once(':') else {
+            continue;
+        };
+        if opts.iter().any(|o| o.key == key) && !shown.iter().any(|k| k == key) {
+            uncommented.push_str(&format!("{setting}\n"));
+            shown.push(key.to_owned());
+        }
+    }
+    run(&[], &[], Some(&uncommented))
+        .unwrap_or_else(|e| panic!("a commented-out example is wrong: {e}"));
+}
+
+/// The README's one table: option, environment variables, config key, default.
+fn expected_row(opt: &Opt) -> [String; 4] {
+    let env = opt
+        .env
+        .iter()
+        .map(|e| format!("`{e}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key = if opt.key == CONFIG_OPTION {
+        "—".to_owned()
+    } else {
+        format!("`{}`", opt.key)
+    };
+    let default = match defaults(opt).as_slice() {
+        [] => "—".to_owned(),
+        values => format!("`{}`", values.join(", ")),
+    };
+    [format!("`--{}`", opt.long), env, key, default]
+}
+
+#[test]
+fn the_readme_table_lists_every_option() {
+    let readme = std::fs::read_to_string(repo_file("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Configuration")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README.md has a `## Configuration` section");
+    let rows: Vec<Vec<String>> = section
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect();
+    let opts = all_options();
+    let table: String = opts
+        .iter()
+        .map(|o| format!("| {} | |\n", expected_row(o).join(" | ")))
+        .collect();
+    for opt in &opts {
+        let want = expected_row(opt);
+        let row = rows.iter().find(|r| r.first() == Some(&want[0]));
+        assert!(
+            row.is_some_and(|r| r.len() >= 5 && r[..4] == want),
+            "README.md's Configuration table is missing or has a wrong row for --{}; the first \
+             four columns of every row should be:\n{table}",
+            opt.long
+        );
+    }
+    for row in &rows {
+        assert!(
+            opts.iter()
+                .any(|o| Some(&expected_row(o)[0]) == row.first()),
+            "README.md documents {:?}, which the agent does not have",
+            row.first()
+        );
+    }
+}
+
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_config() {
+    use saphyr::{LoadableYamlNode as _, Yaml};
+    // The plain manifests (rendered from the Helm chart) hand the agent a config file: it must be
+    // one this module accepts, or every pod would fail at start-up.
+    let dir = repo_file("deploy/kubernetes");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("manifest");
+        let docs = Yaml::load_from_str(&text).expect("manifest YAML");
+        for doc in &docs {
+            if doc["kind"].as_str() != Some("ConfigMap") {
+                continue;
+            }
+            let Some(config) = doc["data"]["config.yaml"].as_str() else {
+                continue;
+            };
+            run(&[], &[], Some(config))
+                .unwrap_or_else(|e| panic!("{}: config.yaml: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 0,
+        "no ConfigMap with a config.yaml in deploy/kubernetes"
+    );
+}
