@@ -493,7 +493,7 @@ fn hint(key: &str, opts: &[Opt]) -> String {
         .map(|o| (distance(&normalized, &o.key), o))
         .min_by_key(|(d, _)| *d);
     match best {
-        Some((d, o)) if d <= 2 || o.key.trim_end_matches('s') == normalized => {
+        Some((d, o)) if d <= 2 => {
             format!(": did you mean `{}`?", o.key)
         }
         _ => format!(
