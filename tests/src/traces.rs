@@ -181,12 +181,14 @@ impl<'a> ChainReport<'a> {
             for p in &r.problems {
                 let _ = writeln!(out, "  - {p}");
             }
-            let _ = writeln!(out, "  its spans:");
-            for s in self
+            let _ = writeln!(out, "  its spans (by start time):");
+            let mut own: Vec<&ReceivedSpan> = self
                 .spans
                 .iter()
                 .filter(|s| (self.request_of)(s).as_deref() == Some(r.id.as_str()))
-            {
+                .collect();
+            own.sort_by_key(|s| s.start_unix_nanos);
+            for s in own {
                 let _ = writeln!(out, "    {}", s.summary());
             }
         }
