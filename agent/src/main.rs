@@ -6,6 +6,7 @@ mod event_loop;
 mod events;
 mod export;
 mod idmap;
+mod k8s;
 mod kernel;
 mod pipeline;
 mod process;

@@ -434,7 +434,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// `&'static` key for an attribute read from a process (see `MAX_INTERNED_KEYS`).
-fn intern_key(key: &str) -> Option<&'static str> {
+pub(crate) fn intern_key(key: &str) -> Option<&'static str> {
     static KEYS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
     let mut keys = KEYS
         .get_or_init(Default::default)
