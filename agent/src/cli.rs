@@ -6,6 +6,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::{
     export::{ExportConfig, ExportTarget, OtlpProtocol},
+    k8s,
     selection::Selection,
 };
 
@@ -20,6 +21,14 @@ impl Switch {
     pub fn is_on(self) -> bool {
         self == Switch::On
     }
+}
+
+/// `--kubernetes`: `auto` is on when the agent runs in a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KubernetesArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -96,6 +105,25 @@ pub struct Cli {
     /// requests start new traces.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub max_trace_age: u64,
+    /// Kubernetes metadata on every resource (k8s.pod.name, k8s.deployment.name, container.id,
+    /// service.name from the workload) and selection by pod. auto: on when the agent runs in a
+    /// pod (KUBERNETES_SERVICE_HOST is set).
+    #[arg(long, value_enum, default_value = "auto", value_name = "auto|on|off")]
+    pub kubernetes: KubernetesArg,
+    /// The Kubernetes node this agent runs on: its pods are the ones described. Default: the
+    /// NODE_NAME variable (set it from the downward API), else the node of the agent's own pod.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub k8s_node_name: Option<String>,
+    /// Trace only processes of pods in this namespace (repeatable: any of them). Combined with
+    /// --pid/--comm/--exe/--port, only their processes in matching pods are traced.
+    #[arg(long = "k8s-namespace", value_name = "NS")]
+    pub k8s_namespaces: Vec<String>,
+    /// Trace only processes of pods with this label (repeatable: all must match).
+    #[arg(long = "k8s-pod-label", value_name = "KEY=VALUE", value_parser = k8s::filter::parse_key_value)]
+    pub k8s_pod_labels: Vec<(String, String)>,
+    /// Trace only processes of pods with this annotation (repeatable: all must match).
+    #[arg(long = "k8s-pod-annotation", value_name = "KEY=VALUE", value_parser = k8s::filter::parse_key_value)]
+    pub k8s_pod_annotations: Vec<(String, String)>,
 }
 
 impl Cli {
@@ -105,6 +133,27 @@ impl Cli {
             comms: self.comms.clone(),
             exes: self.exes.clone(),
             ports: self.ports.clone(),
+            pods: self.pod_filter(),
+        }
+    }
+
+    fn pod_filter(&self) -> k8s::PodFilter {
+        k8s::PodFilter {
+            namespaces: self.k8s_namespaces.clone(),
+            labels: self.k8s_pod_labels.clone(),
+            annotations: self.k8s_pod_annotations.clone(),
+        }
+    }
+
+    pub fn kubernetes_config(&self) -> k8s::Config {
+        k8s::Config {
+            mode: match self.kubernetes {
+                KubernetesArg::Auto => k8s::Mode::Auto,
+                KubernetesArg::On => k8s::Mode::On,
+                KubernetesArg::Off => k8s::Mode::Off,
+            },
+            node_name: self.k8s_node_name.clone(),
+            filter: self.pod_filter(),
         }
     }
 
@@ -162,5 +211,48 @@ mod tests {
         }
         assert!(cli.selection().traces_all());
         assert!(Cli::try_parse_from(["agent", "--otlp-protocol", "json"]).is_err());
+    }
+
+    #[test]
+    fn kubernetes_flags() {
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--kubernetes",
+            "on",
+            "--k8s-node-name",
+            "node-1",
+            "--k8s-namespace",
+            "shop",
+            "--k8s-namespace",
+            "pay",
+            "--k8s-pod-label",
+            "app.kubernetes.io/name=web",
+            "--k8s-pod-annotation",
+            "trace=a=b",
+        ])
+        .expect("parse");
+        let k = cli.kubernetes_config();
+        assert_eq!(k.mode, k8s::Mode::On);
+        assert_eq!(k.node_name.as_deref(), Some("node-1"));
+        assert_eq!(k.filter.namespaces, ["shop", "pay"]);
+        assert_eq!(
+            k.filter.labels,
+            [("app.kubernetes.io/name".to_string(), "web".to_string())]
+        );
+        assert_eq!(
+            k.filter.annotations,
+            [("trace".to_string(), "a=b".to_string())]
+        );
+        assert!(!cli.selection().traces_all());
+        assert_eq!(cli.selection().pods, k.filter);
+
+        let default = Cli::try_parse_from(["agent"]).expect("parse");
+        assert_eq!(default.kubernetes, KubernetesArg::Auto);
+        assert!(default.kubernetes_config().filter.is_empty());
+        let err = Cli::try_parse_from(["agent", "--k8s-pod-label", "app"])
+            .expect_err("not KEY=VALUE")
+            .to_string();
+        assert!(err.contains("KEY=VALUE"), "{err}");
+        assert!(Cli::try_parse_from(["agent", "--kubernetes", "maybe"]).is_err());
     }
 }

@@ -85,6 +85,10 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         if last_tick.elapsed() >= TICK {
             pipeline.tick(Clock::monotonic_ns());
             last_tick = Instant::now();
+            for (pid, comm) in selector.poll_kubernetes() {
+                log::info!("selected {comm}[{pid}] (its pod is now known)");
+                Stats::add(&stats.processes_selected, 1);
+            }
         }
         if !selector.traces_all() && last_scan.elapsed() >= RESCAN {
             for (pid, comm) in selector.scan() {

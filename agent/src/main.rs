@@ -56,6 +56,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: kernel lockdown mode: {mode}");
     }
     let selection = cli.selection();
+    // The pod list loads on its own thread while the probes load.
+    let k8s = k8s::start(&cli.kubernetes_config())?;
     let capture = kernel::clamp_capture(cli.capture_size);
     let mut probes = kernel::Probes::load(&kernel::LoadOptions {
         trace_all: selection.traces_all(),
@@ -89,7 +91,23 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     } else {
         Some(probes.take_selected()?)
     };
-    let mut selector = selection::Selector::new(selection, selected_map);
+    let mut selector =
+        selection::Selector::new(selection, selected_map).with_kubernetes(k8s.clone());
+    if let Some(k8s) = &k8s {
+        // Selection by pod and the first resources need the pod list: give it a moment.
+        if k8s.store.wait_synced(std::time::Duration::from_secs(5)) {
+            eprintln!(
+                "agent: kubernetes: {} pod(s) on node {}",
+                k8s.store.live_pods(),
+                k8s.node_name().unwrap_or("?")
+            );
+        } else {
+            eprintln!(
+                "agent: kubernetes: no pod list yet (see above); processes get their pod's \
+                 attributes, and are selected by pod, once it arrives"
+            );
+        }
+    }
     if !selector.traces_all() {
         let mut comms = probes.take_selected_comms()?;
         selector
@@ -117,7 +135,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         events: probes.take_events()?,
         counters: probes.take_counters()?,
         selector,
-        resources: process::Resources::new(process::host_name()),
+        resources: process::Resources::new(process::host_name()).with_kubernetes(k8s.clone()),
         stats: stats.clone(),
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
@@ -141,7 +159,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     kernel::environment::restore(&env);
 
     eprintln!("agent: summary");
-    for (name, value) in kernel_counts.into_iter().chain(stats.snapshot()) {
+    let k8s_counts = k8s.iter().flat_map(|k| k.counters());
+    for (name, value) in kernel_counts
+        .into_iter()
+        .chain(stats.snapshot())
+        .chain(k8s_counts)
+    {
         eprintln!("  {name:<28} {value}");
     }
     eprintln!(

@@ -1,7 +1,8 @@
 //! Per-process OpenTelemetry resources, read from `/proc/PID`.
 //!
 //! Each traced process is its own resource: `service.name` comes from the process's own
-//! `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else from its executable's name. The
+//! `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else from its pod's workload when in
+//! Kubernetes (see `k8s::resource`), else from its executable's name. The
 //! command line is redacted before it leaves the machine: values of secret-looking flags,
 //! `key=value` pairs with secret-looking keys and passwords in URLs become `REDACTED`.
 
@@ -10,7 +11,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::spans::model::{AttrValue, Attribute, Resource};
+use crate::{
+    k8s::{self, K8sResource, Kubernetes},
+    spans::model::{AttrValue, Attribute, Resource},
+};
 
 /// What replaces a secret.
 pub const REDACTED: &str = "REDACTED";
@@ -83,14 +87,18 @@ fn well_known_service(exe_name: &str) -> Option<&'static str> {
     }
 }
 
+#[cfg(test)]
 pub fn resource_for_pid(pid: u32, host_name: &str) -> Result<Resource, ProcessError> {
-    resource_from_proc(Path::new("/proc"), pid, host_name)
+    resource_from_proc(Path::new("/proc"), pid, host_name, None)
 }
 
+/// `k8s`: what the process's container and pod add (attributes, a service name below the
+/// process's own).
 fn resource_from_proc(
     proc_root: &Path,
     pid: u32,
     host_name: &str,
+    k8s: Option<&K8sResource>,
 ) -> Result<Resource, ProcessError> {
     let dir = proc_root.join(pid.to_string());
     let read = |file: &'static str| -> Result<Vec<u8>, ProcessError> {
@@ -152,6 +160,7 @@ fn resource_from_proc(
                 .map(|(_, v)| v.clone())
         })
         .filter(|s| !s.is_empty())
+        .or_else(|| k8s.and_then(|k| k.service_name.clone()))
         .unwrap_or_else(|| {
             if exe_name.is_empty() {
                 format!("unknown:{pid}")
@@ -193,6 +202,16 @@ fn resource_from_proc(
         Attribute::str("telemetry.distro.name", DISTRO_NAME),
         Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
     ]);
+    // Container and pod (their annotations may refine what we detected, e.g. host.name).
+    for attr in k8s.map(|k| k.attributes.as_slice()).unwrap_or_default() {
+        if matches!(attr.key, "process.pid" | "service.name") {
+            continue;
+        }
+        match attributes.iter_mut().find(|a| a.key == attr.key) {
+            Some(existing) => existing.value = attr.value.clone(),
+            None => attributes.push(attr.clone()),
+        }
+    }
     // The process's own OTEL_RESOURCE_ATTRIBUTES: they add to (and may refine) what we detected,
     // but cannot change which process this is nor the service name chosen above.
     for (key, value) in env_attrs {
@@ -234,11 +253,28 @@ pub fn minimal_resource(pid: u32, host_name: &str) -> Resource {
     }
 }
 
-/// Resources of the traced processes, loaded once per process (and again after `exec`).
-#[derive(Debug)]
+/// Resources of the traced processes, loaded once per process (and again after `exec`, and
+/// once more when the pod list tells what was still unknown of its pod).
 pub struct Resources {
     host_name: String,
     by_pid: HashMap<u32, Arc<Resource>>,
+    k8s: Option<Arc<Kubernetes>>,
+    /// The pod list's generation when `waiting` was last checked.
+    k8s_generation: u64,
+    /// Processes in a container whose pod (or container) was not in the pod list when their
+    /// resource was built: where they run, and how much was known (`Resolution::rank`).
+    waiting: HashMap<u32, (k8s::ContainerRef, u8)>,
+    proc_root: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resources")
+            .field("host_name", &self.host_name)
+            .field("processes", &self.by_pid.len())
+            .field("kubernetes", &self.k8s.is_some())
+            .finish()
+    }
 }
 
 impl Resources {
@@ -246,16 +282,30 @@ impl Resources {
         Self {
             host_name: host_name.into(),
             by_pid: HashMap::new(),
+            k8s: None,
+            k8s_generation: 0,
+            waiting: HashMap::new(),
+            proc_root: std::path::PathBuf::from("/proc"),
         }
+    }
+
+    /// Resources get the Kubernetes attributes of their process's pod.
+    pub fn with_kubernetes(mut self, k8s: Option<Arc<Kubernetes>>) -> Self {
+        self.k8s = k8s;
+        self
     }
 
     /// The resource of `pid`, read from `/proc` the first time. A process that is already gone
     /// (or unreadable) gets a minimal resource (`service.name` = `unknown:PID`).
     pub fn get_or_load(&mut self, pid: u32) -> Arc<Resource> {
+        self.refresh_kubernetes();
         if let Some(r) = self.by_pid.get(&pid) {
             return Arc::clone(r);
         }
-        let r = Arc::new(self.load(pid));
+        let r = Arc::new(
+            self.load(pid)
+                .unwrap_or_else(|| minimal_resource(pid, &self.host_name)),
+        );
         self.by_pid.insert(pid, Arc::clone(&r));
         r
     }
@@ -263,14 +313,59 @@ impl Resources {
     /// Drops the cached resource of a process that exited (its pid may be reused).
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
+        self.waiting.remove(&pid);
     }
 
-    fn load(&self, pid: u32) -> Resource {
-        match resource_for_pid(pid, &self.host_name) {
-            Ok(r) => r,
+    /// `None` when `/proc/PID` cannot be read.
+    fn load(&mut self, pid: u32) -> Option<Resource> {
+        let place = k8s::cgroup::read(&self.proc_root, pid).unwrap_or_default();
+        let resolution = match &self.k8s {
+            Some(k8s) if !place.is_host() => k8s.resolve(&place),
+            _ => k8s::Resolution::Unknown,
+        };
+        let node = self.k8s.as_ref().and_then(|k| k.node_name());
+        let described = k8s::resource::describe(node, &place, &resolution);
+        if self.k8s.is_some() && !place.is_host() && resolution.rank() < 2 {
+            self.waiting.insert(pid, (place, resolution.rank()));
+        } else {
+            self.waiting.remove(&pid);
+        }
+        match resource_from_proc(&self.proc_root, pid, &self.host_name, Some(&described)) {
+            Ok(r) => Some(r),
             Err(e) => {
                 log::debug!("using a minimal resource for pid {pid}: {e}");
-                minimal_resource(pid, &self.host_name)
+                self.waiting.remove(&pid);
+                None
+            }
+        }
+    }
+
+    /// When the pod list changed, rebuilds the resources of processes whose pod or container
+    /// it now tells. One atomic load otherwise.
+    fn refresh_kubernetes(&mut self) {
+        let Some(k8s) = &self.k8s else {
+            return;
+        };
+        let generation = k8s.store.generation();
+        if generation == self.k8s_generation {
+            return;
+        }
+        self.k8s_generation = generation;
+        let news: Vec<u32> = self
+            .waiting
+            .iter()
+            .filter(|(_, (place, rank))| k8s.resolve(place).rank() > *rank)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in news {
+            // Not cached (forgotten meanwhile): nothing to refresh.
+            if !self.by_pid.contains_key(&pid) {
+                self.waiting.remove(&pid);
+                continue;
+            }
+            // A process gone meanwhile keeps the resource it had.
+            if let Some(r) = self.load(pid) {
+                self.by_pid.insert(pid, Arc::new(r));
             }
         }
     }
@@ -949,7 +1044,7 @@ mod tests {
             b"OTEL_RESOURCE_ATTRIBUTES=service.name=from-attrs,process.pid=1,deployment.environment=prod%2Fa,host.name=other\0",
         )
         .expect("write");
-        let r = resource_from_proc(&root, 4242, "h").expect("fake process");
+        let r = resource_from_proc(&root, 4242, "h", None).expect("fake process");
         let _ = std::fs::remove_dir_all(&root);
 
         assert_eq!(r.service_name, "from-attrs");
@@ -982,5 +1077,147 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    mod kubernetes {
+        use std::time::Instant;
+
+        use super::*;
+        use crate::k8s::{
+            PodFilter,
+            pods::{PodMeta, Workload},
+        };
+
+        const UID: &str = "7d1c5ab3-6b0f-4f2e-9b3e-2c4b8a0f6e71";
+        const ID: &str = "8f3b6c2d1e0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c";
+
+        /// A fake /proc with pid 4343, a python3 in a containerd container of pod `UID`.
+        fn fake_proc(tag: &str, environ: &[u8]) -> std::path::PathBuf {
+            let root = std::env::temp_dir().join(format!("agent-k8s-{tag}-{}", std::process::id()));
+            let dir = root.join("4343");
+            std::fs::create_dir_all(&dir).expect("create fake /proc");
+            std::fs::write(dir.join("status"), "Name:\tpython3\nUid:\t0\t0\t0\t0\n")
+                .expect("write");
+            std::fs::write(dir.join("comm"), "python3\n").expect("write");
+            std::fs::write(dir.join("cmdline"), b"python3\0app.py\0").expect("write");
+            std::fs::write(dir.join("environ"), environ).expect("write");
+            std::fs::write(
+                dir.join("cgroup"),
+                format!(
+                    "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID}.scope\n",
+                    UID.replace('-', "_")
+                ),
+            )
+            .expect("write");
+            root
+        }
+
+        fn pod(containers: Vec<(String, String)>) -> PodMeta {
+            PodMeta {
+                uid: UID.into(),
+                name: "checkout-7c5ddbdf54-x2x9q".into(),
+                namespace: "shop".into(),
+                controlled: true,
+                workload: Workload {
+                    replicaset: Some("checkout-7c5ddbdf54".into()),
+                    deployment: Some("checkout".into()),
+                    ..Default::default()
+                },
+                annotations: [(
+                    "resource.opentelemetry.io/host.name".to_string(),
+                    "node-1.example".to_string(),
+                )]
+                .into(),
+                containers,
+                ..Default::default()
+            }
+        }
+
+        fn resources(root: &Path) -> (Resources, Arc<Kubernetes>) {
+            let k8s = Arc::new(Kubernetes::new(Some("node-1".into()), PodFilter::default()));
+            let mut r = Resources::new("agent-pod").with_kubernetes(Some(k8s.clone()));
+            r.proc_root = root.to_owned();
+            (r, k8s)
+        }
+
+        fn count(r: &Resource, key: &str) -> usize {
+            r.attributes.iter().filter(|a| a.key == key).count()
+        }
+
+        #[test]
+        fn a_resource_is_rebuilt_once_its_pod_is_known() {
+            let root = fake_proc("refresh", b"PATH=/bin\0");
+            let (mut cache, k8s) = resources(&root);
+            let before = cache.get_or_load(4343);
+            // Pod unknown: the container id and the node, the executable's name.
+            assert_eq!(before.service_name, "python3");
+            assert_eq!(
+                attr(&before, "container.id"),
+                Some(&AttrValue::Str(ID.into()))
+            );
+            assert_eq!(
+                attr(&before, "k8s.node.name"),
+                Some(&AttrValue::Str("node-1".into()))
+            );
+            assert_eq!(attr(&before, "k8s.pod.name"), None);
+            assert!(Arc::ptr_eq(&before, &cache.get_or_load(4343)), "cached");
+
+            // The pod arrives, its container not reported yet.
+            k8s.store.replace_all(vec![pod(vec![])], Instant::now());
+            let with_pod = cache.get_or_load(4343);
+            assert!(!Arc::ptr_eq(&before, &with_pod), "refreshed");
+            assert_eq!(with_pod.service_name, "checkout");
+            assert_eq!(
+                attr(&with_pod, "k8s.deployment.name"),
+                Some(&AttrValue::Str("checkout".into()))
+            );
+            assert_eq!(attr(&with_pod, "k8s.container.name"), None);
+            // The pod's annotation replaced the detected host.name, once.
+            assert_eq!(
+                attr(&with_pod, "host.name"),
+                Some(&AttrValue::Str("node-1.example".into()))
+            );
+            assert_eq!(count(&with_pod, "host.name"), 1);
+            assert_eq!(count(&with_pod, "service.name"), 1);
+
+            // Then the container: refreshed once more, then stable.
+            k8s.store
+                .upsert(pod(vec![(ID.into(), "app".into())]), Instant::now());
+            let full = cache.get_or_load(4343);
+            assert!(!Arc::ptr_eq(&with_pod, &full));
+            assert_eq!(
+                attr(&full, "k8s.container.name"),
+                Some(&AttrValue::Str("app".into()))
+            );
+            assert!(cache.waiting.is_empty());
+            k8s.store.upsert(
+                pod(vec![(ID.into(), "app".into()), ("x".into(), "y".into())]),
+                Instant::now(),
+            );
+            assert!(
+                Arc::ptr_eq(&full, &cache.get_or_load(4343)),
+                "nothing new for this process"
+            );
+            let _ = std::fs::remove_dir_all(&root);
+        }
+
+        #[test]
+        fn the_process_own_service_name_wins() {
+            let root = fake_proc("own", b"OTEL_SERVICE_NAME=payments\0");
+            let (mut cache, k8s) = resources(&root);
+            k8s.store
+                .replace_all(vec![pod(vec![(ID.into(), "app".into())])], Instant::now());
+            let r = cache.get_or_load(4343);
+            assert_eq!(r.service_name, "payments");
+            assert_eq!(
+                attr(&r, "service.name"),
+                Some(&AttrValue::Str("payments".into()))
+            );
+            assert_eq!(attr(&r, "k8s.pod.uid"), Some(&AttrValue::Str(UID.into())));
+            assert!(cache.waiting.is_empty());
+            cache.forget(4343);
+            assert!(cache.by_pid.is_empty());
+            let _ = std::fs::remove_dir_all(&root);
+        }
     }
 }

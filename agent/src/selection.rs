@@ -1,9 +1,16 @@
 //! Which processes are traced: by pid, command name, executable path or TCP port, or all.
-//! The kernel filters on the `SELECTED` map this module keeps up to date.
+//! Kubernetes pod filters narrow any of these (or, alone, select every process of the matching
+//! pods). The kernel filters on the `SELECTED` map this module keeps up to date.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
+
+use crate::k8s::{self, Kubernetes, PodFilter};
 
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
@@ -14,14 +21,21 @@ pub struct Selection {
     pub exes: Vec<String>,
     /// Processes listening on, or connected to, one of these TCP ports.
     pub ports: Vec<u16>,
+    /// Only processes of the pods these match (namespace, labels, annotations).
+    pub pods: PodFilter,
 }
 
 impl Selection {
     pub fn traces_all(&self) -> bool {
-        self.pids.is_empty()
+        !self.by_process() && self.pods.is_empty()
+    }
+
+    /// Whether processes are chosen by pid, name or port (else, by pod only).
+    fn by_process(&self) -> bool {
+        !(self.pids.is_empty()
             && self.comms.is_empty()
             && self.exes.is_empty()
-            && self.ports.is_empty()
+            && self.ports.is_empty())
     }
 
     fn matches_names(&self, comm: &str, exe: Option<&str>) -> bool {
@@ -140,12 +154,28 @@ fn process_has_socket(pid: u32, inodes: &[u64]) -> bool {
         })
 }
 
+/// Whether a process's pod passes the pod filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodVerdict {
+    Yes,
+    No,
+    /// In a container whose pod is not in the pod list yet: ask again when it changes.
+    NotYet,
+}
+
 pub struct Selector {
     selection: Selection,
     map: Option<BpfHashMap<MapData, u32, u32>>,
     selected: HashMap<u32, String>,
     own_pid: u32,
     pub map_errors: u64,
+    k8s: Option<Arc<Kubernetes>>,
+    /// Processes that match but whose pod is not known yet (pid → command name).
+    pending: HashMap<u32, String>,
+    /// The pod list's generation when `pending` was last checked.
+    k8s_generation: u64,
+    /// Where `PID/cgroup` files are read (tests use a fake tree).
+    proc_root: PathBuf,
 }
 
 impl Selector {
@@ -157,7 +187,62 @@ impl Selector {
             selected: HashMap::new(),
             own_pid: std::process::id(),
             map_errors: 0,
+            k8s: None,
+            pending: HashMap::new(),
+            k8s_generation: 0,
+            proc_root: PathBuf::from("/proc"),
         }
+    }
+
+    /// Pod filters are checked against this node's pods.
+    pub fn with_kubernetes(mut self, k8s: Option<Arc<Kubernetes>>) -> Self {
+        self.k8s = k8s;
+        self
+    }
+
+    fn pod_verdict(&self, pid: u32) -> PodVerdict {
+        if self.selection.pods.is_empty() {
+            return PodVerdict::Yes;
+        }
+        let Some(k8s) = &self.k8s else {
+            return PodVerdict::No;
+        };
+        let Some(place) = k8s::cgroup::read(&self.proc_root, pid).filter(|p| !p.is_host()) else {
+            return PodVerdict::No;
+        };
+        match k8s.resolve(&place).pod() {
+            Some(pod) if self.selection.pods.matches(pod) => PodVerdict::Yes,
+            Some(_) => PodVerdict::No,
+            None => PodVerdict::NotYet,
+        }
+    }
+
+    /// Selects the waiting processes whose pod became known and matches; call it often: it
+    /// does nothing until the pod list changed.
+    pub fn poll_kubernetes(&mut self) -> Vec<(u32, String)> {
+        let Some(generation) = self.k8s.as_ref().map(|k| k.store.generation()) else {
+            return Vec::new();
+        };
+        if generation == self.k8s_generation || self.pending.is_empty() {
+            self.k8s_generation = generation;
+            return Vec::new();
+        }
+        self.k8s_generation = generation;
+        let mut new = Vec::new();
+        for (pid, comm) in std::mem::take(&mut self.pending) {
+            match self.pod_verdict(pid) {
+                PodVerdict::Yes => {
+                    if self.select(pid, comm.clone()) {
+                        new.push((pid, comm));
+                    }
+                }
+                PodVerdict::NotYet => {
+                    self.pending.insert(pid, comm);
+                }
+                PodVerdict::No => {}
+            }
+        }
+        new
     }
 
     pub fn traces_all(&self) -> bool {
@@ -165,12 +250,16 @@ impl Selector {
     }
 
     /// Hands the kernel the `--comm` names without glob characters, so it selects matching
-    /// programs at exec itself (no window before userspace reacts). Returns how many.
+    /// programs at exec itself (no window before userspace reacts). Returns how many. Not with
+    /// pod filters: the kernel cannot tell a process's pod.
     pub fn install_exact_comms(
         &self,
         comms: &mut BpfHashMap<MapData, [u8; 16], u32>,
     ) -> Result<usize, aya::maps::MapError> {
         let mut n = 0;
+        if !self.selection.pods.is_empty() {
+            return Ok(n);
+        }
         for name in self
             .selection
             .comms
@@ -211,7 +300,10 @@ impl Selector {
         } else {
             socket_inodes_on_ports(&self.selection.ports)
         };
+        let by_process = self.selection.by_process();
         let mut new = Vec::new();
+        // Rebuilt from this walk: processes that exited or stopped matching drop out.
+        self.pending.clear();
         for pid in all_pids() {
             if self.selected.contains_key(&pid) || pid == self.own_pid {
                 continue;
@@ -226,8 +318,19 @@ impl Selector {
                     .matches_names(&comm, read_exe(pid).as_deref());
             let by_port =
                 !by_pid && !by_name && !inodes.is_empty() && process_has_socket(pid, &inodes);
-            if (by_pid || by_name || by_port) && self.select(pid, comm.clone()) {
-                new.push((pid, comm));
+            if by_process && !(by_pid || by_name || by_port) {
+                continue;
+            }
+            match self.pod_verdict(pid) {
+                PodVerdict::Yes => {
+                    if self.select(pid, comm.clone()) {
+                        new.push((pid, comm));
+                    }
+                }
+                PodVerdict::NotYet => {
+                    self.pending.insert(pid, comm);
+                }
+                PodVerdict::No => {}
             }
         }
         new
@@ -241,11 +344,20 @@ impl Selector {
         if self.selected.contains_key(&pid) {
             return true;
         }
-        let exe = read_exe(pid);
-        if self.selection.matches_names(comm, exe.as_deref()) {
-            return self.select(pid, comm.to_string());
+        // By pod alone, every new program in a matching pod is traced.
+        let by_name = !self.selection.by_process()
+            || self.selection.matches_names(comm, read_exe(pid).as_deref());
+        if !by_name {
+            return false;
         }
-        false
+        match self.pod_verdict(pid) {
+            PodVerdict::Yes => self.select(pid, comm.to_string()),
+            PodVerdict::NotYet => {
+                self.pending.insert(pid, comm.to_string());
+                false
+            }
+            PodVerdict::No => false,
+        }
     }
 
     /// The kernel already selected this process (a fork of a selected one): keep track of it
@@ -259,6 +371,7 @@ impl Selector {
     }
 
     pub fn on_exit(&mut self, pid: u32) {
+        self.pending.remove(&pid);
         if self.selected.remove(&pid).is_some()
             && let Some(map) = self.map.as_mut()
         {
@@ -342,5 +455,138 @@ mod tests {
             found.iter().any(|(p, _)| *p == std::process::id()),
             "listener on {port} not found: {found:?}"
         );
+    }
+
+    mod pods {
+        use std::time::Instant;
+
+        use super::*;
+        use crate::k8s::pods::PodMeta;
+
+        const UID: &str = "7d1c5ab3-6b0f-4f2e-9b3e-2c4b8a0f6e71";
+        const ID: &str = "8f3b6c2d1e0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c";
+
+        /// A selector that sees this test process in a containerd container of pod `UID`.
+        fn selector(selection: Selection, tag: &str) -> (Selector, Arc<Kubernetes>, PathBuf) {
+            let me = std::process::id();
+            let root = std::env::temp_dir().join(format!("agent-sel-{tag}-{me}"));
+            let dir = root.join(me.to_string());
+            std::fs::create_dir_all(&dir).expect("fake /proc");
+            std::fs::write(
+                dir.join("cgroup"),
+                format!(
+                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
+                    UID.replace('-', "_")
+                ),
+            )
+            .expect("write cgroup");
+            let k8s = Arc::new(Kubernetes::new(
+                Some("node-1".into()),
+                selection.pods.clone(),
+            ));
+            let mut sel = Selector::new(selection, None).with_kubernetes(Some(k8s.clone()));
+            sel.own_pid = 0;
+            sel.proc_root = root.clone();
+            (sel, k8s, root)
+        }
+
+        fn pod(namespace: &str) -> PodMeta {
+            PodMeta {
+                uid: UID.into(),
+                name: "web-1".into(),
+                namespace: namespace.into(),
+                containers: vec![(ID.into(), "web".into())],
+                ..Default::default()
+            }
+        }
+
+        fn shop() -> PodFilter {
+            PodFilter {
+                namespaces: vec!["shop".into()],
+                ..Default::default()
+            }
+        }
+
+        #[test]
+        fn waits_for_the_pod_then_selects() {
+            let me = std::process::id();
+            let (mut sel, k8s, root) = selector(
+                Selection {
+                    pids: vec![me],
+                    pods: shop(),
+                    ..Default::default()
+                },
+                "wait",
+            );
+            assert!(!sel.traces_all());
+            assert!(sel.scan().is_empty(), "pod unknown: not selected yet");
+            assert!(sel.pending.contains_key(&me));
+            assert!(sel.poll_kubernetes().is_empty(), "nothing changed");
+            k8s.store.replace_all(vec![pod("shop")], Instant::now());
+            let found = sel.poll_kubernetes();
+            let _ = std::fs::remove_dir_all(&root);
+            assert_eq!(found.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![me]);
+            assert!(sel.selected().contains_key(&me));
+            assert!(sel.pending.is_empty());
+        }
+
+        #[test]
+        fn a_pod_elsewhere_is_not_selected() {
+            let me = std::process::id();
+            let (mut sel, k8s, root) = selector(
+                Selection {
+                    pids: vec![me],
+                    pods: shop(),
+                    ..Default::default()
+                },
+                "other",
+            );
+            k8s.store
+                .replace_all(vec![pod("kube-system")], Instant::now());
+            assert!(sel.scan().is_empty());
+            assert!(
+                sel.pending.is_empty(),
+                "known and not matching: not waiting"
+            );
+            let _ = std::fs::remove_dir_all(&root);
+        }
+
+        #[test]
+        fn by_pod_alone_every_process_of_the_pod() {
+            let me = std::process::id();
+            let (mut sel, k8s, root) = selector(
+                Selection {
+                    pods: shop(),
+                    ..Default::default()
+                },
+                "alone",
+            );
+            k8s.store.replace_all(vec![pod("shop")], Instant::now());
+            // Only this process has a cgroup in the fake /proc: the others are the host's.
+            let found = sel.scan();
+            assert_eq!(found.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![me]);
+            sel.on_exit(me);
+            // A new program in the pod: selected at exec, whatever its name.
+            assert!(sel.on_exec(me, "anything"));
+            let _ = std::fs::remove_dir_all(&root);
+        }
+
+        #[test]
+        fn names_and_pods_must_both_match() {
+            let me = std::process::id();
+            let (mut sel, k8s, root) = selector(
+                Selection {
+                    comms: vec!["no-such-program".into()],
+                    pods: shop(),
+                    ..Default::default()
+                },
+                "names",
+            );
+            k8s.store.replace_all(vec![pod("shop")], Instant::now());
+            assert!(sel.scan().is_empty());
+            assert!(!sel.on_exec(me, "something-else"));
+            assert!(sel.on_exec(me, "no-such-program"));
+            let _ = std::fs::remove_dir_all(&root);
+        }
     }
 }
