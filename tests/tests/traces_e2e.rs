@@ -1442,3 +1442,145 @@ fn harness_soak_client_and_checksum_server_without_the_agent() {
         "sha256(abc) reported by the checksum server: {out}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bounded linking: --max-spans-per-trace and --max-trace-age.
+
+#[test]
+fn linking_is_bounded_by_max_spans_per_trace_and_max_trace_age() {
+    const CAP: usize = 3;
+    const FANOUT: usize = 6;
+    const MAX_AGE_S: u64 = 2;
+    let _serial = require_root();
+    let collector = Collector::start();
+    let net = Network::new(&["py", "node"]);
+    let node = ChainNode::start(net.host("node"), None);
+    let py = ChainPy::start(net.host("py"), &node.base_url());
+    let mut agent = Agent::builder()
+        .pid(py.pid())
+        .pid(node.pid())
+        .arg("--max-spans-per-trace")
+        .arg(&CAP.to_string())
+        .arg("--max-trace-age")
+        .arg(&MAX_AGE_S.to_string())
+        .start(&collector);
+    let mut failures = Failures::default();
+
+    // /fanout/1: six calls while serving one request (only the first CAP may join its trace);
+    // /fanout/2: one call made MAX_AGE_S + 1 s after the request arrived (too old to join).
+    let curl = Curl::get(py.url(&format!("/fanout/1?n={FANOUT}")))
+        .then(py.url(&format!(
+            "/fanout/2?n=1&delay_ms={}",
+            (MAX_AGE_S + 1) * 1000
+        )))
+        .run();
+    for t in &curl.transfers {
+        assert_eq!(t.status, 200, "fanout request failed: {}", py.stderr());
+    }
+    let pid = py.pid();
+    let client_paths: Vec<String> = (0..FANOUT)
+        .map(|k| format!("/work/{}", 100 + k))
+        .chain(["/work/200".to_string()])
+        .collect();
+    wait_until(&collector, TRACE_WAIT, |spans| {
+        ["/fanout/1", "/fanout/2"]
+            .iter()
+            .all(|p| spans.iter().any(|s| http_span(s, SpanKind::Server, pid, p)))
+            && client_paths
+                .iter()
+                .all(|p| spans.iter().any(|s| http_span(s, SpanKind::Client, pid, p)))
+    });
+    agent.stop();
+    let spans = collector.settle();
+    eprintln!("[e2e] agent counters: {:?}", propagation_counters(&agent));
+
+    let one = |kind: SpanKind, path: &str| -> Option<&ReceivedSpan> {
+        let found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| http_span(s, kind, pid, path))
+            .collect();
+        (found.len() == 1).then(|| found[0])
+    };
+    let all_py = || {
+        spans
+            .iter()
+            .filter(|s| s.pid() == Some(pid))
+            .map(|s| format!("  {}", s.summary()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (Some(s1), Some(s2)) = (
+        one(SpanKind::Server, "/fanout/1"),
+        one(SpanKind::Server, "/fanout/2"),
+    ) else {
+        panic!(
+            "expected one SERVER span each for /fanout/1 and /fanout/2:\n{}",
+            all_py()
+        );
+    };
+    let linked_to = |c: &ReceivedSpan, s: &ReceivedSpan| {
+        c.parent_span_id.as_deref() == Some(s.span_id.as_str()) && c.trace_id == s.trace_id
+    };
+    let mut pattern = Vec::new();
+    for k in 0..FANOUT {
+        let path = format!("/work/{}", 100 + k);
+        let Some(c) = one(SpanKind::Client, &path) else {
+            failures.add(format!(
+                "expected one CLIENT span for {path}:\n{}",
+                all_py()
+            ));
+            continue;
+        };
+        pattern.push(linked_to(c, s1));
+        if !linked_to(c, s1) {
+            failures.check(c.parent_span_id.is_none() && c.trace_id != s1.trace_id, || {
+                format!(
+                    "call {k} of /fanout/1 is not the request's child, so it must start its own trace: {}",
+                    c.summary()
+                )
+            });
+        }
+    }
+    let want: Vec<bool> = (0..FANOUT).map(|k| k < CAP).collect();
+    failures.check(pattern == want, || {
+        format!(
+            "--max-spans-per-trace {CAP}: calls 0..{CAP} of /fanout/1 must be children of its SERVER span and the rest not; linked per call: {pattern:?}\nserver {}\n{}",
+            s1.summary(),
+            all_py()
+        )
+    });
+    match one(SpanKind::Client, "/work/200") {
+        Some(c) => failures.check(
+            c.parent_span_id.is_none() && c.trace_id != s2.trace_id,
+            || {
+                format!(
+                    "--max-trace-age {MAX_AGE_S}: a call made {} s after its request arrived must not join that request's trace:\n  server {}\n  client {}",
+                    MAX_AGE_S + 1,
+                    s2.summary(),
+                    c.summary()
+                )
+            },
+        ),
+        None => failures.add(format!("expected one CLIENT span for /work/200:\n{}", all_py())),
+    }
+    // Every call still arrived intact, with at most one traceparent carrying its own ids.
+    for seen in node.seen() {
+        failures.check(seen.status == 200 && seen.traceparents.len() <= 1, || {
+            format!("node saw {seen:?}")
+        });
+        if let (Some(tp), Some(c)) = (seen.traceparents.first(), one(SpanKind::Client, &seen.path))
+        {
+            failures.check(
+                parse_traceparent(tp).is_some_and(|(_, t, p, _)| t == c.trace_id && p == c.span_id),
+                || {
+                    format!(
+                        "{}: arrived {tp}, its CLIENT span is {}",
+                        seen.path,
+                        c.summary()
+                    )
+                },
+            );
+        }
+    }
+    failures.finish("bounded linking");
+}
