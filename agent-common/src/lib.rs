@@ -34,6 +34,8 @@ pub enum EventKind {
     /// A selected process forked a new process, which the kernel selected at once:
     /// [`ProcessEvent`] with the child's pid.
     Fork = 7,
+    /// Trace context the kernel chose for a request: [`ContextEvent`].
+    Context = 8,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -47,6 +49,7 @@ impl TryFrom<u32> for EventKind {
             5 => Self::ProcessExit,
             6 => Self::Exec,
             7 => Self::Fork,
+            8 => Self::Context,
             other => return Err(other),
         })
     }
@@ -133,6 +136,8 @@ pub const DATA_FLAG_COPY_FAILED: u32 = 1;
 /// The event carries the socket's addresses and ports (sent once per socket: userspace keeps
 /// them with the connection).
 pub const DATA_FLAG_ADDRESSES: u32 = 2;
+/// `captured` < `bytes` although the buffer was readable (the capture size cut it).
+pub const DATA_FLAG_TRUNCATED: u32 = 4;
 
 /// Connection lifecycle: accept, connect, close.
 #[repr(C)]
@@ -183,8 +188,112 @@ pub struct KernelStats {
     pub copy_failed: u64,
     /// The tracked-socket map was full (closes of those sockets are not reported).
     pub socket_map_full: u64,
+    /// Server requests given a trace context in the kernel.
+    pub server_contexts: u64,
+    /// Client sockets enrolled for header injection (connected by a selected process).
+    pub sockets_enrolled: u64,
+    /// Sockets that could not be enrolled (a map was full).
+    pub enroll_failed: u64,
+    /// `traceparent` headers inserted into outgoing requests.
+    pub traceparent_injected: u64,
+    /// Outgoing requests that carried a `traceparent`: its parent id was rewritten in place.
+    pub traceparent_rewritten: u64,
+    /// Outgoing requests left untouched: not HTTP, header block split over writes or larger
+    /// than the window, several `traceparent` headers, or the socket's framing was lost earlier.
+    pub inject_skipped: u64,
+    /// Injection attempts the kernel refused (push/pull of message data failed).
+    pub inject_failed: u64,
+    /// Connections whose request framing the injector stopped following (chunked body, head
+    /// not found): later requests on them are not injected.
+    pub inject_framing_lost: u64,
+    /// Client requests sent while the thread's serving request was ambiguous (several in
+    /// flight) or too old: started a trace of their own.
+    pub link_ambiguous: u64,
+    /// Client requests linked in the kernel to the request their thread serves.
+    pub link_kernel: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 56);
+const _: () = assert!(size_of::<KernelStats>() == 136);
+
+/// Role of a [`ContextEvent`].
+pub const CONTEXT_SERVER: u32 = 1;
+pub const CONTEXT_CLIENT: u32 = 2;
+/// The context has a parent (`parent_id` is valid).
+pub const CONTEXT_FLAG_PARENT: u32 = 1;
+/// The parent is the server span the thread serves (linked in the kernel), not a remote one.
+pub const CONTEXT_FLAG_LOCAL_PARENT: u32 = 2;
+/// Client: the request already had a `traceparent`; its parent id was rewritten in place.
+pub const CONTEXT_FLAG_REWRITTEN: u32 = 4;
+
+/// The ids the kernel chose for one request. A server context comes right before the data
+/// event of the read holding the request's first byte (same `ts_ns`); client contexts come
+/// from the injector, before the data event of the write that carried the request(s), in
+/// request order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ContextEvent {
+    pub kind: u32,
+    /// [`CONTEXT_SERVER`] or [`CONTEXT_CLIENT`].
+    pub role: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// Server: the data event's timestamp. Client: when the injector ran.
+    pub ts_ns: u64,
+    /// Server: the socket cookie. Client: 0 (the injector cannot read it; ports identify).
+    pub sock_cookie: u64,
+    /// Ports in host order (client contexts; 0 for server contexts).
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `CONTEXT_FLAG_*`.
+    pub flags: u32,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_id: [u8; 8],
+}
+const _: () = assert!(size_of::<ContextEvent>() == 72);
+
+/// The request a thread is serving, as the kernel saw it (key: thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadContext {
+    /// Server socket the request came in on.
+    pub sock_cookie: u64,
+    /// When its first bytes were read.
+    pub ts_ns: u64,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// `THREAD_FLAG_*`.
+    pub flags: u32,
+    /// Client requests linked to it so far (bounded by the trace adoption cap).
+    pub children: u32,
+}
+const _: () = assert!(size_of::<ThreadContext>() == 48);
+
+/// The thread wrote on the server socket after the request: answered.
+pub const THREAD_FLAG_ANSWERED: u32 = 1;
+/// Another request was in flight on this thread when this one came: do not guess.
+pub const THREAD_FLAG_AMBIGUOUS: u32 = 2;
+
+/// Where the injector is in an enrolled socket's outgoing byte stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendState {
+    /// `SEND_*`.
+    pub mode: u32,
+    pub _pad: u32,
+    /// Body bytes still to come before the next request (mode [`SEND_BODY`]).
+    pub remaining: u64,
+}
+const _: () = assert!(size_of::<SendState>() == 16);
+
+/// The next byte starts a request.
+pub const SEND_BOUNDARY: u32 = 0;
+/// Inside a request body of known length.
+pub const SEND_BODY: u32 = 1;
+/// Framing unknown: nothing more is injected on this socket.
+pub const SEND_LOST: u32 = 2;
+
+/// Bytes the injector inserts: `traceparent: 00-<32 hex>-<16 hex>-01\r\n`.
+pub const TRACEPARENT_LINE_LEN: u32 = 70;
 
 /// Value of the kernel's tracked-socket map (key: socket cookie).
 #[repr(C)]
@@ -221,4 +330,6 @@ const _: () = assert!(size_of::<KernelOffsets>() == 40);
 mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::KernelStats {}
+    unsafe impl aya::Pod for super::ThreadContext {}
+    unsafe impl aya::Pod for super::SendState {}
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    SELECTED, SELECTED_COMMS, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all,
+    SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -93,6 +93,7 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     };
     let pid = unsafe { (*owner).pid };
     let _ = TRACKED_SOCKETS.remove(&cookie);
+    let _ = SEND_STATES.remove(&sk);
     emit(ConnEvent {
         kind: EventKind::Close as u32,
         pid,

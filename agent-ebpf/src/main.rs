@@ -9,6 +9,9 @@
 #![no_std]
 #![no_main]
 
+mod context;
+mod http_head;
+mod inject;
 mod lifecycle;
 mod maps;
 mod sockets;

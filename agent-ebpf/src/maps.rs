@@ -1,10 +1,12 @@
 //! Maps, load-time configuration and the shared selection/counting helpers.
 
-use agent_common::{DataEvent, KernelOffsets, KernelStats, MAX_CAPTURE, TrackedSocket};
+use agent_common::{
+    DataEvent, KernelOffsets, KernelStats, MAX_CAPTURE, SendState, ThreadContext, TrackedSocket,
+};
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 
 /// Set by userspace at load time (read-only data: the verifier prunes what they disable).
@@ -27,6 +29,39 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_pid: 0,
     task_tgid: 0,
 };
+
+/// Trace context in the kernel: server contexts on reads, `traceparent` injection (0: off).
+#[unsafe(no_mangle)]
+static CONTEXT_PROPAGATION: u32 = 0;
+/// Client requests continue the trace of the request their thread serves (0: off).
+#[unsafe(no_mangle)]
+static IN_PROCESS_LINKING: u32 = 1;
+/// A served request older than this is not continued (bounded trace adoption).
+#[unsafe(no_mangle)]
+static MAX_TRACE_AGE_NS: u64 = 300_000_000_000;
+/// Client requests linked to one served request at most.
+#[unsafe(no_mangle)]
+static MAX_CHILDREN: u32 = 1000;
+
+#[inline(always)]
+pub fn context_propagation() -> bool {
+    unsafe { core::ptr::read_volatile(&CONTEXT_PROPAGATION) != 0 }
+}
+
+#[inline(always)]
+pub fn in_process_linking() -> bool {
+    unsafe { core::ptr::read_volatile(&IN_PROCESS_LINKING) != 0 }
+}
+
+#[inline(always)]
+pub fn max_trace_age_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&MAX_TRACE_AGE_NS) }
+}
+
+#[inline(always)]
+pub fn max_children() -> u32 {
+    unsafe { core::ptr::read_volatile(&MAX_CHILDREN) }
+}
 
 #[inline(always)]
 pub fn capture_size() -> u32 {
@@ -57,6 +92,38 @@ pub static SELECTED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(25
 /// their addresses sent only once.
 #[map]
 pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(65536, 0);
+
+/// The request each thread of a selected process is serving (thread id → context).
+#[map]
+pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);
+
+/// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
+/// to it. Entries leave with their socket.
+#[map]
+pub static SOCKETS_TO_INJECT: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+/// The injector's position in each enrolled socket's outgoing stream (key: the socket's
+/// address, the one identity both the sk_msg and the tracepoint programs see). A plain hash,
+/// not LRU: a forgotten state would make a body look like a request boundary.
+#[map]
+pub static SEND_STATES: HashMap<u64, SendState> = HashMap::with_max_entries(65536, 0);
+
+/// The injector itself (slot 0), tail-called for each further request of a message.
+#[map]
+pub static INJECT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Where the injector's walk of the current message goes on after its tail call.
+#[map]
+pub static INJECT_CONTINUATION: PerCpuArray<crate::inject::Continuation> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Copy of the head of an outgoing request, for scanning (window + room for 8-byte loads).
+#[map]
+pub static INJECT_SCRATCH: PerCpuArray<[u8; 8192 + 64]> = PerCpuArray::with_max_entries(1, 0);
+
+/// State of a head being scanned: slot 0 for the read path, 1 for the injector.
+#[map]
+pub static HEADS: PerCpuArray<crate::http_head::Head> = PerCpuArray::with_max_entries(2, 0);
 
 /// Per-CPU counters: one struct, one lookup per program run.
 #[map]

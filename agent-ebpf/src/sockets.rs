@@ -1,8 +1,8 @@
 //! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`.
 
 use agent_common::{
-    DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DIR_EGRESS, DIR_INGRESS, EventKind, MAX_CAPTURE,
-    MAX_IOVECS, SyscallKind, TrackedSocket,
+    DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
+    EventKind, MAX_CAPTURE, MAX_IOVECS, SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -17,9 +17,12 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::maps::{
-    BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, counters, offsets,
-    selected_tgid,
+use crate::{
+    context,
+    maps::{
+        BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, context_propagation,
+        counters, offsets, selected_tgid,
+    },
 };
 
 const AF_INET: u16 = 2;
@@ -174,8 +177,35 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
     if copy_failed {
         ev.flags |= DATA_FLAG_COPY_FAILED;
     }
-    let truncated = captured < bytes && !matches!(buf, UserBuf::None);
+    if captured < bytes && !matches!(buf, UserBuf::None) {
+        ev.flags |= DATA_FLAG_TRUNCATED;
+    }
     ev.captured = captured as u32;
+    finish(scratch, direction, tgid, tid, cookie);
+}
+
+/// Context, then the data event. Everything comes back from the scratch map here, so the
+/// many paths of the copy above end in one verifier state and this part is checked once.
+#[inline(always)]
+fn finish(scratch: &mut crate::maps::Scratch, direction: u32, tgid: u32, tid: u32, cookie: u64) {
+    let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
+    let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
+    let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
+    if context_propagation() {
+        // Before the data event: userspace pairs the two by timestamp.
+        if direction == DIR_INGRESS {
+            context::on_read(
+                tgid,
+                tid,
+                cookie,
+                scratch.header.ts_ns,
+                scratch.payload.as_ptr(),
+                captured as u32,
+            );
+        } else {
+            context::on_write(tid, cookie);
+        }
+    }
 
     let size = size_of::<agent_common::DataEvent>() as u64 + (captured & (MAX_CAPTURE as u64 - 1));
     let size = if captured >= MAX_CAPTURE as u64 {
@@ -198,8 +228,8 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
             c.data_events += 1;
             c.bytes += bytes;
         }
-        c.copy_failed += copy_failed as u64;
-        c.truncated += truncated as u64;
+        c.copy_failed += (flags & DATA_FLAG_COPY_FAILED != 0) as u64;
+        c.truncated += (flags & DATA_FLAG_TRUNCATED != 0) as u64;
     }
 }
 

@@ -1,7 +1,7 @@
 //! Decoding ring buffer records into typed events (never `transmute`: kinds via `TryFrom`,
 //! structs read unaligned after a length check).
 
-use agent_common::{ConnEvent, DataEvent, EventKind, ProcessEvent, SyscallKind};
+use agent_common::{ConnEvent, ContextEvent, DataEvent, EventKind, ProcessEvent, SyscallKind};
 use thiserror::Error;
 
 #[derive(Debug)]
@@ -16,6 +16,7 @@ pub enum Event<'a> {
     Exec(ProcessEvent),
     Fork(ProcessEvent),
     ProcessExit(ProcessEvent),
+    Context(ContextEvent),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -61,6 +62,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Exec => Event::Exec(read(bytes)?),
         EventKind::Fork => Event::Fork(read(bytes)?),
         EventKind::ProcessExit => Event::ProcessExit(read(bytes)?),
+        EventKind::Context => Event::Context(read(bytes)?),
     })
 }
 

@@ -59,10 +59,26 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     // The pod list loads on its own thread while the probes load.
     let k8s = k8s::start(&cli.kubernetes_config())?;
     let capture = kernel::clamp_capture(cli.capture_size);
-    let mut probes = kernel::Probes::load(&kernel::LoadOptions {
+    let mut load = kernel::LoadOptions {
         trace_all: selection.traces_all(),
         capture_size: capture,
-    })?;
+        context_propagation: cli.context_propagation.is_on(),
+        in_process_linking: cli.in_process_linking.is_on(),
+        max_trace_age_ns: cli.max_trace_age.saturating_mul(1_000_000_000),
+        max_spans_per_trace: cli.max_spans_per_trace,
+    };
+    let mut probes = kernel::Probes::load(&load)?;
+    if let Some(why) = probes.propagation_failed.take() {
+        // Never risk a request: reload without the injector and keep tracing.
+        drop(probes);
+        load.context_propagation = false;
+        probes = kernel::Probes::load(&load)?;
+        eprintln!("agent: context propagation: off ({why})");
+    } else if load.context_propagation {
+        eprintln!("agent: context propagation: on (canary passed)");
+    } else {
+        eprintln!("agent: context propagation: off (--context-propagation off)");
+    }
     for a in &probes.attached {
         eprintln!("agent: attached {} to {}", a.program, a.hook);
     }

@@ -4,11 +4,15 @@
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
-use agent_common::{ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ProcessEvent};
+use agent_common::{
+    CONTEXT_SERVER, ConnEvent, ContextEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent,
+    ProcessEvent,
+};
 
 use crate::{
     events::Event,
@@ -19,7 +23,7 @@ use crate::{
         http1::{Direction, Role, Segment},
     },
     spans::{
-        context::{Clock, IdGenerator},
+        context::{Clock, IdGenerator, KernelContext},
         correlation::{HOLD_NS, LinkOutcome, Linker},
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
         model::SpanRecord,
@@ -34,6 +38,8 @@ const IDLE_CONNECTION_NS: u64 = 300 * 1_000_000_000;
 const MAX_CONNECTIONS: usize = 100_000;
 /// Accept/connect hints not matched by data within this time are forgotten.
 const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
+/// Kernel contexts waiting for their request's exchange, per connection.
+const MAX_CONTEXTS_PER_CONNECTION: usize = 64;
 
 struct Connection {
     stream: Stream,
@@ -41,6 +47,8 @@ struct Connection {
     last_ns: u64,
     /// Traffic on an ignored port: followed for its lifecycle only.
     ignored: bool,
+    /// Ids the kernel gave requests of this connection, oldest first.
+    contexts: VecDeque<KernelContext>,
 }
 
 /// Where finished spans go (the exporter in production, a vector in tests).
@@ -104,6 +112,35 @@ pub struct Pipeline<S: SpanSink> {
     raw_db_query: bool,
     out: Outputs,
     released: Vec<(SpanRecord, LinkOutcome)>,
+    /// A server context arrives right before the data event of its read (same timestamp).
+    server_contexts: IdMap<(u32, u64), ContextEvent>,
+    /// Client contexts come from the injector before the write's data event, per thread.
+    client_contexts: IdMap<(u32, u32), Vec<ContextEvent>>,
+    /// The agent's own canary exchange produces contexts that no data event follows.
+    own_pid: u32,
+}
+
+/// The kernel context of the request that started at `start_ns` in the role's request
+/// direction. Contexts older than it can no longer match (exchanges end in request order):
+/// they are dropped and counted.
+fn take_context(
+    contexts: &mut VecDeque<KernelContext>,
+    role: Role,
+    start_ns: u64,
+    stats: &Stats,
+) -> Option<KernelContext> {
+    let server = role == Role::Server;
+    let i = contexts
+        .iter()
+        .position(|c| c.server == server && c.ts_ns == start_ns)?;
+    let ctx = contexts.remove(i);
+    let before = contexts.len();
+    contexts.retain(|c| c.server != server || c.ts_ns >= start_ns);
+    Stats::add(
+        &stats.kernel_contexts_unmatched,
+        (before - contexts.len()) as u64,
+    );
+    ctx
 }
 
 fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
@@ -136,6 +173,9 @@ impl<S: SpanSink> Pipeline<S> {
             raw_db_query: false,
             out: Outputs::default(),
             released: Vec::new(),
+            server_contexts: IdMap::default(),
+            client_contexts: IdMap::default(),
+            own_pid: std::process::id(),
         }
     }
 
@@ -176,8 +216,61 @@ impl<S: SpanSink> Pipeline<S> {
                 self.on_exit(ev.pid, ev.ts_ns);
                 return Some(ProcessChange::Exit { pid: ev.pid });
             }
+            Event::Context(ev) => self.on_context(ev),
         }
         None
+    }
+
+    fn on_context(&mut self, ev: ContextEvent) {
+        if ev.pid == self.own_pid {
+            return;
+        }
+        if ev.role == CONTEXT_SERVER {
+            self.server_contexts.insert((ev.pid, ev.sock_cookie), ev);
+        } else {
+            let list = self.client_contexts.entry((ev.pid, ev.tid)).or_default();
+            if list.len() < MAX_CONTEXTS_PER_CONNECTION {
+                list.push(ev);
+            } else {
+                Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+            }
+        }
+    }
+
+    /// Moves the kernel contexts that belong to this data event onto its connection.
+    fn attach_contexts(&mut self, h: &DataEvent, key: (u32, u64)) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let mut found = Vec::new();
+        if h.direction == DIR_INGRESS {
+            if let Some(ev) = self.server_contexts.remove(&key) {
+                if ev.ts_ns == h.ts_ns {
+                    found.push(KernelContext::new(&ev, h.ts_ns));
+                } else {
+                    Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+                }
+            }
+        } else if let Some(list) = self.client_contexts.remove(&(h.pid, h.tid)) {
+            let (local, remote) = (conn.info.local.port(), conn.info.remote.port());
+            for ev in list {
+                // Ports tell whether the injector ran for this socket (a failed write
+                // leaves its contexts to be discarded here).
+                let known = local != 0 || remote != 0;
+                if !known || (ev.local_port == local && ev.remote_port == remote) {
+                    found.push(KernelContext::new(&ev, h.ts_ns));
+                } else {
+                    Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+                }
+            }
+        }
+        for ctx in found {
+            if conn.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
+                conn.contexts.pop_front();
+                Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+            }
+            conn.contexts.push_back(ctx);
+        }
     }
 
     fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
@@ -207,18 +300,22 @@ impl<S: SpanSink> Pipeline<S> {
                 info,
                 last_ns: h.ts_ns,
                 ignored,
+                contexts: VecDeque::new(),
             };
             self.conns.insert(key, conn);
             self.resources.get_or_load(h.pid);
             Stats::add(&self.stats.connections_opened, 1);
         }
+        if let Some(info) = info
+            && let Some(conn) = self.conns.get_mut(&key)
+        {
+            conn.info = info;
+        }
+        self.attach_contexts(h, key);
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         conn.last_ns = h.ts_ns;
-        if let Some(info) = info {
-            conn.info = info;
-        }
         if conn.ignored {
             return;
         }
@@ -242,8 +339,12 @@ impl<S: SpanSink> Pipeline<S> {
             self.linker.note_serving(h.pid, h.tid, h.ts_ns);
         }
         let info = conn.info;
+        let mut contexts = std::mem::take(&mut conn.contexts);
         self.count_report(report);
-        self.flush(h.pid, info);
+        self.flush(h.pid, info, &mut contexts);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.contexts = contexts;
+        }
     }
 
     fn count_report(&self, r: StreamReport) {
@@ -314,10 +415,14 @@ impl<S: SpanSink> Pipeline<S> {
             Ending::Evicted => &self.stats.connections_evicted,
         };
         Stats::add(counter, 1);
-        self.flush(key.0, conn.info);
+        self.flush(key.0, conn.info, &mut conn.contexts);
+        Stats::add(
+            &self.stats.kernel_contexts_unmatched,
+            conn.contexts.len() as u64,
+        );
     }
 
-    fn flush(&mut self, pid: u32, info: ConnInfo) {
+    fn flush(&mut self, pid: u32, info: ConnInfo, contexts: &mut VecDeque<KernelContext>) {
         if self.out.is_empty() {
             return;
         }
@@ -334,14 +439,32 @@ impl<S: SpanSink> Pipeline<S> {
                 resource: resource.clone(),
                 clock: self.clock,
             };
-            let (span, parent) = build_span(inputs, &mut self.ids);
+            let (mut span, parent) = build_span(inputs, &mut self.ids);
             match parent {
                 ParentOutcome::Honoured => Stats::add(&self.stats.traceparent_honoured, 1),
                 ParentOutcome::Invalid => Stats::add(&self.stats.traceparent_invalid, 1),
                 ParentOutcome::None => {}
             }
+            let kernel = take_context(contexts, ex.role, ex.request_start_ns, &self.stats);
+            if let Some(ctx) = &kernel {
+                Stats::add(&self.stats.kernel_contexts_adopted, 1);
+                if !ctx.apply(&mut span) {
+                    Stats::add(&self.stats.kernel_context_mismatch, 1);
+                }
+            }
             let end = ex.response_end_ns.unwrap_or(ex.request_end_ns);
-            self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span);
+            match kernel {
+                // The kernel already decided this client span's parent (its ids are on the
+                // wire): no later re-linking.
+                Some(ctx) if ex.role == Role::Client => {
+                    Stats::add(&self.stats.spans_built, 1);
+                    if ctx.local_parent {
+                        Stats::add(&self.stats.client_spans_linked, 1);
+                    }
+                    self.sink.send(span);
+                }
+                _ => self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span),
+            }
         }
         for st in out.postgres.drain(..) {
             Stats::add(&self.stats.db_statements, 1);

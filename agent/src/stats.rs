@@ -60,6 +60,14 @@ counters! {
     traceparent_honoured,
     /// Client spans linked to the server span active on the same thread.
     client_spans_linked,
+    /// Spans given the ids the kernel chose (server contexts, injected client requests).
+    kernel_contexts_adopted,
+    /// Kernel contexts that matched no request (lost events, requests the parser could not
+    /// read): those requests got ids of their own.
+    kernel_contexts_unmatched,
+    /// Server requests whose `traceparent` the kernel did not see (head split over reads)
+    /// though the parser did: the kernel's ids were kept.
+    kernel_context_mismatch,
     /// Spans built.
     spans_built,
     /// Spans dropped because the export queue was full.

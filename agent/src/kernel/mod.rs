@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod environment;
+pub mod propagation;
 
 use agent_common::{KernelStats, MAX_CAPTURE};
 use aya::{
@@ -44,6 +45,11 @@ pub enum KernelError {
 pub struct LoadOptions {
     pub trace_all: bool,
     pub capture_size: u32,
+    /// Trace context in the kernel and `traceparent` injection.
+    pub context_propagation: bool,
+    pub in_process_linking: bool,
+    pub max_trace_age_ns: u64,
+    pub max_spans_per_trace: u32,
 }
 
 /// One attached program, for the start-up report.
@@ -56,6 +62,9 @@ pub struct Attached {
 pub struct Probes {
     ebpf: Ebpf,
     pub attached: Vec<Attached>,
+    /// Injection asked for but not possible (attach or canary failed): why. The caller
+    /// reloads without it.
+    pub propagation_failed: Option<String>,
 }
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -86,11 +95,17 @@ impl Probes {
         let trace_all: u32 = opts.trace_all.into();
         let agent_pid = std::process::id();
         let capture = clamp_capture(opts.capture_size);
+        let propagation: u32 = opts.context_propagation.into();
+        let linking: u32 = opts.in_process_linking.into();
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_SIZE", &capture, true)
             .override_global("OFFSETS", &offsets, true)
+            .override_global("CONTEXT_PROPAGATION", &propagation, true)
+            .override_global("IN_PROCESS_LINKING", &linking, true)
+            .override_global("MAX_TRACE_AGE_NS", &opts.max_trace_age_ns, true)
+            .override_global("MAX_CHILDREN", &opts.max_spans_per_trace, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/agent"
@@ -134,7 +149,21 @@ impl Probes {
                 hook: format!("tracepoint/{category}/{tp}"),
             });
         }
-        Ok(Self { ebpf, attached })
+        let mut propagation_failed = None;
+        if opts.context_propagation {
+            match propagation::attach(&mut ebpf) {
+                Ok(more) => {
+                    attached.extend(more);
+                    propagation_failed = propagation::canary(&mut ebpf).err();
+                }
+                Err(why) => propagation_failed = Some(why),
+            }
+        }
+        Ok(Self {
+            ebpf,
+            attached,
+            propagation_failed,
+        })
     }
 
     /// The ring buffer all events arrive on (taken once, by the event loop).
@@ -222,6 +251,16 @@ impl KernelCounters {
                 sum.truncated += c.truncated;
                 sum.copy_failed += c.copy_failed;
                 sum.socket_map_full += c.socket_map_full;
+                sum.server_contexts += c.server_contexts;
+                sum.sockets_enrolled += c.sockets_enrolled;
+                sum.enroll_failed += c.enroll_failed;
+                sum.traceparent_injected += c.traceparent_injected;
+                sum.traceparent_rewritten += c.traceparent_rewritten;
+                sum.inject_skipped += c.inject_skipped;
+                sum.inject_failed += c.inject_failed;
+                sum.inject_framing_lost += c.inject_framing_lost;
+                sum.link_ambiguous += c.link_ambiguous;
+                sum.link_kernel += c.link_kernel;
             }
         }
         sum
@@ -237,6 +276,16 @@ impl KernelCounters {
             ("kernel_payload_truncated", s.truncated),
             ("kernel_payload_copy_failed", s.copy_failed),
             ("kernel_socket_map_full", s.socket_map_full),
+            ("kernel_server_contexts", s.server_contexts),
+            ("sockets_enrolled", s.sockets_enrolled),
+            ("sockets_enroll_failed", s.enroll_failed),
+            ("traceparent_injected", s.traceparent_injected),
+            ("traceparent_rewritten", s.traceparent_rewritten),
+            ("inject_skipped", s.inject_skipped),
+            ("inject_failed", s.inject_failed),
+            ("inject_framing_lost", s.inject_framing_lost),
+            ("link_kernel", s.link_kernel),
+            ("link_ambiguous", s.link_ambiguous),
         ]
     }
 }

@@ -1,6 +1,58 @@
 //! Trace ids, W3C `traceparent`, and the kernel-clock → wall-clock conversion.
 
-use super::model::{SpanId, TraceId};
+use agent_common::{
+    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN, CONTEXT_SERVER,
+    ContextEvent,
+};
+
+use super::model::{SpanId, SpanRecord, TraceId};
+
+/// Ids the kernel chose for one request before it left or while it was read: they may be in
+/// a header another service has already seen, so the span must carry exactly these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelContext {
+    pub server: bool,
+    /// Timestamp of the data event holding the request's first byte.
+    pub ts_ns: u64,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent: Option<SpanId>,
+    /// The parent is the span this process was serving (linked in the kernel).
+    pub local_parent: bool,
+    /// The request had a `traceparent` whose parent id the kernel replaced.
+    pub rewritten: bool,
+}
+
+impl KernelContext {
+    /// `ts_ns`: the data event the context belongs to.
+    pub fn new(ev: &ContextEvent, ts_ns: u64) -> Self {
+        Self {
+            server: ev.role == CONTEXT_SERVER,
+            ts_ns,
+            trace_id: TraceId(ev.trace_id),
+            span_id: SpanId(ev.span_id),
+            parent: (ev.flags & CONTEXT_FLAG_PARENT != 0).then_some(SpanId(ev.parent_id)),
+            local_parent: ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0,
+            rewritten: ev.flags & CONTEXT_FLAG_REWRITTEN != 0,
+        }
+    }
+
+    /// Gives `span` the kernel's ids. Returns false when the span had parsed a different
+    /// incoming trace than the kernel saw (a head split over reads): the kernel's ids win,
+    /// as they are what downstream calls carry.
+    pub fn apply(&self, span: &mut SpanRecord) -> bool {
+        let agrees = span.parent_span_id.is_none()
+            || (span.trace_id == self.trace_id && span.parent_span_id == self.parent);
+        span.trace_id = self.trace_id;
+        span.span_id = self.span_id;
+        span.parent_span_id = self.parent;
+        span.parent_is_remote = self.parent.is_some() && !self.local_parent;
+        if self.parent.is_none() {
+            span.trace_state = None;
+        }
+        agrees
+    }
+}
 
 /// A parsed, valid W3C trace context.
 #[derive(Clone, Debug, PartialEq, Eq)]

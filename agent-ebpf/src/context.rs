@@ -1,0 +1,145 @@
+//! Trace context chosen in the kernel, so the ids written into an outgoing request are known
+//! before the request leaves: a request a thread reads gets its server span's ids here (the
+//! trace id of its `traceparent`, or a new one), and the thread remembers it until it answers.
+//! A client request the thread sends meanwhile continues that trace, unless another request
+//! was in flight on the thread (an event loop serving several): then nobody guesses.
+
+use agent_common::{
+    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, THREAD_FLAG_AMBIGUOUS,
+    THREAD_FLAG_ANSWERED, ThreadContext,
+};
+use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+
+use crate::{
+    http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
+    maps::{THREAD_CONTEXTS, counters, emit, in_process_linking, max_children, max_trace_age_ns},
+};
+
+#[inline(always)]
+pub fn random_id<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        let r = unsafe { bpf_get_prandom_u32() }.to_le_bytes();
+        let mut j = 0;
+        while j < 4 && i + j < N {
+            out[i + j] = r[j];
+            j += 1;
+        }
+        i += 4;
+    }
+    // An all-zero id is invalid in W3C trace context.
+    out[0] |= (out[0] == 0) as u8;
+    out
+}
+
+/// A read on a socket by a selected thread: if it starts a request, choose the server span's
+/// ids, remember them for the thread and tell userspace (before the data event, same `ts`).
+#[inline(always)]
+pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, captured: u32) {
+    if !http_head::starts_request(buf, captured) {
+        return;
+    }
+    let Some(head) = http_head::scan(buf, captured, http_head::SCAN_READ) else {
+        return;
+    };
+    if head.flags & HEAD_BAD != 0 || head.line_end == 0 {
+        return;
+    }
+    let mut ev = ContextEvent {
+        kind: EventKind::Context as u32,
+        role: CONTEXT_SERVER,
+        pid,
+        tid,
+        ts_ns: ts,
+        sock_cookie: cookie,
+        local_port: 0,
+        remote_port: 0,
+        flags: 0,
+        trace_id: [0; 16],
+        span_id: random_id(),
+        parent_id: [0; 8],
+    };
+    let incoming = head.traceparent != 0
+        && head.flags & (HEAD_MANY_TRACEPARENTS | HEAD_BAD_TRACEPARENT) == 0
+        && http_head::decode_hex(buf, head.traceparent + 3, &mut ev.trace_id)
+        && http_head::decode_hex(buf, head.traceparent + 36, &mut ev.parent_id)
+        && ev.trace_id != [0; 16]
+        && ev.parent_id != [0; 8];
+    if incoming {
+        ev.flags = CONTEXT_FLAG_PARENT;
+    } else {
+        ev.trace_id = random_id();
+        ev.parent_id = [0; 8];
+    }
+    if in_process_linking() {
+        remember(tid, cookie, ts, &ev);
+    }
+    if let Some(c) = counters() {
+        c.server_contexts += 1;
+    }
+    emit(ev);
+}
+
+/// The thread now serves this request. If it was still serving another (not answered, not
+/// too old), two requests are in flight on it: its client calls cannot be attributed.
+#[inline(always)]
+fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
+    let mut flags = 0;
+    if let Some(old) = THREAD_CONTEXTS.get_ptr(&tid) {
+        let old = unsafe { &*old };
+        if old.flags & THREAD_FLAG_ANSWERED == 0
+            && ts.saturating_sub(old.ts_ns) < max_trace_age_ns()
+        {
+            flags = THREAD_FLAG_AMBIGUOUS;
+        }
+    }
+    let ctx = ThreadContext {
+        sock_cookie: cookie,
+        ts_ns: ts,
+        trace_id: ev.trace_id,
+        span_id: ev.span_id,
+        flags,
+        children: 0,
+    };
+    let _ = THREAD_CONTEXTS.insert(&tid, &ctx, 0);
+}
+
+/// A write on a socket: on the socket the thread's request came in on, it is the answer.
+#[inline(always)]
+pub fn on_write(tid: u32, cookie: u64) {
+    if let Some(ctx) = THREAD_CONTEXTS.get_ptr_mut(&tid) {
+        let ctx = unsafe { &mut *ctx };
+        if ctx.sock_cookie == cookie {
+            ctx.flags |= THREAD_FLAG_ANSWERED;
+        }
+    }
+}
+
+/// The server span a client request sent now by `tid` belongs to: (trace id, span id), or
+/// `None` (not serving, answered, ambiguous, too old, or the trace reached its cap).
+#[inline(always)]
+pub fn serving(tid: u32, now: u64) -> Option<([u8; 16], [u8; 8])> {
+    if !in_process_linking() {
+        return None;
+    }
+    let ctx = THREAD_CONTEXTS.get_ptr_mut(&tid)?;
+    let ctx = unsafe { &mut *ctx };
+    if ctx.flags & THREAD_FLAG_ANSWERED != 0 {
+        return None;
+    }
+    if ctx.flags & THREAD_FLAG_AMBIGUOUS != 0
+        || now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns()
+        || ctx.children >= max_children()
+    {
+        if let Some(c) = counters() {
+            c.link_ambiguous += 1;
+        }
+        return None;
+    }
+    ctx.children += 1;
+    if let Some(c) = counters() {
+        c.link_kernel += 1;
+    }
+    Some((ctx.trace_id, ctx.span_id))
+}

@@ -1,0 +1,406 @@
+//! `traceparent` injection into outgoing HTTP/1.x requests of selected processes.
+//!
+//! A cgroup `sock_ops` program enrolls a client socket into `SOCKETS_TO_INJECT` when its
+//! connection is established, if a selected process connected it (the connect tracepoint put
+//! its cookie in `TRACKED_SOCKETS`). The `sk_msg` program then sees every message written on
+//! it. It follows the request framing of the byte stream (head, Content-Length body) and, at
+//! each request start whose whole head it can see, inserts one header line right after the
+//! request line — or, when the request already carries a `traceparent`, rewrites that
+//! header's parent id in place (same length). Anything it cannot frame with certainty (not
+//! HTTP, a head split over writes or larger than the window, a chunked body) makes it stop
+//! injecting on that socket: it never guesses where a request starts.
+
+use agent_common::{
+    CONTEXT_CLIENT, CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN,
+    ContextEvent, EventKind, SEND_BODY, SEND_BOUNDARY, SEND_LOST, SendState, TRACEPARENT_LINE_LEN,
+};
+use aya_ebpf::{
+    bindings::{BPF_ANY, bpf_sock_ops, sk_action::SK_PASS},
+    cty::c_void,
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_pull_data, bpf_probe_read_kernel,
+        },
+    },
+    macros::{sk_msg, sock_ops},
+    programs::{SkMsgContext, SockOpsContext},
+};
+
+use crate::{
+    context::{random_id, serving},
+    http_head::{
+        self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_CHUNKED, HEAD_MANY_TRACEPARENTS, HEAD_WINDOW,
+    },
+    maps::{
+        INJECT_CONTINUATION, INJECT_PROGRAMS, INJECT_SCRATCH, SEND_STATES, SOCKETS_TO_INJECT,
+        TRACKED_SOCKETS, counters, emit,
+    },
+};
+
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+/// Requests handled in one message (pipelining); more makes the socket's framing lost.
+const MAX_REQUESTS_PER_MESSAGE: u32 = 16;
+
+#[sock_ops]
+pub fn agent_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        enroll(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn enroll(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let mut cookie = unsafe { bpf_get_socket_cookie(ops as *mut c_void) };
+    if TRACKED_SOCKETS.get_ptr(&cookie).is_none() {
+        return;
+    }
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk } as u64;
+    if sk == 0 {
+        return;
+    }
+    let fresh = SendState {
+        mode: SEND_BOUNDARY,
+        _pad: 0,
+        remaining: 0,
+    };
+    let ok = SEND_STATES.insert(&sk, &fresh, 0).is_ok()
+        && SOCKETS_TO_INJECT
+            .update(
+                &mut cookie,
+                unsafe { &mut *(ops as *mut bpf_sock_ops) },
+                BPF_ANY as u64,
+            )
+            .is_ok();
+    if let Some(c) = counters() {
+        if ok {
+            c.sockets_enrolled += 1;
+        } else {
+            c.enroll_failed += 1;
+        }
+    }
+}
+
+#[sk_msg]
+pub fn agent_sk_msg(ctx: SkMsgContext) -> u32 {
+    inject(&ctx);
+    SK_PASS
+}
+
+/// What happened to one request start.
+enum Outcome {
+    /// Injected or rewritten; the head is `added` bytes longer than it was.
+    Done { added: u32 },
+    /// Left untouched but framed (several traceparents): go on after it.
+    Skipped,
+    /// Cannot frame: stop on this socket.
+    Lost,
+}
+
+/// Where a message's walk goes on after a tail call (one request per program run keeps the
+/// verifier's work to one head scan; pipelined requests in one message continue here).
+#[repr(C)]
+pub struct Continuation {
+    active: u32,
+    off: u32,
+    size: u32,
+    k: u32,
+}
+
+#[inline(always)]
+fn inject(ctx: &SkMsgContext) {
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
+    if sk == 0 {
+        return;
+    }
+    let Some(cont) = INJECT_CONTINUATION.get_ptr_mut(0) else {
+        return;
+    };
+    let cont = unsafe { &mut *cont };
+    let state = match SEND_STATES.get_ptr_mut(&sk) {
+        Some(s) => s,
+        None => {
+            // Enrolled without a state: the start-up canary's socket (added from userspace
+            // before any byte was written), which starts at a request boundary.
+            let fresh = SendState::default();
+            if SEND_STATES.insert(&sk, &fresh, 0).is_err() {
+                return;
+            }
+            match SEND_STATES.get_ptr_mut(&sk) {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    let state = unsafe { &mut *state };
+    let (off, size, k) = if cont.active != 0 {
+        cont.active = 0;
+        (cont.off, cont.size, cont.k)
+    } else {
+        let size = ctx.size();
+        match state.mode {
+            SEND_BOUNDARY => (0, size, 0),
+            SEND_BODY => {
+                if state.remaining >= size as u64 {
+                    state.remaining -= size as u64;
+                    return;
+                }
+                let off = state.remaining as u32;
+                state.mode = SEND_BOUNDARY;
+                state.remaining = 0;
+                (off, size, 0)
+            }
+            _ => {
+                if let Some(c) = counters() {
+                    c.inject_skipped += 1;
+                }
+                return;
+            }
+        }
+    };
+    if off >= size {
+        return;
+    }
+    let Some(head) = request_at(ctx, off, size) else {
+        lose(state);
+        return;
+    };
+    let added = match apply(ctx, off, head) {
+        Outcome::Done { added } => added,
+        Outcome::Skipped => 0,
+        Outcome::Lost => {
+            lose(state);
+            return;
+        }
+    };
+    let size = size + added;
+    if head.flags & HEAD_CHUNKED != 0 {
+        // Chunked framing is not followed: later requests stay untouched.
+        lose(state);
+        return;
+    }
+    let next = off as u64 + head.head_end as u64 + added as u64 + head.content_length;
+    if next > size as u64 {
+        state.mode = SEND_BODY;
+        state.remaining = next - size as u64;
+        return;
+    }
+    if next == size as u64 {
+        return;
+    }
+    // Another request starts in this message: go on in a fresh run of this program.
+    if k + 1 >= MAX_REQUESTS_PER_MESSAGE {
+        lose(state);
+        return;
+    }
+    cont.active = 1;
+    cont.off = next as u32;
+    cont.size = size;
+    cont.k = k + 1;
+    unsafe { INJECT_PROGRAMS.tail_call(ctx, 0) };
+    // Only reached when the tail call failed.
+    cont.active = 0;
+    lose(state);
+}
+
+#[inline(always)]
+fn lose(state: &mut SendState) {
+    state.mode = SEND_LOST;
+    if let Some(c) = counters() {
+        c.inject_framing_lost += 1;
+        c.inject_skipped += 1;
+    }
+}
+
+/// The request head starting at `off`, copied and scanned; `None` when it is not a request
+/// whose whole head lies in this message within the window.
+#[inline(always)]
+fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut http_head::Head> {
+    let left = size - off;
+    let want = if left > HEAD_WINDOW {
+        HEAD_WINDOW
+    } else {
+        left
+    };
+    if unsafe { bpf_msg_pull_data(ctx.msg, off, off + want, 0) } != 0 {
+        if let Some(c) = counters() {
+            c.inject_failed += 1;
+        }
+        return None;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let avail = end.saturating_sub(data) as u32;
+    let n = if avail < want { avail } else { want };
+    let scratch = INJECT_SCRATCH.get_ptr_mut(0)?;
+    let scratch = unsafe { &mut *scratch };
+    let n = n & (HEAD_WINDOW * 2 - 1);
+    if n > HEAD_WINDOW {
+        return None;
+    }
+    let copied = unsafe {
+        bpf_probe_read_kernel(
+            scratch.as_mut_ptr() as *mut c_void,
+            n,
+            data as *const c_void,
+        )
+    };
+    if copied != 0 {
+        return None;
+    }
+    let buf = scratch.as_ptr();
+    if !http_head::starts_request(buf, n) {
+        return None;
+    }
+    let head = http_head::scan(buf, n, http_head::SCAN_INJECT)?;
+    if head.flags & HEAD_BAD != 0 || head.line_end == 0 || head.head_end == 0 {
+        return None;
+    }
+    Some(head)
+}
+
+/// Writes the ids into the request at `off` and reports them to userspace.
+#[inline(always)]
+fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
+    if head.flags & (HEAD_MANY_TRACEPARENTS | HEAD_BAD_TRACEPARENT) != 0 {
+        if let Some(c) = counters() {
+            c.inject_skipped += 1;
+        }
+        return Outcome::Skipped;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut ev = ContextEvent {
+        kind: EventKind::Context as u32,
+        role: CONTEXT_CLIENT,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        ts_ns: now,
+        sock_cookie: 0,
+        local_port: unsafe { (*ctx.msg).local_port } as u16,
+        remote_port: u32::from_be(unsafe { (*ctx.msg).remote_port }) as u16,
+        flags: 0,
+        trace_id: [0; 16],
+        span_id: random_id(),
+        parent_id: [0; 8],
+    };
+    let scratch = match INJECT_SCRATCH.get_ptr(0) {
+        Some(s) => s as *const u8,
+        None => return Outcome::Lost,
+    };
+    let local = serving(ev.tid, now);
+    let added;
+    if head.traceparent != 0 {
+        // Keep the caller's trace; our client span becomes the callee's parent.
+        let mut parent = [0u8; 8];
+        if !http_head::decode_hex(scratch, head.traceparent + 3, &mut ev.trace_id)
+            || !http_head::decode_hex(scratch, head.traceparent + 36, &mut parent)
+        {
+            if let Some(c) = counters() {
+                c.inject_skipped += 1;
+            }
+            return Outcome::Skipped;
+        }
+        let trace = ev.trace_id;
+        ev.flags = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_REWRITTEN;
+        match local {
+            Some((t, s)) if t == trace => {
+                ev.parent_id = s;
+                ev.flags |= CONTEXT_FLAG_LOCAL_PARENT;
+            }
+            _ => ev.parent_id = parent,
+        }
+        if !rewrite_parent(ctx, head.traceparent + 36, &ev.span_id) {
+            if let Some(c) = counters() {
+                c.inject_failed += 1;
+            }
+            return Outcome::Lost;
+        }
+        if let Some(c) = counters() {
+            c.traceparent_rewritten += 1;
+        }
+        added = 0;
+    } else {
+        match local {
+            Some((t, s)) => {
+                ev.trace_id = t;
+                ev.parent_id = s;
+                ev.flags = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
+            }
+            None => ev.trace_id = random_id(),
+        }
+        if !insert_line(ctx, off + head.line_end, &ev.trace_id, &ev.span_id) {
+            if let Some(c) = counters() {
+                c.inject_failed += 1;
+            }
+            return Outcome::Lost;
+        }
+        if let Some(c) = counters() {
+            c.traceparent_injected += 1;
+        }
+        added = TRACEPARENT_LINE_LEN;
+    }
+    emit(ev);
+    Outcome::Done { added }
+}
+
+/// Overwrites the 16 hex digits of the parent id at message offset `at` (the data window
+/// from the last pull starts at the request, so `at` is relative to it).
+#[inline(always)]
+fn rewrite_parent(ctx: &SkMsgContext, at: u32, span: &[u8; 8]) -> bool {
+    let at = (at & (HEAD_WINDOW - 1)) as usize;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + at + 16 > end {
+        return false;
+    }
+    let p = (data + at) as *mut u8;
+    let mut i = 0;
+    while i < 8 {
+        unsafe {
+            *p.add(2 * i) = http_head::hex_digit(span[i] >> 4);
+            *p.add(2 * i + 1) = http_head::hex_digit(span[i]);
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Inserts `traceparent: 00-<trace>-<span>-01\r\n` at message offset `at`.
+#[inline(always)]
+fn insert_line(ctx: &SkMsgContext, at: u32, trace: &[u8; 16], span: &[u8; 8]) -> bool {
+    if ctx.push_data(at, TRACEPARENT_LINE_LEN, 0).is_err() {
+        return false;
+    }
+    if unsafe { bpf_msg_pull_data(ctx.msg, at, at + TRACEPARENT_LINE_LEN, 0) } != 0 {
+        return false;
+    }
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + TRACEPARENT_LINE_LEN as usize > end {
+        return false;
+    }
+    let p = data as *mut u8;
+    let put = |i: usize, b: u8| unsafe { *p.add(i) = b };
+    for (i, b) in b"traceparent: 00-".iter().enumerate() {
+        put(i, *b);
+    }
+    let mut i = 0;
+    while i < 16 {
+        put(16 + 2 * i, http_head::hex_digit(trace[i] >> 4));
+        put(17 + 2 * i, http_head::hex_digit(trace[i]));
+        i += 1;
+    }
+    put(48, b'-');
+    let mut i = 0;
+    while i < 8 {
+        put(49 + 2 * i, http_head::hex_digit(span[i] >> 4));
+        put(50 + 2 * i, http_head::hex_digit(span[i]));
+        i += 1;
+    }
+    for (i, b) in b"-01\r\n".iter().enumerate() {
+        put(65 + i, *b);
+    }
+    true
+}
