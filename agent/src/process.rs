@@ -304,7 +304,7 @@ impl Resources {
         }
         let r = Arc::new(
             self.load(pid)
-                .unwrap_or_else(|| minimal_resource(pid, &self.host_name)),
+                .unwrap_or_else(|| minimal_resource(pid, self.host())),
         );
         self.by_pid.insert(pid, Arc::clone(&r));
         r
@@ -314,6 +314,15 @@ impl Resources {
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
         self.waiting.remove(&pid);
+    }
+
+    /// `host.name`: in Kubernetes the node's name, since the agent's own hostname is its pod's
+    /// (pods have their own UTS namespace).
+    fn host(&self) -> &str {
+        self.k8s
+            .as_ref()
+            .and_then(|k| k.node_name())
+            .unwrap_or(&self.host_name)
     }
 
     /// `None` when `/proc/PID` cannot be read.
@@ -330,7 +339,8 @@ impl Resources {
         } else {
             self.waiting.remove(&pid);
         }
-        match resource_from_proc(&self.proc_root, pid, &self.host_name, Some(&described)) {
+        let host = self.host().to_owned();
+        match resource_from_proc(&self.proc_root, pid, &host, Some(&described)) {
             Ok(r) => Some(r),
             Err(e) => {
                 log::debug!("using a minimal resource for pid {pid}: {e}");
@@ -1158,6 +1168,15 @@ mod tests {
             assert_eq!(
                 attr(&before, "k8s.node.name"),
                 Some(&AttrValue::Str("node-1".into()))
+            );
+            assert_eq!(
+                attr(&before, "host.name"),
+                Some(&AttrValue::Str("node-1".into()))
+            );
+            assert_eq!(count(&before, "host.name"), 1);
+            assert_eq!(
+                attr(&before, "service.instance.id"),
+                Some(&AttrValue::Str("node-1:4343".into()))
             );
             assert_eq!(attr(&before, "k8s.pod.name"), None);
             assert!(Arc::ptr_eq(&before, &cache.get_or_load(4343)), "cached");
