@@ -17,6 +17,8 @@ use super::{
 const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// When watching is not allowed, list this often instead.
 const POLL_PERIOD: Duration = Duration::from_secs(15);
+/// A watch that ended sooner than this is followed by a pause before the next.
+const MIN_WATCH: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -127,10 +129,15 @@ pub fn run(k8s: Arc<Kubernetes>, client: ApiClient, own_pod: Option<OwnPod>) {
         }
         // Follow changes until the watch cannot resume; then list again.
         while !k8s.stopped() {
+            let started = Instant::now();
             match follow(&k8s, &client, &node, &mut version) {
                 Ok(()) => {
                     health.ok();
                     backoff.reset();
+                    // A server (or proxy) that ends watches at once must not be hammered.
+                    if started.elapsed() < MIN_WATCH {
+                        sleep(&k8s, MIN_WATCH);
+                    }
                 }
                 Err(ApiError::Expired { .. }) => {
                     k8s.counters.relists.fetch_add(1, Ordering::Relaxed);
@@ -404,5 +411,31 @@ mod tests {
             "/api/v1/namespaces/observability/pods/ebpf-agent-7xq2p"
         );
         assert!(requests[1].contains("spec.nodeName%3Dnode-1"));
+    }
+
+    #[test]
+    fn watches_that_end_at_once_are_not_hammered() {
+        // Every watch ends after ~50 ms (the fake server's unscripted answer).
+        let server = Server::start(vec![Reply::json(
+            200,
+            include_str!("testdata/podlist-node-1.json"),
+        )]);
+        let k8s = Arc::new(Kubernetes::new(Some("node-1".into()), PodFilter::default()));
+        let client = ApiClient::plain(&server.base());
+        let thread = {
+            let k8s = k8s.clone();
+            std::thread::spawn(move || run(k8s, client, None))
+        };
+        assert!(k8s.store.wait_synced(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(2500));
+        k8s.stop();
+        thread.join().expect("watcher thread");
+        server.finish();
+        let watches = server
+            .requests()
+            .iter()
+            .filter(|r| r.contains("watch=1"))
+            .count();
+        assert!((1..=4).contains(&watches), "{watches} watches in 2.5 s");
     }
 }
