@@ -50,15 +50,22 @@ pub struct Head {
     pub content_length: u64,
 }
 
-macro_rules! get {
-    ($head:ident . $field:ident) => {
-        unsafe { core::ptr::read_volatile(&$head.$field) }
-    };
+/// Volatile access to the scan state: the compiler keeps no copy in a register, so the
+/// verifier never learns the values (see the module comment).
+#[inline(always)]
+fn get<T: Copy>(field: &T) -> T {
+    unsafe { core::ptr::read_volatile(field) }
 }
-macro_rules! set {
-    ($head:ident . $field:ident = $value:expr) => {
-        unsafe { core::ptr::write_volatile(&mut $head.$field, $value) }
-    };
+
+#[inline(always)]
+fn set<T>(field: &mut T, value: T) {
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+#[inline(always)]
+fn add_flags(head: &mut Head, bits: u32) {
+    let flags = get(&head.flags) | bits;
+    set(&mut head.flags, flags);
 }
 
 #[inline(always)]
@@ -107,21 +114,21 @@ pub const SCAN_INJECT: u32 = 1;
 pub fn scan(buf: *const u8, len: u32, who: u32) -> Option<&'static mut Head> {
     let head = unsafe { &mut *HEADS.get_ptr_mut(who)? };
     let len = if len > HEAD_WINDOW { HEAD_WINDOW } else { len };
-    set!(head.len = len);
-    set!(head.lines = 0);
-    set!(head.line_start = 0);
-    set!(head.head_end = 0);
-    set!(head.line_end = 0);
-    set!(head.traceparent = 0);
-    set!(head.flags = 0);
-    set!(head.content_length = 0);
+    set(&mut head.len, len);
+    set(&mut head.lines, 0);
+    set(&mut head.line_start, 0);
+    set(&mut head.head_end, 0);
+    set(&mut head.line_end, 0);
+    set(&mut head.traceparent, 0);
+    set(&mut head.flags, 0);
+    set(&mut head.content_length, 0);
     // One step per word without a line end, one per line end: at most this many. The
     // position also lives in the map, so every step looks alike to the verifier.
-    set!(head.at = 0);
+    set(&mut head.at, 0);
     let mut step = 0u32;
     while step < HEAD_WINDOW / 8 + MAX_LINES + 1 {
-        let at = get!(head.at);
-        if at >= get!(head.len) {
+        let at = get(&head.at);
+        if at >= get(&head.len) {
             break;
         }
         let w = word(buf, at);
@@ -130,7 +137,7 @@ pub fn scan(buf: *const u8, len: u32, who: u32) -> Option<&'static mut Head> {
         let x = w ^ 0x0a0a_0a0a_0a0a_0a0a;
         let found = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
         if found == 0 {
-            set!(head.at = at + 8);
+            set(&mut head.at, at + 8);
         } else {
             // Byte index of the lowest match, without a branch or a table: the isolated bit
             // 1 << 8k times 0x0001020304050607 has k in its top byte.
@@ -139,11 +146,13 @@ pub fn scan(buf: *const u8, len: u32, who: u32) -> Option<&'static mut Head> {
             if line_end_at(head, pos) {
                 break;
             }
-            set!(head.at = pos + 1);
+            set(&mut head.at, pos + 1);
         }
         step += 1;
     }
-    if get!(head.head_end) != 0 {
+    // Lines are read even when the head continues past the data: a read may hold only the
+    // first segment of a request (the request line is what the read path needs).
+    if get(&head.lines) > 0 {
         read_lines(head, buf);
     }
     Some(head)
@@ -152,41 +161,41 @@ pub fn scan(buf: *const u8, len: u32, who: u32) -> Option<&'static mut Head> {
 /// A `\n` at `pos`. Returns true to stop (head end, too many lines, past the data).
 #[inline(always)]
 fn line_end_at(head: &mut Head, pos: u32) -> bool {
-    if pos >= get!(head.len) {
+    if pos >= get(&head.len) {
         return true;
     }
-    let lines = get!(head.lines);
-    if lines > 0 && pos - get!(head.line_start) <= 1 {
-        set!(head.head_end = pos + 1);
+    let lines = get(&head.lines);
+    if lines > 0 && pos - get(&head.line_start) <= 1 {
+        set(&mut head.head_end, pos + 1);
         return true;
     }
     if lines >= MAX_LINES {
-        set!(head.flags = get!(head.flags) | HEAD_BAD);
+        add_flags(head, HEAD_BAD);
         return true;
     }
     head.newlines[(lines & (MAX_LINES - 1)) as usize] = pos;
-    set!(head.lines = lines + 1);
-    set!(head.line_start = pos + 1);
+    set(&mut head.lines, lines + 1);
+    set(&mut head.line_start, pos + 1);
     false
 }
 
 /// Reads the request line, then each header line found by [`find_lines`].
 #[inline(always)]
 fn read_lines(head: &mut Head, buf: *const u8) {
-    let first = get!(head.newlines)[0];
+    let first = get(&head.newlines)[0];
     // The request line must end in " HTTP/1.x\r\n".
     if first < 10
         || byte(buf, first - 1) != b'\r'
         || word(buf, first - 9) & SEVEN != w8(b"HTTP/1.\0")
         || byte(buf, first - 10) != b' '
     {
-        set!(head.flags = get!(head.flags) | HEAD_BAD);
+        add_flags(head, HEAD_BAD);
         return;
     }
-    set!(head.line_end = first + 1);
+    set(&mut head.line_end, first + 1);
     let mut i = 1u32;
     while i < MAX_LINES {
-        if i >= get!(head.lines) {
+        if i >= get(&head.lines) {
             break;
         }
         let start = head.newlines[((i - 1) & (MAX_LINES - 1)) as usize].wrapping_add(1);
@@ -203,8 +212,8 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
     if first == w8(b"tracepar") && n >= 12 {
         let rest = word(buf, start + 8) | LOWER;
         if rest & 0xffff_ffff == u32::from_le_bytes(*b"ent:") as u64 {
-            if get!(head.traceparent) != 0 {
-                set!(head.flags = get!(head.flags) | HEAD_MANY_TRACEPARENTS);
+            if get(&head.traceparent) != 0 {
+                add_flags(head, HEAD_MANY_TRACEPARENTS);
                 return;
             }
             let mut v = start + 12;
@@ -218,9 +227,9 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
                 && byte(buf, v + 35) == b'-'
                 && byte(buf, v + 52) == b'-'
             {
-                set!(head.traceparent = v);
+                set(&mut head.traceparent, v);
             } else {
-                set!(head.flags = get!(head.flags) | HEAD_BAD_TRACEPARENT);
+                add_flags(head, HEAD_BAD_TRACEPARENT);
             }
         }
     } else if first == w8(b"content-") && n >= 15 {
@@ -231,7 +240,7 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
     } else if first == w8(b"transfer") && n >= 18 {
         let rest = word(buf, start + 8) | LOWER;
         if rest == w8(b"-encodin") {
-            set!(head.flags = get!(head.flags) | HEAD_CHUNKED);
+            add_flags(head, HEAD_CHUNKED);
         }
     }
 }
@@ -272,8 +281,8 @@ fn content_length(head: &mut Head, buf: *const u8, v: u32) {
     }
     // No digit, or 18 digits and more (not a length we believe).
     let bad = ((digits.wrapping_sub(1) >> 63) & 1) | going;
-    set!(head.flags = get!(head.flags) | HEAD_BAD * bad as u32);
-    set!(head.content_length = value);
+    add_flags(head, HEAD_BAD * bad as u32);
+    set(&mut head.content_length, value);
 }
 
 /// Decodes `N` bytes of lower-case hex at `off` into `out` (W3C trace context allows no

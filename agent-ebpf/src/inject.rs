@@ -330,7 +330,7 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
             }
             None => ev.trace_id = random_id(),
         }
-        if !insert_line(ctx, off + head.line_end, &ev.trace_id, &ev.span_id) {
+        if !insert_line(ctx, off, head, &ev.trace_id, &ev.span_id) {
             if let Some(c) = counters() {
                 c.inject_failed += 1;
             }
@@ -367,9 +367,17 @@ fn rewrite_parent(ctx: &SkMsgContext, at: u32, span: &[u8; 8]) -> bool {
     true
 }
 
-/// Inserts `traceparent: 00-<trace>-<span>-01\r\n` at message offset `at`.
+/// Inserts `traceparent: 00-<trace>-<span>-01\r\n` after the request line of the request
+/// at message offset `off`.
 #[inline(always)]
-fn insert_line(ctx: &SkMsgContext, at: u32, trace: &[u8; 16], span: &[u8; 8]) -> bool {
+fn insert_line(
+    ctx: &SkMsgContext,
+    off: u32,
+    head: &http_head::Head,
+    trace: &[u8; 16],
+    span: &[u8; 8],
+) -> bool {
+    let at = off + head.line_end;
     if ctx.push_data(at, TRACEPARENT_LINE_LEN, 0).is_err() {
         return false;
     }
@@ -402,5 +410,22 @@ fn insert_line(ctx: &SkMsgContext, at: u32, trace: &[u8; 16], span: &[u8; 8]) ->
     for (i, b) in b"-01\r\n".iter().enumerate() {
         put(65 + i, *b);
     }
+    // The insertion split the message's data; join the head again so it leaves in one
+    // segment. Split, its second part would wait behind Nagle for the peer's delayed ACK
+    // (40 ms on every keep-alive request of a client without TCP_NODELAY).
+    let size = ctx.size();
+    let end = if size <= JOIN_LIMIT {
+        size
+    } else {
+        off + head.head_end + TRACEPARENT_LINE_LEN
+    };
+    if unsafe { bpf_msg_pull_data(ctx.msg, off, end, 0) } != 0
+        && let Some(c) = counters()
+    {
+        c.inject_failed += 1;
+    }
     true
 }
+
+/// Messages up to this size are made one piece again after an insertion.
+const JOIN_LIMIT: u32 = 16384;

@@ -33,6 +33,15 @@ pub struct LoopConfig {
     /// Ports whose traffic is not traced (the OTLP endpoint's).
     pub ignored_ports: Vec<u16>,
     pub raw_db_query: bool,
+    pub correlation: Correlation,
+}
+
+/// Trace correlation switches and bounds (from the command line).
+pub struct Correlation {
+    pub in_process_linking: bool,
+    pub same_host_pairing: bool,
+    pub max_trace_age_ns: u64,
+    pub max_spans_per_trace: u32,
 }
 
 /// Kernel events are written without wake-ups; we poll at this period (the kernel forces a
@@ -54,12 +63,19 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         stats_interval,
         ignored_ports,
         raw_db_query,
+        correlation,
     } = cfg;
     let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
     for port in ignored_ports {
         pipeline.ignore_port(port);
     }
     pipeline.record_raw_db_query(raw_db_query);
+    pipeline.pair_same_host(correlation.same_host_pairing);
+    pipeline.link_in_process(
+        correlation.in_process_linking,
+        correlation.max_trace_age_ns,
+        correlation.max_spans_per_trace,
+    );
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
     let fd = events.as_raw_fd();

@@ -157,6 +157,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
         ignored_ports,
         raw_db_query: cli.db_raw_query,
+        correlation: event_loop::Correlation {
+            in_process_linking: cli.in_process_linking.is_on(),
+            same_host_pairing: cli.same_host_pairing.is_on(),
+            max_trace_age_ns: cli.max_trace_age.saturating_mul(1_000_000_000),
+            max_spans_per_trace: cli.max_spans_per_trace,
+        },
     };
     let worker = std::thread::Builder::new()
         .name("events".into())

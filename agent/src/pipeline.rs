@@ -4,7 +4,7 @@
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
@@ -26,7 +26,8 @@ use crate::{
         context::{Clock, IdGenerator, KernelContext},
         correlation::{HOLD_NS, LinkOutcome, Linker},
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
-        model::SpanRecord,
+        model::{SpanId, SpanRecord},
+        pairing::{PairKey, Pairing},
         postgres::build_db_span,
     },
     stats::Stats,
@@ -47,8 +48,17 @@ struct Connection {
     last_ns: u64,
     /// Traffic on an ignored port: followed for its lifecycle only.
     ignored: bool,
+    /// What trace correlation keeps per connection.
+    trace: ConnTrace,
+}
+
+/// Per connection: the kernel's ids for its requests, and how many exchanges it has had
+/// (a request's position on the connection identifies it for same-host pairing).
+#[derive(Default)]
+struct ConnTrace {
     /// Ids the kernel gave requests of this connection, oldest first.
     contexts: VecDeque<KernelContext>,
+    exchanges: u64,
 }
 
 /// Where finished spans go (the exporter in production, a vector in tests).
@@ -118,6 +128,33 @@ pub struct Pipeline<S: SpanSink> {
     client_contexts: IdMap<(u32, u32), Vec<ContextEvent>>,
     /// The agent's own canary exchange produces contexts that no data event follows.
     own_pid: u32,
+    /// Same-host pairing (None: switched off).
+    pairing: Option<Pairing>,
+    /// Pair keys of client spans waiting in the linker.
+    held_keys: HashMap<SpanId, PairKey>,
+    /// Traced connections by (local, remote) address: is a server span's peer traced here?
+    by_addresses: HashMap<(SocketAddr, SocketAddr), (u32, u64)>,
+    /// Latest kernel time seen.
+    now: u64,
+    /// Spans on their way to the sink.
+    ready: Vec<SpanRecord>,
+}
+
+/// A request's identity on its connection for same-host pairing: the client's and the
+/// server's address (seen from either side) and its position; counts the exchange.
+fn pair_key(info: ConnInfo, role: Role, exchanges: &mut u64) -> Option<PairKey> {
+    let seq = *exchanges;
+    *exchanges += 1;
+    let (local, remote) = (ConnInfo::known(info.local)?, ConnInfo::known(info.remote)?);
+    let (client, server) = match role {
+        Role::Client => (local, remote),
+        Role::Server => (remote, local),
+    };
+    Some(PairKey {
+        client,
+        server,
+        seq,
+    })
 }
 
 /// The kernel context of the request that started at `start_ns` in the role's request
@@ -176,7 +213,23 @@ impl<S: SpanSink> Pipeline<S> {
             server_contexts: IdMap::default(),
             client_contexts: IdMap::default(),
             own_pid: std::process::id(),
+            pairing: Some(Pairing::default()),
+            held_keys: HashMap::new(),
+            by_addresses: HashMap::new(),
+            now: 0,
+            ready: Vec::new(),
         }
+    }
+
+    /// Switches same-host pairing on or off (on by default).
+    pub fn pair_same_host(&mut self, on: bool) {
+        self.pairing = on.then(Pairing::default);
+    }
+
+    /// Switches in-process linking in userspace on or off (on by default), and bounds it.
+    pub fn link_in_process(&mut self, on: bool, max_age_ns: u64, max_children: u32) {
+        self.linker.set_enabled(on);
+        self.linker.set_bounds(max_age_ns, max_children);
     }
 
     pub fn record_raw_db_query(&mut self, raw: bool) {
@@ -265,11 +318,11 @@ impl<S: SpanSink> Pipeline<S> {
             }
         }
         for ctx in found {
-            if conn.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
-                conn.contexts.pop_front();
+            if conn.trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
+                conn.trace.contexts.pop_front();
                 Stats::add(&self.stats.kernel_contexts_unmatched, 1);
             }
-            conn.contexts.push_back(ctx);
+            conn.trace.contexts.push_back(ctx);
         }
     }
 
@@ -300,16 +353,20 @@ impl<S: SpanSink> Pipeline<S> {
                 info,
                 last_ns: h.ts_ns,
                 ignored,
-                contexts: VecDeque::new(),
+                trace: ConnTrace::default(),
             };
             self.conns.insert(key, conn);
             self.resources.get_or_load(h.pid);
             Stats::add(&self.stats.connections_opened, 1);
         }
+        self.now = self.now.max(h.ts_ns);
         if let Some(info) = info
             && let Some(conn) = self.conns.get_mut(&key)
         {
             conn.info = info;
+            if ConnInfo::known(info.local).is_some() {
+                self.by_addresses.insert((info.local, info.remote), key);
+            }
         }
         self.attach_contexts(h, key);
         let Some(conn) = self.conns.get_mut(&key) else {
@@ -339,11 +396,11 @@ impl<S: SpanSink> Pipeline<S> {
             self.linker.note_serving(h.pid, h.tid, h.ts_ns);
         }
         let info = conn.info;
-        let mut contexts = std::mem::take(&mut conn.contexts);
+        let mut trace = std::mem::take(&mut conn.trace);
         self.count_report(report);
-        self.flush(h.pid, info, &mut contexts);
+        self.flush(h.pid, info, &mut trace);
         if let Some(conn) = self.conns.get_mut(&key) {
-            conn.contexts = contexts;
+            conn.trace = trace;
         }
     }
 
@@ -415,14 +472,18 @@ impl<S: SpanSink> Pipeline<S> {
             Ending::Evicted => &self.stats.connections_evicted,
         };
         Stats::add(counter, 1);
-        self.flush(key.0, conn.info, &mut conn.contexts);
+        self.flush(key.0, conn.info, &mut conn.trace);
         Stats::add(
             &self.stats.kernel_contexts_unmatched,
-            conn.contexts.len() as u64,
+            conn.trace.contexts.len() as u64,
         );
+        if self.by_addresses.get(&(conn.info.local, conn.info.remote)) == Some(&key) {
+            self.by_addresses
+                .remove(&(conn.info.local, conn.info.remote));
+        }
     }
 
-    fn flush(&mut self, pid: u32, info: ConnInfo, contexts: &mut VecDeque<KernelContext>) {
+    fn flush(&mut self, pid: u32, info: ConnInfo, trace: &mut ConnTrace) {
         if self.out.is_empty() {
             return;
         }
@@ -445,7 +506,13 @@ impl<S: SpanSink> Pipeline<S> {
                 ParentOutcome::Invalid => Stats::add(&self.stats.traceparent_invalid, 1),
                 ParentOutcome::None => {}
             }
-            let kernel = take_context(contexts, ex.role, ex.request_start_ns, &self.stats);
+            let kernel = take_context(
+                &mut trace.contexts,
+                ex.role,
+                ex.request_start_ns,
+                &self.stats,
+            );
+            let pair = pair_key(info, ex.role, &mut trace.exchanges);
             if let Some(ctx) = &kernel {
                 Stats::add(&self.stats.kernel_contexts_adopted, 1);
                 if !ctx.apply(&mut span) {
@@ -461,9 +528,9 @@ impl<S: SpanSink> Pipeline<S> {
                     if ctx.local_parent {
                         Stats::add(&self.stats.client_spans_linked, 1);
                     }
-                    self.sink.send(span);
+                    self.client_final(pair, span);
                 }
-                _ => self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span),
+                _ => self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span, pair),
             }
         }
         for st in out.postgres.drain(..) {
@@ -476,7 +543,8 @@ impl<S: SpanSink> Pipeline<S> {
                 self.clock,
                 &mut self.ids,
             );
-            self.route(pid, st.role, st.tid, st.start_ns, st.end_ns, span);
+            let pair = pair_key(info, st.role, &mut trace.exchanges);
+            self.route(pid, st.role, st.tid, st.start_ns, st.end_ns, span, pair);
         }
         // Give the (now empty) buffers back for reuse.
         self.out = out;
@@ -484,14 +552,39 @@ impl<S: SpanSink> Pipeline<S> {
 
     /// Server spans go out at once (and may adopt client spans later); client spans may wait
     /// for the server span their thread is serving.
-    fn route(&mut self, pid: u32, role: Role, tid: u32, start: u64, end: u64, span: SpanRecord) {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the exchange's parts the span's routing needs"
+    )]
+    fn route(
+        &mut self,
+        pid: u32,
+        role: Role,
+        tid: u32,
+        start: u64,
+        end: u64,
+        span: SpanRecord,
+        pair: Option<PairKey>,
+    ) {
         Stats::add(&self.stats.spans_built, 1);
         match role {
             Role::Server => {
                 self.linker.server_span(pid, tid, start, end, &span);
-                self.sink.send(span);
+                match &mut self.pairing {
+                    Some(pairing) => {
+                        // Is the other end a connection traced here?
+                        let peer_is_local = pair
+                            .is_some_and(|k| self.by_addresses.contains_key(&(k.client, k.server)));
+                        pairing.server_span(pair, peer_is_local, span, self.now, &mut self.ready);
+                    }
+                    None => self.ready.push(span),
+                }
+                self.send_ready();
             }
             Role::Client => {
+                if let Some(key) = pair {
+                    self.held_keys.insert(span.span_id, key);
+                }
                 self.linker
                     .client_span(pid, tid, start, end, span, &mut self.released);
                 self.drain_released();
@@ -499,20 +592,55 @@ impl<S: SpanSink> Pipeline<S> {
         }
     }
 
-    fn drain_released(&mut self) {
-        for (span, outcome) in self.released.drain(..) {
-            if outcome == LinkOutcome::Linked {
-                Stats::add(&self.stats.client_spans_linked, 1);
-            }
+    /// A client span whose ids will not change any more.
+    fn client_final(&mut self, pair: Option<PairKey>, span: SpanRecord) {
+        match &mut self.pairing {
+            Some(pairing) => pairing.client_span(pair, span, self.now, &mut self.ready),
+            None => self.ready.push(span),
+        }
+        self.send_ready();
+    }
+
+    fn send_ready(&mut self) {
+        if let Some(p) = &mut self.pairing {
+            Stats::add(
+                &self.stats.server_spans_paired,
+                std::mem::take(&mut p.report.paired),
+            );
+            Stats::add(
+                &self.stats.server_spans_unpaired,
+                std::mem::take(&mut p.report.unpaired),
+            );
+        }
+        for span in self.ready.drain(..) {
             self.sink.send(span);
+        }
+    }
+
+    fn drain_released(&mut self) {
+        let released = std::mem::take(&mut self.released);
+        for (span, outcome) in released {
+            match outcome {
+                LinkOutcome::Linked => Stats::add(&self.stats.client_spans_linked, 1),
+                LinkOutcome::Ambiguous => Stats::add(&self.stats.link_ambiguous, 1),
+                LinkOutcome::Bounded => Stats::add(&self.stats.link_bounded, 1),
+                LinkOutcome::Unlinked => {}
+            }
+            let pair = self.held_keys.remove(&span.span_id);
+            self.client_final(pair, span);
         }
     }
 
     /// Periodic work: release held client spans, expire idle state, refresh the clock.
     pub fn tick(&mut self, now_ns: u64) {
         self.clock = Clock::now();
+        self.now = self.now.max(now_ns);
         self.linker.release(Some(now_ns), &mut self.released);
         self.drain_released();
+        if let Some(p) = &mut self.pairing {
+            p.tick(Some(now_ns), &mut self.ready);
+        }
+        self.send_ready();
         let idle: Vec<_> = self
             .conns
             .iter()
@@ -534,6 +662,11 @@ impl<S: SpanSink> Pipeline<S> {
     pub fn finish(mut self) -> S {
         self.linker.release(None, &mut self.released);
         self.drain_released();
+        if let Some(p) = &mut self.pairing {
+            p.tick(None, &mut self.ready);
+        }
+        self.send_ready();
+        self.held_keys.clear();
         self.sink
     }
 }

@@ -60,6 +60,15 @@ counters! {
     traceparent_honoured,
     /// Client spans linked to the server span active on the same thread.
     client_spans_linked,
+    /// Client spans left unlinked because several requests were being served on their thread.
+    link_ambiguous,
+    /// Client spans left unlinked because their request was too old or had adopted the
+    /// maximum of client spans (--max-trace-age, --max-spans-per-trace).
+    link_bounded,
+    /// Server spans made children of a client span traced on this host (same connection).
+    server_spans_paired,
+    /// Server spans whose local caller's client span never matched them in time.
+    server_spans_unpaired,
     /// Spans given the ids the kernel chose (server contexts, injected client requests).
     kernel_contexts_adopted,
     /// Kernel contexts that matched no request (lost events, requests the parser could not

@@ -47,14 +47,52 @@ pub enum LinkOutcome {
     Linked,
     Ambiguous,
     Unlinked,
+    /// The serving request was too old or had adopted its maximum of client spans.
+    Bounded,
 }
 
-#[derive(Default)]
 pub struct Linker {
     threads: IdMap<(u32, u32), ThreadState>,
+    enabled: bool,
+    limits: Limits,
+}
+
+/// Bounded adoption, so a long-lived request cannot grow a mega-trace.
+struct Limits {
+    /// A server span older than this (client start − server start) adopts no client span.
+    max_age_ns: u64,
+    /// Client spans one server span adopts at most.
+    max_children: u32,
+    /// Client spans adopted so far, per server span (pruned with the threads).
+    children: IdMap<SpanId, u32>,
+}
+
+impl Default for Linker {
+    fn default() -> Self {
+        Self {
+            threads: IdMap::default(),
+            enabled: true,
+            limits: Limits {
+                max_age_ns: 300_000_000_000,
+                max_children: 1000,
+                children: IdMap::default(),
+            },
+        }
+    }
 }
 
 impl Linker {
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+    }
+
+    /// Bounded adoption: no linking into a request older than `max_age_ns`, nor beyond
+    /// `max_children` client spans per request.
+    pub fn set_bounds(&mut self, max_age_ns: u64, max_children: u32) {
+        self.limits.max_age_ns = max_age_ns;
+        self.limits.max_children = max_children;
+    }
+
     /// A server-role connection received request bytes on this thread.
     pub fn note_serving(&mut self, pid: u32, tid: u32, ts: u64) {
         self.threads.entry((pid, tid)).or_default().serving_since = Some(ts);
@@ -85,6 +123,10 @@ impl Linker {
         span: SpanRecord,
         out: &mut Vec<(SpanRecord, LinkOutcome)>,
     ) {
+        if !self.enabled {
+            out.push((span, LinkOutcome::Unlinked));
+            return;
+        }
         let Some(t) = self.threads.get_mut(&(pid, tid)) else {
             out.push((span, LinkOutcome::Unlinked));
             return;
@@ -96,7 +138,7 @@ impl Linker {
         if t.held.len() >= MAX_HELD
             && let Some(old) = t.held.pop_front()
         {
-            out.push(decide(&t.servers, old));
+            out.push(self.limits.decide(&t.servers, old));
         }
         t.held.push_back(Held { span, start, end });
     }
@@ -109,7 +151,7 @@ impl Linker {
                     break;
                 }
                 if let Some(h) = t.held.pop_front() {
-                    out.push(decide(&t.servers, h));
+                    out.push(self.limits.decide(&t.servers, h));
                 }
             }
         }
@@ -126,7 +168,7 @@ impl Linker {
         for k in keys {
             if let Some(t) = self.threads.remove(&k) {
                 for h in t.held {
-                    out.push(decide(&t.servers, h));
+                    out.push(self.limits.decide(&t.servers, h));
                 }
             }
         }
@@ -134,6 +176,13 @@ impl Linker {
 
     /// Drop state of threads idle for long (nothing held, last server long ago).
     pub fn prune(&mut self, now: u64, idle_ns: u64) {
+        if self.threads.is_empty() {
+            self.limits.children.clear();
+        }
+        if self.limits.children.len() > 100_000 {
+            // Counts of long-finished requests; forgetting them only loosens the cap.
+            self.limits.children.clear();
+        }
         self.threads.retain(|_, t| {
             !t.held.is_empty()
                 || t.serving_since
@@ -145,25 +194,38 @@ impl Linker {
     }
 }
 
-fn decide(servers: &VecDeque<ServerInterval>, held: Held) -> (SpanRecord, LinkOutcome) {
-    let mut found: Option<ServerInterval> = None;
-    let mut count = 0;
-    for s in servers {
-        if s.start <= held.start && held.end <= s.end {
-            count += 1;
-            found = Some(*s);
+impl Limits {
+    fn decide(
+        &mut self,
+        servers: &VecDeque<ServerInterval>,
+        held: Held,
+    ) -> (SpanRecord, LinkOutcome) {
+        let mut found: Option<ServerInterval> = None;
+        let mut count = 0;
+        for s in servers {
+            if s.start <= held.start && held.end <= s.end {
+                count += 1;
+                found = Some(*s);
+            }
         }
-    }
-    let mut span = held.span;
-    match (count, found) {
-        (1, Some(parent)) => {
-            span.trace_id = parent.trace_id;
-            span.parent_span_id = Some(parent.span_id);
-            span.parent_is_remote = false;
-            (span, LinkOutcome::Linked)
+        let mut span = held.span;
+        match (count, found) {
+            (1, Some(parent)) => {
+                let adopted = self.children.entry(parent.span_id).or_default();
+                if held.start.saturating_sub(parent.start) >= self.max_age_ns
+                    || *adopted >= self.max_children
+                {
+                    return (span, LinkOutcome::Bounded);
+                }
+                *adopted += 1;
+                span.trace_id = parent.trace_id;
+                span.parent_span_id = Some(parent.span_id);
+                span.parent_is_remote = false;
+                (span, LinkOutcome::Linked)
+            }
+            (0, _) => (span, LinkOutcome::Unlinked),
+            _ => (span, LinkOutcome::Ambiguous),
         }
-        (0, _) => (span, LinkOutcome::Unlinked),
-        _ => (span, LinkOutcome::Ambiguous),
     }
 }
 

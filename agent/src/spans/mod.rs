@@ -3,4 +3,5 @@ pub mod context;
 pub mod correlation;
 pub mod http;
 pub mod model;
+pub mod pairing;
 pub mod postgres;

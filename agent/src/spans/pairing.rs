@@ -1,0 +1,359 @@
+//! Same-host pairing: when both ends of a connection are traced here, the callee's server
+//! span becomes the child of the caller's client span by connection identity, with no header
+//! (PostgreSQL, HTTP with injection off).
+//!
+//! Identity: the connection's two addresses and the request's position on it (both sides see
+//! the same requests in the same order), checked by time: the server's exchange must lie
+//! within the client's (one kernel clock).
+//!
+//! The callee's span often ends before the caller's client span is final (a client span may
+//! wait in the in-process linker), and the callee's own children carry its trace id. So a
+//! server span that a local client will claim is held, with every span of its trace, until
+//! the pair is made (or a deadline passes); then the trace is renamed to the caller's, and
+//! spans of the old trace that arrive later are renamed too.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use super::model::{SpanId, SpanRecord, TraceId};
+
+/// How long a server span waits for its local client span (kernel ns).
+pub const WAIT_NS: u64 = 5_000_000_000;
+/// How long a final client span, and a renamed trace, are remembered.
+const REMEMBER_NS: u64 = 30_000_000_000;
+/// Bounds on what is held: beyond them the oldest is released as is.
+const MAX_WAITING: usize = 10_000;
+const MAX_HELD_PER_TRACE: usize = 1_000;
+
+/// A request's identity on a connection: (client address, server address, position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub seq: u64,
+}
+
+#[derive(Clone, Copy)]
+struct ClientEnd {
+    trace_id: TraceId,
+    span_id: SpanId,
+    start: u64,
+    end: u64,
+    seen: u64,
+}
+
+struct Waiting {
+    span: SpanRecord,
+    deadline: u64,
+}
+
+/// What happened, for counting.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct PairingReport {
+    pub paired: u64,
+    /// A server span waited for a local client span that never matched.
+    pub unpaired: u64,
+}
+
+#[derive(Default)]
+pub struct Pairing {
+    clients: HashMap<PairKey, ClientEnd>,
+    waiting: HashMap<PairKey, Waiting>,
+    /// Traces whose root waits for its pair: their spans are held.
+    held: HashMap<TraceId, Vec<SpanRecord>>,
+    /// Renamed traces: old id → (new id, forget after).
+    renamed: HashMap<TraceId, (TraceId, u64)>,
+    pub report: PairingReport,
+}
+
+impl Pairing {
+    /// A server span. `key`: its request's identity when the connection was followed from
+    /// its start; `peer_is_local`: the other end is a connection traced here.
+    pub fn server_span(
+        &mut self,
+        key: Option<PairKey>,
+        peer_is_local: bool,
+        mut span: SpanRecord,
+        now: u64,
+        out: &mut Vec<SpanRecord>,
+    ) {
+        let Some(key) = key.filter(|_| span.parent_span_id.is_none()) else {
+            self.pass(span, out);
+            return;
+        };
+        if let Some(client) = self.clients.get(&key).copied()
+            && encloses(&client, &span)
+        {
+            self.clients.remove(&key);
+            self.join(&mut span, &client, now);
+            self.pass(span, out);
+            return;
+        }
+        if !peer_is_local || self.waiting.len() >= MAX_WAITING {
+            self.pass(span, out);
+            return;
+        }
+        self.held.entry(span.trace_id).or_default();
+        self.waiting.insert(
+            key,
+            Waiting {
+                span,
+                deadline: now.saturating_add(WAIT_NS),
+            },
+        );
+    }
+
+    /// A client span whose ids are final. `key` as for [`Pairing::server_span`].
+    pub fn client_span(
+        &mut self,
+        key: Option<PairKey>,
+        span: SpanRecord,
+        now: u64,
+        out: &mut Vec<SpanRecord>,
+    ) {
+        if let Some(key) = key {
+            let mut client = ClientEnd {
+                trace_id: span.trace_id,
+                span_id: span.span_id,
+                start: span.start_unix_nanos,
+                end: span.end_unix_nanos,
+                seen: now,
+            };
+            // The client's own trace may be renamed already (it waits for its own pair).
+            client.trace_id = self.final_trace(client.trace_id);
+            match self.waiting.remove(&key) {
+                Some(w) if encloses(&client, &w.span) => {
+                    let mut server = w.span;
+                    let old = server.trace_id;
+                    self.join(&mut server, &client, now);
+                    let spans = self.held.remove(&old).unwrap_or_default();
+                    self.pass(server, out);
+                    for s in spans {
+                        self.pass(s, out);
+                    }
+                }
+                Some(w) => {
+                    // Same position, not the same exchange: the server span goes as is.
+                    self.release(w.span, out);
+                    self.report.unpaired += 1;
+                }
+                None => {
+                    self.clients.insert(key, client);
+                }
+            }
+        }
+        self.pass(span, out);
+    }
+
+    /// Any other span: renamed if its trace was, held if its trace waits.
+    pub fn pass(&mut self, mut span: SpanRecord, out: &mut Vec<SpanRecord>) {
+        span.trace_id = self.final_trace(span.trace_id);
+        if let Some(list) = self.held.get_mut(&span.trace_id)
+            && list.len() < MAX_HELD_PER_TRACE
+        {
+            list.push(span);
+            return;
+        }
+        out.push(span);
+    }
+
+    /// Releases what waited too long (`now` in kernel ns; `None`: everything) and forgets old
+    /// client spans and renames.
+    pub fn tick(&mut self, now: Option<u64>, out: &mut Vec<SpanRecord>) {
+        let expired: Vec<PairKey> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now.is_none_or(|n| w.deadline <= n))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(w) = self.waiting.remove(&key) {
+                self.report.unpaired += 1;
+                self.release(w.span, out);
+            }
+        }
+        let now = now.unwrap_or(u64::MAX);
+        self.clients
+            .retain(|_, c| c.seen.saturating_add(REMEMBER_NS) > now);
+        self.renamed.retain(|_, (_, until)| *until > now);
+    }
+
+    /// A waiting server span goes out unpaired, with the spans held for its trace.
+    fn release(&mut self, span: SpanRecord, out: &mut Vec<SpanRecord>) {
+        let spans = self.held.remove(&span.trace_id).unwrap_or_default();
+        out.push(span);
+        out.extend(spans);
+    }
+
+    fn join(&mut self, server: &mut SpanRecord, client: &ClientEnd, now: u64) {
+        if server.trace_id != client.trace_id {
+            self.renamed.insert(
+                server.trace_id,
+                (client.trace_id, now.saturating_add(REMEMBER_NS)),
+            );
+        }
+        server.trace_id = client.trace_id;
+        server.parent_span_id = Some(client.span_id);
+        server.parent_is_remote = true;
+        self.report.paired += 1;
+    }
+
+    fn final_trace(&self, mut trace: TraceId) -> TraceId {
+        // Chains are short (one rename per hop); the bound only guards against a cycle.
+        for _ in 0..16 {
+            match self.renamed.get(&trace) {
+                Some((next, _)) if *next != trace => trace = *next,
+                _ => break,
+            }
+        }
+        trace
+    }
+}
+
+/// The server's exchange lies within the client's (same host, one clock).
+fn encloses(client: &ClientEnd, server: &SpanRecord) -> bool {
+    client.start <= server.start_unix_nanos && server.end_unix_nanos <= client.end
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::spans::model::{Resource, SpanKind, SpanStatus};
+
+    fn span(trace: u8, id: u8, parent: Option<u8>, start: u64, end: u64) -> SpanRecord {
+        SpanRecord {
+            trace_id: TraceId([trace; 16]),
+            span_id: SpanId([id; 8]),
+            parent_span_id: parent.map(|p| SpanId([p; 8])),
+            parent_is_remote: false,
+            trace_state: None,
+            name: "x".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: start,
+            end_unix_nanos: end,
+            attributes: vec![],
+            status: SpanStatus::Unset,
+            resource: Arc::new(Resource {
+                pid: 1,
+                service_name: "s".into(),
+                attributes: vec![],
+            }),
+        }
+    }
+
+    fn key(seq: u64) -> PairKey {
+        PairKey {
+            client: "127.0.0.1:40000".parse().expect("addr"),
+            server: "127.0.0.1:5432".parse().expect("addr"),
+            seq,
+        }
+    }
+
+    #[test]
+    fn server_first_waits_then_joins_the_client_trace_with_its_children() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        // The callee's server span (trace 2) ends first; a child of it arrives later.
+        p.server_span(Some(key(0)), true, span(2, 20, None, 110, 190), 1, &mut out);
+        p.pass(span(2, 21, Some(20), 120, 130), &mut out);
+        assert!(out.is_empty(), "held until the client span is final");
+        // The caller's client span (trace 1) becomes final.
+        p.client_span(Some(key(0)), span(1, 10, Some(9), 100, 200), 2, &mut out);
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|s| s.trace_id == TraceId([1; 16])));
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.parent_span_id, Some(SpanId([10; 8])));
+        // A late span of the callee's old trace is renamed as well.
+        out.clear();
+        p.pass(span(2, 22, Some(20), 140, 150), &mut out);
+        assert_eq!(out[0].trace_id, TraceId([1; 16]));
+        assert_eq!(p.report.paired, 1);
+    }
+
+    #[test]
+    fn client_first_is_remembered() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        p.client_span(Some(key(3)), span(1, 10, None, 100, 200), 1, &mut out);
+        p.server_span(Some(key(3)), true, span(2, 20, None, 110, 190), 2, &mut out);
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.trace_id, TraceId([1; 16]));
+        assert_eq!(server.parent_span_id, Some(SpanId([10; 8])));
+    }
+
+    #[test]
+    fn no_pair_without_time_containment_or_with_a_header_parent() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        p.client_span(Some(key(0)), span(1, 10, None, 100, 200), 1, &mut out);
+        // Outside the client's interval: a different exchange.
+        p.server_span(
+            Some(key(0)),
+            false,
+            span(2, 20, None, 300, 400),
+            2,
+            &mut out,
+        );
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.parent_span_id, None);
+        // A server span with a parent from a header is never re-parented.
+        p.client_span(Some(key(1)), span(1, 11, None, 100, 200), 3, &mut out);
+        p.server_span(
+            Some(key(1)),
+            true,
+            span(3, 30, Some(7), 110, 190),
+            4,
+            &mut out,
+        );
+        let s = out
+            .iter()
+            .find(|s| s.span_id == SpanId([30; 8]))
+            .expect("server");
+        assert_eq!(s.parent_span_id, Some(SpanId([7; 8])));
+    }
+
+    #[test]
+    fn a_waiting_server_span_is_released_after_the_deadline() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        p.server_span(Some(key(0)), true, span(2, 20, None, 110, 190), 0, &mut out);
+        p.pass(span(2, 21, Some(20), 120, 130), &mut out);
+        p.tick(Some(WAIT_NS - 1), &mut out);
+        assert!(out.is_empty());
+        p.tick(Some(WAIT_NS), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(p.report.unpaired, 1);
+    }
+
+    #[test]
+    fn chained_pairs_rename_through() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        let k2 = PairKey {
+            seq: 0,
+            client: "127.0.0.1:40001".parse().expect("addr"),
+            server: "127.0.0.1:8080".parse().expect("addr"),
+        };
+        // B (trace 2) waits for A's client; B's own client call (trace 2) pairs C (trace 3).
+        p.server_span(Some(key(0)), true, span(2, 20, None, 110, 190), 1, &mut out);
+        p.server_span(Some(k2), true, span(3, 30, None, 130, 150), 1, &mut out);
+        p.client_span(Some(k2), span(2, 21, Some(20), 120, 160), 2, &mut out);
+        assert!(out.is_empty(), "all of trace 2 waits for A");
+        p.client_span(Some(key(0)), span(1, 10, None, 100, 200), 3, &mut out);
+        assert_eq!(out.len(), 4, "{out:#?}");
+        assert!(
+            out.iter().all(|s| s.trace_id == TraceId([1; 16])),
+            "{out:#?}"
+        );
+    }
+}
