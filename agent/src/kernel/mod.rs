@@ -65,6 +65,8 @@ pub struct Probes {
     /// Injection asked for but not possible (attach or canary failed): why. The caller
     /// reloads without it.
     pub propagation_failed: Option<String>,
+    /// What the start-up canary added to the injection counters (not the user's traffic).
+    canary_counts: (u64, u64),
 }
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -150,11 +152,18 @@ impl Probes {
             });
         }
         let mut propagation_failed = None;
+        let mut canary_counts = (0, 0);
         if opts.context_propagation {
             match propagation::attach(&mut ebpf) {
                 Ok(more) => {
                     attached.extend(more);
                     propagation_failed = propagation::canary(&mut ebpf).err();
+                    if let Some(map) = ebpf.map("COUNTERS")
+                        && let Ok(array) = PerCpuArray::<_, KernelStats>::try_from(map)
+                    {
+                        let s = sum_cpus(&array);
+                        canary_counts = (s.traceparent_injected, s.traceparent_rewritten);
+                    }
                 }
                 Err(why) => propagation_failed = Some(why),
             }
@@ -163,6 +172,7 @@ impl Probes {
             ebpf,
             attached,
             propagation_failed,
+            canary_counts,
         })
     }
 
@@ -212,7 +222,10 @@ impl Probes {
             name: "COUNTERS",
             source,
         })?;
-        Ok(KernelCounters { array })
+        Ok(KernelCounters {
+            array,
+            canary_counts: self.canary_counts,
+        })
     }
 }
 
@@ -237,35 +250,49 @@ fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) ->
 /// Sums of the kernel's per-CPU counters.
 pub struct KernelCounters {
     array: PerCpuArray<MapData, KernelStats>,
+    canary_counts: (u64, u64),
 }
 
 impl KernelCounters {
     pub fn read(&self) -> KernelStats {
-        let mut sum = KernelStats::default();
-        if let Ok(per_cpu) = self.array.get(&0, 0) {
-            for c in per_cpu.iter() {
-                sum.data_events += c.data_events;
-                sum.other_events += c.other_events;
-                sum.bytes += c.bytes;
-                sum.ringbuf_full += c.ringbuf_full;
-                sum.truncated += c.truncated;
-                sum.copy_failed += c.copy_failed;
-                sum.socket_map_full += c.socket_map_full;
-                sum.server_contexts += c.server_contexts;
-                sum.sockets_enrolled += c.sockets_enrolled;
-                sum.enroll_failed += c.enroll_failed;
-                sum.traceparent_injected += c.traceparent_injected;
-                sum.traceparent_rewritten += c.traceparent_rewritten;
-                sum.inject_skipped += c.inject_skipped;
-                sum.inject_failed += c.inject_failed;
-                sum.inject_framing_lost += c.inject_framing_lost;
-                sum.link_ambiguous += c.link_ambiguous;
-                sum.link_kernel += c.link_kernel;
-            }
-        }
+        let mut sum = sum_cpus(&self.array);
+        sum.traceparent_injected = sum
+            .traceparent_injected
+            .saturating_sub(self.canary_counts.0);
+        sum.traceparent_rewritten = sum
+            .traceparent_rewritten
+            .saturating_sub(self.canary_counts.1);
         sum
     }
+}
 
+fn sum_cpus<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, KernelStats>) -> KernelStats {
+    let mut sum = KernelStats::default();
+    if let Ok(per_cpu) = array.get(&0, 0) {
+        for c in per_cpu.iter() {
+            sum.data_events += c.data_events;
+            sum.other_events += c.other_events;
+            sum.bytes += c.bytes;
+            sum.ringbuf_full += c.ringbuf_full;
+            sum.truncated += c.truncated;
+            sum.copy_failed += c.copy_failed;
+            sum.socket_map_full += c.socket_map_full;
+            sum.server_contexts += c.server_contexts;
+            sum.sockets_enrolled += c.sockets_enrolled;
+            sum.enroll_failed += c.enroll_failed;
+            sum.traceparent_injected += c.traceparent_injected;
+            sum.traceparent_rewritten += c.traceparent_rewritten;
+            sum.inject_skipped += c.inject_skipped;
+            sum.inject_failed += c.inject_failed;
+            sum.inject_framing_lost += c.inject_framing_lost;
+            sum.link_ambiguous += c.link_ambiguous;
+            sum.link_kernel += c.link_kernel;
+        }
+    }
+    sum
+}
+
+impl KernelCounters {
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let s = self.read();
         vec![
