@@ -137,6 +137,11 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
+    // Unselect here, not only when userspace reads the event: pids are reused (pid_max may be
+    // 32768), and a new process must not inherit the selection, even for a moment.
+    if !trace_all() {
+        let _ = SELECTED.remove(&tgid);
+    }
     0
 }
 

@@ -286,6 +286,15 @@ impl Selector {
             self.map_errors += 1;
             return false;
         }
+        // A process that exited between being found and being selected sent no exit event
+        // (it was not selected yet): take it back, or a later process reusing the pid would
+        // be traced.
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            if let Some(map) = self.map.as_mut() {
+                let _ = map.remove(&pid);
+            }
+            return false;
+        }
         self.selected.insert(pid, name);
         true
     }
