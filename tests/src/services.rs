@@ -578,34 +578,132 @@ fn parse_exchange(line: &str) -> Option<HeaderExchange> {
     })
 }
 
-/// Runs `tests/fixtures/header_client.py` against a [`ChecksumServer`] (in `host`, or the root
-/// namespace): `specs` are `METHOD:PATH:BODY_SIZE[:tp]`.
+/// A client process started but held before its first request (`E2E_GO_FILE`): its pid is
+/// known before it sends anything, so the agent can select exactly it (`--pid`), not every
+/// process with the same name on the machine. [`Gated::release`] lets it run.
+pub struct Gated {
+    name: String,
+    child: ChildGuard,
+    go: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    timeout: Duration,
+    _dir: TestDir,
+}
+
+impl Gated {
+    /// Spawns `cmd` with `E2E_GO_FILE` set and waits (15 s) for its `WAITING` line.
+    fn spawn(name: &str, mut cmd: Command, timeout: Duration) -> Gated {
+        let dir = TestDir::new(name);
+        let go = dir.join("go");
+        let stdout = dir.join("stdout");
+        let stderr = dir.join("stderr");
+        cmd.env("E2E_GO_FILE", &go);
+        let mut child = ChildGuard::spawn(name, cmd, &stdout, &stderr);
+        let waiting = poll_until(START_TIMEOUT, || {
+            if child.try_wait().is_some() {
+                return Some(false);
+            }
+            read_text(&stdout)
+                .lines()
+                .any(|l| l.starts_with("WAITING"))
+                .then_some(true)
+        });
+        assert!(
+            waiting == Some(true),
+            "{name} did not get ready (exit {:?})\nstdout:\n{}\nstderr:\n{}",
+            child.try_wait(),
+            tail(&read_text(&stdout), 20),
+            tail(&read_text(&stderr), 20)
+        );
+        Gated {
+            name: name.to_string(),
+            child,
+            go,
+            stdout,
+            stderr,
+            timeout,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Lets it run and waits for it: (exit status, stdout, stderr, pid). Panics on timeout.
+    fn release(mut self) -> (std::process::ExitStatus, String, String, u32) {
+        fs::write(&self.go, b"go").expect("write the go file");
+        let pid = self.child.pid();
+        let status = self.child.wait_timeout(self.timeout);
+        let (out, err) = (read_text(&self.stdout), read_text(&self.stderr));
+        match status {
+            Some(status) => (status, out, err, pid),
+            None => panic!(
+                "{} (pid {pid}) did not finish within {:?}\nstdout:\n{}\nstderr:\n{}",
+                self.name,
+                self.timeout,
+                tail(&out, 20),
+                tail(&err, 30)
+            ),
+        }
+    }
+}
+
+/// `tests/fixtures/header_client.py` against a [`ChecksumServer`] (in `host`, or the root
+/// namespace), held before its first request: `specs` are `METHOD:PATH:BODY_SIZE[:tp]`.
+pub struct HeaderClient {
+    gated: Gated,
+    specs: usize,
+    server_stderr: String,
+}
+
+impl HeaderClient {
+    pub fn spawn(host: Option<&Host>, server: &ChecksumServer, specs: &[&str]) -> HeaderClient {
+        let mut cmd = match host {
+            Some(h) => h.command(python_bin()),
+            None => Command::new(python_bin()),
+        };
+        cmd.arg(fixture("header_client.py"))
+            .arg(server.ip().to_string())
+            .arg(server.port().to_string())
+            .args(specs);
+        HeaderClient {
+            gated: Gated::spawn("header_client", cmd, Duration::from_secs(60)),
+            specs: specs.len(),
+            server_stderr: server.stderr(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.gated.pid()
+    }
+
+    /// Sends the requests; panics unless every exchange completed.
+    pub fn run(self) -> HeaderClientRun {
+        let n = self.specs;
+        let server_stderr = self.server_stderr;
+        let (status, stdout, stderr, pid) = self.gated.release();
+        let exchanges: Vec<HeaderExchange> = stdout.lines().filter_map(parse_exchange).collect();
+        assert!(
+            status.success() && exchanges.len() == n,
+            "header_client.py (pid {pid}) failed: exit {status}, {} of {n} exchanges\nstdout:\n{}\nstderr:\n{}\nserver stderr (at start):\n{}",
+            exchanges.len(),
+            tail(&stdout, 20),
+            tail(&stderr, 30),
+            tail(&server_stderr, 20)
+        );
+        HeaderClientRun { pid, exchanges }
+    }
+}
+
+/// [`HeaderClient`] spawned and run at once.
 pub fn header_client(
     host: Option<&Host>,
     server: &ChecksumServer,
     specs: &[&str],
 ) -> HeaderClientRun {
-    let mut cmd = match host {
-        Some(h) => h.command(python_bin()),
-        None => Command::new(python_bin()),
-    };
-    cmd.arg(fixture("header_client.py"))
-        .arg(server.ip().to_string())
-        .arg(server.port().to_string())
-        .args(specs);
-    let (status, stdout, stderr, pid) =
-        run_to_completion("header_client", cmd, Duration::from_secs(60));
-    let exchanges: Vec<HeaderExchange> = stdout.lines().filter_map(parse_exchange).collect();
-    assert!(
-        status.success() && exchanges.len() == specs.len(),
-        "header_client.py (pid {pid}) failed: exit {status}, {} of {} exchanges\nstdout:\n{}\nstderr:\n{}\nserver stderr:\n{}",
-        exchanges.len(),
-        specs.len(),
-        tail(&stdout, 20),
-        tail(&stderr, 30),
-        tail(&server.stderr(), 20)
-    );
-    HeaderClientRun { pid, exchanges }
+    HeaderClient::spawn(host, server, specs).run()
 }
 
 /// What [`soak_client`] runs (see `tests/fixtures/soak_client.js`).
@@ -617,6 +715,9 @@ pub struct SoakPlan {
     /// Sizes of the first POST bodies; the others are random in `0..=post_max`.
     pub post_sizes: Vec<usize>,
     pub post_max: usize,
+    /// Small POSTs (typical API calls): bodies random in `0..=small_max`.
+    pub small_posts: usize,
+    pub small_max: usize,
     pub chunked: usize,
     pub chunked_max: usize,
     pub pipeline_batches: usize,
@@ -628,6 +729,7 @@ impl SoakPlan {
     pub fn total(&self) -> usize {
         self.gets
             + self.posts
+            + self.small_posts
             + self.chunked
             + self.pipeline_batches * self.pipeline_depth
             + self.splits
@@ -637,12 +739,14 @@ impl SoakPlan {
         let sizes: Vec<String> = self.post_sizes.iter().map(|s| s.to_string()).collect();
         format!(
             "{{\"gets\":{},\"connections\":{},\"posts\":{},\"post_sizes\":[{}],\"post_max\":{},\
-             \"chunked\":{},\"chunked_max\":{},\"pipeline_batches\":{},\"pipeline_depth\":{},\"splits\":{}}}",
+             \"small_posts\":{},\"small_max\":{},\"chunked\":{},\"chunked_max\":{},\"pipeline_batches\":{},\"pipeline_depth\":{},\"splits\":{}}}",
             self.gets,
             self.connections,
             self.posts,
             sizes.join(","),
             self.post_max,
+            self.small_posts,
+            self.small_max,
             self.chunked,
             self.chunked_max,
             self.pipeline_batches,
@@ -662,7 +766,6 @@ pub struct SoakClass {
     pub tp0: u64,
     pub tp1: u64,
     pub tp_many: u64,
-    pub millis: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -672,6 +775,8 @@ pub struct SoakRun {
     pub total: u64,
     pub failed: u64,
     pub classes: BTreeMap<String, SoakClass>,
+    /// Wall time of each phase (`post`, `small`, `chunked`, `pipelined`, `split`, `get`), ms.
+    pub phases: BTreeMap<String, u64>,
     /// The first failures, one message each.
     pub failures: Vec<String>,
     /// A few traceparent values the server received.
@@ -679,15 +784,51 @@ pub struct SoakRun {
     pub raw: String,
 }
 
-/// Runs `tests/fixtures/soak_client.js` against a [`ChecksumServer`]. Panics only when the
-/// client crashed or printed no summary; failed requests are in the result.
+/// `tests/fixtures/soak_client.js` against a [`ChecksumServer`] (root namespace), held before
+/// its first request.
+pub struct SoakClient {
+    gated: Gated,
+    server_stderr_path: String,
+}
+
+impl SoakClient {
+    pub fn spawn(server: &ChecksumServer, plan: &SoakPlan, timeout: Duration) -> SoakClient {
+        let mut cmd = Command::new(node_bin());
+        cmd.arg(fixture("soak_client.js"))
+            .arg(server.ip().to_string())
+            .arg(server.port().to_string())
+            .arg(plan.to_json());
+        SoakClient {
+            gated: Gated::spawn("soak_client", cmd, timeout),
+            server_stderr_path: server.stderr(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.gated.pid()
+    }
+
+    /// Runs the soak. Panics only when the client crashed or printed no summary; failed
+    /// requests are in the result.
+    pub fn run(self) -> SoakRun {
+        let server_stderr = self.server_stderr_path;
+        let (status, stdout, stderr, pid) = self.gated.release();
+        parse_soak(status, &stdout, &stderr, pid, &server_stderr)
+    }
+}
+
+/// [`SoakClient`] spawned and run at once.
 pub fn soak_client(server: &ChecksumServer, plan: &SoakPlan, timeout: Duration) -> SoakRun {
-    let mut cmd = Command::new(node_bin());
-    cmd.arg(fixture("soak_client.js"))
-        .arg(server.ip().to_string())
-        .arg(server.port().to_string())
-        .arg(plan.to_json());
-    let (status, stdout, stderr, pid) = run_to_completion("soak_client", cmd, timeout);
+    SoakClient::spawn(server, plan, timeout).run()
+}
+
+fn parse_soak(
+    status: std::process::ExitStatus,
+    stdout: &str,
+    stderr: &str,
+    pid: u32,
+    server_stderr: &str,
+) -> SoakRun {
     let summary = stdout
         .lines()
         .rev()
@@ -695,15 +836,15 @@ pub fn soak_client(server: &ChecksumServer, plan: &SoakPlan, timeout: Duration) 
         .unwrap_or_else(|| {
             panic!(
                 "soak_client.js (pid {pid}) printed no summary: exit {status}\nstdout:\n{}\nstderr:\n{}\nserver stderr:\n{}",
-                tail(&stdout, 20),
-                tail(&stderr, 30),
-                tail(&server.stderr(), 20)
+                tail(stdout, 20),
+                tail(stderr, 30),
+                tail(server_stderr, 20)
             )
         });
     assert!(
         status.success(),
         "soak_client.js (pid {pid}) exited with {status}\nstderr:\n{}",
-        tail(&stderr, 30)
+        tail(stderr, 30)
     );
     let num = |j: &Json, k: &str| j.get(k).and_then(Json::as_u64).unwrap_or(0);
     let mut classes = BTreeMap::new();
@@ -718,9 +859,14 @@ pub fn soak_client(server: &ChecksumServer, plan: &SoakPlan, timeout: Duration) 
                     tp0: num(c, "tp0"),
                     tp1: num(c, "tp1"),
                     tp_many: num(c, "tp_many"),
-                    millis: num(c, "ms"),
                 },
             );
+        }
+    }
+    let mut phases = BTreeMap::new();
+    if let Some(Json::Object(fields)) = summary.get("phases") {
+        for (name, ms) in fields {
+            phases.insert(name.clone(), ms.as_u64().unwrap_or(0));
         }
     }
     let strings = |k: &str| -> Vec<String> {
@@ -740,6 +886,7 @@ pub fn soak_client(server: &ChecksumServer, plan: &SoakPlan, timeout: Duration) 
         total: num(&summary, "total"),
         failed: num(&summary, "failed"),
         classes,
+        phases,
         failures: strings("failures"),
         samples: strings("samples"),
         raw: stdout.lines().last().unwrap_or("").to_string(),
