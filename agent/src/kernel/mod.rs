@@ -311,8 +311,8 @@ impl KernelCounters {
             ("inject_skipped", s.inject_skipped),
             ("inject_failed", s.inject_failed),
             ("inject_framing_lost", s.inject_framing_lost),
-            ("link_kernel", s.link_kernel),
-            ("link_ambiguous", s.link_ambiguous),
+            ("kernel_client_links", s.link_kernel),
+            ("kernel_link_ambiguous", s.link_ambiguous),
         ]
     }
 }

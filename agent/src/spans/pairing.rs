@@ -18,6 +18,10 @@ use super::model::{SpanId, SpanRecord, TraceId};
 
 /// How long a server span waits for its local client span (kernel ns).
 pub const WAIT_NS: u64 = 5_000_000_000;
+/// How long a server span whose peer is not (yet) known to be traced here waits: the caller's
+/// first write can reach us after the callee's answer (events of two CPUs), so "not known"
+/// is not "not local" at once.
+pub const GRACE_NS: u64 = 50_000_000;
 /// How long a final client span, and a renamed trace, are remembered.
 const REMEMBER_NS: u64 = 30_000_000_000;
 /// Bounds on what is held: beyond them the oldest is released as is.
@@ -44,6 +48,8 @@ struct ClientEnd {
 struct Waiting {
     span: SpanRecord,
     deadline: u64,
+    /// The peer was known to be traced here: not pairing it is worth counting.
+    expected: bool,
 }
 
 /// What happened, for counting.
@@ -88,16 +94,18 @@ impl Pairing {
             self.pass(span, out);
             return;
         }
-        if !peer_is_local || self.waiting.len() >= MAX_WAITING {
+        if self.waiting.len() >= MAX_WAITING {
             self.pass(span, out);
             return;
         }
         self.held.entry(span.trace_id).or_default();
+        let wait = if peer_is_local { WAIT_NS } else { GRACE_NS };
         self.waiting.insert(
             key,
             Waiting {
                 span,
-                deadline: now.saturating_add(WAIT_NS),
+                deadline: now.saturating_add(wait),
+                expected: peer_is_local,
             },
         );
     }
@@ -167,7 +175,7 @@ impl Pairing {
             .collect();
         for key in expired {
             if let Some(w) = self.waiting.remove(&key) {
-                self.report.unpaired += 1;
+                self.report.unpaired += u64::from(w.expected);
                 self.release(w.span, out);
             }
         }
@@ -301,11 +309,13 @@ mod tests {
             2,
             &mut out,
         );
+        p.tick(Some(2 + GRACE_NS), &mut out);
         let server = out
             .iter()
             .find(|s| s.span_id == SpanId([20; 8]))
             .expect("server");
         assert_eq!(server.parent_span_id, None);
+        assert_eq!(p.report.unpaired, 0, "its peer was not known to be local");
         // A server span with a parent from a header is never re-parented.
         p.client_span(Some(key(1)), span(1, 11, None, 100, 200), 3, &mut out);
         p.server_span(
@@ -333,6 +343,27 @@ mod tests {
         p.tick(Some(WAIT_NS), &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(p.report.unpaired, 1);
+    }
+
+    #[test]
+    fn a_client_whose_write_arrives_after_the_answer_still_pairs() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        // The callee's span comes before any event of the caller's connection.
+        p.server_span(
+            Some(key(0)),
+            false,
+            span(2, 20, None, 110, 190),
+            1,
+            &mut out,
+        );
+        assert!(out.is_empty(), "held for the grace period");
+        p.client_span(Some(key(0)), span(1, 10, None, 100, 200), 2, &mut out);
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.parent_span_id, Some(SpanId([10; 8])));
     }
 
     #[test]
