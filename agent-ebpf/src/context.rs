@@ -12,7 +12,10 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
-    maps::{THREAD_CONTEXTS, counters, emit, in_process_linking, max_children, max_trace_age_ns},
+    maps::{
+        SERVED_WITHOUT_CALLS, THREAD_CONTEXTS, counters, emit, in_process_linking, max_children,
+        max_trace_age_ns,
+    },
 };
 
 #[inline(always)]
@@ -38,6 +41,9 @@ pub fn random_id<const N: usize>() -> [u8; N] {
 #[inline(always)]
 pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, captured: u32) {
     if !http_head::starts_request(buf, captured) {
+        return;
+    }
+    if pure_server(pid) {
         return;
     }
     let Some(head) = http_head::scan(buf, captured, http_head::SCAN_READ) else {
@@ -79,6 +85,38 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, capture
         c.server_contexts += 1;
     }
     emit(ev);
+}
+
+/// Requests a process serves without making a client request before the kernel stops
+/// choosing their ids: the ids only matter for calls made under them, and a server that
+/// makes none (a static web server) would pay ~0.5 µs per request for nothing. A client
+/// request by the process turns them back on (that one request goes unlinked).
+const PURE_SERVER_AFTER: u32 = 1000;
+
+/// Counts a served request; true when the process looks like a pure server.
+#[inline(always)]
+fn pure_server(pid: u32) -> bool {
+    match SERVED_WITHOUT_CALLS.get_ptr_mut(&pid) {
+        Some(n) => unsafe {
+            if *n >= PURE_SERVER_AFTER {
+                return true;
+            }
+            *n += 1;
+            false
+        },
+        None => {
+            let _ = SERVED_WITHOUT_CALLS.insert(&pid, &1, 0);
+            false
+        }
+    }
+}
+
+/// The process makes client requests: its served requests need ids again.
+#[inline(always)]
+pub fn makes_calls(pid: u32) {
+    if let Some(n) = SERVED_WITHOUT_CALLS.get_ptr_mut(&pid) {
+        unsafe { *n = 0 };
+    }
 }
 
 /// The thread now serves this request. If it was still serving another (not answered, not

@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    context::{random_id, serving},
+    context::{self, random_id, serving},
     http_head::{
         self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_CHUNKED, HEAD_MANY_TRACEPARENTS, HEAD_WINDOW,
     },
@@ -289,6 +289,7 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         Some(s) => s as *const u8,
         None => return Outcome::Lost,
     };
+    context::makes_calls(ev.pid);
     let local = serving(ev.tid, now);
     let added;
     if head.traceparent != 0 {

@@ -77,6 +77,7 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
             addresses_sent: 0,
         };
         let _ = TRACKED_SOCKETS.insert(&cookie, &owner, 0);
+        crate::context::makes_calls(tgid);
         emit(ConnEvent {
             kind: EventKind::Connect as u32,
             pid: tgid,

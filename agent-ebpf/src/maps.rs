@@ -97,6 +97,10 @@ pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_ma
 #[map]
 pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);
 
+/// Requests each process served since its last client request (see `context::pure_server`).
+#[map]
+pub static SERVED_WITHOUT_CALLS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
 /// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
 /// to it. Entries leave with their socket.
 #[map]
