@@ -4,7 +4,7 @@
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
@@ -131,9 +131,9 @@ pub struct Pipeline<S: SpanSink> {
     /// Same-host pairing (None: switched off).
     pairing: Option<Pairing>,
     /// Pair keys of client spans waiting in the linker.
-    held_keys: HashMap<SpanId, PairKey>,
+    held_keys: IdMap<SpanId, PairKey>,
     /// Traced connections by (local, remote) address: is a server span's peer traced here?
-    by_addresses: HashMap<(SocketAddr, SocketAddr), (u32, u64)>,
+    by_addresses: IdMap<(SocketAddr, SocketAddr), (u32, u64)>,
     /// Latest kernel time seen.
     now: u64,
     /// Spans on their way to the sink.
@@ -214,8 +214,8 @@ impl<S: SpanSink> Pipeline<S> {
             client_contexts: IdMap::default(),
             own_pid: std::process::id(),
             pairing: Some(Pairing::default()),
-            held_keys: HashMap::new(),
-            by_addresses: HashMap::new(),
+            held_keys: IdMap::default(),
+            by_addresses: IdMap::default(),
             now: 0,
             ready: Vec::new(),
         }

@@ -12,9 +12,10 @@
 //! the pair is made (or a deadline passes); then the trace is renamed to the caller's, and
 //! spans of the old trace that arrive later are renamed too.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use super::model::{SpanId, SpanRecord, TraceId};
+use crate::idmap::IdMap;
 
 /// How long a server span waits for its local client span (kernel ns).
 pub const WAIT_NS: u64 = 5_000_000_000;
@@ -62,12 +63,12 @@ pub struct PairingReport {
 
 #[derive(Default)]
 pub struct Pairing {
-    clients: HashMap<PairKey, ClientEnd>,
-    waiting: HashMap<PairKey, Waiting>,
+    clients: IdMap<PairKey, ClientEnd>,
+    waiting: IdMap<PairKey, Waiting>,
     /// Traces whose root waits for its pair: their spans are held.
-    held: HashMap<TraceId, Vec<SpanRecord>>,
+    held: IdMap<TraceId, Vec<SpanRecord>>,
     /// Renamed traces: old id → (new id, forget after).
-    renamed: HashMap<TraceId, (TraceId, u64)>,
+    renamed: IdMap<TraceId, (TraceId, u64)>,
     pub report: PairingReport,
 }
 
@@ -94,13 +95,15 @@ impl Pairing {
             self.pass(span, out);
             return;
         }
-        if self.waiting.len() >= MAX_WAITING {
+        // A peer not known to be traced here can still be, on a connection's first request
+        // only: later, its connection would be known.
+        if (!peer_is_local && key.seq > 0) || self.waiting.len() >= MAX_WAITING {
             self.pass(span, out);
             return;
         }
         self.held.entry(span.trace_id).or_default();
         let wait = if peer_is_local { WAIT_NS } else { GRACE_NS };
-        self.waiting.insert(
+        let earlier = self.waiting.insert(
             key,
             Waiting {
                 span,
@@ -108,6 +111,11 @@ impl Pairing {
                 expected: peer_is_local,
             },
         );
+        if let Some(w) = earlier {
+            // Same identity twice (addresses reused quickly): the older one goes as is.
+            self.report.unpaired += u64::from(w.expected);
+            self.release(w.span, out);
+        }
     }
 
     /// A client span whose ids are final. `key` as for [`Pairing::server_span`].
@@ -154,6 +162,10 @@ impl Pairing {
 
     /// Any other span: renamed if its trace was, held if its trace waits.
     pub fn pass(&mut self, mut span: SpanRecord, out: &mut Vec<SpanRecord>) {
+        if self.held.is_empty() && self.renamed.is_empty() {
+            out.push(span);
+            return;
+        }
         span.trace_id = self.final_trace(span.trace_id);
         if let Some(list) = self.held.get_mut(&span.trace_id)
             && list.len() < MAX_HELD_PER_TRACE
@@ -167,6 +179,9 @@ impl Pairing {
     /// Releases what waited too long (`now` in kernel ns; `None`: everything) and forgets old
     /// client spans and renames.
     pub fn tick(&mut self, now: Option<u64>, out: &mut Vec<SpanRecord>) {
+        if self.waiting.is_empty() && self.clients.is_empty() && self.renamed.is_empty() {
+            return;
+        }
         let expired: Vec<PairKey> = self
             .waiting
             .iter()
