@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, RingBuf, SockHash};
 
 use crate::{
     events,
@@ -34,6 +34,8 @@ pub struct LoopConfig {
     pub ignored_ports: Vec<u16>,
     pub raw_db_query: bool,
     pub correlation: Correlation,
+    /// The injector's socket map, when injection is on.
+    pub inject_sockets: Option<SockHash<MapData, u64>>,
 }
 
 /// Trace correlation switches and bounds (from the command line).
@@ -64,6 +66,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         ignored_ports,
         raw_db_query,
         correlation,
+        mut inject_sockets,
     } = cfg;
     let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
     for port in ignored_ports {
@@ -93,6 +96,14 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
                     Stats::add(&stats.events_malformed, 1);
                     log::debug!("malformed kernel event: {err}");
                 }
+            }
+        }
+        for cookie in pipeline.take_not_http() {
+            // Absent for sockets never enrolled (servers, sockets of other kinds): fine.
+            if let Some(map) = inject_sockets.as_mut()
+                && map.remove(&cookie).is_ok()
+            {
+                Stats::add(&stats.sockets_unenrolled, 1);
             }
         }
         if stopping {

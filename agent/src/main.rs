@@ -157,6 +157,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
         ignored_ports,
         raw_db_query: cli.db_raw_query,
+        inject_sockets: probes.take_inject_sockets(),
         correlation: event_loop::Correlation {
             in_process_linking: cli.in_process_linking.is_on(),
             same_host_pairing: cli.same_host_pairing.is_on(),

@@ -138,6 +138,8 @@ pub struct Pipeline<S: SpanSink> {
     now: u64,
     /// Spans on their way to the sink.
     ready: Vec<SpanRecord>,
+    /// Sockets found not to speak HTTP, to take out of the injector's map.
+    not_http: Vec<u64>,
 }
 
 /// A request's identity on its connection for same-host pairing: the client's and the
@@ -218,7 +220,13 @@ impl<S: SpanSink> Pipeline<S> {
             by_addresses: IdMap::default(),
             now: 0,
             ready: Vec::new(),
+            not_http: Vec::new(),
         }
+    }
+
+    /// Socket cookies of connections found not to be HTTP since the last call.
+    pub fn take_not_http(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.not_http)
     }
 
     /// Switches same-host pairing on or off (on by default).
@@ -392,6 +400,10 @@ impl<S: SpanSink> Pipeline<S> {
             tid: h.tid,
         };
         let report = conn.stream.feed(seg, &mut self.out);
+        if report.postgres.became_postgres || report.unrecognized {
+            // Not HTTP: the header injector has nothing to do on this socket.
+            self.not_http.push(key.1);
+        }
         if direction == Direction::Ingress && conn.stream.serves() {
             self.linker.note_serving(h.pid, h.tid, h.ts_ns);
         }

@@ -69,6 +69,8 @@ counters! {
     server_spans_paired,
     /// Server spans whose local caller's client span never matched them in time.
     server_spans_unpaired,
+    /// Client sockets taken out of the header injector because they do not speak HTTP.
+    sockets_unenrolled,
     /// Spans given the ids the kernel chose (server contexts, injected client requests).
     kernel_contexts_adopted,
     /// Kernel contexts that matched no request (lost events, requests the parser could not

@@ -7,7 +7,7 @@ pub mod propagation;
 use agent_common::{KernelStats, MAX_CAPTURE};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{BtfTracePoint, TracePoint},
 };
 use thiserror::Error;
@@ -67,6 +67,8 @@ pub struct Probes {
     pub propagation_failed: Option<String>,
     /// What the start-up canary added to the injection counters (not the user's traffic).
     canary_counts: (u64, u64),
+    /// The injector is attached and passed its canary.
+    injecting: bool,
 }
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -168,11 +170,13 @@ impl Probes {
                 Err(why) => propagation_failed = Some(why),
             }
         }
+        let injecting = opts.context_propagation && propagation_failed.is_none();
         Ok(Self {
             ebpf,
             attached,
             propagation_failed,
             canary_counts,
+            injecting,
         })
     }
 
@@ -210,6 +214,16 @@ impl Probes {
             name: "SELECTED_COMMS",
             source,
         })
+    }
+
+    /// The injector's socket map (taken once; `None` when injection is off): sockets found not
+    /// to speak HTTP leave it, so their writes take the plain TCP path again.
+    pub fn take_inject_sockets(&mut self) -> Option<SockHash<MapData, u64>> {
+        if !self.injecting {
+            return None;
+        }
+        let map = self.ebpf.take_map("SOCKETS_TO_INJECT")?;
+        SockHash::try_from(map).ok()
     }
 
     /// The per-CPU counters (taken once).

@@ -232,9 +232,16 @@ impl Pairing {
     }
 }
 
-/// The server's exchange lies within the client's (same host, one clock).
+/// Timestamps are taken after each syscall, on whichever CPU ran it: the caller can have read
+/// the answer (and stamped it) before the callee's write was stamped. So the ends may cross by
+/// a little; the request's position on the connection is what identifies the pair.
+const CLOCK_SLACK_NS: u64 = 2_000_000;
+
+/// The server's exchange lies within the client's (same host, one clock), give or take the
+/// stamping slack.
 fn encloses(client: &ClientEnd, server: &SpanRecord) -> bool {
-    client.start <= server.start_unix_nanos && server.end_unix_nanos <= client.end
+    client.start <= server.start_unix_nanos.saturating_add(CLOCK_SLACK_NS)
+        && server.end_unix_nanos <= client.end.saturating_add(CLOCK_SLACK_NS)
 }
 
 #[cfg(test)]
@@ -316,11 +323,11 @@ mod tests {
         let mut p = Pairing::default();
         let mut out = Vec::new();
         p.client_span(Some(key(0)), span(1, 10, None, 100, 200), 1, &mut out);
-        // Outside the client's interval: a different exchange.
+        // Well outside the client's interval: a different exchange.
         p.server_span(
             Some(key(0)),
             false,
-            span(2, 20, None, 300, 400),
+            span(2, 20, None, 30_000_000, 40_000_000),
             2,
             &mut out,
         );
@@ -374,6 +381,31 @@ mod tests {
         );
         assert!(out.is_empty(), "held for the grace period");
         p.client_span(Some(key(0)), span(1, 10, None, 100, 200), 2, &mut out);
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.parent_span_id, Some(SpanId([10; 8])));
+    }
+
+    #[test]
+    fn ends_stamped_on_two_cpus_may_cross_a_little() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        // The callee's last write was stamped 13 µs after the caller read it.
+        p.client_span(
+            Some(key(0)),
+            span(1, 10, None, 1_000_000, 1_918_000),
+            1,
+            &mut out,
+        );
+        p.server_span(
+            Some(key(0)),
+            true,
+            span(2, 20, None, 1_084_000, 1_931_000),
+            2,
+            &mut out,
+        );
         let server = out
             .iter()
             .find(|s| s.span_id == SpanId([20; 8]))
