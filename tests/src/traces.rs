@@ -30,13 +30,16 @@ pub struct Hop {
     pub parent: Parent,
 }
 
+/// Tells which request a span belongs to, if the span says.
+pub type RequestOf = Box<dyn Fn(&ReceivedSpan) -> Option<String>>;
+
 /// The spans one request produces, in call order, with their parents.
 pub struct Chain {
     /// What the chain is, for messages (e.g. `nginx → python → node → postgresql`).
     pub label: String,
     pub hops: Vec<Hop>,
     /// The request a span belongs to, if it tells (for mis-link detection and messages).
-    pub request_of: Box<dyn Fn(&ReceivedSpan) -> Option<String>>,
+    pub request_of: RequestOf,
 }
 
 /// The verdict for one request.

@@ -1384,7 +1384,7 @@ fn harness_sdk_spans_from_namespaces_reach_the_collector() {
     for (r, s) in run.requests.iter().zip(&seen) {
         assert_eq!(
             s.traceparents,
-            [r.traceparent.clone()],
+            std::slice::from_ref(&r.traceparent),
             "the SDK's header arrived as sent"
         );
         let (_, trace, parent, _) = parse_traceparent(&r.traceparent).expect("valid traceparent");
