@@ -16,6 +16,7 @@ use aya::{
 };
 
 use super::Attached;
+use crate::spans::context::parse_traceparent;
 
 /// Where the agent mounts the unified cgroup hierarchy when the host has not (cgroup v1-only
 /// hosts): the sock_ops program attaches to its root, so every socket on the host passes it;
@@ -238,7 +239,8 @@ pub fn check_canary(got: &[u8]) -> Result<(), String> {
             .find("\r\n")
             .ok_or("canary: traceparent line not terminated")?;
         let value = &after["traceparent: ".len()..line_end];
-        if !valid_traceparent(value) {
+        // Exactly what the injector writes: version 00, valid W3C ids.
+        if !value.starts_with("00-") || parse_traceparent(value).is_none() {
             return Err(format!("canary: malformed header value {value:?}"));
         }
         let original = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -275,16 +277,6 @@ pub fn check_canary(got: &[u8]) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn valid_traceparent(v: &str) -> bool {
-    let b = v.as_bytes();
-    b.len() == 55
-        && v.starts_with("00-")
-        && b[35] == b'-'
-        && b[52] == b'-'
-        && v[3..35].bytes().all(|c| c.is_ascii_hexdigit())
-        && v[36..52].bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
