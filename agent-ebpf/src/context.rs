@@ -13,7 +13,7 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
     maps::{
-        SERVED_WITHOUT_CALLS, THREAD_CONTEXTS, counters, emit, in_process_linking, max_children,
+        SERVED_WITHOUT_CALLS, THREAD_CONTEXTS, count, emit, in_process_linking, max_children,
         max_trace_age_ns,
     },
 };
@@ -81,9 +81,7 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, capture
     if in_process_linking() {
         remember(tid, cookie, ts, &ev);
     }
-    if let Some(c) = counters() {
-        c.server_contexts += 1;
-    }
+    count(|c| c.server_contexts += 1);
     emit(ev);
 }
 
@@ -170,14 +168,10 @@ pub fn serving(tid: u32, now: u64) -> Option<([u8; 16], [u8; 8])> {
         || now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns()
         || ctx.children >= max_children()
     {
-        if let Some(c) = counters() {
-            c.link_ambiguous += 1;
-        }
+        count(|c| c.link_ambiguous += 1);
         return None;
     }
     ctx.children += 1;
-    if let Some(c) = counters() {
-        c.link_kernel += 1;
-    }
+    count(|c| c.link_kernel += 1);
     Some((ctx.trace_id, ctx.span_id))
 }

@@ -34,7 +34,7 @@ use crate::{
     },
     maps::{
         INJECT_CONTINUATION, INJECT_PROGRAMS, INJECT_SCRATCH, SEND_STATES, SOCKETS_TO_INJECT,
-        TRACKED_SOCKETS, counters, emit,
+        TRACKED_SOCKETS, count, emit,
     },
 };
 
@@ -66,7 +66,7 @@ fn enroll(ctx: &SockOpsContext) {
         _pad: 0,
         remaining: 0,
     };
-    let ok = SEND_STATES.insert(&sk, &fresh, 0).is_ok()
+    let enrolled = SEND_STATES.insert(&sk, &fresh, 0).is_ok()
         && SOCKETS_TO_INJECT
             .update(
                 &mut cookie,
@@ -74,13 +74,13 @@ fn enroll(ctx: &SockOpsContext) {
                 BPF_ANY as u64,
             )
             .is_ok();
-    if let Some(c) = counters() {
-        if ok {
+    count(|c| {
+        if enrolled {
             c.sockets_enrolled += 1;
         } else {
             c.enroll_failed += 1;
         }
-    }
+    });
 }
 
 #[sk_msg]
@@ -93,7 +93,7 @@ pub fn agent_sk_msg(ctx: SkMsgContext) -> u32 {
 enum Outcome {
     /// Injected or rewritten; the head is `added` bytes longer than it was.
     Done { added: u32 },
-    /// Left untouched but framed (several traceparents): go on after it.
+    /// Left untouched but framed (several traceparents): go on after it; counted by the caller.
     Skipped,
     /// Cannot frame: stop on this socket.
     Lost,
@@ -153,9 +153,7 @@ fn inject(ctx: &SkMsgContext) {
                 (off, size, 0)
             }
             _ => {
-                if let Some(c) = counters() {
-                    c.inject_skipped += 1;
-                }
+                count(|c| c.inject_skipped += 1);
                 return;
             }
         }
@@ -169,7 +167,10 @@ fn inject(ctx: &SkMsgContext) {
     };
     let added = match apply(ctx, off, head) {
         Outcome::Done { added } => added,
-        Outcome::Skipped => 0,
+        Outcome::Skipped => {
+            count(|c| c.inject_skipped += 1);
+            0
+        }
         Outcome::Lost => {
             lose(state);
             return;
@@ -208,10 +209,10 @@ fn inject(ctx: &SkMsgContext) {
 #[inline(always)]
 fn lose(state: &mut SendState) {
     state.mode = SEND_LOST;
-    if let Some(c) = counters() {
+    count(|c| {
         c.inject_framing_lost += 1;
         c.inject_skipped += 1;
-    }
+    });
 }
 
 /// The request head starting at `off`, copied and scanned; `None` when it is not a request
@@ -225,9 +226,7 @@ fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut ht
         left
     };
     if unsafe { bpf_msg_pull_data(ctx.msg, off, off + want, 0) } != 0 {
-        if let Some(c) = counters() {
-            c.inject_failed += 1;
-        }
+        count(|c| c.inject_failed += 1);
         return None;
     }
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -264,9 +263,6 @@ fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut ht
 #[inline(always)]
 fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
     if head.flags & (HEAD_MANY_TRACEPARENTS | HEAD_BAD_TRACEPARENT) != 0 {
-        if let Some(c) = counters() {
-            c.inject_skipped += 1;
-        }
         return Outcome::Skipped;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -298,9 +294,6 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         if !http_head::decode_hex(scratch, head.traceparent + 3, &mut ev.trace_id)
             || !http_head::decode_hex(scratch, head.traceparent + 36, &mut parent)
         {
-            if let Some(c) = counters() {
-                c.inject_skipped += 1;
-            }
             return Outcome::Skipped;
         }
         let trace = ev.trace_id;
@@ -313,14 +306,10 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
             _ => ev.parent_id = parent,
         }
         if !rewrite_parent(ctx, head.traceparent + 36, &ev.span_id) {
-            if let Some(c) = counters() {
-                c.inject_failed += 1;
-            }
+            count(|c| c.inject_failed += 1);
             return Outcome::Lost;
         }
-        if let Some(c) = counters() {
-            c.traceparent_rewritten += 1;
-        }
+        count(|c| c.traceparent_rewritten += 1);
         added = 0;
     } else {
         match local {
@@ -332,14 +321,10 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
             None => ev.trace_id = random_id(),
         }
         if !insert_line(ctx, off, head, &ev.trace_id, &ev.span_id) {
-            if let Some(c) = counters() {
-                c.inject_failed += 1;
-            }
+            count(|c| c.inject_failed += 1);
             return Outcome::Lost;
         }
-        if let Some(c) = counters() {
-            c.traceparent_injected += 1;
-        }
+        count(|c| c.traceparent_injected += 1);
         added = TRACEPARENT_LINE_LEN;
     }
     emit(ev);
@@ -420,10 +405,8 @@ fn insert_line(
     } else {
         off + head.head_end + TRACEPARENT_LINE_LEN
     };
-    if unsafe { bpf_msg_pull_data(ctx.msg, off, end, 0) } != 0
-        && let Some(c) = counters()
-    {
-        c.inject_failed += 1;
+    if unsafe { bpf_msg_pull_data(ctx.msg, off, end, 0) } != 0 {
+        count(|c| c.inject_failed += 1);
     }
     true
 }

@@ -151,6 +151,15 @@ pub fn counters() -> Option<&'static mut KernelStats> {
     COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// Updates this CPU's counters (nothing when the map slot is missing, which cannot happen
+/// for a one-entry array).
+#[inline(always)]
+pub fn count(update: impl FnOnce(&mut KernelStats)) {
+    if let Some(c) = counters() {
+        update(c);
+    }
+}
+
 pub fn trace_all() -> bool {
     unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
 }
