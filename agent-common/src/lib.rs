@@ -109,7 +109,9 @@ pub struct DataEvent {
     pub fd: u32,
     /// [`SyscallKind`].
     pub syscall: u32,
-    /// Kernel monotonic time (`bpf_ktime_get_ns`) when the bytes had been moved.
+    /// Kernel monotonic time (`bpf_ktime_get_ns`): for a read, when the bytes had been moved;
+    /// for a TCP write, when its last part began to be queued, so before the peer can have it
+    /// (when the syscall returned on kernels without `tcp_sendmsg_locked`).
     pub ts_ns: u64,
     /// Socket cookie: unique per socket for the life of the boot, so fd reuse never glues
     /// two connections together.

@@ -93,6 +93,12 @@ pub static SELECTED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(25
 #[map]
 pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(65536, 0);
 
+/// Where each thread of a selected process last started queueing bytes on a TCP socket
+/// (thread id → socket and time), taken by its send event (see `sockets::agent_tcp_sendmsg`).
+#[map]
+pub static SEND_STARTS: LruHashMap<u32, crate::sockets::SendStart> =
+    LruHashMap::with_max_entries(65536, 0);
+
 /// The request each thread of a selected process is serving (thread id → context).
 #[map]
 pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);

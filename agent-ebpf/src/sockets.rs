@@ -20,8 +20,8 @@ use aya_ebpf::{
 use crate::{
     context,
     maps::{
-        BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, TRACKED_SOCKETS, capture_size, context_propagation,
-        counters, offsets, selected_tgid,
+        BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, SEND_STARTS, TRACKED_SOCKETS, capture_size,
+        context_propagation, counters, offsets, selected_tgid,
     },
 };
 
@@ -67,18 +67,63 @@ pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
     if ret <= 0 || flags & MSG_PEEK != 0 {
         return 0;
     }
-    on_socket_io(&ctx, ret as u64, DIR_INGRESS);
+    // Unselected processes stop here, before anything is read or copied.
+    let Some(thread) = selected_tgid() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    on_socket_io(&ctx, thread, ret as u64, DIR_INGRESS, now);
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
+    let Some(thread) = selected_tgid() else {
+        return 0;
+    };
+    // Taken whatever the outcome, so a failed send leaves no stamp behind.
+    let started = take_send_start(thread.1, ctx.arg(0));
     let ret: i32 = ctx.arg(1);
     if ret <= 0 {
         return 0;
     }
-    on_socket_io(&ctx, ret as u64, DIR_EGRESS);
+    let ts = started.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
+    on_socket_io(&ctx, thread, ret as u64, DIR_EGRESS, ts);
     0
+}
+
+/// Time at which a thread began queueing the last part of its current TCP write.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SendStart {
+    sk: u64,
+    ts_ns: u64,
+}
+
+/// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued; the last stamp of a
+/// write is before its final bytes leave. `sock_send_length` only fires once the syscall
+/// returns, and a sender preempted in between (the woken receiver may run on its CPU) would
+/// otherwise end its span after the peer already had the answer.
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
+pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
+    let Some((_, tid)) = selected_tgid() else {
+        return 0;
+    };
+    let stamp = SendStart {
+        sk: ctx.arg(0),
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = SEND_STARTS.insert(&tid, &stamp, 0);
+    0
+}
+
+/// The stamp `agent_tcp_sendmsg` left for this thread's write on `sk`, if any (none when that
+/// tracepoint is missing, or for a write that never reached TCP's queue).
+#[inline(always)]
+fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
+    let stamp = unsafe { SEND_STARTS.get(&tid) }.copied()?;
+    let _ = SEND_STARTS.remove(&tid);
+    (stamp.sk == sk).then_some(stamp.ts_ns)
 }
 
 #[inline(always)]
@@ -87,11 +132,13 @@ fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
 }
 
 #[inline(always)]
-fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
-    // Unselected processes stop here, before anything is read or copied.
-    let Some((tgid, tid)) = selected_tgid() else {
-        return;
-    };
+fn on_socket_io(
+    ctx: &BtfTracePointContext,
+    (tgid, tid): (u32, u32),
+    bytes: u64,
+    direction: u32,
+    ts_ns: u64,
+) {
     let sk: u64 = ctx.arg(0);
     if sk == 0 {
         return;
@@ -115,7 +162,7 @@ fn on_socket_io(ctx: &BtfTracePointContext, bytes: u64, direction: u32) {
     ev.direction = direction;
     ev.pid = tgid;
     ev.tid = tid;
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.ts_ns = ts_ns;
     ev.sock_cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     ev.bytes = bytes;
     ev.family = family as u32;

@@ -82,6 +82,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     for a in &probes.attached {
         eprintln!("agent: attached {} to {}", a.program, a.hook);
     }
+    if let Some(why) = &probes.send_start_stamps {
+        eprintln!("agent: note: {why}");
+    }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
 
     let stats = Arc::new(stats::Stats::default());

@@ -62,6 +62,8 @@ pub struct Attached {
 pub struct Probes {
     ebpf: Ebpf,
     pub attached: Vec<Attached>,
+    /// Why sends are stamped at the syscall's return instead of as their bytes are queued.
+    pub send_start_stamps: Option<String>,
     /// Injection asked for but not possible (attach or canary failed): why. The caller
     /// reloads without it.
     pub propagation_failed: Option<String>,
@@ -78,12 +80,37 @@ const TP_BTF: &[(&str, &str)] = &[
     ("agent_process_fork", "sched_process_fork"),
 ];
 
+/// Optional: stamps sends before their last bytes are queued (see
+/// `agent_tcp_sendmsg`); without it, sends are stamped when the syscall returns.
+const SEND_START_TP_BTF: (&str, &str) = ("agent_tcp_sendmsg", "tcp_sendmsg_locked");
+
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("agent_exit_accept4", "syscalls", "sys_exit_accept4"),
     ("agent_exit_accept", "syscalls", "sys_exit_accept"),
     ("agent_process_exec", "sched", "sched_process_exec"),
     ("agent_process_exit", "sched", "sched_process_exit"),
 ];
+
+fn attach_tp_btf(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    name: &'static str,
+    tp: &str,
+) -> Result<Attached, KernelError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| program_error(name, "is not a tp_btf program", source))?;
+    prog.load(tp, btf)
+        .map_err(|source| program_error(name, &format!("loading tp_btf/{tp}"), source))?;
+    prog.attach()
+        .map_err(|source| program_error(name, &format!("attaching tp_btf/{tp}"), source))?;
+    Ok(Attached {
+        program: name,
+        hook: format!("tp_btf/{tp}"),
+    })
+}
 
 /// Capture sizes are clamped to what one event can carry.
 pub fn clamp_capture(size: u32) -> u32 {
@@ -118,20 +145,19 @@ impl Probes {
         let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut attached = Vec::new();
         for &(name, tp) in TP_BTF {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| program_error(name, "is not a tp_btf program", source))?;
-            prog.load(tp, &kernel_btf)
-                .map_err(|source| program_error(name, &format!("loading tp_btf/{tp}"), source))?;
-            prog.attach()
-                .map_err(|source| program_error(name, &format!("attaching tp_btf/{tp}"), source))?;
-            attached.push(Attached {
-                program: name,
-                hook: format!("tp_btf/{tp}"),
-            });
+            attached.push(attach_tp_btf(&mut ebpf, &kernel_btf, name, tp)?);
         }
+        let (name, tp) = SEND_START_TP_BTF;
+        let send_start_stamps = match attach_tp_btf(&mut ebpf, &kernel_btf, name, tp) {
+            Ok(a) => {
+                attached.push(a);
+                None
+            }
+            Err(e) => Some(format!(
+                "{e}: send events are stamped when the send returns, so a sender preempted \
+                 in between ends its span late"
+            )),
+        };
         for &(name, category, tp) in TRACEPOINTS {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -174,6 +200,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             attached,
+            send_start_stamps,
             propagation_failed,
             canary_counts,
             injecting,
