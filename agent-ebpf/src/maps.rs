@@ -93,11 +93,12 @@ pub static SELECTED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(25
 #[map]
 pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(65536, 0);
 
-/// Where each thread of a selected process last started queueing bytes on a TCP socket
-/// (thread id → socket and time), taken by its send event (see `sockets::agent_tcp_sendmsg`).
+/// The last chunk of a TCP write this CPU began to queue: which thread, socket, when (see
+/// `sockets::agent_tcp_sendmsg`). Per CPU, no hashing: the write's send event normally runs on
+/// the same CPU; when it does not (the thread slept and moved), it finds no match.
 #[map]
-pub static SEND_STARTS: LruHashMap<u32, crate::sockets::SendStart> =
-    LruHashMap::with_max_entries(65536, 0);
+pub static SEND_STARTS: PerCpuArray<crate::sockets::SendStart> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// The request each thread of a selected process is serving (thread id → context).
 #[map]

@@ -9,8 +9,8 @@ use aya_ebpf::{
     helpers::{
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_user,
-            bpf_ringbuf_output, bpf_task_pt_regs,
+            bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_socket_cookie,
+            bpf_ktime_get_ns, bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
     macros::btf_tracepoint,
@@ -92,37 +92,43 @@ pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Time at which a thread began queueing the last part of its current TCP write.
+/// Where and when a thread began queueing the last chunk of its current TCP write.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SendStart {
+    tid: u32,
+    _pad: u32,
     sk: u64,
     ts_ns: u64,
 }
 
 /// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued; the last stamp of a
 /// write is before its final bytes leave. `sock_send_length` only fires once the syscall
-/// returns, and a sender preempted in between (the woken receiver may run on its CPU) would
-/// otherwise end its span after the peer already had the answer.
+/// returns, and a sender held up in between (a descheduled vCPU, an interrupt) would otherwise
+/// end its span after the peer already had the answer. Runs for every TCP write on the host,
+/// so it only writes this CPU's slot; the send event checks thread and socket.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
-    let Some((_, tid)) = selected_tgid() else {
-        return 0;
-    };
-    let stamp = SendStart {
-        sk: ctx.arg(0),
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    let _ = SEND_STARTS.insert(&tid, &stamp, 0);
+    if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
+        unsafe {
+            (*slot).tid = bpf_get_current_pid_tgid() as u32;
+            (*slot).sk = ctx.arg(0);
+            (*slot).ts_ns = bpf_ktime_get_ns();
+        }
+    }
     0
 }
 
-/// The stamp `agent_tcp_sendmsg` left for this thread's write on `sk`, if any (none when that
-/// tracepoint is missing, or for a write that never reached TCP's queue).
+/// The stamp `agent_tcp_sendmsg` left on this CPU for this thread's write on `sk`, if any
+/// (none without that tracepoint, or when the thread moved to another CPU mid-write).
 #[inline(always)]
 fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
-    let stamp = unsafe { SEND_STARTS.get(&tid) }.copied()?;
-    let _ = SEND_STARTS.remove(&tid);
+    let slot = SEND_STARTS.get_ptr_mut(0)?;
+    let stamp = unsafe { *slot };
+    if stamp.tid != tid {
+        return None;
+    }
+    unsafe { (*slot).tid = 0 };
     (stamp.sk == sk).then_some(stamp.ts_ns)
 }
 
