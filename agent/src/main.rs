@@ -19,6 +19,9 @@ use std::sync::{Arc, atomic::AtomicBool};
 
 use anyhow::Context as _;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // Errors are printed as sentences (with their causes), not as a debug dump with a backtrace.
     match start() {
