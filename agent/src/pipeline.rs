@@ -28,7 +28,7 @@ use crate::{
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
         model::{SpanId, SpanRecord},
         pairing::{PairKey, Pairing},
-        postgres::build_db_span,
+        postgres::{QueryCache, build_db_span},
     },
     stats::Stats,
 };
@@ -120,6 +120,8 @@ pub struct Pipeline<S: SpanSink> {
     ignored_ports: Vec<u16>,
     /// Record SQL text as sent instead of with placeholders.
     raw_db_query: bool,
+    /// Analyses of repeated statement texts for PostgreSQL spans.
+    queries: QueryCache,
     out: Outputs,
     released: Vec<(SpanRecord, LinkOutcome)>,
     /// A server context arrives right before the data event of its read (same timestamp).
@@ -210,6 +212,7 @@ impl<S: SpanSink> Pipeline<S> {
             sink,
             ignored_ports: Vec::new(),
             raw_db_query: false,
+            queries: QueryCache::default(),
             out: Outputs::default(),
             released: Vec::new(),
             server_contexts: IdMap::default(),
@@ -550,6 +553,7 @@ impl<S: SpanSink> Pipeline<S> {
             let span = build_db_span(
                 &st,
                 self.raw_db_query,
+                &mut self.queries,
                 info,
                 resource.clone(),
                 self.clock,

@@ -1,6 +1,6 @@
 //! PostgreSQL statement → span, with OpenTelemetry database semantic conventions.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use super::{
     context::{Clock, IdGenerator},
@@ -12,11 +12,62 @@ use crate::protocols::{
     postgres::{PgOutcome, PgStatement, query_summary, sanitize_query},
 };
 
+/// What the span takes from a statement's text: computed once per distinct parameterized
+/// statement (see `QueryCache`).
+#[derive(Debug)]
+struct QueryAnalysis {
+    operation: String,
+    collection: Option<String>,
+    /// Literals replaced by placeholders.
+    sanitized: String,
+}
+
+impl QueryAnalysis {
+    fn of(sql: &str) -> Self {
+        let (operation, collection) = query_summary(sql);
+        Self {
+            operation,
+            collection,
+            sanitized: sanitize_query(sql),
+        }
+    }
+}
+
+/// Analyses of statements without literals (`SELECT … WHERE id = $1`): applications repeat
+/// them, and lexing each execution again was a tenth of the event thread's time under load.
+/// Statements with literals differ per execution and are not kept. Bounded: emptied when full.
+#[derive(Debug, Default)]
+pub struct QueryCache {
+    analyses: HashMap<Box<str>, Arc<QueryAnalysis>>,
+}
+
+impl QueryCache {
+    const MAX_ENTRIES: usize = 1024;
+    /// Longer texts are analysed each time (their key would cost more memory than it saves).
+    const MAX_KEY_LEN: usize = 2048;
+
+    fn analyse(&mut self, sql: &str) -> Arc<QueryAnalysis> {
+        if let Some(found) = self.analyses.get(sql) {
+            return found.clone();
+        }
+        let analysis = Arc::new(QueryAnalysis::of(sql));
+        // A `?` in the sanitized text is a replaced literal (parameters stay `$n`).
+        if sql.len() <= Self::MAX_KEY_LEN && !analysis.sanitized.contains('?') {
+            if self.analyses.len() >= Self::MAX_ENTRIES {
+                self.analyses.clear();
+            }
+            self.analyses.insert(sql.into(), analysis.clone());
+        }
+        analysis
+    }
+}
+
 /// `raw_query`: record statement text as sent (`--db-raw-query`); otherwise literals are
 /// replaced by placeholders.
 pub fn build_db_span(
     st: &PgStatement,
     raw_query: bool,
+    queries: &mut QueryCache,
     conn: ConnInfo,
     resource: Arc<Resource>,
     clock: Clock,
@@ -31,12 +82,14 @@ pub fn build_db_span(
     if let Some(db) = &st.database {
         attrs.push(Attribute::str("db.namespace", db.clone()));
     }
-    let (summary_op, collection) = st.query.as_deref().map(query_summary).unzip();
-    let collection = collection.flatten();
-    let operation = st
-        .operation
-        .clone()
-        .or_else(|| summary_op.filter(|op| !op.is_empty()));
+    let analysis = st.query.as_deref().map(|q| queries.analyse(q));
+    let collection = analysis.as_ref().and_then(|a| a.collection.clone());
+    let operation = st.operation.clone().or_else(|| {
+        analysis
+            .as_ref()
+            .filter(|a| !a.operation.is_empty())
+            .map(|a| a.operation.clone())
+    });
     if let Some(op) = &operation {
         attrs.push(Attribute::str("db.operation.name", op.clone()));
     }
@@ -51,12 +104,12 @@ pub fn build_db_span(
     if let Some(summary) = &summary {
         attrs.push(Attribute::str("db.query.summary", summary.clone()));
     }
-    match &st.query {
+    match (&st.query, &analysis) {
         // Literals are replaced by placeholders unless asked: statement text carries personal data.
-        Some(q) if raw_query => attrs.push(Attribute::str("db.query.text", q.clone())),
-        Some(q) => attrs.push(Attribute::str("db.query.text", sanitize_query(q))),
+        (Some(q), _) if raw_query => attrs.push(Attribute::str("db.query.text", q.clone())),
+        (Some(_), Some(a)) => attrs.push(Attribute::str("db.query.text", a.sanitized.clone())),
         // Prepared before the agent started watching this connection: say so.
-        None => attrs.push(Attribute::bool("agent.db.query.text_unknown", true)),
+        _ => attrs.push(Attribute::bool("agent.db.query.text_unknown", true)),
     }
     if st.query_truncated {
         attrs.push(Attribute::bool("agent.db.query.text_truncated", true));
@@ -170,6 +223,7 @@ mod tests {
         build_db_span(
             st,
             false,
+            &mut QueryCache::default(),
             conn,
             resource,
             Clock::with_offset(0),
@@ -232,6 +286,7 @@ mod tests {
         let span = build_db_span(
             &st,
             true,
+            &mut QueryCache::default(),
             conn,
             resource,
             Clock::with_offset(0),
@@ -292,5 +347,52 @@ mod tests {
             Some(&AttrValue::Bool(true))
         );
         assert!(matches!(span.status, SpanStatus::Error { .. }));
+    }
+
+    #[test]
+    fn repeated_parameterized_statement_is_analysed_once() {
+        let mut cache = QueryCache::default();
+        let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+        let first = cache.analyse(sql);
+        let again = cache.analyse(sql);
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second execution reuses the analysis"
+        );
+        assert_eq!(first.operation, "SELECT");
+        assert_eq!(first.collection.as_deref(), Some("pgbench_accounts"));
+        assert_eq!(first.sanitized, sql);
+        assert_eq!(cache.analyses.len(), 1);
+    }
+
+    #[test]
+    fn statements_with_literals_are_not_kept() {
+        let mut cache = QueryCache::default();
+        for id in 0..10 {
+            let a = cache.analyse(&format!("SELECT * FROM users WHERE id = {id}"));
+            assert_eq!(a.sanitized, "SELECT * FROM users WHERE id = ?");
+        }
+        assert!(cache.analyses.is_empty(), "{:?}", cache.analyses.keys());
+    }
+
+    #[test]
+    fn cache_stays_bounded_and_answers_like_a_fresh_analysis() {
+        let mut cache = QueryCache::default();
+        for i in 0..(QueryCache::MAX_ENTRIES * 2 + 7) {
+            let sql = format!("UPDATE t{i} SET v = $1 WHERE k = $2");
+            let cached = cache.analyse(&sql);
+            let fresh = QueryAnalysis::of(&sql);
+            assert_eq!(
+                (&cached.operation, &cached.collection, &cached.sanitized),
+                (&fresh.operation, &fresh.collection, &fresh.sanitized)
+            );
+            assert!(cache.analyses.len() <= QueryCache::MAX_ENTRIES);
+        }
+        let long = format!("SELECT $1 FROM t WHERE {}", "x = $1 AND ".repeat(300));
+        cache.analyse(&long);
+        assert!(
+            !cache.analyses.contains_key(long.as_str()),
+            "too long to keep"
+        );
     }
 }
