@@ -26,13 +26,12 @@ const INSTALL: &str = "install the chart test tools with `cargo xtask setup --te
 const NAMESPACE: &str = "observability";
 
 /// The capabilities the agent gets by default, and why (the README has the same table).
-const DEFAULT_CAPABILITIES: [&str; 6] = [
+const DEFAULT_CAPABILITIES: [&str; 5] = [
     "BPF",             // bpf(): load programs, create maps
     "PERFMON",         // tracepoint attachment (perf events), tracing programs
     "NET_ADMIN",       // sock_ops / sk_msg programs, cgroup attach, sockmap
     "SYS_PTRACE",      // /proc/PID/environ and /proc/PID/exe of other processes
     "DAC_READ_SEARCH", // /proc and cgroup files of other users
-    "SYS_RESOURCE",    // RLIMIT_MEMLOCK on kernels without memcg accounting
 ];
 
 fn root() -> PathBuf {
