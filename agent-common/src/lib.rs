@@ -111,7 +111,8 @@ pub struct DataEvent {
     pub syscall: u32,
     /// Kernel monotonic time (`bpf_ktime_get_ns`): for a read, when the bytes had been moved;
     /// for a TCP write, when its last part began to be queued, so before the peer can have it
-    /// (when the syscall returned on kernels without `tcp_sendmsg_locked`).
+    /// (when the syscall returned if the thread left its CPU in between, or on kernels without
+    /// `tcp_sendmsg_locked`).
     pub ts_ns: u64,
     /// Socket cookie: unique per socket for the life of the boot, so fd reuse never glues
     /// two connections together.
@@ -213,8 +214,11 @@ pub struct KernelStats {
     pub link_ambiguous: u64,
     /// Client requests linked in the kernel to the request their thread serves.
     pub link_kernel: u64,
+    /// TCP writes of traced threads stamped when the syscall returned instead of when their
+    /// last chunk was queued (the thread left its CPU mid-write, or no `tcp_sendmsg_locked`).
+    pub writes_stamped_at_return: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 136);
+const _: () = assert!(size_of::<KernelStats>() == 144);
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;
@@ -325,8 +329,12 @@ pub struct KernelOffsets {
     /// `struct task_struct.pid` and `.tgid` (i32): tell a new process from a new thread.
     pub task_pid: u32,
     pub task_tgid: u32,
+    /// `struct task_struct.nvcsw` and `.nivcsw` (unsigned long): the thread's voluntary and
+    /// involuntary context switches, which tell whether it left its CPU between two probes.
+    pub task_nvcsw: u32,
+    pub task_nivcsw: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 40);
+const _: () = assert!(size_of::<KernelOffsets>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {

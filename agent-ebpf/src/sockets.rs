@@ -21,7 +21,7 @@ use crate::{
     context,
     maps::{
         BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, SEND_STARTS, TRACKED_SOCKETS, capture_size,
-        context_propagation, counters, offsets, selected_tgid,
+        context_propagation, count, counters, offsets, selected_tgid,
     },
 };
 
@@ -71,8 +71,7 @@ pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let Some(thread) = selected_tgid() else {
         return 0;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    on_socket_io(&ctx, thread, ret as u64, DIR_INGRESS, now);
+    on_socket_io(&ctx, thread, ret as u64, DIR_INGRESS, None);
     0
 }
 
@@ -87,8 +86,7 @@ pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
     if ret <= 0 {
         return 0;
     }
-    let ts = started.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
-    on_socket_io(&ctx, thread, ret as u64, DIR_EGRESS, ts);
+    on_socket_io(&ctx, thread, ret as u64, DIR_EGRESS, started);
     0
 }
 
@@ -100,13 +98,17 @@ pub struct SendStart {
     _pad: u32,
     sk: u64,
     ts_ns: u64,
+    /// The thread's context switches then: unchanged at its send event means it never left
+    /// this CPU in between, so the stamp is this write's and not one left by an earlier write
+    /// whose send event ran elsewhere.
+    switches: u64,
 }
 
 /// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued; the last stamp of a
 /// write is before its final bytes leave. `sock_send_length` only fires once the syscall
 /// returns, and a sender held up in between (a descheduled vCPU, an interrupt) would otherwise
 /// end its span after the peer already had the answer. Runs for every TCP write on the host,
-/// so it only writes this CPU's slot; the send event checks thread and socket.
+/// so it only writes this CPU's slot; the send event checks thread, socket and switches.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
@@ -114,13 +116,24 @@ pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
             (*slot).tid = bpf_get_current_pid_tgid() as u32;
             (*slot).sk = ctx.arg(0);
             (*slot).ts_ns = bpf_ktime_get_ns();
+            (*slot).switches = context_switches();
         }
     }
     0
 }
 
-/// The stamp `agent_tcp_sendmsg` left on this CPU for this thread's write on `sk`, if any
-/// (none without that tracepoint, or when the thread moved to another CPU mid-write).
+/// The current thread's voluntary + involuntary context switches.
+#[inline(always)]
+fn context_switches() -> u64 {
+    let task = unsafe { bpf_get_current_task_btf() } as u64;
+    let off = offsets();
+    let voluntary: u64 = read_kernel(task, off.task_nvcsw).unwrap_or(0);
+    let involuntary: u64 = read_kernel(task, off.task_nivcsw).unwrap_or(0);
+    voluntary.wrapping_add(involuntary)
+}
+
+/// The stamp `agent_tcp_sendmsg` left on this CPU for this very write on `sk`, if any (none
+/// without that tracepoint, or when the thread slept or was preempted mid-write).
 #[inline(always)]
 fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
     let slot = SEND_STARTS.get_ptr_mut(0)?;
@@ -129,7 +142,7 @@ fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
         return None;
     }
     unsafe { (*slot).tid = 0 };
-    (stamp.sk == sk).then_some(stamp.ts_ns)
+    (stamp.sk == sk && stamp.switches == context_switches()).then_some(stamp.ts_ns)
 }
 
 #[inline(always)]
@@ -143,7 +156,7 @@ fn on_socket_io(
     (tgid, tid): (u32, u32),
     bytes: u64,
     direction: u32,
-    ts_ns: u64,
+    queued_ns: Option<u64>,
 ) {
     let sk: u64 = ctx.arg(0);
     if sk == 0 {
@@ -158,6 +171,16 @@ fn on_socket_io(
     if protocol != IPPROTO_TCP {
         return;
     }
+
+    let ts_ns = match queued_ns {
+        Some(ts) => ts,
+        None => {
+            if direction == DIR_EGRESS {
+                count(|c| c.writes_stamped_at_return += 1);
+            }
+            unsafe { bpf_ktime_get_ns() }
+        }
+    };
 
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;

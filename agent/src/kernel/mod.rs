@@ -328,6 +328,7 @@ fn sum_cpus<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, KernelStats>
             sum.inject_framing_lost += c.inject_framing_lost;
             sum.link_ambiguous += c.link_ambiguous;
             sum.link_kernel += c.link_kernel;
+            sum.writes_stamped_at_return += c.writes_stamped_at_return;
         }
     }
     sum
@@ -354,6 +355,10 @@ impl KernelCounters {
             ("inject_framing_lost", s.inject_framing_lost),
             ("kernel_client_links", s.link_kernel),
             ("kernel_link_ambiguous", s.link_ambiguous),
+            (
+                "kernel_writes_stamped_at_return",
+                s.writes_stamped_at_return,
+            ),
         ]
     }
 }
