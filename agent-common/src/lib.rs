@@ -111,7 +111,7 @@ pub struct DataEvent {
     pub syscall: u32,
     /// Kernel monotonic time (`bpf_ktime_get_ns`): for a read, when the bytes had been moved;
     /// for a TCP write, when its last part began to be queued, so before the peer can have it
-    /// (when the syscall returned if the thread left its CPU in between, or on kernels without
+    /// (when the syscall returned if that stamp is missing or stale, or on kernels without
     /// `tcp_sendmsg_locked`).
     pub ts_ns: u64,
     /// Socket cookie: unique per socket for the life of the boot, so fd reuse never glues
@@ -215,7 +215,8 @@ pub struct KernelStats {
     /// Client requests linked in the kernel to the request their thread serves.
     pub link_kernel: u64,
     /// TCP writes of traced threads stamped when the syscall returned instead of when their
-    /// last chunk was queued (the thread left its CPU mid-write, or no `tcp_sendmsg_locked`).
+    /// last chunk was queued (the thread changed CPUs mid-write, several threads wrote on the
+    /// socket at once, or no `tcp_sendmsg_locked`).
     pub writes_stamped_at_return: u64,
 }
 const _: () = assert!(size_of::<KernelStats>() == 144);
@@ -309,8 +310,11 @@ pub struct TrackedSocket {
     pub pid: u32,
     /// Addresses and ports were sent with an event already: later events omit them.
     pub addresses_sent: u32,
+    /// When the last write on the socket returned: a write's queue-time stamp must be later,
+    /// or it was left behind by an earlier write.
+    pub last_write_return_ns: u64,
 }
-const _: () = assert!(size_of::<TrackedSocket>() == 8);
+const _: () = assert!(size_of::<TrackedSocket>() == 16);
 
 /// Offsets of kernel struct fields, read from /sys/kernel/btf/vmlinux at load time so the
 /// programs do not depend on one kernel build's layout.
@@ -329,12 +333,8 @@ pub struct KernelOffsets {
     /// `struct task_struct.pid` and `.tgid` (i32): tell a new process from a new thread.
     pub task_pid: u32,
     pub task_tgid: u32,
-    /// `struct task_struct.nvcsw` and `.nivcsw` (unsigned long): the thread's voluntary and
-    /// involuntary context switches, which tell whether it left its CPU between two probes.
-    pub task_nvcsw: u32,
-    pub task_nivcsw: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 48);
+const _: () = assert!(size_of::<KernelOffsets>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -28,8 +28,6 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_protocol: 0,
     task_pid: 0,
     task_tgid: 0,
-    task_nvcsw: 0,
-    task_nivcsw: 0,
 };
 
 /// Trace context in the kernel: server contexts on reads, `traceparent` injection (0: off).

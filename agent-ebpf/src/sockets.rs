@@ -98,17 +98,13 @@ pub struct SendStart {
     _pad: u32,
     sk: u64,
     ts_ns: u64,
-    /// The thread's context switches then: unchanged at its send event means it never left
-    /// this CPU in between, so the stamp is this write's and not one left by an earlier write
-    /// whose send event ran elsewhere.
-    switches: u64,
 }
 
-/// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued; the last stamp of a
-/// write is before its final bytes leave. `sock_send_length` only fires once the syscall
-/// returns, and a sender held up in between (a descheduled vCPU, an interrupt) would otherwise
-/// end its span after the peer already had the answer. Runs for every TCP write on the host,
-/// so it only writes this CPU's slot; the send event checks thread, socket and switches.
+/// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued (after any wait for
+/// buffer space); the last stamp of a write is before its final bytes leave. `sock_send_length`
+/// only fires once the syscall returns, and a sender held up in between (a descheduled vCPU, an
+/// interrupt) would otherwise end its span after the peer already had the answer. Runs for
+/// every TCP write on the host, so it only writes this CPU's slot; the send event checks it.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
@@ -116,24 +112,14 @@ pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
             (*slot).tid = bpf_get_current_pid_tgid() as u32;
             (*slot).sk = ctx.arg(0);
             (*slot).ts_ns = bpf_ktime_get_ns();
-            (*slot).switches = context_switches();
         }
     }
     0
 }
 
-/// The current thread's voluntary + involuntary context switches.
-#[inline(always)]
-fn context_switches() -> u64 {
-    let task = unsafe { bpf_get_current_task_btf() } as u64;
-    let off = offsets();
-    let voluntary: u64 = read_kernel(task, off.task_nvcsw).unwrap_or(0);
-    let involuntary: u64 = read_kernel(task, off.task_nivcsw).unwrap_or(0);
-    voluntary.wrapping_add(involuntary)
-}
-
-/// The stamp `agent_tcp_sendmsg` left on this CPU for this very write on `sk`, if any (none
-/// without that tracepoint, or when the thread slept or was preempted mid-write).
+/// The stamp `agent_tcp_sendmsg` left on this CPU for this thread's write on `sk`, if any. It
+/// may still be stale (a write whose send event ran on another CPU leaves its stamp behind):
+/// `on_socket_io` checks it against the socket's last write.
 #[inline(always)]
 fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
     let slot = SEND_STARTS.get_ptr_mut(0)?;
@@ -142,7 +128,7 @@ fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
         return None;
     }
     unsafe { (*slot).tid = 0 };
-    (stamp.sk == sk && stamp.switches == context_switches()).then_some(stamp.ts_ns)
+    (stamp.sk == sk).then_some(stamp.ts_ns)
 }
 
 #[inline(always)]
@@ -172,13 +158,39 @@ fn on_socket_io(
         return;
     }
 
-    let ts_ns = match queued_ns {
-        Some(ts) => ts,
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // Addresses and ports go with the first event of a socket only; userspace keeps them.
+    let (send_addresses, last_write_return_ns) = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
+        Some(t) => unsafe {
+            let first = (*t).addresses_sent == 0;
+            (*t).addresses_sent = 1;
+            let last = (*t).last_write_return_ns;
+            if direction == DIR_EGRESS {
+                (*t).last_write_return_ns = now;
+            }
+            (first, last)
+        },
         None => {
+            let t = TrackedSocket {
+                pid: tgid,
+                addresses_sent: 1,
+                last_write_return_ns: if direction == DIR_EGRESS { now } else { 0 },
+            };
+            if TRACKED_SOCKETS.insert(&cookie, &t, 0).is_err() {
+                count(|c| c.socket_map_full += 1);
+            }
+            (true, 0)
+        }
+    };
+    let ts_ns = match queued_ns {
+        // Taken during this write: after the previous one returned.
+        Some(ts) if ts > last_write_return_ns => ts,
+        _ => {
             if direction == DIR_EGRESS {
                 count(|c| c.writes_stamped_at_return += 1);
             }
-            unsafe { bpf_ktime_get_ns() }
+            now
         }
     };
 
@@ -192,7 +204,7 @@ fn on_socket_io(
     ev.pid = tgid;
     ev.tid = tid;
     ev.ts_ns = ts_ns;
-    ev.sock_cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    ev.sock_cookie = cookie;
     ev.bytes = bytes;
     ev.family = family as u32;
     ev.flags = 0;
@@ -201,27 +213,6 @@ fn on_socket_io(
     ev.local_port = 0;
     ev.remote_port = 0;
 
-    // Addresses and ports go with the first event of a socket only; userspace keeps them.
-    let cookie = ev.sock_cookie;
-    let send_addresses = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
-        Some(t) => unsafe {
-            let first = (*t).addresses_sent == 0;
-            (*t).addresses_sent = 1;
-            first
-        },
-        None => {
-            let t = TrackedSocket {
-                pid: tgid,
-                addresses_sent: 1,
-            };
-            if TRACKED_SOCKETS.insert(&cookie, &t, 0).is_err()
-                && let Some(c) = counters()
-            {
-                c.socket_map_full += 1;
-            }
-            true
-        }
-    };
     if send_addresses {
         ev.flags |= DATA_FLAG_ADDRESSES;
         if family == AF_INET {

@@ -239,6 +239,16 @@ fn python_client_keep_alive_five_requests_on_one_connection() {
     agent.stop();
     let spans = collector.settle();
 
+    // Writes are stamped as they are queued (tcp_sendmsg_locked), not when they return; a
+    // thread that changes CPUs mid-write is the rare exception (5 requests, 5 responses here,
+    // each one or two writes).
+    let counters = agent.summary_counters();
+    let at_return = counters.get("kernel_writes_stamped_at_return").copied();
+    assert!(
+        at_return.is_some_and(|n| n <= 2),
+        "writes stamped at return instead of at queueing: {at_return:?} (counters: {counters:?})"
+    );
+
     for (span, r) in spans_per_request(&spans, &server_spans, &run) {
         check_server_span(
             &format!("python SERVER span #{} ({})", r.index, r.path),

@@ -217,8 +217,6 @@ impl Btf {
             sk_protocol: self.member_offset("sock", "sk_protocol")?,
             task_pid: self.member_offset("task_struct", "pid")?,
             task_tgid: self.member_offset("task_struct", "tgid")?,
-            task_nvcsw: self.member_offset("task_struct", "nvcsw")?,
-            task_nivcsw: self.member_offset("task_struct", "nivcsw")?,
         })
     }
 }
@@ -318,7 +316,5 @@ mod tests {
         assert!(off.sk_protocol > off.skc_v6_rcv_saddr);
         // pid and tgid are adjacent pid_t fields of task_struct.
         assert_eq!(off.task_tgid, off.task_pid + 4);
-        // The two context-switch counters are adjacent unsigned longs.
-        assert_eq!(off.task_nivcsw, off.task_nvcsw + 8);
     }
 }
