@@ -5,7 +5,7 @@
 use clap::{Parser, ValueEnum};
 
 use crate::{
-    export::{ExportConfig, ExportTarget, OtlpProtocol},
+    export::{EndpointForm, ExportConfig, ExportTarget, OtlpProtocol},
     k8s,
     selection::Selection,
 };
@@ -66,6 +66,10 @@ pub struct Cli {
     /// http://localhost:4318 (HTTP). Unset: print traces on the terminal.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// `otlp_endpoint` came from `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full traces URL
+    /// (set by the configuration loader, which knows where each value came from).
+    #[arg(skip)]
+    pub otlp_endpoint_is_traces_url: bool,
     /// OTLP transport.
     #[arg(
         long,
@@ -166,6 +170,11 @@ impl Cli {
                     ProtocolArg::Grpc => OtlpProtocol::Grpc,
                     ProtocolArg::HttpProtobuf => OtlpProtocol::HttpProtobuf,
                 },
+                form: if self.otlp_endpoint_is_traces_url {
+                    EndpointForm::TracesUrl
+                } else {
+                    EndpointForm::Base
+                },
             },
         };
         ExportConfig::new(target)
@@ -198,7 +207,8 @@ mod tests {
             cli.export_config().target,
             ExportTarget::Otlp {
                 endpoint: "http://c:4318".into(),
-                protocol: OtlpProtocol::HttpProtobuf
+                protocol: OtlpProtocol::HttpProtobuf,
+                form: EndpointForm::Base,
             }
         );
     }

@@ -30,11 +30,14 @@ pub const ENV_PREFIX: &str = "EBPF_AGENT_";
 /// The option that names the file: as a key of the file itself it would be circular.
 const CONFIG_OPTION: &str = "config";
 
+/// The full URL of the traces export, used as is (see `EndpointForm::TracesUrl`).
+const TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+
 /// Per-signal OTLP variables, read after `EBPF_AGENT_<OPTION>` and before the option's own
 /// clap `env` (the generic OTEL_EXPORTER_OTLP_*): the exporter specification lets the
 /// per-signal variable win over the generic one.
 const SIGNAL_ENV: &[(&str, &str)] = &[
-    ("otlp_endpoint", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    ("otlp_endpoint", TRACES_ENDPOINT_ENV),
     ("otlp_protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
 ];
 
@@ -607,7 +610,11 @@ fn resolve(
     read: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> Result<(Cli, Resolution), ConfigError> {
     let resolution = resolve_matches(args, env, read)?;
-    let cli = Cli::from_arg_matches(&resolution.matches)?;
+    let mut cli = Cli::from_arg_matches(&resolution.matches)?;
+    cli.otlp_endpoint_is_traces_url = matches!(
+        resolution.sources.get("otlp_endpoint"),
+        Some(Source::Env(var)) if var == TRACES_ENDPOINT_ENV
+    );
     Ok((cli, resolution))
 }
 

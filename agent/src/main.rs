@@ -96,7 +96,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         export::ExportTarget::Console => {
             eprintln!("agent: no OTLP endpoint set: printing traces here")
         }
-        export::ExportTarget::Otlp { endpoint, protocol } => {
+        export::ExportTarget::Otlp {
+            endpoint, protocol, ..
+        } => {
             eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
         }
     }
@@ -205,7 +207,10 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
 
 /// The TCP port of the OTLP endpoint (explicit, or the protocol's default).
 fn export_port(target: &export::ExportTarget) -> Option<u16> {
-    let export::ExportTarget::Otlp { endpoint, protocol } = target else {
+    let export::ExportTarget::Otlp {
+        endpoint, protocol, ..
+    } = target
+    else {
         return None;
     };
     let url = if endpoint.is_empty() {

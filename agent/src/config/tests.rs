@@ -301,6 +301,46 @@ fn empty_variables_count_as_unset() {
 }
 
 #[test]
+fn only_the_traces_variable_names_the_full_traces_url() {
+    use crate::export::{EndpointForm, ExportTarget};
+    let form = |args: &[&str], env: &[(&str, &str)]| {
+        let (cli, _) = run(args, env, None).expect("valid");
+        match cli.export_config().target {
+            ExportTarget::Otlp { form, endpoint, .. } => (form, endpoint),
+            ExportTarget::Console => panic!("no endpoint"),
+        }
+    };
+    let traces = (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "http://gw/ingest/traces",
+    );
+    let generic = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+    assert_eq!(
+        form(&[], &[traces, generic]),
+        (
+            EndpointForm::TracesUrl,
+            "http://gw/ingest/traces".to_owned()
+        )
+    );
+    assert_eq!(
+        form(&[], &[generic]),
+        (EndpointForm::Base, "http://c:4318".to_owned())
+    );
+    // A flag or the agent's own variable wins over both and is a base URL.
+    assert_eq!(
+        form(&["--otlp-endpoint", "http://flag:4318"], &[traces]),
+        (EndpointForm::Base, "http://flag:4318".to_owned())
+    );
+    assert_eq!(
+        form(
+            &[],
+            &[("EBPF_AGENT_OTLP_ENDPOINT", "http://own:4318"), traces]
+        ),
+        (EndpointForm::Base, "http://own:4318".to_owned())
+    );
+}
+
+#[test]
 fn key_value_options_take_a_mapping() {
     // Options whose values are KEY=VALUE (Kubernetes labels) accept a YAML mapping.
     for opt in all_options()

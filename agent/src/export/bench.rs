@@ -110,6 +110,7 @@ fn export_path() {
                 } else {
                     OtlpProtocol::HttpProtobuf
                 },
+                form: EndpointForm::Base,
             },
             other => panic!("unknown BENCH_MODE {other}"),
         };

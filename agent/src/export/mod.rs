@@ -31,12 +31,24 @@ pub enum ExportTarget {
     /// Compact trace trees on stdout.
     Console,
     /// An OTLP receiver (an OpenTelemetry collector). `endpoint`: for gRPC the URL as is
-    /// (e.g. `http://localhost:4317`); for HTTP/protobuf the base URL (e.g.
-    /// `http://localhost:4318`) to which `/v1/traces` is appended. Empty: the protocol's default.
+    /// (e.g. `http://localhost:4317`); for HTTP/protobuf see [`EndpointForm`]. Empty: the
+    /// protocol's default.
     Otlp {
         endpoint: String,
         protocol: OtlpProtocol,
+        form: EndpointForm,
     },
+}
+
+/// What an HTTP/protobuf endpoint names (the OTLP exporter specification's two variables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointForm {
+    /// A base URL (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT`, e.g.
+    /// `http://localhost:4318`): `/v1/traces` is appended unless the URL already ends with it.
+    #[default]
+    Base,
+    /// The traces URL itself (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): used as is.
+    TracesUrl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,10 +284,15 @@ pub(crate) fn spawn_with_console_output(
     let tally = Arc::new(Tally::default());
     let sink = match &cfg.target {
         ExportTarget::Console => Sink::Console(ConsoleSink::new(out)),
-        ExportTarget::Otlp { endpoint, protocol } => {
+        ExportTarget::Otlp {
+            endpoint,
+            protocol,
+            form,
+        } => {
             let sink = OtlpSink::new(
                 endpoint,
                 *protocol,
+                *form,
                 cfg.timeout,
                 cfg.max_batch,
                 Arc::clone(&stats),

@@ -14,7 +14,7 @@ use tokio::task::{Id, JoinError, JoinSet};
 
 use super::encode::{self, PartialSuccess, ResourcePart};
 use super::transport::{GrpcTransport, HttpTransport, Transport, parse_http_url};
-use super::{ExportError, OtlpProtocol, Tally};
+use super::{EndpointForm, ExportError, OtlpProtocol, Tally};
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
 
@@ -39,11 +39,13 @@ pub struct ResolvedEndpoint {
 
 /// Resolves `endpoint` per the OTLP exporter specification: for gRPC the URL as given (default
 /// `http://localhost:4317`); for HTTP/protobuf a base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`-style,
-/// default `http://localhost:4318`) to which `/v1/traces` is appended. A URL that already ends
-/// in `/v1/traces` is kept as is; `host:port` without a scheme means `http://host:port`.
+/// default `http://localhost:4318`) to which `/v1/traces` is appended unless it already ends
+/// with it, or, for [`EndpointForm::TracesUrl`], the URL as given. `host:port` without a
+/// scheme means `http://host:port`.
 pub fn resolve_endpoint(
     endpoint: &str,
     protocol: OtlpProtocol,
+    form: EndpointForm,
 ) -> Result<ResolvedEndpoint, ExportError> {
     let given = endpoint.trim();
     let base = if given.is_empty() {
@@ -79,6 +81,7 @@ pub fn resolve_endpoint(
     }
     let url = match protocol {
         OtlpProtocol::Grpc => base,
+        OtlpProtocol::HttpProtobuf if form == EndpointForm::TracesUrl => base,
         OtlpProtocol::HttpProtobuf => {
             let trimmed = base.trim_end_matches('/');
             if trimmed.ends_with("/v1/traces") {
@@ -145,12 +148,13 @@ impl OtlpSink {
     pub fn new(
         endpoint: &str,
         protocol: OtlpProtocol,
+        form: EndpointForm,
         timeout: Duration,
         max_batch: usize,
         stats: Arc<Stats>,
         tally: Arc<Tally>,
     ) -> Result<Self, ExportError> {
-        let resolved = resolve_endpoint(endpoint, protocol)?;
+        let resolved = resolve_endpoint(endpoint, protocol, form)?;
         let invalid = |reason: String| ExportError::InvalidEndpoint {
             endpoint: endpoint.to_owned(),
             reason,
@@ -478,7 +482,7 @@ mod tests {
     use super::*;
 
     fn url(endpoint: &str, protocol: OtlpProtocol) -> String {
-        match resolve_endpoint(endpoint, protocol) {
+        match resolve_endpoint(endpoint, protocol, EndpointForm::Base) {
             Ok(r) => r.url,
             Err(e) => format!("error: {e}"),
         }
@@ -508,17 +512,38 @@ mod tests {
             "http://collector:4318/v1/traces"
         );
         assert!(matches!(
-            resolve_endpoint("https://c:4317", Grpc),
+            resolve_endpoint("https://c:4317", Grpc, EndpointForm::Base),
             Err(ExportError::TlsUnsupported { .. })
         ));
         assert!(matches!(
-            resolve_endpoint("ftp://c", Grpc),
+            resolve_endpoint("ftp://c", Grpc, EndpointForm::Base),
             Err(ExportError::InvalidEndpoint { .. })
         ));
         assert!(matches!(
-            resolve_endpoint("http://", HttpProtobuf),
+            resolve_endpoint("http://", HttpProtobuf, EndpointForm::Base),
             Err(ExportError::InvalidEndpoint { .. })
         ));
+    }
+
+    #[test]
+    fn traces_url_is_used_as_given_for_http() {
+        use OtlpProtocol::*;
+        let traces =
+            |endpoint| match resolve_endpoint(endpoint, HttpProtobuf, EndpointForm::TracesUrl) {
+                Ok(r) => r.url,
+                Err(e) => format!("error: {e}"),
+            };
+        assert_eq!(traces("http://gw/otlp/traces"), "http://gw/otlp/traces");
+        assert_eq!(traces("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+        assert_eq!(traces("c:4318/ingest"), "http://c:4318/ingest");
+        assert!(traces("https://c/v1/traces").starts_with("error"));
+        // gRPC takes every endpoint as given anyway.
+        assert_eq!(
+            resolve_endpoint("http://c:4317", Grpc, EndpointForm::TracesUrl)
+                .map(|r| r.url)
+                .ok(),
+            Some("http://c:4317".to_owned())
+        );
     }
 
     #[tokio::test]
@@ -527,6 +552,7 @@ mod tests {
         let mut sink = OtlpSink::new(
             "127.0.0.1:9",
             OtlpProtocol::Grpc,
+            EndpointForm::Base,
             Duration::from_secs(1),
             512,
             stats,
@@ -568,6 +594,7 @@ mod tests {
         let mut sink = OtlpSink::new(
             "127.0.0.1:9",
             OtlpProtocol::HttpProtobuf,
+            EndpointForm::Base,
             Duration::from_secs(1),
             3,
             Arc::default(),

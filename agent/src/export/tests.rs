@@ -76,7 +76,11 @@ impl Write for SharedBuf {
 fn otlp_config(endpoint: String, protocol: OtlpProtocol) -> ExportConfig {
     ExportConfig {
         timeout: Duration::from_secs(1),
-        ..ExportConfig::new(ExportTarget::Otlp { endpoint, protocol })
+        ..ExportConfig::new(ExportTarget::Otlp {
+            endpoint,
+            protocol,
+            form: EndpointForm::Base,
+        })
     }
 }
 
@@ -502,6 +506,7 @@ async fn recovers_when_the_collector_comes_back() {
     let mut sink = OtlpSink::new(
         &format!("http://127.0.0.1:{port}"),
         OtlpProtocol::HttpProtobuf,
+        EndpointForm::Base,
         Duration::from_secs(1),
         512,
         Arc::clone(&stats),
