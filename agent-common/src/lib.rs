@@ -310,9 +310,10 @@ pub struct TrackedSocket {
     pub pid: u32,
     /// Addresses and ports were sent with an event already: later events omit them.
     pub addresses_sent: u32,
-    /// When the last write on the socket returned: a write's queue-time stamp must be later,
-    /// or it was left behind by an earlier write.
-    pub last_write_return_ns: u64,
+    /// A write's queue-time stamp must be later than this, or it was left behind by an
+    /// earlier write (of this socket, or of a closed one at the same address): when the
+    /// socket's last write returned, else when it was connected or first seen reading.
+    pub write_stamp_floor_ns: u64,
 }
 const _: () = assert!(size_of::<TrackedSocket>() == 16);
 

@@ -75,7 +75,7 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
         let owner = TrackedSocket {
             pid: tgid,
             addresses_sent: 0,
-            last_write_return_ns: 0,
+            write_stamp_floor_ns: unsafe { bpf_ktime_get_ns() },
         };
         let _ = TRACKED_SOCKETS.insert(&cookie, &owner, 0);
         crate::context::makes_calls(tgid);

@@ -95,7 +95,8 @@ pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_ma
 
 /// The last chunk of a TCP write this CPU began to queue: which thread, socket, when (see
 /// `sockets::agent_tcp_sendmsg`). Per CPU, no hashing: the write's send event normally runs on
-/// the same CPU; when it does not (the thread slept and moved), it finds no match.
+/// the same CPU; when it does not (the thread slept and moved), it finds another stamp or a
+/// stale one, which the socket's `write_stamp_floor_ns` rejects.
 #[map]
 pub static SEND_STARTS: PerCpuArray<crate::sockets::SendStart> =
     PerCpuArray::with_max_entries(1, 0);

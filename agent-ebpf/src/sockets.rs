@@ -161,21 +161,22 @@ fn on_socket_io(
     let now = unsafe { bpf_ktime_get_ns() };
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // Addresses and ports go with the first event of a socket only; userspace keeps them.
-    let (send_addresses, last_write_return_ns) = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
+    let (send_addresses, stamp_floor_ns) = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
         Some(t) => unsafe {
             let first = (*t).addresses_sent == 0;
             (*t).addresses_sent = 1;
-            let last = (*t).last_write_return_ns;
+            let floor = (*t).write_stamp_floor_ns;
             if direction == DIR_EGRESS {
-                (*t).last_write_return_ns = now;
+                (*t).write_stamp_floor_ns = now;
             }
-            (first, last)
+            (first, floor)
         },
         None => {
+            // First seen writing: nothing to check this write's stamp against.
             let t = TrackedSocket {
                 pid: tgid,
                 addresses_sent: 1,
-                last_write_return_ns: if direction == DIR_EGRESS { now } else { 0 },
+                write_stamp_floor_ns: now,
             };
             if TRACKED_SOCKETS.insert(&cookie, &t, 0).is_err() {
                 count(|c| c.socket_map_full += 1);
@@ -185,7 +186,7 @@ fn on_socket_io(
     };
     let ts_ns = match queued_ns {
         // Taken during this write: after the previous one returned.
-        Some(ts) if ts > last_write_return_ns => ts,
+        Some(ts) if ts > stamp_floor_ns => ts,
         _ => {
             if direction == DIR_EGRESS {
                 count(|c| c.writes_stamped_at_return += 1);
