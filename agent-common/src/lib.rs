@@ -114,6 +114,10 @@ pub struct DataEvent {
     /// (when the syscall returned if that stamp is missing or stale, or on kernels without
     /// `tcp_sendmsg_locked`).
     pub ts_ns: u64,
+    /// When the bytes began to move: for a TCP write sent in several chunks (large writes),
+    /// when its first chunk was queued; otherwise `ts_ns`. A message that starts in this
+    /// segment started then.
+    pub first_ts_ns: u64,
     /// Socket cookie: unique per socket for the life of the boot, so fd reuse never glues
     /// two connections together.
     pub sock_cookie: u64,
@@ -132,7 +136,7 @@ pub struct DataEvent {
     /// Bit flags, see `DATA_FLAG_*`.
     pub flags: u32,
 }
-const _: () = assert!(size_of::<DataEvent>() == 96);
+const _: () = assert!(size_of::<DataEvent>() == 104);
 
 /// The user buffer could not be read (page not resident): `captured` is 0 though `bytes` is not.
 pub const DATA_FLAG_COPY_FAILED: u32 = 1;

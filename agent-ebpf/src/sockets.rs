@@ -90,14 +90,16 @@ pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Where and when a thread began queueing the last chunk of its current TCP write.
+/// Where and when a thread began queueing the first and the last chunk of its current TCP
+/// write.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SendStart {
     tid: u32,
     _pad: u32,
     sk: u64,
-    ts_ns: u64,
+    first_ns: u64,
+    last_ns: u64,
 }
 
 /// Fires in `tcp_sendmsg_locked` before each chunk of a write is queued (after any wait for
@@ -109,26 +111,34 @@ pub struct SendStart {
 pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
         unsafe {
-            (*slot).tid = bpf_get_current_pid_tgid() as u32;
-            (*slot).sk = ctx.arg(0);
-            (*slot).ts_ns = bpf_ktime_get_ns();
+            let tid = bpf_get_current_pid_tgid() as u32;
+            let sk: u64 = ctx.arg(0);
+            let now = bpf_ktime_get_ns();
+            // The same thread and socket: a further chunk of this write (or a stale stamp,
+            // which the send event tells apart by its time).
+            if (*slot).tid != tid || (*slot).sk != sk {
+                (*slot).tid = tid;
+                (*slot).sk = sk;
+                (*slot).first_ns = now;
+            }
+            (*slot).last_ns = now;
         }
     }
     0
 }
 
-/// The stamp `agent_tcp_sendmsg` left on this CPU for this thread's write on `sk`, if any. It
-/// may still be stale (a write whose send event ran on another CPU leaves its stamp behind):
-/// `on_socket_io` checks it against the socket's last write.
+/// The stamps (first, last chunk) `agent_tcp_sendmsg` left on this CPU for this thread's write
+/// on `sk`, if any. They may still be stale (a write whose send event ran on another CPU
+/// leaves its stamps behind): `on_socket_io` checks them against the socket's last write.
 #[inline(always)]
-fn take_send_start(tid: u32, sk: u64) -> Option<u64> {
+fn take_send_start(tid: u32, sk: u64) -> Option<(u64, u64)> {
     let slot = SEND_STARTS.get_ptr_mut(0)?;
     let stamp = unsafe { *slot };
     if stamp.tid != tid {
         return None;
     }
     unsafe { (*slot).tid = 0 };
-    (stamp.sk == sk).then_some(stamp.ts_ns)
+    (stamp.sk == sk).then_some((stamp.first_ns, stamp.last_ns))
 }
 
 #[inline(always)]
@@ -142,7 +152,7 @@ fn on_socket_io(
     (tgid, tid): (u32, u32),
     bytes: u64,
     direction: u32,
-    queued_ns: Option<u64>,
+    queued_ns: Option<(u64, u64)>,
 ) {
     let sk: u64 = ctx.arg(0);
     if sk == 0 {
@@ -184,14 +194,16 @@ fn on_socket_io(
             (true, 0)
         }
     };
-    let ts_ns = match queued_ns {
-        // Taken during this write: after the previous one returned.
-        Some(ts) if ts > stamp_floor_ns => ts,
+    // Stamps taken during this write are later than the previous one's return.
+    let (first_ts_ns, ts_ns) = match queued_ns {
+        Some((first, last)) if last > stamp_floor_ns => {
+            (if first > stamp_floor_ns { first } else { last }, last)
+        }
         _ => {
             if direction == DIR_EGRESS {
                 count(|c| c.writes_stamped_at_return += 1);
             }
-            now
+            (now, now)
         }
     };
 
@@ -205,6 +217,7 @@ fn on_socket_io(
     ev.pid = tgid;
     ev.tid = tid;
     ev.ts_ns = ts_ns;
+    ev.first_ts_ns = first_ts_ns;
     ev.sock_cookie = cookie;
     ev.bytes = bytes;
     ev.family = family as u32;

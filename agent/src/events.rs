@@ -85,6 +85,7 @@ mod tests {
             fd: 3,
             syscall: SyscallKind::Read as u32,
             ts_ns: 1,
+            first_ts_ns: 1,
             sock_cookie: 99,
             bytes: 10,
             captured,

@@ -322,7 +322,8 @@ impl<S: SpanSink> Pipeline<S> {
                 // leaves its contexts to be discarded here).
                 let known = local != 0 || remote != 0;
                 if !known || (ev.local_port == local && ev.remote_port == remote) {
-                    found.push(KernelContext::new(&ev, h.ts_ns));
+                    // Keyed like the exchange it belongs to: by its request's start.
+                    found.push(KernelContext::new(&ev, h.first_ts_ns.min(h.ts_ns)));
                 } else {
                     Stats::add(&self.stats.kernel_contexts_unmatched, 1);
                 }
@@ -398,6 +399,7 @@ impl<S: SpanSink> Pipeline<S> {
         let seg = Segment {
             direction,
             ts_ns: h.ts_ns,
+            first_ts_ns: h.first_ts_ns.min(h.ts_ns),
             len: h.bytes,
             data: payload,
             tid: h.tid,
@@ -713,6 +715,7 @@ mod tests {
             fd,
             syscall: SyscallKind::Read as u32,
             ts_ns: ts,
+            first_ts_ns: ts,
             sock_cookie: cookie,
             bytes: bytes.len() as u64,
             captured: bytes.len() as u32,
@@ -890,6 +893,7 @@ mod replay_cost {
             fd: 3,
             syscall: SyscallKind::Read as u32,
             ts_ns: ts,
+            first_ts_ns: ts,
             sock_cookie: cookie,
             bytes: payload.len() as u64,
             captured: payload.len() as u32,

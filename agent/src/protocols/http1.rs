@@ -64,8 +64,11 @@ pub enum Role {
 #[derive(Clone, Copy, Debug)]
 pub struct Segment<'a> {
     pub direction: Direction,
-    /// Kernel timestamp of the syscall.
+    /// Kernel timestamp of the syscall (for a write: as its last bytes were queued).
     pub ts_ns: u64,
+    /// When its bytes began to move (a large write's first chunk; else `ts_ns`): the start of
+    /// a message that begins here.
+    pub first_ts_ns: u64,
     /// Exact number of bytes the syscall moved.
     pub len: u64,
     /// Captured prefix of those bytes (`data.len() <= len`).
@@ -589,7 +592,7 @@ impl Http1Stream {
         let captured_to_end = seg.data.len() as u64 == total;
         match parse_head(kind, buf) {
             HeadParse::Complete(n, head) => {
-                self.start_message(d, head, seg.ts_ns, seg.tid, seg.ts_ns, report, out);
+                self.start_message(d, head, seg.first_ts_ns, seg.tid, seg.ts_ns, report, out);
                 Step::At(pos.saturating_add(n as u64))
             }
             HeadParse::Unparsable(start) => {
@@ -610,7 +613,7 @@ impl Http1Stream {
                     let r = &mut self.readers[d];
                     r.head.clear();
                     r.head.extend_from_slice(buf);
-                    r.head_ts = seg.ts_ns;
+                    r.head_ts = seg.first_ts_ns;
                     r.head_tid = seg.tid;
                     r.head_start = start;
                     r.state = ReadState::Head;
@@ -1692,6 +1695,7 @@ user\x00postgres\x00database\x00postgres\x00\x00";
         Segment {
             direction,
             ts_ns,
+            first_ts_ns: ts_ns,
             len: data.len() as u64,
             data,
             tid: 100 + ts_ns as u32,
@@ -1703,6 +1707,7 @@ user\x00postgres\x00database\x00postgres\x00\x00";
         Segment {
             direction,
             ts_ns,
+            first_ts_ns: ts_ns,
             len,
             data,
             tid: 100 + ts_ns as u32,
@@ -1906,6 +1911,30 @@ user\x00postgres\x00database\x00postgres\x00\x00";
         );
         assert_eq!(e.status, Some(201));
         assert_eq!(e.response_body_size, 9);
+        assert_eq!(e.end, Complete);
+    }
+
+    #[test]
+    fn a_large_write_starts_its_message_at_its_first_chunk_and_ends_at_its_last() {
+        // A client writes head and body in one syscall that TCP queued in chunks from time 5
+        // to time 9: the request started at 5 and was sent by 9.
+        let mut request = CURL_POST_HEAD.to_vec();
+        request.extend_from_slice(CURL_POST_BODY);
+        let mut c = Conn::new(Some(Role::Client));
+        c.feed(Segment {
+            first_ts_ns: 5,
+            ..seg(OUT, 9, &request)
+        });
+        // The server answers in one large write too; its head starts the response at 20.
+        c.feed(Segment {
+            first_ts_ns: 20,
+            ..seg(IN, 24, NGINX_201)
+        });
+        assert_eq!(c.out.len(), 1);
+        let e = &c.out[0];
+        assert_eq!(e.request_start_ns, 5);
+        assert_eq!(e.request_end_ns, 9);
+        assert_eq!(e.response_end_ns, Some(24));
         assert_eq!(e.end, Complete);
     }
 

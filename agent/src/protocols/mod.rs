@@ -116,6 +116,7 @@ mod tests {
         Segment {
             direction,
             ts_ns: 1,
+            first_ts_ns: 1,
             len: data.len() as u64,
             data,
             tid: 1,

@@ -232,11 +232,11 @@ impl Pairing {
     }
 }
 
-/// Writes are stamped before their bytes leave and reads after they arrived, so the server's
-/// exchange normally lies inside the client's. Kernels without `tcp_sendmsg_locked` stamp
-/// writes when the syscall returns, and a request written in several chunks is stamped at its
-/// last one: the ends may cross by a little; the request's position on the connection is what
-/// identifies the pair.
+/// Writes are stamped before their bytes leave (a message's start at its write's first chunk,
+/// its end at the last) and reads after they arrived, so the server's exchange normally lies
+/// inside the client's. Kernels without `tcp_sendmsg_locked`, and writes the kernel could not
+/// stamp so (counted), are stamped when the syscall returns: the ends may cross by a little;
+/// the request's position on the connection is what identifies the pair.
 const CLOCK_SLACK_NS: u64 = 2_000_000;
 
 /// The server's exchange lies within the client's (same host, one clock), give or take the

@@ -123,6 +123,7 @@ impl Replay {
         let seg = Segment {
             direction: direction(role, s.frontend),
             ts_ns: s.ts,
+            first_ts_ns: s.ts,
             len: s.len,
             data: &s.data,
             tid: 1000 + (s.ts / 10) as u32,
