@@ -85,7 +85,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     for a in &probes.attached {
         eprintln!("agent: attached {} to {}", a.program, a.hook);
     }
-    if let Some(why) = &probes.send_start_stamps {
+    if let Some(why) = &probes.write_stamps_at_return {
         eprintln!("agent: note: {why}");
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");

@@ -62,8 +62,8 @@ pub struct Attached {
 pub struct Probes {
     ebpf: Ebpf,
     pub attached: Vec<Attached>,
-    /// Why sends are stamped at the syscall's return instead of as their bytes are queued.
-    pub send_start_stamps: Option<String>,
+    /// Why writes are stamped at the syscall's return instead of as their chunks are queued.
+    pub write_stamps_at_return: Option<String>,
     /// Injection asked for but not possible (attach or canary failed): why. The caller
     /// reloads without it.
     pub propagation_failed: Option<String>,
@@ -80,9 +80,9 @@ const TP_BTF: &[(&str, &str)] = &[
     ("agent_process_fork", "sched_process_fork"),
 ];
 
-/// Optional: stamps sends before their last bytes are queued (see
-/// `agent_tcp_sendmsg`); without it, sends are stamped when the syscall returns.
-const SEND_START_TP_BTF: (&str, &str) = ("agent_tcp_sendmsg", "tcp_sendmsg_locked");
+/// Optional: stamps writes as their chunks are queued (see `agent_tcp_sendmsg`); without it,
+/// writes are stamped when the syscall returns.
+const WRITE_STAMP_TP_BTF: (&str, &str) = ("agent_tcp_sendmsg", "tcp_sendmsg_locked");
 
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("agent_exit_accept4", "syscalls", "sys_exit_accept4"),
@@ -91,6 +91,7 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("agent_process_exit", "sched", "sched_process_exit"),
 ];
 
+/// Loads and attaches one `tp_btf` program.
 fn attach_tp_btf(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
@@ -147,15 +148,15 @@ impl Probes {
         for &(name, tp) in TP_BTF {
             attached.push(attach_tp_btf(&mut ebpf, &kernel_btf, name, tp)?);
         }
-        let (name, tp) = SEND_START_TP_BTF;
-        let send_start_stamps = match attach_tp_btf(&mut ebpf, &kernel_btf, name, tp) {
+        let (name, tp) = WRITE_STAMP_TP_BTF;
+        let write_stamps_at_return = match attach_tp_btf(&mut ebpf, &kernel_btf, name, tp) {
             Ok(a) => {
                 attached.push(a);
                 None
             }
             Err(e) => Some(format!(
-                "{e}: send events are stamped when the send returns, so a sender preempted \
-                 in between ends its span late"
+                "{e}: writes are stamped when they return, so a sender held up in between \
+                 ends its span late"
             )),
         };
         for &(name, category, tp) in TRACEPOINTS {
@@ -200,7 +201,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             attached,
-            send_start_stamps,
+            write_stamps_at_return,
             propagation_failed,
             canary_counts,
             injecting,
