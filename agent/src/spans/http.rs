@@ -4,6 +4,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use super::{
     context::{Clock, IdGenerator, parse_traceparent},
+    ip_text,
     model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
 };
 use crate::protocols::http1::{ExchangeEnd, HttpExchange, Role};
@@ -57,14 +58,20 @@ fn split_target(target: &str) -> (&str, Option<&str>) {
 
 /// Keeps query keys, replaces every value: query strings carry tokens and personal data.
 pub fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) => format!("{k}=REDACTED"),
-            None => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(query.len() + 16);
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((key, _)) => {
+                out.push_str(key);
+                out.push_str("=REDACTED");
+            }
+            None => out.push_str(pair),
+        }
+    }
+    out
 }
 
 /// A low-cardinality form of a path for span names: segments that look like ids
@@ -168,17 +175,14 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
     if let Some(remote) = remote {
         let network_type = if remote.is_ipv4() { "ipv4" } else { "ipv6" };
         attrs.push(Attribute::str("network.type", network_type));
-        attrs.push(Attribute::str(
-            "network.peer.address",
-            remote.ip().to_string(),
-        ));
+        attrs.push(Attribute::str("network.peer.address", ip_text(remote.ip())));
         attrs.push(Attribute::int("network.peer.port", remote.port().into()));
     }
     let (host_addr, host_port) = req.host.as_deref().map(split_host).unzip();
     let host_port = host_port.flatten();
     match kind {
         SpanKind::Server => {
-            let address = host_addr.or_else(|| local.map(|l| l.ip().to_string()));
+            let address = host_addr.or_else(|| local.map(|l| ip_text(l.ip())));
             if let Some(address) = address {
                 attrs.push(Attribute::str("server.address", address));
             }
@@ -186,12 +190,12 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
                 attrs.push(Attribute::int("server.port", port.into()));
             }
             if let Some(remote) = remote {
-                attrs.push(Attribute::str("client.address", remote.ip().to_string()));
+                attrs.push(Attribute::str("client.address", ip_text(remote.ip())));
                 attrs.push(Attribute::int("client.port", remote.port().into()));
             }
         }
         SpanKind::Client => {
-            let server = host_addr.or_else(|| remote.map(|r| r.ip().to_string()));
+            let server = host_addr.or_else(|| remote.map(|r| ip_text(r.ip())));
             let port = host_port.or(remote.map(|r| r.port()));
             if let (Some(server), Some(port)) = (&server, port) {
                 let mut full = format!("http://{server}:{port}{path}");
@@ -472,5 +476,34 @@ mod tests {
         assert_eq!(split_target("http://h:1"), ("/", None));
         assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
         assert_eq!(split_host("h"), ("h".to_string(), None));
+    }
+
+    #[test]
+    fn query_values_are_redacted_and_keys_kept() {
+        for (query, want) in [
+            ("", ""),
+            ("page=1", "page=REDACTED"),
+            ("a=1&b&c=", "a=REDACTED&b&c=REDACTED"),
+            ("a&&b=x=y", "a&&b=REDACTED"),
+            ("=v", "=REDACTED"),
+        ] {
+            assert_eq!(redact_query(query), want, "{query:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn redaction_keeps_every_pair_and_no_value(query in "[a-z=&%0-9]{0,24}") {
+            let out = redact_query(&query);
+            let pairs: Vec<&str> = query.split('&').collect();
+            let redacted: Vec<&str> = out.split('&').collect();
+            proptest::prop_assert_eq!(pairs.len(), redacted.len());
+            for (pair, r) in pairs.iter().zip(&redacted) {
+                match pair.split_once('=') {
+                    Some((key, _)) => proptest::prop_assert_eq!(r.to_string(), format!("{key}=REDACTED")),
+                    None => proptest::prop_assert_eq!(r, pair),
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 use super::{
     context::{Clock, IdGenerator},
     http::ConnInfo,
+    ip_text,
     model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
 };
 use crate::protocols::{
@@ -126,14 +127,11 @@ pub fn build_db_span(
         SpanKind::Server => local,
     };
     if let Some(server) = server_side {
-        attrs.push(Attribute::str("server.address", server.ip().to_string()));
+        attrs.push(Attribute::str("server.address", ip_text(server.ip())));
         attrs.push(Attribute::int("server.port", server.port().into()));
     }
     if let Some(peer) = remote {
-        attrs.push(Attribute::str(
-            "network.peer.address",
-            peer.ip().to_string(),
-        ));
+        attrs.push(Attribute::str("network.peer.address", ip_text(peer.ip())));
         attrs.push(Attribute::int("network.peer.port", peer.port().into()));
     }
 
