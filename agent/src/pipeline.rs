@@ -161,6 +161,11 @@ fn pair_key(info: ConnInfo, role: Role, exchanges: &mut u64) -> Option<PairKey> 
     })
 }
 
+/// When the event's bytes began to move (never after its own stamp).
+fn first_ts(h: &DataEvent) -> u64 {
+    h.first_ts_ns.min(h.ts_ns)
+}
+
 /// The kernel context of the request that started at `start_ns` in the role's request
 /// direction. Contexts older than it can no longer match (exchanges end in request order):
 /// they are dropped and counted.
@@ -323,7 +328,7 @@ impl<S: SpanSink> Pipeline<S> {
                 let known = local != 0 || remote != 0;
                 if !known || (ev.local_port == local && ev.remote_port == remote) {
                     // Keyed like the exchange it belongs to: by its request's start.
-                    found.push(KernelContext::new(&ev, h.first_ts_ns.min(h.ts_ns)));
+                    found.push(KernelContext::new(&ev, first_ts(h)));
                 } else {
                     Stats::add(&self.stats.kernel_contexts_unmatched, 1);
                 }
@@ -399,7 +404,7 @@ impl<S: SpanSink> Pipeline<S> {
         let seg = Segment {
             direction,
             ts_ns: h.ts_ns,
-            first_ts_ns: h.first_ts_ns.min(h.ts_ns),
+            first_ts_ns: first_ts(h),
             len: h.bytes,
             data: payload,
             tid: h.tid,
