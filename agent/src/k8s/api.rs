@@ -42,15 +42,22 @@ pub enum ConfigError {
     },
     #[error("{path} holds no PEM certificate: cannot verify the Kubernetes API server")]
     NoCa { path: PathBuf },
-    #[error(
-        "cannot read the service account token {path}: {source}; the pod needs its service \
-         account credentials mounted (automountServiceAccountToken: true)"
-    )]
-    Token {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Token(#[from] TokenUnreadable),
+}
+
+/// The service account token cannot be read: checked at start-up and re-read for each request
+/// (the kubelet rotates it).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read the service account token {}: {source}; the pod needs its service account \
+     credentials mounted (automountServiceAccountToken: true)",
+    path.display()
+)]
+pub struct TokenUnreadable {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +80,8 @@ pub enum ApiError {
         #[source]
         source: ureq::Error,
     },
-    #[error(
-        "cannot read the service account token {path}: {source}; the pod needs its service \
-         account credentials mounted (automountServiceAccountToken: true)"
-    )]
-    Token {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Token(#[from] TokenUnreadable),
     #[error(
         "the Kubernetes API rejected the agent's service account token (401 Unauthorized: \
          {message}); check that the pod mounts a current projected service account token"
@@ -145,7 +145,7 @@ impl ApiClient {
         )?;
         let ca = dir.join("ca.crt");
         let token = dir.join("token");
-        std::fs::metadata(&token).map_err(|source| ConfigError::Token {
+        std::fs::metadata(&token).map_err(|source| TokenUnreadable {
             path: token.clone(),
             source,
         })?;
@@ -200,7 +200,7 @@ impl ApiClient {
             .get(format!("{}{path_and_query}", self.base))
             .header("Accept", "application/json");
         if let Some(path) = &self.token {
-            let token = std::fs::read_to_string(path).map_err(|source| ApiError::Token {
+            let token = std::fs::read_to_string(path).map_err(|source| TokenUnreadable {
                 path: path.clone(),
                 source,
             })?;
@@ -610,5 +610,29 @@ mod tests {
         std::fs::write(&ca, include_str!("testdata/tls/ca.crt")).expect("write");
         assert!(ApiClient::with_ca(base(), &ca, None).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unreadable_token_names_the_file_and_the_fix_in_both_errors() {
+        let unreadable = || TokenUnreadable {
+            path: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        for text in [
+            ConfigError::from(unreadable()).to_string(),
+            ApiError::from(unreadable()).to_string(),
+        ] {
+            assert!(
+                text.starts_with(
+                    "cannot read the service account token \
+                     /var/run/secrets/kubernetes.io/serviceaccount/token: "
+                ),
+                "{text}"
+            );
+            assert!(
+                text.ends_with("(automountServiceAccountToken: true)"),
+                "{text}"
+            );
+        }
     }
 }
