@@ -274,7 +274,6 @@ fn the_dockerfile_uses_the_repository_toolchains_and_pinned_images() {
     let dockerfile = read("deploy/docker/Dockerfile");
     let setup = read("xtask/src/setup.rs");
     let build = read("agent/build.rs");
-    let toolchain = read("rust-toolchain.toml");
 
     // Defaults of the ARGs declared before the first FROM (usable in FROM lines).
     let mut args = Vec::new();
@@ -289,15 +288,10 @@ fn the_dockerfile_uses_the_repository_toolchains_and_pinned_images() {
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("the Dockerfile has no ARG {name}=..."))
     };
-    let channel = toolchain
-        .lines()
-        .find_map(|l| l.strip_prefix("channel = \""))
-        .and_then(|l| l.split('"').next())
-        .expect("rust-toolchain.toml channel");
     assert_eq!(
         arg("RUST_VERSION"),
-        channel,
-        "RUST_VERSION vs rust-toolchain.toml"
+        rust_const(&setup, "RUST_TOOLCHAIN"),
+        "RUST_VERSION vs xtask's RUST_TOOLCHAIN"
     );
     assert_eq!(arg("EBPF_TOOLCHAIN"), rust_const(&setup, "EBPF_TOOLCHAIN"));
     assert_eq!(arg("EBPF_TOOLCHAIN"), rust_const(&build, "EBPF_TOOLCHAIN"));
@@ -375,7 +369,7 @@ fn the_dockerignore_keeps_every_workspace_member() {
             ".dockerignore drops the workspace member {member}"
         );
     }
-    for file in ["Cargo.toml", "Cargo.lock", "rust-toolchain.toml"] {
+    for file in ["Cargo.toml", "Cargo.lock"] {
         assert!(!ignored.contains(&file), ".dockerignore drops {file}");
     }
 }

@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <command>
   setup [--test-deps]   install the eBPF toolchain (and what the tests need)
+  build                 set up, build the agent (release): target/release/agent
   run [-- AGENT ARGS]   set up, build the agent (release) and run it
   test                  set up, run every test: unit tests, then privileged end-to-end tests (root)
   bench [pg|--only nginx|pg] [--pairs N]  nginx + wrk, pgbench -S: with and without the agent; BENCHMARKS.md";
@@ -27,6 +28,12 @@ fn main() -> Result<()> {
         .unwrap_or(("", &[]));
     match cmd {
         "setup" => setup::run(rest.iter().any(|a| a == "--test-deps")),
+        "build" => {
+            setup::run(false)?;
+            let agent = build_agent()?;
+            println!("{}", agent.display());
+            Ok(())
+        }
         "run" => run_agent(rest),
         "test" => test(),
         "bench" => bench::run(rest),
@@ -55,8 +62,11 @@ pub fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// cargo of the project's userspace toolchain (see `setup::RUST_TOOLCHAIN`), whatever toolchain
+/// built xtask itself.
 pub fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = Command::new("rustup");
+    c.args(["run", setup::RUST_TOOLCHAIN, "cargo"]);
     c.current_dir(workspace_root());
     c
 }

@@ -6,6 +6,12 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::sh;
 
+/// The toolchain that builds the userspace crates: aya 0.16 needs rustc >= 1.98, newer than the
+/// stable toolchain a fresh machine has. There is no rust-toolchain.toml on purpose: with
+/// `RUSTUP_AUTO_INSTALL=0` (common, and set on our machines) a pinned toolchain that is not
+/// installed stops every `cargo` command before xtask could install it. So xtask itself builds
+/// with whatever toolchain is the default, installs this one, and runs cargo through it.
+pub const RUST_TOOLCHAIN: &str = "1.99.1";
 /// The nightly that builds the eBPF object: rustc >= 1.98 (aya-ebpf 0.3) with LLVM 22,
 /// which bpf-linker 0.13 is built against. Keep in sync with agent/build.rs.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
@@ -84,30 +90,42 @@ fn pip_install(packages: &[(&str, &str)]) -> Result<()> {
         .args(&missing))
 }
 
-pub fn run(test_deps: bool) -> Result<()> {
-    // The eBPF toolchain: a pinned nightly with rust-src (for -Z build-std=core).
+/// Installs `toolchain` with rustup (profile minimal) unless it and `components` are there.
+fn rustup_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
     let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
-    let components = output(Command::new("rustup").args([
+    let have_components = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        EBPF_TOOLCHAIN,
+        toolchain,
     ]))
     .unwrap_or_default();
-    if !installed.contains(EBPF_TOOLCHAIN) || !components.contains("rust-src") {
-        eprintln!("xtask: installing toolchain {EBPF_TOOLCHAIN} with rust-src");
-        sh(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            EBPF_TOOLCHAIN,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))
-        .context("rustup could not install the eBPF toolchain")?;
+    let complete = installed.lines().any(|l| l.starts_with(toolchain))
+        && components
+            .iter()
+            .all(|c| have_components.lines().any(|l| l.starts_with(c)));
+    if complete {
+        return Ok(());
     }
+    eprintln!("xtask: installing toolchain {toolchain} with {components:?}");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+    for c in components {
+        cmd.args(["--component", c]);
+    }
+    sh(&mut cmd).with_context(|| format!("rustup could not install the toolchain {toolchain}"))
+}
+
+/// The userspace toolchain (with the lints CI runs), installed when missing.
+pub fn rust_toolchain() -> Result<()> {
+    rustup_toolchain(RUST_TOOLCHAIN, &["clippy", "rustfmt"])
+}
+
+pub fn run(test_deps: bool) -> Result<()> {
+    rust_toolchain()?;
+    // The eBPF toolchain: a pinned nightly with rust-src (for -Z build-std=core).
+    rustup_toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
 
     // bpf-linker built against LLVM 22 (the current release wants a newer LLVM than Debian has).
     let linker_ok = output(Command::new("bpf-linker").arg("--version"))
@@ -115,7 +133,7 @@ pub fn run(test_deps: bool) -> Result<()> {
     if !linker_ok {
         apt_install(&["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"])?;
         eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} (LLVM 22), about 2 minutes");
-        sh(Command::new("cargo")
+        sh(crate::cargo()
             .args([
                 "install",
                 "bpf-linker",
