@@ -36,6 +36,9 @@ pub enum EventKind {
     Fork = 7,
     /// Trace context the kernel chose for a request: [`ContextEvent`].
     Context = 8,
+    /// An enrolled client socket left the injector's map because its peer answered:
+    /// [`ParkEvent`].
+    Parked = 9,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -50,6 +53,7 @@ impl TryFrom<u32> for EventKind {
             6 => Self::Exec,
             7 => Self::Fork,
             8 => Self::Context,
+            9 => Self::Parked,
             other => return Err(other),
         })
     }
@@ -222,8 +226,20 @@ pub struct KernelStats {
     /// last chunk was queued (the thread changed CPUs mid-write, several threads wrote on the
     /// socket at once, or no `tcp_sendmsg_locked`).
     pub writes_stamped_at_return: u64,
+    /// Enrolled client sockets taken out of the injector's map when their peer answered, so
+    /// the answer is read exactly as without the agent (see `SEND_FLAG_PARKED`).
+    pub sockets_parked: u64,
+    /// Requests written while their socket was out of the injector's map (sent before it
+    /// rejoined): not injected; the socket's framing is lost with them.
+    pub requests_sent_parked: u64,
+    /// Outgoing `traceparent` headers whose trace id or parent id was all zeros: rewritten in
+    /// place with valid ids.
+    pub traceparent_invalid_rewritten: u64,
+    /// Outgoing `traceparent` headers not in the version-00 form (or not hex): left as they
+    /// were, the request's span keeps ids of its own.
+    pub traceparent_invalid_kept: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 144);
+const _: () = assert!(size_of::<KernelStats>() == 176);
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;
@@ -290,11 +306,43 @@ pub const THREAD_FLAG_AMBIGUOUS: u32 = 2;
 pub struct SendState {
     /// `SEND_*`.
     pub mode: u32,
-    pub _pad: u32,
+    /// `SEND_FLAG_*`.
+    pub flags: u32,
     /// Body bytes still to come before the next request (mode [`SEND_BODY`]).
     pub remaining: u64,
+    /// Bytes of the current write the injector saw (sizes before insertion); the write's
+    /// return compares them with its length, and accounts for bytes the injector did not see.
+    pub seen: u64,
+    /// Writes on the socket that moved bytes, counted as they return (userspace compares
+    /// them with the write events it received).
+    pub writes: u64,
 }
-const _: () = assert!(size_of::<SendState>() == 16);
+const _: () = assert!(size_of::<SendState>() == 32);
+
+/// The socket is out of the injector's map: its peer answered (an ACK of our bytes, or data),
+/// and a socket in a socket map reads differently on some kernels (FIONREAD counts only the
+/// map's own queue, readiness wake-ups can be lost). Userspace puts it back once the answer
+/// has been read and nothing is pending.
+pub const SEND_FLAG_PARKED: u32 = 1;
+
+/// An enrolled socket left the injector's map (see [`SEND_FLAG_PARKED`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ParkEvent {
+    pub kind: u32,
+    /// The socket's [`SendState::mode`] when it was parked.
+    pub mode: u32,
+    /// Process that connected the socket (0: unknown).
+    pub pid: u32,
+    pub _pad: u32,
+    pub sock_cookie: u64,
+    /// The socket's address: the key of the injector's send states.
+    pub sk: u64,
+    /// [`SendState::writes`] when it was parked.
+    pub writes: u64,
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<ParkEvent>() == 48);
 
 /// The next byte starts a request.
 pub const SEND_BOUNDARY: u32 = 0;
@@ -338,8 +386,12 @@ pub struct KernelOffsets {
     /// `struct task_struct.pid` and `.tgid` (i32): tell a new process from a new thread.
     pub task_pid: u32,
     pub task_tgid: u32,
+    /// `struct tcp_sock.rcv_nxt` and `.copied_seq` (u32): their difference is the unread
+    /// bytes of a TCP socket.
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 40);
+const _: () = assert!(size_of::<KernelOffsets>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -347,4 +399,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelStats {}
     unsafe impl aya::Pod for super::ThreadContext {}
     unsafe impl aya::Pod for super::SendState {}
+    unsafe impl aya::Pod for super::TrackedSocket {}
 }

@@ -152,6 +152,22 @@ pub fn on_write(tid: u32, cookie: u64) {
     }
 }
 
+/// A client request the thread sent without the injector (its socket was parked): userspace
+/// may link it to the request the thread serves, so it counts against that request's bound
+/// like an injected one.
+#[inline(always)]
+pub fn note_unseen_call(tid: u32) {
+    if !in_process_linking() {
+        return;
+    }
+    if let Some(ctx) = THREAD_CONTEXTS.get_ptr_mut(&tid) {
+        let ctx = unsafe { &mut *ctx };
+        if ctx.flags & THREAD_FLAG_ANSWERED == 0 {
+            ctx.children += 1;
+        }
+    }
+}
+
 /// The server span a client request sent now by `tid` belongs to: (trace id, span id), or
 /// `None` (not serving, answered, ambiguous, too old, or the trace reached its cap).
 #[inline(always)]

@@ -107,6 +107,7 @@ pub fn starts_request(buf: *const u8, len: u32) -> bool {
 /// Who scans: the read path and the injector each have their own state.
 pub const SCAN_READ: u32 = 0;
 pub const SCAN_INJECT: u32 = 1;
+pub const SCAN_SEND: u32 = 2;
 
 /// Scans `len` bytes (at most [`HEAD_WINDOW`]) of `buf`, which must point into a map value
 /// of at least `MASK + 1 + 32` bytes. Two passes: line ends, then the lines.

@@ -9,10 +9,19 @@
 //! header's parent id in place (same length). Anything it cannot frame with certainty (not
 //! HTTP, a head split over writes or larger than the window, a chunked body) makes it stop
 //! injecting on that socket: it never guesses where a request starts.
+//!
+//! Some kernels' socket maps change how a socket reads (FIONREAD counts only the map's own
+//! queue; readiness wake-ups have been reported lost). There, chosen at start-up by the canary,
+//! the application must never read from a socket in the map ("parking"): the sock_ops program
+//! takes it out as soon as the peer answers — the ACK of our bytes, or data — before the
+//! answer can be read, and userspace puts it back once the answer has been read and nothing is
+//! pending. A write made while parked is not injected; the send path accounts for its bytes
+//! (`account_write`), so the framing stays exact or is declared lost.
 
 use agent_common::{
     CONTEXT_CLIENT, CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN,
-    ContextEvent, EventKind, SEND_BODY, SEND_BOUNDARY, SEND_LOST, SendState, TRACEPARENT_LINE_LEN,
+    ContextEvent, EventKind, ParkEvent, SEND_BODY, SEND_BOUNDARY, SEND_FLAG_PARKED, SEND_LOST,
+    SendState, TRACEPARENT_LINE_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_ops, sk_action::SK_PASS},
@@ -20,7 +29,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{
-            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_pull_data, bpf_probe_read_kernel,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_msg_pull_data,
+            bpf_probe_read_kernel,
         },
     },
     macros::{sk_msg, sock_ops},
@@ -34,18 +44,27 @@ use crate::{
     },
     maps::{
         INJECT_CONTINUATION, INJECT_PROGRAMS, INJECT_SCRATCH, SEND_STATES, SOCKETS_TO_INJECT,
-        TRACKED_SOCKETS, count, emit,
+        TRACKED_SOCKETS, count, emit, parking,
     },
 };
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+/// An ACK of our bytes with a round-trip sample (`BPF_SOCK_OPS_RTT_CB_FLAG`).
+const BPF_SOCK_OPS_RTT_CB: u32 = 12;
+/// A received segment that took the slow path (`BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG`): data
+/// that acknowledges nothing new (a server that speaks first) arrives here, not as an RTT.
+const BPF_SOCK_OPS_PARSE_HDR_OPT_CB: u32 = 13;
+const BPF_SOCK_OPS_RTT_CB_FLAG: u32 = 1 << 3;
+const BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG: u32 = 1 << 4;
 /// Requests handled in one message (pipelining); more makes the socket's framing lost.
 const MAX_REQUESTS_PER_MESSAGE: u32 = 16;
 
 #[sock_ops]
 pub fn agent_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        enroll(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => enroll(&ctx),
+        BPF_SOCK_OPS_RTT_CB | BPF_SOCK_OPS_PARSE_HDR_OPT_CB => park(&ctx),
+        _ => {}
     }
     1
 }
@@ -63,8 +82,7 @@ fn enroll(ctx: &SockOpsContext) {
     }
     let fresh = SendState {
         mode: SEND_BOUNDARY,
-        _pad: 0,
-        remaining: 0,
+        ..SendState::default()
     };
     let enrolled = SEND_STATES.insert(&sk, &fresh, 0).is_ok()
         && SOCKETS_TO_INJECT
@@ -73,7 +91,24 @@ fn enroll(ctx: &SockOpsContext) {
                 unsafe { &mut *(ops as *mut bpf_sock_ops) },
                 BPF_ANY as u64,
             )
-            .is_ok();
+            .is_ok()
+        // Tell us when the peer answers (see `park`); without it the socket cannot stay.
+        && (!parking()
+            || ctx
+                .set_cb_flags(
+                    (ctx.cb_flags()
+                        | BPF_SOCK_OPS_RTT_CB_FLAG
+                        | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32,
+                )
+                .is_ok());
+    if !enrolled {
+        unsafe {
+            bpf_map_delete_elem(
+                &SOCKETS_TO_INJECT as *const _ as *mut c_void,
+                &cookie as *const u64 as *const c_void,
+            )
+        };
+    }
     count(|c| {
         if enrolled {
             c.sockets_enrolled += 1;
@@ -81,6 +116,153 @@ fn enroll(ctx: &SockOpsContext) {
             c.enroll_failed += 1;
         }
     });
+}
+
+/// The peer answered: take the socket out of the injector's map before the answer can be read
+/// (this runs in the receive path, before the segment's data is queued or anyone is woken).
+#[inline(always)]
+fn park(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let cookie = unsafe { bpf_get_socket_cookie(ops as *mut c_void) };
+    let removed = unsafe {
+        bpf_map_delete_elem(
+            &SOCKETS_TO_INJECT as *const _ as *mut c_void,
+            &cookie as *const u64 as *const c_void,
+        )
+    } == 0;
+    if !removed {
+        // Parked already, or never enrolled.
+        return;
+    }
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk } as u64;
+    let (mode, writes) = match SEND_STATES.get_ptr_mut(&sk) {
+        Some(state) => unsafe {
+            (*state).flags |= SEND_FLAG_PARKED;
+            ((*state).mode, (*state).writes)
+        },
+        None => (SEND_LOST, 0),
+    };
+    let pid = TRACKED_SOCKETS
+        .get_ptr(&cookie)
+        .map(|t| unsafe { (*t).pid })
+        .unwrap_or(0);
+    count(|c| c.sockets_parked += 1);
+    emit(ParkEvent {
+        kind: EventKind::Parked as u32,
+        mode,
+        pid,
+        _pad: 0,
+        sock_cookie: cookie,
+        sk,
+        writes,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    });
+}
+
+/// The send path's view of one write on an enrolled socket, when it returns (`ret` < 0: it
+/// failed): the injector must have seen exactly its bytes. Bytes it did not see (the socket
+/// was parked, or left the map in the middle of the write) are accounted here: inside a body
+/// they only shorten it; a request that starts unseen went out without a header, and its head
+/// (in `buf`, the write's first `captured` bytes) tells where the next one starts.
+#[inline(always)]
+pub fn account_write(sk: u64, tid: u32, ret: i64, buf: *const u8, captured: u32) {
+    let Some(state) = SEND_STATES.get_ptr_mut(&sk) else {
+        return;
+    };
+    let state = unsafe { &mut *state };
+    // Counted like the data events userspace gets (one per write that moved bytes).
+    state.writes += (ret > 0) as u64;
+    let seen = state.seen;
+    state.seen = 0;
+    let bytes = if ret > 0 { ret as u64 } else { 0 };
+    if seen == bytes || state.mode == SEND_LOST {
+        return;
+    }
+    if seen > bytes {
+        // The injector framed bytes the write did not send (a failed or short write that
+        // the caller will repeat): its position is wrong from here.
+        lose(state);
+        return;
+    }
+    let missed = bytes - seen;
+    if state.mode == SEND_BODY && missed <= state.remaining {
+        state.remaining -= missed;
+        if state.remaining == 0 {
+            state.mode = SEND_BOUNDARY;
+        }
+        return;
+    }
+    // A request starts in the unseen bytes, after the rest of the body (if any).
+    let start = seen
+        + if state.mode == SEND_BODY {
+            state.remaining
+        } else {
+            0
+        };
+    count(|c| c.requests_sent_parked += 1);
+    context::note_unseen_call(tid);
+    frame_unseen(state, buf, captured, start, bytes);
+}
+
+/// Follows a request the injector did not see, starting at `start` of a write of `bytes`
+/// whose first `captured` bytes are in `buf` (the send path's scratch copy): its head must be
+/// there in full, and it must be the write's last request.
+#[inline(always)]
+fn frame_unseen(state: &mut SendState, buf: *const u8, captured: u32, start: u64, bytes: u64) {
+    // Offsets into the scratch copy stay within its bounds for the verifier (see `scan`).
+    if start >= UNSEEN_START_LIMIT || start >= captured as u64 {
+        lose(state);
+        return;
+    }
+    let start = start as u32 & (UNSEEN_START_LIMIT as u32 - 1);
+    let p = unsafe { buf.add(start as usize) };
+    let n = captured - start;
+    if !http_head::starts_request(p, n) {
+        lose(state);
+        return;
+    }
+    let Some(head) = http_head::scan(p, n, http_head::SCAN_SEND) else {
+        lose(state);
+        return;
+    };
+    if head.flags & (HEAD_BAD | HEAD_CHUNKED) != 0 || head.head_end == 0 {
+        lose(state);
+        return;
+    }
+    let next = start as u64 + head.head_end as u64 + head.content_length;
+    if next > bytes {
+        state.mode = SEND_BODY;
+        state.remaining = next - bytes;
+    } else if next == bytes {
+        state.mode = SEND_BOUNDARY;
+        state.remaining = 0;
+    } else {
+        // Several requests in one unseen write: not followed here.
+        lose(state);
+    }
+}
+
+/// A request in unseen bytes is followed only if it starts this early in its write.
+const UNSEEN_START_LIMIT: u64 = 4096;
+
+/// A read on a parked socket left nothing unread: userspace may put the socket back now if the
+/// answer is complete, so its event wakes userspace at once (it is otherwise read on a timer).
+#[inline(always)]
+pub fn parked_and_drained(sk: u64) -> bool {
+    let Some(state) = SEND_STATES.get_ptr(&sk) else {
+        return false;
+    };
+    if unsafe { (*state).flags } & SEND_FLAG_PARKED == 0 {
+        return false;
+    }
+    let off = crate::maps::offsets();
+    let read = |at: u32| unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((sk + at as u64) as *const u32).ok()
+    };
+    matches!(
+        (read(off.tcp_rcv_nxt), read(off.tcp_copied_seq)),
+        (Some(a), Some(b)) if a == b
+    )
 }
 
 #[sk_msg]
@@ -140,11 +322,19 @@ fn inject(ctx: &SkMsgContext) {
         (cont.off, cont.size, cont.k)
     } else {
         let size = ctx.size();
+        // The write's return checks that the injector saw all of it (`account_write`).
+        state.seen += size as u64;
+        state.flags &= !SEND_FLAG_PARKED;
         match state.mode {
             SEND_BOUNDARY => (0, size, 0),
             SEND_BODY => {
                 if state.remaining >= size as u64 {
                     state.remaining -= size as u64;
+                    if state.remaining == 0 {
+                        // A body that ends with the message: the next byte starts a request
+                        // (userspace reads this mode before a parked socket rejoins).
+                        state.mode = SEND_BOUNDARY;
+                    }
                     return;
                 }
                 let off = state.remaining as u32;
@@ -262,7 +452,13 @@ fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut ht
 /// Writes the ids into the request at `off` and reports them to userspace.
 #[inline(always)]
 fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
-    if head.flags & (HEAD_MANY_TRACEPARENTS | HEAD_BAD_TRACEPARENT) != 0 {
+    if head.flags & HEAD_BAD_TRACEPARENT != 0 {
+        // Not a version-00 value we could rewrite in place: left as it is (the callee will
+        // ignore it); our span keeps ids of its own.
+        count(|c| c.traceparent_invalid_kept += 1);
+        return Outcome::Skipped;
+    }
+    if head.flags & HEAD_MANY_TRACEPARENTS != 0 {
         return Outcome::Skipped;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -294,18 +490,43 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         if !http_head::decode_hex(scratch, head.traceparent + 3, &mut ev.trace_id)
             || !http_head::decode_hex(scratch, head.traceparent + 36, &mut parent)
         {
+            count(|c| c.traceparent_invalid_kept += 1);
             return Outcome::Skipped;
         }
         let trace = ev.trace_id;
-        ev.flags = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_REWRITTEN;
-        match local {
-            Some((t, s)) if t == trace => {
-                ev.parent_id = s;
-                ev.flags |= CONTEXT_FLAG_LOCAL_PARENT;
+        ev.flags = CONTEXT_FLAG_REWRITTEN;
+        if trace == [0; 16] {
+            // An all-zero trace id is invalid: the request gets the ids it would have had
+            // without a header (our served request's trace, or a new one), written over the
+            // invalid ones in place.
+            match local {
+                Some((t, s)) => {
+                    ev.trace_id = t;
+                    ev.parent_id = s;
+                    ev.flags |= CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
+                }
+                None => ev.trace_id = random_id(),
             }
-            _ => ev.parent_id = parent,
+            if !write_hex(ctx, head.traceparent + 3, &ev.trace_id) {
+                count(|c| c.inject_failed += 1);
+                return Outcome::Lost;
+            }
+            count(|c| c.traceparent_invalid_rewritten += 1);
+        } else {
+            match local {
+                Some((t, s)) if t == trace => {
+                    ev.parent_id = s;
+                    ev.flags |= CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
+                }
+                // An all-zero parent id means no parent: it is replaced below anyway.
+                _ if parent == [0; 8] => count(|c| c.traceparent_invalid_rewritten += 1),
+                _ => {
+                    ev.parent_id = parent;
+                    ev.flags |= CONTEXT_FLAG_PARENT;
+                }
+            }
         }
-        if !rewrite_parent(ctx, head.traceparent + 36, &ev.span_id) {
+        if !write_hex(ctx, head.traceparent + 36, &ev.span_id) {
             count(|c| c.inject_failed += 1);
             return Outcome::Lost;
         }
@@ -331,22 +552,22 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
     Outcome::Done { added }
 }
 
-/// Overwrites the 16 hex digits of the parent id at message offset `at` (the data window
-/// from the last pull starts at the request, so `at` is relative to it).
+/// Overwrites `2 * N` hex digits at message offset `at` with `id` (the data window from the
+/// last pull starts at the request, so `at` is relative to it).
 #[inline(always)]
-fn rewrite_parent(ctx: &SkMsgContext, at: u32, span: &[u8; 8]) -> bool {
+fn write_hex<const N: usize>(ctx: &SkMsgContext, at: u32, id: &[u8; N]) -> bool {
     let at = (at & (HEAD_WINDOW - 1)) as usize;
     let data = ctx.data();
     let end = ctx.data_end();
-    if data + at + 16 > end {
+    if data + at + 2 * N > end {
         return false;
     }
     let p = (data + at) as *mut u8;
     let mut i = 0;
-    while i < 8 {
+    while i < N {
         unsafe {
-            *p.add(2 * i) = http_head::hex_digit(span[i] >> 4);
-            *p.add(2 * i + 1) = http_head::hex_digit(span[i]);
+            *p.add(2 * i) = http_head::hex_digit(id[i] >> 4);
+            *p.add(2 * i + 1) = http_head::hex_digit(id[i]);
         }
         i += 1;
     }

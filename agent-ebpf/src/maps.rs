@@ -6,7 +6,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 
 /// Set by userspace at load time (read-only data: the verifier prunes what they disable).
@@ -28,6 +28,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_protocol: 0,
     task_pid: 0,
     task_tgid: 0,
+    tcp_rcv_nxt: 0,
+    tcp_copied_seq: 0,
 };
 
 /// Trace context in the kernel: server contexts on reads, `traceparent` injection (0: off).
@@ -110,7 +112,9 @@ pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_ma
 pub static SERVED_WITHOUT_CALLS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
-/// to it. Entries leave with their socket.
+/// to it. A socket is in it only while it writes requests: it leaves when its peer answers
+/// (`inject::park`) and userspace puts it back once the answer was read. Entries also leave
+/// with their socket.
 #[map]
 pub static SOCKETS_TO_INJECT: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 
@@ -119,6 +123,17 @@ pub static SOCKETS_TO_INJECT: SockHash<u64> = SockHash::with_max_entries(65536, 
 /// not LRU: a forgotten state would make a body look like a request boundary.
 #[map]
 pub static SEND_STATES: HashMap<u64, SendState> = HashMap::with_max_entries(65536, 0);
+
+/// 1: enrolled sockets leave the map when their peer answers (`inject::park`). Set by userspace
+/// before the sock_ops program is attached, on kernels whose socket maps change how a socket
+/// reads (its start-up canary found out); 0: sockets stay in the map for their lifetime.
+#[map]
+pub static INJECT_PARKING: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn parking() -> bool {
+    INJECT_PARKING.get(0).is_some_and(|v| *v != 0)
+}
 
 /// The injector itself (slot 0), tail-called for each further request of a message.
 #[map]
@@ -133,9 +148,10 @@ pub static INJECT_CONTINUATION: PerCpuArray<crate::inject::Continuation> =
 #[map]
 pub static INJECT_SCRATCH: PerCpuArray<[u8; 8192 + 64]> = PerCpuArray::with_max_entries(1, 0);
 
-/// State of a head being scanned: slot 0 for the read path, 1 for the injector.
+/// State of a head being scanned: slot 0 for the read path, 1 for the injector, 2 for the
+/// send path (requests written while their socket was parked).
 #[map]
-pub static HEADS: PerCpuArray<crate::http_head::Head> = PerCpuArray::with_max_entries(2, 0);
+pub static HEADS: PerCpuArray<crate::http_head::Head> = PerCpuArray::with_max_entries(3, 0);
 
 /// Per-CPU counters: one struct, one lookup per program run.
 #[map]
@@ -196,6 +212,8 @@ pub fn selected_tgid() -> Option<(u32, u32)> {
 
 /// Userspace polls on its own timer: no wake-up per event.
 pub const BPF_RB_NO_WAKEUP: u64 = 1;
+/// Wakes userspace now (a parked socket may rejoin the injector's map).
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Write a fixed-size event; count it, or count the loss.
 #[inline(always)]

@@ -20,8 +20,8 @@ use aya_ebpf::{
 use crate::{
     context,
     maps::{
-        BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, SEND_STARTS, TRACKED_SOCKETS, capture_size,
-        context_propagation, count, counters, offsets, selected_tgid,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, SEND_STARTS, TRACKED_SOCKETS,
+        capture_size, context_propagation, count, counters, offsets, selected_tgid,
     },
 };
 
@@ -71,7 +71,7 @@ pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let Some(thread) = selected_tgid() else {
         return 0;
     };
-    on_socket_io(&ctx, thread, ret as u64, DIR_INGRESS, None);
+    on_socket_io::<DIR_INGRESS>(&ctx, thread, ret as u64, None);
     0
 }
 
@@ -84,9 +84,12 @@ pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
     let started = take_send_start(thread.1, ctx.arg(0));
     let ret: i32 = ctx.arg(1);
     if ret <= 0 {
+        if context_propagation() {
+            crate::inject::account_write(ctx.arg(0), thread.1, ret as i64, core::ptr::null(), 0);
+        }
         return 0;
     }
-    on_socket_io(&ctx, thread, ret as u64, DIR_EGRESS, started);
+    on_socket_io::<DIR_EGRESS>(&ctx, thread, ret as u64, started);
     0
 }
 
@@ -147,13 +150,15 @@ fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
 }
 
 #[inline(always)]
-fn on_socket_io(
+fn on_socket_io<const DIRECTION: u32>(
     ctx: &BtfTracePointContext,
     (tgid, tid): (u32, u32),
     bytes: u64,
-    direction: u32,
     queued_ns: Option<(u64, u64)>,
 ) {
+    // A const parameter: each program keeps only its direction's code (the verifier's
+    // budget does not stretch to both).
+    let direction = DIRECTION;
     let sk: u64 = ctx.arg(0);
     if sk == 0 {
         return;
@@ -262,17 +267,33 @@ fn on_socket_io(
         ev.flags |= DATA_FLAG_TRUNCATED;
     }
     ev.captured = captured as u32;
-    finish(scratch, direction, tgid, tid, cookie);
+    finish::<DIRECTION>(scratch, tgid, tid, cookie, sk);
 }
 
 /// Context, then the data event. Everything comes back from the scratch map here, so the
 /// many paths of the copy above end in one verifier state and this part is checked once.
 #[inline(always)]
-fn finish(scratch: &mut crate::maps::Scratch, direction: u32, tgid: u32, tid: u32, cookie: u64) {
+fn finish<const DIRECTION: u32>(
+    scratch: &mut crate::maps::Scratch,
+    tgid: u32,
+    tid: u32,
+    cookie: u64,
+    sk: u64,
+) {
     let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
     let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
+    let direction = DIRECTION;
     if context_propagation() {
+        if direction == DIR_EGRESS {
+            crate::inject::account_write(
+                sk,
+                tid,
+                bytes as i64,
+                scratch.payload.as_ptr(),
+                captured as u32,
+            );
+        }
         // Before the data event: userspace pairs the two by timestamp.
         if direction == DIR_INGRESS {
             context::on_read(
@@ -288,6 +309,9 @@ fn finish(scratch: &mut crate::maps::Scratch, direction: u32, tgid: u32, tid: u3
         }
     }
 
+    // Last: its two outcomes would otherwise double the verifier's walk of the scans above.
+    let wake =
+        direction == DIR_INGRESS && context_propagation() && crate::inject::parked_and_drained(sk);
     let size = size_of::<agent_common::DataEvent>() as u64 + (captured & (MAX_CAPTURE as u64 - 1));
     let size = if captured >= MAX_CAPTURE as u64 {
         size_of::<agent_common::DataEvent>() as u64 + MAX_CAPTURE as u64
@@ -299,7 +323,11 @@ fn finish(scratch: &mut crate::maps::Scratch, direction: u32, tgid: u32, tid: u3
             &EVENTS as *const _ as *mut c_void,
             scratch as *mut _ as *mut c_void,
             size,
-            BPF_RB_NO_WAKEUP,
+            if wake {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            },
         )
     };
     if let Some(c) = counters() {

@@ -9,13 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf, SockHash};
+use aya::maps::{MapData, RingBuf};
 
 use crate::{
     events,
     export::ExportHandle,
-    kernel::KernelCounters,
-    pipeline::{Pipeline, ProcessChange},
+    kernel::{
+        KernelCounters,
+        propagation::{Injector, Rejoin},
+    },
+    pipeline::{Pipeline, ProcessChange, RejoinOutcome},
     process::Resources,
     selection::Selector,
     spans::context::Clock,
@@ -34,8 +37,8 @@ pub struct LoopConfig {
     pub ignored_ports: Vec<u16>,
     pub raw_db_query: bool,
     pub correlation: Correlation,
-    /// The injector's socket map, when injection is on.
-    pub inject_sockets: Option<SockHash<MapData, u64>>,
+    /// Userspace's part of the header injector, when injection is on.
+    pub injector: Option<Injector>,
 }
 
 /// Trace correlation switches and bounds (from the command line).
@@ -66,7 +69,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         ignored_ports,
         raw_db_query,
         correlation,
-        mut inject_sockets,
+        mut injector,
     } = cfg;
     let mut pipeline = Pipeline::new(resources, stats.clone(), exporter);
     for port in ignored_ports {
@@ -89,6 +92,11 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
             match events::decode(&record) {
                 Ok(event) => {
                     if let Some(change) = pipeline.on_event(event) {
+                        if let (ProcessChange::Exit { pid }, Some(injector)) =
+                            (&change, injector.as_mut())
+                        {
+                            injector.forget_process(*pid);
+                        }
                         apply(change, &mut selector, &mut pipeline, &stats);
                     }
                 }
@@ -98,13 +106,15 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
                 }
             }
         }
-        for cookie in pipeline.take_not_http() {
-            // Absent for sockets never enrolled (servers, sockets of other kinds): fine.
-            if let Some(map) = inject_sockets.as_mut()
-                && map.remove(&cookie).is_ok()
-            {
-                Stats::add(&stats.sockets_unenrolled, 1);
+        if let Some(injector) = injector.as_mut() {
+            for cookie in pipeline.take_not_http() {
+                // Absent for sockets never enrolled (servers, sockets of other kinds) or
+                // parked: fine.
+                if injector.remove(cookie) {
+                    Stats::add(&stats.sockets_unenrolled, 1);
+                }
             }
+            rejoin_parked(injector, &mut pipeline, &stats);
         }
         if stopping {
             break;
@@ -176,5 +186,32 @@ fn apply(
             pipeline.preload(pid);
         }
         ProcessChange::Exit { pid } => selector.on_exit(pid),
+    }
+}
+
+/// Parked sockets whose answer has been read go back into the injector's map.
+fn rejoin_parked(injector: &mut Injector, pipeline: &mut Pipeline<ExportHandle>, stats: &Stats) {
+    for candidate in pipeline.rejoin_candidates() {
+        let outcome = match injector.rejoin(&candidate) {
+            Rejoin::Rejoined => RejoinOutcome::Rejoined,
+            Rejoin::NotYet(why) => {
+                log::trace!("socket {} not rejoined yet: {why}", candidate.sock_cookie);
+                RejoinOutcome::NotYet
+            }
+            Rejoin::Undone => {
+                Stats::add(&stats.rejoins_undone, 1);
+                RejoinOutcome::NotYet
+            }
+            Rejoin::Gone => RejoinOutcome::Gone,
+            Rejoin::Never(why) => {
+                log::debug!(
+                    "socket {} of process {} stays out of the injector: {why}",
+                    candidate.sock_cookie,
+                    candidate.pid
+                );
+                RejoinOutcome::Never
+            }
+        };
+        pipeline.rejoin_done(candidate, outcome);
     }
 }

@@ -1,7 +1,9 @@
 //! Decoding ring buffer records into typed events (never `transmute`: kinds via `TryFrom`,
 //! structs read unaligned after a length check).
 
-use agent_common::{ConnEvent, ContextEvent, DataEvent, EventKind, ProcessEvent, SyscallKind};
+use agent_common::{
+    ConnEvent, ContextEvent, DataEvent, EventKind, ParkEvent, ProcessEvent, SyscallKind,
+};
 use thiserror::Error;
 
 #[derive(Debug)]
@@ -17,6 +19,7 @@ pub enum Event<'a> {
     Fork(ProcessEvent),
     ProcessExit(ProcessEvent),
     Context(ContextEvent),
+    Parked(ParkEvent),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -63,6 +66,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Fork => Event::Fork(read(bytes)?),
         EventKind::ProcessExit => Event::ProcessExit(read(bytes)?),
         EventKind::Context => Event::Context(read(bytes)?),
+        EventKind::Parked => Event::Parked(read(bytes)?),
     })
 }
 

@@ -79,6 +79,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: context propagation: off ({why})");
     } else if load.context_propagation {
         eprintln!("agent: context propagation: on (canary passed)");
+        if let Some(why) = &probes.parking {
+            eprintln!(
+                "agent: context propagation: client sockets leave the injector while they read \
+                 an answer, because on this kernel a socket in a socket map reads differently \
+                 ({why}); a request written right after an answer may go out without a header \
+                 (counted: requests_sent_parked)"
+            );
+        }
     } else {
         eprintln!("agent: context propagation: off (--context-propagation off)");
     }
@@ -165,7 +173,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
         ignored_ports,
         raw_db_query: cli.db_raw_query,
-        inject_sockets: probes.take_inject_sockets(),
+        injector: probes.take_injector(),
         correlation: event_loop::Correlation {
             in_process_linking: cli.in_process_linking.is_on(),
             same_host_pairing: cli.same_host_pairing.is_on(),

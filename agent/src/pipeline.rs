@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    CONTEXT_SERVER, ConnEvent, ContextEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent,
-    ProcessEvent,
+    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_SERVER, ConnEvent, ContextEvent, DATA_FLAG_ADDRESSES,
+    DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
 };
 
 use crate::{
@@ -50,6 +50,48 @@ struct Connection {
     ignored: bool,
     /// What trace correlation keeps per connection.
     trace: ConnTrace,
+    /// The injector's view: where the socket is and whether it may rejoin.
+    inject: InjectState,
+}
+
+/// A client socket of the header injector, seen from userspace (see `inject::park` in the
+/// kernel programs): it leaves the injector's map when its peer answers, and rejoins once the
+/// answer has been read and the connection is between exchanges.
+#[derive(Default)]
+struct InjectState {
+    /// The fd the owner process last used for the socket (`u32::MAX`: unknown).
+    fd: u32,
+    /// Writes seen (data events), compared with the kernel's count before a rejoin: equal
+    /// means no write is on its way to us.
+    writes: u64,
+    /// Parked, with the socket's kernel address (the key of its send state).
+    parked_sk: Option<u64>,
+    /// The injector lost the socket's framing: it never rejoins.
+    lost: bool,
+}
+
+/// A parked socket that may rejoin the injector's map now (checked again against the kernel
+/// by the caller, which owns the maps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejoinCandidate {
+    pub pid: u32,
+    pub fd: u32,
+    pub sock_cookie: u64,
+    pub sk: u64,
+    pub writes: u64,
+}
+
+/// What became of a [`RejoinCandidate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejoinOutcome {
+    /// Back in the injector's map.
+    Rejoined,
+    /// Not now (a write or unread data on its way): try again later.
+    NotYet,
+    /// Never: the socket is closed (or its fd reused).
+    Gone,
+    /// Never: framing lost, or the kernel or the process would not let it.
+    Never,
 }
 
 /// Per connection: the kernel's ids for its requests, and how many exchanges it has had
@@ -142,6 +184,14 @@ pub struct Pipeline<S: SpanSink> {
     ready: Vec<SpanRecord>,
     /// Sockets found not to speak HTTP, to take out of the injector's map.
     not_http: Vec<u64>,
+    /// Connections whose socket is parked out of the injector's map.
+    parked: IdMap<(u32, u64), ()>,
+    /// Parks that arrived before the connection's first data event (by socket cookie).
+    early_parks: IdMap<u64, ParkEvent>,
+    /// Server spans whose trace id the injector already wrote into a call they made (span id
+    /// → when): same-host pairing must not rename their trace, or those calls' spans (here or
+    /// on other hosts) would be left with a parent in another trace.
+    propagated: IdMap<SpanId, u64>,
 }
 
 /// A request's identity on its connection for same-host pairing: the client's and the
@@ -229,7 +279,81 @@ impl<S: SpanSink> Pipeline<S> {
             now: 0,
             ready: Vec::new(),
             not_http: Vec::new(),
+            parked: IdMap::default(),
+            early_parks: IdMap::default(),
+            propagated: IdMap::default(),
         }
+    }
+
+    /// Parked sockets that may rejoin the injector's map now: HTTP client connections between
+    /// exchanges whose fd is known. Call after a batch of events, so the decision rests on
+    /// everything read so far.
+    pub fn rejoin_candidates(&mut self) -> Vec<RejoinCandidate> {
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for &key in self.parked.keys() {
+            let Some(conn) = self.conns.get(&key) else {
+                gone.push(key);
+                continue;
+            };
+            let Some(sk) = conn.inject.parked_sk else {
+                gone.push(key);
+                continue;
+            };
+            if conn.inject.lost
+                || conn.ignored
+                || conn.inject.fd == u32::MAX
+                || conn.stream.is_unrecognized()
+            {
+                gone.push(key);
+                continue;
+            }
+            if conn.stream.http_idle() {
+                out.push(RejoinCandidate {
+                    pid: key.0,
+                    fd: conn.inject.fd,
+                    sock_cookie: key.1,
+                    sk,
+                    writes: conn.inject.writes,
+                });
+            }
+        }
+        for key in gone {
+            self.parked.remove(&key);
+        }
+        out
+    }
+
+    /// The caller's answer for a candidate.
+    pub fn rejoin_done(&mut self, c: RejoinCandidate, outcome: RejoinOutcome) {
+        let key = (c.pid, c.sock_cookie);
+        match outcome {
+            RejoinOutcome::NotYet => return,
+            RejoinOutcome::Rejoined => Stats::add(&self.stats.sockets_rejoined, 1),
+            RejoinOutcome::Never => Stats::add(&self.stats.sockets_not_rejoined, 1),
+            RejoinOutcome::Gone => {}
+        }
+        self.parked.remove(&key);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.inject.parked_sk = None;
+            conn.inject.lost |= outcome != RejoinOutcome::Rejoined;
+        }
+    }
+
+    fn on_parked(&mut self, ev: ParkEvent) {
+        let key = (ev.pid, ev.sock_cookie);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            // Its first write's event may still be behind us in the ring.
+            if self.early_parks.len() < MAX_CONNECTIONS {
+                self.early_parks.insert(ev.sock_cookie, ev);
+            }
+            return;
+        };
+        conn.inject.parked_sk = Some(ev.sk);
+        if ev.mode == SEND_LOST {
+            conn.inject.lost = true;
+        }
+        self.parked.insert(key, ());
     }
 
     /// Socket cookies of connections found not to be HTTP since the last call.
@@ -286,6 +410,7 @@ impl<S: SpanSink> Pipeline<S> {
                 return Some(ProcessChange::Exit { pid: ev.pid });
             }
             Event::Context(ev) => self.on_context(ev),
+            Event::Parked(ev) => self.on_parked(ev),
         }
         None
     }
@@ -297,6 +422,10 @@ impl<S: SpanSink> Pipeline<S> {
         if ev.role == CONTEXT_SERVER {
             self.server_contexts.insert((ev.pid, ev.sock_cookie), ev);
         } else {
+            if ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0 && self.propagated.len() < MAX_CONNECTIONS
+            {
+                self.propagated.insert(SpanId(ev.parent_id), ev.ts_ns);
+            }
             let list = self.client_contexts.entry((ev.pid, ev.tid)).or_default();
             if list.len() < MAX_CONTEXTS_PER_CONNECTION {
                 list.push(ev);
@@ -371,8 +500,15 @@ impl<S: SpanSink> Pipeline<S> {
                 last_ns: h.ts_ns,
                 ignored,
                 trace: ConnTrace::default(),
+                inject: InjectState {
+                    fd: u32::MAX,
+                    ..InjectState::default()
+                },
             };
             self.conns.insert(key, conn);
+            if let Some(park) = self.early_parks.remove(&key.1) {
+                self.on_parked(park);
+            }
             self.resources.get_or_load(h.pid);
             Stats::add(&self.stats.connections_opened, 1);
         }
@@ -390,6 +526,12 @@ impl<S: SpanSink> Pipeline<S> {
             return;
         };
         conn.last_ns = h.ts_ns;
+        if h.fd != u32::MAX {
+            conn.inject.fd = h.fd;
+        }
+        if h.direction != DIR_INGRESS {
+            conn.inject.writes += 1;
+        }
         if conn.ignored {
             return;
         }
@@ -447,6 +589,7 @@ impl<S: SpanSink> Pipeline<S> {
 
     fn on_close(&mut self, ev: &ConnEvent) {
         self.connected.remove(&(ev.pid, ev.sock_cookie));
+        self.early_parks.remove(&ev.sock_cookie);
         self.end_connection((ev.pid, ev.sock_cookie), Some(ev.ts_ns), Ending::Closed);
     }
 
@@ -549,6 +692,9 @@ impl<S: SpanSink> Pipeline<S> {
                     Stats::add(&self.stats.spans_built, 1);
                     if ctx.local_parent {
                         Stats::add(&self.stats.client_spans_linked, 1);
+                        if let Some(parent) = span.parent_span_id {
+                            self.linker.adopted_in_kernel(parent);
+                        }
                     }
                     self.client_final(pair, span);
                 }
@@ -593,14 +739,18 @@ impl<S: SpanSink> Pipeline<S> {
         match role {
             Role::Server => {
                 self.linker.server_span(pid, tid, start, end, &span);
+                let propagated = self.propagated.remove(&span.span_id).is_some();
+                if propagated {
+                    Stats::add(&self.stats.server_spans_kept_trace, 1);
+                }
                 match &mut self.pairing {
-                    Some(pairing) => {
+                    Some(pairing) if !propagated => {
                         // Is the other end a connection traced here?
                         let peer_is_local = pair
                             .is_some_and(|k| self.by_addresses.contains_key(&(k.client, k.server)));
                         pairing.server_span(pair, peer_is_local, span, self.now, &mut self.ready);
                     }
-                    None => self.ready.push(span),
+                    _ => self.ready.push(span),
                 }
                 self.send_ready();
             }
@@ -678,6 +828,8 @@ impl<S: SpanSink> Pipeline<S> {
         self.connected
             .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
         self.linker.prune(now_ns, 10 * HOLD_NS);
+        self.propagated
+            .retain(|_, ts| ts.saturating_add(IDLE_CONNECTION_NS) > now_ns);
     }
 
     /// Shutdown: release held spans. Requests still in flight are not reported as failed:

@@ -69,8 +69,20 @@ counters! {
     server_spans_paired,
     /// Server spans whose local caller's client span never matched them in time.
     server_spans_unpaired,
+    /// Server spans left out of same-host pairing because calls they made already carried
+    /// their trace id onward (renaming it would orphan those calls' spans).
+    server_spans_kept_trace,
     /// Client sockets taken out of the header injector because they do not speak HTTP.
     sockets_unenrolled,
+    /// Parked client sockets put back into the header injector's map once their answer was
+    /// read (see README: how injection stays safe).
+    sockets_rejoined,
+    /// Parked client sockets that could not rejoin (framing lost, the process or the kernel
+    /// would not let us): their later requests are not injected. Closed sockets are not
+    /// counted.
+    sockets_not_rejoined,
+    /// Rejoins taken back at once: unread data or a write arrived while the socket rejoined.
+    rejoins_undone,
     /// Spans given the ids the kernel chose (server contexts, injected client requests).
     kernel_contexts_adopted,
     /// Kernel contexts that matched no request (lost events, requests the parser could not

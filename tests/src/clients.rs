@@ -133,6 +133,7 @@ pub struct Curl {
     body_size: Option<usize>,
     user_agent: String,
     http10: bool,
+    rate: Option<String>,
 }
 
 /// One transfer as curl reported it (`-w`).
@@ -173,7 +174,15 @@ impl Curl {
             body_size: None,
             user_agent: CURL_USER_AGENT.to_string(),
             http10: false,
+            rate: None,
         }
+    }
+
+    /// Spaces the transfers out (`--rate`, e.g. `"20/s"`): requests one after the other, as
+    /// from separate callers, rather than each one the moment the previous answer ended.
+    pub fn rate(mut self, rate: &str) -> Curl {
+        self.rate = Some(rate.to_string());
+        self
     }
 
     /// POST a body of `size` bytes.
@@ -219,6 +228,9 @@ impl Curl {
         ]);
         if self.http10 {
             cmd.arg("--http1.0");
+        }
+        if let Some(rate) = &self.rate {
+            cmd.args(["--rate", rate]);
         }
         for h in &self.headers {
             cmd.args(["-H", h]);

@@ -159,6 +159,8 @@ pub fn run(test_deps: bool) -> Result<()> {
             "bpftool",
             "procps",
             "postgresql",
+            // Java clients of the read-behaviour tests (java source-file mode, JDK 17).
+            "openjdk-17-jdk-headless",
         ])?;
         // Python packages, pinned: the rotel collector (the OTLP receiver the end-to-end tests
         // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test) and

@@ -217,6 +217,8 @@ impl Btf {
             sk_protocol: self.member_offset("sock", "sk_protocol")?,
             task_pid: self.member_offset("task_struct", "pid")?,
             task_tgid: self.member_offset("task_struct", "tgid")?,
+            tcp_rcv_nxt: self.member_offset("tcp_sock", "rcv_nxt")?,
+            tcp_copied_seq: self.member_offset("tcp_sock", "copied_seq")?,
         })
     }
 }

@@ -67,8 +67,10 @@ pub struct Probes {
     /// Injection asked for but not possible (attach or canary failed): why. The caller
     /// reloads without it.
     pub propagation_failed: Option<String>,
+    /// Injection parks sockets while their answer is read (why: what the canary saw).
+    pub parking: Option<String>,
     /// What the start-up canary added to the injection counters (not the user's traffic).
-    canary_counts: (u64, u64),
+    canary_counts: KernelStats,
     /// The injector is attached and passed its canary.
     injecting: bool,
 }
@@ -181,17 +183,17 @@ impl Probes {
             });
         }
         let mut propagation_failed = None;
-        let mut canary_counts = (0, 0);
+        let mut canary_counts = KernelStats::default();
+        let mut parking = None;
         if opts.context_propagation {
-            match propagation::attach(&mut ebpf) {
-                Ok(more) => {
-                    attached.extend(more);
-                    propagation_failed = propagation::canary(&mut ebpf).err();
+            match propagation::start(&mut ebpf) {
+                Ok(started) => {
+                    attached.extend(started.attached);
+                    parking = started.parking;
                     if let Some(map) = ebpf.map("COUNTERS")
                         && let Ok(array) = PerCpuArray::<_, KernelStats>::try_from(map)
                     {
-                        let s = sum_cpus(&array);
-                        canary_counts = (s.traceparent_injected, s.traceparent_rewritten);
+                        canary_counts = sum_cpus(&array);
                     }
                 }
                 Err(why) => propagation_failed = Some(why),
@@ -203,6 +205,7 @@ impl Probes {
             attached,
             write_stamps_at_return,
             propagation_failed,
+            parking,
             canary_counts,
             injecting,
         })
@@ -244,14 +247,15 @@ impl Probes {
         })
     }
 
-    /// The injector's socket map (taken once; `None` when injection is off): sockets found not
-    /// to speak HTTP leave it, so their writes take the plain TCP path again.
-    pub fn take_inject_sockets(&mut self) -> Option<SockHash<MapData, u64>> {
+    /// Userspace's part of the injector (taken once; `None` when injection is off): sockets
+    /// found not to speak HTTP leave its map, parked sockets rejoin it.
+    pub fn take_injector(&mut self) -> Option<propagation::Injector> {
         if !self.injecting {
             return None;
         }
-        let map = self.ebpf.take_map("SOCKETS_TO_INJECT")?;
-        SockHash::try_from(map).ok()
+        let sockets = SockHash::try_from(self.ebpf.take_map("SOCKETS_TO_INJECT")?).ok()?;
+        let states = HashMap::try_from(self.ebpf.take_map("SEND_STATES")?).ok()?;
+        Some(propagation::Injector::new(sockets, states))
     }
 
     /// The per-CPU counters (taken once).
@@ -292,18 +296,23 @@ fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) ->
 /// Sums of the kernel's per-CPU counters.
 pub struct KernelCounters {
     array: PerCpuArray<MapData, KernelStats>,
-    canary_counts: (u64, u64),
+    canary_counts: KernelStats,
 }
 
 impl KernelCounters {
     pub fn read(&self) -> KernelStats {
         let mut sum = sum_cpus(&self.array);
+        // The injector's counters during the canary are its own exchange's (traced processes
+        // rarely open connections in those milliseconds).
+        let c = &self.canary_counts;
+        sum.sockets_enrolled = sum.sockets_enrolled.saturating_sub(c.sockets_enrolled);
         sum.traceparent_injected = sum
             .traceparent_injected
-            .saturating_sub(self.canary_counts.0);
+            .saturating_sub(c.traceparent_injected);
         sum.traceparent_rewritten = sum
             .traceparent_rewritten
-            .saturating_sub(self.canary_counts.1);
+            .saturating_sub(c.traceparent_rewritten);
+        sum.sockets_parked = sum.sockets_parked.saturating_sub(c.sockets_parked);
         sum
     }
 }
@@ -330,6 +339,10 @@ fn sum_cpus<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, KernelStats>
             sum.link_ambiguous += c.link_ambiguous;
             sum.link_kernel += c.link_kernel;
             sum.writes_stamped_at_return += c.writes_stamped_at_return;
+            sum.sockets_parked += c.sockets_parked;
+            sum.requests_sent_parked += c.requests_sent_parked;
+            sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
+            sum.traceparent_invalid_kept += c.traceparent_invalid_kept;
         }
     }
     sum
@@ -360,6 +373,13 @@ impl KernelCounters {
                 "kernel_writes_stamped_at_return",
                 s.writes_stamped_at_return,
             ),
+            ("sockets_parked", s.sockets_parked),
+            ("requests_sent_parked", s.requests_sent_parked),
+            (
+                "traceparent_invalid_rewritten",
+                s.traceparent_invalid_rewritten,
+            ),
+            ("traceparent_invalid_kept", s.traceparent_invalid_kept),
         ]
     }
 }

@@ -406,6 +406,17 @@ impl Http1Stream {
         self.role
     }
 
+    /// HTTP, open, between exchanges: nothing pending, both directions at a message boundary.
+    pub fn idle(&self) -> bool {
+        self.state == StreamState::Http
+            && !self.closed
+            && self.pending.is_empty()
+            && self
+                .readers
+                .iter()
+                .all(|r| r.state == ReadState::Boundary && r.head.is_empty())
+    }
+
     /// Feeds one segment; completed exchanges are appended to `out`.
     pub fn feed(&mut self, seg: Segment<'_>, out: &mut Vec<HttpExchange>) -> FeedReport {
         let mut report = FeedReport::default();

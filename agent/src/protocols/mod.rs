@@ -62,6 +62,15 @@ impl Stream {
         }
     }
 
+    /// An HTTP connection between exchanges: no request waits for its answer and no message
+    /// is partly read in either direction.
+    pub fn http_idle(&self) -> bool {
+        match self {
+            Self::Http(s) => s.idle(),
+            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized => false,
+        }
+    }
+
     pub fn feed(&mut self, seg: Segment<'_>, out: &mut Outputs) -> StreamReport {
         let mut report = StreamReport::default();
         if let Self::Undecided(hint) = *self {

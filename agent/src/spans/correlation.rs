@@ -93,6 +93,12 @@ impl Linker {
         self.limits.max_children = max_children;
     }
 
+    /// A client span was linked to `parent` in the kernel: it counts against the same bound
+    /// (a request's calls are linked by either mechanism, `--max-spans-per-trace` in all).
+    pub fn adopted_in_kernel(&mut self, parent: SpanId) {
+        *self.limits.children.entry(parent).or_default() += 1;
+    }
+
     /// A server-role connection received request bytes on this thread.
     pub fn note_serving(&mut self, pid: u32, tid: u32, ts: u64) {
         self.threads.entry((pid, tid)).or_default().serving_since = Some(ts);
