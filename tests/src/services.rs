@@ -593,7 +593,7 @@ pub struct Gated {
 
 impl Gated {
     /// Spawns `cmd` with `E2E_GO_FILE` set and waits (15 s) for its `WAITING` line.
-    fn spawn(name: &str, mut cmd: Command, timeout: Duration) -> Gated {
+    pub fn spawn(name: &str, mut cmd: Command, timeout: Duration) -> Gated {
         let dir = TestDir::new(name);
         let go = dir.join("go");
         let stdout = dir.join("stdout");
@@ -632,7 +632,7 @@ impl Gated {
     }
 
     /// Lets it run and waits for it: (exit status, stdout, stderr, pid). Panics on timeout.
-    fn release(mut self) -> (std::process::ExitStatus, String, String, u32) {
+    pub fn release(mut self) -> (std::process::ExitStatus, String, String, u32) {
         fs::write(&self.go, b"go").expect("write the go file");
         let pid = self.child.pid();
         let status = self.child.wait_timeout(self.timeout);
