@@ -432,6 +432,7 @@ impl<S: SpanSink> Pipeline<S> {
         count(&s.connections_not_http, r.http.became_not_http);
         count(&s.http_resyncs, r.http.resynced);
         count(&s.http_headers_truncated, r.http.headers_truncated);
+        Stats::add(&s.http_heads_invalid, u64::from(r.http.invalid_heads));
         count(&s.connections_postgres, r.postgres.became_postgres);
         count(&s.connections_encrypted, r.postgres.became_encrypted);
         count(
@@ -488,7 +489,9 @@ impl<S: SpanSink> Pipeline<S> {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
-        conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out);
+        if conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out) {
+            Stats::add(&self.stats.connections_unrecognized, 1);
+        }
         let counter = match ending {
             Ending::Closed => &self.stats.connections_closed,
             Ending::Evicted => &self.stats.connections_evicted,

@@ -38,12 +38,16 @@ counters! {
     connections_postgres,
     /// PostgreSQL connections that switched to TLS/GSS encryption (skipped).
     connections_encrypted,
-    /// Connections in no protocol we parse (ignored from then on).
+    /// Connections in no protocol we parse (ignored from then on, or closed before any of
+    /// their messages was recognised).
     connections_unrecognized,
     /// Parser lost message boundaries and resynchronised on a later message start.
     http_resyncs,
     /// Messages whose header block did not fit in the captured prefix.
     http_headers_truncated,
+    /// Message heads on HTTP connections that could not be read even leniently (no
+    /// `METHOD target HTTP/1.x` or `HTTP/1.x NNN` start line): that exchange is not traced.
+    http_heads_invalid,
     /// Requests whose connection closed before a response ended.
     http_incomplete,
     /// HTTP exchanges completed.
