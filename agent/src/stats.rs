@@ -83,8 +83,14 @@ counters! {
     /// Server requests whose `traceparent` the kernel did not see (head split over reads)
     /// though the parser did: the kernel's ids were kept.
     kernel_context_mismatch,
+    /// Kernel contexts with a zero trace or span id (unusable: the request got ids of its
+    /// own) or a zero parent id (taken as no parent).
+    kernel_context_ids_invalid,
     /// Spans built.
     spans_built,
+    /// Spans that reached the exporter with a zero trace, span or parent id and were given
+    /// valid ones instead (never exported invalid; any count here is a bug to report).
+    spans_invalid_ids_fixed,
     /// Spans dropped because the export queue was full.
     spans_dropped_queue_full,
     /// Spans handed to an exporter successfully.

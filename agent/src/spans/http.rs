@@ -492,6 +492,27 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever `traceparent` a request carries, the span built for it has valid ids; a
+        /// parent is taken only from a header that parses.
+        #[test]
+        fn spans_from_any_traceparent_have_valid_ids(
+            value in proptest::prop_oneof![
+                ".{0,64}",
+                "[0-9a-f]{2}-[0f]{32}-[0f]{16}-[0-9a-f]{2}(-.{0,4})?",
+                "00-0{32}-[0-9a-f]{16}-01",
+                "00-[0-9a-f]{32}-0{16}-01",
+            ],
+        ) {
+            let mut ex = exchange(Role::Server, "/", Some(200));
+            ex.request.traceparent = Some(value.clone());
+            let (span, outcome) = build(&ex);
+            proptest::prop_assert!(span.has_valid_ids(), "{:?} from {:?}", span, value);
+            proptest::prop_assert_eq!(
+                span.parent_span_id.is_some(),
+                outcome == ParentOutcome::Honoured
+            );
+        }
+
         #[test]
         fn redaction_keeps_every_pair_and_no_value(query in "[a-z=&%0-9]{0,24}") {
             let out = redact_query(&query);
