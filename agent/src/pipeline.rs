@@ -41,6 +41,11 @@ const MAX_CONNECTIONS: usize = 100_000;
 const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
 /// Kernel contexts waiting for their request's exchange, per connection.
 const MAX_CONTEXTS_PER_CONNECTION: usize = 64;
+/// The kernel reports a socket closed when TCP is done with it, but its process may still read
+/// what had arrived: a client that shut down its sending side gets the answer and the server's
+/// FIN before it reads them. A connection with a request still open is kept this long after
+/// its close (or its last data since) before the request is given up.
+const CLOSED_READ_GRACE_NS: u64 = 2 * 1_000_000_000;
 
 struct Connection {
     stream: Stream,
@@ -50,6 +55,9 @@ struct Connection {
     ignored: bool,
     /// What trace correlation keeps per connection.
     trace: ConnTrace,
+    /// When the kernel reported the socket closed while a request was open (see
+    /// [`CLOSED_READ_GRACE_NS`]).
+    closed_ns: Option<u64>,
 }
 
 /// Per connection: the kernel's ids for its requests, and how many exchanges it has had
@@ -398,6 +406,7 @@ impl<S: SpanSink> Pipeline<S> {
                 last_ns: h.ts_ns,
                 ignored,
                 trace: ConnTrace::default(),
+                closed_ns: None,
             };
             self.conns.insert(key, conn);
             self.resources.get_or_load(h.pid);
@@ -450,6 +459,10 @@ impl<S: SpanSink> Pipeline<S> {
         self.flush(h.pid, info, &mut trace);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.trace = trace;
+            // Closed in the kernel, and now read to the end of its last answer.
+            if conn.closed_ns.is_some() && !conn.stream.awaits_response() {
+                self.end_connection(key, Some(h.ts_ns), Ending::Closed);
+            }
         }
     }
 
@@ -474,8 +487,16 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     fn on_close(&mut self, ev: &ConnEvent) {
-        self.connected.remove(&(ev.pid, ev.sock_cookie));
-        self.end_connection((ev.pid, ev.sock_cookie), Some(ev.ts_ns), Ending::Closed);
+        let key = (ev.pid, ev.sock_cookie);
+        self.connected.remove(&key);
+        if let Some(conn) = self.conns.get_mut(&key)
+            && conn.stream.awaits_response()
+        {
+            // Perhaps a half-close: the answer may still be read (see CLOSED_READ_GRACE_NS).
+            conn.closed_ns = Some(ev.ts_ns);
+            return;
+        }
+        self.end_connection(key, Some(ev.ts_ns), Ending::Closed);
     }
 
     fn on_exec(&mut self, ev: &ProcessEvent) -> ProcessChange {
@@ -698,6 +719,17 @@ impl<S: SpanSink> Pipeline<S> {
             p.tick(Some(now_ns), &mut self.ready);
         }
         self.send_ready();
+        let closed: Vec<_> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| {
+                let last = c.closed_ns?.max(c.last_ns);
+                (last.saturating_add(CLOSED_READ_GRACE_NS) <= now_ns).then_some((*k, last))
+            })
+            .collect();
+        for (key, last) in closed {
+            self.end_connection(key, Some(last), Ending::Closed);
+        }
         let idle: Vec<_> = self
             .conns
             .iter()
@@ -715,8 +747,17 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     /// Shutdown: release held spans. Requests still in flight are not reported as failed:
-    /// their connections did not close, the agent stopped watching them.
+    /// their connections did not close, the agent stopped watching them. Connections the
+    /// kernel closed end now.
     pub fn finish(mut self) -> S {
+        let closed: Vec<_> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| Some((*k, c.closed_ns?.max(c.last_ns))))
+            .collect();
+        for (key, last) in closed {
+            self.end_connection(key, Some(last), Ending::Closed);
+        }
         self.linker.release(None, &mut self.released);
         self.drain_released();
         if let Some(p) = &mut self.pairing {
@@ -893,6 +934,88 @@ mod tests {
             spans[0].status,
             crate::spans::model::SpanStatus::Error { .. }
         ));
+    }
+
+    // ---- closes: the kernel's close is not the end of what the process reads ----
+
+    fn span_status(span: &SpanRecord) -> (Option<&AttrValue>, bool) {
+        (
+            span.attr("http.response.status_code"),
+            matches!(span.status, crate::spans::model::SpanStatus::Error { .. }),
+        )
+    }
+
+    /// A client that shut down its sending side after its request: the server's answer and
+    /// FIN close the socket in the kernel before the client reads the answer.
+    #[test]
+    fn a_half_closed_client_still_gets_its_answer() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        assert_eq!(
+            p.open_connections(),
+            1,
+            "kept: the answer may still be read"
+        );
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, RESP), RESP);
+        assert_eq!(p.open_connections(), 0, "ended once the answer was read");
+        assert_eq!(p.sink.len(), 1);
+        let spans = p.finish();
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        assert_eq!(span_status(&spans[0]), (Some(&AttrValue::Int(200)), false));
+        assert_eq!(spans[0].end_unix_nanos - spans[0].start_unix_nanos, 100);
+    }
+
+    /// A response delimited by the close is read after the kernel's close: it ends when the
+    /// reads stop.
+    #[test]
+    fn a_close_delimited_answer_read_after_the_close_is_complete() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        let head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhel";
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, head), head);
+        feed(&mut p, data(1, 5, DIR_INGRESS, 210, b"lo"), b"lo");
+        p.tick(210 + CLOSED_READ_GRACE_NS - 1);
+        assert!(p.sink.is_empty());
+        p.tick(210 + CLOSED_READ_GRACE_NS);
+        assert_eq!(p.open_connections(), 0);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(span_status(&spans[0]), (Some(&AttrValue::Int(200)), false));
+        assert_eq!(
+            spans[0].attr("http.response.body.size"),
+            Some(&AttrValue::Int(5))
+        );
+    }
+
+    /// A real close before any answer: still an error, once no answer came in time.
+    #[test]
+    fn a_close_before_the_answer_is_an_error() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        p.tick(150 + CLOSED_READ_GRACE_NS - 1);
+        assert!(p.sink.is_empty());
+        p.tick(150 + CLOSED_READ_GRACE_NS);
+        assert_eq!(p.open_connections(), 0);
+        assert_eq!(p.sink.len(), 1);
+        assert_eq!(span_status(&p.sink[0]), (None, true));
+        assert_eq!(
+            p.stats
+                .connections_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_close_with_nothing_open_ends_the_connection_at_once() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, RESP), RESP);
+        close(&mut p, 1, 250);
+        assert_eq!(p.open_connections(), 0);
     }
 
     // ---- trace ids: whatever the kernel or the wire says, no invalid id leaves ----

@@ -412,6 +412,11 @@ impl Http1Stream {
         self.role
     }
 
+    /// A request is still waiting for (the end of) its response.
+    pub fn awaits_response(&self) -> bool {
+        !self.closed && !self.pending.is_empty()
+    }
+
     /// Feeds one segment; completed exchanges are appended to `out`.
     pub fn feed(&mut self, seg: Segment<'_>, out: &mut Vec<HttpExchange>) -> FeedReport {
         let mut report = FeedReport::default();

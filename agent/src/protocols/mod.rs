@@ -53,6 +53,15 @@ impl Stream {
         matches!(self, Self::Unrecognized)
     }
 
+    /// An HTTP request is still waiting for (the end of) its response. (PostgreSQL clients do
+    /// not half-close: their connections end when the kernel says so.)
+    pub fn awaits_response(&self) -> bool {
+        match self {
+            Self::Http(s) => s.awaits_response(),
+            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized => false,
+        }
+    }
+
     /// The process is the server side (it receives requests).
     pub fn serves(&self) -> bool {
         match self {
