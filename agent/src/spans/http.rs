@@ -427,11 +427,22 @@ mod tests {
         assert!(span.parent_is_remote);
         assert_eq!(span.trace_state.as_deref(), Some("vendor=x"));
 
-        ex.request.traceparent = Some("00-zz".into());
-        let (span, outcome) = build(&ex);
-        assert_eq!(outcome, ParentOutcome::Invalid);
-        assert_eq!(span.parent_span_id, None);
-        assert_ne!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        for invalid in [
+            "00-zz",
+            // Two traceparent fields, joined as HTTP joins repeated fields.
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,\
+00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            ex.request.traceparent = Some(invalid.into());
+            let (span, outcome) = build(&ex);
+            assert_eq!(outcome, ParentOutcome::Invalid);
+            assert_eq!(span.parent_span_id, None);
+            assert_eq!(
+                span.trace_state, None,
+                "tracestate goes with its traceparent"
+            );
+            assert_ne!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        }
     }
 
     #[test]

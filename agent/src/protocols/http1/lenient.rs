@@ -7,13 +7,15 @@
 //! - header values: nginx takes any byte but NUL, CR and LF; llhttp's lenient mode and Python
 //!   take NUL too, and Python ends a line at a bare CR. We take every byte, and split lines at
 //!   a bare CR as Python does.
-//! - header names: nginx skips lines whose name is not a token, Python stops reading headers
-//!   at the first such line. We skip them (see framing below).
+//! - header names: nginx skips lines whose name has visible bytes outside a token (and answers
+//!   400 to control bytes), Python stops reading headers at a name with any byte outside
+//!   0x21–0x7e. We skip lines whose name is not a token (see framing below).
 //! - obsolete line folding (a line starting with a space or tab): llhttp's lenient mode and
 //!   Python append it to the previous value. We skip it (after a framing field: disputed).
-//! - request line: runs of spaces or tabs between its parts, control bytes and non-UTF-8 in the
-//!   target (Python serves them), any `HTTP/1.x` minor version. The method must be a token:
-//!   bytes outside that are not a request (Python answers 501 to them, nginx 400).
+//! - request line: runs of spaces (all four) or tabs (Python) between its parts, obs-text in
+//!   the target (nginx, Python), control bytes in it (Python), any `HTTP/1.x` minor version
+//!   (nginx, llhttp lenient, Python). The method must be a token: other bytes there are not a
+//!   request (Python answers 501, nginx 400; counted as an unreadable head).
 //! - status line: `HTTP/1.x`, a three-digit code, then anything.
 //!
 //! Framing must stay exact: servers that disagree about a line may disagree about where the
