@@ -1343,8 +1343,8 @@ impl HeaderFields {
         }
     }
 
+    /// One field as received (its value not yet trimmed).
     fn add(&mut self, name: &[u8], value: &[u8]) {
-        let value = trim_ows(value);
         if name.eq_ignore_ascii_case(b"content-length") {
             self.content_length = merge_content_length(self.content_length, value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -1360,6 +1360,7 @@ impl HeaderFields {
     }
 
     fn add_request_field(&mut self, name: &[u8], value: &[u8]) {
+        let value = trim_ows(value);
         if name.eq_ignore_ascii_case(b"traceparent") {
             // Several fields are one comma-joined value (RFC 9110 §5.3): two traceparents
             // make an invalid one, never a choice between them.
