@@ -41,6 +41,11 @@ const MAX_CONNECTIONS: usize = 100_000;
 const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
 /// Kernel contexts waiting for their request's exchange, per connection.
 const MAX_CONTEXTS_PER_CONNECTION: usize = 64;
+/// The kernel reports a socket closed when TCP is done with it, but its process may still read
+/// what had arrived: a client that shut down its sending side gets the answer and the server's
+/// FIN before it reads them. A connection with a request still open is kept this long after
+/// its close (or its last data since) before the request is given up.
+const CLOSED_READ_GRACE_NS: u64 = 2 * 1_000_000_000;
 
 struct Connection {
     stream: Stream,
@@ -52,6 +57,9 @@ struct Connection {
     trace: ConnTrace,
     /// The injector's view: where the socket is and whether it may rejoin.
     inject: InjectState,
+    /// When the kernel reported the socket closed while a request was open (see
+    /// [`CLOSED_READ_GRACE_NS`]).
+    closed_ns: Option<u64>,
 }
 
 /// A client socket of the header injector, seen from userspace (see `inject::park` in the
@@ -237,6 +245,26 @@ fn take_context(
         (before - contexts.len()) as u64,
     );
     ctx
+}
+
+/// Last line before the exporter: a span with a zero id gets valid ones. A zero trace id
+/// makes it the root of a trace of its own (its parent and trace state belonged to no valid
+/// trace); a zero parent is no parent.
+fn repair_ids(span: &mut SpanRecord, ids: &mut IdGenerator) {
+    if !span.trace_id.is_valid() {
+        span.trace_id = ids.trace_id();
+        span.parent_span_id = None;
+        span.trace_state = None;
+    }
+    if !span.span_id.is_valid() {
+        span.span_id = ids.span_id();
+    }
+    if span.parent_span_id.is_some_and(|p| !p.is_valid()) {
+        span.parent_span_id = None;
+    }
+    if span.parent_span_id.is_none() {
+        span.parent_is_remote = false;
+    }
 }
 
 fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
@@ -444,7 +472,7 @@ impl<S: SpanSink> Pipeline<S> {
         if h.direction == DIR_INGRESS {
             if let Some(ev) = self.server_contexts.remove(&key) {
                 if ev.ts_ns == h.ts_ns {
-                    found.push(KernelContext::new(&ev, h.ts_ns));
+                    found.push((ev, h.ts_ns));
                 } else {
                     Stats::add(&self.stats.kernel_contexts_unmatched, 1);
                 }
@@ -457,13 +485,20 @@ impl<S: SpanSink> Pipeline<S> {
                 let known = local != 0 || remote != 0;
                 if !known || (ev.local_port == local && ev.remote_port == remote) {
                     // Keyed like the exchange it belongs to: by its request's start.
-                    found.push(KernelContext::new(&ev, first_ts(h)));
+                    found.push((ev, first_ts(h)));
                 } else {
                     Stats::add(&self.stats.kernel_contexts_unmatched, 1);
                 }
             }
         }
-        for ctx in found {
+        for (ev, ts) in found {
+            if KernelContext::has_zero_id(&ev) {
+                Stats::add(&self.stats.kernel_context_ids_invalid, 1);
+            }
+            // Unusable ids: the request keeps ids of its own.
+            let Some(ctx) = KernelContext::new(&ev, ts) else {
+                continue;
+            };
             if conn.trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
                 conn.trace.contexts.pop_front();
                 Stats::add(&self.stats.kernel_contexts_unmatched, 1);
@@ -504,6 +539,7 @@ impl<S: SpanSink> Pipeline<S> {
                     fd: u32::MAX,
                     ..InjectState::default()
                 },
+                closed_ns: None,
             };
             self.conns.insert(key, conn);
             if let Some(park) = self.early_parks.remove(&key.1) {
@@ -565,6 +601,10 @@ impl<S: SpanSink> Pipeline<S> {
         self.flush(h.pid, info, &mut trace);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.trace = trace;
+            // Closed in the kernel, and now read to the end of its last answer.
+            if conn.closed_ns.is_some() && !conn.stream.awaits_response() {
+                self.end_connection(key, Some(h.ts_ns), Ending::Closed);
+            }
         }
     }
 
@@ -574,6 +614,7 @@ impl<S: SpanSink> Pipeline<S> {
         count(&s.connections_not_http, r.http.became_not_http);
         count(&s.http_resyncs, r.http.resynced);
         count(&s.http_headers_truncated, r.http.headers_truncated);
+        Stats::add(&s.http_heads_invalid, u64::from(r.http.invalid_heads));
         count(&s.connections_postgres, r.postgres.became_postgres);
         count(&s.connections_encrypted, r.postgres.became_encrypted);
         count(
@@ -588,9 +629,17 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     fn on_close(&mut self, ev: &ConnEvent) {
-        self.connected.remove(&(ev.pid, ev.sock_cookie));
+        let key = (ev.pid, ev.sock_cookie);
+        self.connected.remove(&key);
         self.early_parks.remove(&ev.sock_cookie);
-        self.end_connection((ev.pid, ev.sock_cookie), Some(ev.ts_ns), Ending::Closed);
+        if let Some(conn) = self.conns.get_mut(&key)
+            && conn.stream.awaits_response()
+        {
+            // Perhaps a half-close: the answer may still be read (see CLOSED_READ_GRACE_NS).
+            conn.closed_ns = Some(ev.ts_ns);
+            return;
+        }
+        self.end_connection(key, Some(ev.ts_ns), Ending::Closed);
     }
 
     fn on_exec(&mut self, ev: &ProcessEvent) -> ProcessChange {
@@ -631,7 +680,9 @@ impl<S: SpanSink> Pipeline<S> {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
-        conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out);
+        if conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out) {
+            Stats::add(&self.stats.connections_unrecognized, 1);
+        }
         let counter = match ending {
             Ending::Closed => &self.stats.connections_closed,
             Ending::Evicted => &self.stats.connections_evicted,
@@ -785,7 +836,11 @@ impl<S: SpanSink> Pipeline<S> {
                 std::mem::take(&mut p.report.unpaired),
             );
         }
-        for span in self.ready.drain(..) {
+        for mut span in self.ready.drain(..) {
+            if !span.has_valid_ids() {
+                Stats::add(&self.stats.spans_invalid_ids_fixed, 1);
+                repair_ids(&mut span, &mut self.ids);
+            }
             self.sink.send(span);
         }
     }
@@ -814,6 +869,17 @@ impl<S: SpanSink> Pipeline<S> {
             p.tick(Some(now_ns), &mut self.ready);
         }
         self.send_ready();
+        let closed: Vec<_> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| {
+                let last = c.closed_ns?.max(c.last_ns);
+                (last.saturating_add(CLOSED_READ_GRACE_NS) <= now_ns).then_some((*k, last))
+            })
+            .collect();
+        for (key, last) in closed {
+            self.end_connection(key, Some(last), Ending::Closed);
+        }
         let idle: Vec<_> = self
             .conns
             .iter()
@@ -833,8 +899,17 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     /// Shutdown: release held spans. Requests still in flight are not reported as failed:
-    /// their connections did not close, the agent stopped watching them.
+    /// their connections did not close, the agent stopped watching them. Connections the
+    /// kernel closed end now.
     pub fn finish(mut self) -> S {
+        let closed: Vec<_> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| Some((*k, c.closed_ns?.max(c.last_ns))))
+            .collect();
+        for (key, last) in closed {
+            self.end_connection(key, Some(last), Ending::Closed);
+        }
         self.linker.release(None, &mut self.released);
         self.drain_released();
         if let Some(p) = &mut self.pairing {
@@ -848,10 +923,13 @@ impl<S: SpanSink> Pipeline<S> {
 
 #[cfg(test)]
 mod tests {
-    use agent_common::{DIR_EGRESS, EventKind, SyscallKind};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use agent_common::{CONTEXT_FLAG_PARENT, DIR_EGRESS, EventKind, SyscallKind};
+    use proptest::prelude::*;
 
     use super::*;
-    use crate::spans::model::{AttrValue, SpanKind};
+    use crate::spans::model::{AttrValue, SpanKind, TraceId};
 
     const PID: u32 = 4_000_000; // no such process: resources fall back to a minimal one
 
@@ -1008,6 +1086,376 @@ mod tests {
             spans[0].status,
             crate::spans::model::SpanStatus::Error { .. }
         ));
+    }
+
+    // ---- closes: the kernel's close is not the end of what the process reads ----
+
+    fn span_status(span: &SpanRecord) -> (Option<&AttrValue>, bool) {
+        (
+            span.attr("http.response.status_code"),
+            matches!(span.status, crate::spans::model::SpanStatus::Error { .. }),
+        )
+    }
+
+    /// A client that shut down its sending side after its request: the server's answer and
+    /// FIN close the socket in the kernel before the client reads the answer.
+    #[test]
+    fn a_half_closed_client_still_gets_its_answer() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        assert_eq!(
+            p.open_connections(),
+            1,
+            "kept: the answer may still be read"
+        );
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, RESP), RESP);
+        assert_eq!(p.open_connections(), 0, "ended once the answer was read");
+        assert_eq!(p.sink.len(), 1);
+        let spans = p.finish();
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        assert_eq!(span_status(&spans[0]), (Some(&AttrValue::Int(200)), false));
+        assert_eq!(spans[0].end_unix_nanos - spans[0].start_unix_nanos, 100);
+    }
+
+    /// A response delimited by the close is read after the kernel's close: it ends when the
+    /// reads stop.
+    #[test]
+    fn a_close_delimited_answer_read_after_the_close_is_complete() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        let head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhel";
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, head), head);
+        feed(&mut p, data(1, 5, DIR_INGRESS, 210, b"lo"), b"lo");
+        p.tick(210 + CLOSED_READ_GRACE_NS - 1);
+        assert!(p.sink.is_empty());
+        p.tick(210 + CLOSED_READ_GRACE_NS);
+        assert_eq!(p.open_connections(), 0);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(span_status(&spans[0]), (Some(&AttrValue::Int(200)), false));
+        assert_eq!(
+            spans[0].attr("http.response.body.size"),
+            Some(&AttrValue::Int(5))
+        );
+    }
+
+    /// A real close before any answer: still an error, once no answer came in time.
+    #[test]
+    fn a_close_before_the_answer_is_an_error() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        close(&mut p, 1, 150);
+        p.tick(150 + CLOSED_READ_GRACE_NS - 1);
+        assert!(p.sink.is_empty());
+        p.tick(150 + CLOSED_READ_GRACE_NS);
+        assert_eq!(p.open_connections(), 0);
+        assert_eq!(p.sink.len(), 1);
+        assert_eq!(span_status(&p.sink[0]), (None, true));
+        assert_eq!(
+            p.stats
+                .connections_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_close_with_nothing_open_ends_the_connection_at_once() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, RESP), RESP);
+        close(&mut p, 1, 250);
+        assert_eq!(p.open_connections(), 0);
+    }
+
+    // ---- trace ids: whatever the kernel or the wire says, no invalid id leaves ----
+
+    const CLIENT_PID: u32 = 4_000_001;
+    const SERVER_PORT: u16 = 8080;
+    const CLIENT_PORT: u16 = 40000;
+
+    fn ids_pipeline() -> (Pipeline<Vec<SpanRecord>>, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        let p = Pipeline::new(Resources::new("test-host"), stats.clone(), Vec::new());
+        (p, stats)
+    }
+
+    /// A data event of the server (`PID`, cookie 1) or of its local client (`CLIENT_PID`,
+    /// cookie 2) on one loopback connection.
+    fn side(server: bool, dir: u32, ts: u64, bytes: &[u8]) -> DataEvent {
+        let (pid, cookie, local, remote) = if server {
+            (PID, 1, SERVER_PORT, CLIENT_PORT)
+        } else {
+            (CLIENT_PID, 2, CLIENT_PORT, SERVER_PORT)
+        };
+        let mut ev = data(cookie, 5, dir, ts, bytes);
+        ev.pid = pid;
+        ev.tid = pid;
+        ev.local_port = local;
+        ev.remote_port = remote;
+        ev.local_addr = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        ev.remote_addr = ev.local_addr;
+        ev
+    }
+
+    fn context(
+        server: bool,
+        ts: u64,
+        flags: u32,
+        ids: ([u8; 16], [u8; 8], [u8; 8]),
+    ) -> Event<'static> {
+        let (trace_id, span_id, parent_id) = ids;
+        Event::Context(ContextEvent {
+            kind: EventKind::Context as u32,
+            role: if server {
+                CONTEXT_SERVER
+            } else {
+                agent_common::CONTEXT_CLIENT
+            },
+            pid: if server { PID } else { CLIENT_PID },
+            tid: if server { PID } else { CLIENT_PID },
+            ts_ns: ts,
+            sock_cookie: if server { 1 } else { 0 },
+            local_port: if server { 0 } else { CLIENT_PORT },
+            remote_port: if server { 0 } else { SERVER_PORT },
+            flags,
+            trace_id,
+            span_id,
+            parent_id,
+        })
+    }
+
+    /// One exchange between a traced client and a traced server on this host, each side's
+    /// request preceded by the kernel context given for it (if any).
+    fn local_exchange(
+        p: &mut Pipeline<Vec<SpanRecord>>,
+        request: &[u8],
+        client_ctx: Option<Event<'static>>,
+        server_ctx: Option<Event<'static>>,
+    ) {
+        if let Some(ctx) = client_ctx {
+            p.on_event(ctx);
+        }
+        feed(p, side(false, DIR_EGRESS, 100, request), request);
+        if let Some(ctx) = server_ctx {
+            p.on_event(ctx);
+        }
+        feed(p, side(true, DIR_INGRESS, 110, request), request);
+        feed(p, side(true, DIR_EGRESS, 120, RESP), RESP);
+        feed(p, side(false, DIR_INGRESS, 130, RESP), RESP);
+    }
+
+    fn assert_valid_ids(spans: &[SpanRecord]) {
+        for s in spans {
+            assert!(
+                s.has_valid_ids(),
+                "span {:?} has an invalid id: trace {:?} span {:?} parent {:?}",
+                s.name,
+                s.trace_id,
+                s.span_id,
+                s.parent_span_id
+            );
+        }
+    }
+
+    const ZERO_TRACE: [u8; 16] = [0; 16];
+    const ZERO_SPAN: [u8; 8] = [0; 8];
+
+    /// A traced client sends `traceparent: 00-000…0-<parent>-01`: the injector rewrote the
+    /// parent id in place and reports the all-zero trace id. Neither span may carry it.
+    #[test]
+    fn an_all_zero_trace_id_from_the_kernel_is_never_exported() {
+        let (mut p, stats) = ids_pipeline();
+        let request = b"GET /z HTTP/1.1\r\nHost: x\r\n\
+traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
+        let client = context(
+            false,
+            100,
+            CONTEXT_FLAG_PARENT | agent_common::CONTEXT_FLAG_REWRITTEN,
+            (ZERO_TRACE, [0x7a; 8], [0x11; 8]),
+        );
+        let server = context(true, 110, 0, ([0x22; 16], [0x33; 8], ZERO_SPAN));
+        local_exchange(&mut p, request, Some(client), Some(server));
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        assert_valid_ids(&spans);
+        let client = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Client)
+            .expect("client");
+        let server = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Server)
+            .expect("server");
+        assert_eq!(
+            client.parent_span_id, None,
+            "its parent was in no valid trace"
+        );
+        // Same-host pairing still links the callee to its caller, on valid ids.
+        assert_eq!(server.trace_id, client.trace_id);
+        assert_eq!(server.parent_span_id, Some(client.span_id));
+        assert_eq!(stats.kernel_context_ids_invalid.load(Relaxed), 1);
+        assert_eq!(stats.spans_invalid_ids_fixed.load(Relaxed), 0);
+    }
+
+    /// Zero ids in a server context: the span keeps ids of its own. A zero parent id flagged
+    /// as a parent means no parent; the trace and span ids (on the wire already) are kept.
+    #[test]
+    fn zero_ids_in_kernel_contexts_are_not_adopted() {
+        let request = b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n";
+        for ids in [
+            (ZERO_TRACE, [0x33; 8], ZERO_SPAN),
+            ([0x22; 16], ZERO_SPAN, ZERO_SPAN),
+        ] {
+            let (mut p, stats) = ids_pipeline();
+            p.pair_same_host(false);
+            local_exchange(&mut p, request, None, Some(context(true, 110, 0, ids)));
+            let spans = p.finish();
+            assert_valid_ids(&spans);
+            let server = spans
+                .iter()
+                .find(|s| s.kind == SpanKind::Server)
+                .expect("server");
+            assert_ne!(server.trace_id.0, ids.0);
+            assert_eq!(stats.kernel_context_ids_invalid.load(Relaxed), 1);
+            assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 0);
+        }
+
+        let (mut p, stats) = ids_pipeline();
+        p.pair_same_host(false);
+        let flags = CONTEXT_FLAG_PARENT | agent_common::CONTEXT_FLAG_REWRITTEN;
+        let client = context(false, 100, flags, ([0x44; 16], [0x55; 8], ZERO_SPAN));
+        let server = context(
+            true,
+            110,
+            CONTEXT_FLAG_PARENT,
+            ([0x66; 16], [0x77; 8], ZERO_SPAN),
+        );
+        local_exchange(&mut p, request, Some(client), Some(server));
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        assert_valid_ids(&spans);
+        for s in &spans {
+            assert_eq!(s.parent_span_id, None, "{s:#?}");
+            assert!(!s.parent_is_remote);
+        }
+        let client = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Client)
+            .expect("client");
+        assert_eq!(
+            (client.trace_id.0, client.span_id.0),
+            ([0x44; 16], [0x55; 8])
+        );
+        assert_eq!(stats.kernel_context_ids_invalid.load(Relaxed), 2);
+        assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 2);
+    }
+
+    /// The last line before the exporter: whatever produced it, a span with a zero id is
+    /// repaired and counted, never sent as is.
+    #[test]
+    fn spans_with_invalid_ids_are_repaired_before_the_sink() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, 200, RESP), RESP);
+        let template = p.finish().remove(0);
+        let (mut p, stats) = ids_pipeline();
+        let broken = [
+            (TraceId(ZERO_TRACE), template.span_id, Some(SpanId([9; 8]))),
+            (template.trace_id, SpanId(ZERO_SPAN), None),
+            (template.trace_id, template.span_id, Some(SpanId(ZERO_SPAN))),
+        ];
+        for (trace_id, span_id, parent) in broken {
+            let mut span = template.clone();
+            span.trace_id = trace_id;
+            span.span_id = span_id;
+            span.parent_span_id = parent;
+            span.parent_is_remote = true;
+            span.trace_state = Some("k=v".into());
+            p.ready.push(span);
+        }
+        p.send_ready();
+        let sent = p.finish();
+        assert_eq!(sent.len(), 3);
+        assert_valid_ids(&sent);
+        assert_eq!(
+            sent[0].parent_span_id, None,
+            "a parent in no valid trace is dropped"
+        );
+        assert_eq!(sent[0].trace_state, None);
+        assert_eq!(
+            sent[1].trace_id, template.trace_id,
+            "only the bad id changes"
+        );
+        assert_eq!(sent[2].parent_span_id, None);
+        assert!(!sent[2].parent_is_remote);
+        assert_eq!(stats.spans_invalid_ids_fixed.load(Relaxed), 3);
+    }
+
+    fn hex_text(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// `traceparent` values near the valid form: zero, short, upper-case, odd versions.
+    fn traceparent_text() -> impl Strategy<Value = String> {
+        let id = |n: usize| {
+            prop_oneof![
+                Just(vec![0u8; n]),
+                prop::collection::vec(any::<u8>(), n),
+                prop::collection::vec(prop_oneof![Just(0u8), Just(1u8)], n),
+            ]
+        };
+        prop_oneof![
+            (any::<u8>(), id(16), id(8), any::<u8>(), ".{0,4}").prop_map(
+                |(v, t, s, f, tail)| format!(
+                    "{}-{}-{}-{}{tail}",
+                    hex_text(&[v]),
+                    hex_text(&t),
+                    hex_text(&s),
+                    hex_text(&[f])
+                )
+            ),
+            (id(16), id(8)).prop_map(|(t, s)| format!(
+                "00-{}-{}-01",
+                hex_text(&t).to_uppercase(),
+                hex_text(&s)
+            )),
+            "[0-9a-f-]{0,60}",
+            ".{0,60}",
+        ]
+    }
+
+    fn kernel_ids() -> impl Strategy<Value = ([u8; 16], [u8; 8], [u8; 8], u32)> {
+        let trace = prop_oneof![Just(ZERO_TRACE), any::<[u8; 16]>()];
+        let span = || prop_oneof![Just(ZERO_SPAN), any::<[u8; 8]>()];
+        (trace, span(), span(), 0u32..8)
+    }
+
+    proptest! {
+        /// Whatever `traceparent` a traced client sends and whatever ids the kernel reports
+        /// for either side, every span that leaves has valid ids.
+        #[test]
+        fn no_span_ever_leaves_with_an_invalid_id(
+            tp in traceparent_text(),
+            client in prop::option::of(kernel_ids()),
+            server in prop::option::of(kernel_ids()),
+            pairing in any::<bool>(),
+        ) {
+            let (mut p, stats) = ids_pipeline();
+            p.pair_same_host(pairing);
+            let request = format!("GET /p HTTP/1.1\r\nHost: x\r\ntraceparent: {tp}\r\n\r\n");
+            let client = client.map(|(t, s, parent, flags)| context(false, 100, flags, (t, s, parent)));
+            let server = server.map(|(t, s, parent, flags)| context(true, 110, flags, (t, s, parent)));
+            local_exchange(&mut p, request.as_bytes(), client, server);
+            let spans = p.finish();
+            prop_assert_eq!(spans.len(), 2);
+            for s in &spans {
+                prop_assert!(s.has_valid_ids(), "{:?}", s);
+            }
+            prop_assert_eq!(stats.spans_invalid_ids_fixed.load(Relaxed), 0);
+        }
     }
 
     #[test]

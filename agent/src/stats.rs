@@ -38,12 +38,16 @@ counters! {
     connections_postgres,
     /// PostgreSQL connections that switched to TLS/GSS encryption (skipped).
     connections_encrypted,
-    /// Connections in no protocol we parse (ignored from then on).
+    /// Connections in no protocol we parse (ignored from then on, or closed before any of
+    /// their messages was recognised).
     connections_unrecognized,
     /// Parser lost message boundaries and resynchronised on a later message start.
     http_resyncs,
     /// Messages whose header block did not fit in the captured prefix.
     http_headers_truncated,
+    /// Message heads on HTTP connections that could not be read even leniently (no
+    /// `METHOD target HTTP/1.x` or `HTTP/1.x NNN` start line): that exchange is not traced.
+    http_heads_invalid,
     /// Requests whose connection closed before a response ended.
     http_incomplete,
     /// HTTP exchanges completed.
@@ -91,8 +95,14 @@ counters! {
     /// Server requests whose `traceparent` the kernel did not see (head split over reads)
     /// though the parser did: the kernel's ids were kept.
     kernel_context_mismatch,
+    /// Kernel contexts with a zero trace or span id (unusable: the request got ids of its
+    /// own) or a zero parent id (taken as no parent).
+    kernel_context_ids_invalid,
     /// Spans built.
     spans_built,
+    /// Spans that reached the exporter with a zero trace, span or parent id and were given
+    /// valid ones instead (never exported invalid; any count here is a bug to report).
+    spans_invalid_ids_fixed,
     /// Spans dropped because the export queue was full.
     spans_dropped_queue_full,
     /// Spans handed to an exporter successfully.

@@ -124,6 +124,36 @@ pub fn pipeline_client(port: u16, paths: &[&str]) -> ClientRun {
     run_script_client("pipeline_client", cmd, paths.len())
 }
 
+/// How `raw_client` treats each connection after sending its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawMode {
+    /// Read the answer to the end of the connection.
+    Read,
+    /// `shutdown(SHUT_WR)` right after the request; read the answer 0.3 s later, after the
+    /// server's answer and FIN arrived.
+    HalfClose,
+    /// Close right after the request, reading nothing.
+    Close,
+}
+
+/// `tests/fixtures/raw_client.py`: each request's exact bytes on a connection of its own (ask
+/// the server to close it: the answer is read to the end of the connection).
+pub fn raw_client(port: u16, mode: RawMode, requests: &[&[u8]]) -> ClientRun {
+    let hex = |r: &[u8]| r.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mode = match mode {
+        RawMode::Read => "read",
+        RawMode::HalfClose => "half-close",
+        RawMode::Close => "close",
+    };
+    let mut cmd = Command::new(python_bin());
+    cmd.arg(fixture("raw_client.py"))
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .arg(mode)
+        .args(requests.iter().map(|r| hex(r)));
+    run_script_client("raw_client", cmd, requests.len())
+}
+
 /// A curl invocation; several URLs in one invocation share a keep-alive connection.
 #[derive(Debug, Clone)]
 pub struct Curl {

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 pub use agent::{Agent, AgentBuilder, OtlpProtocol};
 pub use clients::{
-    ClientRun, Curl, CurlResult, CurlTransfer, RequestResult, Timing, node_client, pipeline_client,
-    py_client,
+    ClientRun, Curl, CurlResult, CurlTransfer, RawMode, RequestResult, Timing, node_client,
+    pipeline_client, py_client, raw_client,
 };
 pub use collector::{AttrValue, Collector, ReceivedSpan, SpanKind, SpanStatus, parse_rotel_output};
 pub use postgres::{

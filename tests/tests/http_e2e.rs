@@ -14,8 +14,9 @@ use tests::servers::{
 };
 use tests::{
     Agent, Checks, ClientRun, Collector, Curl, HttpServer, NginxServer, NodeServer, OtlpProtocol,
-    PyServer, ReceivedSpan, RequestResult, SpanFilter, SpanKind, SpanStatus, Spans, node_client,
-    node_exe_name, pipeline_client, py_client, python_bin, python_exe_name, require_root,
+    PyServer, RawMode, ReceivedSpan, RequestResult, SpanFilter, SpanKind, SpanStatus, Spans,
+    node_client, node_exe_name, pipeline_client, py_client, python_bin, python_exe_name,
+    raw_client, require_root,
 };
 
 const LOOPBACK: &str = "127.0.0.1";
@@ -1105,4 +1106,212 @@ fn forked_child_of_a_selected_process_is_traced_from_its_first_request() {
     .finish();
     // The server was not selected.
     spans.expect_none(&SpanFilter::any().pid(server.pid()));
+}
+
+/// A valid W3C id: lowercase hex of the right length, not all zeros.
+fn valid_id(id: &str, len: usize) -> bool {
+    hex_of_len(id, len) && id.bytes().any(|b| b != b'0')
+}
+
+/// A traced client sends a `traceparent` with an all-zero trace or parent id to a traced
+/// server: neither span carries an invalid id, and the server span is still the child of
+/// the client span (through the rewritten header or same-host pairing).
+#[test]
+fn traced_client_sending_zero_ids_exports_only_valid_ids() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm("curl")
+        .start(&collector);
+
+    let headers = [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-00000000000000000000000000000000-0000000000000000-01",
+    ];
+    let mut runs = Vec::new();
+    for (i, header) in headers.iter().enumerate() {
+        let run = Curl::get(server.url(&format!("/users/{i}")))
+            .header(&format!("traceparent: {header}"))
+            .run();
+        assert_eq!(run.one().status, 200);
+        runs.push(run);
+    }
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let mut wanted: Vec<(SpanFilter, usize)> = vec![(server_spans.clone(), headers.len())];
+    wanted.extend(runs.iter().map(|r| (SpanFilter::client().pid(r.pid), 1)));
+    let wanted: Vec<(&SpanFilter, usize)> = wanted.iter().map(|(f, n)| (f, *n)).collect();
+    collector.wait_for_all(&wanted);
+    agent.stop();
+    let spans = collector.settle();
+
+    let zero_parent = "0".repeat(16);
+    for (i, (header, run)) in headers.iter().zip(&runs).enumerate() {
+        let path = format!("/users/{i}");
+        let client = spans.expect_one(&SpanFilter::client().pid(run.pid));
+        let server = spans.expect_one(&server_spans.clone().path(&path));
+        for (what, s) in [("CLIENT", client), ("SERVER", server)] {
+            Checks::new(
+                format!("{what} span of a request sent with traceparent {header}"),
+                s,
+            )
+            .check(valid_id(&s.trace_id, 32), || {
+                format!("trace id: expected a valid id, got {}", s.trace_id)
+            })
+            .check(valid_id(&s.span_id, 16), || {
+                format!("span id: expected a valid id, got {}", s.span_id)
+            })
+            .check(
+                s.parent_span_id.as_deref().is_none_or(|p| valid_id(p, 16)),
+                || {
+                    format!(
+                        "parent: expected none or a valid id, got {:?}",
+                        s.parent_span_id
+                    )
+                },
+            )
+            .attr_str("url.path", &path)
+            .finish();
+        }
+        Checks::new(
+            format!("SERVER span of a request sent with traceparent {header}"),
+            server,
+        )
+        .check(
+            server.trace_id == client.trace_id
+                && server.parent_span_id.as_deref() == Some(client.span_id.as_str()),
+            || format!("expected the child of the CLIENT span {}", client.summary()),
+        )
+        .finish();
+        assert_ne!(client.parent_span_id.as_deref(), Some(zero_parent.as_str()));
+    }
+}
+
+/// Header values with bytes httparse refuses but nginx serves (0x01, ESC, DEL), and one
+/// nginx refuses with a 400 (NUL): every request gets its spans on both sides.
+#[test]
+fn requests_with_control_bytes_in_header_values_are_traced() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = NginxServer::start();
+    let mut agent = Agent::builder()
+        .comm("nginx")
+        .comm(&python_exe_name())
+        .start(&collector);
+
+    let cases: [(&str, &[u8], u16); 4] = [
+        ("ctl01", b"a\x01b", 200),
+        ("esc", b"\x1b[31mred\x1b[0m", 200),
+        ("del", b"a\x7fb", 200),
+        ("nul", b"a\x00b", 400),
+    ];
+    let requests: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(query, value, _)| {
+            [
+                format!(
+                    "GET {NGINX_HELLO_PATH}?{query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Odd: ",
+                    server.port()
+                )
+                .as_bytes(),
+                value,
+                b"\r\nConnection: close\r\n\r\n",
+            ]
+            .concat()
+        })
+        .collect();
+    let requests: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    let run = raw_client(server.port(), RawMode::Read, &requests);
+    let statuses: Vec<u16> = run.results.iter().map(|r| r.status).collect();
+    let expected: Vec<u16> = cases.iter().map(|c| c.2).collect();
+    assert_eq!(statuses, expected, "nginx's answers");
+    let server_spans = SpanFilter::server().pid(server.worker_pid());
+    let client_spans = SpanFilter::client().pid(run.pid);
+    collector.wait_for_all(&[(&server_spans, cases.len()), (&client_spans, cases.len())]);
+    agent.stop();
+    let spans = collector.settle();
+
+    for ((query, _, status), r) in cases.iter().zip(&run.results) {
+        for (what, filter) in [
+            ("nginx SERVER", &server_spans),
+            ("python CLIENT", &client_spans),
+        ] {
+            let found: Vec<&ReceivedSpan> = spans
+                .matching(filter)
+                .into_iter()
+                .filter(|s| s.attr_str("url.query") == Some(query))
+                .collect();
+            let [s] = found.as_slice() else {
+                panic!(
+                    "expected one {what} span of the request with {query}, found {}; the \
+                     collector received:\n{spans}",
+                    found.len()
+                );
+            };
+            Checks::new(format!("{what} span of the request with {query}"), s)
+                .attr_str("url.path", NGINX_HELLO_PATH)
+                .attr_int("http.response.status_code", i64::from(*status))
+                .timing_within(&r.timing)
+                .finish();
+        }
+    }
+}
+
+/// A client that shuts down its sending side before reading the answer gets a normal span;
+/// one that closes before any answer still gets an error span.
+#[test]
+fn half_closed_client_gets_a_normal_span_and_a_real_close_an_error() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .comm(&python_exe_name())
+        .start(&collector);
+
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            server.port()
+        )
+    };
+    let half = raw_client(
+        server.port(),
+        RawMode::HalfClose,
+        &[request("/users/1").as_bytes()],
+    );
+    assert_eq!(half.results[0].status, 200);
+    let closed = raw_client(
+        server.port(),
+        RawMode::Close,
+        &[request("/users/2").as_bytes()],
+    );
+    let half_spans = SpanFilter::client().pid(half.pid);
+    let closed_spans = SpanFilter::client().pid(closed.pid);
+    collector.wait_for_all(&[(&half_spans, 1), (&closed_spans, 1)]);
+    agent.stop();
+    let spans = collector.settle();
+
+    check_client_span(
+        "CLIENT span of a request whose client half-closed before reading",
+        spans.expect_one(&half_spans),
+        server.port(),
+        "GET",
+        "/users/1",
+        200,
+    )
+    .timing_within(&half.results[0].timing)
+    .finish();
+    Checks::new(
+        "CLIENT span of a request whose client closed before any answer",
+        spans.expect_one(&closed_spans),
+    )
+    .kind(SpanKind::Client)
+    .attr_str("url.path", "/users/2")
+    .attr_absent("http.response.status_code")
+    .attr_str("error.type", "connection_closed")
+    .status(SpanStatus::Error)
+    .finish();
 }

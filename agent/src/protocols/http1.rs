@@ -30,6 +30,8 @@
     )
 )]
 
+mod lenient;
+
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 
@@ -154,6 +156,9 @@ pub struct FeedReport {
     pub resynced: bool,
     /// A message head could not be parsed because the capture (or the head buffer) ended first.
     pub headers_truncated: bool,
+    /// Message heads of an HTTP connection that could not be read even leniently: their
+    /// exchanges are not traced.
+    pub invalid_heads: u32,
 }
 
 /// Longest head we buffer across segments.
@@ -291,9 +296,6 @@ struct StartLine {
 enum HeadParse {
     Complete(usize, Head),
     Partial(StartLine),
-    /// A well-started head we cannot parse (more headers than we have slots for): handled
-    /// like a head cut by the capture.
-    Unparsable(StartLine),
     Invalid,
 }
 
@@ -369,6 +371,9 @@ pub struct Http1Stream {
     /// Indexed by [`Direction::index`].
     readers: [Reader; 2],
     pending: VecDeque<Pending>,
+    /// Heads that could not be read before the connection was known to be HTTP: reported
+    /// once it is (a connection found not to be HTTP is counted as such instead).
+    invalid_heads_unreported: u32,
 }
 
 impl Http1Stream {
@@ -395,6 +400,7 @@ impl Http1Stream {
             next_id: 0,
             readers: [reader(), reader()],
             pending: VecDeque::new(),
+            invalid_heads_unreported: 0,
         }
     }
 
@@ -415,6 +421,11 @@ impl Http1Stream {
                 .readers
                 .iter()
                 .all(|r| r.state == ReadState::Boundary && r.head.is_empty())
+    }
+
+    /// A request is still waiting for (the end of) its response.
+    pub fn awaits_response(&self) -> bool {
+        !self.closed && !self.pending.is_empty()
     }
 
     /// Feeds one segment; completed exchanges are appended to `out`.
@@ -455,7 +466,16 @@ impl Http1Stream {
                 report.became_not_http = true;
             }
         }
+        if self.state == StreamState::Http {
+            report.invalid_heads += std::mem::take(&mut self.invalid_heads_unreported);
+        }
         report
+    }
+
+    /// A head neither parser could read: counted once the connection is known to be HTTP.
+    fn invalid_head(&mut self, d: usize) {
+        self.invalid_heads_unreported = self.invalid_heads_unreported.saturating_add(1);
+        self.lose(d);
     }
 
     /// The connection ended: emits every request still pending. A close-delimited response
@@ -606,12 +626,6 @@ impl Http1Stream {
                 self.start_message(d, head, seg.first_ts_ns, seg.tid, seg.ts_ns, report, out);
                 Step::At(pos.saturating_add(n as u64))
             }
-            HeadParse::Unparsable(start) => {
-                report.headers_truncated = true;
-                self.truncated_head(d, kind, start, seg.ts_ns, seg.tid, report, out);
-                self.lose(d);
-                Step::Stop
-            }
             HeadParse::Partial(start) => {
                 if !captured_to_end || buf.len() >= MAX_HEAD_BYTES {
                     report.headers_truncated = true;
@@ -632,7 +646,7 @@ impl Http1Stream {
                 Step::Stop
             }
             HeadParse::Invalid => {
-                self.lose(d);
+                self.invalid_head(d);
                 Step::Stop
             }
         }
@@ -678,12 +692,6 @@ impl Http1Stream {
                     Step::Stop
                 }
             },
-            HeadParse::Unparsable(start) => {
-                report.headers_truncated = true;
-                self.truncated_head(d, kind, start, start_ts, tid, report, out);
-                self.lose(d);
-                Step::Stop
-            }
             HeadParse::Partial(start) => {
                 let truncated = take < seg.data.len()
                     || (seg.data.len() as u64) < total
@@ -699,7 +707,7 @@ impl Http1Stream {
                 Step::Stop
             }
             HeadParse::Invalid => {
-                self.lose(d);
+                self.invalid_head(d);
                 Step::Stop
             }
         };
@@ -1130,13 +1138,14 @@ impl Http1Stream {
     }
 }
 
-/// Whether `data` starts with a complete start line of `kind` (cheap: no headers parsed).
+/// Whether `data` starts with a complete start line of `kind` (cheap: no headers parsed when
+/// httparse reads it).
 fn starts_message(kind: Kind, data: &[u8]) -> bool {
     let config = httparse::ParserConfig::default();
     // No header slots: a head with headers stops at the first one with `TooManyHeaders`, which
     // only happens once the start line has been read.
     let mut headers: [MaybeUninit<httparse::Header<'_>>; 0] = [];
-    match kind {
+    let strict = match kind {
         Kind::Request => {
             let mut req = httparse::Request::new(&mut []);
             match config.parse_request_with_uninit_headers(&mut req, data, &mut headers) {
@@ -1153,13 +1162,26 @@ fn starts_message(kind: Kind, data: &[u8]) -> bool {
                 Err(_) => false,
             }
         }
-    }
+    };
+    strict
+        || match lenient::parse(kind, data, |_, _| {}) {
+            lenient::Lenient::Complete(_) => true,
+            lenient::Lenient::Partial(start) => start.recognized,
+            lenient::Lenient::Invalid => false,
+        }
 }
 
+/// Reads a head with httparse, or, where it refuses bytes that real servers accept (or has
+/// too few header slots), leniently (see [`lenient`]).
 fn parse_head(kind: Kind, buf: &[u8]) -> HeadParse {
+    strict_head(kind, buf).unwrap_or_else(|| lenient_head(kind, buf))
+}
+
+/// httparse's reading of a head; `None` when it refuses it.
+fn strict_head(kind: Kind, buf: &[u8]) -> Option<HeadParse> {
     let config = httparse::ParserConfig::default();
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    match kind {
+    let parsed = match kind {
         Kind::Request => {
             let mut req = httparse::Request::new(&mut []);
             match config.parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
@@ -1167,94 +1189,134 @@ fn parse_head(kind: Kind, buf: &[u8]) -> HeadParse {
                     let (Some(method), Some(target), Some(version)) =
                         (req.method, req.path, req.version)
                     else {
-                        return HeadParse::Invalid;
+                        return None;
                     };
-                    let fields = HeaderFields::collect(req.headers, true);
-                    let framing = if fields.te_present {
-                        if fields.chunked {
-                            Framing::Chunked
-                        } else {
-                            // A request with a transfer coding we cannot delimit (RFC 9112 §6.3).
-                            Framing::Invalid
-                        }
-                    } else {
-                        match fields.content_length {
-                            ContentLength::Absent => Framing::None,
-                            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
-                            _ => Framing::Invalid,
-                        }
-                    };
-                    HeadParse::Complete(
-                        n,
-                        Head::Request(RequestHead {
-                            info: HttpRequestInfo {
-                                method: method.to_owned(),
-                                target: target.to_owned(),
-                                version_minor: version,
-                                host: fields.host,
-                                user_agent: fields.user_agent,
-                                traceparent: fields.traceparent,
-                                tracestate: fields.tracestate,
-                                content_length: match fields.content_length {
-                                    ContentLength::Valid(n) => Some(n),
-                                    _ => None,
-                                },
-                                chunked: fields.chunked,
-                            },
-                            framing,
-                        }),
-                    )
+                    let mut fields = HeaderFields::new(true);
+                    for h in req.headers.iter() {
+                        fields.add(h.name.as_bytes(), h.value);
+                    }
+                    request_head(n, method, target.to_owned(), version, fields, false)
                 }
                 Ok(httparse::Status::Partial) => HeadParse::Partial(StartLine {
                     recognized: req.version.is_some(),
                     is_head: req.method == Some("HEAD"),
                     code: None,
                 }),
-                Err(httparse::Error::TooManyHeaders) => HeadParse::Unparsable(StartLine {
-                    recognized: req.version.is_some(),
-                    is_head: req.method == Some("HEAD"),
-                    code: None,
-                }),
-                Err(_) => HeadParse::Invalid,
+                Err(_) => return None,
             }
         }
         Kind::Response => {
             let mut resp = httparse::Response::new(&mut []);
             match config.parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
                 Ok(httparse::Status::Complete(n)) => {
-                    let Some(code) = resp.code else {
-                        return HeadParse::Invalid;
-                    };
-                    let fields = HeaderFields::collect(resp.headers, false);
-                    let framing = if fields.te_present {
-                        if fields.chunked {
-                            Framing::Chunked
-                        } else {
-                            Framing::UntilClose
-                        }
-                    } else {
-                        match fields.content_length {
-                            ContentLength::Absent => Framing::UntilClose,
-                            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
-                            _ => Framing::Invalid,
-                        }
-                    };
-                    HeadParse::Complete(n, Head::Response(ResponseHead { code, framing }))
+                    let code = resp.code?;
+                    let mut fields = HeaderFields::new(false);
+                    for h in resp.headers.iter() {
+                        fields.add(h.name.as_bytes(), h.value);
+                    }
+                    response_head(n, code, &fields, false)
                 }
                 Ok(httparse::Status::Partial) => HeadParse::Partial(StartLine {
                     recognized: resp.code.is_some(),
                     is_head: false,
                     code: resp.code,
                 }),
-                Err(httparse::Error::TooManyHeaders) => HeadParse::Unparsable(StartLine {
-                    recognized: resp.code.is_some(),
-                    is_head: false,
-                    code: resp.code,
-                }),
-                Err(_) => HeadParse::Invalid,
+                Err(_) => return None,
             }
         }
+    };
+    Some(parsed)
+}
+
+fn lenient_head(kind: Kind, buf: &[u8]) -> HeadParse {
+    let mut fields = HeaderFields::new(kind == Kind::Request);
+    match lenient::parse(kind, buf, |name, value| fields.add(name, value)) {
+        lenient::Lenient::Complete(parts) => match parts.start {
+            lenient::Start::Request {
+                method,
+                target,
+                version_minor,
+            } => request_head(
+                parts.len,
+                method,
+                String::from_utf8_lossy(target).into_owned(),
+                version_minor,
+                fields,
+                parts.framing_disputed,
+            ),
+            lenient::Start::Response { code } => {
+                response_head(parts.len, code, &fields, parts.framing_disputed)
+            }
+        },
+        lenient::Lenient::Partial(start) => HeadParse::Partial(start),
+        lenient::Lenient::Invalid => HeadParse::Invalid,
     }
+}
+
+/// `framing_disputed`: servers may read the body's framing differently; it is then unknown.
+fn request_head(
+    n: usize,
+    method: &str,
+    target: String,
+    version_minor: u8,
+    fields: HeaderFields,
+    framing_disputed: bool,
+) -> HeadParse {
+    let framing = if framing_disputed {
+        Framing::Invalid
+    } else if fields.te_present {
+        if fields.chunked {
+            Framing::Chunked
+        } else {
+            // A request with a transfer coding we cannot delimit (RFC 9112 §6.3).
+            Framing::Invalid
+        }
+    } else {
+        match fields.content_length {
+            ContentLength::Absent => Framing::None,
+            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
+            _ => Framing::Invalid,
+        }
+    };
+    HeadParse::Complete(
+        n,
+        Head::Request(RequestHead {
+            info: HttpRequestInfo {
+                method: method.to_owned(),
+                target,
+                version_minor,
+                host: fields.host,
+                user_agent: fields.user_agent,
+                traceparent: fields.traceparent,
+                tracestate: fields.tracestate,
+                content_length: match fields.content_length {
+                    ContentLength::Valid(n) => Some(n),
+                    _ => None,
+                },
+                chunked: fields.chunked,
+            },
+            framing,
+        }),
+    )
+}
+
+fn response_head(n: usize, code: u16, fields: &HeaderFields, framing_disputed: bool) -> HeadParse {
+    let framing = if framing_disputed {
+        Framing::Invalid
+    } else if fields.te_present {
+        if fields.chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match fields.content_length {
+            ContentLength::Absent => Framing::UntilClose,
+            ContentLength::Valid(n) if n <= MAX_BODY_LEN => Framing::Length(n),
+            _ => Framing::Invalid,
+        }
+    };
+    HeadParse::Complete(n, Head::Response(ResponseHead { code, framing }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1267,6 +1329,8 @@ enum ContentLength {
 /// The header fields we look at.
 #[derive(Debug)]
 struct HeaderFields {
+    /// Also extract the request-only fields (host, user agent, trace context).
+    request: bool,
     host: Option<String>,
     user_agent: Option<String>,
     traceparent: Option<String>,
@@ -1277,9 +1341,9 @@ struct HeaderFields {
 }
 
 impl HeaderFields {
-    /// `request`: also extract the request-only fields (host, user agent, trace context).
-    fn collect(headers: &[httparse::Header<'_>], request: bool) -> Self {
-        let mut f = Self {
+    fn new(request: bool) -> Self {
+        Self {
+            request,
             host: None,
             user_agent: None,
             traceparent: None,
@@ -1287,38 +1351,71 @@ impl HeaderFields {
             content_length: ContentLength::Absent,
             te_present: false,
             chunked: false,
-        };
-        for h in headers {
-            let name = h.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                f.content_length = merge_content_length(f.content_length, h.value);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                // The last coding of the last field is the one that frames the body.
-                f.te_present = true;
-                f.chunked = h
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if request {
-                let slot = if name.eq_ignore_ascii_case("host") {
-                    &mut f.host
-                } else if name.eq_ignore_ascii_case("user-agent") {
-                    &mut f.user_agent
-                } else if name.eq_ignore_ascii_case("traceparent") {
-                    &mut f.traceparent
-                } else if name.eq_ignore_ascii_case("tracestate") {
-                    &mut f.tracestate
-                } else {
-                    continue;
-                };
-                if slot.is_none() {
-                    *slot = Some(String::from_utf8_lossy(h.value.trim_ascii()).into_owned());
-                }
+        }
+    }
+
+    /// One field as received (its value not yet trimmed).
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_length = merge_content_length(self.content_length, value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The last coding of the last field is the one that frames the body.
+            self.te_present = true;
+            self.chunked = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| trim_ows(c).eq_ignore_ascii_case(b"chunked"));
+        } else if self.request {
+            self.add_request_field(name, value);
+        }
+    }
+
+    fn add_request_field(&mut self, name: &[u8], value: &[u8]) {
+        let value = trim_ows(value);
+        if name.eq_ignore_ascii_case(b"traceparent") {
+            // Several fields are one comma-joined value (RFC 9110 §5.3): two traceparents
+            // make an invalid one, never a choice between them.
+            append_field(&mut self.traceparent, value);
+        } else if name.eq_ignore_ascii_case(b"tracestate") {
+            append_field(&mut self.tracestate, value);
+        } else {
+            let slot = if name.eq_ignore_ascii_case(b"host") {
+                &mut self.host
+            } else if name.eq_ignore_ascii_case(b"user-agent") {
+                &mut self.user_agent
+            } else {
+                return;
+            };
+            if slot.is_none() {
+                *slot = Some(String::from_utf8_lossy(value).into_owned());
             }
         }
-        f
     }
+}
+
+/// Joins a repeated field's values with a comma, as RFC 9110 §5.3 combines them.
+fn append_field(slot: &mut Option<String>, value: &[u8]) {
+    let value = String::from_utf8_lossy(value);
+    match slot {
+        Some(joined) => {
+            joined.push(',');
+            joined.push_str(&value);
+        }
+        None => *slot = Some(value.into_owned()),
+    }
+}
+
+/// Without HTTP's optional whitespace (space, tab) around it; other bytes are kept, so a
+/// value with a control byte never reads as a clean number or coding.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let v = &v[start..];
+    let end = v
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    &v[..v.len() - end]
 }
 
 /// Folds one `Content-Length` field value (possibly a list, `5, 5`) into what we have: every
@@ -1326,7 +1423,7 @@ impl HeaderFields {
 fn merge_content_length(current: ContentLength, value: &[u8]) -> ContentLength {
     let mut current = current;
     for part in value.split(|&b| b == b',') {
-        let Some(n) = parse_decimal(part.trim_ascii()) else {
+        let Some(n) = parse_decimal(trim_ows(part)) else {
             return ContentLength::Bad;
         };
         current = match current {
@@ -2991,6 +3088,363 @@ Connection: close\r\n\
         assert!(c.out.iter().all(|e| e.end == ConnectionClosed));
     }
 
+    // ---- heads httparse refuses but real servers answer ----
+
+    /// Requests nginx 1.22, Node 20 (llhttp, strict or `insecureHTTPParser`) or Python 3.11
+    /// `http.server` answered when sent raw (which ones, measured, in the comment). Each is
+    /// traced, and the connection stays in step for the next request.
+    #[test]
+    fn heads_real_servers_answer_are_traced() {
+        let many_headers: Vec<u8> = [
+            &b"GET /v HTTP/1.1\r\nHost: x\r\n"[..],
+            &(0..MAX_HEADERS + 10)
+                .flat_map(|i| format!("X-{i}: v\r\n").into_bytes())
+                .collect::<Vec<u8>>(),
+            b"\r\n",
+        ]
+        .concat();
+        let cases: [(&str, &[u8]); 17] = [
+            // nginx, llhttp lenient, Python.
+            (
+                "0x01 in a value",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nX-T: a\x01b\r\n\r\n",
+            ),
+            (
+                "ESC in a value",
+                b"GET /v HTTP/1.1\r\nX-T: \x1b[31mred\x1b[0m\r\n\r\n",
+            ),
+            (
+                "DEL in a value",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nX-T: a\x7f\r\n\r\n",
+            ),
+            // llhttp lenient, Python.
+            (
+                "NUL in a value",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nX-T: a\x00b\r\n\r\n",
+            ),
+            // Python.
+            (
+                "bare CR in a value",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nX-T: a\rb\r\n\r\n",
+            ),
+            // llhttp lenient, Python.
+            (
+                "folded line",
+                b"GET /v HTTP/1.1\r\nX-T: a\r\n b\r\nHost: x\r\n\r\n",
+            ),
+            (
+                "space before the first field",
+                b"GET /v HTTP/1.1\r\n Host: x\r\n\r\n",
+            ),
+            // nginx, Python.
+            (
+                "line without colon",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nFoo\r\n\r\n",
+            ),
+            (
+                "name not a token",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nX(T)@: v\r\n\r\n",
+            ),
+            (
+                "obs-text in a name",
+                b"GET /v HTTP/1.1\r\nX-\xe9: v\r\n\r\n",
+            ),
+            (
+                "obs-text in the target",
+                b"GET /v\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            // Python.
+            (
+                "space before colon",
+                b"GET /v HTTP/1.1\r\nHost: x\r\nFoo : bar\r\n\r\n",
+            ),
+            (
+                "control byte in the target",
+                b"GET /v\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            (
+                "tabs in the request line",
+                b"GET\t/v\tHTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            // All four.
+            (
+                "runs of spaces in the request line",
+                b"GET  /v  HTTP/1.1\r\n\r\n",
+            ),
+            // nginx, llhttp lenient, Python.
+            ("HTTP/1.2", b"GET /v HTTP/1.2\r\nHost: x\r\n\r\n"),
+            // More fields than httparse has slots for (all four).
+            ("many headers", &many_headers),
+        ];
+        for (what, request) in cases {
+            for role in [Role::Server, Role::Client] {
+                let (rq, rs) = dirs(role);
+                let mut c = Conn::new(Some(role));
+                c.send(rq, 1, request);
+                c.send(rs, 2, NGINX_204);
+                c.send(rq, 3, CURL_GET_A);
+                c.send(rs, 4, NGINX_200);
+                let got: Vec<_> = c.out.iter().map(|e| (e.status, e.end)).collect();
+                assert_eq!(
+                    got,
+                    [(Some(204), Complete), (Some(200), Complete)],
+                    "{what} ({role:?})"
+                );
+                let e = &c.out[0];
+                assert!(e.request.target.starts_with("/v"), "{what}: {e:?}");
+                assert_eq!(e.request.method, "GET", "{what}");
+                assert_eq!(c.count(|r| *r != FeedReport::default()), 0, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn lenient_heads_keep_what_they_say() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(
+            IN,
+            1,
+            b"POST  /v\x01w?q=1  HTTP/1.0\r\nHost: h:81\r\nX: \x1b\r\nUser-Agent: ua\x7f\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+Content-Length: 3\r\n\r\nabc",
+        );
+        c.send(
+            OUT,
+            2,
+            b"HTTP/1.1 201  Created \x01\r\nContent-Length: 2\r\nX: \x00\r\n\r\nok",
+        );
+        let e = &c.out[0];
+        assert_eq!(
+            summary(e),
+            s("POST", "/v\u{1}w?q=1", Some(201), 3, 2, Complete)
+        );
+        assert_eq!(e.request.version_minor, 0);
+        assert_eq!(e.request.host.as_deref(), Some("h:81"));
+        assert_eq!(e.request.user_agent.as_deref(), Some("ua\u{7f}"));
+        assert_eq!(
+            e.request.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+    }
+
+    /// A control byte elsewhere in a head leaves its framing exact; framing that servers may
+    /// read differently is not guessed: the exchange stays, the next request is found again.
+    #[test]
+    fn lenient_heads_never_misframe() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(
+            IN,
+            1,
+            b"POST /p HTTP/1.1\r\nX: a\x01b\r\nContent-Length: 5\r\n\r\nhelloGET /a HTTP/1.1\r\n\r\n",
+        );
+        c.send(OUT, 2, &[NGINX_201, NGINX_204].concat());
+        let got: Vec<_> = c.out.iter().map(summary).collect();
+        assert_eq!(
+            got,
+            [
+                s("POST", "/p", Some(201), 5, 9, Complete),
+                s("GET", "/a", Some(204), 0, 0, Complete)
+            ]
+        );
+
+        for (what, head) in [
+            ("space before colon", &b"Content-Length : 5\r\n"[..]),
+            (
+                "after a line Python stops at",
+                b"Foo\r\nContent-Length: 5\r\n",
+            ),
+            (
+                "after a name nginx skips",
+                b"X T: v\r\nContent-Length: 5\r\n",
+            ),
+            ("a folded length", b"Content-Length: 5\r\n 6\r\n"),
+            ("a control byte in the length", b"Content-Length: 5\x01\r\n"),
+            ("a form feed after the length", b"Content-Length: 5\x0c\r\n"),
+            (
+                "a control byte in the coding",
+                b"Transfer-Encoding: chunked\x01\r\n",
+            ),
+            (
+                "a folded coding",
+                b"Transfer-Encoding: gzip\r\n\tchunked\r\n",
+            ),
+        ] {
+            let mut c = Conn::new(Some(Role::Server));
+            let request = [&b"POST /p HTTP/1.1\r\nHost: x\r\n"[..], head, b"\r\nhello"].concat();
+            c.send(IN, 1, &request);
+            c.send(OUT, 2, NGINX_204);
+            c.send(IN, 3, CURL_GET_A);
+            c.send(OUT, 4, NGINX_200);
+            let got: Vec<_> = c.out.iter().map(|e| (e.status, e.end)).collect();
+            assert_eq!(
+                got,
+                [(Some(204), Resynced), (Some(200), Complete)],
+                "{what}"
+            );
+            assert_eq!(c.count(|r| r.resynced), 1, "{what}");
+        }
+    }
+
+    /// Where a head cannot be read at all, the count says so.
+    #[test]
+    fn unreadable_heads_are_counted() {
+        for (what, head) in [
+            ("HTTP/0.9", &b"GET /v\r\n\r\n"[..]),
+            ("LF in the target", b"GET /v\nw HTTP/1.1\r\n\r\n"),
+            ("control byte in the method", b"GE\x01 /v HTTP/1.1\r\n\r\n"),
+            ("HTTP/2", b"GET /v HTTP/2.0\r\n\r\n"),
+        ] {
+            // On a connection known to be HTTP, and as its first message.
+            let mut c = Conn::new(Some(Role::Server));
+            c.send(IN, 1, CURL_GET_A);
+            c.send(OUT, 2, NGINX_204);
+            c.send(IN, 3, head);
+            c.send(
+                OUT,
+                4,
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+            );
+            assert_eq!(c.out.len(), 1, "{what}");
+            assert_eq!(
+                c.reports.iter().map(|r| r.invalid_heads).sum::<u32>(),
+                1,
+                "{what}"
+            );
+
+            let mut c = Conn::new(Some(Role::Server));
+            c.send(IN, 1, head);
+            assert_eq!(c.s.state(), StreamState::Detecting);
+            c.send(
+                OUT,
+                2,
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+            );
+            assert_eq!(
+                c.reports.iter().map(|r| r.invalid_heads).sum::<u32>(),
+                1,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_trace_context_fields_are_joined() {
+        let mut c = Conn::new(Some(Role::Server));
+        c.send(
+            IN,
+            1,
+            b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+tracestate: a=1\r\nTraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+tracestate: b=2\r\n\r\n",
+        );
+        c.send(OUT, 2, NGINX_204);
+        let r = &c.out[0].request;
+        assert_eq!(
+            r.traceparent.as_deref(),
+            Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,\
+00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            )
+        );
+        assert_eq!(r.tracestate.as_deref(), Some("a=1,b=2"));
+    }
+
+    /// Where one byte goes in [`odd_request`].
+    #[derive(Clone, Copy, Debug)]
+    enum Place {
+        Target,
+        Name,
+        Value,
+    }
+
+    /// A POST with a body and a request after it in the same write, with `bytes` in its
+    /// target, in a header name or in a header value (before the framing field: the worst
+    /// place).
+    fn odd_request(place: Place, bytes: &[u8]) -> Vec<u8> {
+        let none: &[u8] = b"";
+        let (target, name, value) = match place {
+            Place::Target => (bytes, none, none),
+            Place::Name => (none, bytes, none),
+            Place::Value => (none, none, bytes),
+        };
+        [
+            &b"POST /t"[..],
+            target,
+            b"u HTTP/1.1\r\nHost: x\r\nX-N",
+            name,
+            b"m: v",
+            value,
+            b"w\r\nContent-Length: 5\r\n\r\nhelloGET /next HTTP/1.1\r\n\r\n",
+        ]
+        .concat()
+    }
+
+    /// Feeds [`odd_request`] and two answers; returns the exchanges and whether a reason for
+    /// a missing one was counted.
+    fn run_odd(role: Role, request: &[u8]) -> (Vec<HttpExchange>, bool) {
+        let (rq, rs) = dirs(role);
+        let mut c = Conn::new(Some(role));
+        c.send(rq, 1, request);
+        c.send(rs, 2, &[NGINX_201, NGINX_204].concat());
+        c.close(3);
+        let counted =
+            c.reports.iter().any(|r| {
+                r.invalid_heads > 0 || r.resynced || r.headers_truncated || r.became_not_http
+            }) || c.s.state() == StreamState::Detecting;
+        (c.out, counted)
+    }
+
+    /// Bytes that cannot change how any server frames the request, where they are.
+    fn harmless(place: Place, b: u8) -> bool {
+        match place {
+            Place::Target => b != b'\n',
+            Place::Value => b != b'\n' && b != b'\r',
+            Place::Name => b == b':' || lenient::is_tchar(b),
+        }
+    }
+
+    fn assert_exact(out: &[HttpExchange], what: &str) {
+        let got: Vec<_> = out
+            .iter()
+            .map(|e| {
+                (
+                    e.request.method.as_str(),
+                    e.status,
+                    e.request_body_size,
+                    e.end,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("POST", Some(201), 5, Complete),
+                ("GET", Some(204), 0, Complete)
+            ],
+            "{what}"
+        );
+    }
+
+    /// Every byte 0x00–0xff in a request target, a header name or a header value: the request
+    /// is traced with exact framing, or (where servers may disagree on it) a reason is counted.
+    #[test]
+    fn every_byte_anywhere_is_traced_or_counted() {
+        for place in [Place::Target, Place::Name, Place::Value] {
+            for b in 0..=255u8 {
+                for role in [Role::Server, Role::Client] {
+                    let what = format!("{b:#04x} in the {place:?} ({role:?})");
+                    let (out, counted) = run_odd(role, &odd_request(place, &[b]));
+                    if harmless(place, b) {
+                        assert_exact(&out, &what);
+                        assert!(!counted, "{what}");
+                    } else {
+                        assert!(counted, "{what}: nothing counted, {out:#?}");
+                    }
+                }
+            }
+        }
+    }
+
     // ---- property tests ----
 
     /// Several keep-alive and pipelined exchanges: (request bytes, response bytes) per round;
@@ -3077,6 +3531,22 @@ Connection: close\r\n\
             let role = if server { Role::Server } else { Role::Client };
             let got: Vec<_> = feed_rounds(role, &cuts).iter().map(summary).collect();
             prop_assert_eq!(got, expected_rounds());
+        }
+
+        /// Any bytes in a target, a header name or value: traced (exactly, when every byte is
+        /// harmless where it is), or a reason is counted. Never silently dropped.
+        #[test]
+        fn any_bytes_anywhere_are_traced_or_counted(
+            place in prop_oneof![Just(Place::Target), Just(Place::Name), Just(Place::Value)],
+            bytes in prop::collection::vec(any::<u8>(), 0..12),
+            server in any::<bool>(),
+        ) {
+            let role = if server { Role::Server } else { Role::Client };
+            let (out, counted) = run_odd(role, &odd_request(place, &bytes));
+            if bytes.iter().all(|&b| harmless(place, b)) {
+                assert_exact(&out, &format!("{bytes:?} in the {place:?}"));
+            }
+            prop_assert!(!out.is_empty() || counted, "{:?} in the {:?}", bytes, place);
         }
 
         #[test]

@@ -53,6 +53,15 @@ impl Stream {
         matches!(self, Self::Unrecognized)
     }
 
+    /// An HTTP request is still waiting for (the end of) its response. (PostgreSQL clients do
+    /// not half-close: their connections end when the kernel says so.)
+    pub fn awaits_response(&self) -> bool {
+        match self {
+            Self::Http(s) => s.awaits_response(),
+            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized => false,
+        }
+    }
+
     /// The process is the server side (it receives requests).
     pub fn serves(&self) -> bool {
         match self {
@@ -107,11 +116,19 @@ impl Stream {
         report
     }
 
-    pub fn close(&mut self, ts_ns: u64, out: &mut Outputs) {
+    /// The connection ended: pending work is emitted. Returns true when its bytes were never
+    /// recognised as a protocol we parse (an exchange that never started is not silently lost).
+    pub fn close(&mut self, ts_ns: u64, out: &mut Outputs) -> bool {
         match self {
-            Self::Http(s) => s.close(ts_ns, &mut out.http),
-            Self::Postgres(s) => s.close(ts_ns, &mut out.postgres),
-            Self::Undecided(_) | Self::Unrecognized => {}
+            Self::Http(s) => {
+                s.close(ts_ns, &mut out.http);
+                s.state() == StreamState::Detecting
+            }
+            Self::Postgres(s) => {
+                s.close(ts_ns, &mut out.postgres);
+                false
+            }
+            Self::Undecided(_) | Self::Unrecognized => false,
         }
     }
 }
@@ -148,6 +165,22 @@ mod tests {
                 String::from_utf8_lossy(first)
             );
         }
+    }
+
+    #[test]
+    fn a_connection_closed_before_any_message_was_recognised_is_reported() {
+        let mut out = Outputs::default();
+        // HTTP/0.9: nginx and Python answer it, but it is no HTTP/1 message.
+        let mut s = Stream::new(Some(Role::Server));
+        s.feed(seg(Direction::Ingress, b"GET /\r\n"), &mut out);
+        s.feed(seg(Direction::Egress, b"hello\n"), &mut out);
+        assert!(s.close(2, &mut out));
+        assert!(out.is_empty());
+        // A recognised connection is not.
+        let mut s = Stream::new(Some(Role::Server));
+        s.feed(seg(Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n"), &mut out);
+        assert!(!s.close(2, &mut out));
+        assert_eq!(out.http.len(), 1);
     }
 
     #[test]

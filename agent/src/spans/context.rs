@@ -24,17 +24,33 @@ pub struct KernelContext {
 }
 
 impl KernelContext {
-    /// `ts_ns`: the data event the context belongs to.
-    pub fn new(ev: &ContextEvent, ts_ns: u64) -> Self {
-        Self {
+    /// The kernel's ids for the request of the data event at `ts_ns`, or `None` when its trace
+    /// or span id is zero: such a context is unusable and the request keeps ids of its own. A
+    /// zero parent id is no parent. (The kernel should never report zero ids; userspace does
+    /// not rely on it. [`KernelContext::has_zero_id`] tells the caller to count it.)
+    pub fn new(ev: &ContextEvent, ts_ns: u64) -> Option<Self> {
+        let (trace_id, span_id) = (TraceId(ev.trace_id), SpanId(ev.span_id));
+        if !trace_id.is_valid() || !span_id.is_valid() {
+            return None;
+        }
+        let parent = Some(SpanId(ev.parent_id))
+            .filter(|p| ev.flags & CONTEXT_FLAG_PARENT != 0 && p.is_valid());
+        Some(Self {
             server: ev.role == CONTEXT_SERVER,
             ts_ns,
-            trace_id: TraceId(ev.trace_id),
-            span_id: SpanId(ev.span_id),
-            parent: (ev.flags & CONTEXT_FLAG_PARENT != 0).then_some(SpanId(ev.parent_id)),
-            local_parent: ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0,
+            trace_id,
+            span_id,
+            parent,
+            local_parent: parent.is_some() && ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0,
             rewritten: ev.flags & CONTEXT_FLAG_REWRITTEN != 0,
-        }
+        })
+    }
+
+    /// The kernel reported a zero trace or span id, or a zero parent id flagged as a parent.
+    pub fn has_zero_id(ev: &ContextEvent) -> bool {
+        !TraceId(ev.trace_id).is_valid()
+            || !SpanId(ev.span_id).is_valid()
+            || (ev.flags & CONTEXT_FLAG_PARENT != 0 && !SpanId(ev.parent_id).is_valid())
     }
 
     /// Gives `span` the kernel's ids. Returns false when the span had parsed a different
@@ -82,9 +98,16 @@ fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
 }
 
 /// Parses a `traceparent` value per W3C Trace Context level 1. Anything invalid is `None`:
-/// a header is honoured whole or not at all.
+/// a header is honoured whole or not at all. Only HTTP's optional whitespace (space, tab)
+/// around the value is ignored.
 pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
-    let v = value.trim().as_bytes();
+    let v = value.as_bytes();
+    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
+    let v = match (start, end) {
+        (Some(start), Some(end)) => &v[start..=end],
+        _ => return None,
+    };
     if v.len() < 55 {
         return None;
     }
@@ -243,6 +266,53 @@ mod tests {
         ] {
             assert_eq!(parse_traceparent(bad), None, "{bad:?} must be rejected");
         }
+    }
+
+    #[test]
+    fn traceparent_whitespace_is_only_http_whitespace() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(parse_traceparent(&format!(" \t{valid}\t ")).is_some());
+        for around in ["\u{b}", "\u{c}", "\u{a0}", "\r", "\n"] {
+            let value = format!("{valid}{around}");
+            assert_eq!(parse_traceparent(&value), None, "{value:?}");
+        }
+    }
+
+    fn context_event(trace: [u8; 16], span: [u8; 8], parent: [u8; 8], flags: u32) -> ContextEvent {
+        ContextEvent {
+            kind: 0,
+            role: CONTEXT_SERVER,
+            pid: 1,
+            tid: 1,
+            ts_ns: 5,
+            sock_cookie: 1,
+            local_port: 0,
+            remote_port: 0,
+            flags,
+            trace_id: trace,
+            span_id: span,
+            parent_id: parent,
+        }
+    }
+
+    #[test]
+    fn kernel_contexts_with_zero_ids_are_unusable_or_parentless() {
+        let all = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
+        for (trace, span) in [([0; 16], [2; 8]), ([1; 16], [0; 8])] {
+            let ev = context_event(trace, span, [3; 8], all);
+            assert!(KernelContext::has_zero_id(&ev));
+            assert_eq!(KernelContext::new(&ev, 5), None);
+        }
+        let ev = context_event([1; 16], [2; 8], [0; 8], all);
+        assert!(KernelContext::has_zero_id(&ev));
+        let ctx = KernelContext::new(&ev, 5).expect("trace and span ids are usable");
+        assert_eq!((ctx.parent, ctx.local_parent), (None, false));
+        // A zero parent id without the parent flag is just "no parent".
+        let ev = context_event([1; 16], [2; 8], [0; 8], 0);
+        assert!(!KernelContext::has_zero_id(&ev));
+        let ev = context_event([1; 16], [2; 8], [3; 8], all);
+        let ctx = KernelContext::new(&ev, 5).expect("valid");
+        assert_eq!((ctx.parent, ctx.local_parent), (Some(SpanId([3; 8])), true));
     }
 
     #[test]

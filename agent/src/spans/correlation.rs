@@ -106,6 +106,10 @@ impl Linker {
 
     /// A server span ended; it may adopt held client spans later (see `release`).
     pub fn server_span(&mut self, pid: u32, tid: u32, start: u64, end: u64, span: &SpanRecord) {
+        if !span.trace_id.is_valid() || !span.span_id.is_valid() {
+            // Children must never inherit an invalid id.
+            return;
+        }
         let t = self.threads.entry((pid, tid)).or_default();
         if t.servers.len() == RECENT_SERVERS {
             t.servers.pop_front();
@@ -276,6 +280,19 @@ mod tests {
         assert_eq!(out[0].1, LinkOutcome::Linked);
         assert_eq!(out[0].0.trace_id, TraceId([5; 16]));
         assert_eq!(out[0].0.parent_span_id, Some(SpanId([5; 8])));
+    }
+
+    #[test]
+    fn a_server_span_with_an_invalid_id_adopts_nobody() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        l.server_span(1, 2, 100, 400, &span(0, SpanKind::Server));
+        l.release(None, &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Unlinked);
+        assert_eq!(out[0].0.trace_id, TraceId([9; 16]));
+        assert_eq!(out[0].0.parent_span_id, None);
     }
 
     #[test]

@@ -427,11 +427,22 @@ mod tests {
         assert!(span.parent_is_remote);
         assert_eq!(span.trace_state.as_deref(), Some("vendor=x"));
 
-        ex.request.traceparent = Some("00-zz".into());
-        let (span, outcome) = build(&ex);
-        assert_eq!(outcome, ParentOutcome::Invalid);
-        assert_eq!(span.parent_span_id, None);
-        assert_ne!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        for invalid in [
+            "00-zz",
+            // Two traceparent fields, joined as HTTP joins repeated fields.
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,\
+00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            ex.request.traceparent = Some(invalid.into());
+            let (span, outcome) = build(&ex);
+            assert_eq!(outcome, ParentOutcome::Invalid);
+            assert_eq!(span.parent_span_id, None);
+            assert_eq!(
+                span.trace_state, None,
+                "tracestate goes with its traceparent"
+            );
+            assert_ne!(span.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        }
     }
 
     #[test]
@@ -492,6 +503,27 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever `traceparent` a request carries, the span built for it has valid ids; a
+        /// parent is taken only from a header that parses.
+        #[test]
+        fn spans_from_any_traceparent_have_valid_ids(
+            value in proptest::prop_oneof![
+                ".{0,64}",
+                "[0-9a-f]{2}-[0f]{32}-[0f]{16}-[0-9a-f]{2}(-.{0,4})?",
+                "00-0{32}-[0-9a-f]{16}-01",
+                "00-[0-9a-f]{32}-0{16}-01",
+            ],
+        ) {
+            let mut ex = exchange(Role::Server, "/", Some(200));
+            ex.request.traceparent = Some(value.clone());
+            let (span, outcome) = build(&ex);
+            proptest::prop_assert!(span.has_valid_ids(), "{:?} from {:?}", span, value);
+            proptest::prop_assert_eq!(
+                span.parent_span_id.is_some(),
+                outcome == ParentOutcome::Honoured
+            );
+        }
+
         #[test]
         fn redaction_keeps_every_pair_and_no_value(query in "[a-z=&%0-9]{0,24}") {
             let out = redact_query(&query);

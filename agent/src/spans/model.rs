@@ -10,6 +10,11 @@ pub struct TraceId(pub [u8; 16]);
 pub struct SpanId(pub [u8; 8]);
 
 impl TraceId {
+    /// W3C trace context: an all-zero trace id means "no trace" and must never be exported.
+    pub fn is_valid(self) -> bool {
+        self.0 != [0; 16]
+    }
+
     #[cfg(test)]
     pub fn to_hex(self) -> String {
         hex(&self.0)
@@ -17,6 +22,11 @@ impl TraceId {
 }
 
 impl SpanId {
+    /// W3C trace context: an all-zero span (or parent) id is invalid.
+    pub fn is_valid(self) -> bool {
+        self.0 != [0; 8]
+    }
+
     #[cfg(test)]
     pub fn to_hex(self) -> String {
         hex(&self.0)
@@ -109,6 +119,13 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
+    /// Every id is valid: trace and span ids non-zero, and a parent, if any, non-zero.
+    pub fn has_valid_ids(&self) -> bool {
+        self.trace_id.is_valid()
+            && self.span_id.is_valid()
+            && self.parent_span_id.is_none_or(SpanId::is_valid)
+    }
+
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
         self.attributes
             .iter()

@@ -83,7 +83,9 @@ impl Pairing {
         now: u64,
         out: &mut Vec<SpanRecord>,
     ) {
-        let Some(key) = key.filter(|_| span.parent_span_id.is_none()) else {
+        // A span of an invalid trace never has other spans held or renamed into it.
+        let Some(key) = key.filter(|_| span.parent_span_id.is_none() && span.trace_id.is_valid())
+        else {
             self.pass(span, out);
             return;
         };
@@ -126,6 +128,8 @@ impl Pairing {
         now: u64,
         out: &mut Vec<SpanRecord>,
     ) {
+        // A client span with an invalid id adopts nobody: its ids would spread.
+        let key = key.filter(|_| span.trace_id.is_valid() && span.span_id.is_valid());
         if let Some(key) = key {
             let mut client = ClientEnd {
                 trace_id: span.trace_id,
@@ -354,6 +358,29 @@ mod tests {
             .find(|s| s.span_id == SpanId([30; 8]))
             .expect("server");
         assert_eq!(s.parent_span_id, Some(SpanId([7; 8])));
+    }
+
+    #[test]
+    fn spans_with_invalid_ids_never_pair() {
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        // A client span on a zero trace id adopts nobody.
+        p.client_span(Some(key(0)), span(0, 10, None, 100, 200), 1, &mut out);
+        p.server_span(Some(key(0)), true, span(2, 20, None, 110, 190), 2, &mut out);
+        p.tick(None, &mut out);
+        let server = out
+            .iter()
+            .find(|s| s.span_id == SpanId([20; 8]))
+            .expect("server");
+        assert_eq!(server.trace_id, TraceId([2; 16]));
+        assert_eq!(server.parent_span_id, None);
+        // A server span on a zero trace id holds nothing back and is renamed by nobody.
+        out.clear();
+        p.server_span(Some(key(1)), true, span(0, 30, None, 110, 190), 3, &mut out);
+        assert_eq!(out.len(), 1, "passed at once");
+        p.pass(span(0, 31, Some(30), 120, 130), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(p.report.paired, 0);
     }
 
     #[test]
