@@ -133,6 +133,7 @@ pub struct Curl {
     body_size: Option<usize>,
     user_agent: String,
     http10: bool,
+    user: Option<String>,
 }
 
 /// One transfer as curl reported it (`-w`).
@@ -173,6 +174,7 @@ impl Curl {
             body_size: None,
             user_agent: CURL_USER_AGENT.to_string(),
             http10: false,
+            user: None,
         }
     }
 
@@ -202,6 +204,12 @@ impl Curl {
         self
     }
 
+    /// Basic authentication, `-u user:password`.
+    pub fn user(mut self, credentials: &str) -> Curl {
+        self.user = Some(credentials.to_string());
+        self
+    }
+
     pub fn user_agent(mut self, ua: &str) -> Curl {
         self.user_agent = ua.to_string();
         self
@@ -219,6 +227,9 @@ impl Curl {
         ]);
         if self.http10 {
             cmd.arg("--http1.0");
+        }
+        if let Some(user) = &self.user {
+            cmd.args(["-u", user]);
         }
         for h in &self.headers {
             cmd.args(["-H", h]);
