@@ -46,7 +46,8 @@ pub struct PathForms<'a> {
     pub redacted: Cow<'a, str>,
 }
 
-/// Both exported forms of `path` (a request-target's path, without query).
+/// Both exported forms of `path` (a request-target's path, without query). One pass; nothing
+/// is allocated while every segment is a plain word.
 pub fn url_path(path: &str) -> PathForms<'_> {
     if path.is_empty() {
         return PathForms {
@@ -54,25 +55,30 @@ pub fn url_path(path: &str) -> PathForms<'_> {
             redacted: Cow::Borrowed(""),
         };
     }
-    let plain = |seg: &str| !seg.contains(';') && classify_segment(seg) == Segment::Plain;
-    if path.split('/').all(plain) {
-        return PathForms {
-            template: Cow::Borrowed(path),
-            redacted: Cow::Borrowed(path),
-        };
-    }
-    let mut template = String::with_capacity(path.len());
-    let mut redacted = String::with_capacity(path.len());
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
-            template.push('/');
-            redacted.push('/');
-        }
+    // (template, redacted), started at the first segment that is not a plain word.
+    let mut forms: Option<(String, String)> = None;
+    let mut start = 0;
+    for seg in path.split('/') {
+        let end = start + seg.len();
         let (head, params) = match seg.split_once(';') {
             Some((head, params)) => (head, Some(params)),
             None => (seg, None),
         };
-        match classify_segment(head) {
+        let class = classify_segment(head);
+        if forms.is_none() && params.is_none() && class == Segment::Plain {
+            start = end + 1;
+            continue;
+        }
+        let (template, redacted) = forms.get_or_insert_with(|| {
+            let done = path.get(..start).unwrap_or_default();
+            // Room for a few placeholders longer than what they replace.
+            let mut template = String::with_capacity(path.len() + 16);
+            let mut redacted = String::with_capacity(path.len() + 16);
+            template.push_str(done);
+            redacted.push_str(done);
+            (template, redacted)
+        });
+        match class {
             Segment::Plain => {
                 template.push_str(head);
                 redacted.push_str(head);
@@ -90,13 +96,26 @@ pub fn url_path(path: &str) -> PathForms<'_> {
             redacted.push(';');
             redacted.push_str(&redact_params(params, ';'));
         }
+        if end < path.len() {
+            template.push('/');
+            redacted.push('/');
+        }
+        start = end + 1;
     }
-    if template.is_empty() {
-        template.push('/');
-    }
-    PathForms {
-        template: Cow::Owned(template),
-        redacted: Cow::Owned(redacted),
+    match forms {
+        None => PathForms {
+            template: Cow::Borrowed(path),
+            redacted: Cow::Borrowed(path),
+        },
+        Some((mut template, redacted)) => {
+            if template.is_empty() {
+                template.push('/');
+            }
+            PathForms {
+                template: Cow::Owned(template),
+                redacted: Cow::Owned(redacted),
+            }
+        }
     }
 }
 
@@ -146,7 +165,10 @@ fn classify_segment(seg: &str) -> Segment {
     }
     let decoded = percent_decoded(seg);
     let s = decoded.as_ref();
-    if next_email(s, 0).is_some() || next_jwt(s, 0).is_some() || is_token(s) {
+    // The searches run only where they can match: most segments are short words.
+    let sensitive = (s.contains('@') && next_email(s, 0).is_some())
+        || (s.len() >= MIN_TOKEN_LEN && (next_jwt(s, 0).is_some() || is_token(s)));
+    if sensitive {
         Segment::Sensitive
     } else if is_id(s) {
         Segment::Id
@@ -297,6 +319,9 @@ fn is_token(s: &str) -> bool {
 /// identifies people or grants access replaced: the local part of e-mail addresses
 /// (`REDACTED@example.com`), JWTs, the credentials after `Bearer `, vendor-prefixed tokens.
 pub fn free_text(s: &str) -> Cow<'_, str> {
+    if !may_hold_personal_data(s.as_bytes()) {
+        return Cow::Borrowed(s);
+    }
     let mut ranges = Vec::new();
     let mut from = 0;
     while let Some(email) = next_email(s, from) {
@@ -311,6 +336,32 @@ pub fn free_text(s: &str) -> Cow<'_, str> {
     bearer_credentials(s, &mut ranges);
     prefixed_tokens(s, &mut ranges);
     replace_ranges(s, ranges)
+}
+
+/// Whether `b` has what [`free_text`] looks for: an at sign (or `%`), `eyJ`, `bearer` in any
+/// case, or a word long enough to be a vendor token. One pass, for the common text without.
+fn may_hold_personal_data(b: &[u8]) -> bool {
+    let mut word = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let next = |n: usize| b.get(i + 1..i + 1 + n);
+        match c {
+            b'@' | b'%' => return true,
+            b'e' if next(2) == Some(b"yJ") => return true,
+            b'b' | b'B' if next(5).is_some_and(|w| w.eq_ignore_ascii_case(b"earer")) => {
+                return true;
+            }
+            _ => {}
+        }
+        word = if c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-') {
+            word + 1
+        } else {
+            0
+        };
+        if word >= MIN_TOKEN_LEN {
+            return true;
+        }
+    }
+    false
 }
 
 /// `s` with each range replaced by `REDACTED` (overlapping ranges merged).
@@ -407,8 +458,7 @@ fn next_jwt(s: &str, from: usize) -> Option<Range<usize>> {
     let is_jwt_byte = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
     let b = s.as_bytes();
     let mut at = from;
-    while let Some(found) = s.get(at..).and_then(|rest| rest.find("eyJ")) {
-        let start = at + found;
+    while let Some(start) = find_bytes(b, at, b"eyJ") {
         let mut end = start + 3;
         while b.get(end).is_some_and(|&c| is_jwt_byte(c)) {
             end += 1;
@@ -448,6 +498,15 @@ fn bearer_credentials(s: &str, out: &mut Vec<Range<usize>>) {
             at = end;
         }
     }
+}
+
+/// Byte position of `needle` in `hay` at or after `from`. A plain scan: the texts are short,
+/// and `str::find` sets up a two-way searcher per call.
+fn find_bytes(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| from + i)
 }
 
 /// Byte position of `needle` (ASCII, lower case) in `s` at or after `from`, ignoring ASCII case.

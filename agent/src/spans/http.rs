@@ -115,10 +115,8 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
         ));
     }
     attrs.push(Attribute::str("url.path", path.redacted.as_ref()));
+    // Pushed once url.full (client spans) has been written from it.
     let query = query.map(redact::url_query);
-    if let Some(q) = &query {
-        attrs.push(Attribute::str("url.query", q.clone()));
-    }
     attrs.push(Attribute::str("url.scheme", "http"));
     attrs.push(Attribute::str(
         "network.protocol.version",
@@ -166,6 +164,9 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
                 attrs.push(Attribute::int("server.port", port.into()));
             }
         }
+    }
+    if let Some(q) = query {
+        attrs.push(Attribute::str("url.query", q));
     }
     if let Some(ua) = &req.user_agent {
         attrs.push(Attribute::str(
