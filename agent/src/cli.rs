@@ -82,8 +82,9 @@ pub struct Cli {
     /// than this are not parsed; bodies are followed by length whatever their size.
     #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE, value_name = "BYTES")]
     pub capture_size: u32,
-    /// Record SQL statements as sent. By default literals are replaced by `?`: statement text
-    /// often carries personal data.
+    /// Record SQL statements (and the error messages of failed ones) as sent. By default
+    /// literals are replaced by `?`: statement text often carries personal data. Command
+    /// lines, paths and queries are redacted either way.
     #[arg(long)]
     pub db_raw_query: bool,
     /// Print the counters every N seconds (0: only at exit).

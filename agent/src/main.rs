@@ -11,6 +11,7 @@ mod kernel;
 mod pipeline;
 mod process;
 mod protocols;
+mod redact;
 mod selection;
 mod spans;
 mod stats;

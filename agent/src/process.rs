@@ -3,8 +3,7 @@
 //! Each traced process is its own resource: `service.name` comes from the process's own
 //! `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else from its pod's workload when in
 //! Kubernetes (see `k8s::resource`), else from its executable's name. The
-//! command line is redacted before it leaves the machine: values of secret-looking flags,
-//! `key=value` pairs with secret-looking keys and passwords in URLs become `REDACTED`.
+//! command line is redacted before it leaves the machine (see `redact::command_line`).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -13,11 +12,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::{
     k8s::{self, K8sResource, Kubernetes},
+    redact,
     spans::model::{AttrValue, Attribute, Resource},
 };
 
-/// What replaces a secret.
-pub const REDACTED: &str = "REDACTED";
 /// `telemetry.distro.name` of the spans this agent produces.
 pub const DISTRO_NAME: &str = "ebpf-agent";
 
@@ -27,8 +25,6 @@ pub const DISTRO_NAME: &str = "ebpf-agent";
 const MAX_INTERNED_KEYS: usize = 1024;
 /// Longest key or value accepted from `OTEL_RESOURCE_ATTRIBUTES`.
 const MAX_ENV_ATTR_LEN: usize = 4096;
-/// Longest command line kept (after redaction), in bytes.
-const MAX_COMMAND_LINE_LEN: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -188,7 +184,7 @@ fn resource_from_proc(
     if !args.is_empty() {
         attributes.push(Attribute::str(
             "process.command_line",
-            redact_command_line(&args),
+            redact::command_line(&args),
         ));
     }
     if let Some(owner) = owner {
@@ -557,170 +553,6 @@ pub(crate) fn intern_key(key: &str) -> Option<&'static str> {
     Some(leaked)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Command-line redaction
-
-/// Flags whose next argument (or `=value`) is a secret. Compared case-insensitively, without
-/// leading dashes, with `_` and `-` treated alike.
-const SECRET_FLAGS: &[&str] = &[
-    "p",
-    "password",
-    "passwd",
-    "pass",
-    "pwd",
-    "passphrase",
-    "secret",
-    "client-secret",
-    "token",
-    "access-token",
-    "auth-token",
-    "refresh-token",
-    "api-key",
-    "apikey",
-    "key",
-    "access-key",
-    "secret-key",
-    "private-key",
-    "auth",
-    "credentials",
-    "creds",
-    "db-password",
-    "redis-password",
-];
-
-/// Whether `name` (a flag without dashes, or the key of `key=value`) names a secret.
-fn is_secret_name(name: &str) -> bool {
-    let name = name
-        .trim_start_matches('-')
-        .to_ascii_lowercase()
-        .replace('_', "-");
-    if name.is_empty() {
-        return false;
-    }
-    if SECRET_FLAGS.contains(&name.as_str()) {
-        return true;
-    }
-    // Words like "pg.password", "aws-secret-access-key", "github_token", "passwordFile".
-    name.split(['-', '.']).any(|word| {
-        word.starts_with("pass")
-            || word.starts_with("pwd")
-            || word.contains("secret")
-            || word.contains("token")
-            || word == "key"
-            || word.ends_with("key")
-                && word.len() > 3
-                && (word.starts_with("api") || word.starts_with("private"))
-            || word == "credentials"
-    })
-}
-
-/// The command line with secrets replaced by `REDACTED`, arguments joined by spaces.
-pub fn redact_command_line(args: &[String]) -> String {
-    let mut out = String::new();
-    let mut redact_next = false;
-    for arg in args {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        if redact_next {
-            redact_next = false;
-            // `--password --other` : the flag had no value.
-            if !arg.starts_with('-') || arg.len() == 1 {
-                out.push_str(REDACTED);
-                continue;
-            }
-        }
-        let redacted = redact_arg(arg);
-        redact_next = arg.starts_with('-') && !arg.contains('=') && is_secret_name(arg);
-        out.push_str(&redacted);
-        if out.len() > MAX_COMMAND_LINE_LEN {
-            let mut end = MAX_COMMAND_LINE_LEN;
-            while !out.is_char_boundary(end) {
-                end -= 1;
-            }
-            out.truncate(end);
-            out.push('…');
-            break;
-        }
-    }
-    out
-}
-
-/// Redacts one argument: `--flag=secret`, `key=secret` pairs anywhere inside it (query strings,
-/// DSNs such as `host=db password=x`), and `user:password@` in URLs.
-fn redact_arg(arg: &str) -> String {
-    if arg.starts_with('-')
-        && let Some((flag, _)) = arg.split_once('=')
-        && is_secret_name(flag)
-    {
-        return format!("{flag}={REDACTED}");
-    }
-    redact_url_passwords(&redact_pairs(arg))
-}
-
-/// Replaces the value of every `name=value` whose name is secret-looking. A value ends at `&`,
-/// `;`, `,`, whitespace, or the end of the argument.
-fn redact_pairs(s: &str) -> String {
-    let is_name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-    let is_value_end = |c: char| c.is_whitespace() || matches!(c, '&' | ';' | ',');
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(eq) = rest.find('=') {
-        let before = &rest[..eq];
-        let name_start = before
-            .char_indices()
-            .rev()
-            .find(|&(_, c)| !is_name_char(c))
-            .map_or(0, |(i, c)| i + c.len_utf8());
-        let name = &before[name_start..];
-        out.push_str(before);
-        out.push('=');
-        let after = &rest[eq + 1..];
-        let value_end = after.find(is_value_end).unwrap_or(after.len());
-        if is_secret_name(name) && value_end > 0 {
-            out.push_str(REDACTED);
-            rest = &after[value_end..];
-        } else {
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// `scheme://user:password@host` → `scheme://user:REDACTED@host`, for every URL in `s`.
-fn redact_url_passwords(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        // The authority ends at the first '/', '?', '#' or whitespace.
-        let auth_end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let authority = &tail[..auth_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.split_once(':') {
-                    Some((user, pass)) if !pass.is_empty() => {
-                        out.push_str(user);
-                        out.push(':');
-                        out.push_str(REDACTED);
-                    }
-                    _ => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[auth_end..];
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod well_known_tests {
     use super::well_known_service;
@@ -735,134 +567,6 @@ mod well_known_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn redact(cmd: &str) -> String {
-        let args: Vec<String> = cmd.split(' ').map(str::to_owned).collect();
-        redact_command_line(&args)
-    }
-
-    #[test]
-    fn redacts_secret_flags_with_separate_values() {
-        assert_eq!(
-            redact("app --password hunter2 --port 80"),
-            "app --password REDACTED --port 80"
-        );
-        assert_eq!(
-            redact("mysql -u root -p hunter2 db"),
-            "mysql -u root -p REDACTED db"
-        );
-        assert_eq!(
-            redact("app --api-key abc --token xyz"),
-            "app --api-key REDACTED --token REDACTED"
-        );
-        assert_eq!(
-            redact("app --DB_PASSWORD s3cr3t"),
-            "app --DB_PASSWORD REDACTED"
-        );
-        assert_eq!(
-            redact("app --client-secret s"),
-            "app --client-secret REDACTED"
-        );
-        // A secret flag followed by another flag had no value: nothing to hide, nothing eaten.
-        assert_eq!(
-            redact("app --password --verbose"),
-            "app --password --verbose"
-        );
-    }
-
-    #[test]
-    fn redacts_flag_equals_values() {
-        assert_eq!(
-            redact("app --password=hunter2 --port=80"),
-            "app --password=REDACTED --port=80"
-        );
-        assert_eq!(redact("app --password=a&b,c"), "app --password=REDACTED");
-        assert_eq!(
-            redact("app -Dspring.datasource.password=x"),
-            "app -Dspring.datasource.password=REDACTED"
-        );
-    }
-
-    #[test]
-    fn redacts_key_value_pairs_anywhere() {
-        assert_eq!(
-            redact("app token=abc secret=def"),
-            "app token=REDACTED secret=REDACTED"
-        );
-        assert_eq!(
-            redact("app key=k1 passphrase=p"),
-            "app key=REDACTED passphrase=REDACTED"
-        );
-        assert_eq!(
-            redact("curl http://h/x?access_token=abc&page=2"),
-            "curl http://h/x?access_token=REDACTED&page=2"
-        );
-        assert_eq!(
-            redact_command_line(&["psql".into(), "host=db user=me password=pw dbname=x".into()]),
-            "psql host=db user=me password=REDACTED dbname=x"
-        );
-        assert_eq!(
-            redact("app AWS_SECRET_ACCESS_KEY=zzz"),
-            "app AWS_SECRET_ACCESS_KEY=REDACTED"
-        );
-        assert_eq!(redact("app GITHUB_TOKEN=zzz"), "app GITHUB_TOKEN=REDACTED");
-    }
-
-    #[test]
-    fn non_ascii_arguments_are_handled() {
-        assert_eq!(redact("app é=1 ü-token=x"), "app é=1 ü-token=REDACTED");
-        assert_eq!(redact("app ключ=значение"), "app ключ=значение");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn redaction_never_panics_and_hides_passwords(
-            args in proptest::collection::vec(".{0,40}", 0..6),
-            pw in "[a-z0-9]{6,12}",
-        ) {
-            let _ = redact_command_line(&args);
-            let mut with_secret = args.clone();
-            with_secret.push("--password".into());
-            with_secret.push(format!("S{pw}"));
-            let out = redact_command_line(&with_secret);
-            proptest::prop_assert!(out.ends_with("--password REDACTED") || out.ends_with('…'), "{}", out);
-        }
-    }
-
-    #[test]
-    fn keeps_harmless_arguments() {
-        for cmd in [
-            "python3 -m http.server 8080",
-            "nginx -g daemon off;",
-            "app --port=80 --log-level=debug --workers 4",
-            "java -Xmx1g -jar app.jar",
-            "app --keyboard us mode=fast",
-            "app http://example.com:8080/path?q=1",
-        ] {
-            assert_eq!(redact(cmd), cmd);
-        }
-    }
-
-    #[test]
-    fn redacts_url_passwords() {
-        assert_eq!(
-            redact("app --db postgres://alice:s3cret@db:5432/app"),
-            "app --db postgres://alice:REDACTED@db:5432/app"
-        );
-        assert_eq!(
-            redact("app redis://:pw@cache:6379"),
-            "app redis://:REDACTED@cache:6379"
-        );
-        // A user without a password is not a secret.
-        assert_eq!(
-            redact("git clone https://bob@host/r.git"),
-            "git clone https://bob@host/r.git"
-        );
-        assert_eq!(
-            redact("app --url=https://u:p@h/x,https://v:q@k/y"),
-            "app --url=https://u:REDACTED@h/x,https://v:REDACTED@k/y"
-        );
-    }
 
     #[test]
     fn parses_otel_resource_attributes() {

@@ -164,6 +164,7 @@ pub struct Curl {
     user_agent: String,
     http10: bool,
     rate: Option<String>,
+    user: Option<String>,
 }
 
 /// One transfer as curl reported it (`-w`).
@@ -205,6 +206,7 @@ impl Curl {
             user_agent: CURL_USER_AGENT.to_string(),
             http10: false,
             rate: None,
+            user: None,
         }
     }
 
@@ -241,6 +243,12 @@ impl Curl {
         self
     }
 
+    /// Basic authentication, `-u user:password`.
+    pub fn user(mut self, credentials: &str) -> Curl {
+        self.user = Some(credentials.to_string());
+        self
+    }
+
     pub fn user_agent(mut self, ua: &str) -> Curl {
         self.user_agent = ua.to_string();
         self
@@ -261,6 +269,9 @@ impl Curl {
         }
         if let Some(rate) = &self.rate {
             cmd.args(["--rate", rate]);
+        }
+        if let Some(user) = &self.user {
+            cmd.args(["-u", user]);
         }
         for h in &self.headers {
             cmd.args(["-H", h]);

@@ -44,9 +44,18 @@ pub struct ScriptServer {
 }
 
 impl ScriptServer {
-    fn start(name: &str, program: &Path, script: &Path, env: &[(&str, &str)]) -> ScriptServer {
+    fn start(
+        name: &str,
+        program: &Path,
+        script: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ScriptServer {
         let mut cmd = Command::new(program);
-        cmd.arg(script).arg("0").env_remove("OTEL_SERVICE_NAME");
+        cmd.arg(script)
+            .arg("0")
+            .args(args)
+            .env_remove("OTEL_SERVICE_NAME");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -149,7 +158,20 @@ impl PyServer {
             "py_server",
             python_bin(),
             &fixture("py_server.py"),
+            &[],
             env,
+        ))
+    }
+
+    /// With extra command-line arguments after the port (the script ignores them; they show
+    /// in the process's command line).
+    pub fn start_with_args(args: &[&str]) -> PyServer {
+        PyServer(ScriptServer::start(
+            "py_server",
+            python_bin(),
+            &fixture("py_server.py"),
+            args,
+            &[],
         ))
     }
 }
@@ -172,6 +194,7 @@ impl NodeServer {
             "node_server",
             node_bin(),
             &fixture("node_server.js"),
+            &[],
             &[],
         ))
     }

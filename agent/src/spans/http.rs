@@ -7,7 +7,10 @@ use super::{
     ip_text,
     model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
 };
-use crate::protocols::http1::{ExchangeEnd, HttpExchange, Role};
+use crate::{
+    protocols::http1::{ExchangeEnd, HttpExchange, Role},
+    redact,
+};
 
 /// Where the exchange happened, seen from the traced process.
 #[derive(Clone, Copy, Debug)]
@@ -56,59 +59,6 @@ fn split_target(target: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// Keeps query keys, replaces every value: query strings carry tokens and personal data.
-pub fn redact_query(query: &str) -> String {
-    let mut out = String::with_capacity(query.len() + 16);
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        match pair.split_once('=') {
-            Some((key, _)) => {
-                out.push_str(key);
-                out.push_str("=REDACTED");
-            }
-            None => out.push_str(pair),
-        }
-    }
-    out
-}
-
-/// A low-cardinality form of a path for span names: segments that look like ids
-/// (numbers, UUIDs, long hex or mixed tokens) become `{id}`.
-pub fn path_template(path: &str) -> String {
-    if path.is_empty() {
-        return "/".into();
-    }
-    if !path.split('/').any(looks_like_id) {
-        return path.to_string();
-    }
-    let mut out = String::with_capacity(path.len());
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
-        if looks_like_id(seg) {
-            out.push_str("{id}");
-        } else {
-            out.push_str(seg);
-        }
-    }
-    out
-}
-
-fn looks_like_id(seg: &str) -> bool {
-    if seg.is_empty() {
-        return false;
-    }
-    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-    let hex = seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-    digits == seg.len()
-        || (hex && seg.len() >= 16)
-        || (seg.len() >= 8 && digits * 2 >= seg.len())
-        || seg.len() > 40
-}
-
 /// Host header → (address, port).
 fn split_host(host: &str) -> (String, Option<u16>) {
     let host = host.trim();
@@ -151,7 +101,10 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
     } else {
         "_OTHER"
     };
-    let name = format!("{method} {}", path_template(path));
+    // Ids, tokens and e-mail addresses in the path: `{id}` in the name, tokens and addresses
+    // `REDACTED` in url.path/url.full (see `redact`).
+    let path = redact::url_path(path);
+    let name = format!("{method} {}", path.template);
 
     let mut attrs = Vec::with_capacity(20);
     attrs.push(Attribute::str("http.request.method", method));
@@ -161,10 +114,9 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             req.method.clone(),
         ));
     }
-    attrs.push(Attribute::str("url.path", path));
-    if let Some(q) = query {
-        attrs.push(Attribute::str("url.query", redact_query(q)));
-    }
+    attrs.push(Attribute::str("url.path", path.redacted.as_ref()));
+    // Pushed once url.full (client spans) has been written from it.
+    let query = query.map(redact::url_query);
     attrs.push(Attribute::str("url.scheme", "http"));
     attrs.push(Attribute::str(
         "network.protocol.version",
@@ -198,10 +150,10 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             let server = host_addr.or_else(|| remote.map(|r| ip_text(r.ip())));
             let port = host_port.or(remote.map(|r| r.port()));
             if let (Some(server), Some(port)) = (&server, port) {
-                let mut full = format!("http://{server}:{port}{path}");
-                if let Some(q) = query {
+                let mut full = format!("http://{server}:{port}{}", path.redacted);
+                if let Some(q) = &query {
                     full.push('?');
-                    full.push_str(&redact_query(q));
+                    full.push_str(q);
                 }
                 attrs.push(Attribute::str("url.full", full));
             }
@@ -213,8 +165,14 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             }
         }
     }
+    if let Some(q) = query {
+        attrs.push(Attribute::str("url.query", q));
+    }
     if let Some(ua) = &req.user_agent {
-        attrs.push(Attribute::str("user_agent.original", ua.clone()));
+        attrs.push(Attribute::str(
+            "user_agent.original",
+            redact::free_text(ua).into_owned(),
+        ));
     }
     attrs.push(Attribute::int(
         "http.request.body.size",
@@ -475,32 +433,14 @@ mod tests {
     }
 
     #[test]
-    fn templates_and_targets() {
-        assert_eq!(path_template("/"), "/");
-        assert_eq!(path_template("/api/v1/items"), "/api/v1/items");
-        assert_eq!(
-            path_template("/o/550e8400-e29b-41d4-a716-446655440000/x"),
-            "/o/{id}/x"
-        );
-        assert_eq!(path_template("/u/42/p/7"), "/u/{id}/p/{id}");
+    fn targets_and_hosts() {
         assert_eq!(split_target("http://h:1/p?q=1"), ("/p", Some("q=1")));
         assert_eq!(split_target("http://h:1"), ("/", None));
         assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
         assert_eq!(split_host("h"), ("h".to_string(), None));
     }
 
-    #[test]
-    fn query_values_are_redacted_and_keys_kept() {
-        for (query, want) in [
-            ("", ""),
-            ("page=1", "page=REDACTED"),
-            ("a=1&b&c=", "a=REDACTED&b&c=REDACTED"),
-            ("a&&b=x=y", "a&&b=REDACTED"),
-            ("=v", "=REDACTED"),
-        ] {
-            assert_eq!(redact_query(query), want, "{query:?}");
-        }
-    }
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZw";
 
     proptest::proptest! {
         /// Whatever `traceparent` a request carries, the span built for it has valid ids; a
@@ -523,17 +463,47 @@ mod tests {
                 outcome == ParentOutcome::Honoured
             );
         }
+    }
 
-        #[test]
-        fn redaction_keeps_every_pair_and_no_value(query in "[a-z=&%0-9]{0,24}") {
-            let out = redact_query(&query);
-            let pairs: Vec<&str> = query.split('&').collect();
-            let redacted: Vec<&str> = out.split('&').collect();
-            proptest::prop_assert_eq!(pairs.len(), redacted.len());
-            for (pair, r) in pairs.iter().zip(&redacted) {
-                match pair.split_once('=') {
-                    Some((key, _)) => proptest::prop_assert_eq!(r.to_string(), format!("{key}=REDACTED")),
-                    None => proptest::prop_assert_eq!(r, pair),
+    #[test]
+    fn e_mail_addresses_and_tokens_stay_out_of_names_and_attributes() {
+        let target =
+            format!("/u/alice@example.com/token/{JWT}/orders/42?k=secret&alice%40example.com");
+        for role in [Role::Server, Role::Client] {
+            let mut ex = exchange(role, &target, Some(200));
+            ex.request.user_agent = Some("probe/1.0 (mailto:alice@example.com)".into());
+            let (span, _) = build(&ex);
+            assert_eq!(span.name, "GET /u/{id}/token/{id}/orders/{id}");
+            let s = |k| span.attr(k).cloned();
+            assert_eq!(
+                s("url.path"),
+                Some(AttrValue::Str(
+                    "/u/REDACTED/token/REDACTED/orders/42".into()
+                ))
+            );
+            assert_eq!(
+                s("url.query"),
+                Some(AttrValue::Str("k=REDACTED&REDACTED".into()))
+            );
+            assert_eq!(
+                s("user_agent.original"),
+                Some(AttrValue::Str(
+                    "probe/1.0 (mailto:REDACTED@example.com)".into()
+                ))
+            );
+            if role == Role::Client {
+                assert_eq!(
+                    s("url.full"),
+                    Some(AttrValue::Str(
+                        "http://api.example:8080/u/REDACTED/token/REDACTED/orders/42?k=REDACTED&REDACTED"
+                            .into()
+                    ))
+                );
+            }
+            for attr in &span.attributes {
+                let text = format!("{:?}", attr.value);
+                for leak in ["alice", "secret", "eyJ"] {
+                    assert!(!text.contains(leak), "{} leaks {leak}: {text}", attr.key);
                 }
             }
         }

@@ -8,9 +8,12 @@ use super::{
     ip_text,
     model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
 };
-use crate::protocols::{
-    http1::Role,
-    postgres::{PgOutcome, PgStatement, query_summary, sanitize_query},
+use crate::{
+    protocols::{
+        http1::Role,
+        postgres::{PgOutcome, PgStatement, query_summary, sanitize_query},
+    },
+    redact,
 };
 
 /// What the span takes from a statement's text: computed once per distinct parameterized
@@ -140,9 +143,14 @@ pub fn build_db_span(
         let code = err.code.clone().unwrap_or_else(|| "_OTHER".into());
         attrs.push(Attribute::str("db.response.status_code", code.clone()));
         attrs.push(Attribute::str("error.type", code));
-        status = SpanStatus::Error {
-            description: err.message.clone().unwrap_or_default(),
+        // Messages quote the statement's literals (`invalid input syntax …: "alice@…"`).
+        let message = err.message.as_deref().unwrap_or_default();
+        let description = if raw_query {
+            message.to_owned()
+        } else {
+            redact::free_text(message).into_owned()
         };
+        status = SpanStatus::Error { description };
     }
     match st.outcome {
         PgOutcome::Complete => {}
@@ -317,6 +325,40 @@ mod tests {
         );
         assert!(attr(&span, "db.response.returned_rows").is_none());
         assert!(matches!(span.status, SpanStatus::Error { .. }));
+    }
+
+    #[test]
+    fn error_messages_lose_e_mail_addresses_unless_raw_queries_are_asked_for() {
+        let mut st = statement(Some("SELECT * FROM users WHERE id = 'alice@example.com'"));
+        let message = r#"invalid input syntax for type uuid: "alice@example.com""#;
+        st.error = Some(PgError {
+            severity: Some("ERROR".into()),
+            code: Some("22P02".into()),
+            message: Some(message.into()),
+        });
+        let description = |raw| match build_db_span(
+            &st,
+            raw,
+            &mut QueryCache::default(),
+            ConnInfo::UNKNOWN,
+            Arc::new(Resource {
+                pid: 1,
+                service_name: "app".into(),
+                attributes: vec![],
+            }),
+            Clock::with_offset(0),
+            &mut IdGenerator::new(),
+        )
+        .status
+        {
+            SpanStatus::Error { description } => description,
+            other => panic!("expected an error status, got {other:?}"),
+        };
+        assert_eq!(
+            description(false),
+            r#"invalid input syntax for type uuid: "REDACTED@example.com""#
+        );
+        assert_eq!(description(true), message);
     }
 
     #[test]
