@@ -142,6 +142,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: tracing all processes (except this agent)");
     } else {
         let found = selector.scan();
+        stats::Stats::add(&stats.processes_selected, found.len() as u64);
         eprintln!(
             "agent: selected {} process(es){}{}",
             found.len(),
@@ -152,6 +153,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        for warning in selector.unmatched_warnings() {
+            eprintln!("agent: warning: {warning}");
+        }
     }
 
     let stop = Arc::new(AtomicBool::new(false));
