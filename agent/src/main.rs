@@ -47,7 +47,7 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(cli: cli::Cli) -> anyhow::Result<()> {
-    let env = kernel::environment::prepare()?;
+    let env = kernel::environment::prepare(cli.context_propagation.is_on())?;
     eprintln!("agent: kernel {}", env.kernel_release);
     if env.tracefs_mounted_by_us {
         eprintln!(
@@ -57,6 +57,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
     if let Some(mode) = &env.lockdown {
         eprintln!("agent: kernel lockdown mode: {mode}");
+    }
+    for warning in &env.warnings {
+        eprintln!("agent: warning: {warning}");
     }
     let selection = cli.selection();
     // The pod list loads on its own thread while the probes load.
