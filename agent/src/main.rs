@@ -37,7 +37,10 @@ fn start() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let cli = config::load()?;
+    let mut cli = config::load()?;
+    for note in cli.adjust() {
+        eprintln!("agent: note: {note}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

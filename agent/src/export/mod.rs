@@ -11,6 +11,8 @@ mod encode;
 mod otlp;
 mod transport;
 
+pub use otlp::check_endpoint;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
