@@ -177,6 +177,10 @@ pub struct Cli {
     /// Trace only processes of pods with this annotation (repeatable: all must match).
     #[arg(long = "k8s-pod-annotation", value_name = "KEY=VALUE", value_parser = k8s::filter::parse_key_value)]
     pub k8s_pod_annotations: Vec<(String, String)>,
+    /// Run even if another agent is running on this host. Both then trace the same processes
+    /// and export every span twice; by default the second one refuses to start.
+    #[arg(long)]
+    pub allow_multiple_agents: bool,
 }
 
 impl Cli {

@@ -6,6 +6,7 @@ mod event_loop;
 mod events;
 mod export;
 mod idmap;
+mod instance;
 mod k8s;
 mod kernel;
 mod pipeline;
@@ -63,6 +64,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
     for warning in &env.warnings {
         eprintln!("agent: warning: {warning}");
+    }
+    // Before any probe: a second agent would trace everything again.
+    let instance = instance::claim(
+        std::path::Path::new(instance::LOCK_DIR),
+        cli.allow_multiple_agents,
+    )?;
+    if let Some(note) = &instance.note {
+        eprintln!("agent: {note}");
     }
     let selection = cli.selection();
     // The pod list loads on its own thread while the probes load.
