@@ -42,6 +42,7 @@ fn start() -> anyhow::Result<()> {
     for note in cli.adjust() {
         eprintln!("agent: note: {note}");
     }
+    cli.export_config().check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -104,6 +104,21 @@ impl ExportConfig {
     }
 }
 
+impl ExportConfig {
+    /// Checks what can be checked before the exporter starts (the endpoint), so that a
+    /// mistake stops the agent before it loads its probes. `spawn_exporter` checks it again.
+    pub fn check(&self) -> Result<(), ExportError> {
+        match &self.target {
+            ExportTarget::Console => Ok(()),
+            ExportTarget::Otlp {
+                endpoint,
+                protocol,
+                form,
+            } => otlp::resolve_endpoint(endpoint, *protocol, *form).map(|_| ()),
+        }
+    }
+}
+
 impl Default for ExportConfig {
     fn default() -> Self {
         Self::new(ExportTarget::Console)
