@@ -365,10 +365,9 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
         problem,
     };
     let node = untagged(node);
-    // Each value is checked where it stands; the message does not repeat it.
-    let single = |item: &MarkedYaml| -> Result<String, ConfigError> {
+    let scalar = |item: &MarkedYaml| -> Result<String, ConfigError> {
         let item = untagged(item);
-        let text = match &item.data {
+        match &item.data {
             // YAML reads on/off as strings, true/false as booleans: accept both for on|off options.
             YamlData::Value(Scalar::Boolean(b))
                 if opt.possible.iter().any(|p| p == "on")
@@ -384,10 +383,14 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
             }
             _ => scalar_text(item)
                 .ok_or_else(|| bad(item, "not a value this option can take".to_owned())),
-        }?;
+        }
+    };
+    // Each value is checked where it stands; the message does not repeat it.
+    let checked = |item: &MarkedYaml, text: String| -> Result<String, ConfigError> {
         check_value(opt, &text).map_err(|why| bad(item, format!("invalid value: {why}")))?;
         Ok(text)
     };
+    let single = |item: &MarkedYaml| checked(item, scalar(item)?);
     let values = match (opt.shape, &node.data) {
         (Shape::Switch, _) => {
             let text = scalar_text(node).unwrap_or_default();
@@ -411,37 +414,11 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
         }
         (Shape::Many, YamlData::Mapping(map)) if opt.pairs => map
             .iter()
-            .map(|(k, v)| {
-                let pair = format!(
-                    "{}={}",
-                    scalar_key(opt, k, path)?,
-                    scalar_key(opt, v, path)?
-                );
-                check_value(opt, &pair).map_err(|why| bad(k, format!("invalid value: {why}")))?;
-                Ok(pair)
-            })
+            .map(|(k, v)| checked(k, format!("{}={}", scalar(k)?, scalar(v)?)))
             .collect::<Result<_, ConfigError>>()?,
         (Shape::Many, _) => vec![single(node)?],
     };
     Ok(values)
-}
-
-/// One side of a `KEY: VALUE` entry of a mapping option, unchecked (the pair is checked).
-fn scalar_key(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<String, ConfigError> {
-    match &untagged(node).data {
-        YamlData::Value(Scalar::Null) | YamlData::Sequence(_) | YamlData::Mapping(_) => {
-            Err(ConfigError::BadValue {
-                at: node_origin(path, node),
-                key: opt.key.clone(),
-                problem: format!("expected a single value, found {}", kind(untagged(node))),
-            })
-        }
-        _ => scalar_text(node).ok_or_else(|| ConfigError::BadValue {
-            at: node_origin(path, node),
-            key: opt.key.clone(),
-            problem: "not a value this option can take".to_owned(),
-        }),
-    }
 }
 
 /// Reads the file layer: a YAML mapping of option keys to values. A null value leaves the
