@@ -5,10 +5,56 @@
 use clap::{Parser, ValueEnum};
 
 use crate::{
-    export::{EndpointForm, ExportConfig, ExportTarget, OtlpProtocol},
-    k8s,
-    selection::Selection,
+    export::{self, EndpointForm, ExportConfig, ExportTarget, OtlpProtocol},
+    k8s, kernel,
+    selection::{self, Selection},
 };
+
+/// Largest process id Linux hands out (`PID_MAX_LIMIT` on 64-bit kernels).
+const PID_MAX: u32 = 4_194_304;
+/// Bounds of the interval and trace-size options: a day, a million spans.
+const MAX_SECONDS: u64 = 86_400;
+const MAX_SPANS: u32 = 1_000_000;
+
+/// A parser for a number option that accepts `min..=max`. Its message names the range and not
+/// the value: the value may come from a file (clap names the option and, on the command line,
+/// the value itself).
+fn number_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |text| match text.parse::<T>() {
+        Ok(n) if min <= n && n <= max => Ok(n),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+fn endpoint(text: &str) -> Result<String, String> {
+    export::check_endpoint(text)
+        .map(|()| text.to_owned())
+        .map_err(|why| format!("{why} (expected a URL such as http://localhost:4317)"))
+}
+
+/// `--comm` and `--exe` values name something: an empty one would select nothing, silently.
+fn not_empty(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("expected a name or a glob, not an empty value".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
+/// `--capture-size` takes any number; values outside what one event can carry are clamped
+/// (and the agent says so).
+fn capture_bytes(text: &str) -> Result<u32, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "expected a number of bytes ({} to {}; other values are clamped)",
+            kernel::MIN_CAPTURE,
+            agent_common::MAX_CAPTURE
+        )
+    })
+}
 
 /// A feature switch on the command line: `on` or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -51,20 +97,22 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,
     /// Trace this process id (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(long = "pid", value_name = "PID", value_parser = number_in(1, PID_MAX))]
     pub pids: Vec<u32>,
-    /// Trace processes whose command name matches (glob with * and ?; repeatable).
-    #[arg(long = "comm", value_name = "NAME")]
+    /// Trace processes whose command name matches (glob with * and ?; repeatable). The kernel
+    /// keeps 15 bytes of a command name: longer names are cut to those.
+    #[arg(long = "comm", value_name = "NAME", value_parser = not_empty)]
     pub comms: Vec<String>,
-    /// Trace processes whose executable path or file name matches (glob; repeatable).
-    #[arg(long = "exe", value_name = "PATH")]
+    /// Trace processes whose executable is this program: a path or a name looked up in PATH
+    /// (symlinks resolved), or a glob on the executable's path or file name (repeatable).
+    #[arg(long = "exe", value_name = "PATH", value_parser = not_empty)]
     pub exes: Vec<String>,
     /// Trace processes listening on or connected to this TCP port (repeatable).
-    #[arg(long = "port", value_name = "PORT")]
+    #[arg(long = "port", value_name = "PORT", value_parser = number_in(1u16, u16::MAX))]
     pub ports: Vec<u16>,
     /// OTLP endpoint of an OpenTelemetry collector, e.g. http://localhost:4317 (gRPC) or
     /// http://localhost:4318 (HTTP). Unset: print traces on the terminal.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL", value_parser = endpoint)]
     pub otlp_endpoint: Option<String>,
     /// `otlp_endpoint` came from `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full traces URL
     /// (set by the configuration loader, which knows where each value came from).
@@ -78,17 +126,18 @@ pub struct Cli {
         default_value = "grpc"
     )]
     pub otlp_protocol: ProtocolArg,
-    /// Bytes of each socket read/write copied from the kernel (64..=8192). HTTP headers larger
-    /// than this are not parsed; bodies are followed by length whatever their size.
-    #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE, value_name = "BYTES")]
+    /// Bytes of each socket read/write copied from the kernel (64..=8192; other values are
+    /// clamped). HTTP headers larger than this are not parsed; bodies are followed by length
+    /// whatever their size.
+    #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE, value_name = "BYTES", value_parser = capture_bytes)]
     pub capture_size: u32,
     /// Record SQL statements (and the error messages of failed ones) as sent. By default
     /// literals are replaced by `?`: statement text often carries personal data. Command
     /// lines, paths and queries are redacted either way.
     #[arg(long)]
     pub db_raw_query: bool,
-    /// Print the counters every N seconds (0: only at exit).
-    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    /// Print the counters every N seconds (0: only at exit; at most a day).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS", value_parser = number_in(0, MAX_SECONDS))]
     pub stats_interval: u64,
     /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of traced processes
     /// (in the kernel, with sk_msg) so the called service continues the trace.
@@ -104,11 +153,11 @@ pub struct Cli {
     pub same_host_pairing: Switch,
     /// A trace adopted from a long-lived connection stops growing after this many spans from
     /// this agent; later requests start new traces.
-    #[arg(long, default_value_t = 1000, value_name = "SPANS")]
+    #[arg(long, default_value_t = 1000, value_name = "SPANS", value_parser = number_in(1, MAX_SPANS))]
     pub max_spans_per_trace: u32,
     /// A trace older than this (from its first span seen here) is not continued; later
     /// requests start new traces.
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 300, value_name = "SECONDS", value_parser = number_in(1, MAX_SECONDS))]
     pub max_trace_age: u64,
     /// Kubernetes metadata on every resource (k8s.pod.name, k8s.deployment.name, container.id,
     /// service.name from the workload) and selection by pod. auto: on when the agent runs in a
@@ -129,9 +178,40 @@ pub struct Cli {
     /// Trace only processes of pods with this annotation (repeatable: all must match).
     #[arg(long = "k8s-pod-annotation", value_name = "KEY=VALUE", value_parser = k8s::filter::parse_key_value)]
     pub k8s_pod_annotations: Vec<(String, String)>,
+    /// Run even if another agent is running on this host. Both then trace the same processes
+    /// and export every span twice; by default the second one refuses to start.
+    #[arg(long)]
+    pub allow_multiple_agents: bool,
 }
 
 impl Cli {
+    /// Brings values the agent cannot use as given into range, and says what it changed (a
+    /// capture size beyond what an event carries, a command name longer than the kernel's).
+    pub fn adjust(&mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let capture = kernel::clamp_capture(self.capture_size);
+        if capture != self.capture_size {
+            notes.push(format!(
+                "--capture-size {} is outside {}..={}: capturing {capture} bytes",
+                self.capture_size,
+                kernel::MIN_CAPTURE,
+                agent_common::MAX_CAPTURE
+            ));
+            self.capture_size = capture;
+        }
+        for comm in &mut self.comms {
+            if let Some(cut) = selection::kernel_comm(comm) {
+                notes.push(format!(
+                    "--comm {comm} is longer than the {} bytes the kernel keeps of a command \
+                     name: matching {cut}",
+                    selection::COMM_MAX
+                ));
+                *comm = cut;
+            }
+        }
+        notes
+    }
+
     pub fn selection(&self) -> Selection {
         Selection {
             pids: self.pids.clone(),
@@ -222,6 +302,126 @@ mod tests {
         }
         assert!(cli.selection().traces_all());
         assert!(Cli::try_parse_from(["agent", "--otlp-protocol", "json"]).is_err());
+    }
+
+    /// clap's message for a command line, or "" when it is accepted.
+    fn refusal(args: &[&str]) -> String {
+        let argv = std::iter::once("agent").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(_) => String::new(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_naming_the_option_and_range() {
+        for (args, option, accepted) in [
+            (&["--port", "0"][..], "--port <PORT>", "from 1 to 65535"),
+            (&["--port", "65536"], "--port <PORT>", "from 1 to 65535"),
+            (&["--pid", "0"], "--pid <PID>", "from 1 to 4194304"),
+            (&["--pid=-3"], "--pid <PID>", "from 1 to 4194304"),
+            (
+                &["--stats-interval", "86401"],
+                "--stats-interval <SECONDS>",
+                "from 0 to 86400",
+            ),
+            (
+                &["--max-trace-age", "0"],
+                "--max-trace-age <SECONDS>",
+                "from 1 to 86400",
+            ),
+            (
+                &["--max-spans-per-trace", "0"],
+                "--max-spans-per-trace <SPANS>",
+                "from 1 to 1000000",
+            ),
+            (
+                &["--capture-size", "lots"],
+                "--capture-size <BYTES>",
+                "expected a number of bytes (64 to 8192; other values are clamped)",
+            ),
+            (&["--comm", ""], "--comm <NAME>", "not an empty value"),
+            (&["--exe", " "], "--exe <PATH>", "not an empty value"),
+            (
+                &["--otlp-endpoint", "http://collector:0"],
+                "--otlp-endpoint <URL>",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                &["--otlp-endpoint", "http://collector:99999/v1/traces"],
+                "--otlp-endpoint <URL>",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                &["--otlp-endpoint", "ftp://collector:21"],
+                "--otlp-endpoint <URL>",
+                "the scheme must be http:// or https://",
+            ),
+            (
+                &["--otlp-endpoint", "http://:4317"],
+                "--otlp-endpoint <URL>",
+                "no host",
+            ),
+            (
+                &["--otlp-endpoint", "http://[::1:4317"],
+                "--otlp-endpoint <URL>",
+                "lacks its `]`",
+            ),
+        ] {
+            let msg = refusal(args);
+            assert!(
+                msg.contains(&format!("for '{option}'")) && msg.contains(accepted),
+                "{args:?}: {msg}"
+            );
+        }
+        for accepted in [
+            &["--port", "1", "--port", "65535", "--pid", "4194304"][..],
+            &["--stats-interval", "0", "--max-trace-age", "86400"],
+            &["--otlp-endpoint", ""],
+            &["--otlp-endpoint", "collector:4317"],
+            &["--otlp-endpoint", "https://collector.example.com"],
+            &["--otlp-endpoint", "http://[::1]:4318/otlp"],
+            &["--otlp-endpoint", "HTTP://10.0.0.1:4317"],
+            &["--capture-size", "0"],
+            &["--capture-size", "100000"],
+        ] {
+            assert_eq!(refusal(accepted), "", "{accepted:?}");
+        }
+    }
+
+    #[test]
+    fn values_the_agent_cannot_use_as_given_are_adjusted_and_said() {
+        let adjusted = |args: &[&str]| {
+            let mut cli = Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
+                .expect("parse");
+            let notes = cli.adjust();
+            (cli, notes)
+        };
+        let (cli, notes) = adjusted(&["--capture-size", "100000"]);
+        assert_eq!(cli.capture_size, 8192);
+        assert_eq!(
+            notes,
+            ["--capture-size 100000 is outside 64..=8192: capturing 8192 bytes"]
+        );
+        let (cli, notes) = adjusted(&["--capture-size", "0"]);
+        assert_eq!(cli.capture_size, 64);
+        assert_eq!(
+            notes,
+            ["--capture-size 0 is outside 64..=8192: capturing 64 bytes"]
+        );
+
+        let (cli, notes) = adjusted(&["--comm", "my-very-long-service", "--comm", "nginx"]);
+        assert_eq!(cli.comms, ["my-very-long-se", "nginx"]);
+        assert_eq!(
+            notes,
+            [
+                "--comm my-very-long-service is longer than the 15 bytes the kernel keeps of a \
+              command name: matching my-very-long-se"
+            ]
+        );
+
+        let (cli, notes) = adjusted(&["--capture-size", "4096", "--comm", "python*"]);
+        assert_eq!((cli.capture_size, notes.len()), (4096, 0));
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub const ENV_PREFIX: &str = "EBPF_AGENT_";
 /// The option that names the file: as a key of the file itself it would be circular.
 const CONFIG_OPTION: &str = "config";
 
+/// Larger files are refused: a configuration is a few lines, and a wrong path (a log, a
+/// device) must not be read whole.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 /// The full URL of the traces export, used as is (see `EndpointForm::TracesUrl`).
 const TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
@@ -66,12 +70,10 @@ pub enum ConfigError {
     },
     #[error("{}: {problem}", path.display())]
     Layout { path: PathBuf, problem: String },
-    #[error("{at}: unknown key `{key}`{hint}")]
-    UnknownKey {
-        at: Origin,
-        key: String,
-        hint: String,
-    },
+    /// The key itself is not shown: a file that is not a configuration (a wrong path) must
+    /// not have its text printed.
+    #[error("{at}: unknown key{hint}")]
+    UnknownKey { at: Origin, hint: String },
     #[error("{at}: {}: {problem}", subject(.at, .key))]
     BadValue {
         at: Origin,
@@ -222,7 +224,8 @@ fn command(opts: &[Opt]) -> Command {
 }
 
 /// Checks one value with the option's own clap parser, so the file and the environment accept
-/// exactly what the command line accepts.
+/// exactly what the command line accepts. The reason does not repeat the value (the parsers
+/// name the range or the form expected instead).
 fn check_value(opt: &Opt, value: &str) -> Result<(), String> {
     // A one-argument command: the real one would also check unrelated required options.
     let probe = Command::new("agent").no_binary_name(true).arg(
@@ -233,7 +236,7 @@ fn check_value(opt: &Opt, value: &str) -> Result<(), String> {
     );
     match probe.try_get_matches_from([format!("--value={value}")]) {
         Ok(_) => Ok(()),
-        Err(err) => Err(format!("invalid value {value:?}: {}", reason(&err))),
+        Err(err) => Err(reason(&err)),
     }
 }
 
@@ -304,7 +307,8 @@ fn env_setting(
         };
         if opt.shape != Shape::Switch {
             for value in &values {
-                check_value(opt, value).map_err(bad)?;
+                check_value(opt, value)
+                    .map_err(|why| bad(format!("invalid value {value:?}: {why}")))?;
             }
         }
         return Ok(Some(Setting {
@@ -361,7 +365,7 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
         problem,
     };
     let node = untagged(node);
-    let single = |item: &MarkedYaml| -> Result<String, ConfigError> {
+    let scalar = |item: &MarkedYaml| -> Result<String, ConfigError> {
         let item = untagged(item);
         match &item.data {
             // YAML reads on/off as strings, true/false as booleans: accept both for on|off options.
@@ -381,14 +385,23 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
                 .ok_or_else(|| bad(item, "not a value this option can take".to_owned())),
         }
     };
+    // Each value is checked where it stands; the message does not repeat it.
+    let checked = |item: &MarkedYaml, text: String| -> Result<String, ConfigError> {
+        check_value(opt, &text).map_err(|why| bad(item, format!("invalid value: {why}")))?;
+        Ok(text)
+    };
+    let single = |item: &MarkedYaml| checked(item, scalar(item)?);
     let values = match (opt.shape, &node.data) {
         (Shape::Switch, _) => {
             let text = scalar_text(node).unwrap_or_default();
             let on = parse_bool(&text).ok_or_else(|| {
-                bad(
-                    node,
-                    format!("expected true or false, found {}", shown(node, &text)),
-                )
+                let found = match &node.data {
+                    YamlData::Sequence(_) | YamlData::Mapping(_) => {
+                        format!(", found {}", kind(node))
+                    }
+                    _ => String::new(),
+                };
+                bad(node, format!("expected true or false{found}"))
             })?;
             return Ok(vec![on.to_string()]);
         }
@@ -401,22 +414,11 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
         }
         (Shape::Many, YamlData::Mapping(map)) if opt.pairs => map
             .iter()
-            .map(|(k, v)| Ok(format!("{}={}", single(k)?, single(v)?)))
+            .map(|(k, v)| checked(k, format!("{}={}", scalar(k)?, scalar(v)?)))
             .collect::<Result<_, ConfigError>>()?,
         (Shape::Many, _) => vec![single(node)?],
     };
-    for value in &values {
-        check_value(opt, value).map_err(|problem| bad(node, problem))?;
-    }
     Ok(values)
-}
-
-fn shown(node: &MarkedYaml, text: &str) -> String {
-    if text.is_empty() {
-        kind(node).to_owned()
-    } else {
-        format!("{text:?}")
-    }
 }
 
 /// Reads the file layer: a YAML mapping of option keys to values. A null value leaves the
@@ -430,7 +432,7 @@ fn file_settings(
         path: path.to_owned(),
         line: e.marker().line(),
         col: e.marker().col() + 1,
-        message: e.info().to_owned(),
+        message: unquoted(e.info()),
     })?;
     let layout = |problem: String| ConfigError::Layout {
         path: path.to_owned(),
@@ -464,7 +466,6 @@ fn file_settings(
             return Err(ConfigError::UnknownKey {
                 hint: hint(&key, opts),
                 at,
-                key,
             });
         };
         if scalar_text(value).is_none() && matches!(untagged(value).data, YamlData::Value(_)) {
@@ -484,10 +485,17 @@ fn file_settings(
     Ok(settings)
 }
 
+/// A parser message without what it quotes from the text (saphyr quotes an unexpected
+/// character).
+fn unquoted(message: &str) -> String {
+    let end = message.find(['`', '\'', '"']).unwrap_or(message.len());
+    message[..end].trim_end_matches([':', ' ']).to_owned()
+}
+
 /// What to tell the author of an unknown key: the key they probably meant.
 fn hint(key: &str, opts: &[Opt]) -> String {
     if key == CONFIG_OPTION {
-        return ": the file cannot name another configuration file".to_owned();
+        return " `config`: the file cannot name another configuration file".to_owned();
     }
     let normalized = key.trim().to_ascii_lowercase().replace('-', "_");
     let best = opts
@@ -497,7 +505,7 @@ fn hint(key: &str, opts: &[Opt]) -> String {
         .min_by_key(|(d, _)| *d);
     match best {
         Some((d, o)) if d <= 2 => {
-            format!(": did you mean `{}`?", o.key)
+            format!("; did you mean `{}`?", o.key)
         }
         _ => format!(
             "; the keys are the option names with `_` for `-` ({})",
@@ -618,13 +626,32 @@ fn resolve(
     Ok((cli, resolution))
 }
 
+/// The text of a configuration file, at most [`MAX_FILE_BYTES`]. Errors never quote it.
+fn read_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {} MiB, the most a configuration file may be: is it the right file?",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is not UTF-8 text: is it the right file?",
+        )
+    })
+}
+
 /// The agent's settings from this process's command line, environment and `--config` file.
 /// Command-line mistakes, --help and --version print and exit like clap does.
 pub fn load() -> Result<Cli, ConfigError> {
     let args: Vec<OsString> = std::env::args_os().collect();
-    let (cli, resolution) = match resolve(&args, &|var| std::env::var_os(var), &|path| {
-        std::fs::read_to_string(path)
-    }) {
+    let (cli, resolution) = match resolve(&args, &|var| std::env::var_os(var), &read_file) {
         Ok(resolved) => resolved,
         Err(ConfigError::CommandLine(err)) => err.exit(),
         Err(err) => return Err(err),

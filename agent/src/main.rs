@@ -6,6 +6,7 @@ mod event_loop;
 mod events;
 mod export;
 mod idmap;
+mod instance;
 mod k8s;
 mod kernel;
 mod pipeline;
@@ -38,7 +39,11 @@ fn start() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let cli = config::load()?;
+    let mut cli = config::load()?;
+    for note in cli.adjust() {
+        eprintln!("agent: note: {note}");
+    }
+    cli.export_config().check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -48,7 +53,7 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(cli: cli::Cli) -> anyhow::Result<()> {
-    let env = kernel::environment::prepare()?;
+    let env = kernel::environment::prepare(cli.context_propagation.is_on())?;
     eprintln!("agent: kernel {}", env.kernel_release);
     if env.tracefs_mounted_by_us {
         eprintln!(
@@ -58,6 +63,17 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
     if let Some(mode) = &env.lockdown {
         eprintln!("agent: kernel lockdown mode: {mode}");
+    }
+    for warning in &env.warnings {
+        eprintln!("agent: warning: {warning}");
+    }
+    // Before any probe: a second agent would trace everything again.
+    let instance = instance::claim(
+        std::path::Path::new(instance::LOCK_DIR),
+        cli.allow_multiple_agents,
+    )?;
+    if let Some(note) = &instance.note {
+        eprintln!("agent: {note}");
     }
     let selection = cli.selection();
     // The pod list loads on its own thread while the probes load.
@@ -151,6 +167,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: tracing all processes (except this agent)");
     } else {
         let found = selector.scan();
+        stats::Stats::add(&stats.processes_selected, found.len() as u64);
         eprintln!(
             "agent: selected {} process(es){}{}",
             found.len(),
@@ -161,6 +178,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        for warning in selector.unmatched_warnings() {
+            eprintln!("agent: warning: {warning}");
+        }
     }
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -394,7 +394,7 @@ fn split_nul(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
-fn strip_deleted(path: PathBuf) -> PathBuf {
+pub(crate) fn strip_deleted(path: PathBuf) -> PathBuf {
     match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(s) => PathBuf::from(s),
         None => path,

@@ -50,6 +50,8 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     protocol: OtlpProtocol,
     endpoint_via_env: bool,
+    /// A program (and its arguments) that runs the agent, e.g. `setpriv` to change privileges.
+    wrapper: Vec<String>,
 }
 
 impl AgentBuilder {
@@ -107,18 +109,30 @@ impl AgentBuilder {
         self
     }
 
-    /// Starts the agent exporting to `collector` and waits (60 s) for `agent ready` on stderr.
-    /// Panics with the agent's stderr if it exits or never becomes ready.
-    pub fn start(self, collector: &Collector) -> Agent {
+    /// Runs the agent through `program args…` (which must exec the rest of its command line).
+    pub fn wrapped_in(mut self, program: &str, args: &[&str]) -> Self {
+        self.wrapper = std::iter::once(program)
+            .chain(args.iter().copied())
+            .map(str::to_string)
+            .collect();
+        self
+    }
+
+    /// The agent's command, exporting to `collector`, and its command line for messages.
+    fn command(&self, collector: &Collector) -> (Command, String) {
         let bin = agent_bin();
-        let dir = TestDir::new("agent");
-        let stdout = dir.join("agent.out");
-        let stderr = dir.join("agent.err");
         let endpoint = match self.protocol {
             OtlpProtocol::Grpc => collector.grpc_endpoint(),
             OtlpProtocol::HttpProtobuf => collector.http_endpoint(),
         };
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
         cmd.args(&self.args);
         cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -135,7 +149,50 @@ impl AgentBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let command_line = format!("{} {}", bin.display(), self.args.join(" "));
+        let command_line = format!(
+            "{}{} {}",
+            self.wrapper
+                .iter()
+                .map(|w| format!("{w} "))
+                .collect::<String>(),
+            bin.display(),
+            self.args.join(" ")
+        );
+        (cmd, command_line)
+    }
+
+    /// Runs an agent that is expected to stop by itself at start-up (refused): waits up to
+    /// [`READY_TIMEOUT`] and returns its exit status and stderr. Panics if it becomes ready.
+    pub fn run_expecting_exit(self, collector: &Collector) -> (ExitStatus, String) {
+        let (cmd, command_line) = self.command(collector);
+        let dir = TestDir::new("agent");
+        let stderr = dir.join("agent.err");
+        let mut child = ChildGuard::spawn("agent", cmd, &dir.join("agent.out"), &stderr);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait() {
+                return (status, read_text(&stderr));
+            }
+            let err = read_text(&stderr);
+            if err.contains(READY_MARKER) || started.elapsed() >= READY_TIMEOUT {
+                child.kill();
+                panic!(
+                    "the agent was expected to stop at start-up but did not\ncommand: \
+                     {command_line}\nstderr:\n{}",
+                    tail(&err, 80)
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Starts the agent exporting to `collector` and waits (60 s) for `agent ready` on stderr.
+    /// Panics with the agent's stderr if it exits or never becomes ready.
+    pub fn start(self, collector: &Collector) -> Agent {
+        let (cmd, command_line) = self.command(collector);
+        let dir = TestDir::new("agent");
+        let stdout = dir.join("agent.out");
+        let stderr = dir.join("agent.err");
         let mut child = ChildGuard::spawn("agent", cmd, &stdout, &stderr);
         let started = Instant::now();
         loop {
@@ -190,6 +247,7 @@ impl Agent {
             env: Vec::new(),
             protocol: OtlpProtocol::Grpc,
             endpoint_via_env: false,
+            wrapper: Vec::new(),
         }
     }
 
@@ -218,6 +276,32 @@ impl Agent {
             l.strip_prefix("agent: context propagation: ")
                 .map(|s| s.trim().to_string())
         })
+    }
+
+    /// The processes the start-up report lists (`agent: selected N process(es): a[1], b[2]`),
+    /// and how many more were selected later (`selected comm[pid] (…)` log lines).
+    pub fn selection_report(&self) -> (Vec<u32>, u64) {
+        let stderr = self.stderr();
+        let at_start = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("agent: selected "))
+            .map(|list| {
+                list.split(": ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split(", ")
+                    .filter_map(|p| p.rsplit_once('[')?.1.strip_suffix(']')?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let later = stderr.lines().filter(|l| l.contains("] selected ")).count() as u64;
+        (at_start, later)
+    }
+
+    /// SIGKILL, as an administrator's `kill -9` would: nothing is flushed or detached by the
+    /// agent itself.
+    pub fn kill(&mut self) {
+        self.child.kill();
     }
 
     /// SIGTERM, then wait for the flush and exit. Panics (with stderr) unless it exits 0 in time.

@@ -176,6 +176,19 @@ impl PyServer {
     }
 }
 
+impl PyServer {
+    /// Started as a user would type `program` (a name looked up in `path`, which is also the
+    /// server's PATH): its command name and executable are whatever that resolves to.
+    pub fn start_program(program: &str, path: &Path) -> PyServer {
+        let mut cmd = Command::new(program);
+        cmd.env("PATH", path)
+            .arg(fixture("py_server.py"))
+            .arg("0")
+            .env_remove("OTEL_SERVICE_NAME");
+        PyServer(ScriptServer::start_command("py_server", cmd))
+    }
+}
+
 impl HttpServer for PyServer {
     fn port(&self) -> u16 {
         self.0.port

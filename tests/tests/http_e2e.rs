@@ -1149,6 +1149,206 @@ fn exe_selection_by_path() {
     spans.expect_none(&SpanFilter::any().pid(curl.pid));
 }
 
+/// `--exe python3` and `--exe /usr/bin/python3` (a symlink to python3.X) select a python
+/// started as `python3`, whose /proc/PID/exe is the versioned file; the exit summary counts the
+/// processes the start-up report listed.
+#[test]
+fn exe_by_name_and_by_symlink_select_the_real_python() {
+    let _serial = require_root();
+    let link = std::path::Path::new("/usr/bin/python3");
+    let real = std::fs::canonicalize(link).unwrap_or_else(|e| {
+        panic!("this test needs Debian's /usr/bin/python3 (apt-get install python3): {e}")
+    });
+    assert!(
+        link.is_symlink() && real.file_name() != link.file_name(),
+        "/usr/bin/python3 should be a symlink to a versioned python, found {}",
+        real.display()
+    );
+    let collector = Collector::start();
+    let server = PyServer::start_program("python3", std::path::Path::new("/usr/bin:/bin"));
+    let exe = std::fs::read_link(format!("/proc/{}/exe", server.pid())).expect("exe");
+    assert_eq!(exe, real, "the server runs the file the symlink names");
+
+    let mut agent = Agent::builder()
+        .exe("python3")
+        .exe("/usr/bin/python3")
+        .start(&collector);
+    let (at_start, _) = agent.selection_report();
+    assert!(
+        at_start.contains(&server.pid()),
+        "the start-up report lists the server (pid {}): {at_start:?}",
+        server.pid()
+    );
+    assert!(
+        !agent.stderr().contains("agent: warning: --exe"),
+        "both values select the server:\n{}",
+        agent.stderr()
+    );
+
+    let curl = Curl::get(server.url("/hello")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+    let s = spans.expect_one(&server_spans);
+    check_server_span(
+        "SERVER span of a python selected with --exe python3",
+        s,
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.one().local_port,
+    )
+    .finish();
+
+    let (at_start, later) = agent.selection_report();
+    assert_eq!(
+        agent.summary_counters().get("processes_selected").copied(),
+        Some(at_start.len() as u64 + later),
+        "processes_selected counts the start-up report ({at_start:?}) and the {later} \
+         selected later\n{}",
+        agent.stderr()
+    );
+}
+
+/// A second agent on the host is refused while the first runs (before loading any probe),
+/// starts beside it when asked to, and starts normally once the first was killed -9.
+#[test]
+fn a_second_agent_is_refused_while_one_runs() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let agent = || Agent::builder().comm("e2e-no-such");
+    let mut first = agent().start(&collector);
+
+    let (status, stderr) = agent().run_expecting_exit(&collector);
+    assert_eq!(status.code(), Some(1), "refused:\n{stderr}");
+    let refusal = format!(
+        "agent: error: another agent is already running on this host (pid {}, holding \
+         /run/ebpf-agent/agent.lock)",
+        first.pid()
+    );
+    assert!(
+        stderr.contains(&refusal),
+        "expected {refusal:?} in:\n{stderr}"
+    );
+    assert!(stderr.contains("--allow-multiple-agents"), "{stderr}");
+    assert!(
+        !stderr.contains("agent: attached"),
+        "refused before loading a probe:\n{stderr}"
+    );
+
+    let mut beside = agent().arg("--allow-multiple-agents").start(&collector);
+    let note = format!(
+        "agent: warning: another agent is running on this host (pid {}); running beside it",
+        first.pid()
+    );
+    assert!(beside.stderr().contains(&note), "{}", beside.stderr());
+    beside.stop();
+
+    // kill -9 leaves no stale lock behind.
+    first.kill();
+    let mut next = agent().start(&collector);
+    assert!(
+        !next.stderr().contains("another agent"),
+        "{}",
+        next.stderr()
+    );
+    next.stop();
+}
+
+/// A `--comm` that matches nothing is named at start-up; when such a process starts, a line
+/// says it now matches, and the process is traced.
+#[test]
+fn a_comm_that_matches_nothing_is_warned_about_then_reported_when_it_starts() {
+    const NAME: &str = "e2e-late-py";
+    let _serial = require_root();
+    let collector = Collector::start();
+    // A python whose command name is NAME: started through a symlink of that name.
+    let bin = tests::process::TestDir::new("late-comm");
+    std::os::unix::fs::symlink(python_bin(), bin.join(NAME)).expect("symlink");
+
+    let mut agent = Agent::builder().comm(NAME).start(&collector);
+    let warning = format!("agent: warning: --comm {NAME} selects no running process");
+    assert!(
+        agent.stderr().contains(&warning),
+        "expected {warning:?} in:\n{}",
+        agent.stderr()
+    );
+
+    let server = PyServer::start_program(NAME, bin.path());
+    let matched = format!("--comm {NAME} now matches {NAME}[{}]", server.pid());
+    tests::process::poll_until(std::time::Duration::from_secs(10), || {
+        agent.stderr().contains(&matched).then_some(())
+    })
+    .unwrap_or_else(|| panic!("expected {matched:?} in:\n{}", agent.stderr()));
+
+    let curl = Curl::get(server.url("/hello")).run();
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, 1);
+    agent.stop();
+    let spans = collector.settle();
+    check_server_span(
+        "SERVER span of a process that matched --comm after start-up",
+        spans.expect_one(&server_spans),
+        &server,
+        "GET",
+        "/hello",
+        200,
+        curl.one().local_port,
+    )
+    .finish();
+    assert_eq!(
+        agent.stderr().matches("now matches").count(),
+        1,
+        "reported once:\n{}",
+        agent.stderr()
+    );
+}
+
+/// Root whose capability set lacks CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN) is stopped
+/// before loading anything, told what is missing and what the agent needs; a non-root user
+/// given the capabilities the systemd unit grants runs.
+#[test]
+fn privileges_are_checked_by_capability_not_by_uid() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let (status, stderr) = Agent::builder()
+        .wrapped_in(
+            "setpriv",
+            &["--bounding-set=-bpf,-perfmon,-sys_admin", "--"],
+        )
+        .run_expecting_exit(&collector);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let wanted = "agent: error: this process lacks CAP_BPF and CAP_PERFMON, without which it \
+                  cannot load eBPF programs (uid 0). Run the agent as root (`sudo agent`), or \
+                  give it CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE and \
+                  CAP_DAC_READ_SEARCH";
+    assert!(stderr.contains(wanted), "expected {wanted:?} in:\n{stderr}");
+
+    const CAPS: &str = "+bpf,+perfmon,+net_admin,+sys_ptrace,+dac_read_search";
+    let mut agent = Agent::builder()
+        .comm("e2e-no-such")
+        .wrapped_in(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &format!("--inh-caps={CAPS}"),
+                &format!("--ambient-caps={CAPS}"),
+                "--",
+            ],
+        )
+        .start(&collector);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t65534")),
+        "the agent runs as uid 65534:\n{status}"
+    );
+    agent.stop();
+}
+
 #[test]
 fn forked_child_of_a_selected_process_is_traced_from_its_first_request() {
     use std::io::{BufRead as _, BufReader, Write as _};

@@ -11,6 +11,8 @@ mod encode;
 mod otlp;
 mod transport;
 
+pub use otlp::check_endpoint;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +100,21 @@ impl ExportConfig {
             // with its use only; full (a stalled collector), it holds ~40 MiB of spans.
             queue_capacity: 32768,
             timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Checks what can be checked before the exporter starts (the endpoint), so that a
+    /// mistake stops the agent before it loads its probes. `spawn_exporter` checks it again.
+    pub fn check(&self) -> Result<(), ExportError> {
+        match &self.target {
+            ExportTarget::Console => Ok(()),
+            ExportTarget::Otlp {
+                endpoint,
+                protocol,
+                form,
+            } => otlp::resolve_endpoint(endpoint, *protocol, *form).map(|_| ()),
         }
     }
 }

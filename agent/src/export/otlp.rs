@@ -37,6 +37,57 @@ pub struct ResolvedEndpoint {
     pub url: String,
 }
 
+/// Checks an endpoint as given (scheme, host, port) without resolving it, so that a mistake
+/// stops the agent before it loads anything. Empty means the protocol's default. The message
+/// never repeats the URL: it may come from a file, and carry credentials.
+pub fn check_endpoint(given: &str) -> Result<(), &'static str> {
+    let given = given.trim();
+    if given.is_empty() {
+        return Ok(());
+    }
+    if given.contains(char::is_whitespace) {
+        return Err("it contains whitespace");
+    }
+    let rest = match given.split_once("://") {
+        Some((scheme, rest)) => {
+            if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+                return Err("the scheme must be http:// or https://");
+            }
+            rest
+        }
+        None => given,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(v6) => {
+            let (address, after) = v6.split_once(']').ok_or("an IPv6 address lacks its `]`")?;
+            match after {
+                "" => (address, None),
+                _ => (
+                    address,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("junk after the IPv6 address")?,
+                    ),
+                ),
+            }
+        }
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    match port.map(str::parse::<u16>) {
+        None | Some(Ok(1..)) => Ok(()),
+        Some(_) => Err("the port must be a number from 1 to 65535"),
+    }
+}
+
 /// Resolves `endpoint` per the OTLP exporter specification: for gRPC the URL as given (default
 /// `http://localhost:4317`); for HTTP/protobuf a base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`-style,
 /// default `http://localhost:4318`) to which `/v1/traces` is appended unless it already ends
@@ -62,7 +113,8 @@ pub fn resolve_endpoint(
         endpoint: endpoint.to_owned(),
         reason: reason.to_owned(),
     };
-    let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("no scheme"))?;
+    check_endpoint(&base).map_err(invalid)?;
+    let (scheme, _) = base.split_once("://").ok_or_else(|| invalid("no scheme"))?;
     match scheme.to_ascii_lowercase().as_str() {
         "http" => {}
         "https" => {
@@ -71,13 +123,6 @@ pub fn resolve_endpoint(
             });
         }
         _ => return Err(invalid("the scheme must be http://")),
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(invalid("no host"));
-    }
-    if rest.contains(char::is_whitespace) {
-        return Err(invalid("it contains whitespace"));
     }
     let url = match protocol {
         OtlpProtocol::Grpc => base,

@@ -216,6 +216,28 @@ fn spawning_outside_a_runtime_is_an_error() {
     );
 }
 
+#[test]
+fn endpoints_are_checked_before_anything_starts() {
+    assert!(ExportConfig::default().check().is_ok());
+    let ok = otlp_config("http://collector:4318".into(), OtlpProtocol::HttpProtobuf);
+    assert!(ok.check().is_ok());
+    let tls = otlp_config("https://collector:4317".into(), OtlpProtocol::Grpc);
+    assert!(matches!(
+        tls.check(),
+        Err(ExportError::TlsUnsupported { .. })
+    ));
+    let port = otlp_config("http://collector:0".into(), OtlpProtocol::Grpc);
+    let err = port
+        .check()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("the port must be a number from 1 to 65535"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn bad_configuration_is_rejected_with_a_reason() {
     let stats = Arc::new(Stats::default());

@@ -39,9 +39,8 @@ impl PodFilter {
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!(
-            "{s:?} is not KEY=VALUE (e.g. app.kubernetes.io/name=checkout)"
-        )),
+        // The value is not repeated: it may come from a file (clap shows a flag's own value).
+        _ => Err("expected KEY=VALUE (e.g. app.kubernetes.io/name=checkout)".to_owned()),
     }
 }
 

@@ -115,9 +115,12 @@ fn attach_tp_btf(
     })
 }
 
+/// The smallest capture: a request line and a few headers.
+pub const MIN_CAPTURE: u32 = 64;
+
 /// Capture sizes are clamped to what one event can carry.
 pub fn clamp_capture(size: u32) -> u32 {
-    size.clamp(64, MAX_CAPTURE as u32)
+    size.clamp(MIN_CAPTURE, MAX_CAPTURE as u32)
 }
 
 impl Probes {
