@@ -2,6 +2,8 @@
 //! the standard OTEL_* variables for export) or from the `--config` YAML file: see config.rs,
 //! which derives both from the definitions below. Flags > environment > file > defaults.
 
+use std::net::SocketAddr;
+
 use clap::{Parser, ValueEnum};
 
 use crate::{
@@ -89,6 +91,13 @@ pub struct Cli {
     /// Print the counters every N seconds (0: only at exit).
     #[arg(long, default_value_t = 0, value_name = "SECONDS")]
     pub stats_interval: u64,
+    /// Serve Prometheus metrics (GET /metrics) and health probes (/healthz: live, /readyz:
+    /// ready) over HTTP on this address, e.g. 0.0.0.0:9464. Unset: nothing is served.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_address)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Show every counter in the exit summary and in --stats-interval lines, zeros included.
+    #[arg(long)]
+    pub verbose: bool,
     /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of traced processes
     /// (in the kernel, with sk_msg) so the called service continues the trace.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
@@ -128,6 +137,16 @@ pub struct Cli {
     /// Trace only processes of pods with this annotation (repeatable: all must match).
     #[arg(long = "k8s-pod-annotation", value_name = "KEY=VALUE", value_parser = k8s::filter::parse_key_value)]
     pub k8s_pod_annotations: Vec<(String, String)>,
+}
+
+/// `--metrics-address`: an IP address and a port.
+fn parse_metrics_address(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "expected IP:PORT, e.g. 0.0.0.0:9464 (every interface), 127.0.0.1:9464 or \
+             [::]:9464, found {text:?}"
+        )
+    })
 }
 
 impl Cli {
@@ -221,6 +240,25 @@ mod tests {
         }
         assert!(cli.selection().traces_all());
         assert!(Cli::try_parse_from(["agent", "--otlp-protocol", "json"]).is_err());
+    }
+
+    #[test]
+    fn metrics_address_and_verbose() {
+        let cli = Cli::try_parse_from(["agent"]).expect("parse");
+        assert_eq!(cli.metrics_address, None, "off unless asked");
+        assert!(!cli.verbose);
+        let cli = Cli::try_parse_from(["agent", "--metrics-address", "0.0.0.0:9464", "--verbose"])
+            .expect("parse");
+        assert_eq!(cli.metrics_address, Some(([0, 0, 0, 0], 9464).into()));
+        assert!(cli.verbose);
+        let cli = Cli::try_parse_from(["agent", "--metrics-address", "[::1]:0"]).expect("parse");
+        assert_eq!(cli.metrics_address, Some("[::1]:0".parse().expect("addr")));
+        for bad in ["9464", ":9464", "localhost:9464", "0.0.0.0:99999", ""] {
+            let err = Cli::try_parse_from(["agent", "--metrics-address", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("expected IP:PORT"), "{bad}: {err}");
+        }
     }
 
     #[test]
