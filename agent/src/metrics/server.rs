@@ -95,8 +95,7 @@ pub fn spawn(
             };
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 Stats::add(&stats.metrics_requests_rejected, 1);
-                // Best effort: the answer fits any socket buffer; never wait for this client.
-                let _ = stream.try_write(&head(503, "text/plain; charset=utf-8", 0));
+                refuse_busy(stream);
                 continue;
             };
             let routes = Arc::clone(&routes);
@@ -107,6 +106,23 @@ pub fn spawn(
             });
         }
     })
+}
+
+/// Answers 503 without waiting for this client: takes what it already sent (closing with
+/// unread bytes would reset the connection, losing the answer), writes the answer (it fits
+/// any socket buffer), and ends the connection.
+fn refuse_busy(stream: TcpStream) {
+    let mut scratch = [0u8; 1024];
+    for _ in 0..16 {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = stream.try_write(&head(503, "text/plain; charset=utf-8", 0));
+    if let Ok(stream) = stream.into_std() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 /// What the request head said.
@@ -446,17 +462,30 @@ mod tests {
 
     #[test]
     fn connections_beyond_the_limit_get_503_until_slots_free() {
-        let r = start(test_limits());
+        // A request timeout longer than the test: only the clients' closes free the slots.
+        let r = start(Limits {
+            request_timeout: Duration::from_secs(30),
+            ..test_limits()
+        });
         let held: Vec<StdStream> = (0..4).map(|_| r.connect()).collect();
-        // Let the responder accept (and park) the four.
-        std::thread::sleep(Duration::from_millis(50));
+        // Connections are accepted in order: the four hold every slot before the fifth.
         let a = r.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
         assert_eq!(status(&a), Some(503), "{a}");
+        assert_eq!(r.rejected(), 1);
         drop(held);
         // The parked connections end (closed by their clients), freeing their slots.
-        std::thread::sleep(Duration::from_millis(100));
-        let a = r.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert_eq!(status(&a), Some(200), "{a}");
+        let started = std::time::Instant::now();
+        loop {
+            let a = r.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
+            if status(&a) == Some(200) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "slots never freed: {a}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -488,8 +517,9 @@ mod tests {
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
-        // The runtime runs for 1 s only, while this client reads nothing.
-        runtime.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+        // The runtime runs for 2 s only (the write timeout is 300 ms), while this client reads
+        // nothing.
+        runtime.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
         // The responder gave up after its write timeout and closed: reading now ends with
         // the close, well short of the 32 MiB (only what the socket buffers held).
         let mut got = Vec::new();
