@@ -229,8 +229,8 @@ pub struct KernelStats {
     /// Enrolled client sockets taken out of the injector's map when their peer answered, so
     /// the answer is read exactly as without the agent (see `SEND_FLAG_PARKED`).
     pub sockets_parked: u64,
-    /// Requests written while their socket was out of the injector's map (sent before it
-    /// rejoined): not injected; the socket's framing is lost with them.
+    /// Requests written while their socket was out of the injector's map (sent right after an
+    /// answer, before it rejoined): not injected; their head tells where the next one starts.
     pub requests_sent_parked: u64,
     /// Outgoing `traceparent` headers whose trace id or parent id was all zeros: rewritten in
     /// place with valid ids.

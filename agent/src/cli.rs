@@ -2,6 +2,8 @@
 //! the standard OTEL_* variables for export) or from the `--config` YAML file: see config.rs,
 //! which derives both from the definitions below. Flags > environment > file > defaults.
 
+use std::net::SocketAddr;
+
 use clap::{Parser, ValueEnum};
 
 use crate::{
@@ -139,6 +141,13 @@ pub struct Cli {
     /// Print the counters every N seconds (0: only at exit; at most a day).
     #[arg(long, default_value_t = 0, value_name = "SECONDS", value_parser = number_in(0, MAX_SECONDS))]
     pub stats_interval: u64,
+    /// Serve Prometheus metrics (GET /metrics) and health probes (/healthz: live, /readyz:
+    /// ready) over HTTP on this address, e.g. 0.0.0.0:9464. Unset: nothing is served.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_address)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Show every counter in the exit summary and in --stats-interval lines, zeros included.
+    #[arg(long)]
+    pub verbose: bool,
     /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of traced processes
     /// (in the kernel, with sk_msg) so the called service continues the trace.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
@@ -182,6 +191,16 @@ pub struct Cli {
     /// and export every span twice; by default the second one refuses to start.
     #[arg(long)]
     pub allow_multiple_agents: bool,
+}
+
+/// `--metrics-address`: an IP address and a port.
+fn parse_metrics_address(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "expected IP:PORT, e.g. 0.0.0.0:9464 (every interface), 127.0.0.1:9464 or \
+             [::]:9464, found {text:?}"
+        )
+    })
 }
 
 impl Cli {
@@ -422,6 +441,25 @@ mod tests {
 
         let (cli, notes) = adjusted(&["--capture-size", "4096", "--comm", "python*"]);
         assert_eq!((cli.capture_size, notes.len()), (4096, 0));
+    }
+
+    #[test]
+    fn metrics_address_and_verbose() {
+        let cli = Cli::try_parse_from(["agent"]).expect("parse");
+        assert_eq!(cli.metrics_address, None, "off unless asked");
+        assert!(!cli.verbose);
+        let cli = Cli::try_parse_from(["agent", "--metrics-address", "0.0.0.0:9464", "--verbose"])
+            .expect("parse");
+        assert_eq!(cli.metrics_address, Some(([0, 0, 0, 0], 9464).into()));
+        assert!(cli.verbose);
+        let cli = Cli::try_parse_from(["agent", "--metrics-address", "[::1]:0"]).expect("parse");
+        assert_eq!(cli.metrics_address, Some("[::1]:0".parse().expect("addr")));
+        for bad in ["9464", ":9464", "localhost:9464", "0.0.0.0:99999", ""] {
+            let err = Cli::try_parse_from(["agent", "--metrics-address", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("expected IP:PORT"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::{
         KernelCounters,
         propagation::{Injector, Rejoin},
     },
+    metrics::{self, AgentState, Metric},
     pipeline::{Pipeline, ProcessChange, RejoinOutcome},
     process::Resources,
     selection::Selector,
@@ -27,12 +28,16 @@ use crate::{
 
 pub struct LoopConfig {
     pub events: RingBuf<MapData>,
-    pub counters: KernelCounters,
+    pub counters: Arc<KernelCounters>,
     pub selector: Selector,
     pub resources: Resources,
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
     pub stats_interval: Duration,
+    /// `--verbose`: zero counters too in the `--stats-interval` lines.
+    pub verbose: bool,
+    /// Heartbeat and gauges for /healthz and /metrics.
+    pub state: Arc<AgentState>,
     /// Ports whose traffic is not traced (the OTLP endpoint's).
     pub ignored_ports: Vec<u16>,
     pub raw_db_query: bool,
@@ -55,9 +60,12 @@ const POLL_PERIOD_MS: i32 = 10;
 const TICK: Duration = Duration::from_millis(100);
 const RESCAN: Duration = Duration::from_secs(2);
 
+/// Records read between two heartbeats while the ring buffer keeps the thread busy.
+const BEAT_EVERY: u64 = 1024;
+
 /// Runs until `stop` is set; returns the exporter handle (for flushing) and the final kernel
 /// counters.
-pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'static str, u64)>) {
+pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric>) {
     let LoopConfig {
         mut events,
         counters,
@@ -66,6 +74,8 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         stats,
         stop,
         stats_interval,
+        verbose,
+        state,
         ignored_ports,
         raw_db_query,
         correlation,
@@ -85,10 +95,16 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
     let fd = events.as_raw_fd();
+    let mut records = 0u64;
     loop {
+        state.beat();
         let stopping = stop.load(Ordering::SeqCst);
         while let Some(record) = events.next() {
             Stats::add(&stats.events_read, 1);
+            records += 1;
+            if records.is_multiple_of(BEAT_EVERY) {
+                state.beat();
+            }
             match events::decode(&record) {
                 Ok(event) => {
                     if let Some(change) = pipeline.on_event(event) {
@@ -122,6 +138,10 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
         if last_tick.elapsed() >= TICK {
             pipeline.tick(Clock::monotonic_ns());
             last_tick = Instant::now();
+            state.set_open_connections(pipeline.open_connections());
+            state.set_selected_processes(
+                (!selector.traces_all()).then(|| selector.selected().len()),
+            );
             for (pid, comm) in selector.poll_kubernetes() {
                 log::info!("selected {comm}[{pid}] (its pod is now known)");
                 Stats::add(&stats.processes_selected, 1);
@@ -135,17 +155,15 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<(&'sta
             last_scan = Instant::now();
         }
         if !stats_interval.is_zero() && last_stats.elapsed() >= stats_interval {
-            let all: Vec<String> = counters
+            let all: Vec<Metric> = counters
                 .snapshot()
                 .into_iter()
-                .chain(stats.snapshot())
-                .filter(|(_, v)| *v > 0)
-                .map(|(k, v)| format!("{k}={v}"))
+                .chain(stats.metrics())
                 .collect();
             log::info!(
                 "open_connections={} {}",
                 pipeline.open_connections(),
-                all.join(" ")
+                metrics::log_line(&all, verbose)
             );
             last_stats = Instant::now();
         }

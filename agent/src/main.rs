@@ -9,6 +9,7 @@ mod idmap;
 mod instance;
 mod k8s;
 mod kernel;
+mod metrics;
 mod pipeline;
 mod process;
 mod protocols;
@@ -53,6 +54,11 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    let stats = Arc::new(stats::Stats::default());
+    let state = Arc::new(metrics::AgentState::default());
+    if let Some(addr) = cli.metrics_address {
+        metrics::serve(addr, &state, &stats).await?;
+    }
     let env = kernel::environment::prepare(cli.context_propagation.is_on())?;
     eprintln!("agent: kernel {}", env.kernel_release);
     if env.tracefs_mounted_by_us {
@@ -114,8 +120,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: note: {why}");
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
+    state.set_probes_attached(probes.attached.len());
 
-    let stats = Arc::new(stats::Stats::default());
     let export_cfg = cli.export_config();
     match &export_cfg.target {
         export::ExportTarget::Console => {
@@ -183,15 +189,19 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }
     }
 
+    let kernel_counters = Arc::new(probes.take_counters()?);
+    metrics::publish(&state, &kernel_counters, &stats, k8s.as_ref(), &exporter);
     let stop = Arc::new(AtomicBool::new(false));
     let loop_cfg = event_loop::LoopConfig {
         events: probes.take_events()?,
-        counters: probes.take_counters()?,
+        counters: kernel_counters,
         selector,
         resources: process::Resources::new(process::host_name()).with_kubernetes(k8s.clone()),
         stats: stats.clone(),
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),
+        verbose: cli.verbose,
+        state: state.clone(),
         ignored_ports,
         raw_db_query: cli.db_raw_query,
         injector: probes.take_injector(),
@@ -209,6 +219,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     eprintln!("agent ready: press Ctrl-C to stop");
 
     wait_for_signal().await;
+    state.set_stopping();
     eprintln!("agent: stopping: detaching probes and flushing spans");
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (exporter, kernel_counts) = worker
@@ -220,12 +231,13 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
 
     eprintln!("agent: summary");
     let k8s_counts = k8s.iter().flat_map(|k| k.counters());
-    for (name, value) in kernel_counts
+    let all: Vec<_> = kernel_counts
         .into_iter()
-        .chain(stats.snapshot())
+        .chain(stats.metrics())
         .chain(k8s_counts)
-    {
-        eprintln!("  {name:<28} {value}");
+        .collect();
+    for line in metrics::summary_lines(&all, cli.verbose) {
+        eprintln!("{line}");
     }
     eprintln!(
         "  export: {} exported, {} failed, {} dropped (queue full)",

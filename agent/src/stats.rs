@@ -1,19 +1,25 @@
 //! Counters for every noteworthy outcome. Anything that drops or rejects data counts it here;
-//! the summary at shutdown (and `--stats-interval`) prints them.
+//! the summary at shutdown, `--stats-interval` and `/metrics` report them (`metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::metrics::Metric;
+
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         #[derive(Default, Debug)]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
         }
 
         impl Stats {
-            /// (name, value) of every counter, in declaration order.
-            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![ $( (stringify!($name), self.$name.load(Ordering::Relaxed)), )* ]
+            /// Every counter, in declaration order, its doc comment as its help.
+            pub fn metrics(&self) -> Vec<Metric> {
+                vec![ $( Metric::counter(
+                    stringify!($name),
+                    concat!($($doc),*),
+                    self.$name.load(Ordering::Relaxed),
+                ), )* ]
             }
         }
     };
@@ -113,10 +119,46 @@ counters! {
     export_errors,
     /// Processes selected for tracing.
     processes_selected,
+    /// Requests answered on --metrics-address (any path and method).
+    metrics_requests,
+    /// Requests on --metrics-address refused: malformed (400), head too large (431), too slow
+    /// (408), or beyond the limit of connections at once (503).
+    metrics_requests_rejected,
 }
 
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_doc_comment_as_help() {
+        let all = Stats::default().metrics();
+        assert!(all.len() > 30);
+        let events = all
+            .iter()
+            .find(|m| m.name == "events_read")
+            .expect("events_read");
+        assert_eq!(events.help.trim(), "Ring buffer records read.");
+        // Several doc lines join into one text.
+        let bounded = all
+            .iter()
+            .find(|m| m.name == "link_bounded")
+            .expect("link_bounded");
+        assert!(
+            bounded
+                .help
+                .contains("had adopted the maximum of client spans"),
+            "{}",
+            bounded.help
+        );
+        for m in &all {
+            assert!(!m.help.trim().is_empty(), "{} has no doc comment", m.name);
+        }
     }
 }

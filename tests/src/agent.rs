@@ -269,6 +269,44 @@ impl Agent {
         parse_summary_counters(&self.stderr())
     }
 
+    /// Where the agent serves /metrics (started with `--metrics-address`, port 0 allowed):
+    /// the address it printed at start-up.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        let stderr = self.stderr();
+        stderr
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("agent: serving metrics on http://")?
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "the agent did not say where it serves metrics (started without                      --metrics-address?)
+stderr:
+{}",
+                    tail(&stderr, 40)
+                )
+            })
+    }
+
+    /// The note after the summary's counters about counters left out: how many were at zero.
+    pub fn summary_hidden_zero_counters(&self) -> Option<u64> {
+        let stderr = self.stderr();
+        let summary = &stderr[stderr.rfind("agent: summary")?..];
+        summary.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix('(')?;
+            let (n, text) = rest.split_once(' ')?;
+            if text.starts_with("counter") && text.contains("at zero not shown") {
+                n.parse().ok()
+            } else {
+                None
+            }
+        })
+    }
+
     /// What the agent said at start-up about context propagation: the text after
     /// `agent: context propagation: `, e.g. `on (canary passed)` or `off (<why>)`.
     pub fn context_propagation_status(&self) -> Option<String> {
@@ -379,6 +417,7 @@ mod tests {
                       agent: summary\n\
                       \x20 data_events                  120\n\
                       \x20 traceparent_injected         7\n\
+                      \x20 (31 counters at zero not shown; --verbose shows every counter)\n\
                       \x20 export: 3 exported, 0 failed, 0 dropped (queue full)\n\
                       agent: bye\n\
                       \x20 not_a_counter 9\n";

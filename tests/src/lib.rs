@@ -13,6 +13,7 @@ pub mod agent;
 pub mod clients;
 pub mod collector;
 mod json;
+pub mod metrics;
 pub mod netns;
 pub mod pg_clients;
 pub mod postgres;

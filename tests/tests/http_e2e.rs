@@ -219,9 +219,11 @@ fn python_client_keep_alive_five_requests_on_one_connection() {
     let _serial = require_root();
     let collector = Collector::start();
     let server = PyServer::start();
+    // --verbose: the summary lists zero counters too (the check below reads one usually 0).
     let mut agent = Agent::builder()
         .pid(server.pid())
         .comm(&python_exe_name())
+        .arg("--verbose")
         .start(&collector);
 
     let run = py_client(

@@ -1098,9 +1098,11 @@ fn injection_soak_100k_requests_byte_exact() {
     };
     // Client and server selected by pid (the client is held before its first request).
     let client = SoakClient::spawn(&server, &plan, Duration::from_secs(300));
+    // --verbose: the summary lists zero counters too (the checks below need inject_failed).
     let mut agent = Agent::builder()
         .pid(server.pid())
         .pid(client.pid())
+        .arg("--verbose")
         .start(&collector);
     let mut failures = Failures::default();
     expect_propagation_on(&mut failures, &agent);

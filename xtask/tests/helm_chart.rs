@@ -237,6 +237,15 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                 "extraConfig": {"max_spans_per_trace": 500, "stats_interval": 10},
             }),
         ),
+        ("metrics off", json!({"metrics": {"enabled": false}})),
+        (
+            "metrics on another port, probes tuned",
+            json!({
+                "metrics": {"port": 9100, "scrapeAnnotations": false},
+                "livenessProbe": {"initialDelaySeconds": 20, "failureThreshold": 5},
+                "readinessProbe": {"enabled": false},
+            }),
+        ),
         (
             "existing service account, no RBAC, unconfined profiles off",
             json!({
@@ -366,6 +375,12 @@ fn bad_values_are_refused_naming_the_key() {
         (json!({"selection": {"ports": [0]}}), "/selection/ports"),
         (json!({"contextPropogation": false}), "contextPropogation"),
         (json!({"privileged": "yes"}), "/privileged"),
+        (json!({"metrics": {"port": 0}}), "/metrics/port"),
+        (json!({"metrics": {"enable": true}}), "enable"),
+        (
+            json!({"livenessProbe": {"periodSeconds": 0}}),
+            "/livenessProbe/periodSeconds",
+        ),
     ] {
         let err = render_error(values.clone());
         assert!(err.contains(key), "{values}: {err}");
@@ -683,6 +698,79 @@ fn scheduling_defaults_reach_every_node() {
     );
     let r = render(json!({"priorityClassName": "system-node-critical"}));
     assert_eq!(r.pod()["priorityClassName"], "system-node-critical");
+}
+
+/// The paths the agent's metrics responder answers (agent/src/metrics/health.rs routes).
+fn agent_routes() -> BTreeSet<String> {
+    let source = std::fs::read_to_string(root().join("agent/src/metrics/health.rs"))
+        .expect("agent/src/metrics/health.rs");
+    source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('"')?.split_once("\" =>"))
+        .map(|(path, _)| path.to_string())
+        .collect()
+}
+
+#[test]
+fn probes_and_scrape_port_reach_the_agent_metrics_address() {
+    let routes = agent_routes();
+    assert_eq!(
+        routes,
+        BTreeSet::from(["/metrics", "/healthz", "/readyz"].map(String::from)),
+        "the agent's routes"
+    );
+    // Defaults: metrics on, both probes on the named port, where the agent listens.
+    let r = render(json!({}));
+    assert_eq!(r.config["metrics_address"], "0.0.0.0:9464");
+    let c = r.container();
+    assert_eq!(
+        c["ports"],
+        json!([{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}])
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["port"], "metrics", "{probe}");
+        assert_eq!(get["path"], path, "{probe}");
+        assert!(routes.contains(path), "{probe}: the agent serves {path}");
+        // Liveness fails after 30 s without progress: the kubelet's patience must exceed it.
+        let period = c[probe]["periodSeconds"].as_i64().expect("periodSeconds");
+        let failures = c[probe]["failureThreshold"]
+            .as_i64()
+            .expect("failureThreshold");
+        assert!(period * failures >= 30, "{probe}: {period} s x {failures}");
+    }
+    let annotations = &r.one("DaemonSet")["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9464");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert!(r.notes.contains("/metrics"), "{}", r.notes);
+
+    // Another port: the agent, the container port and the annotations move together.
+    let (_, tuned) = value_sets()
+        .into_iter()
+        .find(|(what, _)| what.starts_with("metrics on another port"))
+        .expect("value set");
+    let r = render(tuned);
+    assert_eq!(r.config["metrics_address"], "0.0.0.0:9100");
+    let c = r.container();
+    assert_eq!(c["ports"][0]["containerPort"], 9100);
+    assert_eq!(c["livenessProbe"]["initialDelaySeconds"], 20);
+    assert_eq!(c["livenessProbe"]["failureThreshold"], 5);
+    assert!(c["readinessProbe"].is_null(), "readiness probe off");
+    let annotations = &r.one("DaemonSet")["spec"]["template"]["metadata"]["annotations"];
+    assert!(
+        annotations["prometheus.io/scrape"].is_null(),
+        "{annotations}"
+    );
+
+    // Off: nothing served, so no port and no probe that would fail.
+    let r = render(json!({"metrics": {"enabled": false}}));
+    assert!(r.config["metrics_address"].is_null());
+    let c = r.container();
+    for key in ["ports", "livenessProbe", "readinessProbe"] {
+        assert!(c[key].is_null(), "{key} without metrics: {}", c[key]);
+    }
+    assert!(!r.manifest.contains("prometheus.io"));
 }
 
 /// Long flags the agent accepts, from agent/src/cli.rs (`--name` as `name`).

@@ -72,7 +72,18 @@ fn defaults(opt: &Opt) -> Vec<String> {
 }
 
 /// Values tried as samples for options without possible values; the option's parser picks.
-const CANDIDATES: &[&str] = &["7", "9", "a=1", "b=2", "http://a:1", "http://b:2", "x", "y"];
+const CANDIDATES: &[&str] = &[
+    "7",
+    "9",
+    "a=1",
+    "b=2",
+    "http://a:1",
+    "http://b:2",
+    "x",
+    "y",
+    "127.0.0.1:9464",
+    "0.0.0.0:9465",
+];
 
 /// Two different values the option accepts, the first not its default.
 fn samples(opt: &Opt) -> (String, String) {

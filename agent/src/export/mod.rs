@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
+use crate::spans::context::Clock;
 use crate::spans::model::SpanRecord;
 use crate::stats::Stats;
 use console::ConsoleSink;
@@ -163,6 +164,10 @@ pub(crate) struct Tally {
     exported: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    /// Monotonic ns of the last export that delivered spans (0: none yet).
+    last_success_ns: AtomicU64,
+    /// Monotonic ns of the first loss since the last success (0: not failing).
+    failing_since_ns: AtomicU64,
 }
 
 impl Tally {
@@ -170,6 +175,9 @@ impl Tally {
         if spans > 0 {
             self.exported.fetch_add(spans, Ordering::Relaxed);
             Stats::add(&stats.spans_exported, spans);
+            self.last_success_ns
+                .store(Clock::monotonic_ns(), Ordering::Relaxed);
+            self.failing_since_ns.store(0, Ordering::Relaxed);
         }
     }
 
@@ -178,6 +186,14 @@ impl Tally {
         self.failed.fetch_add(spans, Ordering::Relaxed);
         Stats::add(&stats.spans_export_failed, spans);
         Stats::add(&stats.export_errors, batches);
+        if spans > 0 || batches > 0 {
+            let _ = self.failing_since_ns.compare_exchange(
+                0,
+                Clock::monotonic_ns(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     fn summary(&self) -> ExportSummary {
@@ -185,6 +201,35 @@ impl Tally {
             exported: self.exported.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How span export is going, for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportState {
+    /// Monotonic ns of the last export that delivered spans.
+    pub last_success_ns: Option<u64>,
+    /// Monotonic ns of the first loss (failed request, rejected spans) since the last success.
+    pub failing_since_ns: Option<u64>,
+    /// Spans accepted and not yet exported or failed (queued, batched or in flight).
+    pub waiting: u64,
+}
+
+/// A running exporter's state, readable from any thread (the handle itself belongs to the
+/// event thread).
+#[derive(Debug, Clone)]
+pub struct ExportStatus(Arc<Tally>);
+
+impl ExportStatus {
+    pub fn state(&self) -> ExportState {
+        let t = &self.0;
+        let at = |a: &AtomicU64| Some(a.load(Ordering::Relaxed)).filter(|&ns| ns != 0);
+        let settled = t.exported.load(Ordering::Relaxed) + t.failed.load(Ordering::Relaxed);
+        ExportState {
+            last_success_ns: at(&t.last_success_ns),
+            failing_since_ns: at(&t.failing_since_ns),
+            waiting: t.accepted.load(Ordering::Relaxed).saturating_sub(settled),
         }
     }
 }
@@ -223,6 +268,10 @@ impl ExportHandle {
                 }
             }
         }
+    }
+
+    pub fn status(&self) -> ExportStatus {
+        ExportStatus(Arc::clone(&self.tally))
     }
 
     /// Flush everything queued and stop; waits at most `timeout`. Returns how many spans were

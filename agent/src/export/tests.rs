@@ -554,6 +554,63 @@ async fn recovers_when_the_collector_comes_back() {
     );
 }
 
+/// What /readyz and /metrics read: failing since the first loss, until a success; the
+/// spans waiting are those accepted and not yet settled.
+#[tokio::test]
+async fn the_status_says_since_when_export_fails_and_when_it_last_worked() {
+    let port = free_port();
+    let stats = Arc::new(Stats::default());
+    let tally = Arc::new(Tally::default());
+    let status = ExportStatus(Arc::clone(&tally));
+    assert_eq!(
+        status.state(),
+        ExportState::default(),
+        "nothing happened yet"
+    );
+    let mut sink = OtlpSink::new(
+        &format!("http://127.0.0.1:{port}"),
+        OtlpProtocol::HttpProtobuf,
+        EndpointForm::Base,
+        Duration::from_secs(1),
+        512,
+        Arc::clone(&stats),
+        Arc::clone(&tally),
+    )
+    .expect("sink");
+    let r = resource(1, "svc");
+    let before = Clock::monotonic_ns();
+    sink.export(vec![span(&r, 1)]).await;
+    let first_failure = status.state().failing_since_ns.expect("failing");
+    assert!(first_failure >= before);
+    sink.export(vec![span(&r, 2)]).await;
+    let s = status.state();
+    assert_eq!(
+        s.failing_since_ns,
+        Some(first_failure),
+        "failing since the first failure, not the latest"
+    );
+    assert_eq!(s.last_success_ns, None);
+
+    let _collector = HttpCollector::start(&format!("127.0.0.1:{port}"), false).await;
+    let before = Clock::monotonic_ns();
+    sink.export(vec![span(&r, 3)]).await;
+    let s = status.state();
+    assert_eq!(s.failing_since_ns, None, "a success ends the failure");
+    assert!(s.last_success_ns.is_some_and(|t| t >= before), "{s:?}");
+
+    // Spans handed to a running exporter wait until settled.
+    let handle = spawn_exporter(
+        ExportConfig::new(ExportTarget::Console),
+        Arc::new(Stats::default()),
+    )
+    .expect("spawn");
+    let status = handle.status();
+    handle.send(span(&r, 4));
+    assert_eq!(status.state().waiting, 1);
+    handle.shutdown().await;
+    assert_eq!(status.state().waiting, 0);
+}
+
 // ------------------------------------------------------------------------------------------
 // End to end against a real collector: rotel (`pip install rotel`).
 

@@ -29,6 +29,7 @@ pub use filter::PodFilter;
 pub use resource::K8sResource;
 pub use store::Resolution;
 
+use crate::metrics::Metric;
 use api::{ApiClient, SERVICE_ACCOUNT_DIR};
 use pods::{Pod, PodMeta};
 use store::PodStore;
@@ -72,10 +73,13 @@ pub enum K8sError {
 /// What the watcher did, for the agent's counters.
 #[derive(Default)]
 pub struct Counters {
+    /// Pod lists read from the API server.
     pub lists: AtomicU64,
+    /// Events received on the pod watch.
     pub watch_events: AtomicU64,
     /// Lists made because a watch could not resume (410 Gone).
     pub relists: AtomicU64,
+    /// Requests to the API server that failed.
     pub api_errors: AtomicU64,
     /// Periods during which the API could not be used (each logged once).
     pub outages: AtomicU64,
@@ -133,16 +137,41 @@ impl Kubernetes {
         self.store.resolve(place)
     }
 
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+    /// The pod count and the counters (help: their doc comments).
+    pub fn counters(&self) -> Vec<Metric> {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
-            ("k8s_pods_known", self.store.live_pods() as u64),
-            ("k8s_pod_lists", get(&c.lists)),
-            ("k8s_watch_events", get(&c.watch_events)),
-            ("k8s_relists", get(&c.relists)),
-            ("k8s_api_errors", get(&c.api_errors)),
-            ("k8s_api_outages", get(&c.outages)),
+            Metric::gauge(
+                "k8s_pods_known",
+                "Pods of this node known now.",
+                self.store.live_pods() as u64,
+            ),
+            Metric::counter(
+                "k8s_pod_lists",
+                "Pod lists read from the API server.",
+                get(&c.lists),
+            ),
+            Metric::counter(
+                "k8s_watch_events",
+                "Events received on the pod watch.",
+                get(&c.watch_events),
+            ),
+            Metric::counter(
+                "k8s_relists",
+                "Lists made because a watch could not resume (410 Gone).",
+                get(&c.relists),
+            ),
+            Metric::counter(
+                "k8s_api_errors",
+                "Requests to the API server that failed.",
+                get(&c.api_errors),
+            ),
+            Metric::counter(
+                "k8s_api_outages",
+                "Periods during which the API could not be used (each logged once).",
+                get(&c.outages),
+            ),
         ]
     }
 }

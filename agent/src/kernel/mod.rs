@@ -12,6 +12,8 @@ use aya::{
 };
 use thiserror::Error;
 
+use crate::metrics::Metric;
+
 #[derive(Debug, Error)]
 pub enum KernelError {
     #[error(transparent)]
@@ -324,65 +326,254 @@ fn sum_cpus<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, KernelStats>
     let mut sum = KernelStats::default();
     if let Ok(per_cpu) = array.get(&0, 0) {
         for c in per_cpu.iter() {
-            sum.data_events += c.data_events;
-            sum.other_events += c.other_events;
-            sum.bytes += c.bytes;
-            sum.ringbuf_full += c.ringbuf_full;
-            sum.truncated += c.truncated;
-            sum.copy_failed += c.copy_failed;
-            sum.socket_map_full += c.socket_map_full;
-            sum.server_contexts += c.server_contexts;
-            sum.sockets_enrolled += c.sockets_enrolled;
-            sum.enroll_failed += c.enroll_failed;
-            sum.traceparent_injected += c.traceparent_injected;
-            sum.traceparent_rewritten += c.traceparent_rewritten;
-            sum.inject_skipped += c.inject_skipped;
-            sum.inject_failed += c.inject_failed;
-            sum.inject_framing_lost += c.inject_framing_lost;
-            sum.link_ambiguous += c.link_ambiguous;
-            sum.link_kernel += c.link_kernel;
-            sum.writes_stamped_at_return += c.writes_stamped_at_return;
-            sum.sockets_parked += c.sockets_parked;
-            sum.requests_sent_parked += c.requests_sent_parked;
-            sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
-            sum.traceparent_invalid_kept += c.traceparent_invalid_kept;
+            add(&mut sum, c);
         }
     }
     sum
 }
 
+/// Adds one CPU's counters to `sum`.
+fn add(sum: &mut KernelStats, c: &KernelStats) {
+    sum.data_events += c.data_events;
+    sum.other_events += c.other_events;
+    sum.bytes += c.bytes;
+    sum.ringbuf_full += c.ringbuf_full;
+    sum.truncated += c.truncated;
+    sum.copy_failed += c.copy_failed;
+    sum.socket_map_full += c.socket_map_full;
+    sum.server_contexts += c.server_contexts;
+    sum.sockets_enrolled += c.sockets_enrolled;
+    sum.enroll_failed += c.enroll_failed;
+    sum.traceparent_injected += c.traceparent_injected;
+    sum.traceparent_rewritten += c.traceparent_rewritten;
+    sum.inject_skipped += c.inject_skipped;
+    sum.inject_failed += c.inject_failed;
+    sum.inject_framing_lost += c.inject_framing_lost;
+    sum.link_ambiguous += c.link_ambiguous;
+    sum.link_kernel += c.link_kernel;
+    sum.writes_stamped_at_return += c.writes_stamped_at_return;
+    sum.sockets_parked += c.sockets_parked;
+    sum.requests_sent_parked += c.requests_sent_parked;
+    sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
+    sum.traceparent_invalid_kept += c.traceparent_invalid_kept;
+}
+
 impl KernelCounters {
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let s = self.read();
-        vec![
-            ("kernel_data_events", s.data_events),
-            ("kernel_lifecycle_events", s.other_events),
-            ("kernel_bytes", s.bytes),
-            ("kernel_lost_ringbuf_full", s.ringbuf_full),
-            ("kernel_payload_truncated", s.truncated),
-            ("kernel_payload_copy_failed", s.copy_failed),
-            ("kernel_socket_map_full", s.socket_map_full),
-            ("kernel_server_contexts", s.server_contexts),
-            ("sockets_enrolled", s.sockets_enrolled),
-            ("sockets_enroll_failed", s.enroll_failed),
-            ("traceparent_injected", s.traceparent_injected),
-            ("traceparent_rewritten", s.traceparent_rewritten),
-            ("inject_skipped", s.inject_skipped),
-            ("inject_failed", s.inject_failed),
-            ("inject_framing_lost", s.inject_framing_lost),
-            ("kernel_client_links", s.link_kernel),
-            ("kernel_link_ambiguous", s.link_ambiguous),
-            (
-                "kernel_writes_stamped_at_return",
-                s.writes_stamped_at_return,
-            ),
-            ("sockets_parked", s.sockets_parked),
-            ("requests_sent_parked", s.requests_sent_parked),
-            (
-                "traceparent_invalid_rewritten",
-                s.traceparent_invalid_rewritten,
-            ),
-            ("traceparent_invalid_kept", s.traceparent_invalid_kept),
-        ]
+    pub fn snapshot(&self) -> Vec<Metric> {
+        metrics(&self.read())
+    }
+}
+
+/// The kernel's counters under their summary names; the help texts are the doc comments of
+/// `KernelStats` (agent-common), which a test keeps equal.
+fn metrics(s: &KernelStats) -> Vec<Metric> {
+    vec![
+        Metric::counter(
+            "kernel_data_events",
+            "Data events written to the ring buffer.",
+            s.data_events,
+        ),
+        Metric::counter(
+            "kernel_lifecycle_events",
+            "Lifecycle and process events written.",
+            s.other_events,
+        ),
+        Metric::counter(
+            "kernel_bytes",
+            "Bytes moved on traced sockets (sum of `bytes` of the data events written).",
+            s.bytes,
+        ),
+        Metric::counter(
+            "kernel_lost_ringbuf_full",
+            "Events lost because the ring buffer was full.",
+            s.ringbuf_full,
+        ),
+        Metric::counter(
+            "kernel_payload_truncated",
+            "Data events whose payload was cut to the capture size (normal for bodies; reported).",
+            s.truncated,
+        ),
+        Metric::counter(
+            "kernel_payload_copy_failed",
+            "User buffers that could not be read.",
+            s.copy_failed,
+        ),
+        Metric::counter(
+            "kernel_socket_map_full",
+            "The tracked-socket map was full (closes of those sockets are not reported).",
+            s.socket_map_full,
+        ),
+        Metric::counter(
+            "kernel_server_contexts",
+            "Server requests given a trace context in the kernel.",
+            s.server_contexts,
+        ),
+        Metric::counter(
+            "sockets_enrolled",
+            "Client sockets enrolled for header injection (connected by a selected process).",
+            s.sockets_enrolled,
+        ),
+        Metric::counter(
+            "sockets_enroll_failed",
+            "Sockets that could not be enrolled (a map was full).",
+            s.enroll_failed,
+        ),
+        Metric::counter(
+            "traceparent_injected",
+            "`traceparent` headers inserted into outgoing requests.",
+            s.traceparent_injected,
+        ),
+        Metric::counter(
+            "traceparent_rewritten",
+            "Outgoing requests that carried a `traceparent`: its parent id was rewritten in place.",
+            s.traceparent_rewritten,
+        ),
+        Metric::counter(
+            "inject_skipped",
+            "Outgoing requests left untouched: not HTTP, header block split over writes or \
+             larger than the window, several `traceparent` headers, or the socket's framing \
+             was lost earlier.",
+            s.inject_skipped,
+        ),
+        Metric::counter(
+            "inject_failed",
+            "Injection attempts the kernel refused (push/pull of message data failed).",
+            s.inject_failed,
+        ),
+        Metric::counter(
+            "inject_framing_lost",
+            "Connections whose request framing the injector stopped following (chunked body, \
+             head not found): later requests on them are not injected.",
+            s.inject_framing_lost,
+        ),
+        Metric::counter(
+            "kernel_client_links",
+            "Client requests linked in the kernel to the request their thread serves.",
+            s.link_kernel,
+        ),
+        Metric::counter(
+            "kernel_link_ambiguous",
+            "Client requests sent while the thread's serving request was ambiguous (several in \
+             flight) or too old: started a trace of their own.",
+            s.link_ambiguous,
+        ),
+        Metric::counter(
+            "kernel_writes_stamped_at_return",
+            "TCP writes of traced threads stamped when the syscall returned instead of when \
+             their last chunk was queued (the thread changed CPUs mid-write, several threads \
+             wrote on the socket at once, or no `tcp_sendmsg_locked`).",
+            s.writes_stamped_at_return,
+        ),
+        Metric::counter(
+            "sockets_parked",
+            "Enrolled client sockets taken out of the injector's map when their peer answered, \
+             so the answer is read exactly as without the agent (see `SEND_FLAG_PARKED`).",
+            s.sockets_parked,
+        ),
+        Metric::counter(
+            "requests_sent_parked",
+            "Requests written while their socket was out of the injector's map (sent right after \
+             an answer, before it rejoined): not injected; their head tells where the next one \
+             starts.",
+            s.requests_sent_parked,
+        ),
+        Metric::counter(
+            "traceparent_invalid_rewritten",
+            "Outgoing `traceparent` headers whose trace id or parent id was all zeros: rewritten \
+             in place with valid ids.",
+            s.traceparent_invalid_rewritten,
+        ),
+        Metric::counter(
+            "traceparent_invalid_kept",
+            "Outgoing `traceparent` headers not in the version-00 form (or not hex): left as \
+             they were, the request's span keeps ids of its own.",
+            s.traceparent_invalid_kept,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `u64` fields of `KernelStats`, with their doc comments (joined into one line), read
+    /// from agent-common's source: the struct is shared with the kernel programs.
+    fn kernel_stats_fields() -> Vec<(String, String)> {
+        let source = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../agent-common/src/lib.rs"
+        ));
+        let body = source
+            .split("pub struct KernelStats {")
+            .nth(1)
+            .and_then(|rest| rest.split("\n}").next())
+            .expect("agent-common defines KernelStats");
+        let mut fields = Vec::new();
+        let mut doc: Vec<&str> = Vec::new();
+        for line in body.lines().map(str::trim) {
+            if let Some(text) = line.strip_prefix("///") {
+                doc.push(text.trim());
+            } else if let Some(field) = line.strip_prefix("pub ") {
+                let (name, ty) = field.split_once(':').expect("name: type");
+                assert_eq!(ty.trim(), "u64,", "KernelStats.{name} is a u64 counter");
+                fields.push((name.to_owned(), doc.join(" ")));
+                doc.clear();
+            }
+        }
+        fields
+    }
+
+    /// Fills every field of `KernelStats` with a distinct value (field i gets `base + i`):
+    /// the struct is `repr(C)` with u64 fields only (the test above checks).
+    fn distinct(base: u64) -> KernelStats {
+        let mut s = KernelStats::default();
+        let n = size_of::<KernelStats>() / size_of::<u64>();
+        let words = std::ptr::from_mut(&mut s).cast::<u64>();
+        for i in 0..n {
+            // SAFETY: KernelStats is repr(C), all u64: n words, each written once in bounds.
+            unsafe { words.add(i).write(base + i as u64) };
+        }
+        s
+    }
+
+    #[test]
+    fn every_kernel_counter_is_reported_with_its_doc_comment() {
+        let fields = kernel_stats_fields();
+        assert_eq!(
+            fields.len() * size_of::<u64>(),
+            size_of::<KernelStats>(),
+            "every field of KernelStats was read"
+        );
+        let reported = metrics(&distinct(1000));
+        assert_eq!(
+            reported.len(),
+            fields.len(),
+            "one metric per kernel counter"
+        );
+        for (i, (field, doc)) in fields.iter().enumerate() {
+            let value = 1000 + i as u64;
+            let m = reported
+                .iter()
+                .find(|m| m.value == value)
+                .unwrap_or_else(|| panic!("KernelStats.{field} is not reported"));
+            let help = m.help.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert_eq!(help, *doc, "help of {} (KernelStats.{field})", m.name);
+        }
+    }
+
+    #[test]
+    fn every_kernel_counter_is_summed_over_cpus() {
+        let mut sum = distinct(1);
+        add(&mut sum, &distinct(1000));
+        let fields = kernel_stats_fields();
+        let values: Vec<u64> = metrics(&sum).iter().map(|m| m.value).collect();
+        for i in 0..fields.len() as u64 {
+            let want = (1 + i) + (1000 + i);
+            assert!(
+                values.contains(&want),
+                "field {} not summed",
+                fields[i as usize].0
+            );
+        }
     }
 }

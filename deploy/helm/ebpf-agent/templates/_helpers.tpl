@@ -98,6 +98,9 @@ are lists. Unset values are left out so the agent's own defaults apply.
 {{- end }}
 {{- $_ := set $c "db_raw_query" $v.dbRawQuery }}
 {{- $_ := set $c "stats_interval" $v.statsInterval }}
+{{- if $v.metrics.enabled }}
+{{- $_ := set $c "metrics_address" (printf "0.0.0.0:%d" (int $v.metrics.port)) }}
+{{- end }}
 {{- $c = mergeOverwrite $c (deepCopy $v.extraConfig) }}
 {{- toYaml $c }}
 {{- end }}
@@ -133,4 +136,18 @@ runAsUser: 0
 runAsGroup: 0
 runAsNonRoot: false
 readOnlyRootFilesystem: true
+{{- end }}
+
+{{/* A kubelet probe of the agent's health endpoint: path, then the probe's values. */}}
+{{- define "ebpf-agent.probe" -}}
+{{- $path := index . 0 }}
+{{- $p := index . 1 -}}
+httpGet:
+  path: {{ $path }}
+  port: metrics
+{{- range $key := list "initialDelaySeconds" "periodSeconds" "timeoutSeconds" "failureThreshold" }}
+{{- if hasKey $p $key }}
+{{ $key }}: {{ index $p $key }}
+{{- end }}
+{{- end }}
 {{- end }}
