@@ -497,6 +497,22 @@ fn host_paths_are_mounted_where_the_agent_looks() {
         .find(|m| m["mountPath"] == "/sys/kernel/tracing")
         .unwrap();
     assert_eq!(tracefs["mountPropagation"], "HostToContainer");
+    // The one-agent-per-host lock: the host's directory, writable (the agent takes an flock
+    // there), created if missing.
+    let lock = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/run/ebpf-agent")
+        .expect("/run/ebpf-agent is mounted");
+    let lock_volume = lock["name"].as_str().unwrap();
+    assert_eq!(host_path(lock_volume), Some("/run/ebpf-agent"));
+    assert_ne!(lock["readOnly"], true, "the lock directory is writable");
+    let lock_type = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == lock_volume)
+        .map(|v| v["hostPath"]["type"].clone());
+    assert_eq!(lock_type, Some(json!("DirectoryOrCreate")));
     // Nothing else of the host: no /proc (hostPID gives the host's), no root filesystem.
     let host_volumes = pod["volumes"]
         .as_array()
@@ -504,7 +520,7 @@ fn host_paths_are_mounted_where_the_agent_looks() {
         .iter()
         .filter(|v| !v["hostPath"].is_null())
         .count();
-    assert_eq!(host_volumes, 3);
+    assert_eq!(host_volumes, 4);
 
     // The config file: the ConfigMap's key, mounted where --config points.
     let cm = r.one("ConfigMap");

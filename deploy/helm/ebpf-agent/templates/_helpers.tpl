@@ -131,7 +131,7 @@ appArmorProfile:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
-# The agent checks for uid 0; its powers come from the capabilities above.
+# Root for /proc of every user's processes; the agent checks the capabilities above, not the uid.
 runAsUser: 0
 runAsGroup: 0
 runAsNonRoot: false
