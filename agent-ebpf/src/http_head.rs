@@ -217,17 +217,11 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
                 add_flags(head, HEAD_MANY_TRACEPARENTS);
                 return;
             }
-            let mut v = start + 12;
-            if byte(buf, v) == b' ' {
-                v += 1;
-            }
-            if v + 55 <= start + n
-                && byte(buf, v) == b'0'
-                && byte(buf, v + 1) == b'0'
-                && byte(buf, v + 2) == b'-'
-                && byte(buf, v + 35) == b'-'
-                && byte(buf, v + 52) == b'-'
-            {
+            // Optional whitespace (spaces or tabs) before the value, up to two.
+            let v = start + 12;
+            let v = v + is_ows(byte(buf, v)) as u32;
+            let v = v + is_ows(byte(buf, v)) as u32;
+            if v + 55 < start + n && traceparent_shape(buf, v) {
                 set(&mut head.traceparent, v);
             } else {
                 add_flags(head, HEAD_BAD_TRACEPARENT);
@@ -244,6 +238,31 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
             add_flags(head, HEAD_CHUNKED);
         }
     }
+}
+
+/// 1 for a space or a tab (HTTP's optional whitespace), else 0, in arithmetic (see [`is`]).
+#[inline(always)]
+fn is_ows(c: u8) -> u64 {
+    is(c, b' ') | is(c, b'\t')
+}
+
+/// A W3C `traceparent` value at `v`: a two-hex-digit version other than `ff`, 32 hex digits,
+/// 16 hex digits and two hex digits of flags, dash-separated; a version-00 value ends there
+/// (end of line or whitespace), a later version may go on after a dash. Lower-case hex only
+/// (W3C allows no other); the ids' digits are checked where they are decoded.
+#[inline(always)]
+fn traceparent_shape(buf: *const u8, v: u32) -> bool {
+    let version_bad = (nibble(byte(buf, v)) | nibble(byte(buf, v + 1))) & 0x10;
+    let flags_bad = (nibble(byte(buf, v + 53)) | nibble(byte(buf, v + 54))) & 0x10;
+    let ff = is(byte(buf, v), b'f') & is(byte(buf, v + 1), b'f');
+    let dashes =
+        is(byte(buf, v + 2), b'-') & is(byte(buf, v + 35), b'-') & is(byte(buf, v + 52), b'-');
+    let after = byte(buf, v + 55);
+    let ends = is(after, b'\r') | is_ows(after);
+    let v00 = is(byte(buf, v), b'0') & is(byte(buf, v + 1), b'0');
+    // Version 00 must end after its flags; a later version may continue with `-…`.
+    let tail_ok = ends | ((1 - v00) & is(after, b'-'));
+    version_bad == 0 && flags_bad == 0 && ff == 0 && dashes == 1 && tail_ok == 1
 }
 
 /// 1 if `c == k`, else 0, in arithmetic: BPF has no set-on-condition instruction, so a

@@ -733,6 +733,69 @@ fn incoming_invalid_traceparent_is_ignored() {
     );
 }
 
+/// The kernel (which chooses a served request's ids before the request is parsed) and userspace
+/// read `traceparent` alike: whitespace after the colon, a later version with more fields, and
+/// values W3C rejects (too long for version 00, upper-case hex, non-hex flags).
+#[test]
+fn kernel_and_userspace_read_every_traceparent_form_alike() {
+    let _serial = require_root();
+    let collector = Collector::start();
+    let server = PyServer::start();
+    let mut agent = Agent::builder()
+        .pid(server.pid())
+        .arg("--verbose")
+        .start(&collector);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    // (header line, honoured?)
+    let cases = [
+        (format!("traceparent:\t00-{trace}-{parent}-01"), true),
+        (format!("traceparent:  00-{trace}-{parent}-01"), true),
+        (format!("traceparent: 01-{trace}-{parent}-01-future"), true),
+        (format!("traceparent: 00-{trace}-{parent}-01x"), false),
+        (
+            format!("traceparent: 00-{}-{parent}-01", trace.to_uppercase()),
+            false,
+        ),
+        (format!("traceparent: 00-{trace}-{parent}-zz"), false),
+    ];
+    for (i, (header, _)) in cases.iter().enumerate() {
+        let r = Curl::get(server.url(&format!("/users/{i}")))
+            .header(header)
+            .run();
+        assert_eq!(r.one().status, 200);
+    }
+    let server_spans = SpanFilter::server().pid(server.pid());
+    collector.wait_for(&server_spans, cases.len());
+    agent.stop();
+    let spans = collector.settle();
+    let counters = agent.summary_counters();
+    let mut failures = Vec::new();
+    for (i, (header, honoured)) in cases.iter().enumerate() {
+        let s = spans.expect_one(&server_spans.clone().path(&format!("/users/{i}")));
+        let took = s.trace_id == trace && s.parent_span_id.as_deref() == Some(parent);
+        if took != *honoured {
+            failures.push(format!(
+                "{header:?}: expected {}, got trace {} parent {:?}",
+                if *honoured {
+                    "the header's trace and parent"
+                } else {
+                    "a fresh root"
+                },
+                s.trace_id,
+                s.parent_span_id
+            ));
+        }
+    }
+    let mismatch = counters.get("kernel_context_mismatch").copied();
+    if mismatch != Some(0) {
+        failures.push(format!(
+            "kernel and userspace disagreed on a traceparent: kernel_context_mismatch = {mismatch:?}"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn node_client_keep_alive_against_node_server() {
     let _serial = require_root();
