@@ -103,6 +103,20 @@ fn run_agent(rest: &[String]) -> Result<()> {
 
 fn test() -> Result<()> {
     setup::run(true)?;
+    // The code as it must land: formatted, and clippy-clean (agent-ebpf is checked by its own
+    // build for the BPF target; clippy on the host cannot build a no_std panic handler).
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("the tree is not formatted: run `cargo +1.99.1 fmt --all`")?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // Pure tests: parsers, reassembly, span building, exporters (no privileges needed).
     // agent-ebpf is built for the BPF target by agent/build.rs, never for the host.
     // `--include-ignored`: tests that need the rotel collector run too (setup installed it).
