@@ -8,15 +8,20 @@ use agent_common::{
     CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, THREAD_FLAG_AMBIGUOUS,
     THREAD_FLAG_ANSWERED, ThreadContext,
 };
-use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
-    maps::{
-        SERVED_WITHOUT_CALLS, THREAD_CONTEXTS, count, emit, in_process_linking, max_children,
-        max_trace_age_ns,
-    },
+    maps::{count, emit, in_process_linking, max_children, max_trace_age_ns},
 };
+
+/// The request each thread of a selected process is serving (thread id → context).
+#[map]
+pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);
+
+/// Requests each process served since its last client request (see `context::pure_server`).
+#[map]
+pub static SERVED_WITHOUT_CALLS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
 #[inline(always)]
 pub fn random_id<const N: usize>() -> [u8; N] {

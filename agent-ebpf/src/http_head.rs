@@ -9,7 +9,12 @@
 //! are found eight bytes at a time (~25 steps for a 200-byte head). `bpf_loop` was tried
 //! first: its callback verification did not converge.
 
-use crate::maps::HEADS;
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+
+/// State of a head being scanned: slot 0 for the read path, 1 for the injector, 2 for the
+/// send path (requests written while their socket was parked).
+#[map]
+pub static HEADS: PerCpuArray<Head> = PerCpuArray::with_max_entries(3, 0);
 
 /// Most head bytes looked at; a larger head is left alone.
 pub const HEAD_WINDOW: u32 = 4096;

@@ -33,7 +33,8 @@ use aya_ebpf::{
             bpf_probe_read_kernel,
         },
     },
-    macros::{sk_msg, sock_ops},
+    macros::{map, sk_msg, sock_ops},
+    maps::{Array, PerCpuArray, ProgramArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 
@@ -42,11 +43,38 @@ use crate::{
     http_head::{
         self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_CHUNKED, HEAD_MANY_TRACEPARENTS, HEAD_WINDOW,
     },
-    maps::{
-        INJECT_CONTINUATION, INJECT_PROGRAMS, INJECT_SCRATCH, SEND_STATES, SOCKETS_TO_INJECT,
-        TRACKED_SOCKETS, count, emit, parking,
-    },
+    maps::{SEND_STATES, TRACKED_SOCKETS, count, emit},
 };
+
+/// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
+/// to it. A socket is in it only while it writes requests: it leaves when its peer answers
+/// (`inject::park`) and userspace puts it back once the answer was read. Entries also leave
+/// with their socket.
+#[map]
+pub static SOCKETS_TO_INJECT: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+/// 1: enrolled sockets leave the map when their peer answers (`inject::park`). Set by userspace
+/// before the sock_ops program is attached, on kernels whose socket maps change how a socket
+/// reads (its start-up canary found out); 0: sockets stay in the map for their lifetime.
+#[map]
+pub static INJECT_PARKING: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn parking() -> bool {
+    INJECT_PARKING.get(0).is_some_and(|v| *v != 0)
+}
+
+/// The injector itself (slot 0), tail-called for each further request of a message.
+#[map]
+pub static INJECT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Where the injector's walk of the current message goes on after its tail call.
+#[map]
+pub static INJECT_CONTINUATION: PerCpuArray<Continuation> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copy of the head of an outgoing request, for scanning (window + room for 8-byte loads).
+#[map]
+pub static INJECT_SCRATCH: PerCpuArray<[u8; 8192 + 64]> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 /// An ACK of our bytes with a round-trip sample (`BPF_SOCK_OPS_RTT_CB_FLAG`).

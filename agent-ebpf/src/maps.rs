@@ -1,12 +1,11 @@
-//! Maps, load-time configuration and the shared selection/counting helpers.
+//! Maps several programs share, load-time configuration and the shared selection/counting
+//! helpers. A map that one program file alone uses lives in that file.
 
-use agent_common::{
-    DataEvent, KernelOffsets, KernelStats, MAX_CAPTURE, SendState, ThreadContext, TrackedSocket,
-};
+use agent_common::{KernelOffsets, KernelStats, SendState, TrackedSocket};
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Set by userspace at load time (read-only data: the verifier prunes what they disable).
@@ -95,79 +94,15 @@ pub static SELECTED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(25
 #[map]
 pub static TRACKED_SOCKETS: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(65536, 0);
 
-/// The last chunk of a TCP write this CPU began to queue: which thread, socket, when (see
-/// `sockets::agent_tcp_sendmsg`). Per CPU, no hashing: the write's send event normally runs on
-/// the same CPU; when it does not (the thread slept and moved), it finds another stamp or a
-/// stale one, which the socket's `write_stamp_floor_ns` rejects.
-#[map]
-pub static SEND_STARTS: PerCpuArray<crate::sockets::SendStart> =
-    PerCpuArray::with_max_entries(1, 0);
-
-/// The request each thread of a selected process is serving (thread id → context).
-#[map]
-pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);
-
-/// Requests each process served since its last client request (see `context::pure_server`).
-#[map]
-pub static SERVED_WITHOUT_CALLS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
-
-/// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
-/// to it. A socket is in it only while it writes requests: it leaves when its peer answers
-/// (`inject::park`) and userspace puts it back once the answer was read. Entries also leave
-/// with their socket.
-#[map]
-pub static SOCKETS_TO_INJECT: SockHash<u64> = SockHash::with_max_entries(65536, 0);
-
 /// The injector's position in each enrolled socket's outgoing stream (key: the socket's
 /// address, the one identity both the sk_msg and the tracepoint programs see). A plain hash,
 /// not LRU: a forgotten state would make a body look like a request boundary.
 #[map]
 pub static SEND_STATES: HashMap<u64, SendState> = HashMap::with_max_entries(65536, 0);
 
-/// 1: enrolled sockets leave the map when their peer answers (`inject::park`). Set by userspace
-/// before the sock_ops program is attached, on kernels whose socket maps change how a socket
-/// reads (its start-up canary found out); 0: sockets stay in the map for their lifetime.
-#[map]
-pub static INJECT_PARKING: Array<u32> = Array::with_max_entries(1, 0);
-
-#[inline(always)]
-pub fn parking() -> bool {
-    INJECT_PARKING.get(0).is_some_and(|v| *v != 0)
-}
-
-/// The injector itself (slot 0), tail-called for each further request of a message.
-#[map]
-pub static INJECT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
-
-/// Where the injector's walk of the current message goes on after its tail call.
-#[map]
-pub static INJECT_CONTINUATION: PerCpuArray<crate::inject::Continuation> =
-    PerCpuArray::with_max_entries(1, 0);
-
-/// Copy of the head of an outgoing request, for scanning (window + room for 8-byte loads).
-#[map]
-pub static INJECT_SCRATCH: PerCpuArray<[u8; 8192 + 64]> = PerCpuArray::with_max_entries(1, 0);
-
-/// State of a head being scanned: slot 0 for the read path, 1 for the injector, 2 for the
-/// send path (requests written while their socket was parked).
-#[map]
-pub static HEADS: PerCpuArray<crate::http_head::Head> = PerCpuArray::with_max_entries(3, 0);
-
 /// Per-CPU counters: one struct, one lookup per program run.
 #[map]
 pub static COUNTERS: PerCpuArray<KernelStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// Scratch space to assemble a data event (header + payload) off the 512-byte stack.
-/// The payload area is twice the largest capture so a masked offset plus a clamped length
-/// always stays inside it, which is what the verifier needs to see.
-#[repr(C)]
-pub struct Scratch {
-    pub header: DataEvent,
-    pub payload: [u8; 2 * MAX_CAPTURE],
-}
-
-#[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// This CPU's counters (a per-CPU slot: no other writer races the increments).
 #[inline(always)]

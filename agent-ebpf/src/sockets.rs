@@ -2,7 +2,7 @@
 
 use agent_common::{
     DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
-    EventKind, MAX_CAPTURE, MAX_IOVECS, SyscallKind, TrackedSocket,
+    DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -13,17 +13,37 @@ use aya_ebpf::{
             bpf_ktime_get_ns, bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
-    macros::btf_tracepoint,
+    macros::{btf_tracepoint, map},
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 
 use crate::{
     context,
     maps::{
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, SCRATCH, SEND_STARTS, TRACKED_SOCKETS,
-        capture_size, context_propagation, count, counters, offsets, selected_tgid,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, capture_size,
+        context_propagation, count, counters, offsets, selected_tgid,
     },
 };
+
+/// The last chunk of a TCP write this CPU began to queue: which thread, socket, when (see
+/// `sockets::agent_tcp_sendmsg`). Per CPU, no hashing: the write's send event normally runs on
+/// the same CPU; when it does not (the thread slept and moved), it finds another stamp or a
+/// stale one, which the socket's `write_stamp_floor_ns` rejects.
+#[map]
+pub static SEND_STARTS: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space to assemble a data event (header + payload) off the 512-byte stack.
+/// The payload area is twice the largest capture so a masked offset plus a clamped length
+/// always stays inside it, which is what the verifier needs to see.
+#[repr(C)]
+pub struct Scratch {
+    pub header: DataEvent,
+    pub payload: [u8; 2 * MAX_CAPTURE],
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -273,13 +293,7 @@ fn on_socket_io<const DIRECTION: u32>(
 /// Context, then the data event. Everything comes back from the scratch map here, so the
 /// many paths of the copy above end in one verifier state and this part is checked once.
 #[inline(always)]
-fn finish<const DIRECTION: u32>(
-    scratch: &mut crate::maps::Scratch,
-    tgid: u32,
-    tid: u32,
-    cookie: u64,
-    sk: u64,
-) {
+fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cookie: u64, sk: u64) {
     let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
     let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
