@@ -501,7 +501,7 @@ fn hint(key: &str, opts: &[Opt]) -> String {
     let best = opts
         .iter()
         .filter(|o| o.key != CONFIG_OPTION)
-        .map(|o| (distance(&normalized, &o.key), o))
+        .map(|o| (strsim::levenshtein(&normalized, &o.key), o))
         .min_by_key(|(d, _)| *d);
     match best {
         Some((d, o)) if d <= 2 => {
@@ -516,22 +516,6 @@ fn hint(key: &str, opts: &[Opt]) -> String {
                 .join(", ")
         ),
     }
-}
-
-/// Levenshtein distance, for typo hints.
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// The outcome of layering: clap's matches over every layer, and where each option came from.

@@ -1,40 +1,13 @@
-//! A hash map for keys made of kernel-issued integers (pids, tids, fds, socket cookies).
-//! They are not chosen by whoever sends us bytes, so the DoS-resistant (and several times
-//! slower) SipHash of `std` buys nothing on this hot path.
+//! A hash map for keys made of kernel-issued integers (pids, tids, fds, socket cookies) and
+//! ids: `std`'s SipHash costs several times more on this hot path than it buys.
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-};
+use std::collections::HashMap;
 
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl IdHasher {
-    #[inline]
-    fn add(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.add(u64::from(b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.add(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// `foldhash`'s fast hasher (already in the tree through `hashbrown`), seeded per process: some
+/// keys hold peer addresses a remote client chooses. Measured with callgrind on
+/// `pipeline::replay_cost` (20,000 requests): 13,426 instructions per request, against 13,281
+/// for the FxHash copy this replaced and 13,294 for foldhash with a fixed seed.
+pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[cfg(test)]
 mod tests {
