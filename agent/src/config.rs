@@ -319,7 +319,7 @@ fn env_setting(
     Ok(None)
 }
 
-fn node_origin(path: &Path, node: &MarkedYaml) -> Origin {
+fn node_origin(path: &Path, node: &MarkedYaml<'_>) -> Origin {
     Origin::File {
         path: path.to_owned(),
         line: node.span.start.line(),
@@ -328,7 +328,7 @@ fn node_origin(path: &Path, node: &MarkedYaml) -> Origin {
     }
 }
 
-fn kind(node: &MarkedYaml) -> &'static str {
+fn kind(node: &MarkedYaml<'_>) -> &'static str {
     match &node.data {
         YamlData::Sequence(_) => "a list",
         YamlData::Mapping(_) => "a mapping",
@@ -346,7 +346,7 @@ fn untagged<'a, 'b>(node: &'a MarkedYaml<'b>) -> &'a MarkedYaml<'b> {
 }
 
 /// A scalar as the text clap would get on the command line; None for null.
-fn scalar_text(node: &MarkedYaml) -> Option<String> {
+fn scalar_text(node: &MarkedYaml<'_>) -> Option<String> {
     match &untagged(node).data {
         YamlData::Value(Scalar::Boolean(b)) => Some(b.to_string()),
         YamlData::Value(Scalar::Integer(i)) => Some(i.to_string()),
@@ -358,14 +358,14 @@ fn scalar_text(node: &MarkedYaml) -> Option<String> {
 }
 
 /// One file value, as the strings the option's `--option=` arguments would carry.
-fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>, ConfigError> {
-    let bad = |node: &MarkedYaml, problem: String| ConfigError::BadValue {
+fn file_values(opt: &Opt, node: &MarkedYaml<'_>, path: &Path) -> Result<Vec<String>, ConfigError> {
+    let bad = |node: &MarkedYaml<'_>, problem: String| ConfigError::BadValue {
         at: node_origin(path, node),
         key: opt.key.clone(),
         problem,
     };
     let node = untagged(node);
-    let scalar = |item: &MarkedYaml| -> Result<String, ConfigError> {
+    let scalar = |item: &MarkedYaml<'_>| -> Result<String, ConfigError> {
         let item = untagged(item);
         match &item.data {
             // YAML reads on/off as strings, true/false as booleans: accept both for on|off options.
@@ -386,11 +386,11 @@ fn file_values(opt: &Opt, node: &MarkedYaml, path: &Path) -> Result<Vec<String>,
         }
     };
     // Each value is checked where it stands; the message does not repeat it.
-    let checked = |item: &MarkedYaml, text: String| -> Result<String, ConfigError> {
+    let checked = |item: &MarkedYaml<'_>, text: String| -> Result<String, ConfigError> {
         check_value(opt, &text).map_err(|why| bad(item, format!("invalid value: {why}")))?;
         Ok(text)
     };
-    let single = |item: &MarkedYaml| checked(item, scalar(item)?);
+    let single = |item: &MarkedYaml<'_>| checked(item, scalar(item)?);
     let values = match (opt.shape, &node.data) {
         (Shape::Switch, _) => {
             let text = scalar_text(node).unwrap_or_default();

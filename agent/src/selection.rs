@@ -366,7 +366,7 @@ impl Selector {
     }
 
     /// The indexes of the criteria `process` matches.
-    fn hits(&self, process: &Candidate) -> Vec<usize> {
+    fn hits(&self, process: &Candidate<'_>) -> Vec<usize> {
         let mut hits = Vec::new();
         for (i, w) in self.watched.iter().enumerate() {
             let hit = match &w.criterion {

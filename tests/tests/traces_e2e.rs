@@ -280,7 +280,12 @@ fn check_arrived_header(
 
 /// Writes `target/trace-completeness/<topology>.txt` (the figure for the docs and the closing
 /// note) and returns its path.
-fn write_completeness(topology: &str, report: &ChainReport, chain: &Chain, extra: &str) -> String {
+fn write_completeness(
+    topology: &str,
+    report: &ChainReport<'_>,
+    chain: &Chain,
+    extra: &str,
+) -> String {
     let dir = completeness_dir();
     std::fs::create_dir_all(&dir).expect("create target/trace-completeness");
     let path = dir.join(format!("{topology}.txt"));
