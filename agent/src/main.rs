@@ -47,6 +47,28 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    // The exporter first: a bad header or an unusable certificate file stops the agent before it
+    // touches the kernel.
+    let stats = Arc::new(stats::Stats::default());
+    let export_cfg = cli.export_config()?;
+    match &export_cfg.target {
+        export::ExportTarget::Console => {
+            eprintln!("agent: no OTLP endpoint set: printing traces here")
+        }
+        export::ExportTarget::Otlp {
+            endpoint, protocol, ..
+        } => {
+            eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
+        }
+    }
+    let ignored_ports = export_port(&export_cfg.target)
+        .into_iter()
+        .collect::<Vec<_>>();
+    for port in &ignored_ports {
+        eprintln!("agent: not tracing traffic on port {port} (the OTLP export itself)");
+    }
+    let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
+
     let env = kernel::environment::prepare()?;
     eprintln!("agent: kernel {}", env.kernel_release);
     if env.tracefs_mounted_by_us {
@@ -89,26 +111,6 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         eprintln!("agent: note: {why}");
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
-
-    let stats = Arc::new(stats::Stats::default());
-    let export_cfg = cli.export_config();
-    match &export_cfg.target {
-        export::ExportTarget::Console => {
-            eprintln!("agent: no OTLP endpoint set: printing traces here")
-        }
-        export::ExportTarget::Otlp {
-            endpoint, protocol, ..
-        } => {
-            eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
-        }
-    }
-    let ignored_ports = export_port(&export_cfg.target)
-        .into_iter()
-        .collect::<Vec<_>>();
-    for port in &ignored_ports {
-        eprintln!("agent: not tracing traffic on port {port} (the OTLP export itself)");
-    }
-    let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
 
     let selected_map = if selection.traces_all() {
         None

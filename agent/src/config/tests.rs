@@ -305,7 +305,7 @@ fn only_the_traces_variable_names_the_full_traces_url() {
     use crate::export::{EndpointForm, ExportTarget};
     let form = |args: &[&str], env: &[(&str, &str)]| {
         let (cli, _) = run(args, env, None).expect("valid");
-        match cli.export_config().target {
+        match cli.export_config().expect("valid").target {
             ExportTarget::Otlp { form, endpoint, .. } => (form, endpoint),
             ExportTarget::Console => panic!("no endpoint"),
         }
