@@ -450,4 +450,7 @@ impl Worker {
 mod tests;
 
 #[cfg(test)]
+mod tls_tests;
+
+#[cfg(test)]
 mod bench;

@@ -398,32 +398,11 @@ impl OtlpSink {
         match (&mut self.streak, failed_batches) {
             (None, 0) => {}
             (None, _) => {
-                let (message, hint) = error.map_or((String::new(), None), |e| (e.message, e.hint));
-                let check = match hint {
-                    Some(hint) => format!("Check: {hint}."),
-                    None => {
-                        let (port, other) = match self.protocol {
-                            OtlpProtocol::Grpc => (
-                                4317,
-                                "for OTLP/HTTP on port 4318 use the HTTP/protobuf protocol",
-                            ),
-                            OtlpProtocol::HttpProtobuf => {
-                                (4318, "for OTLP/gRPC on port 4317 use the gRPC protocol")
-                            }
-                        };
-                        format!(
-                            "Check that an OpenTelemetry collector is running and reachable there and \
-                             that it accepts OTLP over {} (its default port is {port}; {other}).",
-                            self.protocol
-                        )
-                    }
+                let warning = match &error {
+                    Some(error) => outage_warning(&self.endpoint.url, self.protocol, error),
+                    None => format!("exporting spans to {} failed", self.endpoint.url),
                 };
-                log::warn!(
-                    "exporting spans to {} failed: {message}. Spans are dropped (counted in \
-                     spans_export_failed) until the collector answers again; this is reported once \
-                     per outage. {check}",
-                    self.endpoint.url,
-                );
+                log::warn!("{warning}");
                 self.streak = Some(FailureStreak {
                     since: Instant::now(),
                     batches: failed_batches,
@@ -470,6 +449,33 @@ impl OtlpSink {
     pub fn in_failure_streak(&self) -> bool {
         self.streak.is_some()
     }
+}
+
+/// The warning at the start of an outage: what failed, where, and what to check.
+pub fn outage_warning(url: &str, protocol: OtlpProtocol, error: &SendError) -> String {
+    let check = match error.hint {
+        Some(hint) => format!("Check: {hint}."),
+        None => {
+            let (port, other) = match protocol {
+                OtlpProtocol::Grpc => (
+                    4317,
+                    "for OTLP/HTTP on port 4318 use the HTTP/protobuf protocol",
+                ),
+                OtlpProtocol::HttpProtobuf => {
+                    (4318, "for OTLP/gRPC on port 4317 use the gRPC protocol")
+                }
+            };
+            format!(
+                "Check that an OpenTelemetry collector is running and reachable there and that it \
+                 accepts OTLP over {protocol} (its default port is {port}; {other})."
+            )
+        }
+    };
+    format!(
+        "exporting spans to {url} failed: {}. Spans are dropped (counted in spans_export_failed) \
+         until the collector answers again; this is reported once per outage. {check}",
+        error.message
+    )
 }
 
 /// How the log shows the exporter's settings: `(TLS, CA /etc/ca.pem, gzip, headers x-api-key)`.

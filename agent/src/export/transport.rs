@@ -55,6 +55,50 @@ pub struct TransportOptions<'a> {
     pub tls: rustls::ClientConfig,
 }
 
+/// What a failed attempt can tell about TLS, for its hint.
+#[derive(Clone, Copy)]
+struct TlsUse {
+    /// The URL is `https://`.
+    on: bool,
+    /// A client certificate is configured (mTLS).
+    client_certificate: bool,
+}
+
+impl TlsUse {
+    /// The hint for `error`: from the TLS error inside it, or, when a TLS connection was closed
+    /// before any answer (a server refusing a client certificate may close without an alert),
+    /// the likely causes.
+    fn hint(self, error: &(dyn StdError + 'static)) -> Option<&'static str> {
+        if let Some(hint) = tls::hint(error) {
+            return Some(hint);
+        }
+        if !self.on || !closed_unanswered(error) {
+            return None;
+        }
+        Some(if self.client_certificate {
+            "the collector closed the TLS connection without answering: check that it trusts \
+             the CA of the client certificate given with --otlp-client-certificate"
+        } else {
+            "the collector closed the TLS connection without answering: if it requires a client \
+             certificate (mTLS), set --otlp-client-certificate and --otlp-client-key"
+        })
+    }
+}
+
+/// The connection closed before the collector answered (hyper's own errors in the chain).
+fn closed_unanswered(error: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_canceled() || h.is_closed() || h.is_incomplete_message())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Shared by the request tasks (behind an `Arc`).
 pub enum Transport {
     Grpc(GrpcTransport),
@@ -66,6 +110,12 @@ impl Transport {
     /// Must run inside a tokio runtime (the gRPC channel spawns its connection task).
     pub fn new(url: &str, options: TransportOptions<'_>) -> Result<Self, String> {
         let http2 = options.protocol == OtlpProtocol::Grpc;
+        let tls_use = TlsUse {
+            on: url
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://")),
+            client_certificate: options.tls.client_auth_cert_resolver.has_certs(),
+        };
         let connector = connector(options.tls, http2, options.timeout);
         Ok(match options.protocol {
             OtlpProtocol::Grpc => {
@@ -78,6 +128,7 @@ impl Transport {
                     metadata.insert(name.clone(), value.clone());
                 }
                 Transport::Grpc(GrpcTransport {
+                    tls_use,
                     channel: endpoint.connect_with_connector_lazy(connector),
                     timeout: options.timeout,
                     metadata: tonic::metadata::MetadataMap::from_headers(metadata),
@@ -111,6 +162,7 @@ impl Transport {
                     .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
                     .build(connector);
                 Transport::Http(Box::new(HttpTransport {
+                    tls_use,
                     client,
                     uri,
                     headers,
@@ -172,6 +224,7 @@ fn describe(error: &(dyn StdError + 'static)) -> String {
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 pub struct GrpcTransport {
+    tls_use: TlsUse,
     channel: tonic::transport::Channel,
     timeout: Duration,
     /// The user's headers, sent with every call.
@@ -186,7 +239,7 @@ impl GrpcTransport {
             grpc = grpc.send_compressed(CompressionEncoding::Gzip);
         }
         grpc.ready().await.map_err(|e| SendError {
-            hint: tls::hint(&e),
+            hint: self.tls_use.hint(&e),
             ..SendError::retryable(format!("the gRPC channel is not ready: {}", describe(&e)))
         })?;
         let mut request =
@@ -197,12 +250,12 @@ impl GrpcTransport {
             .await
         {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(grpc_error(&status)),
+            Err(status) => Err(grpc_error(&status, self.tls_use)),
         }
     }
 }
 
-fn grpc_error(status: &tonic::Status) -> SendError {
+fn grpc_error(status: &tonic::Status, tls_use: TlsUse) -> SendError {
     use tonic::Code::*;
     let mut message = format!("gRPC status {:?}", status.code());
     if !status.message().is_empty() {
@@ -225,7 +278,7 @@ fn grpc_error(status: &tonic::Status) -> SendError {
             status.code(),
             Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss
         ),
-        hint: tls::hint(status).or(match status.code() {
+        hint: tls_use.hint(status).or(match status.code() {
             Unauthenticated | PermissionDenied => Some(
                 "the collector refused the credentials: check the headers given with \
                  --otlp-header (OTEL_EXPORTER_OTLP_HEADERS)",
@@ -287,6 +340,7 @@ const MAX_IDLE_CONNECTIONS: usize = 8;
 const MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
 pub struct HttpTransport {
+    tls_use: TlsUse,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: http::Uri,
     /// Content type, user agent, content encoding, and the user's headers.
@@ -329,7 +383,7 @@ impl HttpTransport {
                 "the request failed at"
             };
             SendError {
-                hint: tls::hint(&e),
+                hint: self.tls_use.hint(&e),
                 ..SendError::retryable(format!("{what} {}: {}", self.authority(), describe(&e)))
             }
         })?;
