@@ -110,26 +110,33 @@ impl AgentBuilder {
     /// Starts the agent exporting to `collector` and waits (60 s) for `agent ready` on stderr.
     /// Panics with the agent's stderr if it exits or never becomes ready.
     pub fn start(self, collector: &Collector) -> Agent {
-        let bin = agent_bin();
-        let dir = TestDir::new("agent");
-        let stdout = dir.join("agent.out");
-        let stderr = dir.join("agent.err");
         let endpoint = match self.protocol {
             OtlpProtocol::Grpc => collector.grpc_endpoint(),
             OtlpProtocol::HttpProtobuf => collector.http_endpoint(),
         };
+        self.start_exporting_to(&endpoint)
+    }
+
+    /// [`AgentBuilder::start`] with any OTLP endpoint (e.g. a [`crate::TlsReceiver`]'s).
+    pub fn start_exporting_to(self, endpoint: &str) -> Agent {
+        let bin = agent_bin();
+        let dir = TestDir::new("agent");
+        let stdout = dir.join("agent.out");
+        let stderr = dir.join("agent.err");
         let mut cmd = Command::new(&bin);
         cmd.args(&self.args);
-        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .env_remove("OTEL_SERVICE_NAME");
+        // Only the test's own export settings: none inherited from the shell.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("OTEL_EXPORTER_OTLP_") {
+                cmd.env_remove(&var);
+            }
+        }
+        cmd.env_remove("OTEL_SERVICE_NAME");
         if self.endpoint_via_env {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.as_str());
         } else {
-            cmd.args(["--otlp-endpoint", &endpoint])
+            cmd.args(["--otlp-endpoint", endpoint])
                 .args(["--otlp-protocol", self.protocol.as_str()]);
         }
         for (k, v) in &self.env {
@@ -218,6 +225,11 @@ impl Agent {
             l.strip_prefix("agent: context propagation: ")
                 .map(|s| s.trim().to_string())
         })
+    }
+
+    /// The agent has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_none()
     }
 
     /// SIGTERM, then wait for the flush and exit. Panics (with stderr) unless it exits 0 in time.
