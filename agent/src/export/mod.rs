@@ -147,7 +147,7 @@ pub enum ExportError {
          or http://localhost:4318 (HTTP/protobuf)"
     )]
     InvalidEndpoint { endpoint: String, reason: String },
-    #[error("OTLP export over TLS: {0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
     Header(#[from] HeaderError),

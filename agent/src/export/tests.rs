@@ -228,6 +228,20 @@ async fn bad_configuration_is_rejected_with_a_reason() {
         spawn_exporter(bad, Arc::clone(&stats)),
         Err(ExportError::InvalidConfig(_))
     ));
+    // An unusable TLS file stops the exporter at start, saying so once (as main prints it).
+    let mut missing_ca = otlp_config("https://collector:4317".into(), OtlpProtocol::Grpc);
+    if let ExportTarget::Otlp { options, .. } = &mut missing_ca.target {
+        options.tls.certificate = Some("/nonexistent/ca.pem".into());
+    }
+    let err = spawn_exporter(missing_ca, Arc::clone(&stats))
+        .err()
+        .map(|e| format!("{:#}", anyhow::Error::from(e)))
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("cannot read the CA certificate file /nonexistent/ca.pem"),
+        "{err}"
+    );
+    assert_eq!(err.matches("/nonexistent/ca.pem").count(), 1, "{err}");
     let bad_url = otlp_config("http://bad host:4318".into(), OtlpProtocol::HttpProtobuf);
     assert!(matches!(
         spawn_exporter(bad_url, stats),
