@@ -30,7 +30,7 @@ pub struct SendError {
     pub message: String,
     /// A transient failure (unreachable, overloaded, timed out): OTLP says retry with backoff.
     pub retryable: bool,
-    /// What the user should check (TLS failures).
+    /// What the user should check (TLS failures, refused credentials).
     pub hint: Option<&'static str>,
 }
 
