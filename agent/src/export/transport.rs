@@ -85,12 +85,22 @@ impl TlsUse {
     }
 }
 
-/// The connection closed before the collector answered (hyper's own errors in the chain).
+/// The connection closed before the collector answered: hyper's own errors, or the I/O error
+/// under them (rustls reports a close without close_notify as an unexpected EOF).
 fn closed_unanswered(error: &(dyn StdError + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(h) = e.downcast_ref::<hyper::Error>()
             && (h.is_canceled() || h.is_closed() || h.is_incomplete_message())
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            )
         {
             return true;
         }
@@ -272,12 +282,15 @@ fn grpc_error(status: &tonic::Status, tls_use: TlsUse) -> SendError {
     }
     SendError {
         message,
-        // The codes OTLP/gRPC lists as retryable. RESOURCE_EXHAUSTED only with RetryInfo,
-        // which we do not parse: not retried.
-        retryable: matches!(
-            status.code(),
-            Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss
-        ),
+        // The codes OTLP/gRPC lists as retryable (RESOURCE_EXHAUSTED only with RetryInfo,
+        // which we do not parse: not retried), and every failure of the transport itself (a
+        // status with a cause: tonic reports a dropped connection as UNKNOWN), which is no
+        // verdict of the collector.
+        retryable: status.source().is_some()
+            || matches!(
+                status.code(),
+                Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss
+            ),
         hint: tls_use.hint(status).or(match status.code() {
             Unauthenticated | PermissionDenied => Some(
                 "the collector refused the credentials: check the headers given with \
@@ -664,6 +677,41 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.hint, None);
+    }
+
+    #[test]
+    fn grpc_failures_of_the_transport_are_retried_verdicts_of_the_collector_by_code() {
+        let plain = TlsUse {
+            on: false,
+            client_certificate: false,
+        };
+        // tonic turns a dropped connection into UNKNOWN with the I/O error as its cause.
+        let dropped = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify",
+        )));
+        assert_eq!(dropped.code(), tonic::Code::Unknown);
+        assert!(grpc_error(&dropped, plain).retryable);
+        let tls = TlsUse {
+            on: true,
+            client_certificate: false,
+        };
+        assert!(
+            grpc_error(&dropped, tls)
+                .hint
+                .is_some_and(|h| h.contains("--otlp-client-certificate"))
+        );
+        assert_eq!(
+            grpc_error(&dropped, plain).hint,
+            None,
+            "plain TCP: no TLS hint"
+        );
+        // The collector's own answers.
+        assert!(!grpc_error(&tonic::Status::unknown("bad"), plain).retryable);
+        assert!(grpc_error(&tonic::Status::unavailable("busy"), plain).retryable);
+        let denied = grpc_error(&tonic::Status::unauthenticated("no key"), plain);
+        assert!(!denied.retryable);
+        assert!(denied.hint.is_some_and(|h| h.contains("--otlp-header")));
     }
 
     #[tokio::test]
