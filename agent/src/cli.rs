@@ -6,8 +6,13 @@ use std::net::SocketAddr;
 
 use clap::{Parser, ValueEnum};
 
+use std::path::PathBuf;
+
 use crate::{
-    export::{self, EndpointForm, ExportConfig, ExportTarget, OtlpProtocol},
+    export::{
+        self, Compression, EndpointForm, ExportConfig, ExportError, ExportTarget, HeaderArg,
+        Headers, OtlpOptions, OtlpProtocol, TlsFiles,
+    },
     k8s, kernel,
     selection::{self, Selection},
 };
@@ -80,6 +85,12 @@ pub enum KubernetesArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Gzip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolArg {
     #[value(name = "grpc")]
     Grpc,
@@ -128,6 +139,51 @@ pub struct Cli {
         default_value = "grpc"
     )]
     pub otlp_protocol: ProtocolArg,
+    /// PEM file of the CA certificate(s) that may sign the collector's certificate (https://).
+    /// Unset: the public root CAs (Mozilla's list, built into the agent).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE", value_name = "PATH")]
+    pub otlp_certificate: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) shown to a collector that requires one (mTLS).
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        value_name = "PATH"
+    )]
+    pub otlp_client_certificate: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (mTLS).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CLIENT_KEY", value_name = "PATH")]
+    pub otlp_client_key: Option<PathBuf>,
+    /// Header sent with every export request, e.g. an API key (repeatable; the value is
+    /// percent-decoded; values are never logged).
+    #[arg(
+        long = "otlp-header",
+        env = "OTEL_EXPORTER_OTLP_HEADERS",
+        value_name = "KEY=VALUE",
+        value_parser = HeaderArg::parse
+    )]
+    pub otlp_headers: Vec<HeaderArg>,
+    /// Compression of export requests.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_COMPRESSION",
+        value_enum,
+        default_value = "none"
+    )]
+    pub otlp_compression: CompressionArg,
+    /// Longest wait for one export request (retries included), in milliseconds; also bounds
+    /// the flush at exit.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TIMEOUT",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..),
+        value_name = "MILLISECONDS"
+    )]
+    pub otlp_timeout: u64,
+    /// gRPC to an endpoint given without a scheme (`collector:4317`) uses plain HTTP/2
+    /// instead of TLS. A URL's http:// or https:// always decides.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_INSECURE")]
+    pub otlp_insecure: bool,
     /// Bytes of each socket read/write copied from the kernel (64..=8192; other values are
     /// clamped). HTTP headers larger than this are not parsed; bodies are followed by length
     /// whatever their size.
@@ -261,7 +317,9 @@ impl Cli {
         }
     }
 
-    pub fn export_config(&self) -> ExportConfig {
+    /// Where and how spans are exported. Fails on a malformed `--otlp-header` (naming the
+    /// header, never its value).
+    pub fn export_config(&self) -> Result<ExportConfig, ExportError> {
         let target = match self.otlp_endpoint.as_deref().map(str::trim) {
             None | Some("") => ExportTarget::Console,
             Some(endpoint) => ExportTarget::Otlp {
@@ -275,9 +333,25 @@ impl Cli {
                 } else {
                     EndpointForm::Base
                 },
+                options: OtlpOptions {
+                    headers: Headers::parse(&self.otlp_headers)?,
+                    compression: match self.otlp_compression {
+                        CompressionArg::None => Compression::None,
+                        CompressionArg::Gzip => Compression::Gzip,
+                    },
+                    tls: TlsFiles {
+                        certificate: self.otlp_certificate.clone(),
+                        client_certificate: self.otlp_client_certificate.clone(),
+                        client_key: self.otlp_client_key.clone(),
+                    },
+                    insecure: self.otlp_insecure,
+                },
             },
         };
-        ExportConfig::new(target)
+        Ok(ExportConfig {
+            timeout: std::time::Duration::from_millis(self.otlp_timeout),
+            ..ExportConfig::new(target)
+        })
     }
 }
 
@@ -304,11 +378,12 @@ mod tests {
         assert_eq!(cli.selection().pids, vec![1]);
         assert!(!cli.selection().traces_all());
         assert_eq!(
-            cli.export_config().target,
+            cli.export_config().expect("valid").target,
             ExportTarget::Otlp {
                 endpoint: "http://c:4318".into(),
                 protocol: OtlpProtocol::HttpProtobuf,
                 form: EndpointForm::Base,
+                options: OtlpOptions::default(),
             }
         );
     }
@@ -317,7 +392,10 @@ mod tests {
     fn defaults_trace_all_to_console() {
         let cli = Cli::try_parse_from(["agent"]).expect("parse");
         if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
-            assert_eq!(cli.export_config().target, ExportTarget::Console);
+            assert_eq!(
+                cli.export_config().expect("valid").target,
+                ExportTarget::Console
+            );
         }
         assert!(cli.selection().traces_all());
         assert!(Cli::try_parse_from(["agent", "--otlp-protocol", "json"]).is_err());

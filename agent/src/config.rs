@@ -43,6 +43,16 @@ const TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const SIGNAL_ENV: &[(&str, &str)] = &[
     ("otlp_endpoint", TRACES_ENDPOINT_ENV),
     ("otlp_protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+    ("otlp_certificate", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"),
+    (
+        "otlp_client_certificate",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    ),
+    ("otlp_client_key", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY"),
+    ("otlp_header", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+    ("otlp_compression", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+    ("otlp_timeout", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),
+    ("otlp_insecure", "OTEL_EXPORTER_OTLP_TRACES_INSECURE"),
 ];
 
 const AFTER_HELP: &str = "Every option can also be set by an environment variable \

@@ -44,7 +44,7 @@ fn start() -> anyhow::Result<()> {
     for note in cli.adjust() {
         eprintln!("agent: note: {note}");
     }
-    cli.export_config().check()?;
+    cli.export_config()?.check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -54,8 +54,29 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    // The exporter first: a bad header or an unusable certificate file stops the agent before it
+    // touches the kernel.
     let stats = Arc::new(stats::Stats::default());
     let state = Arc::new(metrics::AgentState::default());
+    let export_cfg = cli.export_config()?;
+    match &export_cfg.target {
+        export::ExportTarget::Console => {
+            eprintln!("agent: no OTLP endpoint set: printing traces here")
+        }
+        export::ExportTarget::Otlp {
+            endpoint, protocol, ..
+        } => {
+            eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
+        }
+    }
+    let ignored_ports = export_port(&export_cfg.target)
+        .into_iter()
+        .collect::<Vec<_>>();
+    for port in &ignored_ports {
+        eprintln!("agent: not tracing traffic on port {port} (the OTLP export itself)");
+    }
+    let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
+
     if let Some(addr) = cli.metrics_address {
         metrics::serve(addr, &state, &stats).await?;
     }
@@ -121,25 +142,6 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
     state.set_probes_attached(probes.attached.len());
-
-    let export_cfg = cli.export_config();
-    match &export_cfg.target {
-        export::ExportTarget::Console => {
-            eprintln!("agent: no OTLP endpoint set: printing traces here")
-        }
-        export::ExportTarget::Otlp {
-            endpoint, protocol, ..
-        } => {
-            eprintln!("agent: exporting OTLP ({protocol:?}) to {endpoint}")
-        }
-    }
-    let ignored_ports = export_port(&export_cfg.target)
-        .into_iter()
-        .collect::<Vec<_>>();
-    for port in &ignored_ports {
-        eprintln!("agent: not tracing traffic on port {port} (the OTLP export itself)");
-    }
-    let exporter = export::spawn_exporter(export_cfg, stats.clone())?;
 
     let selected_map = if selection.traces_all() {
         None

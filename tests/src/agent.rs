@@ -118,13 +118,16 @@ impl AgentBuilder {
         self
     }
 
-    /// The agent's command, exporting to `collector`, and its command line for messages.
-    fn command(&self, collector: &Collector) -> (Command, String) {
-        let bin = agent_bin();
-        let endpoint = match self.protocol {
+    fn collector_endpoint(&self, collector: &Collector) -> String {
+        match self.protocol {
             OtlpProtocol::Grpc => collector.grpc_endpoint(),
             OtlpProtocol::HttpProtobuf => collector.http_endpoint(),
-        };
+        }
+    }
+
+    /// The agent's command, exporting to `endpoint`, and its command line for messages.
+    fn command(&self, endpoint: &str) -> (Command, String) {
+        let bin = agent_bin();
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -134,16 +137,18 @@ impl AgentBuilder {
             None => Command::new(&bin),
         };
         cmd.args(&self.args);
-        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .env_remove("OTEL_SERVICE_NAME");
+        // Only the test's own export settings: none inherited from the shell.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("OTEL_EXPORTER_OTLP_") {
+                cmd.env_remove(&var);
+            }
+        }
+        cmd.env_remove("OTEL_SERVICE_NAME");
         if self.endpoint_via_env {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.as_str());
         } else {
-            cmd.args(["--otlp-endpoint", &endpoint])
+            cmd.args(["--otlp-endpoint", endpoint])
                 .args(["--otlp-protocol", self.protocol.as_str()]);
         }
         for (k, v) in &self.env {
@@ -164,7 +169,7 @@ impl AgentBuilder {
     /// Runs an agent that is expected to stop by itself at start-up (refused): waits up to
     /// [`READY_TIMEOUT`] and returns its exit status and stderr. Panics if it becomes ready.
     pub fn run_expecting_exit(self, collector: &Collector) -> (ExitStatus, String) {
-        let (cmd, command_line) = self.command(collector);
+        let (cmd, command_line) = self.command(&self.collector_endpoint(collector));
         let dir = TestDir::new("agent");
         let stderr = dir.join("agent.err");
         let mut child = ChildGuard::spawn("agent", cmd, &dir.join("agent.out"), &stderr);
@@ -189,7 +194,13 @@ impl AgentBuilder {
     /// Starts the agent exporting to `collector` and waits (60 s) for `agent ready` on stderr.
     /// Panics with the agent's stderr if it exits or never becomes ready.
     pub fn start(self, collector: &Collector) -> Agent {
-        let (cmd, command_line) = self.command(collector);
+        let endpoint = self.collector_endpoint(collector);
+        self.start_exporting_to(&endpoint)
+    }
+
+    /// [`AgentBuilder::start`] with any OTLP endpoint (e.g. a [`crate::TlsReceiver`]'s).
+    pub fn start_exporting_to(self, endpoint: &str) -> Agent {
+        let (cmd, command_line) = self.command(endpoint);
         let dir = TestDir::new("agent");
         let stdout = dir.join("agent.out");
         let stderr = dir.join("agent.err");
@@ -340,6 +351,11 @@ stderr:
     /// agent itself.
     pub fn kill(&mut self) {
         self.child.kill();
+    }
+
+    /// The agent has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_none()
     }
 
     /// SIGTERM, then wait for the flush and exit. Panics (with stderr) unless it exits 0 in time.

@@ -21,6 +21,7 @@ pub mod process;
 pub mod servers;
 pub mod services;
 pub mod spans;
+pub mod tls_receiver;
 pub mod traces;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -41,6 +42,7 @@ pub use postgres::{
 };
 pub use servers::{HttpServer, NginxServer, NodeServer, PyServer};
 pub use spans::{Checks, SpanFilter, Spans};
+pub use tls_receiver::{Pki, TlsExport, TlsReceiver, TlsReceiverOptions, TlsSpan};
 
 /// How long a test waits for expected spans to reach the collector. The agent flushes at
 /// least every second; rotel prints a batch within 50 ms. Short enough that a suite where

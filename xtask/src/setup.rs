@@ -161,10 +161,13 @@ pub fn run(test_deps: bool) -> Result<()> {
             "postgresql",
             // Java clients of the read-behaviour tests (java source-file mode, JDK 17).
             "openjdk-17-jdk-headless",
+            // The test PKI of the https export tests.
+            "openssl",
         ])?;
         // Python packages, pinned: the rotel collector (the OTLP receiver the end-to-end tests
-        // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test) and
-        // psycopg 3 (a real PostgreSQL driver).
+        // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test; its
+        // grpcio and opentelemetry-proto also make the TLS receiver of the https export tests)
+        // and psycopg 3 (a real PostgreSQL driver).
         pip_install(&[
             ("rotel", ROTEL_VERSION),
             ("opentelemetry-sdk", OTEL_PYTHON_VERSION),

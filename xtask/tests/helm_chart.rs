@@ -198,6 +198,18 @@ fn value_sets() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "export over TLS with mTLS and secret headers",
+            json!({
+                "otlp": {
+                    "endpoint": "https://otlp.vendor.example:4317",
+                    "tls": {"secretName": "otlp-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+                    "headersSecret": {"name": "otlp-headers"},
+                    "compression": "gzip",
+                    "timeoutMillis": 5000,
+                },
+            }),
+        ),
+        (
             "switches off",
             json!({"contextPropagation": false, "inProcessLinking": false,
                    "sameHostPairing": false, "kubernetesMetadata": false}),
@@ -675,6 +687,90 @@ fn values_reach_the_agent_config() {
 }
 
 #[test]
+fn tls_and_headers_reach_the_agent_without_secrets_in_the_config_map() {
+    let (_, values) = value_sets().remove(2);
+    let r = render(values);
+    let c = &r.config;
+    assert_eq!(c["otlp_endpoint"], "https://otlp.vendor.example:4317");
+    assert_eq!(c["otlp_certificate"], "/etc/ebpf-agent-tls/ca.crt");
+    assert_eq!(c["otlp_client_certificate"], "/etc/ebpf-agent-tls/tls.crt");
+    assert_eq!(c["otlp_client_key"], "/etc/ebpf-agent-tls/tls.key");
+    assert_eq!(c["otlp_compression"], "gzip");
+    assert_eq!(c["otlp_timeout"], 5000);
+    assert!(c["otlp_header"].is_null(), "headers come from the Secret");
+    // The Secret is mounted read-only where the config points, beside the ConfigMap.
+    let mounts = r.container()["volumeMounts"].as_array().expect("mounts");
+    let tls = mounts
+        .iter()
+        .find(|m| m["name"] == "otlp-tls")
+        .expect("the TLS Secret is mounted");
+    assert_eq!(tls["mountPath"], "/etc/ebpf-agent-tls");
+    assert_eq!(tls["readOnly"], true);
+    let volumes = r.pod()["volumes"].as_array().expect("volumes");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["name"] == "otlp-tls" && v["secret"]["secretName"] == "otlp-tls"),
+        "{volumes:?}"
+    );
+    let env = r.container()["env"].as_array().expect("env");
+    let headers = env
+        .iter()
+        .find(|e| e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        .expect("headers from the Secret");
+    assert_eq!(
+        headers["valueFrom"]["secretKeyRef"],
+        json!({"name": "otlp-headers", "key": "headers"})
+    );
+    assert!(
+        r.notes.contains("TLS files from Secret otlp-tls"),
+        "{}",
+        r.notes
+    );
+
+    // Plain headers go to the config file, CA only without a client certificate.
+    let r = render(json!({"otlp": {"endpoint": "https://c:4318",
+                                    "headers": {"x-scope-orgid": "tenant-1"},
+                                    "tls": {"secretName": "ca-only"}}}));
+    assert_eq!(
+        r.config["otlp_header"],
+        json!({"x-scope-orgid": "tenant-1"})
+    );
+    assert_eq!(r.config["otlp_certificate"], "/etc/ebpf-agent-tls/ca.crt");
+    assert!(r.config["otlp_client_certificate"].is_null());
+    assert!(
+        !r.container()["env"]
+            .to_string()
+            .contains("OTEL_EXPORTER_OTLP_HEADERS")
+    );
+
+    // Without a Secret, no mount and no certificate setting: the public roots.
+    let r = render(json!({"otlp": {"endpoint": "https://c:4317"}}));
+    assert!(r.config["otlp_certificate"].is_null());
+    assert!(!r.manifest.contains("otlp-tls"));
+}
+
+#[test]
+fn contradictory_tls_and_header_values_are_refused() {
+    let err = render_error(json!({"otlp": {"headers": {"a": "1"},
+                                          "headersSecret": {"name": "s"}}}));
+    assert!(err.contains("exclusive"), "{err}");
+    let err = render_error(json!({"otlp": {"tls": {"secretName": "s", "certKey": "tls.crt"}}}));
+    assert!(err.contains("go together"), "{err}");
+    for (values, key) in [
+        (
+            json!({"otlp": {"compression": "zstd"}}),
+            "/otlp/compression",
+        ),
+        (json!({"otlp": {"timeoutMillis": 0}}), "/otlp/timeoutMillis"),
+        (json!({"otlp": {"tls": {"secret": "s"}}}), "secret"),
+    ] {
+        let err = render_error(values.clone());
+        assert!(err.contains(key), "{values}: {err}");
+    }
+}
+
+#[test]
 fn config_changes_roll_the_pods() {
     let checksum = |v: Value| {
         render(v).one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -836,7 +932,14 @@ fn config_keys_are_agent_flags() {
         "{flags:?}"
     );
     let (_, full) = value_sets().remove(1);
-    for r in [render(json!({})), render(full)] {
+    let (_, tls) = value_sets().remove(2);
+    let headers = json!({"otlp": {"headers": {"x-tenant": "t"}}});
+    for r in [
+        render(json!({})),
+        render(full),
+        render(tls),
+        render(headers),
+    ] {
         for key in r.config.as_object().expect("a YAML mapping").keys() {
             let flag = key.replace('_', "-");
             assert!(

@@ -316,7 +316,7 @@ fn only_the_traces_variable_names_the_full_traces_url() {
     use crate::export::{EndpointForm, ExportTarget};
     let form = |args: &[&str], env: &[(&str, &str)]| {
         let (cli, _) = run(args, env, None).expect("valid");
-        match cli.export_config().target {
+        match cli.export_config().expect("valid").target {
             ExportTarget::Otlp { form, endpoint, .. } => (form, endpoint),
             ExportTarget::Console => panic!("no endpoint"),
         }
@@ -348,6 +348,215 @@ fn only_the_traces_variable_names_the_full_traces_url() {
             &[("EBPF_AGENT_OTLP_ENDPOINT", "http://own:4318"), traces]
         ),
         (EndpointForm::Base, "http://own:4318".to_owned())
+    );
+}
+
+/// The OTLP options of an agent run with `args`, `env` and `file`.
+fn otlp(
+    args: &[&str],
+    env: &[(&str, &str)],
+    file: Option<&str>,
+) -> (crate::export::OtlpOptions, std::time::Duration) {
+    use crate::export::ExportTarget;
+    let mut args = args.to_vec();
+    args.extend(["--otlp-endpoint", "https://collector.example.com:4317"]);
+    let (cli, _) = run(&args, env, file).expect("valid");
+    let cfg = cli.export_config().expect("valid export settings");
+    match cfg.target {
+        ExportTarget::Otlp { options, .. } => (options, cfg.timeout),
+        ExportTarget::Console => panic!("no endpoint"),
+    }
+}
+
+fn header_pairs(options: &crate::export::OtlpOptions) -> Vec<(String, String)> {
+    options
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn otlp_settings_from_the_standard_variables_reach_the_exporter() {
+    use crate::export::{Compression, OtlpOptions, TlsFiles};
+    use std::time::Duration;
+    let (options, timeout) = otlp(&[], &[], None);
+    assert_eq!(options, OtlpOptions::default());
+    assert_eq!(timeout, Duration::from_secs(10), "the specification's 10 s");
+
+    let (options, timeout) = otlp(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/client.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/client.key"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=abc%2C1%3D, x-tenant = t1",
+            ),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+        ],
+        None,
+    );
+    assert_eq!(
+        options.tls,
+        TlsFiles {
+            certificate: Some("/etc/ca.pem".into()),
+            client_certificate: Some("/etc/client.pem".into()),
+            client_key: Some("/etc/client.key".into()),
+        }
+    );
+    assert_eq!(
+        header_pairs(&options),
+        [
+            ("api-key".to_owned(), "abc,1=".to_owned()),
+            ("x-tenant".to_owned(), "t1".to_owned())
+        ]
+    );
+    assert_eq!(options.compression, Compression::Gzip);
+    assert_eq!(timeout, Duration::from_millis(2500));
+    assert!(options.insecure);
+}
+
+#[test]
+fn otlp_traces_variables_beat_the_generic_ones_and_flags_beat_both() {
+    use crate::export::Compression;
+    use std::time::Duration;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/traces/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-generic=1"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-traces=2"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3000"),
+        ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+        ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "false"),
+    ];
+    let (options, timeout) = otlp(&[], &env, None);
+    assert_eq!(
+        options.tls.certificate.as_deref(),
+        Some(Path::new("/traces/ca.pem"))
+    );
+    assert_eq!(
+        header_pairs(&options),
+        [("x-traces".to_owned(), "2".to_owned())],
+        "the traces variable replaces the generic list"
+    );
+    assert_eq!(options.compression, Compression::Gzip);
+    assert_eq!(timeout, Duration::from_millis(3000));
+    assert!(!options.insecure);
+
+    // The file is below both; flags above everything.
+    let file = "otlp_certificate: /file/ca.pem\n\
+                otlp_header: {x-file: '3', authorization: Bearer%20t0k}\n\
+                otlp_timeout: 4000\n";
+    let (options, timeout) = otlp(&[], &[], Some(file));
+    assert_eq!(
+        options.tls.certificate.as_deref(),
+        Some(Path::new("/file/ca.pem"))
+    );
+    assert_eq!(
+        header_pairs(&options),
+        [
+            ("x-file".to_owned(), "3".to_owned()),
+            ("authorization".to_owned(), "Bearer t0k".to_owned())
+        ]
+    );
+    assert_eq!(timeout, Duration::from_millis(4000));
+    let (options, timeout) = otlp(&[], &env, Some(file));
+    assert_eq!(
+        options.tls.certificate.as_deref(),
+        Some(Path::new("/traces/ca.pem"))
+    );
+    assert_eq!(timeout, Duration::from_millis(3000));
+    let (options, timeout) = otlp(
+        &[
+            "--otlp-certificate",
+            "/flag/ca.pem",
+            "--otlp-header",
+            "x-flag=4",
+            "--otlp-header",
+            "x-flag-2=5",
+            "--otlp-timeout",
+            "5000",
+            "--otlp-compression",
+            "none",
+        ],
+        &env,
+        Some(file),
+    );
+    assert_eq!(
+        options.tls.certificate.as_deref(),
+        Some(Path::new("/flag/ca.pem"))
+    );
+    assert_eq!(
+        header_pairs(&options),
+        [
+            ("x-flag".to_owned(), "4".to_owned()),
+            ("x-flag-2".to_owned(), "5".to_owned())
+        ]
+    );
+    assert_eq!(timeout, Duration::from_millis(5000));
+    assert_eq!(options.compression, Compression::None);
+}
+
+#[test]
+fn otlp_header_values_never_appear_in_errors() {
+    let secret = "hunter2";
+    for (args, env, file) in [
+        (
+            vec!["--otlp-header", "Authorization: Bearer hunter2"],
+            vec![],
+            None,
+        ),
+        (
+            vec![],
+            vec![(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "ok=1,x-key=hunter2%0aInjected",
+            )],
+            None,
+        ),
+        (vec![], vec![], Some("otlp_header: [\"Bearer hunter2\"]\n")),
+        (
+            vec![],
+            vec![],
+            Some("otlp_header: {x-key: \"hunter2\\x01!\"}\n"),
+        ),
+    ] {
+        let mut argv = args.clone();
+        argv.extend(["--otlp-endpoint", "http://c:4318"]);
+        let err = match run(&argv, &env, file) {
+            Ok((cli, _)) => match cli.export_config() {
+                Ok(_) => panic!("accepted {args:?} {env:?} {file:?}"),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("OTLP header"), "{err}");
+        assert!(!err.contains(secret), "a header value in an error: {err}");
+        let (cli, _) = run(&argv, &env, file).expect("the loader checks no header value");
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains(secret), "a header value in Debug: {shown}");
+    }
+    // Timeouts are positive milliseconds.
+    assert!(
+        error(&["--otlp-timeout", "0"], &[], None).contains("otlp-timeout"),
+        "zero timeout"
+    );
+    assert!(error(&[], &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")], None).contains("10s"));
+    assert!(
+        error(&[], &[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")], None)
+            .contains("expected one of none, gzip")
     );
 }
 

@@ -111,6 +111,7 @@ fn export_path() {
                     OtlpProtocol::HttpProtobuf
                 },
                 form: EndpointForm::Base,
+                options: OtlpOptions::default(),
             },
             other => panic!("unknown BENCH_MODE {other}"),
         };

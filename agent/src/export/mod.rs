@@ -3,15 +3,20 @@
 //! traced process.
 //!
 //! - `console`: trace fragments as compact trees on stdout (the default).
-//! - `otlp`: OTLP over gRPC (tonic) or HTTP/protobuf (HTTP/1.1), spans encoded straight to
-//!   protobuf (`encode`) and sent by `transport`.
+//! - `otlp`: OTLP over gRPC (tonic) or HTTP/protobuf (HTTP/1.1, hyper), spans encoded straight
+//!   to protobuf (`encode`) and sent by `transport`, over TLS (`tls`) for `https://`, with the
+//!   user's `headers`.
 
 mod console;
 mod encode;
+mod headers;
 mod otlp;
+mod tls;
 mod transport;
 
+pub use headers::{HeaderArg, HeaderError, Headers};
 pub use otlp::check_endpoint;
+pub use tls::{TlsError, TlsFiles};
 
 use std::io::Write;
 use std::sync::Arc;
@@ -40,7 +45,29 @@ pub enum ExportTarget {
         endpoint: String,
         protocol: OtlpProtocol,
         form: EndpointForm,
+        options: OtlpOptions,
     },
+}
+
+/// The OTLP exporter settings of the specification besides endpoint, protocol and timeout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpOptions {
+    /// Sent with every export request (API keys).
+    pub headers: Headers,
+    pub compression: Compression,
+    /// For `https://` endpoints.
+    pub tls: TlsFiles,
+    /// A gRPC endpoint given without a scheme (`collector:4317`) is plain HTTP/2 instead of
+    /// TLS (the specification's `insecure`; a URL's own scheme always wins).
+    pub insecure: bool,
+}
+
+/// Compression of export requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
 }
 
 /// What an HTTP/protobuf endpoint names (the OTLP exporter specification's two variables).
@@ -115,7 +142,8 @@ impl ExportConfig {
                 endpoint,
                 protocol,
                 form,
-            } => otlp::resolve_endpoint(endpoint, *protocol, *form).map(|_| ()),
+                options,
+            } => otlp::resolve_endpoint(endpoint, *protocol, *form, options.insecure).map(|_| ()),
         }
     }
 }
@@ -137,11 +165,10 @@ pub enum ExportError {
          or http://localhost:4318 (HTTP/protobuf)"
     )]
     InvalidEndpoint { endpoint: String, reason: String },
-    #[error(
-        "OTLP endpoint {endpoint:?} uses https, but this build of the agent has no TLS support; export \
-         over http:// to a collector nearby (e.g. an OpenTelemetry Collector on the node) that forwards over TLS"
-    )]
-    TlsUnsupported { endpoint: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
     #[error("invalid export configuration: {0}")]
     InvalidConfig(&'static str),
 }
@@ -350,25 +377,8 @@ pub(crate) fn spawn_with_console_output(
     let tally = Arc::new(Tally::default());
     let sink = match &cfg.target {
         ExportTarget::Console => Sink::Console(ConsoleSink::new(out)),
-        ExportTarget::Otlp {
-            endpoint,
-            protocol,
-            form,
-        } => {
-            let sink = OtlpSink::new(
-                endpoint,
-                *protocol,
-                *form,
-                cfg.timeout,
-                cfg.max_batch,
-                Arc::clone(&stats),
-                Arc::clone(&tally),
-            )?;
-            log::info!(
-                "exporting spans over OTLP/{protocol} to {}",
-                sink.endpoint()
-            );
-            Sink::Otlp(sink)
+        ExportTarget::Otlp { .. } => {
+            Sink::Otlp(OtlpSink::new(&cfg, Arc::clone(&stats), Arc::clone(&tally))?)
         }
     };
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
@@ -504,6 +514,9 @@ impl Worker {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tls_tests;
 
 #[cfg(test)]
 mod bench;

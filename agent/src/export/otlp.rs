@@ -2,8 +2,8 @@
 //! process's resource, and sent as one `ExportTraceServiceRequest` per flush holding one
 //! `ResourceSpans` per resource (each resource encoded once and cached). Requests go out
 //! concurrently (at most `MAX_IN_FLIGHT`), over one shared gRPC channel (one HTTP/2 connection)
-//! or over HTTP/1.1 keep-alive connections; transient failures are retried with backoff
-//! within the export timeout.
+//! or over HTTP/1.1 keep-alive connections, TLS for `https://`; transient failures are retried
+//! with backoff within the export timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,8 +13,11 @@ use bytes::Bytes;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::encode::{self, PartialSuccess, ResourcePart};
-use super::transport::{GrpcTransport, HttpTransport, Transport, parse_http_url};
-use super::{EndpointForm, ExportError, OtlpProtocol, Tally};
+use super::transport::{SendError, Transport, TransportOptions};
+use super::{
+    Compression, EndpointForm, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol,
+    Tally, tls,
+};
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
 
@@ -35,6 +38,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ResolvedEndpoint {
     /// What the exporter connects to: as given for gRPC, `<base>/v1/traces` for HTTP.
     pub url: String,
+    /// `https://`: the connection uses TLS.
+    pub tls: bool,
 }
 
 /// Checks an endpoint as given (scheme, host, port) without resolving it, so that a mistake
@@ -92,11 +97,13 @@ pub fn check_endpoint(given: &str) -> Result<(), &'static str> {
 /// `http://localhost:4317`); for HTTP/protobuf a base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`-style,
 /// default `http://localhost:4318`) to which `/v1/traces` is appended unless it already ends
 /// with it, or, for [`EndpointForm::TracesUrl`], the URL as given. `host:port` without a
-/// scheme means `http://host:port`.
+/// scheme: for gRPC `https://host:port`, or `http://` when `insecure` (the specification's
+/// option, which applies to exactly this case); for HTTP `http://host:port`.
 pub fn resolve_endpoint(
     endpoint: &str,
     protocol: OtlpProtocol,
     form: EndpointForm,
+    insecure: bool,
 ) -> Result<ResolvedEndpoint, ExportError> {
     let given = endpoint.trim();
     let base = if given.is_empty() {
@@ -104,25 +111,33 @@ pub fn resolve_endpoint(
     } else {
         given.to_owned()
     };
-    let base = if base.contains("://") {
-        base
-    } else {
-        format!("http://{base}")
+    let base = match (base.contains("://"), protocol) {
+        (true, _) => base,
+        (false, OtlpProtocol::Grpc) if !insecure => format!("https://{base}"),
+        (false, _) => format!("http://{base}"),
     };
     let invalid = |reason: &str| ExportError::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
         reason: reason.to_owned(),
     };
     check_endpoint(&base).map_err(invalid)?;
-    let (scheme, _) = base.split_once("://").ok_or_else(|| invalid("no scheme"))?;
-    match scheme.to_ascii_lowercase().as_str() {
-        "http" => {}
-        "https" => {
-            return Err(ExportError::TlsUnsupported {
-                endpoint: endpoint.to_owned(),
-            });
-        }
-        _ => return Err(invalid("the scheme must be http://")),
+    let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("no scheme"))?;
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        _ => return Err(invalid("the scheme must be http:// or https://")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(invalid("no host"));
+    }
+    if authority.contains('@') {
+        return Err(invalid(
+            "credentials in the URL are not supported (give them with --otlp-header)",
+        ));
+    }
+    if rest.contains(char::is_whitespace) {
+        return Err(invalid("it contains whitespace"));
     }
     let url = match protocol {
         OtlpProtocol::Grpc => base,
@@ -136,7 +151,7 @@ pub fn resolve_endpoint(
             }
         }
     };
-    Ok(ResolvedEndpoint { url })
+    Ok(ResolvedEndpoint { url, tls })
 }
 
 /// A traced process's resource: encoded once, plus the spans encoded for the next request.
@@ -161,13 +176,13 @@ struct FailureStreak {
 }
 
 /// What one request task reports: how many spans it carried and how it went.
-type Outcome = (u64, Result<PartialSuccess, String>);
+type Outcome = (u64, Result<PartialSuccess, SendError>);
 
 pub struct OtlpSink {
     endpoint: ResolvedEndpoint,
     protocol: OtlpProtocol,
     timeout: Duration,
-    transport: Transport,
+    transport: Arc<Transport>,
     max_batch: usize,
     resources: Vec<ResourceEntry>,
     /// Index in `resources` by the address of the `Arc<Resource>` the spans carry, and the
@@ -189,43 +204,58 @@ pub struct OtlpSink {
 }
 
 impl OtlpSink {
-    /// Must run inside a tokio runtime (the gRPC channel spawns its connection task).
+    /// The sink for `cfg`'s OTLP target. Reads the TLS files it names (an unusable file is an
+    /// error now, not a failed export later). Must run inside a tokio runtime (the gRPC channel
+    /// spawns its connection task).
     pub fn new(
-        endpoint: &str,
-        protocol: OtlpProtocol,
-        form: EndpointForm,
-        timeout: Duration,
-        max_batch: usize,
+        cfg: &ExportConfig,
         stats: Arc<Stats>,
         tally: Arc<Tally>,
     ) -> Result<Self, ExportError> {
-        let resolved = resolve_endpoint(endpoint, protocol, form)?;
-        let invalid = |reason: String| ExportError::InvalidEndpoint {
-            endpoint: endpoint.to_owned(),
+        let ExportTarget::Otlp {
+            endpoint,
+            protocol,
+            form,
+            options,
+        } = &cfg.target
+        else {
+            return Err(ExportError::InvalidConfig("not an OTLP target"));
+        };
+        let (protocol, timeout) = (*protocol, cfg.timeout);
+        let resolved = resolve_endpoint(endpoint, protocol, *form, options.insecure)?;
+        let tls = tls::client_config(&options.tls)?;
+        let transport = Transport::new(
+            &resolved.url,
+            TransportOptions {
+                protocol,
+                timeout,
+                headers: &options.headers,
+                compression: options.compression,
+                tls,
+            },
+        )
+        .map_err(|reason| ExportError::InvalidEndpoint {
+            endpoint: endpoint.clone(),
             reason,
-        };
-        let transport = match protocol {
-            OtlpProtocol::Grpc => {
-                let ep = tonic::transport::Endpoint::from_shared(resolved.url.clone())
-                    .map_err(|e| invalid(e.to_string()))?;
-                let channel = ep
-                    .timeout(timeout)
-                    .connect_timeout(timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                Transport::Grpc(GrpcTransport::new(channel, timeout))
-            }
-            OtlpProtocol::HttpProtobuf => {
-                let url = parse_http_url(&resolved.url).map_err(|e| invalid(e.to_owned()))?;
-                Transport::Http(HttpTransport::new(&url))
-            }
-        };
+        })?;
+        log::info!(
+            "exporting spans over OTLP/{protocol} to {}{}",
+            resolved.url,
+            describe_options(&resolved, options)
+        );
+        if !resolved.tls && options.tls.any() {
+            log::warn!(
+                "TLS files are set (--otlp-certificate, --otlp-client-certificate, --otlp-client-key) \
+                 but {} is plain http://: they are not used; use an https:// endpoint to export over TLS",
+                resolved.url
+            );
+        }
         Ok(Self {
             endpoint: resolved,
             protocol,
             timeout,
-            transport,
-            max_batch: max_batch.max(1),
+            transport: Arc::new(transport),
+            max_batch: cfg.max_batch.max(1),
             resources: Vec::new(),
             index: HashMap::new(),
             last: None,
@@ -240,10 +270,6 @@ impl OtlpSink {
             stats,
             tally,
         })
-    }
-
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint.url
     }
 
     /// Encodes `span` for the next request. Returns true when a request should be sent now
@@ -327,7 +353,7 @@ impl OtlpSink {
         self.pending_spans = 0;
         self.pending_bytes = 0;
         self.pending_since = None;
-        let transport = self.transport.clone();
+        let transport = Arc::clone(&self.transport);
         let timeout = self.timeout;
         let task = self.in_flight.spawn(async move {
             (
@@ -357,7 +383,12 @@ impl OtlpSink {
                     .in_flight_spans
                     .remove(&join_error.id())
                     .unwrap_or_default();
-                (spans, Err(join_error.to_string()))
+                let error = SendError {
+                    message: join_error.to_string(),
+                    retryable: false,
+                    hint: None,
+                };
+                (spans, Err(error))
             }
         };
         match result {
@@ -415,28 +446,15 @@ impl OtlpSink {
         );
     }
 
-    fn note_outcome(&mut self, failed_batches: u64, failed_spans: u64, error: Option<String>) {
+    fn note_outcome(&mut self, failed_batches: u64, failed_spans: u64, error: Option<SendError>) {
         match (&mut self.streak, failed_batches) {
             (None, 0) => {}
             (None, _) => {
-                let error = error.unwrap_or_default();
-                let (port, other) = match self.protocol {
-                    OtlpProtocol::Grpc => (
-                        4317,
-                        "for OTLP/HTTP on port 4318 use the HTTP/protobuf protocol",
-                    ),
-                    OtlpProtocol::HttpProtobuf => {
-                        (4318, "for OTLP/gRPC on port 4317 use the gRPC protocol")
-                    }
+                let warning = match &error {
+                    Some(error) => outage_warning(&self.endpoint.url, self.protocol, error),
+                    None => format!("exporting spans to {} failed", self.endpoint.url),
                 };
-                log::warn!(
-                    "exporting spans to {} failed: {error}. Spans are dropped (counted in spans_export_failed) \
-                     until the collector answers again; this is reported once per outage. Check that an \
-                     OpenTelemetry collector is running and reachable there and that it accepts OTLP over {} \
-                     (its default port is {port}; {other}).",
-                    self.endpoint.url,
-                    self.protocol,
-                );
+                log::warn!("{warning}");
                 self.streak = Some(FailureStreak {
                     since: Instant::now(),
                     batches: failed_batches,
@@ -485,13 +503,67 @@ impl OtlpSink {
     }
 }
 
+/// The warning at the start of an outage: what failed, where, and what to check.
+pub fn outage_warning(url: &str, protocol: OtlpProtocol, error: &SendError) -> String {
+    let check = match error.hint {
+        Some(hint) => format!("Check: {hint}."),
+        None => {
+            let (port, other) = match protocol {
+                OtlpProtocol::Grpc => (
+                    4317,
+                    "for OTLP/HTTP on port 4318 use the HTTP/protobuf protocol",
+                ),
+                OtlpProtocol::HttpProtobuf => {
+                    (4318, "for OTLP/gRPC on port 4317 use the gRPC protocol")
+                }
+            };
+            format!(
+                "Check that an OpenTelemetry collector is running and reachable there and that it \
+                 accepts OTLP over {protocol} (its default port is {port}; {other})."
+            )
+        }
+    };
+    format!(
+        "exporting spans to {url} failed: {}. Spans are dropped (counted in spans_export_failed) \
+         until the collector answers again; this is reported once per outage. {check}",
+        error.message
+    )
+}
+
+/// How the log shows the exporter's settings: `(TLS, CA /etc/ca.pem, gzip, headers x-api-key)`.
+/// Header names only: values are secrets.
+fn describe_options(resolved: &ResolvedEndpoint, options: &OtlpOptions) -> String {
+    let mut parts = Vec::new();
+    if resolved.tls {
+        parts.push("TLS".to_owned());
+        match &options.tls.certificate {
+            Some(ca) => parts.push(format!("CA {}", ca.display())),
+            None => parts.push("public root CAs".to_owned()),
+        }
+        if let Some(cert) = &options.tls.client_certificate {
+            parts.push(format!("client certificate {}", cert.display()));
+        }
+    }
+    if options.compression == Compression::Gzip {
+        parts.push("gzip".to_owned());
+    }
+    if !options.headers.is_empty() {
+        parts.push(format!("headers {}", options.headers.names()));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 /// Sends one request; retries transient failures with exponential backoff while the export
 /// timeout allows. The error is the last attempt's.
 async fn send_with_retries(
     transport: &Transport,
     body: Bytes,
     timeout: Duration,
-) -> Result<PartialSuccess, String> {
+) -> Result<PartialSuccess, SendError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let attempts = async {
         let mut backoff = FIRST_BACKOFF;
@@ -512,13 +584,17 @@ async fn send_with_retries(
                     backoff *= 2;
                     retries += 1;
                 }
-                Err(e) => return Err(e.message),
+                Err(e) => return Err(e),
             }
         }
     };
     match tokio::time::timeout_at(deadline, attempts).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Err(_) => Err(SendError {
+            message: format!("no answer within {timeout:?}"),
+            retryable: true,
+            hint: None,
+        }),
     }
 }
 
@@ -527,9 +603,22 @@ mod tests {
     use super::*;
 
     fn url(endpoint: &str, protocol: OtlpProtocol) -> String {
-        match resolve_endpoint(endpoint, protocol, EndpointForm::Base) {
+        match resolve_endpoint(endpoint, protocol, EndpointForm::Base, false) {
             Ok(r) => r.url,
             Err(e) => format!("error: {e}"),
+        }
+    }
+
+    fn config(endpoint: &str, protocol: OtlpProtocol, max_batch: usize) -> ExportConfig {
+        ExportConfig {
+            max_batch,
+            timeout: Duration::from_secs(1),
+            ..ExportConfig::new(ExportTarget::Otlp {
+                endpoint: endpoint.to_owned(),
+                protocol,
+                form: EndpointForm::Base,
+                options: OtlpOptions::default(),
+            })
         }
     }
 
@@ -539,7 +628,10 @@ mod tests {
         assert_eq!(url("", Grpc), "http://localhost:4317");
         assert_eq!(url("", HttpProtobuf), "http://localhost:4318/v1/traces");
         assert_eq!(url("http://collector:4317", Grpc), "http://collector:4317");
-        assert_eq!(url("collector:4317", Grpc), "http://collector:4317");
+        assert_eq!(
+            url("https://collector:4317", Grpc),
+            "https://collector:4317"
+        );
         assert_eq!(
             url("http://collector:4318", HttpProtobuf),
             "http://collector:4318/v1/traces"
@@ -556,35 +648,77 @@ mod tests {
             url("http://collector:4318/v1/traces", HttpProtobuf),
             "http://collector:4318/v1/traces"
         );
-        assert!(matches!(
-            resolve_endpoint("https://c:4317", Grpc, EndpointForm::Base),
-            Err(ExportError::TlsUnsupported { .. })
-        ));
-        assert!(matches!(
-            resolve_endpoint("ftp://c", Grpc, EndpointForm::Base),
-            Err(ExportError::InvalidEndpoint { .. })
-        ));
-        assert!(matches!(
-            resolve_endpoint("http://", HttpProtobuf, EndpointForm::Base),
-            Err(ExportError::InvalidEndpoint { .. })
-        ));
+        assert_eq!(
+            url("https://gw.example.com/otlp", HttpProtobuf),
+            "https://gw.example.com/otlp/v1/traces"
+        );
+        for bad in ["ftp://c", "http://", "http://user:pw@c:4318"] {
+            assert!(
+                matches!(
+                    resolve_endpoint(bad, HttpProtobuf, EndpointForm::Base, false),
+                    Err(ExportError::InvalidEndpoint { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    /// The specification's `insecure`: a gRPC endpoint without a scheme is TLS unless
+    /// insecure; a scheme always wins; HTTP endpoints follow their scheme (plain without one).
+    #[test]
+    fn insecure_decides_only_for_a_grpc_endpoint_without_scheme() {
+        use OtlpProtocol::*;
+        let resolve = |endpoint, protocol, insecure| {
+            resolve_endpoint(endpoint, protocol, EndpointForm::Base, insecure)
+                .map(|r| (r.url, r.tls))
+                .ok()
+        };
+        assert_eq!(
+            resolve("collector:4317", Grpc, false),
+            Some(("https://collector:4317".into(), true))
+        );
+        assert_eq!(
+            resolve("collector:4317", Grpc, true),
+            Some(("http://collector:4317".into(), false))
+        );
+        assert_eq!(
+            resolve("https://collector:4317", Grpc, true),
+            Some(("https://collector:4317".into(), true))
+        );
+        assert_eq!(
+            resolve("http://collector:4317", Grpc, false),
+            Some(("http://collector:4317".into(), false))
+        );
+        assert_eq!(
+            resolve("collector:4318", HttpProtobuf, false),
+            Some(("http://collector:4318/v1/traces".into(), false))
+        );
+        assert_eq!(
+            resolve("", Grpc, false),
+            Some(("http://localhost:4317".into(), false)),
+            "the default endpoint has its scheme"
+        );
     }
 
     #[test]
     fn traces_url_is_used_as_given_for_http() {
         use OtlpProtocol::*;
-        let traces =
-            |endpoint| match resolve_endpoint(endpoint, HttpProtobuf, EndpointForm::TracesUrl) {
-                Ok(r) => r.url,
-                Err(e) => format!("error: {e}"),
-            };
+        let traces = |endpoint| match resolve_endpoint(
+            endpoint,
+            HttpProtobuf,
+            EndpointForm::TracesUrl,
+            false,
+        ) {
+            Ok(r) => r.url,
+            Err(e) => format!("error: {e}"),
+        };
         assert_eq!(traces("http://gw/otlp/traces"), "http://gw/otlp/traces");
         assert_eq!(traces("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
         assert_eq!(traces("c:4318/ingest"), "http://c:4318/ingest");
-        assert!(traces("https://c/v1/traces").starts_with("error"));
+        assert_eq!(traces("https://c/v1/traces"), "https://c/v1/traces");
         // gRPC takes every endpoint as given anyway.
         assert_eq!(
-            resolve_endpoint("http://c:4317", Grpc, EndpointForm::TracesUrl)
+            resolve_endpoint("http://c:4317", Grpc, EndpointForm::TracesUrl, false)
                 .map(|r| r.url)
                 .ok(),
             Some("http://c:4317".to_owned())
@@ -595,11 +729,7 @@ mod tests {
     async fn one_cached_resource_per_process_dropped_when_idle() {
         let stats = Arc::new(Stats::default());
         let mut sink = OtlpSink::new(
-            "127.0.0.1:9",
-            OtlpProtocol::Grpc,
-            EndpointForm::Base,
-            Duration::from_secs(1),
-            512,
+            &config("http://127.0.0.1:9", OtlpProtocol::Grpc, 512),
             stats,
             Arc::default(),
         )
@@ -637,11 +767,7 @@ mod tests {
     #[tokio::test]
     async fn asks_for_a_flush_at_max_batch_and_after_the_interval() {
         let mut sink = OtlpSink::new(
-            "127.0.0.1:9",
-            OtlpProtocol::HttpProtobuf,
-            EndpointForm::Base,
-            Duration::from_secs(1),
-            3,
+            &config("127.0.0.1:9", OtlpProtocol::HttpProtobuf, 3),
             Arc::default(),
             Arc::default(),
         )

@@ -80,6 +80,7 @@ fn otlp_config(endpoint: String, protocol: OtlpProtocol) -> ExportConfig {
             endpoint,
             protocol,
             form: EndpointForm::Base,
+            options: OtlpOptions::default(),
         })
     }
 }
@@ -222,10 +223,7 @@ fn endpoints_are_checked_before_anything_starts() {
     let ok = otlp_config("http://collector:4318".into(), OtlpProtocol::HttpProtobuf);
     assert!(ok.check().is_ok());
     let tls = otlp_config("https://collector:4317".into(), OtlpProtocol::Grpc);
-    assert!(matches!(
-        tls.check(),
-        Err(ExportError::TlsUnsupported { .. })
-    ));
+    assert!(tls.check().is_ok(), "https is exported over TLS");
     let port = otlp_config("http://collector:0".into(), OtlpProtocol::Grpc);
     let err = port
         .check()
@@ -249,12 +247,20 @@ async fn bad_configuration_is_rejected_with_a_reason() {
         spawn_exporter(bad, Arc::clone(&stats)),
         Err(ExportError::InvalidConfig(_))
     ));
-    let tls = otlp_config("https://collector:4317".into(), OtlpProtocol::Grpc);
-    let err = spawn_exporter(tls, Arc::clone(&stats))
+    // An unusable TLS file stops the exporter at start, saying so once (as main prints it).
+    let mut missing_ca = otlp_config("https://collector:4317".into(), OtlpProtocol::Grpc);
+    if let ExportTarget::Otlp { options, .. } = &mut missing_ca.target {
+        options.tls.certificate = Some("/nonexistent/ca.pem".into());
+    }
+    let err = spawn_exporter(missing_ca, Arc::clone(&stats))
         .err()
-        .map(|e| e.to_string())
+        .map(|e| format!("{:#}", anyhow::Error::from(e)))
         .unwrap_or_default();
-    assert!(err.contains("no TLS support"), "{err}");
+    assert!(
+        err.starts_with("cannot read the CA certificate file /nonexistent/ca.pem"),
+        "{err}"
+    );
+    assert_eq!(err.matches("/nonexistent/ca.pem").count(), 1, "{err}");
     let bad_url = otlp_config("http://bad host:4318".into(), OtlpProtocol::HttpProtobuf);
     assert!(matches!(
         spawn_exporter(bad_url, stats),
@@ -526,11 +532,10 @@ async fn recovers_when_the_collector_comes_back() {
     let stats = Arc::new(Stats::default());
     let tally = Arc::new(Tally::default());
     let mut sink = OtlpSink::new(
-        &format!("http://127.0.0.1:{port}"),
-        OtlpProtocol::HttpProtobuf,
-        EndpointForm::Base,
-        Duration::from_secs(1),
-        512,
+        &otlp_config(
+            format!("http://127.0.0.1:{port}"),
+            OtlpProtocol::HttpProtobuf,
+        ),
         Arc::clone(&stats),
         Arc::clone(&tally),
     )
@@ -568,11 +573,10 @@ async fn the_status_says_since_when_export_fails_and_when_it_last_worked() {
         "nothing happened yet"
     );
     let mut sink = OtlpSink::new(
-        &format!("http://127.0.0.1:{port}"),
-        OtlpProtocol::HttpProtobuf,
-        EndpointForm::Base,
-        Duration::from_secs(1),
-        512,
+        &otlp_config(
+            format!("http://127.0.0.1:{port}"),
+            OtlpProtocol::HttpProtobuf,
+        ),
         Arc::clone(&stats),
         Arc::clone(&tally),
     )

@@ -47,6 +47,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
+{{/* Where the Secret of otlp.tls is mounted (beside, not inside, the ConfigMap's directory). */}}
+{{- define "ebpf-agent.tlsDir" -}}
+/etc/ebpf-agent-tls
+{{- end }}
+
 {{/* An on/off switch of the agent from a boolean value. */}}
 {{- define "ebpf-agent.switch" -}}
 {{- if . }}on{{ else }}off{{ end }}
@@ -63,6 +68,27 @@ are lists. Unset values are left out so the agent's own defaults apply.
 {{- $_ := set $c "otlp_endpoint" . }}
 {{- end }}
 {{- $_ := set $c "otlp_protocol" $v.otlp.protocol }}
+{{- $_ := set $c "otlp_compression" $v.otlp.compression }}
+{{- $_ := set $c "otlp_timeout" $v.otlp.timeoutMillis }}
+{{- $_ := set $c "otlp_insecure" $v.otlp.insecure }}
+{{- with $v.otlp.headers }}
+{{- if $v.otlp.headersSecret.name }}
+{{- fail "otlp.headers and otlp.headersSecret are exclusive (the Secret's list replaces the other): put every header in the Secret" }}
+{{- end }}
+{{- $_ := set $c "otlp_header" . }}
+{{- end }}
+{{- with $v.otlp.tls.secretName }}
+{{- $tls := $v.otlp.tls }}
+{{- if $tls.caKey }}
+{{- $_ := set $c "otlp_certificate" (printf "%s/%s" (include "ebpf-agent.tlsDir" $) $tls.caKey) }}
+{{- end }}
+{{- if and $tls.certKey $tls.keyKey }}
+{{- $_ := set $c "otlp_client_certificate" (printf "%s/%s" (include "ebpf-agent.tlsDir" $) $tls.certKey) }}
+{{- $_ := set $c "otlp_client_key" (printf "%s/%s" (include "ebpf-agent.tlsDir" $) $tls.keyKey) }}
+{{- else if or $tls.certKey $tls.keyKey }}
+{{- fail "otlp.tls.certKey and otlp.tls.keyKey go together (mTLS needs the certificate and its key)" }}
+{{- end }}
+{{- end }}
 {{- with $v.selection.namespaces }}
 {{- $_ := set $c "k8s_namespace" . }}
 {{- end }}
