@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod clients;
 pub mod collector;
+pub mod hostile;
 mod json;
 pub mod metrics;
 pub mod netns;
