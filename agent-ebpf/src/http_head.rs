@@ -29,6 +29,8 @@ pub const HEAD_BAD: u32 = 2;
 pub const HEAD_MANY_TRACEPARENTS: u32 = 4;
 /// A `traceparent` that is not the 55-character version-00 form.
 pub const HEAD_BAD_TRACEPARENT: u32 = 8;
+/// A Content-Length header was seen (a second one makes the head `HEAD_BAD`).
+pub const HEAD_HAS_LENGTH: u32 = 16;
 
 /// Header lines looked at (a head with more is left alone).
 pub const MAX_LINES: u32 = 32;
@@ -235,6 +237,11 @@ fn header_line(head: &mut Head, buf: *const u8, start: u32, n: u32) {
     } else if first == w8(b"content-") && n >= 15 {
         let rest = word(buf, start + 8) | LOWER;
         if rest & SEVEN == w8(b"length:\0") {
+            // Two Content-Length headers: servers disagree on which one frames the body.
+            if get(&head.flags) & HEAD_HAS_LENGTH != 0 {
+                add_flags(head, HEAD_BAD);
+            }
+            add_flags(head, HEAD_HAS_LENGTH);
             content_length(head, buf, start + 15);
         }
     } else if first == w8(b"transfer") && n >= 18 {
@@ -304,8 +311,14 @@ fn content_length(head: &mut Head, buf: *const u8, v: u32) {
         digits += going;
         k += 1;
     }
-    // No digit, or 18 digits and more (not a length we believe).
-    let bad = ((digits.wrapping_sub(1) >> 63) & 1) | going;
+    // No digit, 18 digits and more, or anything but the line end after the digits (a list,
+    // junk): not a length every server reads the same.
+    let after = byte(buf, v + digits as u32);
+    let next = byte(buf, v + digits as u32 + 1);
+    let line_end = |c| is(c, b'\r') | is(c, b'\n');
+    // One space or tab may trail the value.
+    let ends = line_end(after) | (is_ows(after) & line_end(next));
+    let bad = ((digits.wrapping_sub(1) >> 63) & 1) | going | (1 - ends);
     add_flags(head, HEAD_BAD * bad as u32);
     set(&mut head.content_length, value);
 }
