@@ -13,7 +13,6 @@ pub mod agent;
 pub mod clients;
 pub mod collector;
 pub mod hostile;
-mod json;
 pub mod metrics;
 pub mod netns;
 pub mod pg_clients;
