@@ -37,20 +37,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-
-const USAGE: &str = "usage: cargo xtask bench [nginx|pg] [--only nginx|pg] [--pairs N] [--duration SECS] \
-[--connections N] [--clients N] [--pg-modes LIST] [--agent PATH] [--no-write]
-  nginx | pg, --only B  run only this benchmark (default: nginx, then pg)
-  --pairs N          pairs of runs (without, with the agent; order swapped every other pair), default 6
-  --duration SECS    length of each load run (wrk, pgbench -T), default 10
-  --connections N    wrk connections (nginx), default 16
-  --clients N        pgbench clients (pg), default 4
-  --pg-modes LIST    pgbench query modes, comma-separated, of prepared, simple, extended;
-                     default prepared (each mode runs its own pairs)
-  --agent PATH       use this agent binary instead of building target/release/agent
-  --no-write         print the results only; leave BENCHMARKS.md alone
-Needs root (eBPF, bpf_stats). Runs the server on CPU 1 and the load generator on CPU 0;
-PostgreSQL runs as the `postgres` OS user.";
+use clap::builder::RangedU64ValueParser;
+use libc::{SIGINT, SIGKILL, SIGTERM};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Counters of the agent's summary that count kernel events it lost (and said so).
@@ -63,24 +51,10 @@ const EVENT_LOSS_COUNTERS: &[&str] = &[
 /// Counters of spans built but not delivered (also on the summary's export line).
 const SPAN_LOSS_COUNTERS: &[&str] = &["spans_dropped_queue_full", "spans_export_failed"];
 
-const SIGINT: i32 = 2;
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
-const PR_SET_PDEATHSIG: i32 = 1;
-
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_signal: i32) {
+extern "C" fn on_interrupt(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, signal: i32) -> i32;
-    #[link_name = "signal"]
-    fn libc_signal(signal: i32, handler: extern "C" fn(i32)) -> usize;
-    #[link_name = "prctl"]
-    fn libc_prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
 }
 
 fn send_signal(pid: u32, signal: i32) {
@@ -89,7 +63,7 @@ fn send_signal(pid: u32, signal: i32) {
     {
         // SAFETY: kill has no memory preconditions; the pid is one of our own children.
         unsafe {
-            libc_kill(pid, signal);
+            libc::kill(pid, signal);
         }
     }
 }
@@ -101,7 +75,7 @@ fn signal_group(pgid: u32, signal: i32) {
     {
         // SAFETY: as above; a negative pid addresses the process group.
         unsafe {
-            libc_kill(-pgid, signal);
+            libc::kill(-pgid, signal);
         }
     }
 }
@@ -112,7 +86,7 @@ fn kill_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
-            if libc_prctl(PR_SET_PDEATHSIG, SIGKILL as u64, 0, 0, 0) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -125,8 +99,9 @@ fn kill_with_parent(cmd: &mut Command) {
 fn catch_interrupts() {
     // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
     unsafe {
-        libc_signal(SIGINT, on_interrupt);
-        libc_signal(SIGTERM, on_interrupt);
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
     }
 }
 
@@ -137,96 +112,75 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Bench {
+/// A benchmark.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Bench {
     Nginx,
+    #[value(alias = "postgres", alias = "postgresql")]
     Pg,
 }
 
-impl Bench {
-    fn parse(name: &str) -> Result<Self> {
-        match name {
-            "nginx" => Ok(Self::Nginx),
-            "pg" | "postgres" | "postgresql" => Ok(Self::Pg),
-            other => bail!("unknown benchmark {other:?} (nginx or pg)\n{USAGE}"),
-        }
-    }
-}
-
-struct Options {
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Needs root (eBPF, bpf_stats). Runs the server on CPU 1 and the load \
+generator on CPU 0; PostgreSQL runs as the `postgres` OS user."
+)]
+pub struct Options {
+    /// Run only this benchmark (default: nginx, then pg)
+    #[arg(value_enum, conflicts_with = "only")]
+    bench: Option<Bench>,
+    /// The same as the positional BENCH
+    #[arg(long, value_enum, value_name = "BENCH")]
     only: Option<Bench>,
+    /// Pairs of runs (without, with the agent; order swapped every other pair)
+    #[arg(long, value_name = "N", default_value_t = 6, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pairs: usize,
+    /// Length of each load run (wrk, pgbench -T), in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
+    /// wrk connections (nginx)
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     connections: u32,
+    /// pgbench clients (pg)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     clients: u32,
+    /// pgbench query modes, comma-separated; each mode runs its own pairs
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "prepared"
+    )]
     pg_modes: Vec<pg::Mode>,
+    /// Use this agent binary instead of building target/release/agent
+    #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Print the results only; leave BENCHMARKS.md alone
+    #[arg(long = "no-write", action = clap::ArgAction::SetFalse)]
     write: bool,
 }
 
 impl Options {
     fn runs(&self, bench: Bench) -> bool {
-        self.only.is_none_or(|b| b == bench)
+        self.only.or(self.bench).is_none_or(|b| b == bench)
     }
-}
 
-fn parse_args(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options {
-        only: None,
-        pairs: 6,
-        duration: 10,
-        connections: 16,
-        clients: 4,
-        pg_modes: vec![pg::Mode::Prepared],
-        agent: None,
-        write: true,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{name} needs a value\n{USAGE}"))
-        };
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "nginx" | "pg" => opts.only = Some(Bench::parse(arg)?),
-            "--only" => opts.only = Some(Bench::parse(&value("--only")?)?),
-            "--pairs" => opts.pairs = value("--pairs")?.parse().context("--pairs")?,
-            "--duration" => opts.duration = value("--duration")?.parse().context("--duration")?,
-            "--connections" => {
-                opts.connections = value("--connections")?.parse().context("--connections")?
+    /// `--pg-modes` in the order given, each once.
+    fn dedup_pg_modes(&mut self) {
+        let mut modes = Vec::new();
+        for &mode in &self.pg_modes {
+            if !modes.contains(&mode) {
+                modes.push(mode);
             }
-            "--clients" => opts.clients = value("--clients")?.parse().context("--clients")?,
-            "--pg-modes" => {
-                let list = value("--pg-modes")?;
-                opts.pg_modes.clear();
-                for name in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-                    let mode = pg::Mode::parse(name)?;
-                    if !opts.pg_modes.contains(&mode) {
-                        opts.pg_modes.push(mode);
-                    }
-                }
-            }
-            "--agent" => opts.agent = Some(PathBuf::from(value("--agent")?)),
-            "--no-write" => opts.write = false,
-            other => bail!("unknown bench option {other:?}\n{USAGE}"),
         }
+        self.pg_modes = modes;
     }
-    if opts.pairs == 0 || opts.duration == 0 || opts.connections == 0 || opts.clients == 0 {
-        bail!("--pairs, --duration, --connections and --clients must be at least 1");
-    }
-    if opts.pg_modes.is_empty() {
-        bail!("--pg-modes needs at least one mode");
-    }
-    Ok(Some(opts))
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse_args(args)? else {
-        println!("{USAGE}");
-        return Ok(());
-    };
+pub fn run(mut opts: Options) -> Result<()> {
+    opts.dedup_pg_modes();
     if !crate::is_root() {
         bail!(
             "the benchmark loads eBPF programs and enables bpf_stats: run `sudo -E cargo xtask bench`"
@@ -1227,23 +1181,52 @@ agent: summary
 
     #[test]
     fn parses_options() {
-        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let o = parse_args(&[]).expect("parse").expect("options");
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: Options,
+        }
+        let parse = |line: &str| {
+            <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("bench").chain(line.split_whitespace()),
+            )
+            .map(|mut cli| {
+                cli.options.dedup_pg_modes();
+                cli.options
+            })
+        };
+        let o = parse("").expect("options");
         assert!(o.runs(Bench::Nginx) && o.runs(Bench::Pg));
         assert_eq!(o.pg_modes, vec![pg::Mode::Prepared]);
-        let o = parse_args(&args("pg --pairs 2 --pg-modes prepared,simple,prepared"))
-            .expect("parse")
-            .expect("options");
+        assert_eq!(
+            (o.pairs, o.duration, o.connections, o.clients),
+            (6, 10, 16, 4)
+        );
+        assert!(o.write && o.agent.is_none());
+        let o = parse("pg --pairs 2 --pg-modes prepared,simple,prepared").expect("options");
         assert!(!o.runs(Bench::Nginx) && o.runs(Bench::Pg));
         assert_eq!(o.pairs, 2);
         assert_eq!(o.pg_modes, vec![pg::Mode::Prepared, pg::Mode::Simple]);
-        let o = parse_args(&args("--only nginx"))
-            .expect("parse")
-            .expect("options");
+        let o = parse("--only nginx --no-write --agent /x/agent").expect("options");
         assert!(o.runs(Bench::Nginx) && !o.runs(Bench::Pg));
-        assert!(parse_args(&args("--only mysql")).is_err());
-        assert!(parse_args(&args("--pg-modes fast")).is_err());
-        assert!(parse_args(&args("--help")).expect("parse").is_none());
+        assert!(!o.write && o.agent.as_deref() == Some(Path::new("/x/agent")));
+        assert!(parse("--only postgresql").expect("alias").runs(Bench::Pg));
+        assert!(parse("--only mysql").is_err());
+        assert!(parse("--pg-modes fast").is_err());
+        assert!(parse("--pairs 0").is_err());
+        assert!(parse("--duration 0").is_err());
+        assert!(parse("nginx --only pg").is_err());
+        for mode in [pg::Mode::Prepared, pg::Mode::Simple, pg::Mode::Extended] {
+            let name = mode.as_str();
+            assert_eq!(
+                parse(&format!("--pg-modes {name}")).expect(name).pg_modes,
+                [mode]
+            );
+        }
+        assert_eq!(
+            parse("--help").err().map(|e| e.kind()),
+            Some(clap::error::ErrorKind::DisplayHelp)
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ const SERVER_SETTINGS: &[&str] = &[
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// pgbench's `-M`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub(super) enum Mode {
     Simple,
     Extended,
@@ -70,16 +70,7 @@ pub(super) enum Mode {
 }
 
 impl Mode {
-    pub(super) fn parse(name: &str) -> Result<Self> {
-        match name {
-            "simple" => Ok(Self::Simple),
-            "extended" => Ok(Self::Extended),
-            "prepared" => Ok(Self::Prepared),
-            other => bail!("unknown pgbench query mode {other:?} (prepared, simple or extended)"),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Simple => "simple",
             Self::Extended => "extended",
@@ -1247,12 +1238,5 @@ tps = 4042.784915 (without initial connection time)
             "failed transactions: 3 (0.010%)",
         );
         assert!(parse_pgbench(&failed, vec![1]).is_err());
-    }
-
-    #[test]
-    fn parses_modes() {
-        assert_eq!(Mode::parse("simple").expect("mode"), Mode::Simple);
-        assert_eq!(Mode::parse("prepared").expect("mode").as_str(), "prepared");
-        assert!(Mode::parse("fast").is_err());
     }
 }
