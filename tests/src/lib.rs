@@ -30,7 +30,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-pub use agent::{Agent, AgentBuilder, OtlpProtocol};
+pub use agent::{Agent, AgentBuilder, ExitSummary, ExportTotals, OtlpProtocol};
 pub use clients::{
     ClientRun, Curl, CurlResult, CurlTransfer, RawMode, RequestResult, Timing, node_client,
     pipeline_client, py_client, raw_client,

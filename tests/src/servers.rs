@@ -242,6 +242,18 @@ impl NginxServer {
         fs::write(prefix.join("html/large.bin"), large).expect("write large.bin");
         let template =
             fs::read_to_string(fixture("nginx.conf.template")).expect("read nginx.conf.template");
+        Self::start_in(dir, &template, None)
+    }
+
+    /// nginx with another configuration: `template` with `@PREFIX@` (its private directory)
+    /// and `@PORT@` replaced, as in the fixture; its master (so its worker too) pinned on
+    /// `cpu` with `taskset -c` when given (the benchmark's nginx).
+    pub fn start_with(template: &str, cpu: Option<&str>) -> NginxServer {
+        Self::start_in(TestDir::new("nginx"), template, cpu)
+    }
+
+    fn start_in(dir: TestDir, template: &str, cpu: Option<&str>) -> NginxServer {
+        let prefix = dir.path();
         let mut last_error = String::new();
         for attempt in 0..3 {
             let port = free_port();
@@ -253,7 +265,15 @@ impl NginxServer {
                     .replace("@PORT@", &port.to_string()),
             )
             .expect("write nginx.conf");
-            let mut cmd = Command::new(nginx_bin());
+            // taskset execs nginx: the child's pid is the master's.
+            let mut cmd = match cpu {
+                Some(cpu) => {
+                    let mut cmd = Command::new("taskset");
+                    cmd.args(["-c", cpu]).arg(nginx_bin());
+                    cmd
+                }
+                None => Command::new(nginx_bin()),
+            };
             cmd.arg("-p")
                 .arg(prefix)
                 .arg("-c")

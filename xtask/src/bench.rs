@@ -13,8 +13,13 @@
 //! memory and what it lost. Medians of the pairs are reported, printed on stdout and written
 //! into BENCHMARKS.md between markers (one pair of markers per benchmark).
 //!
-//! This module holds what both benchmarks share: options, the agent, the with/without-agent
-//! measurement, /proc and BPF statistics, the report helpers.
+//! This module holds what both benchmarks share: options, the with/without-agent measurement,
+//! /proc and BPF statistics, the report helpers. The servers, the agent runner and the process
+//! guards are the end-to-end tests' harness (the `tests` crate's lib, `testkit` here): the
+//! agent runs as a [`testkit::Agent`] with its console exporter, the servers as
+//! [`testkit::NginxServer`] and [`testkit::PgServer`] with the benchmark's settings. Like the
+//! tests, these panic on a broken set-up (a server that does not start); their guards still
+//! stop every process.
 
 mod nginx;
 mod pg;
@@ -23,22 +28,16 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, TcpListener},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc::{self, RecvTimeoutError},
-    },
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::builder::RangedU64ValueParser;
-use libc::{SIGINT, SIGKILL, SIGTERM};
+use testkit::{Agent, ExitSummary, ExportTotals};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Counters of the agent's summary that count kernel events it lost (and said so).
@@ -55,43 +54,6 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn send_signal(pid: u32, signal: i32) {
-    if let Ok(pid) = i32::try_from(pid)
-        && pid > 0
-    {
-        // SAFETY: kill has no memory preconditions; the pid is one of our own children.
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    }
-}
-
-/// Signals every process of a process group (one we made with `process_group(0)`).
-fn signal_group(pgid: u32, signal: i32) {
-    if let Ok(pgid) = i32::try_from(pgid)
-        && pgid > 1
-    {
-        // SAFETY: as above; a negative pid addresses the process group.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
-    }
-}
-
-/// The child gets SIGKILL when this benchmark dies without cleaning up (SIGKILL, panic abort):
-/// no server or load generator outlives it. Set after any uid change, so it survives that.
-fn kill_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Ctrl-C (or SIGTERM) stops the benchmark at the next step, so the guards below still run:
@@ -262,7 +224,8 @@ struct AgentRun<T> {
     bpf_stats_on: bool,
     vm_hwm_kb: u64,
     vm_rss_kb: u64,
-    summary: AgentSummary,
+    summary: ExitSummary,
+    export: ExportTotals,
 }
 
 impl<T> AgentRun<T> {
@@ -301,16 +264,17 @@ impl<T> AgentRun<T> {
 
     /// Spans built but dropped (export queue full) or failed, as counted by the agent.
     fn spans_lost(&self) -> u64 {
-        let s = &self.summary;
-        s.dropped.max(s.counter("spans_dropped_queue_full"))
-            + s.failed.max(s.counter("spans_export_failed"))
+        let (s, e) = (&self.summary, &self.export);
+        e.dropped.max(s.counter("spans_dropped_queue_full"))
+            + e.failed.max(s.counter("spans_export_failed"))
     }
 
     /// Spans built that were neither exported nor counted as dropped or failed.
     fn spans_unsettled(&self) -> u64 {
-        let s = &self.summary;
-        s.counter("spans_built")
-            .saturating_sub(s.exported + s.failed + s.dropped)
+        let e = &self.export;
+        self.summary
+            .counter("spans_built")
+            .saturating_sub(e.exported + e.failed + e.dropped)
     }
 }
 
@@ -377,7 +341,10 @@ fn measure_with_agent<T>(
     server_ticks: &dyn Fn() -> Result<u64>,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<AgentRun<T>> {
-    let agent = Agent::start(agent_bin, agent_args)?;
+    let mut agent = Agent::builder()
+        .binary(agent_bin)
+        .args(agent_args)
+        .start_console();
     let pid = agent.pid();
     // Let the start-up (process scan, first polls) finish before the baseline.
     thread::sleep(Duration::from_millis(500));
@@ -395,7 +362,15 @@ fn measure_with_agent<T>(
     let (vm_hwm_kb, vm_rss_kb) = memory_kb(pid)?;
     let bpf_stats_on = bpf_stats.is_on();
     bpf_stats.restore();
-    let summary = agent.stop()?;
+    agent.stop();
+    let summary = agent.exit_summary();
+    let (Some(export), true) = (summary.export, summary.counters.contains_key("spans_built"))
+    else {
+        bail!(
+            "the agent's summary lacks the export line or the spans_built counter:\n{}",
+            agent.stderr()
+        );
+    };
 
     let (other_load, server_load) = loads(&before, &after, clk_tck);
     let mut bpf = BTreeMap::new();
@@ -429,6 +404,7 @@ fn measure_with_agent<T>(
         vm_hwm_kb,
         vm_rss_kb,
         summary,
+        export,
     })
 }
 
@@ -471,61 +447,7 @@ fn wait_idle(pid: u32, clk_tck: u64) -> Result<bool> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes and files
-
-/// A private directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("agent-bench-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("no free loopback port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn child_pids(parent: u32) -> Result<Vec<u32>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").context("reading /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name: state, ppid, ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
-}
+// /proc and BPF statistics
 
 /// Processes whose command name is exactly `comm`.
 fn processes_named(comm: &str) -> Result<Vec<u32>> {
@@ -545,198 +467,6 @@ fn processes_named(comm: &str) -> Result<Vec<u32>> {
     }
     Ok(found)
 }
-
-fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The last `n` lines of a text (for error messages).
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-// ---------------------------------------------------------------------------------------------
-// The agent
-
-/// The agent, stopped (SIGINT, then SIGKILL) on drop unless `stop` already did.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    stopped: bool,
-}
-
-impl Agent {
-    fn start(bin: &Path, args: &[String]) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            // The console exporter prints every span: into /dev/null.
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        kill_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("agent stderr not captured"))?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut agent = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            stopped: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match agent.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    let ready = line.starts_with("agent ready");
-                    agent.log.push(line);
-                    if ready {
-                        return Ok(agent);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(status) = agent.child.try_wait()? {
-                        agent.stopped = true;
-                        bail!(
-                            "the agent exited with {status} before it was ready:\n{}",
-                            agent.log.join("\n")
-                        );
-                    }
-                    if Instant::now() > deadline {
-                        bail!(
-                            "the agent was not ready within 60 s:\n{}",
-                            agent.log.join("\n")
-                        );
-                    }
-                    check_interrupted()?;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = agent.child.wait()?;
-                    agent.stopped = true;
-                    bail!(
-                        "the agent exited with {status} before it was ready:\n{}",
-                        agent.log.join("\n")
-                    );
-                }
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGINT, then the summary the agent prints when it stops.
-    fn stop(mut self) -> Result<AgentSummary> {
-        send_signal(self.pid(), SIGINT);
-        let status = wait_timeout(&mut self.child, Duration::from_secs(60))?
-            .ok_or_else(|| anyhow!("the agent did not stop within 60 s of SIGINT"))?;
-        self.stopped = true;
-        // The reader thread ends at end of file.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.log.push(line);
-        }
-        if !status.success() {
-            bail!("the agent exited with {status}:\n{}", self.log.join("\n"));
-        }
-        parse_summary(&self.log).with_context(|| format!("agent output:\n{}", self.log.join("\n")))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        send_signal(self.pid(), SIGINT);
-        if !matches!(
-            wait_timeout(&mut self.child, Duration::from_secs(10)),
-            Ok(Some(_))
-        ) {
-            send_signal(self.pid(), SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-#[derive(Default)]
-struct AgentSummary {
-    counters: BTreeMap<String, u64>,
-    exported: u64,
-    failed: u64,
-    dropped: u64,
-}
-
-impl AgentSummary {
-    fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
-    }
-}
-
-fn parse_summary(lines: &[String]) -> Result<AgentSummary> {
-    let start = lines
-        .iter()
-        .position(|l| l.trim() == "agent: summary")
-        .ok_or_else(|| anyhow!("no \"agent: summary\" in the agent's output"))?;
-    let mut summary = AgentSummary::default();
-    let mut saw_export = false;
-    for line in &lines[start + 1..] {
-        let Some(body) = line.strip_prefix("  ") else {
-            continue;
-        };
-        if let Some(export) = body.trim().strip_prefix("export:") {
-            // "N exported, N failed, N dropped (queue full)"
-            for part in export.split(',') {
-                let mut words = part.split_whitespace();
-                let (Some(n), Some(what)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().with_context(|| format!("export line {line:?}"))?;
-                match what {
-                    "exported" => summary.exported = n,
-                    "failed" => summary.failed = n,
-                    "dropped" => summary.dropped = n,
-                    _ => {}
-                }
-            }
-            saw_export = true;
-        } else if let [name, value] = body.split_whitespace().collect::<Vec<_>>()[..]
-            && let Ok(value) = value.parse::<u64>()
-        {
-            summary.counters.insert(name.to_string(), value);
-        }
-    }
-    if !saw_export || !summary.counters.contains_key("spans_built") {
-        bail!("the agent's summary lacks the export line or the spans_built counter");
-    }
-    Ok(summary)
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc and BPF statistics
 
 /// utime + stime of a process (all its threads, including exited ones), in clock ticks.
 fn process_ticks(pid: u32) -> Result<u64> {
@@ -1142,27 +872,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_agent_summary() {
-        let lines: Vec<String> = "agent ready: press Ctrl-C to stop
-agent: stopping: detaching probes and flushing spans
-agent: summary
-  kernel_data_events           1033772
-  kernel_lost_ringbuf_full     2
-  http_exchanges               516890
-  spans_built                  516890
-  export: 516890 exported, 0 failed, 1 dropped (queue full)"
-            .lines()
-            .map(String::from)
-            .collect();
-        let s = parse_summary(&lines).expect("parse");
-        assert_eq!(s.counter("kernel_data_events"), 1_033_772);
-        assert_eq!(s.counter("kernel_lost_ringbuf_full"), 2);
-        assert_eq!(s.counter("http_exchanges"), 516_890);
-        assert_eq!((s.exported, s.failed, s.dropped), (516_890, 0, 1));
-        assert!(parse_summary(&lines[..2]).is_err());
-    }
-
-    #[test]
     fn replaces_only_the_section() {
         let (a, b) = ("<!-- bench:x:start -->", "<!-- bench:x:end -->");
         let old = format!("# B\n\nintro\n\n{a}\nold\n{b}\n\n## other\n");
@@ -1236,6 +945,5 @@ agent: summary
         assert_eq!(stat_ticks(stat, &[11, 12, 13, 14]).expect("ticks"), 17);
         assert!((median(vec![3.0, 1.0, 2.0, 10.0]) - 2.5).abs() < 1e-9);
         assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
-        assert_eq!(tail("a\nb\nc", 2), "b\nc");
     }
 }
