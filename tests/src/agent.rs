@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::collector::Collector;
 use crate::process::{ChildGuard, POLL, TestDir, read_text, tail};
+use crate::spans::{SpanFilter, Spans};
 use crate::workspace_dir;
 
 /// How long the agent may take to attach its probes and print `agent ready`.
@@ -382,6 +383,23 @@ stderr:
             .unwrap_or_default();
         let later = stderr.lines().filter(|l| l.contains("] selected ")).count() as u64;
         (at_start, later)
+    }
+
+    /// The end of a traced scenario: waits until `collector` received the spans `wanted` (each
+    /// filter matched at least its count, as [`Collector::wait_for_all`]; no wait when empty),
+    /// stops the agent ([`Agent::stop`]: SIGTERM, it flushes what it still holds) and returns
+    /// every span received once the collector's output settled ([`Collector::settle`]): what
+    /// the test asserts on, exact counts and absences included.
+    pub fn stop_and_collect(
+        &mut self,
+        collector: &Collector,
+        wanted: &[(&SpanFilter, usize)],
+    ) -> Spans {
+        if !wanted.is_empty() {
+            collector.wait_for_all(wanted);
+        }
+        self.stop();
+        collector.settle()
     }
 
     /// SIGKILL, as an administrator's `kill -9` would: nothing is flushed or detached by the

@@ -41,7 +41,7 @@ pub use postgres::{
     PsycopgPlan, PsycopgRun, ServerStatement, pgbench, pgbench_init, psql_run, psycopg_client,
 };
 pub use servers::{HttpServer, NginxServer, NodeServer, PyServer};
-pub use spans::{Checks, SpanFilter, Spans};
+pub use spans::{Checks, Failures, SpanFilter, Spans};
 pub use tls_receiver::{Pki, TlsExport, TlsReceiver, TlsReceiverOptions, TlsSpan};
 
 /// How long a test waits for expected spans to reach the collector. The agent flushes at
