@@ -174,6 +174,17 @@ fn open_log(path: &Path) -> fs::File {
         .unwrap_or_else(|e| panic!("cannot open log file {}: {e}", path.display()))
 }
 
+/// Every process in /proc now, by pid (unsorted; empty if /proc cannot be read).
+pub fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Reads a log file as text (lossy), empty if it does not exist yet.
 pub fn read_text(path: &Path) -> String {
     match fs::read(path) {

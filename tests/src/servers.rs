@@ -6,7 +6,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::process::{ChildGuard, POLL, TestDir, poll_until, read_text, tail};
+use crate::process::{ChildGuard, POLL, TestDir, pids, poll_until, read_text, tail};
 use crate::{fixture, free_port, nginx_bin, node_bin, port_open, python_bin};
 
 /// Body of `/hello` on the python and node servers.
@@ -356,18 +356,8 @@ impl Drop for NginxServer {
 /// Pids whose parent is `parent` (from /proc/*/stat).
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+    for pid in pids() {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
         // Fields after the parenthesised comm: state ppid ...

@@ -408,21 +408,51 @@ fn measure_with_agent<T>(
     })
 }
 
-/// Runs one pair: without then with the agent, or the other way round when `agent_first`.
-fn run_pair<T>(
+/// One pair of load runs: without and with the agent.
+struct Pair<T> {
+    /// The with-agent run came first.
     agent_first: bool,
-    without: impl FnOnce() -> Result<Measured<T>>,
-    with: impl FnOnce() -> Result<AgentRun<T>>,
-) -> Result<(Measured<T>, AgentRun<T>)> {
-    if agent_first {
-        let w = with()?;
+    without: Measured<T>,
+    with: AgentRun<T>,
+}
+
+/// Runs pair number `index` of `load`: without then with the agent (`agent_bin agent_args`),
+/// the other way round for odd pairs, so that drift cancels.
+fn run_pair<T>(
+    index: usize,
+    agent_bin: &Path,
+    agent_args: &[String],
+    clk_tck: u64,
+    bpf_stats: &mut BpfStats,
+    server_ticks: &dyn Fn() -> Result<u64>,
+    load: impl Fn() -> Result<T>,
+) -> Result<Pair<T>> {
+    let agent_first = index % 2 == 1;
+    let mut with = || {
+        measure_with_agent(
+            agent_bin,
+            agent_args,
+            clk_tck,
+            bpf_stats,
+            server_ticks,
+            &load,
+        )
+    };
+    let (without, with) = if agent_first {
+        let with = with()?;
         check_interrupted()?;
-        Ok((without()?, w))
+        (measure_without(clk_tck, server_ticks, &load)?, with)
     } else {
-        let wo = without()?;
+        let without = measure_without(clk_tck, server_ticks, &load)?;
         check_interrupted()?;
-        Ok((wo, with()?))
-    }
+        (without, with()?)
+    };
+    check_interrupted()?;
+    Ok(Pair {
+        agent_first,
+        without,
+        with,
+    })
 }
 
 /// Waits (at most 30 s) until the agent has used no CPU for 200 ms; false if it never settled.
@@ -450,22 +480,13 @@ fn wait_idle(pid: u32, clk_tck: u64) -> Result<bool> {
 // /proc and BPF statistics
 
 /// Processes whose command name is exactly `comm`.
-fn processes_named(comm: &str) -> Result<Vec<u32>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").context("reading /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm) {
-            found.push(pid);
-        }
-    }
-    Ok(found)
+fn processes_named(comm: &str) -> Vec<u32> {
+    testkit::process::pids()
+        .into_iter()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .collect()
 }
 
 /// utime + stime of a process (all its threads, including exited ones), in clock ticks.

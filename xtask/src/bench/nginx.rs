@@ -18,10 +18,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use testkit::{HttpServer as _, NginxServer, nginx_bin};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Measured, Options, SPAN_LOSS_COUNTERS,
-    check_interrupted, code_list, fmt_latency, measure_with_agent, measure_without, median,
-    nonzero_loss_counters, process_ticks, processes_named, render_bpf_programs, render_threads,
-    run_pair, yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
+    check_interrupted, code_list, fmt_latency, median, nonzero_loss_counters, process_ticks,
+    processes_named, render_bpf_programs, render_threads, run_pair, yes_no,
 };
 
 const NGINX_CPU: &str = "1";
@@ -37,7 +36,7 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
     let versions = Versions::read();
     let nginx = NginxServer::start_with(NGINX_CONF, Some(NGINX_CPU));
     let (master, worker) = (nginx.master_pid(), nginx.worker_pid());
-    let foreign_nginx = processes_named("nginx")?
+    let foreign_nginx = processes_named("nginx")
         .into_iter()
         .filter(|&pid| pid != master && pid != worker)
         .count();
@@ -63,27 +62,15 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
     let nginx_ticks = || Ok(process_ticks(master)? + process_ticks(worker)?);
     let mut pairs = Vec::with_capacity(opts.pairs);
     for index in 0..opts.pairs {
-        let agent_first = index % 2 == 1;
-        let (without, with) = run_pair(
-            agent_first,
-            || measure_without(cfg.clk_tck, &nginx_ticks, || run_wrk(&cfg)),
-            || {
-                measure_with_agent(
-                    agent_bin,
-                    &agent_args,
-                    cfg.clk_tck,
-                    bpf_stats,
-                    &nginx_ticks,
-                    || run_wrk(&cfg),
-                )
-            },
+        let pair = run_pair(
+            index,
+            agent_bin,
+            &agent_args,
+            cfg.clk_tck,
+            bpf_stats,
+            &nginx_ticks,
+            || run_wrk(&cfg),
         )?;
-        check_interrupted()?;
-        let pair = Pair {
-            agent_first,
-            without,
-            with,
-        };
         eprintln!(
             "bench: pair {}/{}: {:.0} req/s without, {:.0} with (ratio {:.3}), p99 {} / {}, agent {:.2} µs/req, BPF {:.0} ns/req",
             index + 1,
@@ -167,13 +154,7 @@ impl AgentRun<WrkStats> {
     }
 }
 
-struct Pair {
-    agent_first: bool,
-    without: Measured<WrkStats>,
-    with: AgentRun<WrkStats>,
-}
-
-impl Pair {
+impl Pair<WrkStats> {
     fn throughput_ratio(&self) -> f64 {
         self.with.run.client.rps / self.without.client.rps
     }
@@ -301,13 +282,13 @@ fn render(
     env: &Environment,
     versions: &Versions,
     cfg: &RunConfig,
-    pairs: &[Pair],
+    pairs: &[Pair<WrkStats>],
     bpf_stats: &BpfStats,
     foreign_nginx: usize,
 ) -> Result<String> {
     let tck = cfg.clk_tck;
-    let throughput = median(pairs.iter().map(Pair::throughput_ratio).collect());
-    let p99 = median(pairs.iter().map(Pair::p99_ratio).collect());
+    let throughput = median(pairs.iter().map(|p| p.throughput_ratio()).collect());
+    let p99 = median(pairs.iter().map(|p| p.p99_ratio()).collect());
     let cpu_req = median(
         pairs
             .iter()

@@ -30,10 +30,10 @@ use testkit::servers::children_of;
 use testkit::{PgServer, pgbench_init};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Measured, Options, SPAN_LOSS_COUNTERS,
-    check_interrupted, code_list, first_line, fmt_latency, measure_with_agent, measure_without,
-    median, nonzero_loss_counters, process_and_reaped_ticks, process_ticks, processes_named,
-    render_bpf_programs, render_threads, run_pair, yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
+    check_interrupted, code_list, first_line, fmt_latency, median, nonzero_loss_counters,
+    process_and_reaped_ticks, process_ticks, processes_named, render_bpf_programs, render_threads,
+    run_pair, yes_no,
 };
 
 pub(super) const MARK_START: &str = "<!-- bench:pg:start -->";
@@ -84,7 +84,7 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         server.pid()
     );
     pgbench_init(&server, DATABASE, SCALE);
-    let foreign_pgbench = processes_named("pgbench")?.len();
+    let foreign_pgbench = processes_named("pgbench").len();
     if foreign_pgbench > 0 {
         eprintln!(
             "bench: warning: {foreign_pgbench} other pgbench process(es) running: the agent traces them too"
@@ -113,29 +113,16 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         check_interrupted()?;
         let mut pairs = Vec::with_capacity(opts.pairs);
         for index in 0..opts.pairs {
-            let agent_first = index % 2 == 1;
-            let load = || run_pgbench(&server, &cfg, dir.path());
-            let (without, with) = run_pair(
-                agent_first,
-                || measure_without(cfg.clk_tck, &server_ticks, load),
-                || {
-                    measure_with_agent(
-                        agent_bin,
-                        &agent_args,
-                        cfg.clk_tck,
-                        bpf_stats,
-                        &server_ticks,
-                        load,
-                    )
-                },
+            let pair = run_pair(
+                index,
+                agent_bin,
+                &agent_args,
+                cfg.clk_tck,
+                bpf_stats,
+                &server_ticks,
+                || run_pgbench(&server, &cfg, dir.path()),
             )?;
-            check_interrupted()?;
             check_alive(&server)?;
-            let pair = Pair {
-                agent_first,
-                without,
-                with,
-            };
             eprintln!(
                 "bench: -M {} pair {}/{}: {:.0} TPS without, {:.0} with (ratio {:.3}), p99 {} / {}, \
                  agent {:.2} µs/query, BPF {:.0} ns/query, {} db_statements for {} queries",
@@ -189,16 +176,10 @@ struct RunConfig {
 
 struct ModeResult {
     cfg: RunConfig,
-    pairs: Vec<Pair>,
+    pairs: Vec<Pair<PgbenchStats>>,
 }
 
-struct Pair {
-    agent_first: bool,
-    without: Measured<PgbenchStats>,
-    with: AgentRun<PgbenchStats>,
-}
-
-impl Pair {
+impl Pair<PgbenchStats> {
     fn tps_ratio(&self) -> f64 {
         self.with.run.client.tps / self.without.client.tps
     }
@@ -457,18 +438,18 @@ impl Summary {
     fn of(r: &ModeResult) -> Self {
         let tck = r.cfg.clk_tck;
         let p = &r.pairs;
-        let med = |f: &dyn Fn(&Pair) -> f64| median(p.iter().map(f).collect());
-        let sum = |f: &dyn Fn(&Pair) -> u64| p.iter().map(f).sum::<u64>();
+        let med = |f: &dyn Fn(&Pair<PgbenchStats>) -> f64| median(p.iter().map(f).collect());
+        let sum = |f: &dyn Fn(&Pair<PgbenchStats>) -> u64| p.iter().map(f).sum::<u64>();
         Self {
             tps_without: med(&|p| p.without.client.tps),
             tps_with: med(&|p| p.with.run.client.tps),
-            tps_ratio: med(&Pair::tps_ratio),
-            avg_ratio: med(&Pair::avg_latency_ratio),
+            tps_ratio: med(&Pair::<PgbenchStats>::tps_ratio),
+            avg_ratio: med(&Pair::<PgbenchStats>::avg_latency_ratio),
             avg_without: med(&|p| p.without.client.latency_avg_us),
             avg_with: med(&|p| p.with.run.client.latency_avg_us),
             p50_without: med(&|p| p.without.client.p50_us),
             p50_with: med(&|p| p.with.run.client.p50_us),
-            p99_ratio: med(&Pair::p99_ratio),
+            p99_ratio: med(&Pair::<PgbenchStats>::p99_ratio),
             p99_without: med(&|p| p.without.client.p99_us),
             p99_with: med(&|p| p.with.run.client.p99_us),
             cpu_query: med(&|p| p.with.agent_us_per_query(tck)),
