@@ -1,12 +1,15 @@
-//! The agent under test, run as a child process.
+//! The agent under test, run as a child process: exporting to a test collector, or (for the
+//! benchmarks) printing its spans to the console, into /dev/null.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::collector::Collector;
 use crate::process::{ChildGuard, POLL, TestDir, read_text, tail};
+use crate::spans::{SpanFilter, Spans};
 use crate::workspace_dir;
 
 /// How long the agent may take to attach its probes and print `agent ready`.
@@ -46,6 +49,8 @@ impl OtlpProtocol {
 /// Command line of the agent: selection flags plus how it reaches the collector.
 #[derive(Debug, Clone)]
 pub struct AgentBuilder {
+    /// Else [`agent_bin`].
+    binary: Option<PathBuf>,
     args: Vec<String>,
     env: Vec<(String, String)>,
     protocol: OtlpProtocol,
@@ -92,6 +97,18 @@ impl AgentBuilder {
         self
     }
 
+    /// Extra arguments.
+    pub fn args(mut self, args: &[String]) -> Self {
+        self.args.extend_from_slice(args);
+        self
+    }
+
+    /// Runs this agent binary instead of [`agent_bin`] (e.g. the benchmark's release build).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
         self
@@ -125,9 +142,10 @@ impl AgentBuilder {
         }
     }
 
-    /// The agent's command, exporting to `endpoint`, and its command line for messages.
-    fn command(&self, endpoint: &str) -> (Command, String) {
-        let bin = agent_bin();
+    /// The agent's command, exporting to `endpoint` (none: the console exporter), and its
+    /// command line for messages.
+    fn command(&self, endpoint: Option<&str>) -> (Command, String) {
+        let bin = self.binary.clone().unwrap_or_else(agent_bin);
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -144,12 +162,16 @@ impl AgentBuilder {
             }
         }
         cmd.env_remove("OTEL_SERVICE_NAME");
-        if self.endpoint_via_env {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-                .env("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.as_str());
-        } else {
-            cmd.args(["--otlp-endpoint", endpoint])
-                .args(["--otlp-protocol", self.protocol.as_str()]);
+        match endpoint {
+            Some(endpoint) if self.endpoint_via_env => {
+                cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+                    .env("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.as_str());
+            }
+            Some(endpoint) => {
+                cmd.args(["--otlp-endpoint", endpoint])
+                    .args(["--otlp-protocol", self.protocol.as_str()]);
+            }
+            None => {}
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -169,7 +191,7 @@ impl AgentBuilder {
     /// Runs an agent that is expected to stop by itself at start-up (refused): waits up to
     /// [`READY_TIMEOUT`] and returns its exit status and stderr. Panics if it becomes ready.
     pub fn run_expecting_exit(self, collector: &Collector) -> (ExitStatus, String) {
-        let (cmd, command_line) = self.command(&self.collector_endpoint(collector));
+        let (cmd, command_line) = self.command(Some(&self.collector_endpoint(collector)));
         let dir = TestDir::new("agent");
         let stderr = dir.join("agent.err");
         let mut child = ChildGuard::spawn("agent", cmd, &dir.join("agent.out"), &stderr);
@@ -200,9 +222,19 @@ impl AgentBuilder {
 
     /// [`AgentBuilder::start`] with any OTLP endpoint (e.g. a [`crate::TlsReceiver`]'s).
     pub fn start_exporting_to(self, endpoint: &str) -> Agent {
-        let (cmd, command_line) = self.command(endpoint);
         let dir = TestDir::new("agent");
         let stdout = dir.join("agent.out");
+        self.start_logging(Some(endpoint), dir, stdout)
+    }
+
+    /// Starts the agent with its console exporter, which prints every span: into /dev/null
+    /// (what the benchmarks measure: every span built, formatted and written).
+    pub fn start_console(self) -> Agent {
+        self.start_logging(None, TestDir::new("agent"), PathBuf::from("/dev/null"))
+    }
+
+    fn start_logging(self, endpoint: Option<&str>, dir: TestDir, stdout: PathBuf) -> Agent {
+        let (cmd, command_line) = self.command(endpoint);
         let stderr = dir.join("agent.err");
         let mut child = ChildGuard::spawn("agent", cmd, &stdout, &stderr);
         let started = Instant::now();
@@ -254,6 +286,7 @@ pub struct Agent {
 impl Agent {
     pub fn builder() -> AgentBuilder {
         AgentBuilder {
+            binary: None,
             args: Vec::new(),
             env: Vec::new(),
             protocol: OtlpProtocol::Grpc,
@@ -276,8 +309,13 @@ impl Agent {
 
     /// The counters of the exit summary (after [`Agent::stop`]): every `  <name> <value>` line
     /// after `agent: summary`. Empty before the agent stopped.
-    pub fn summary_counters(&self) -> std::collections::BTreeMap<String, u64> {
-        parse_summary_counters(&self.stderr())
+    pub fn summary_counters(&self) -> BTreeMap<String, u64> {
+        self.exit_summary().counters
+    }
+
+    /// The exit summary (after [`Agent::stop`]): its counters and its export line.
+    pub fn exit_summary(&self) -> ExitSummary {
+        ExitSummary::parse(&self.stderr())
     }
 
     /// Where the agent serves /metrics (started with `--metrics-address`, port 0 allowed):
@@ -347,6 +385,23 @@ stderr:
         (at_start, later)
     }
 
+    /// The end of a traced scenario: waits until `collector` received the spans `wanted` (each
+    /// filter matched at least its count, as [`Collector::wait_for_all`]; no wait when empty),
+    /// stops the agent ([`Agent::stop`]: SIGTERM, it flushes what it still holds) and returns
+    /// every span received once the collector's output settled ([`Collector::settle`]): what
+    /// the test asserts on, exact counts and absences included.
+    pub fn stop_and_collect(
+        &mut self,
+        collector: &Collector,
+        wanted: &[(&SpanFilter, usize)],
+    ) -> Spans {
+        if !wanted.is_empty() {
+            collector.wait_for_all(wanted);
+        }
+        self.stop();
+        collector.settle()
+    }
+
     /// SIGKILL, as an administrator's `kill -9` would: nothing is flushed or detached by the
     /// agent itself.
     pub fn kill(&mut self) {
@@ -401,25 +456,70 @@ impl Drop for Agent {
     }
 }
 
-/// The `  <name> <value>` lines after the last `agent: summary` line (names without spaces,
-/// integer values; other lines are skipped).
-pub fn parse_summary_counters(stderr: &str) -> std::collections::BTreeMap<String, u64> {
-    let mut out = std::collections::BTreeMap::new();
-    let Some(start) = stderr.rfind("agent: summary") else {
-        return out;
-    };
-    for line in stderr[start..].lines().skip(1) {
-        if !line.starts_with(' ') {
-            break;
+/// What the agent prints when it stops, after its last `agent: summary` line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitSummary {
+    /// The `  <name> <value>` lines (names without spaces, integer values).
+    pub counters: BTreeMap<String, u64>,
+    /// `  export: N exported, N failed, N dropped (queue full)`, when printed.
+    pub export: Option<ExportTotals>,
+}
+
+/// The summary's export line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportTotals {
+    pub exported: u64,
+    pub failed: u64,
+    pub dropped: u64,
+}
+
+impl ExitSummary {
+    /// Parses the agent's stderr (empty when there is no `agent: summary` line). The summary
+    /// ends at the first line that is not indented; other indented lines are skipped.
+    pub fn parse(stderr: &str) -> ExitSummary {
+        let mut out = ExitSummary::default();
+        let Some(start) = stderr.rfind("agent: summary") else {
+            return out;
+        };
+        for line in stderr[start..].lines().skip(1) {
+            if !line.starts_with(' ') {
+                break;
+            }
+            if let Some(export) = line.trim().strip_prefix("export:") {
+                out.export = parse_export_line(export);
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some(value), None) = (words.next(), words.next(), words.next())
+                && let Ok(value) = value.parse::<u64>()
+            {
+                out.counters.insert(name.to_string(), value);
+            }
         }
-        let mut words = line.split_whitespace();
-        if let (Some(name), Some(value), None) = (words.next(), words.next(), words.next())
-            && let Ok(value) = value.parse::<u64>()
-        {
-            out.insert(name.to_string(), value);
+        out
+    }
+
+    /// A counter's value, 0 when the summary does not list it (counters at zero are hidden
+    /// without --verbose).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// `N exported, N failed, N dropped (queue full)`.
+fn parse_export_line(text: &str) -> Option<ExportTotals> {
+    let mut totals = ExportTotals::default();
+    for part in text.split(',') {
+        let mut words = part.split_whitespace();
+        let n: u64 = words.next()?.parse().ok()?;
+        match words.next()? {
+            "exported" => totals.exported = n,
+            "failed" => totals.failed = n,
+            "dropped" => totals.dropped = n,
+            _ => return None,
         }
     }
-    out
+    Some(totals)
 }
 
 #[cfg(test)]
@@ -437,10 +537,40 @@ mod tests {
                       \x20 export: 3 exported, 0 failed, 0 dropped (queue full)\n\
                       agent: bye\n\
                       \x20 not_a_counter 9\n";
-        let counters = parse_summary_counters(stderr);
+        let summary = ExitSummary::parse(stderr);
+        let counters = &summary.counters;
         assert_eq!(counters.get("data_events"), Some(&120));
         assert_eq!(counters.get("traceparent_injected"), Some(&7));
         assert_eq!(counters.len(), 2, "{counters:?}");
-        assert!(parse_summary_counters("agent ready").is_empty());
+        assert_eq!(summary.counter("data_events"), 120);
+        assert_eq!(summary.counter("spans_built"), 0);
+        assert_eq!(
+            summary.export,
+            Some(ExportTotals {
+                exported: 3,
+                failed: 0,
+                dropped: 0
+            })
+        );
+        assert_eq!(ExitSummary::parse("agent ready"), ExitSummary::default());
+        // The benchmark's: aligned values, a span dropped.
+        let dropping = ExitSummary::parse(
+            "agent: summary\n\
+             \x20 kernel_data_events           1033772\n\
+             \x20 kernel_lost_ringbuf_full     2\n\
+             \x20 spans_built                  516890\n\
+             \x20 export: 516889 exported, 0 failed, 1 dropped (queue full)",
+        );
+        assert_eq!(dropping.counter("kernel_data_events"), 1_033_772);
+        assert_eq!(dropping.counter("kernel_lost_ringbuf_full"), 2);
+        assert_eq!(dropping.counter("spans_built"), 516_890);
+        assert_eq!(
+            dropping.export.map(|e| (e.exported, e.failed, e.dropped)),
+            Some((516_889, 0, 1))
+        );
+        assert_eq!(
+            ExitSummary::parse("agent: summary\n  export: garbled\n").export,
+            None
+        );
     }
 }

@@ -22,6 +22,27 @@ pub struct Timing {
     pub duration_nanos: u64,
 }
 
+impl Timing {
+    /// A window from a client's JSON summary: `start_ns`, `end_ns` and `dur_ns` (else end −
+    /// start), each a number or a string of digits (node prints integers beyond 2^53 as strings).
+    pub(crate) fn from_json(o: &serde_json::Value) -> Option<Timing> {
+        let nanos = |key: &str| {
+            let v = o.get(key)?;
+            v.as_u64().or_else(|| v.as_str()?.parse().ok())
+        };
+        let (start, end) = (nanos("start_ns")?, nanos("end_ns")?);
+        let duration = match o.get("dur_ns") {
+            Some(_) => nanos("dur_ns")?,
+            None => end.checked_sub(start)?,
+        };
+        Some(Timing {
+            start_unix_nanos: start,
+            end_unix_nanos: end,
+            duration_nanos: duration,
+        })
+    }
+}
+
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

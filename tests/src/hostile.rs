@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::json::{self, Json};
 use crate::process::{TestDir, poll_until, run_to_completion, tail};
 use crate::servers::ScriptServer;
 use crate::services::Gated;
 use crate::{fixture, python_bin};
+use serde_json::{Value, json};
 
 /// `traceparent: 00-<32 hex>-<16 hex>-<2 hex>\r\n`
 pub const TRACEPARENT_LINE_LEN: usize = 70;
@@ -200,25 +200,22 @@ impl Case {
         })
     }
 
-    fn to_json(&self) -> String {
-        let mut steps = Vec::new();
-        for s in &self.steps {
-            steps.push(match s {
-                Step::Send(b) => format!("{{\"send\":\"{}\"}}", hex(b)),
+    fn to_json(&self) -> Value {
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Send(b) => json!({ "send": hex(b) }),
                 Step::Dribble { bytes, gap_ms } => {
-                    format!("{{\"dribble\":\"{}\",\"gap_ms\":{gap_ms}}}", hex(bytes))
+                    json!({ "dribble": hex(bytes), "gap_ms": gap_ms })
                 }
-                Step::Pause(ms) => format!("{{\"pause_ms\":{ms}}}"),
-                Step::Answers(n) => format!("{{\"answers\":{n}}}"),
-                Step::EndShutdown => "{\"end\":\"shutdown\"}".to_string(),
-                Step::EndRead => "{\"end\":\"read\"}".to_string(),
-            });
-        }
-        format!(
-            "{{\"name\":\"{}\",\"steps\":[{}]}}",
-            self.name,
-            steps.join(",")
-        )
+                Step::Pause(ms) => json!({ "pause_ms": ms }),
+                Step::Answers(n) => json!({ "answers": n }),
+                Step::EndShutdown => json!({ "end": "shutdown" }),
+                Step::EndRead => json!({ "end": "read" }),
+            })
+            .collect();
+        json!({ "name": self.name, "steps": steps })
     }
 }
 
@@ -573,7 +570,7 @@ fn parse_results(stdout: &str) -> Vec<CaseResult> {
     stdout
         .lines()
         .filter_map(|line| {
-            let j = json::parse(line).ok()?;
+            let j: Value = serde_json::from_str(line).ok()?;
             Some(CaseResult {
                 name: j.get("name")?.as_str()?.to_string(),
                 local_port: j.get("local_port")?.as_u64()? as u16,
@@ -584,8 +581,8 @@ fn parse_results(stdout: &str) -> Vec<CaseResult> {
                     .filter_map(|s| s.as_u64().map(|s| s as u16))
                     .collect(),
                 received: unhex(j.get("received")?.as_str()?)?,
-                error: j.get("error").and_then(Json::as_str).map(str::to_string),
-                reset: j.get("reset").and_then(Json::as_str).map(str::to_string),
+                error: j.get("error").and_then(Value::as_str).map(str::to_string),
+                reset: j.get("reset").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect()
@@ -602,8 +599,8 @@ impl HostileClient {
     pub fn new(port: u16, cases: &[Case]) -> HostileClient {
         let dir = TestDir::new("hostile-plan");
         let plan: PathBuf = dir.join("plan.json");
-        let json: Vec<String> = cases.iter().map(Case::to_json).collect();
-        std::fs::write(&plan, format!("[{}]", json.join(",\n"))).expect("write the plan");
+        let json: Vec<Value> = cases.iter().map(Case::to_json).collect();
+        std::fs::write(&plan, Value::from(json).to_string()).expect("write the plan");
         let mut cmd = Command::new(python_bin());
         cmd.arg(fixture("hostile_client.py"))
             .arg("127.0.0.1")
@@ -960,9 +957,9 @@ mod tests {
             .answers(1)
             .end_shutdown();
         assert_eq!(case.sent(), [a.clone(), b"xyz".to_vec()].concat());
-        let json = case.to_json();
-        let parsed = json::parse(&json).expect("valid JSON");
-        let steps = parsed.get("steps").and_then(Json::as_array).unwrap();
+        let json = case.to_json().to_string();
+        let parsed: Value = serde_json::from_str(&json).expect("valid JSON");
+        let steps = parsed.get("steps").and_then(Value::as_array).unwrap();
         assert_eq!(steps.len(), 6);
         let written: Vec<u8> = steps[..3]
             .iter()

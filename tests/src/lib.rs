@@ -13,7 +13,6 @@ pub mod agent;
 pub mod clients;
 pub mod collector;
 pub mod hostile;
-mod json;
 pub mod metrics;
 pub mod netns;
 pub mod pg_clients;
@@ -31,7 +30,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-pub use agent::{Agent, AgentBuilder, OtlpProtocol};
+pub use agent::{Agent, AgentBuilder, ExitSummary, ExportTotals, OtlpProtocol};
 pub use clients::{
     ClientRun, Curl, CurlResult, CurlTransfer, RawMode, RequestResult, Timing, node_client,
     pipeline_client, py_client, raw_client,
@@ -42,7 +41,7 @@ pub use postgres::{
     PsycopgPlan, PsycopgRun, ServerStatement, pgbench, pgbench_init, psql_run, psycopg_client,
 };
 pub use servers::{HttpServer, NginxServer, NodeServer, PyServer};
-pub use spans::{Checks, SpanFilter, Spans};
+pub use spans::{Checks, Failures, SpanFilter, Spans};
 pub use tls_receiver::{Pki, TlsExport, TlsReceiver, TlsReceiverOptions, TlsSpan};
 
 /// How long a test waits for expected spans to reach the collector. The agent flushes at

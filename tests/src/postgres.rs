@@ -11,9 +11,9 @@
 //! Every client connects with `sslmode=disable gssencmode=disable`, so the first bytes on the
 //! wire are the StartupMessage (no SSLRequest / GSSENCRequest).
 
-use crate::json;
+use serde_json::Value;
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,35 @@ pub const PSQL_DEMO_ERRORS: [(usize, &str); 2] = [
 /// builtin script with `-n`): `select count(*) from pgbench_branches` and a query of the
 /// partitioning of `pgbench_accounts`.
 pub const PGBENCH_SETUP_STATEMENTS: usize = 2;
+
+/// How every cluster is made (`initdb -D <data>` and these): trust authentication, the
+/// superuser [`PG_USER`], C locale (English messages), no fsync of the new files.
+pub const INITDB_OPTIONS: [&str; 9] = [
+    "-A",
+    "trust",
+    "-U",
+    PG_USER,
+    "-E",
+    "UTF8",
+    "--locale=C",
+    "--no-sync",
+    "--no-instructions",
+];
+/// Settings of every cluster, besides its port, listen address and socket directory: no SSL
+/// (the first bytes on the wire are the StartupMessage), no fsync, no autovacuum (no
+/// background workers come and go), English messages.
+pub const SERVER_SETTINGS: [&str; 4] = ["ssl=off", "fsync=off", "autovacuum=off", "lc_messages=C"];
+/// What the end-to-end tests' clusters add: every statement and connection logged (the
+/// ground truth of [`PgServer::statements`]), fewer durability costs and connections.
+const TEST_SETTINGS: [&str; 7] = [
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "max_connections=30",
+    "log_statement=all",
+    "log_min_error_statement=error",
+    "log_connections=on",
+    "log_disconnections=on",
+];
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -217,8 +246,7 @@ fn pg_template(user: Option<(u32, u32)>) -> &'static Path {
         initdb
             .arg("-D")
             .arg(building.join("data"))
-            .args(["-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C"])
-            .args(["--no-sync", "--no-instructions"])
+            .args(INITDB_OPTIONS)
             .current_dir(&building)
             .env("LC_ALL", "C");
         run_as(&mut initdb, user);
@@ -242,32 +270,13 @@ fn pg_template(user: Option<(u32, u32)>) -> &'static Path {
     })
 }
 
-/// Environment of every client: no inherited `PG*` variable, TCP to the server, no SSL/GSS.
-fn client_command(program: &Path, server: &PgServer, db: &str) -> Command {
-    let mut cmd = Command::new(program);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("PGHOST", &server.address)
-        .env("PGPORT", server.port().to_string())
-        .env("PGUSER", PG_USER)
-        .env("PGDATABASE", db)
-        .env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "10");
-    cmd
-}
-
 /// A private PostgreSQL cluster on 127.0.0.1:<free port>: a copy of a cluster made once by
 /// initdb, on tmpfs when there is one (`/dev/shm/agent-e2e/pg-data-*`); log and Unix socket in
 /// a [`TestDir`]. Dropping it does a fast shutdown (SIGINT), then SIGKILLs the process group,
 /// also while a test panics (then the server log's tail is printed and the directories kept).
 ///
-/// Settings: trust authentication, superuser `postgres`, `ssl=off`, `fsync=off`,
-/// `autovacuum=off` (no background workers come and go), `log_statement=all`,
-/// `log_connections`/`log_disconnections` on, C locale (English messages).
+/// Made with [`INITDB_OPTIONS`], run with [`SERVER_SETTINGS`] and, for the tests, every
+/// statement and connection logged.
 pub struct PgServer {
     child: ChildGuard,
     /// The address it listens on (127.0.0.1, or a network namespace's address).
@@ -283,17 +292,25 @@ impl PgServer {
     /// Copies the template cluster and starts it, waiting until the postmaster accepts
     /// connections: about 0.2 s (plus about 1 s for initdb the first time on a machine).
     pub fn start() -> PgServer {
-        Self::start_impl(None)
+        Self::start_impl(None, None)
+    }
+
+    /// The cluster as `cargo xtask bench` measures it: [`SERVER_SETTINGS`] only (no
+    /// statement or connection log: each would cost every query a log write), the postmaster
+    /// pinned on `cpu` with `taskset -c` (every backend it forks inherits that).
+    pub fn start_bench(cpu: &str) -> PgServer {
+        Self::start_impl(None, Some(cpu))
     }
 
     /// The same cluster in a network namespace ("host"), listening on the host's address
     /// only: `ip netns exec <ns> setpriv --reuid postgres ... postgres ...` (the pid is the
     /// postmaster's: both exec). Clients anywhere reach it at [`PgServer::address`].
     pub fn start_in(host: &crate::netns::Host) -> PgServer {
-        Self::start_impl(Some(host))
+        Self::start_impl(Some(host), None)
     }
 
-    fn start_impl(host: Option<&crate::netns::Host>) -> PgServer {
+    /// `bench_cpu`: benchmark settings, pinned on that CPU (see [`PgServer::start_bench`]).
+    fn start_impl(host: Option<&crate::netns::Host>, bench_cpu: Option<&str>) -> PgServer {
         let address = host.map_or_else(|| "127.0.0.1".to_string(), |h| h.ip().to_string());
         let dir = TestDir::new("pg");
         let user = server_os_user();
@@ -317,7 +334,15 @@ impl PgServer {
             let port = free_port();
             let log = dir.join(&format!("postgres-{attempt}.log"));
             let mut cmd = match (host, user) {
-                (None, _) => Command::new(pg_bin("postgres")),
+                (None, _) => match bench_cpu {
+                    // taskset execs postgres: the child's pid is the postmaster's.
+                    Some(cpu) => {
+                        let mut cmd = Command::new("taskset");
+                        cmd.args(["-c", cpu]).arg(pg_bin("postgres"));
+                        cmd
+                    }
+                    None => Command::new(pg_bin("postgres")),
+                },
                 (Some(host), None) => host.command(pg_bin("postgres")),
                 // `ip netns exec` needs root: drop to the postgres user inside, and keep the
                 // parent-death signal (a change of uid clears it).
@@ -344,25 +369,16 @@ impl PgServer {
                 )
                 .unwrap_or_else(|e| panic!("write {}: {e}", hba_file.display()));
             }
-            let mut settings = vec![listen_setting.as_str()];
+            let mut settings = vec![listen_setting.as_str(), socket_setting.as_str()];
             if host.is_some() {
                 settings.push(hba_setting.as_str());
             }
-            for setting in settings.into_iter().chain([
-                socket_setting.as_str(),
-                "ssl=off",
-                "fsync=off",
-                "synchronous_commit=off",
-                "full_page_writes=off",
-                "autovacuum=off",
-                "max_connections=30",
-                "log_statement=all",
-                "log_min_error_statement=error",
-                "log_connections=on",
-                "log_disconnections=on",
-                "lc_messages=C",
-                prefix_setting.as_str(),
-            ]) {
+            settings.extend(SERVER_SETTINGS);
+            if bench_cpu.is_none() {
+                settings.extend(TEST_SETTINGS);
+                settings.push(prefix_setting.as_str());
+            }
+            for setting in settings {
                 cmd.arg("-c").arg(setting);
             }
             cmd.current_dir(&root).env("LC_ALL", "C");
@@ -443,6 +459,25 @@ impl PgServer {
         read_text(&self.log)
     }
 
+    /// A client of this server: `program` without any inherited `PG*` variable, with libpq's
+    /// variables set to reach database `db` over TCP as [`PG_USER`], without SSL or GSS.
+    pub fn client_command(&self, program: impl AsRef<OsStr>, db: &str) -> Command {
+        let mut cmd = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("PGHOST", &self.address)
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", PG_USER)
+            .env("PGDATABASE", db)
+            .env("PGSSLMODE", "disable")
+            .env("PGGSSENCMODE", "disable")
+            .env("PGCONNECT_TIMEOUT", "10");
+        cmd
+    }
+
     /// libpq connection string for `db` over TCP, e.g. for psycopg.
     pub fn conninfo(&self, db: &str) -> String {
         format!(
@@ -490,7 +525,7 @@ impl PgServer {
 
     /// [`PgServer::psql`] in database `db`.
     pub fn psql_in(&self, db: &str, sql: &str) -> String {
-        let mut cmd = client_command(&pg_bin("psql"), self, db);
+        let mut cmd = self.client_command(pg_bin("psql"), db);
         cmd.env("PGAPPNAME", "e2e-admin").args([
             "-X",
             "-q",
@@ -869,7 +904,7 @@ pub fn psql_run(server: &PgServer, db: &str, statements: &[&str]) -> PsqlRun {
         text.push_str(";\n");
     }
     fs::write(&script, &text).expect("write psql script");
-    let mut cmd = client_command(&pg_bin("psql"), server, db);
+    let mut cmd = server.client_command(pg_bin("psql"), db);
     cmd.args(["-X", "-v", "VERBOSITY=verbose", "-f"])
         .arg(&script);
     let start = unix_nanos_now();
@@ -1016,7 +1051,7 @@ pub struct PgbenchInit {
 /// `pgbench -i -s <scale>` in `db` (creates and fills the pgbench tables; 100 000 accounts per
 /// unit of scale).
 pub fn pgbench_init(server: &PgServer, db: &str, scale: u32) -> PgbenchInit {
-    let mut cmd = client_command(&pg_bin("pgbench"), server, db);
+    let mut cmd = server.client_command(pg_bin("pgbench"), db);
     cmd.args(["-i", "-q", "-s", &scale.to_string()]);
     let start = unix_nanos_now();
     let (status, stdout, stderr, pid) = run_to_completion("pgbench-init", cmd, CLIENT_TIMEOUT);
@@ -1102,7 +1137,7 @@ impl PgbenchRun {
 pub fn pgbench(server: &PgServer, db: &str, options: PgbenchOptions) -> PgbenchRun {
     let dir = TestDir::new("pgbench");
     let log_prefix = dir.join("txn");
-    let mut cmd = client_command(&pg_bin("pgbench"), server, db);
+    let mut cmd = server.client_command(pg_bin("pgbench"), db);
     cmd.args(["-n", "-j", "1", "-M", options.mode.as_str()])
         .args(["-b", options.script.name()])
         .args(["-c", &options.clients.to_string()])
@@ -1279,7 +1314,7 @@ impl PsycopgRun {
 /// the plan.
 pub fn psycopg_client(server: &PgServer, db: &str, plan: PsycopgPlan) -> PsycopgRun {
     let conninfo = format!("{} application_name=e2e-psycopg", server.conninfo(db));
-    let mut cmd = client_command(python_bin(), server, db);
+    let mut cmd = server.client_command(python_bin(), db);
     cmd.arg(fixture("pg_psycopg.py")).arg(conninfo).args([
         plan.simple.to_string(),
         plan.prepared.to_string(),
@@ -1291,7 +1326,7 @@ pub fn psycopg_client(server: &PgServer, db: &str, plan: PsycopgPlan) -> Psycopg
     let parsed = line
         .ok_or_else(|| "no JSON line".to_string())
         .and_then(|l| {
-            let value = json::parse(l)?;
+            let value: Value = serde_json::from_str(l).map_err(|e| e.to_string())?;
             parse_psycopg_summary(&value, l).ok_or_else(|| format!("unexpected JSON shape: {l}"))
         });
     let run = match (status.success(), parsed) {
@@ -1315,20 +1350,11 @@ pub fn psycopg_client(server: &PgServer, db: &str, plan: PsycopgPlan) -> Psycopg
     run
 }
 
-fn parse_psycopg_summary(v: &json::Json, raw: &str) -> Option<PsycopgRun> {
-    let timing = |o: &json::Json| -> Option<Timing> {
-        Some(Timing {
-            start_unix_nanos: o.get("start_ns")?.as_u64()?,
-            end_unix_nanos: o.get("end_ns")?.as_u64()?,
-            duration_nanos: match o.get("dur_ns") {
-                Some(d) => d.as_u64()?,
-                None => o.get("end_ns")?.as_u64()? - o.get("start_ns")?.as_u64()?,
-            },
-        })
-    };
-    let opt_str = |o: &json::Json| -> Option<Option<String>> {
+fn parse_psycopg_summary(v: &Value, raw: &str) -> Option<PsycopgRun> {
+    let timing = Timing::from_json;
+    let opt_str = |o: &Value| -> Option<Option<String>> {
         match o {
-            json::Json::Null => Some(None),
+            Value::Null => Some(None),
             other => Some(Some(other.as_str()?.to_string())),
         }
     };
@@ -1525,25 +1551,5 @@ PGLOG pid=5 remote=127.0.0.1(1000) sqlstate=42601 app=psql| STATEMENT:  SELEC 1;
         assert_eq!(local.client_port, None);
         assert!(parse_backend_title(9, "postgres: checkpointer ").is_none());
         assert!(parse_backend_title(9, "postgres: logical replication launcher").is_none());
-    }
-
-    #[test]
-    fn reads_json() {
-        let v = json::parse(
-            r#"{"a": 1795398762260945123, "b": [true, null, "x\"\\\u00e9\ud83d\ude00"], "c": {}, "d": -1.5e3}"#,
-        )
-        .expect("parses");
-        assert_eq!(
-            v.get("a").and_then(|a| a.as_u64()),
-            Some(1_795_398_762_260_945_123)
-        );
-        let b = v.get("b").and_then(|b| b.as_array()).expect("array");
-        assert_eq!(b[0], json::Json::Bool(true));
-        assert_eq!(b[1], json::Json::Null);
-        assert_eq!(b[2].as_str(), Some("x\"\\é😀"));
-        assert_eq!(v.get("c"), Some(&json::Json::Object(vec![])));
-        assert!(json::parse("{\"a\": 1} x").is_err());
-        assert!(json::parse("{\"a\" 1}").is_err());
-        assert!(json::parse("[1,]").is_err());
     }
 }

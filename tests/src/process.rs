@@ -73,15 +73,7 @@ impl ChildGuard {
     /// Spawns a command whose stdio the caller already configured.
     pub fn spawn_configured(name: &str, mut cmd: Command) -> ChildGuard {
         cmd.process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        kill_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {name} ({cmd:?}): {e}"));
@@ -160,12 +152,37 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The child gets SIGKILL when the process that spawned it dies, even without cleaning up
+/// (SIGKILL, abort). Set after any uid change of `cmd`, so it survives that.
+pub fn kill_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn open_log(path: &Path) -> fs::File {
     fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .unwrap_or_else(|e| panic!("cannot open log file {}: {e}", path.display()))
+}
+
+/// Every process in /proc now, by pid (unsorted; empty if /proc cannot be read).
+pub fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Reads a log file as text (lossy), empty if it does not exist yet.

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::process::{ChildGuard, POLL, TestDir, poll_until, read_text, tail};
+use crate::process::{ChildGuard, POLL, TestDir, pids, poll_until, read_text, tail};
 use crate::{fixture, free_port, nginx_bin, node_bin, port_open, python_bin};
 
 /// Body of `/hello` on the python and node servers.
@@ -242,6 +242,18 @@ impl NginxServer {
         fs::write(prefix.join("html/large.bin"), large).expect("write large.bin");
         let template =
             fs::read_to_string(fixture("nginx.conf.template")).expect("read nginx.conf.template");
+        Self::start_in(dir, &template, None)
+    }
+
+    /// nginx with another configuration: `template` with `@PREFIX@` (its private directory)
+    /// and `@PORT@` replaced, as in the fixture; its master (so its worker too) pinned on
+    /// `cpu` with `taskset -c` when given (the benchmark's nginx).
+    pub fn start_with(template: &str, cpu: Option<&str>) -> NginxServer {
+        Self::start_in(TestDir::new("nginx"), template, cpu)
+    }
+
+    fn start_in(dir: TestDir, template: &str, cpu: Option<&str>) -> NginxServer {
+        let prefix = dir.path();
         let mut last_error = String::new();
         for attempt in 0..3 {
             let port = free_port();
@@ -253,7 +265,15 @@ impl NginxServer {
                     .replace("@PORT@", &port.to_string()),
             )
             .expect("write nginx.conf");
-            let mut cmd = Command::new(nginx_bin());
+            // taskset execs nginx: the child's pid is the master's.
+            let mut cmd = match cpu {
+                Some(cpu) => {
+                    let mut cmd = Command::new("taskset");
+                    cmd.args(["-c", cpu]).arg(nginx_bin());
+                    cmd
+                }
+                None => Command::new(nginx_bin()),
+            };
             cmd.arg("-p")
                 .arg(prefix)
                 .arg("-c")
@@ -336,18 +356,8 @@ impl Drop for NginxServer {
 /// Pids whose parent is `parent` (from /proc/*/stat).
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+    for pid in pids() {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
         // Fields after the parenthesised comm: state ppid ...

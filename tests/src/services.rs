@@ -23,13 +23,13 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use crate::json::{self, Json};
 use crate::netns::{Host, wait_tcp};
 use crate::pg_clients::node_pg_dir;
 use crate::postgres::PgServer;
 use crate::process::{ChildGuard, TestDir, poll_until, read_text, run_to_completion, tail};
 use crate::servers::{ScriptServer, children_of};
 use crate::{fixture, nginx_bin, node_bin, python_bin};
+use serde_json::Value;
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -519,7 +519,7 @@ pub struct HeaderClientRun {
     pub exchanges: Vec<HeaderExchange>,
 }
 
-fn string_pairs(value: Option<&Json>) -> Option<Vec<(String, String)>> {
+fn string_pairs(value: Option<&Value>) -> Option<Vec<(String, String)>> {
     let items = value?.as_array()?;
     // Either [[n, v], ...] or the flat [n, v, n, v, ...] of node's rawHeaders.
     if items.iter().all(|i| i.as_array().is_some()) {
@@ -547,7 +547,7 @@ fn string_pairs(value: Option<&Json>) -> Option<Vec<(String, String)>> {
 }
 
 fn parse_exchange(line: &str) -> Option<HeaderExchange> {
-    let j = json::parse(line).ok()?;
+    let j: Value = serde_json::from_str(line).ok()?;
     let server = j.get("server")?;
     Some(HeaderExchange {
         index: j.get("i")?.as_u64()? as usize,
@@ -559,15 +559,18 @@ fn parse_exchange(line: &str) -> Option<HeaderExchange> {
         local_port: j.get("local_port")?.as_u64()? as u16,
         status: j.get("status")?.as_u64()? as u16,
         server_headers: string_pairs(server.get("raw")).unwrap_or_default(),
-        server_len: server.get("len").and_then(Json::as_u64).unwrap_or(u64::MAX),
+        server_len: server
+            .get("len")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX),
         server_sha256: server
             .get("sha256")
-            .and_then(Json::as_str)
+            .and_then(Value::as_str)
             .unwrap_or("")
             .to_string(),
         server_traceparents: server
             .get("tp")
-            .and_then(Json::as_array)
+            .and_then(Value::as_array)
             .map(|a| {
                 a.iter()
                     .filter_map(|v| v.as_str().map(str::to_string))
@@ -736,23 +739,21 @@ impl SoakPlan {
     }
 
     fn to_json(&self) -> String {
-        let sizes: Vec<String> = self.post_sizes.iter().map(|s| s.to_string()).collect();
-        format!(
-            "{{\"gets\":{},\"connections\":{},\"posts\":{},\"post_sizes\":[{}],\"post_max\":{},\
-             \"small_posts\":{},\"small_max\":{},\"chunked\":{},\"chunked_max\":{},\"pipeline_batches\":{},\"pipeline_depth\":{},\"splits\":{}}}",
-            self.gets,
-            self.connections,
-            self.posts,
-            sizes.join(","),
-            self.post_max,
-            self.small_posts,
-            self.small_max,
-            self.chunked,
-            self.chunked_max,
-            self.pipeline_batches,
-            self.pipeline_depth,
-            self.splits
-        )
+        serde_json::json!({
+            "gets": self.gets,
+            "connections": self.connections,
+            "posts": self.posts,
+            "post_sizes": self.post_sizes,
+            "post_max": self.post_max,
+            "small_posts": self.small_posts,
+            "small_max": self.small_max,
+            "chunked": self.chunked,
+            "chunked_max": self.chunked_max,
+            "pipeline_batches": self.pipeline_batches,
+            "pipeline_depth": self.pipeline_depth,
+            "splits": self.splits,
+        })
+        .to_string()
     }
 }
 
@@ -832,7 +833,7 @@ fn parse_soak(
     let summary = stdout
         .lines()
         .rev()
-        .find_map(|l| json::parse(l).ok())
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
         .unwrap_or_else(|| {
             panic!(
                 "soak_client.js (pid {pid}) printed no summary: exit {status}\nstdout:\n{}\nstderr:\n{}\nserver stderr:\n{}",
@@ -846,9 +847,9 @@ fn parse_soak(
         "soak_client.js (pid {pid}) exited with {status}\nstderr:\n{}",
         tail(stderr, 30)
     );
-    let num = |j: &Json, k: &str| j.get(k).and_then(Json::as_u64).unwrap_or(0);
+    let num = |j: &Value, k: &str| j.get(k).and_then(Value::as_u64).unwrap_or(0);
     let mut classes = BTreeMap::new();
-    if let Some(Json::Object(fields)) = summary.get("classes") {
+    if let Some(Value::Object(fields)) = summary.get("classes") {
         for (name, c) in fields {
             classes.insert(
                 name.clone(),
@@ -864,7 +865,7 @@ fn parse_soak(
         }
     }
     let mut phases = BTreeMap::new();
-    if let Some(Json::Object(fields)) = summary.get("phases") {
+    if let Some(Value::Object(fields)) = summary.get("phases") {
         for (name, ms) in fields {
             phases.insert(name.clone(), ms.as_u64().unwrap_or(0));
         }
@@ -872,7 +873,7 @@ fn parse_soak(
     let strings = |k: &str| -> Vec<String> {
         summary
             .get(k)
-            .and_then(Json::as_array)
+            .and_then(Value::as_array)
             .map(|a| {
                 a.iter()
                     .filter_map(|v| v.as_str().map(str::to_string))

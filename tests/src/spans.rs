@@ -382,11 +382,69 @@ impl Checks {
     }
 }
 
+/// Soft assertions over a whole test (many spans, requests, counters): every failure is
+/// collected, then [`Failures::finish`] panics once listing all of them, so one run shows
+/// everything that went wrong.
+#[derive(Debug, Default)]
+pub struct Failures(Vec<String>);
+
+impl Failures {
+    pub fn add(&mut self, what: impl Into<String>) {
+        self.0.push(what.into());
+    }
+
+    pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(what());
+        }
+    }
+
+    /// Panics listing every failure (if any), numbered, under the name of `test`.
+    pub fn finish(self, test: &str) {
+        if !self.0.is_empty() {
+            let list: Vec<String> = self
+                .0
+                .iter()
+                .enumerate()
+                .map(|(i, f)| format!("({}) {f}", i + 1))
+                .collect();
+            panic!(
+                "{test}: {} failure(s):\n{}",
+                self.0.len(),
+                list.join("\n\n")
+            );
+        }
+    }
+}
+
 fn show(value: Option<&AttrValue>) -> String {
     match value {
         None => "nothing (attribute missing)".to_string(),
         Some(AttrValue::Str(s)) => format!("Str({s:?})"),
         Some(AttrValue::Int(v)) => format!("Int({v})"),
         Some(v) => format!("{v:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_pass_when_empty_and_list_every_failure_otherwise() {
+        let mut none = Failures::default();
+        none.check(true, || "not reported".to_string());
+        none.finish("clean");
+
+        let mut some = Failures::default();
+        some.add("first");
+        some.check(true, || "not reported".to_string());
+        some.check(false, || "second".to_string());
+        let panic =
+            std::panic::catch_unwind(move || some.finish("dirty")).expect_err("two failures panic");
+        let message = panic
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert_eq!(message, "dirty: 2 failure(s):\n(1) first\n\n(2) second");
     }
 }

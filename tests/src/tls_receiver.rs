@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::json::{self, Json};
 use crate::process::{ChildGuard, POLL, TestDir, read_text, tail};
 use crate::{fixture, python_bin};
+use serde_json::Value;
 
 const INSTALL: &str = "the TLS receiver needs python3 with grpcio and opentelemetry-proto \
      (`cargo xtask setup --test-deps`) and the openssl command (apt-get install openssl)";
@@ -135,11 +135,11 @@ impl TlsReceiver {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports) {
-                let parsed = json::parse(&text).unwrap_or(Json::Null);
+                let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let port = |name| {
                     parsed
                         .get(name)
-                        .and_then(Json::as_u64)
+                        .and_then(Value::as_u64)
                         .and_then(|p| u16::try_from(p).ok())
                 };
                 if let (Some(grpc_port), Some(http_port)) = (port("grpc"), port("http")) {
@@ -181,7 +181,7 @@ impl TlsReceiver {
     pub fn exports(&self) -> Vec<TlsExport> {
         read_text(&self.dir.join("received.jsonl"))
             .lines()
-            .filter_map(|line| json::parse(line).ok())
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .map(|entry| export(&entry))
             .collect()
     }
@@ -215,13 +215,13 @@ impl TlsReceiver {
     }
 }
 
-fn text(entry: &Json, key: &str) -> Option<String> {
-    entry.get(key).and_then(Json::as_str).map(str::to_owned)
+fn text(entry: &Value, key: &str) -> Option<String> {
+    entry.get(key).and_then(Value::as_str).map(str::to_owned)
 }
 
-fn export(entry: &Json) -> TlsExport {
+fn export(entry: &Value) -> TlsExport {
     let headers = match entry.get("headers") {
-        Some(Json::Object(fields)) => fields
+        Some(Value::Object(fields)) => fields
             .iter()
             .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
             .collect(),
@@ -229,7 +229,8 @@ fn export(entry: &Json) -> TlsExport {
     };
     let spans = entry
         .get("spans")
-        .and_then(Json::as_array)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
         .map(|s| TlsSpan {

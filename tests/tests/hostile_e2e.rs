@@ -24,8 +24,8 @@ use tests::hostile::{
 };
 use tests::process::run_to_completion;
 use tests::{
-    Agent, Collector, HttpServer, NginxServer, PyServer, ReceivedSpan, SpanKind, Spans, python_bin,
-    require_root,
+    Agent, Collector, Failures, HttpServer, NginxServer, PyServer, ReceivedSpan, SpanKind, Spans,
+    python_bin, require_root,
 };
 
 /// How long to wait between an answer and the next request on a keep-alive connection: the
@@ -422,34 +422,6 @@ fn id_problem(s: &ReceivedSpan) -> Option<String> {
             .as_deref()
             .is_none_or(|p| valid_id(p.as_bytes(), 16));
     (!ok).then(|| format!("invalid id(s): {}", s.summary()))
-}
-
-/// Failures collected over a test and reported together.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
-        if !ok {
-            self.0.push(what());
-        }
-    }
-
-    fn finish(self, test: &str) {
-        if !self.0.is_empty() {
-            let list: Vec<String> = self
-                .0
-                .iter()
-                .enumerate()
-                .map(|(i, f)| format!("({}) {f}", i + 1))
-                .collect();
-            panic!(
-                "{test}: {} failure(s):\n{}",
-                self.0.len(),
-                list.join("\n\n")
-            );
-        }
-    }
 }
 
 fn counter(counters: &BTreeMap<String, u64>, name: &str) -> u64 {

@@ -4,8 +4,9 @@
 //! Needs root and the agent binary (`AGENT_BIN`, default `target/release/agent`). Run serially:
 //! `cargo test -p tests --test http_e2e -- --test-threads=1` (as root), or `cargo xtask test`.
 //!
-//! Shape of each test: collector → server → agent (selecting processes) → requests → wait for
-//! the expected spans → stop the agent (SIGTERM flushes) → settle → exact assertions.
+//! Shape of each test: collector → server → agent (selecting processes) → requests →
+//! `agent.stop_and_collect(&collector, expected)` (wait for the expected spans, stop the agent:
+//! SIGTERM flushes, settle) → exact assertions.
 
 use tests::clients::CURL_USER_AGENT;
 use tests::servers::{
@@ -134,9 +135,7 @@ fn python_server_and_curl_get_hello() {
 
     let server_spans = SpanFilter::server().pid(server.pid());
     let curl_spans = SpanFilter::client().pid(curl.pid);
-    collector.wait_for_all(&[(&server_spans, 1), (&curl_spans, 1)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1), (&curl_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     check_server_span(
@@ -196,9 +195,7 @@ fn http_1_0_request_reports_protocol_version_1_0() {
     assert_eq!(t.status, 200);
     let server_spans = SpanFilter::server().pid(server.pid());
     let curl_spans = SpanFilter::client().pid(curl.pid);
-    collector.wait_for_all(&[(&server_spans, 1), (&curl_spans, 1)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1), (&curl_spans, 1)]);
 
     for (what, filter) in [
         ("python SERVER", &server_spans),
@@ -238,9 +235,7 @@ fn python_client_keep_alive_five_requests_on_one_connection() {
     );
     let server_spans = SpanFilter::server().pid(server.pid());
     let client_spans = SpanFilter::client().pid(run.pid);
-    collector.wait_for_all(&[(&server_spans, 5), (&client_spans, 5)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 5), (&client_spans, 5)]);
 
     // Writes are stamped as they are queued (tcp_sendmsg_locked), not when they return; a
     // thread that changes CPUs mid-write is the rare exception (5 requests, 5 responses here,
@@ -289,9 +284,7 @@ fn pipelined_requests_in_one_write() {
 
     let run = pipeline_client(server.port(), &["/users/1", "/hello", "/users/22"]);
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 3);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3)]);
 
     for (span, r) in spans_per_request(&spans, &server_spans, &run) {
         check_server_span(
@@ -324,9 +317,7 @@ fn large_bodies_then_another_request_on_the_same_connection() {
     let run = py_client(server.port(), &["GET:/large", &post, "GET:/hello"]);
     let server_spans = SpanFilter::server().pid(server.pid());
     let client_spans = SpanFilter::client().pid(run.pid);
-    collector.wait_for_all(&[(&server_spans, 3), (&client_spans, 3)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3), (&client_spans, 3)]);
 
     let expected_sizes = [
         (None, LARGE_SIZE as i64),
@@ -389,9 +380,7 @@ fn node_chunked_response_then_another_request() {
         "curl reused the connection"
     );
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 2);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2)]);
 
     let found = spans.expect_n(&server_spans, 2);
     let chunked_total: usize = NODE_CHUNK_SIZES.iter().sum();
@@ -439,9 +428,7 @@ fn node_chunked_response_with_small_chunks() {
     let total: usize = sizes.iter().sum();
     assert_eq!(curl.transfers[0].size_download, total as u64);
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 2);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2)]);
 
     let found = spans.expect_n(&server_spans, 2);
     check_server_span(
@@ -487,9 +474,7 @@ fn python_404_and_500_statuses() {
     assert_eq!(statuses, [404, 500]);
     let server_spans = SpanFilter::server().pid(server.pid());
     let curl_spans = SpanFilter::client().pid(curl.pid);
-    collector.wait_for_all(&[(&server_spans, 2), (&curl_spans, 2)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2), (&curl_spans, 2)]);
 
     for (i, (path, status)) in [("/missing", 404), ("/boom", 500)].into_iter().enumerate() {
         let t = &curl.transfers[i];
@@ -539,9 +524,7 @@ fn nginx_200_404_500_statuses() {
     assert_eq!(statuses, [200, 404, 500]);
     let server_spans = SpanFilter::server().pid(server.worker_pid());
     let curl_spans = SpanFilter::client().pid(curl.pid);
-    collector.wait_for_all(&[(&server_spans, 3), (&curl_spans, 3)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3), (&curl_spans, 3)]);
 
     let cases = [(NGINX_HELLO_PATH, 200), ("/missing", 404), ("/boom", 500)];
     for (i, (path, status)) in cases.into_iter().enumerate() {
@@ -591,9 +574,7 @@ fn nginx_large_static_file_via_sendfile_then_another_request() {
         .run();
     assert_eq!(curl.transfers[0].size_download, NGINX_LARGE_SIZE as u64);
     let server_spans = SpanFilter::server().pid(server.worker_pid());
-    collector.wait_for(&server_spans, 2);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2)]);
 
     let found = spans.expect_n(&server_spans, 2);
     check_server_span(
@@ -637,9 +618,7 @@ fn incoming_valid_traceparent_makes_the_server_span_a_child() {
         .run();
     assert_eq!(curl.one().status, 200);
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     let mut c = Checks::new("SERVER span of a request carrying a valid traceparent", s);
@@ -693,8 +672,7 @@ fn incoming_invalid_traceparent_is_ignored() {
     }
     let server_spans = SpanFilter::server().pid(server.pid());
     collector.wait_for(&server_spans, invalid.len());
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     let mut trace_ids = Vec::new();
     for (i, header) in invalid.iter().enumerate() {
@@ -767,8 +745,7 @@ fn kernel_and_userspace_read_every_traceparent_form_alike() {
     }
     let server_spans = SpanFilter::server().pid(server.pid());
     collector.wait_for(&server_spans, cases.len());
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let counters = agent.summary_counters();
     let mut failures = Vec::new();
     for (i, (header, honoured)) in cases.iter().enumerate() {
@@ -809,9 +786,7 @@ fn node_client_keep_alive_against_node_server() {
     );
     let server_spans = SpanFilter::server().pid(server.pid());
     let client_spans = SpanFilter::client().pid(run.pid);
-    collector.wait_for_all(&[(&server_spans, 3), (&client_spans, 3)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3), (&client_spans, 3)]);
 
     for (span, r) in spans_per_request(&spans, &server_spans, &run) {
         let mut c = check_server_span(
@@ -865,9 +840,7 @@ fn pid_selection_excludes_the_other_server() {
         assert!(r.transfers.iter().all(|t| t.status == 200));
     }
     let selected_spans = SpanFilter::server().pid(selected.pid());
-    collector.wait_for(&selected_spans, 2);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&selected_spans, 2)]);
 
     spans.expect_one(&selected_spans.clone().path("/hello"));
     spans.expect_one(&selected_spans.clone().path("/users/3"));
@@ -899,9 +872,7 @@ fn port_selection_traces_only_that_server() {
         assert_eq!(r.one().status, 200);
     }
     let selected_spans = SpanFilter::server().pid(selected.pid());
-    collector.wait_for(&selected_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&selected_spans, 1)]);
 
     spans.expect_one(&selected_spans.clone().path("/hello"));
     spans.expect_none(&SpanFilter::any().pid(other.pid()));
@@ -922,9 +893,7 @@ fn two_server_processes_have_two_resources() {
     Curl::get(node.url("/hello")).run();
     let py_spans = SpanFilter::server().pid(py.pid());
     let node_spans = SpanFilter::server().pid(node.pid());
-    collector.wait_for_all(&[(&py_spans, 1), (&node_spans, 1)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&py_spans, 1), (&node_spans, 1)]);
 
     let p = spans.expect_one(&py_spans);
     let n = spans.expect_one(&node_spans);
@@ -976,9 +945,7 @@ fn otel_service_name_env_of_the_process_names_the_service() {
 
     Curl::get(server.url("/hello")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     Checks::new(
@@ -1003,9 +970,7 @@ fn exports_over_otlp_http_protobuf_configured_by_env() {
 
     let curl = Curl::get(server.url("/hello")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     check_server_span(
@@ -1056,9 +1021,7 @@ fn secrets_and_personal_data_never_reach_the_collector() {
     assert_eq!(statuses, [200, 404], "curl transfers");
     let server_spans = SpanFilter::server().pid(server.pid());
     let curl_spans = SpanFilter::client().pid(curl.pid);
-    collector.wait_for_all(&[(&server_spans, 2), (&curl_spans, 2)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2), (&curl_spans, 2)]);
 
     let redacted_path = "/u/REDACTED/token/REDACTED";
     let ids = spans.expect_one(&server_spans.clone().path("/users/9"));
@@ -1167,9 +1130,7 @@ fn late_started_process_is_picked_up_by_comm() {
 
     let curl = Curl::get(server.url("/users/77")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     check_server_span(
@@ -1195,9 +1156,7 @@ fn exe_selection_by_path() {
 
     let curl = Curl::get(server.url("/hello")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
 
     let s = spans.expect_one(&server_spans);
     check_server_span(
@@ -1252,9 +1211,7 @@ fn exe_by_name_and_by_symlink_select_the_real_python() {
 
     let curl = Curl::get(server.url("/hello")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
     let s = spans.expect_one(&server_spans);
     check_server_span(
         "SERVER span of a python selected with --exe python3",
@@ -1350,9 +1307,7 @@ fn a_comm_that_matches_nothing_is_warned_about_then_reported_when_it_starts() {
 
     let curl = Curl::get(server.url("/hello")).run();
     let server_spans = SpanFilter::server().pid(server.pid());
-    collector.wait_for(&server_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 1)]);
     check_server_span(
         "SERVER span of a process that matched --comm after start-up",
         spans.expect_one(&server_spans),
@@ -1454,9 +1409,7 @@ fn forked_child_of_a_selected_process_is_traced_from_its_first_request() {
     let _ = forker.wait();
 
     let child_spans = SpanFilter::client().pid(child_pid);
-    collector.wait_for(&child_spans, 1);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&child_spans, 1)]);
 
     let s = spans.expect_one(&child_spans);
     check_client_span(
@@ -1509,8 +1462,7 @@ fn traced_client_sending_zero_ids_exports_only_valid_ids() {
     wanted.extend(runs.iter().map(|r| (SpanFilter::client().pid(r.pid), 1)));
     let wanted: Vec<(&SpanFilter, usize)> = wanted.iter().map(|(f, n)| (f, *n)).collect();
     collector.wait_for_all(&wanted);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     let zero_parent = "0".repeat(16);
     for (i, (header, run)) in headers.iter().zip(&runs).enumerate() {
@@ -1594,9 +1546,10 @@ fn requests_with_control_bytes_in_header_values_are_traced() {
     assert_eq!(statuses, expected, "nginx's answers");
     let server_spans = SpanFilter::server().pid(server.worker_pid());
     let client_spans = SpanFilter::client().pid(run.pid);
-    collector.wait_for_all(&[(&server_spans, cases.len()), (&client_spans, cases.len())]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(
+        &collector,
+        &[(&server_spans, cases.len()), (&client_spans, cases.len())],
+    );
 
     for ((query, _, status), r) in cases.iter().zip(&run.results) {
         for (what, filter) in [
@@ -1655,9 +1608,7 @@ fn half_closed_client_gets_a_normal_span_and_a_real_close_an_error() {
     );
     let half_spans = SpanFilter::client().pid(half.pid);
     let closed_spans = SpanFilter::client().pid(closed.pid);
-    collector.wait_for_all(&[(&half_spans, 1), (&closed_spans, 1)]);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[(&half_spans, 1), (&closed_spans, 1)]);
 
     check_client_span(
         "CLIENT span of a request whose client half-closed before reading",

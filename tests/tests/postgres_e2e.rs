@@ -102,8 +102,7 @@ fn psql_statements_give_client_and_server_spans() {
                 && of_process(spans, SpanKind::Server, backend).len() >= n
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     let client = of_process(&spans, SpanKind::Client, run.pid);
     check_statements("psql CLIENT", &client, &PSQL_DEMO, &PSQL_DEMO_ERRORS);
@@ -186,8 +185,7 @@ fn pgbench_in_every_protocol_mode_gives_one_span_per_statement() {
                 .all(|run| of_process(spans, SpanKind::Client, run.pid).len() >= expected(run))
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     for run in &runs {
         let mode = run.options.mode;
@@ -264,8 +262,7 @@ fn psycopg_pipeline_mode_matches_responses_in_order_and_marks_skipped_statements
                 && of_process(spans, SpanKind::Server, run.backend_pid).len() >= n
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     for (side, got) in [
         (
@@ -336,8 +333,7 @@ fn query_made_while_serving_an_http_request_is_a_child_of_its_server_span() {
                     .any(|s| s.attr_str("db.collection.name") == Some("pg_class"))
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     let parent = spans.expect_one(&http_server);
     let query = of_process(&spans, SpanKind::Client, web.pid())
@@ -428,8 +424,7 @@ fn node_postgres_simple_extended_and_named_statements_give_one_span_each() {
                 && of_process(spans, SpanKind::Server, backend).len() >= n
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     let queries: Vec<&str> = run.statements.iter().map(|s| s.query.as_str()).collect();
     let errors = run.errors();
@@ -520,8 +515,7 @@ fn tokio_postgres_pipelined_executions_give_one_span_each() {
             })
         },
     );
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
 
     for (run, backend) in &runs {
         let n = run.statements.len();

@@ -29,8 +29,8 @@ use tests::services::{
 };
 use tests::traces::{Chain, ChainReport, Hop, Parent, contains_word};
 use tests::{
-    Agent, AgentBuilder, Collector, Curl, PgServer, ReceivedSpan, SpanKind, Spans, python_bin,
-    require_root,
+    Agent, AgentBuilder, Collector, Curl, Failures, PgServer, ReceivedSpan, SpanKind, Spans,
+    python_bin, require_root,
 };
 
 /// Requests of the sequential topology test (each must form one complete trace).
@@ -329,38 +329,6 @@ fn propagation_counters(agent: &Agent) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Failures collected over a test, reported together so one run shows everything.
-#[derive(Default)]
-struct Failures(Vec<String>);
-
-impl Failures {
-    fn add(&mut self, what: impl Into<String>) {
-        self.0.push(what.into());
-    }
-
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
-        if !ok {
-            self.0.push(what());
-        }
-    }
-
-    fn finish(self, test: &str) {
-        if !self.0.is_empty() {
-            let list: Vec<String> = self
-                .0
-                .iter()
-                .enumerate()
-                .map(|(i, f)| format!("({}) {f}", i + 1))
-                .collect();
-            panic!(
-                "{test}: {} failure(s):\n{}",
-                self.0.len(),
-                list.join("\n\n")
-            );
-        }
-    }
-}
-
 fn expect_propagation_on(failures: &mut Failures, agent: &Agent) {
     let status = agent.context_propagation_status();
     failures.check(status.as_deref() == Some("on (canary passed)"), || {
@@ -443,8 +411,7 @@ fn chain_nginx_python_node_postgres_sequential_one_trace_per_request() {
                 .count()
                 >= NOISE_REQUESTS
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let counters = propagation_counters(&agent);
     eprintln!("[e2e] agent counters: {counters:?}");
 
@@ -600,8 +567,7 @@ fn chain_concurrent_trace_completeness_is_measured_and_nothing_is_mislinked() {
     wait_until(&collector, TRACE_WAIT, |spans| {
         all_hops_present(&chain, spans, &ids)
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let counters = propagation_counters(&agent);
     eprintln!("[e2e] agent counters: {counters:?}");
 
@@ -708,8 +674,7 @@ fn sdk_instrumented_caller_to_traced_server_continues_the_sdk_trace() {
             .all(|t| spans.iter().filter(|s| s.trace_id == *t).count() >= 2)
     });
     drop(spans);
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let seen = seen_for(&svc.seen(), "/noise")
         .into_iter()
         .cloned()
@@ -820,8 +785,7 @@ fn traced_service_to_sdk_instrumented_server_carries_the_agents_ids() {
                 })
         })
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let sdk_seen = sdk.spans();
 
     for id in &ids {
@@ -933,8 +897,7 @@ fn a_request_that_already_has_a_traceparent_gets_its_parent_id_rewritten_not_a_s
                     .any(|s| http_span(s, SpanKind::Server, server.pid(), &e.path))
         })
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     eprintln!("[e2e] agent counters: {:?}", propagation_counters(&agent));
 
     for e in &run.exchanges {
@@ -1285,8 +1248,7 @@ fn propagation_off_leaves_requests_untouched_and_pairing_still_links_the_trace()
     wait_until(&collector, TRACE_WAIT, |spans| {
         all_hops_present(&chain, spans, &ids)
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     let counters = propagation_counters(&agent);
     eprintln!("[e2e] agent counters: {counters:?}");
 
@@ -1570,8 +1532,7 @@ fn linking_is_bounded_by_max_spans_per_trace_and_max_trace_age() {
                 .iter()
                 .all(|p| spans.iter().any(|s| http_span(s, SpanKind::Client, pid, p)))
     });
-    agent.stop();
-    let spans = collector.settle();
+    let spans = agent.stop_and_collect(&collector, &[]);
     eprintln!("[e2e] agent counters: {:?}", propagation_counters(&agent));
 
     let one = |kind: SpanKind, path: &str| -> Option<&ReceivedSpan> {

@@ -13,8 +13,13 @@
 //! memory and what it lost. Medians of the pairs are reported, printed on stdout and written
 //! into BENCHMARKS.md between markers (one pair of markers per benchmark).
 //!
-//! This module holds what both benchmarks share: options, the agent, the with/without-agent
-//! measurement, /proc and BPF statistics, the report helpers.
+//! This module holds what both benchmarks share: options, the with/without-agent measurement,
+//! /proc and BPF statistics, the report helpers. The servers, the agent runner and the process
+//! guards are the end-to-end tests' harness (the `tests` crate's lib, `testkit` here): the
+//! agent runs as a [`testkit::Agent`] with its console exporter, the servers as
+//! [`testkit::NginxServer`] and [`testkit::PgServer`] with the benchmark's settings. Like the
+//! tests, these panic on a broken set-up (a server that does not start); their guards still
+//! stop every process.
 
 mod nginx;
 mod pg;
@@ -23,34 +28,16 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, TcpListener},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc::{self, RecvTimeoutError},
-    },
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-
-const USAGE: &str = "usage: cargo xtask bench [nginx|pg] [--only nginx|pg] [--pairs N] [--duration SECS] \
-[--connections N] [--clients N] [--pg-modes LIST] [--agent PATH] [--no-write]
-  nginx | pg, --only B  run only this benchmark (default: nginx, then pg)
-  --pairs N          pairs of runs (without, with the agent; order swapped every other pair), default 6
-  --duration SECS    length of each load run (wrk, pgbench -T), default 10
-  --connections N    wrk connections (nginx), default 16
-  --clients N        pgbench clients (pg), default 4
-  --pg-modes LIST    pgbench query modes, comma-separated, of prepared, simple, extended;
-                     default prepared (each mode runs its own pairs)
-  --agent PATH       use this agent binary instead of building target/release/agent
-  --no-write         print the results only; leave BENCHMARKS.md alone
-Needs root (eBPF, bpf_stats). Runs the server on CPU 1 and the load generator on CPU 0;
-PostgreSQL runs as the `postgres` OS user.";
+use clap::builder::RangedU64ValueParser;
+use testkit::{Agent, ExitSummary, ExportTotals};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Counters of the agent's summary that count kernel events it lost (and said so).
@@ -63,61 +50,10 @@ const EVENT_LOSS_COUNTERS: &[&str] = &[
 /// Counters of spans built but not delivered (also on the summary's export line).
 const SPAN_LOSS_COUNTERS: &[&str] = &["spans_dropped_queue_full", "spans_export_failed"];
 
-const SIGINT: i32 = 2;
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
-const PR_SET_PDEATHSIG: i32 = 1;
-
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_signal: i32) {
+extern "C" fn on_interrupt(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, signal: i32) -> i32;
-    #[link_name = "signal"]
-    fn libc_signal(signal: i32, handler: extern "C" fn(i32)) -> usize;
-    #[link_name = "prctl"]
-    fn libc_prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
-}
-
-fn send_signal(pid: u32, signal: i32) {
-    if let Ok(pid) = i32::try_from(pid)
-        && pid > 0
-    {
-        // SAFETY: kill has no memory preconditions; the pid is one of our own children.
-        unsafe {
-            libc_kill(pid, signal);
-        }
-    }
-}
-
-/// Signals every process of a process group (one we made with `process_group(0)`).
-fn signal_group(pgid: u32, signal: i32) {
-    if let Ok(pgid) = i32::try_from(pgid)
-        && pgid > 1
-    {
-        // SAFETY: as above; a negative pid addresses the process group.
-        unsafe {
-            libc_kill(-pgid, signal);
-        }
-    }
-}
-
-/// The child gets SIGKILL when this benchmark dies without cleaning up (SIGKILL, panic abort):
-/// no server or load generator outlives it. Set after any uid change, so it survives that.
-fn kill_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc_prctl(PR_SET_PDEATHSIG, SIGKILL as u64, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Ctrl-C (or SIGTERM) stops the benchmark at the next step, so the guards below still run:
@@ -125,8 +61,9 @@ fn kill_with_parent(cmd: &mut Command) {
 fn catch_interrupts() {
     // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
     unsafe {
-        libc_signal(SIGINT, on_interrupt);
-        libc_signal(SIGTERM, on_interrupt);
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
     }
 }
 
@@ -137,96 +74,75 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Bench {
+/// A benchmark.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Bench {
     Nginx,
+    #[value(alias = "postgres", alias = "postgresql")]
     Pg,
 }
 
-impl Bench {
-    fn parse(name: &str) -> Result<Self> {
-        match name {
-            "nginx" => Ok(Self::Nginx),
-            "pg" | "postgres" | "postgresql" => Ok(Self::Pg),
-            other => bail!("unknown benchmark {other:?} (nginx or pg)\n{USAGE}"),
-        }
-    }
-}
-
-struct Options {
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Needs root (eBPF, bpf_stats). Runs the server on CPU 1 and the load \
+generator on CPU 0; PostgreSQL runs as the `postgres` OS user."
+)]
+pub struct Options {
+    /// Run only this benchmark (default: nginx, then pg)
+    #[arg(value_enum, conflicts_with = "only")]
+    bench: Option<Bench>,
+    /// The same as the positional BENCH
+    #[arg(long, value_enum, value_name = "BENCH")]
     only: Option<Bench>,
+    /// Pairs of runs (without, with the agent; order swapped every other pair)
+    #[arg(long, value_name = "N", default_value_t = 6, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pairs: usize,
+    /// Length of each load run (wrk, pgbench -T), in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
+    /// wrk connections (nginx)
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     connections: u32,
+    /// pgbench clients (pg)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     clients: u32,
+    /// pgbench query modes, comma-separated; each mode runs its own pairs
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "prepared"
+    )]
     pg_modes: Vec<pg::Mode>,
+    /// Use this agent binary instead of building target/release/agent
+    #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Print the results only; leave BENCHMARKS.md alone
+    #[arg(long = "no-write", action = clap::ArgAction::SetFalse)]
     write: bool,
 }
 
 impl Options {
     fn runs(&self, bench: Bench) -> bool {
-        self.only.is_none_or(|b| b == bench)
+        self.only.or(self.bench).is_none_or(|b| b == bench)
     }
-}
 
-fn parse_args(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options {
-        only: None,
-        pairs: 6,
-        duration: 10,
-        connections: 16,
-        clients: 4,
-        pg_modes: vec![pg::Mode::Prepared],
-        agent: None,
-        write: true,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{name} needs a value\n{USAGE}"))
-        };
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "nginx" | "pg" => opts.only = Some(Bench::parse(arg)?),
-            "--only" => opts.only = Some(Bench::parse(&value("--only")?)?),
-            "--pairs" => opts.pairs = value("--pairs")?.parse().context("--pairs")?,
-            "--duration" => opts.duration = value("--duration")?.parse().context("--duration")?,
-            "--connections" => {
-                opts.connections = value("--connections")?.parse().context("--connections")?
+    /// `--pg-modes` in the order given, each once.
+    fn dedup_pg_modes(&mut self) {
+        let mut modes = Vec::new();
+        for &mode in &self.pg_modes {
+            if !modes.contains(&mode) {
+                modes.push(mode);
             }
-            "--clients" => opts.clients = value("--clients")?.parse().context("--clients")?,
-            "--pg-modes" => {
-                let list = value("--pg-modes")?;
-                opts.pg_modes.clear();
-                for name in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-                    let mode = pg::Mode::parse(name)?;
-                    if !opts.pg_modes.contains(&mode) {
-                        opts.pg_modes.push(mode);
-                    }
-                }
-            }
-            "--agent" => opts.agent = Some(PathBuf::from(value("--agent")?)),
-            "--no-write" => opts.write = false,
-            other => bail!("unknown bench option {other:?}\n{USAGE}"),
         }
+        self.pg_modes = modes;
     }
-    if opts.pairs == 0 || opts.duration == 0 || opts.connections == 0 || opts.clients == 0 {
-        bail!("--pairs, --duration, --connections and --clients must be at least 1");
-    }
-    if opts.pg_modes.is_empty() {
-        bail!("--pg-modes needs at least one mode");
-    }
-    Ok(Some(opts))
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse_args(args)? else {
-        println!("{USAGE}");
-        return Ok(());
-    };
+pub fn run(mut opts: Options) -> Result<()> {
+    opts.dedup_pg_modes();
     if !crate::is_root() {
         bail!(
             "the benchmark loads eBPF programs and enables bpf_stats: run `sudo -E cargo xtask bench`"
@@ -308,7 +224,8 @@ struct AgentRun<T> {
     bpf_stats_on: bool,
     vm_hwm_kb: u64,
     vm_rss_kb: u64,
-    summary: AgentSummary,
+    summary: ExitSummary,
+    export: ExportTotals,
 }
 
 impl<T> AgentRun<T> {
@@ -347,16 +264,17 @@ impl<T> AgentRun<T> {
 
     /// Spans built but dropped (export queue full) or failed, as counted by the agent.
     fn spans_lost(&self) -> u64 {
-        let s = &self.summary;
-        s.dropped.max(s.counter("spans_dropped_queue_full"))
-            + s.failed.max(s.counter("spans_export_failed"))
+        let (s, e) = (&self.summary, &self.export);
+        e.dropped.max(s.counter("spans_dropped_queue_full"))
+            + e.failed.max(s.counter("spans_export_failed"))
     }
 
     /// Spans built that were neither exported nor counted as dropped or failed.
     fn spans_unsettled(&self) -> u64 {
-        let s = &self.summary;
-        s.counter("spans_built")
-            .saturating_sub(s.exported + s.failed + s.dropped)
+        let e = &self.export;
+        self.summary
+            .counter("spans_built")
+            .saturating_sub(e.exported + e.failed + e.dropped)
     }
 }
 
@@ -423,7 +341,10 @@ fn measure_with_agent<T>(
     server_ticks: &dyn Fn() -> Result<u64>,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<AgentRun<T>> {
-    let agent = Agent::start(agent_bin, agent_args)?;
+    let mut agent = Agent::builder()
+        .binary(agent_bin)
+        .args(agent_args)
+        .start_console();
     let pid = agent.pid();
     // Let the start-up (process scan, first polls) finish before the baseline.
     thread::sleep(Duration::from_millis(500));
@@ -441,7 +362,15 @@ fn measure_with_agent<T>(
     let (vm_hwm_kb, vm_rss_kb) = memory_kb(pid)?;
     let bpf_stats_on = bpf_stats.is_on();
     bpf_stats.restore();
-    let summary = agent.stop()?;
+    agent.stop();
+    let summary = agent.exit_summary();
+    let (Some(export), true) = (summary.export, summary.counters.contains_key("spans_built"))
+    else {
+        bail!(
+            "the agent's summary lacks the export line or the spans_built counter:\n{}",
+            agent.stderr()
+        );
+    };
 
     let (other_load, server_load) = loads(&before, &after, clk_tck);
     let mut bpf = BTreeMap::new();
@@ -475,24 +404,55 @@ fn measure_with_agent<T>(
         vm_hwm_kb,
         vm_rss_kb,
         summary,
+        export,
     })
 }
 
-/// Runs one pair: without then with the agent, or the other way round when `agent_first`.
-fn run_pair<T>(
+/// One pair of load runs: without and with the agent.
+struct Pair<T> {
+    /// The with-agent run came first.
     agent_first: bool,
-    without: impl FnOnce() -> Result<Measured<T>>,
-    with: impl FnOnce() -> Result<AgentRun<T>>,
-) -> Result<(Measured<T>, AgentRun<T>)> {
-    if agent_first {
-        let w = with()?;
+    without: Measured<T>,
+    with: AgentRun<T>,
+}
+
+/// Runs pair number `index` of `load`: without then with the agent (`agent_bin agent_args`),
+/// the other way round for odd pairs, so that drift cancels.
+fn run_pair<T>(
+    index: usize,
+    agent_bin: &Path,
+    agent_args: &[String],
+    clk_tck: u64,
+    bpf_stats: &mut BpfStats,
+    server_ticks: &dyn Fn() -> Result<u64>,
+    load: impl Fn() -> Result<T>,
+) -> Result<Pair<T>> {
+    let agent_first = index % 2 == 1;
+    let mut with = || {
+        measure_with_agent(
+            agent_bin,
+            agent_args,
+            clk_tck,
+            bpf_stats,
+            server_ticks,
+            &load,
+        )
+    };
+    let (without, with) = if agent_first {
+        let with = with()?;
         check_interrupted()?;
-        Ok((without()?, w))
+        (measure_without(clk_tck, server_ticks, &load)?, with)
     } else {
-        let wo = without()?;
+        let without = measure_without(clk_tck, server_ticks, &load)?;
         check_interrupted()?;
-        Ok((wo, with()?))
-    }
+        (without, with()?)
+    };
+    check_interrupted()?;
+    Ok(Pair {
+        agent_first,
+        without,
+        with,
+    })
 }
 
 /// Waits (at most 30 s) until the agent has used no CPU for 200 ms; false if it never settled.
@@ -517,272 +477,17 @@ fn wait_idle(pid: u32, clk_tck: u64) -> Result<bool> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes and files
-
-/// A private directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("agent-bench-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("no free loopback port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn child_pids(parent: u32) -> Result<Vec<u32>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").context("reading /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name: state, ppid, ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
-}
+// /proc and BPF statistics
 
 /// Processes whose command name is exactly `comm`.
-fn processes_named(comm: &str) -> Result<Vec<u32>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").context("reading /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm) {
-            found.push(pid);
-        }
-    }
-    Ok(found)
+fn processes_named(comm: &str) -> Vec<u32> {
+    testkit::process::pids()
+        .into_iter()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .collect()
 }
-
-fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The last `n` lines of a text (for error messages).
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-// ---------------------------------------------------------------------------------------------
-// The agent
-
-/// The agent, stopped (SIGINT, then SIGKILL) on drop unless `stop` already did.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    stopped: bool,
-}
-
-impl Agent {
-    fn start(bin: &Path, args: &[String]) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            // The console exporter prints every span: into /dev/null.
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        kill_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("agent stderr not captured"))?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut agent = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            stopped: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match agent.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    let ready = line.starts_with("agent ready");
-                    agent.log.push(line);
-                    if ready {
-                        return Ok(agent);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(status) = agent.child.try_wait()? {
-                        agent.stopped = true;
-                        bail!(
-                            "the agent exited with {status} before it was ready:\n{}",
-                            agent.log.join("\n")
-                        );
-                    }
-                    if Instant::now() > deadline {
-                        bail!(
-                            "the agent was not ready within 60 s:\n{}",
-                            agent.log.join("\n")
-                        );
-                    }
-                    check_interrupted()?;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = agent.child.wait()?;
-                    agent.stopped = true;
-                    bail!(
-                        "the agent exited with {status} before it was ready:\n{}",
-                        agent.log.join("\n")
-                    );
-                }
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGINT, then the summary the agent prints when it stops.
-    fn stop(mut self) -> Result<AgentSummary> {
-        send_signal(self.pid(), SIGINT);
-        let status = wait_timeout(&mut self.child, Duration::from_secs(60))?
-            .ok_or_else(|| anyhow!("the agent did not stop within 60 s of SIGINT"))?;
-        self.stopped = true;
-        // The reader thread ends at end of file.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.log.push(line);
-        }
-        if !status.success() {
-            bail!("the agent exited with {status}:\n{}", self.log.join("\n"));
-        }
-        parse_summary(&self.log).with_context(|| format!("agent output:\n{}", self.log.join("\n")))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        send_signal(self.pid(), SIGINT);
-        if !matches!(
-            wait_timeout(&mut self.child, Duration::from_secs(10)),
-            Ok(Some(_))
-        ) {
-            send_signal(self.pid(), SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-#[derive(Default)]
-struct AgentSummary {
-    counters: BTreeMap<String, u64>,
-    exported: u64,
-    failed: u64,
-    dropped: u64,
-}
-
-impl AgentSummary {
-    fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
-    }
-}
-
-fn parse_summary(lines: &[String]) -> Result<AgentSummary> {
-    let start = lines
-        .iter()
-        .position(|l| l.trim() == "agent: summary")
-        .ok_or_else(|| anyhow!("no \"agent: summary\" in the agent's output"))?;
-    let mut summary = AgentSummary::default();
-    let mut saw_export = false;
-    for line in &lines[start + 1..] {
-        let Some(body) = line.strip_prefix("  ") else {
-            continue;
-        };
-        if let Some(export) = body.trim().strip_prefix("export:") {
-            // "N exported, N failed, N dropped (queue full)"
-            for part in export.split(',') {
-                let mut words = part.split_whitespace();
-                let (Some(n), Some(what)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().with_context(|| format!("export line {line:?}"))?;
-                match what {
-                    "exported" => summary.exported = n,
-                    "failed" => summary.failed = n,
-                    "dropped" => summary.dropped = n,
-                    _ => {}
-                }
-            }
-            saw_export = true;
-        } else if let [name, value] = body.split_whitespace().collect::<Vec<_>>()[..]
-            && let Ok(value) = value.parse::<u64>()
-        {
-            summary.counters.insert(name.to_string(), value);
-        }
-    }
-    if !saw_export || !summary.counters.contains_key("spans_built") {
-        bail!("the agent's summary lacks the export line or the spans_built counter");
-    }
-    Ok(summary)
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc and BPF statistics
 
 /// utime + stime of a process (all its threads, including exited ones), in clock ticks.
 fn process_ticks(pid: u32) -> Result<u64> {
@@ -1188,27 +893,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_agent_summary() {
-        let lines: Vec<String> = "agent ready: press Ctrl-C to stop
-agent: stopping: detaching probes and flushing spans
-agent: summary
-  kernel_data_events           1033772
-  kernel_lost_ringbuf_full     2
-  http_exchanges               516890
-  spans_built                  516890
-  export: 516890 exported, 0 failed, 1 dropped (queue full)"
-            .lines()
-            .map(String::from)
-            .collect();
-        let s = parse_summary(&lines).expect("parse");
-        assert_eq!(s.counter("kernel_data_events"), 1_033_772);
-        assert_eq!(s.counter("kernel_lost_ringbuf_full"), 2);
-        assert_eq!(s.counter("http_exchanges"), 516_890);
-        assert_eq!((s.exported, s.failed, s.dropped), (516_890, 0, 1));
-        assert!(parse_summary(&lines[..2]).is_err());
-    }
-
-    #[test]
     fn replaces_only_the_section() {
         let (a, b) = ("<!-- bench:x:start -->", "<!-- bench:x:end -->");
         let old = format!("# B\n\nintro\n\n{a}\nold\n{b}\n\n## other\n");
@@ -1227,23 +911,52 @@ agent: summary
 
     #[test]
     fn parses_options() {
-        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let o = parse_args(&[]).expect("parse").expect("options");
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: Options,
+        }
+        let parse = |line: &str| {
+            <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("bench").chain(line.split_whitespace()),
+            )
+            .map(|mut cli| {
+                cli.options.dedup_pg_modes();
+                cli.options
+            })
+        };
+        let o = parse("").expect("options");
         assert!(o.runs(Bench::Nginx) && o.runs(Bench::Pg));
         assert_eq!(o.pg_modes, vec![pg::Mode::Prepared]);
-        let o = parse_args(&args("pg --pairs 2 --pg-modes prepared,simple,prepared"))
-            .expect("parse")
-            .expect("options");
+        assert_eq!(
+            (o.pairs, o.duration, o.connections, o.clients),
+            (6, 10, 16, 4)
+        );
+        assert!(o.write && o.agent.is_none());
+        let o = parse("pg --pairs 2 --pg-modes prepared,simple,prepared").expect("options");
         assert!(!o.runs(Bench::Nginx) && o.runs(Bench::Pg));
         assert_eq!(o.pairs, 2);
         assert_eq!(o.pg_modes, vec![pg::Mode::Prepared, pg::Mode::Simple]);
-        let o = parse_args(&args("--only nginx"))
-            .expect("parse")
-            .expect("options");
+        let o = parse("--only nginx --no-write --agent /x/agent").expect("options");
         assert!(o.runs(Bench::Nginx) && !o.runs(Bench::Pg));
-        assert!(parse_args(&args("--only mysql")).is_err());
-        assert!(parse_args(&args("--pg-modes fast")).is_err());
-        assert!(parse_args(&args("--help")).expect("parse").is_none());
+        assert!(!o.write && o.agent.as_deref() == Some(Path::new("/x/agent")));
+        assert!(parse("--only postgresql").expect("alias").runs(Bench::Pg));
+        assert!(parse("--only mysql").is_err());
+        assert!(parse("--pg-modes fast").is_err());
+        assert!(parse("--pairs 0").is_err());
+        assert!(parse("--duration 0").is_err());
+        assert!(parse("nginx --only pg").is_err());
+        for mode in [pg::Mode::Prepared, pg::Mode::Simple, pg::Mode::Extended] {
+            let name = mode.as_str();
+            assert_eq!(
+                parse(&format!("--pg-modes {name}")).expect(name).pg_modes,
+                [mode]
+            );
+        }
+        assert_eq!(
+            parse("--help").err().map(|e| e.kind()),
+            Some(clap::error::ErrorKind::DisplayHelp)
+        );
     }
 
     #[test]
@@ -1253,6 +966,5 @@ agent: summary
         assert_eq!(stat_ticks(stat, &[11, 12, 13, 14]).expect("ticks"), 17);
         assert!((median(vec![3.0, 1.0, 2.0, 10.0]) - 2.5).abs() < 1e-9);
         assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
-        assert_eq!(tail("a\nb\nc", 2), "b\nc");
     }
 }

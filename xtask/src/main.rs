@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
 //!
 //! Everything a fresh machine needs is installed here, idempotently, so the README's two
 //! commands work on a new clone and on a machine that already has parts installed.
@@ -12,35 +12,56 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
 
-const USAGE: &str = "usage: cargo xtask <command>
-  setup [--test-deps]   install the eBPF toolchain (and what the tests need)
-  build                 set up, build the agent (release): target/release/agent
-  run [-- AGENT ARGS]   set up, build the agent (release) and run it
-  test                  set up, run every test: unit tests, then privileged end-to-end tests (root)
-  bench [pg|--only nginx|pg] [--pairs N]  nginx + wrk, pgbench -S: with and without the agent; BENCHMARKS.md";
+/// Project tasks of the eBPF agent.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install the eBPF toolchain (and, with --test-deps, what the tests and benchmarks need)
+    Setup {
+        /// Also the servers, clients, collector and load generators of the tests and benchmarks
+        #[arg(long)]
+        test_deps: bool,
+    },
+    /// Set up, build the agent (release): target/release/agent
+    Build,
+    /// Set up, build the agent (release) and run it (with sudo unless root)
+    Run {
+        /// The agent's own options, after `--`, e.g. `cargo xtask run -- --comm nginx`
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "AGENT ARGS"
+        )]
+        agent_args: Vec<String>,
+    },
+    /// Set up, run every test: format and lint checks, unit tests, then the privileged
+    /// end-to-end tests (root)
+    Test,
+    /// nginx + wrk and PostgreSQL + pgbench, with and without the agent; results into
+    /// BENCHMARKS.md
+    Bench(bench::Options),
+}
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args
-        .split_first()
-        .map(|(c, r)| (c.as_str(), r))
-        .unwrap_or(("", &[]));
-    match cmd {
-        "setup" => setup::run(rest.iter().any(|a| a == "--test-deps")),
-        "build" => {
+    match Cli::parse().task {
+        Task::Setup { test_deps } => setup::run(test_deps),
+        Task::Build => {
             setup::run(false)?;
             let agent = build_agent()?;
             println!("{}", agent.display());
             Ok(())
         }
-        "run" => run_agent(rest),
-        "test" => test(),
-        "bench" => bench::run(rest),
-        _ => {
-            eprintln!("{USAGE}");
-            bail!("unknown command {cmd:?}")
-        }
+        Task::Run { agent_args } => run_agent(&agent_args),
+        Task::Test => test(),
+        Task::Bench(options) => bench::run(options),
     }
 }
 
@@ -78,18 +99,12 @@ pub fn build_agent() -> Result<PathBuf> {
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
+    unsafe { libc::geteuid() == 0 }
 }
 
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-fn run_agent(rest: &[String]) -> Result<()> {
+fn run_agent(args: &[String]) -> Result<()> {
     setup::run(false)?;
     let agent = build_agent()?;
-    let args: Vec<&String> = rest.iter().skip_while(|a| *a == "--").collect();
     let mut cmd = if is_root() {
         Command::new(&agent)
     } else {
@@ -142,4 +157,43 @@ fn test() -> Result<()> {
     sh(cargo()
         .args(["test", "-p", "tests", "--", "--test-threads=1"])
         .env("AGENT_BIN", &agent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn parses_the_command_lines() {
+        assert!(matches!(
+            parse("setup --test-deps").expect("setup").task,
+            Task::Setup { test_deps: true }
+        ));
+        assert!(matches!(
+            parse("setup").expect("setup").task,
+            Task::Setup { test_deps: false }
+        ));
+        assert!(matches!(parse("build").expect("build").task, Task::Build));
+        assert!(matches!(parse("test").expect("test").task, Task::Test));
+        for line in [
+            "run -- --comm nginx --verbose",
+            "run --comm nginx --verbose",
+        ] {
+            let Task::Run { agent_args } = parse(line).expect("run").task else {
+                panic!("{line}: not run");
+            };
+            assert_eq!(agent_args, ["--comm", "nginx", "--verbose"], "{line}");
+        }
+        let Task::Run { agent_args } = parse("run").expect("run").task else {
+            panic!("not run");
+        };
+        assert!(agent_args.is_empty());
+        assert!(parse("deploy").is_err());
+        assert!(parse("").is_err());
+        assert!(parse("setup --test-dep").is_err());
+    }
 }

@@ -10,26 +10,19 @@
 
 use std::{
     fmt::Write as _,
-    fs,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use testkit::{HttpServer as _, NginxServer, nginx_bin};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Measured, Options, SIGKILL, SIGTERM,
-    SPAN_LOSS_COUNTERS, TempDir, check_interrupted, child_pids, code_list, fmt_latency, free_port,
-    measure_with_agent, measure_without, median, nonzero_loss_counters, process_ticks,
-    processes_named, render_bpf_programs, render_threads, run_pair, send_signal, wait_timeout,
-    yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
+    check_interrupted, code_list, fmt_latency, median, nonzero_loss_counters, process_ticks,
+    processes_named, render_bpf_programs, render_threads, run_pair, yes_no,
 };
 
-const NGINX: &str = "/usr/sbin/nginx";
 const NGINX_CPU: &str = "1";
 const WRK_CPU: &str = "0";
 pub(super) const MARK_START: &str = "<!-- bench:nginx:start -->";
@@ -41,11 +34,11 @@ const TARGET_AGENT_US_PER_TRACED: f64 = 3.0;
 pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
     let env = Environment::read()?;
     let versions = Versions::read();
-    let dir = TempDir::new("nginx")?;
-    let nginx = Nginx::start(dir.path())?;
-    let foreign_nginx = processes_named("nginx")?
+    let nginx = NginxServer::start_with(NGINX_CONF, Some(NGINX_CPU));
+    let (master, worker) = (nginx.master_pid(), nginx.worker_pid());
+    let foreign_nginx = processes_named("nginx")
         .into_iter()
-        .filter(|&pid| pid != nginx.master && pid != nginx.worker)
+        .filter(|&pid| pid != master && pid != worker)
         .count();
     if foreign_nginx > 0 {
         eprintln!(
@@ -53,11 +46,11 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         );
     }
     eprintln!(
-        "bench: nginx on 127.0.0.1:{} (master {}, worker {}); warming up",
-        nginx.port, nginx.master, nginx.worker
+        "bench: nginx on 127.0.0.1:{} (master {master}, worker {worker}); warming up",
+        nginx.port()
     );
     let cfg = RunConfig {
-        port: nginx.port,
+        port: nginx.port(),
         duration: opts.duration,
         connections: opts.connections,
         clk_tck: env.clk_tck,
@@ -66,30 +59,18 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
     check_interrupted()?;
 
     let agent_args: Vec<String> = AGENT_ARGS.iter().map(|a| a.to_string()).collect();
-    let nginx_ticks = || Ok(process_ticks(nginx.master)? + process_ticks(nginx.worker)?);
+    let nginx_ticks = || Ok(process_ticks(master)? + process_ticks(worker)?);
     let mut pairs = Vec::with_capacity(opts.pairs);
     for index in 0..opts.pairs {
-        let agent_first = index % 2 == 1;
-        let (without, with) = run_pair(
-            agent_first,
-            || measure_without(cfg.clk_tck, &nginx_ticks, || run_wrk(&cfg)),
-            || {
-                measure_with_agent(
-                    agent_bin,
-                    &agent_args,
-                    cfg.clk_tck,
-                    bpf_stats,
-                    &nginx_ticks,
-                    || run_wrk(&cfg),
-                )
-            },
+        let pair = run_pair(
+            index,
+            agent_bin,
+            &agent_args,
+            cfg.clk_tck,
+            bpf_stats,
+            &nginx_ticks,
+            || run_wrk(&cfg),
         )?;
-        check_interrupted()?;
-        let pair = Pair {
-            agent_first,
-            without,
-            with,
-        };
         eprintln!(
             "bench: pair {}/{}: {:.0} req/s without, {:.0} with (ratio {:.3}), p99 {} / {}, agent {:.2} µs/req, BPF {:.0} ns/req",
             index + 1,
@@ -127,7 +108,7 @@ struct Versions {
 impl Versions {
     fn read() -> Self {
         Self {
-            nginx: super::first_line(Command::new(NGINX).arg("-v"))
+            nginx: super::first_line(Command::new(nginx_bin()).arg("-v"))
                 .trim_start_matches("nginx version: ")
                 .to_string(),
             wrk: super::first_line(Command::new("wrk").arg("--version"))
@@ -173,13 +154,7 @@ impl AgentRun<WrkStats> {
     }
 }
 
-struct Pair {
-    agent_first: bool,
-    without: Measured<WrkStats>,
-    with: AgentRun<WrkStats>,
-}
-
-impl Pair {
+impl Pair<WrkStats> {
     fn throughput_ratio(&self) -> f64 {
         self.with.run.client.rps / self.without.client.rps
     }
@@ -275,151 +250,30 @@ fn parse_duration_us(text: &str) -> Result<f64> {
     Ok(value * scale)
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        "# Written by `cargo xtask bench`.
+/// nginx's configuration: `@PREFIX@` is its private directory, `@PORT@` a free loopback port.
+const NGINX_CONF: &str = "# Written by `cargo xtask bench`.
 daemon off;
 master_process on;
 worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+pid @PREFIX@/nginx.pid;
+error_log @PREFIX@/error.log warn;
+events { worker_connections 1024; }
+http {
     access_log off;
     default_type text/plain;
     keepalive_timeout 65s;
     keepalive_requests 1000;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 \"hello\\n\"; }}
-    }}
-}}
-"
-    )
-}
-
-fn nginx_args(dir: &Path) -> Vec<String> {
-    let d = dir.display();
-    vec![
-        "-c".into(),
-        NGINX_CPU.into(),
-        NGINX.into(),
-        "-p".into(),
-        format!("{d}/"),
-        "-c".into(),
-        format!("{d}/nginx.conf"),
-        "-e".into(),
-        format!("{d}/error.log"),
-    ]
-}
-
-/// nginx (master + one worker), stopped on drop.
-struct Nginx {
-    child: Child,
-    master: u32,
-    worker: u32,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path) -> Result<Self> {
-        // A port picked free can be taken before nginx binds it: try a few.
-        let mut last_error = anyhow!("nginx did not start");
-        for _ in 0..3 {
-            match Self::try_start(dir) {
-                Ok(nginx) => return Ok(nginx),
-                Err(e) => last_error = e,
-            }
-            check_interrupted()?;
-        }
-        Err(last_error)
-    }
-
-    fn try_start(dir: &Path) -> Result<Self> {
-        let port = free_port()?;
-        fs::write(dir.join("nginx.conf"), nginx_conf(dir, port)).context("writing nginx.conf")?;
-        let log_path = dir.join("nginx.out");
-        let log = fs::File::create(&log_path).context("creating nginx.out")?;
-        // taskset execs nginx: the child's pid is the nginx master's.
-        let child = Command::new("taskset")
-            .args(nginx_args(dir))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {NGINX} (install nginx-light)"))?;
-        let master = child.id();
-        let mut nginx = Self {
-            child,
-            master,
-            worker: 0,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = nginx.child.try_wait()? {
-                let out = fs::read_to_string(&log_path).unwrap_or_default();
-                let err = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-                bail!("nginx exited with {status}:\n{out}{err}");
-            }
-            if http_ok(port) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("nginx did not answer on 127.0.0.1:{port} within 10 s");
-            }
-            check_interrupted()?;
-            thread::sleep(Duration::from_millis(50));
-        }
-        nginx.worker = child_pids(master)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("the nginx master {master} has no worker process"))?;
-        Ok(nginx)
+    client_body_temp_path @PREFIX@/client_body;
+    proxy_temp_path @PREFIX@/proxy;
+    fastcgi_temp_path @PREFIX@/fastcgi;
+    uwsgi_temp_path @PREFIX@/uwsgi;
+    scgi_temp_path @PREFIX@/scgi;
+    server {
+        listen 127.0.0.1:@PORT@;
+        location / { return 200 \"hello\\n\"; }
     }
 }
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM: fast shutdown, the master stops its worker.
-        send_signal(self.master, SIGTERM);
-        if !matches!(
-            wait_timeout(&mut self.child, Duration::from_secs(5)),
-            Ok(Some(_))
-        ) {
-            send_signal(self.master, SIGKILL);
-            let _ = self.child.wait();
-        }
-        if self.worker != 0 && Path::new(&format!("/proc/{}", self.worker)).exists() {
-            send_signal(self.worker, SIGKILL);
-        }
-    }
-}
-
-fn http_ok(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 200")
-        && answer.contains("Server: nginx")
-        && answer.ends_with("hello\n")
-}
+";
 
 const AGENT_ARGS: &[&str] = &["--comm", "nginx"];
 
@@ -428,13 +282,13 @@ fn render(
     env: &Environment,
     versions: &Versions,
     cfg: &RunConfig,
-    pairs: &[Pair],
+    pairs: &[Pair<WrkStats>],
     bpf_stats: &BpfStats,
     foreign_nginx: usize,
 ) -> Result<String> {
     let tck = cfg.clk_tck;
-    let throughput = median(pairs.iter().map(Pair::throughput_ratio).collect());
-    let p99 = median(pairs.iter().map(Pair::p99_ratio).collect());
+    let throughput = median(pairs.iter().map(|p| p.throughput_ratio()).collect());
+    let p99 = median(pairs.iter().map(|p| p.p99_ratio()).collect());
     let cpu_req = median(
         pairs
             .iter()
@@ -719,7 +573,10 @@ fn render(
     render_bpf_programs(&mut s, pairs.iter().map(|p| &p.with), "request", requests)?;
 
     writeln!(s, "### How it was measured\n")?;
-    let nginx_cmd = format!("taskset {}", nginx_args(Path::new("$DIR")).join(" "));
+    let nginx_cmd = format!(
+        "taskset -c {NGINX_CPU} {} -p $DIR -c $DIR/nginx.conf -e $DIR/error.log",
+        nginx_bin().display()
+    );
     let wrk_cmd = format!(
         "taskset {}",
         wrk_args(&RunConfig { port: 0, ..*cfg }).join(" ")
@@ -736,7 +593,9 @@ fn render(
     writeln!(
         s,
         "\n```nginx\n{}```\n",
-        nginx_conf(Path::new("$DIR"), 0).replace(":0;", ":$PORT;")
+        NGINX_CONF
+            .replace("@PREFIX@", "$DIR")
+            .replace("@PORT@", "$PORT")
     )?;
     writeln!(
         s,
@@ -747,7 +606,7 @@ fn render(
         "- agent: `target/release/agent {} > /dev/null` — a user's configuration: select nginx by \
          command name, console exporter (every span is built, formatted and written, to /dev/null). \
          Started after nginx, before each with-agent run; the run starts 0.5 s after it printed \
-         `agent ready` and it is stopped with SIGINT after the run; its summary gives the counters.",
+         `agent ready` and it is stopped with SIGTERM after the run; its summary gives the counters.",
         AGENT_ARGS.join(" ")
     )?;
     writeln!(

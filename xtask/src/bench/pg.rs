@@ -4,10 +4,12 @@
 //! postmaster during the run, selected by the kernel at fork) and pgbench (selected by name at
 //! exec), so every query gives two `db_statements` and two spans.
 //!
-//! The cluster: `initdb -A trust` as the `postgres` OS user in a temporary directory, started
-//! on 127.0.0.1:<free port> with `fsync=off` and `autovacuum=off` (default shared_buffers),
-//! filled once with `pgbench -i -s 1`, stopped (fast shutdown, else SIGKILL of its process
-//! group) and removed at the end, also on errors and Ctrl-C.
+//! The cluster: the end-to-end tests' [`PgServer`] (a copy of a cluster made once by `initdb -A
+//! trust` as the `postgres` OS user, on tmpfs) with the benchmark's settings
+//! ([`PgServer::start_bench`]: `fsync=off`, `autovacuum=off`, no statement log, default
+//! shared_buffers) on 127.0.0.1:<free port>, filled once with `pgbench -i -s 1`, stopped (fast
+//! shutdown, then SIGKILL of its process group) and removed at the end, also on errors and
+//! Ctrl-C.
 //!
 //! Placement on the 2-core machine: the postmaster, and so every backend and auxiliary process
 //! it forks, is pinned on CPU 1; pgbench (`-j 1`, one thread) on CPU 0; the agent is not pinned.
@@ -17,30 +19,27 @@
 use std::{
     fmt::Write as _,
     fs,
-    os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    path::Path,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use testkit::postgres::{INITDB_OPTIONS, PG_USER, SERVER_SETTINGS, pg_bin};
+use testkit::process::{TestDir, kill_with_parent, tail};
+use testkit::servers::children_of;
+use testkit::{PgServer, pgbench_init};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Measured, Options, SIGINT, SIGKILL,
-    SPAN_LOSS_COUNTERS, TempDir, check_interrupted, child_pids, code_list, first_line, fmt_latency,
-    free_port, kill_with_parent, measure_with_agent, measure_without, median,
-    nonzero_loss_counters, process_and_reaped_ticks, process_ticks, processes_named,
-    render_bpf_programs, render_threads, run_pair, send_signal, signal_group, tail, wait_timeout,
-    yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
+    check_interrupted, code_list, first_line, fmt_latency, median, nonzero_loss_counters,
+    process_and_reaped_ticks, process_ticks, processes_named, render_bpf_programs, render_threads,
+    run_pair, yes_no,
 };
 
 pub(super) const MARK_START: &str = "<!-- bench:pg:start -->";
 pub(super) const MARK_END: &str = "<!-- bench:pg:end -->";
 const PG_CPU: &str = "1";
 const PGBENCH_CPU: &str = "0";
-/// The OS user the server runs as (PostgreSQL refuses root), also the database superuser.
-const PG_USER: &str = "postgres";
 const DATABASE: &str = "postgres";
 /// `pgbench -i -s 1`: 100 000 accounts (13 MB of table), all in the default shared_buffers.
 const SCALE: u32 = 1;
@@ -51,18 +50,9 @@ const TARGET_TPS_RATIO: f64 = 0.95;
 const PGBENCH_SETUP_STATEMENTS: u64 = 2;
 /// Spans (and `db_statements`) per query: the client's and the server's.
 const SIDES: u64 = 2;
-/// Server settings besides port and socket directory.
-const SERVER_SETTINGS: &[&str] = &[
-    "listen_addresses=127.0.0.1",
-    "ssl=off",
-    "fsync=off",
-    "autovacuum=off",
-    "lc_messages=C",
-];
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// pgbench's `-M`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub(super) enum Mode {
     Simple,
     Extended,
@@ -70,16 +60,7 @@ pub(super) enum Mode {
 }
 
 impl Mode {
-    pub(super) fn parse(name: &str) -> Result<Self> {
-        match name {
-            "simple" => Ok(Self::Simple),
-            "extended" => Ok(Self::Extended),
-            "prepared" => Ok(Self::Prepared),
-            other => bail!("unknown pgbench query mode {other:?} (prepared, simple or extended)"),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Simple => "simple",
             Self::Extended => "extended",
@@ -91,32 +72,30 @@ impl Mode {
 /// Runs the PostgreSQL benchmark (every mode of `--pg-modes`); returns its BENCHMARKS.md section.
 pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
     let env = Environment::read()?;
-    let bindir = pg_bindir()?;
     let versions = Versions {
-        postgres: first_line(Command::new(bindir.join("postgres")).arg("--version")),
-        pgbench: first_line(Command::new(bindir.join("pgbench")).arg("--version")),
+        postgres: first_line(Command::new(pg_bin("postgres")).arg("--version")),
+        pgbench: first_line(Command::new(pg_bin("pgbench")).arg("--version")),
     };
-    let user = os_user(PG_USER)?;
-    let dir = TempDir::new("pg")?;
-    let server = PgServer::start(&bindir, dir.path(), user)?;
+    let dir = TestDir::new("bench-pgbench");
+    let server = PgServer::start_bench(PG_CPU);
     eprintln!(
         "bench: PostgreSQL on 127.0.0.1:{} (postmaster {}); pgbench -i -s {SCALE}",
-        server.port, server.postmaster
+        server.port(),
+        server.pid()
     );
-    pgbench_init(&bindir, server.port)?;
-    let foreign_pgbench = processes_named("pgbench")?.len();
+    pgbench_init(&server, DATABASE, SCALE);
+    let foreign_pgbench = processes_named("pgbench").len();
     if foreign_pgbench > 0 {
         eprintln!(
             "bench: warning: {foreign_pgbench} other pgbench process(es) running: the agent traces them too"
         );
     }
 
-    let agent_args = agent_args(server.postmaster);
-    let server_ticks = || server.ticks();
+    let agent_args = agent_args(server.pid());
+    let server_ticks = || server_ticks(&server);
     let mut results = Vec::with_capacity(opts.pg_modes.len());
     for &mode in &opts.pg_modes {
         let cfg = RunConfig {
-            port: server.port,
             mode,
             duration: opts.duration,
             clients: opts.clients,
@@ -124,7 +103,7 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         };
         eprintln!("bench: pgbench -M {}: warming up", mode.as_str());
         run_pgbench(
-            &bindir,
+            &server,
             &RunConfig {
                 duration: WARM_UP_SECS,
                 ..cfg
@@ -134,29 +113,16 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         check_interrupted()?;
         let mut pairs = Vec::with_capacity(opts.pairs);
         for index in 0..opts.pairs {
-            let agent_first = index % 2 == 1;
-            let load = || run_pgbench(&bindir, &cfg, dir.path());
-            let (without, with) = run_pair(
-                agent_first,
-                || measure_without(cfg.clk_tck, &server_ticks, load),
-                || {
-                    measure_with_agent(
-                        agent_bin,
-                        &agent_args,
-                        cfg.clk_tck,
-                        bpf_stats,
-                        &server_ticks,
-                        load,
-                    )
-                },
+            let pair = run_pair(
+                index,
+                agent_bin,
+                &agent_args,
+                cfg.clk_tck,
+                bpf_stats,
+                &server_ticks,
+                || run_pgbench(&server, &cfg, dir.path()),
             )?;
-            check_interrupted()?;
-            server.check_alive()?;
-            let pair = Pair {
-                agent_first,
-                without,
-                with,
-            };
+            check_alive(&server)?;
             eprintln!(
                 "bench: -M {} pair {}/{}: {:.0} TPS without, {:.0} with (ratio {:.3}), p99 {} / {}, \
                  agent {:.2} µs/query, BPF {:.0} ns/query, {} db_statements for {} queries",
@@ -202,7 +168,6 @@ struct Versions {
 
 #[derive(Clone, Copy)]
 struct RunConfig {
-    port: u16,
     mode: Mode,
     duration: u64,
     clients: u32,
@@ -211,16 +176,10 @@ struct RunConfig {
 
 struct ModeResult {
     cfg: RunConfig,
-    pairs: Vec<Pair>,
+    pairs: Vec<Pair<PgbenchStats>>,
 }
 
-struct Pair {
-    agent_first: bool,
-    without: Measured<PgbenchStats>,
-    with: AgentRun<PgbenchStats>,
-}
-
-impl Pair {
+impl Pair<PgbenchStats> {
     fn tps_ratio(&self) -> f64 {
         self.with.run.client.tps / self.without.client.tps
     }
@@ -305,48 +264,23 @@ fn pgbench_args(cfg: &RunConfig, log_prefix: &str) -> Vec<String> {
     ]
 }
 
-/// `taskset -c 0 pgbench -h 127.0.0.1 -p PORT -U postgres`, without inherited `PG*` variables,
-/// without SSL/GSS (the first bytes on the wire are the startup message), killed if we die.
-fn pgbench_command(bindir: &Path, port: u16) -> Command {
-    let mut cmd = Command::new("taskset");
+/// `taskset -c 0 pgbench` of `server` (its client environment: TCP, database superuser, no
+/// SSL/GSS, so the first bytes on the wire are the startup message), killed if we die.
+fn pgbench_command(server: &PgServer) -> Command {
+    let mut cmd = server.client_command("taskset", DATABASE);
     cmd.args(["-c", PGBENCH_CPU])
-        .arg(bindir.join("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", PG_USER]);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "10")
+        .arg(pg_bin("pgbench"))
         .stdin(Stdio::null());
     kill_with_parent(&mut cmd);
     cmd
 }
 
-fn pgbench_init(bindir: &Path, port: u16) -> Result<()> {
-    let out = pgbench_command(bindir, port)
-        .args(["-i", "-q", "-s", &SCALE.to_string(), DATABASE])
-        .output()
-        .context("cannot run pgbench -i")?;
-    if !out.status.success() {
-        bail!(
-            "pgbench -i failed with {}:\n{}{}",
-            out.status,
-            tail(&String::from_utf8_lossy(&out.stdout), 20),
-            tail(&String::from_utf8_lossy(&out.stderr), 20)
-        );
-    }
-    Ok(())
-}
-
-fn run_pgbench(bindir: &Path, cfg: &RunConfig, dir: &Path) -> Result<PgbenchStats> {
+fn run_pgbench(server: &PgServer, cfg: &RunConfig, dir: &Path) -> Result<PgbenchStats> {
     let log_dir = dir.join("pgbench-log");
     let _ = fs::remove_dir_all(&log_dir);
     fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let prefix = log_dir.join("txn");
-    let out = pgbench_command(bindir, cfg.port)
+    let out = pgbench_command(server)
         .args(pgbench_args(cfg, &prefix.to_string_lossy()))
         .arg(DATABASE)
         .current_dir(&log_dir)
@@ -445,248 +379,27 @@ fn parse_pgbench(stdout: &str, mut latencies: Vec<u64>) -> Result<PgbenchStats> 
 // ---------------------------------------------------------------------------------------------
 // The server
 
-/// The directory of the PostgreSQL programs: `PG_BINDIR`, else the newest
-/// `/usr/lib/postgresql/<major>/bin` (Debian's layout; the `/usr/bin` wrappers pick a cluster).
-fn pg_bindir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("PG_BINDIR") {
-        return Ok(PathBuf::from(dir));
+/// CPU ticks of the server: the postmaster, the children it reaped (backends of finished runs)
+/// and its live children.
+fn server_ticks(server: &PgServer) -> Result<u64> {
+    let mut ticks = process_and_reaped_ticks(server.pid())?;
+    for pid in children_of(server.pid()) {
+        // A backend may exit between the listing and the read.
+        ticks += process_ticks(pid).unwrap_or(0);
     }
-    let mut majors: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            (bin.join("postgres").exists() && bin.join("pgbench").exists()).then_some((major, bin))
-        })
-        .collect();
-    majors.sort();
-    majors.pop().map(|(_, bin)| bin).ok_or_else(|| {
-        anyhow!(
-            "no PostgreSQL under /usr/lib/postgresql/*/bin (or set PG_BINDIR): \
-             `cargo xtask setup --test-deps` installs it"
-        )
-    })
+    Ok(ticks)
 }
 
-/// uid and gid of an OS user.
-fn os_user(name: &str) -> Result<(u32, u32)> {
-    let id = |flag: &str| -> Result<u32> {
-        let out = Command::new("id")
-            .args([flag, name])
-            .output()
-            .context("cannot run id")?;
-        if !out.status.success() {
-            bail!(
-                "no OS user `{name}` for PostgreSQL to run as (apt-get install postgresql creates it)"
-            );
-        }
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .with_context(|| format!("id {flag} {name}"))
-    };
-    Ok((id("-u")?, id("-g")?))
-}
-
-/// A private cluster, its postmaster in its own process group; stopped on drop.
-struct PgServer {
-    child: Child,
-    postmaster: u32,
-    port: u16,
-    log: PathBuf,
-}
-
-fn initdb_args(data: &Path) -> Vec<String> {
-    vec![
-        "-D".into(),
-        data.display().to_string(),
-        "-A".into(),
-        "trust".into(),
-        "-U".into(),
-        PG_USER.into(),
-        "-E".into(),
-        "UTF8".into(),
-        "--locale=C".into(),
-        "--no-sync".into(),
-        "--no-instructions".into(),
-    ]
-}
-
-fn postgres_args(bindir: &Path, data: &Path, root: &Path, port: u16) -> Vec<String> {
-    let mut args = vec![
-        "-c".into(),
-        PG_CPU.into(),
-        bindir.join("postgres").display().to_string(),
-        "-D".into(),
-        data.display().to_string(),
-        "-p".into(),
-        port.to_string(),
-        "-c".into(),
-        format!("unix_socket_directories={}", root.display()),
-    ];
-    for setting in SERVER_SETTINGS {
-        args.push("-c".into());
-        args.push((*setting).into());
+/// Fails if the postmaster has exited (a zombie until the server's drop reaps it).
+fn check_alive(server: &PgServer) -> Result<()> {
+    let stat = fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if !matches!(state, Some(s) if s != "Z" && s != "X") {
+        bail!("the postmaster exited:\n{}", tail(&server.log(), 30));
     }
-    args
-}
-
-impl PgServer {
-    fn start(bindir: &Path, dir: &Path, user: (u32, u32)) -> Result<Self> {
-        let (uid, gid) = user;
-        let root = dir.join("pg");
-        fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-            .with_context(|| format!("chown {} to {PG_USER}", root.display()))?;
-        let data = root.join("data");
-        let mut initdb = Command::new(bindir.join("initdb"));
-        initdb
-            .args(initdb_args(&data))
-            .current_dir(&root)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .uid(uid)
-            .gid(gid);
-        kill_with_parent(&mut initdb);
-        let out = initdb.output().context("cannot run initdb")?;
-        if !out.status.success() {
-            bail!(
-                "initdb failed with {}:\n{}{}",
-                out.status,
-                tail(&String::from_utf8_lossy(&out.stdout), 20),
-                tail(&String::from_utf8_lossy(&out.stderr), 20)
-            );
-        }
-        // A port picked free can be taken before the postmaster binds it: try a few.
-        let mut last_error = anyhow!("PostgreSQL did not start");
-        for attempt in 0..3 {
-            match Self::try_start(bindir, &data, &root, user, attempt) {
-                Ok(server) => return Ok(server),
-                Err(e) => {
-                    let retry = format!("{e:#}").contains("could not bind")
-                        || format!("{e:#}").contains("could not create listen");
-                    last_error = e;
-                    if !retry {
-                        break;
-                    }
-                }
-            }
-            check_interrupted()?;
-        }
-        Err(last_error)
-    }
-
-    fn try_start(
-        bindir: &Path,
-        data: &Path,
-        root: &Path,
-        (uid, gid): (u32, u32),
-        attempt: u32,
-    ) -> Result<Self> {
-        let port = free_port()?;
-        let log = root.join(format!("postgres-{attempt}.log"));
-        let log_file = fs::File::create(&log).context("creating the server log")?;
-        let mut cmd = Command::new("taskset");
-        cmd.args(postgres_args(bindir, data, root, port))
-            .current_dir(root)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .uid(uid)
-            .gid(gid)
-            // Its own process group: the backends too, so a SIGKILL of the group ends them all.
-            .process_group(0);
-        kill_with_parent(&mut cmd);
-        // taskset execs postgres: the child's pid is the postmaster's.
-        let child = cmd.spawn().context("cannot start taskset postgres")?;
-        let postmaster = child.id();
-        let mut server = Self {
-            child,
-            postmaster,
-            port,
-            log,
-        };
-        let pid_file = data.join("postmaster.pid");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "postgres exited with {status}:\n{}",
-                    tail(&server.log_text(), 30)
-                );
-            }
-            // The 8th line of postmaster.pid is the postmaster's status: "ready" once it
-            // accepts connections. (No TCP probe: it would be a connection like the others.)
-            let status = fs::read_to_string(&pid_file).unwrap_or_default();
-            if status.lines().nth(7).map(str::trim) == Some("ready") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "PostgreSQL was not ready on 127.0.0.1:{port} within {} s:\n{}",
-                    START_TIMEOUT.as_secs(),
-                    tail(&server.log_text(), 30)
-                );
-            }
-            check_interrupted()?;
-            thread::sleep(Duration::from_millis(50));
-        }
-        let comm = fs::read_to_string(format!("/proc/{postmaster}/comm")).unwrap_or_default();
-        if comm.trim() != "postgres" {
-            bail!("process {postmaster} is {comm:?}, not the postmaster");
-        }
-        Ok(server)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fails if the postmaster has exited (a zombie until the drop reaps it).
-    fn check_alive(&self) -> Result<()> {
-        let stat =
-            fs::read_to_string(format!("/proc/{}/stat", self.postmaster)).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next());
-        if !matches!(state, Some(s) if s != "Z" && s != "X") {
-            bail!("the postmaster exited:\n{}", tail(&self.log_text(), 30));
-        }
-        Ok(())
-    }
-
-    /// CPU ticks of the server: the postmaster, the children it reaped (backends of finished
-    /// runs) and its live children.
-    fn ticks(&self) -> Result<u64> {
-        let mut ticks = process_and_reaped_ticks(self.postmaster)?;
-        for pid in child_pids(self.postmaster)? {
-            // A backend may exit between the listing and the read.
-            ticks += process_ticks(pid).unwrap_or(0);
-        }
-        Ok(ticks)
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            // Exited already; its group may still hold orphaned backends.
-            signal_group(self.postmaster, SIGKILL);
-            return;
-        }
-        // SIGINT: fast shutdown; the postmaster ends its backends, then exits.
-        send_signal(self.postmaster, SIGINT);
-        if !matches!(
-            wait_timeout(&mut self.child, Duration::from_secs(10)),
-            Ok(Some(_))
-        ) {
-            signal_group(self.postmaster, SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -725,18 +438,18 @@ impl Summary {
     fn of(r: &ModeResult) -> Self {
         let tck = r.cfg.clk_tck;
         let p = &r.pairs;
-        let med = |f: &dyn Fn(&Pair) -> f64| median(p.iter().map(f).collect());
-        let sum = |f: &dyn Fn(&Pair) -> u64| p.iter().map(f).sum::<u64>();
+        let med = |f: &dyn Fn(&Pair<PgbenchStats>) -> f64| median(p.iter().map(f).collect());
+        let sum = |f: &dyn Fn(&Pair<PgbenchStats>) -> u64| p.iter().map(f).sum::<u64>();
         Self {
             tps_without: med(&|p| p.without.client.tps),
             tps_with: med(&|p| p.with.run.client.tps),
-            tps_ratio: med(&Pair::tps_ratio),
-            avg_ratio: med(&Pair::avg_latency_ratio),
+            tps_ratio: med(&Pair::<PgbenchStats>::tps_ratio),
+            avg_ratio: med(&Pair::<PgbenchStats>::avg_latency_ratio),
             avg_without: med(&|p| p.without.client.latency_avg_us),
             avg_with: med(&|p| p.with.run.client.latency_avg_us),
             p50_without: med(&|p| p.without.client.p50_us),
             p50_with: med(&|p| p.with.run.client.p50_us),
-            p99_ratio: med(&Pair::p99_ratio),
+            p99_ratio: med(&Pair::<PgbenchStats>::p99_ratio),
             p99_without: med(&|p| p.without.client.p99_us),
             p99_with: med(&|p| p.with.run.client.p99_us),
             cpu_query: med(&|p| p.with.agent_us_per_query(tck)),
@@ -1101,7 +814,6 @@ fn render_method(
     results: &[ModeResult],
     bpf_stats: &BpfStats,
 ) -> Result<()> {
-    let dir = Path::new("$DIR");
     writeln!(s, "### How it was measured\n")?;
     writeln!(
         s,
@@ -1113,28 +825,24 @@ fn render_method(
          server. One cluster serves all runs.",
         versions.postgres, versions.pgbench, opts.clients
     )?;
+    let settings: String = SERVER_SETTINGS.iter().map(|s| format!(" -c {s}")).collect();
     writeln!(
         s,
-        "- cluster: `initdb {}` as the `{PG_USER}` OS user in a temporary directory, then \
-         `taskset {}` as `{PG_USER}` (default shared_buffers, 128 MB; no statement logging), \
-         filled once with `pgbench -i -q -s {SCALE}` (100 000 accounts, 13 MB: every query is \
-         served from shared buffers); a {WARM_UP_SECS} s pgbench run per mode precedes its pairs. \
-         Removed at the end (fast shutdown, else SIGKILL of its process group).",
-        initdb_args(&dir.join("pg/data")).join(" "),
-        postgres_args(
-            &pg_bindir().unwrap_or_else(|_| PathBuf::from("$BINDIR")),
-            &dir.join("pg/data"),
-            &dir.join("pg"),
-            0
-        )
-        .join(" ")
-        .replace(" -p 0 ", " -p $PORT ")
+        "- cluster: a copy of a cluster made by `initdb -D $DATA {}` as the `{PG_USER}` OS user \
+         (made once, kept on tmpfs), then `taskset -c {PG_CPU} {} -D $DATA -p $PORT -c \
+         listen_addresses=127.0.0.1 -c unix_socket_directories=$DIR{settings}` as `{PG_USER}` \
+         (default shared_buffers, 128 MB; no statement logging), filled once with `pgbench -i -q \
+         -s {SCALE}` (100 000 accounts, 13 MB: every query is served from shared buffers); a \
+         {WARM_UP_SECS} s pgbench run per mode precedes its pairs. Removed at the end (fast \
+         shutdown, then SIGKILL of its process group).",
+        INITDB_OPTIONS.join(" "),
+        pg_bin("postgres").display(),
     )?;
     for r in results {
         writeln!(
             s,
-            "- load ({}): `taskset -c {PGBENCH_CPU} pgbench -h 127.0.0.1 -p $PORT -U {PG_USER} {} \
-             {DATABASE}` — `-S`: one `SELECT abalance FROM pgbench_accounts WHERE aid = $1` per \
+            "- load ({}): `taskset -c {PGBENCH_CPU} pgbench {} {DATABASE}` with `PGHOST=127.0.0.1 \
+             PGPORT=$PORT PGUSER={PG_USER} PGSSLMODE=disable PGGSSENCMODE=disable` — `-S`: one `SELECT abalance FROM pgbench_accounts WHERE aid = $1` per \
              transaction, so transactions = queries. TPS is pgbench's `tps = … (without initial \
              connection time)`, the average latency its `latency average`, the p99 the 99th \
              percentile of the per-transaction log `-l` (every transaction; pgbench writes it to a \
@@ -1151,7 +859,7 @@ fn render_method(
          of every connection are traced: each query is one client statement (pgbench) and one \
          server statement (backend), 2 `db_statements` and 2 spans. Started before each \
          with-agent run; the run starts 0.5 s after it printed `agent ready` and once it is idle; \
-         it is stopped with SIGINT after the run and its summary gives the counters.",
+         it is stopped with SIGTERM after the run and its summary gives the counters.",
         agent_args(0)
             .join(" ")
             .replace("--pid 0", "--pid $POSTMASTER")
@@ -1247,12 +955,5 @@ tps = 4042.784915 (without initial connection time)
             "failed transactions: 3 (0.010%)",
         );
         assert!(parse_pgbench(&failed, vec![1]).is_err());
-    }
-
-    #[test]
-    fn parses_modes() {
-        assert_eq!(Mode::parse("simple").expect("mode"), Mode::Simple);
-        assert_eq!(Mode::parse("prepared").expect("mode").as_str(), "prepared");
-        assert!(Mode::parse("fast").is_err());
     }
 }
