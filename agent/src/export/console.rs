@@ -601,7 +601,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::export::encode::tests::{resource, server_span};
+    use crate::export::otlp::encode::tests::{resource, server_span};
     use crate::spans::model::{Attribute, Resource};
 
     fn client_of(server: &SpanRecord, id: u8, start_ms: u64, dur_us: u64) -> SpanRecord {

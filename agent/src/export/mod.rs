@@ -3,20 +3,16 @@
 //! traced process.
 //!
 //! - `console`: trace fragments as compact trees on stdout (the default).
-//! - `otlp`: OTLP over gRPC (tonic) or HTTP/protobuf (HTTP/1.1, hyper), spans encoded straight
-//!   to protobuf (`encode`) and sent by `transport`, over TLS (`tls`) for `https://`, with the
-//!   user's `headers`.
+//! - `otlp/`: OTLP over gRPC (tonic) or HTTP/protobuf (HTTP/1.1, hyper), spans encoded straight
+//!   to protobuf (`otlp/encode`) and sent by `otlp/transport`, over TLS (`otlp/tls`) for
+//!   `https://`, with the user's `otlp/headers`.
 
 mod console;
-mod encode;
-mod headers;
 mod otlp;
-mod tls;
-mod transport;
 
-pub use headers::{HeaderArg, HeaderError, Headers};
 pub use otlp::check_endpoint;
-pub use tls::{TlsError, TlsFiles};
+pub use otlp::headers::{HeaderArg, HeaderError, Headers};
+pub use otlp::tls::{TlsError, TlsFiles};
 
 use std::io::Write;
 use std::sync::Arc;
@@ -514,9 +510,6 @@ impl Worker {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod tls_tests;
 
 #[cfg(test)]
 mod bench;

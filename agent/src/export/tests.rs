@@ -392,7 +392,7 @@ async fn otlp_batches_by_size_and_groups_by_resource() {
     let mut exported = Vec::new();
     for request in &all {
         assert_eq!(request.path, "/v1/traces");
-        let decoded = encode::tests::decode(&request.body);
+        let decoded = otlp::encode::tests::decode(&request.body);
         let mut services = Vec::new();
         for rs in &decoded.resource_spans {
             let resource = rs.resource.as_ref().expect("a resource");

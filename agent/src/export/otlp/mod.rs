@@ -4,6 +4,16 @@
 //! concurrently (at most `MAX_IN_FLIGHT`), over one shared gRPC channel (one HTTP/2 connection)
 //! or over HTTP/1.1 keep-alive connections, TLS for `https://`; transient failures are retried
 //! with backoff within the export timeout.
+//!
+//! - `encode`: spans straight to protobuf bytes, no intermediate messages.
+//! - `transport`: tonic (gRPC) or hyper (HTTP/1.1), one hyper-rustls connector for both.
+//! - `tls`: the rustls client configuration from the user's CA and client certificate files.
+//! - `headers`: the user's headers for every request (values never logged).
+
+pub(super) mod encode;
+pub(super) mod headers;
+pub(super) mod tls;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,14 +22,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::encode::{self, PartialSuccess, ResourcePart};
-use super::transport::{SendError, Transport, TransportOptions};
 use super::{
     Compression, EndpointForm, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol,
-    Tally, tls,
+    Tally,
 };
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
+use encode::{PartialSuccess, ResourcePart};
+use transport::{SendError, Transport, TransportOptions};
 
 /// A cached resource unused for this long is dropped (its process most likely exited).
 const IDLE_RESOURCE_TTL: Duration = Duration::from_secs(300);
@@ -599,6 +609,9 @@ async fn send_with_retries(
 }
 
 #[cfg(test)]
+mod tls_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -734,10 +747,10 @@ mod tests {
             Arc::default(),
         )
         .expect("sink");
-        let r1 = crate::export::encode::tests::resource(1, "a");
-        let r2 = crate::export::encode::tests::resource(2, "b");
+        let r1 = encode::tests::resource(1, "a");
+        let r2 = encode::tests::resource(2, "b");
         let t0 = Instant::now();
-        let span = |r: &Arc<Resource>| crate::export::encode::tests::server_span(r);
+        let span = |r: &Arc<Resource>| encode::tests::server_span(r);
         assert!(!sink.add(span(&r1), t0));
         assert!(!sink.add(span(&r1), t0));
         assert!(!sink.add(span(&r2), t0 + Duration::from_secs(10)));
@@ -772,9 +785,9 @@ mod tests {
             Arc::default(),
         )
         .expect("sink");
-        let r = crate::export::encode::tests::resource(1, "a");
+        let r = encode::tests::resource(1, "a");
         let t0 = Instant::now();
-        let span = crate::export::encode::tests::server_span(&r);
+        let span = encode::tests::server_span(&r);
         assert!(!sink.flush_due(t0 + Duration::from_secs(9), Duration::from_secs(1)));
         assert!(!sink.add(span.clone(), t0));
         assert!(!sink.add(span.clone(), t0 + Duration::from_millis(500)));
