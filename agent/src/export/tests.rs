@@ -300,6 +300,52 @@ async fn full_queue_drops_and_counts() {
     assert_eq!(out.text().lines().count(), 2, "{}", out.text());
 }
 
+/// A `Write` that always fails, as stdout does once its reader is gone.
+struct BrokenPipe;
+
+impl Write for BrokenPipe {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Spans the console could not print are counted as failed, the write as an export error, and
+/// the status says export is failing.
+#[tokio::test(flavor = "current_thread")]
+async fn console_write_failures_count_the_spans_as_failed() {
+    let stats = Arc::new(Stats::default());
+    let handle = spawn_with_console_output(
+        ExportConfig::default(),
+        Arc::clone(&stats),
+        Box::new(BrokenPipe),
+    )
+    .expect("spawn");
+    let status = handle.status();
+    let r = resource(10, "svc");
+    // Queued before the worker runs: taken together, printed in one write at shutdown.
+    for n in 0..3 {
+        handle.send(span(&r, n));
+    }
+    assert_eq!(
+        handle.shutdown().await,
+        ExportSummary {
+            exported: 0,
+            failed: 3,
+            dropped: 0
+        }
+    );
+    assert_eq!(stats.spans_export_failed.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.spans_exported.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.export_errors.load(Ordering::Relaxed), 1);
+    let state = status.state();
+    assert!(state.failing_since_ns.is_some(), "{state:?}");
+    assert_eq!(state.last_success_ns, None);
+    assert_eq!(state.waiting, 0);
+}
+
 #[tokio::test]
 async fn console_prints_the_tree_once_the_root_ended() {
     let stats = Arc::new(Stats::default());
