@@ -371,22 +371,17 @@ pub(crate) fn spawn_with_console_output(
         ));
     }
     let tally = Arc::new(Tally::default());
-    let sink = match &cfg.target {
-        ExportTarget::Console => Sink::Console(ConsoleSink::new(out)),
-        ExportTarget::Otlp { .. } => {
-            Sink::Otlp(OtlpSink::new(&cfg, Arc::clone(&stats), Arc::clone(&tally))?)
-        }
-    };
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
-    let worker = Worker {
-        rx,
-        flush_interval: cfg.flush_interval,
-        stats: Arc::clone(&stats),
-        tally: Arc::clone(&tally),
-    };
-    let task = match sink {
-        Sink::Console(console) => runtime.spawn(worker.run_console(console)),
-        Sink::Otlp(otlp) => runtime.spawn(worker.run_otlp(otlp)),
+    let tick = cfg.flush_interval.min(TICK);
+    let task = match &cfg.target {
+        ExportTarget::Console => {
+            let console = ConsoleSink::new(out, Arc::clone(&stats), Arc::clone(&tally));
+            runtime.spawn(run(rx, tick, console))
+        }
+        ExportTarget::Otlp { .. } => {
+            let otlp = OtlpSink::new(&cfg, Arc::clone(&stats), Arc::clone(&tally))?;
+            runtime.spawn(run(rx, tick, otlp))
+        }
     };
     Ok(ExportHandle {
         tx,
@@ -398,13 +393,33 @@ pub(crate) fn spawn_with_console_output(
     })
 }
 
-enum Sink {
-    Console(ConsoleSink),
-    Otlp(OtlpSink),
+/// Where the worker delivers spans: the console printer or an OTLP collector. A sink counts
+/// each span it delivered or lost in the exporter's `Tally`.
+trait Sink {
+    /// Takes the spans just received (all of `spans`), at `now`; may deliver some at once (a
+    /// full batch, or a fragment printed early to bound memory).
+    async fn take(&mut self, spans: &mut Vec<SpanRecord>, now: Instant);
+
+    /// Called every tick: delivers what is due at `now`.
+    async fn tick(&mut self, now: Instant);
+
+    /// Deliveries are under way in the background (`settle_next` has something to wait for).
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// Waits for a delivery under way to end, and counts it. Cancel-safe: the worker drops it
+    /// when a tick or spans come first.
+    async fn settle_next(&mut self) {
+        std::future::pending().await
+    }
+
+    /// The queue is closed and drained: delivers everything left and waits for every delivery.
+    async fn finish(&mut self);
 }
 
-/// How often the console checks for finished traces, and the OTLP exporter for spans that
-/// waited `flush_interval`.
+/// How often the sink is ticked (the console checks for finished traces, the OTLP exporter for
+/// spans that waited `flush_interval`), at most.
 const TICK: Duration = Duration::from_millis(100);
 /// Spans taken from the queue at once.
 const RECV_CHUNK: usize = 1024;
@@ -412,100 +427,31 @@ const RECV_CHUNK: usize = 1024;
 /// for each one: a wake-up (a futex call on each side) costs more than handling a span.
 const GATHER: Duration = Duration::from_millis(10);
 
-struct Worker {
-    rx: mpsc::Receiver<SpanRecord>,
-    flush_interval: Duration,
-    stats: Arc<Stats>,
-    tally: Arc<Tally>,
-}
-
-impl Worker {
-    fn ticker(&self) -> tokio::time::Interval {
-        let mut ticker = tokio::time::interval(self.flush_interval.min(TICK));
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker
-    }
-
-    async fn run_console(mut self, mut console: ConsoleSink) {
-        let mut ticker = self.ticker();
-        let mut spans: Vec<SpanRecord> = Vec::with_capacity(RECV_CHUNK);
-        loop {
-            tokio::select! {
-                // The tick first: under a flood of spans, timers must still fire.
-                biased;
-                _ = ticker.tick() => {
-                    console.take_ready(Instant::now());
-                    self.print(&mut console);
+/// The exporter task: hands the queue's spans to `sink` in chunks and ticks it every `tick`
+/// until the queue is closed (`ExportHandle::shutdown`), then has it deliver the rest.
+async fn run(mut rx: mpsc::Receiver<SpanRecord>, tick: Duration, mut sink: impl Sink) {
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut spans: Vec<SpanRecord> = Vec::with_capacity(RECV_CHUNK);
+    loop {
+        tokio::select! {
+            // The tick first: under a flood of spans, timers must still fire.
+            biased;
+            _ = ticker.tick() => sink.tick(Instant::now()).await,
+            () = sink.settle_next(), if sink.busy() => {}
+            received = rx.recv_many(&mut spans, RECV_CHUNK) => {
+                if received == 0 {
+                    break;
                 }
-                received = self.rx.recv_many(&mut spans, RECV_CHUNK) => {
-                    if received == 0 {
-                        break;
-                    }
-                    let now = Instant::now();
-                    for span in spans.drain(..) {
-                        console.add(span, now);
-                    }
-                    // Fragments printed early to bound memory, if any.
-                    self.print(&mut console);
-                    if received < RECV_CHUNK {
-                        tokio::time::sleep(GATHER).await;
-                    }
-                }
-            }
-        }
-        // The queue is closed and drained: print what is left.
-        console.take_all();
-        self.print(&mut console);
-    }
-
-    fn print(&self, console: &mut ConsoleSink) {
-        let (spans, result) = console.print();
-        match result {
-            Ok(()) => self.tally.exported(&self.stats, spans as u64),
-            Err(e) => {
-                self.tally.failed(&self.stats, spans as u64, 1);
-                if !console.write_failed {
-                    console.write_failed = true;
-                    log::error!("cannot print spans to stdout: {e}; spans are counted as failed");
+                sink.take(&mut spans, Instant::now()).await;
+                if received < RECV_CHUNK {
+                    tokio::time::sleep(GATHER).await;
                 }
             }
         }
     }
-
-    async fn run_otlp(mut self, mut otlp: OtlpSink) {
-        let mut ticker = self.ticker();
-        let mut spans: Vec<SpanRecord> = Vec::with_capacity(RECV_CHUNK);
-        loop {
-            tokio::select! {
-                // The tick first: under a flood of spans, timers must still fire.
-                biased;
-                _ = ticker.tick() => {
-                    let now = Instant::now();
-                    if otlp.flush_due(now, self.flush_interval) {
-                        otlp.flush().await;
-                    }
-                    otlp.tick(now);
-                }
-                Some(done) = otlp.next_done(), if otlp.busy() => otlp.settle(done),
-                received = self.rx.recv_many(&mut spans, RECV_CHUNK) => {
-                    if received == 0 {
-                        break;
-                    }
-                    let now = Instant::now();
-                    for span in spans.drain(..) {
-                        if otlp.add(span, now) {
-                            otlp.flush().await;
-                        }
-                    }
-                    if received < RECV_CHUNK {
-                        tokio::time::sleep(GATHER).await;
-                    }
-                }
-            }
-        }
-        // The queue is closed and drained: send what is left and wait for every request.
-        otlp.drain().await;
-    }
+    // The queue is closed and drained.
+    sink.finish().await;
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::{
-    Compression, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol, Tally,
+    Compression, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol, Sink, Tally,
 };
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
@@ -75,6 +75,7 @@ pub struct OtlpSink {
     timeout: Duration,
     transport: Arc<Transport>,
     max_batch: usize,
+    flush_interval: Duration,
     resources: Vec<ResourceEntry>,
     /// Index in `resources` by the address of the `Arc<Resource>` the spans carry, and the
     /// last one used (consecutive spans mostly come from the same process).
@@ -92,6 +93,42 @@ pub struct OtlpSink {
     partial_warned: bool,
     stats: Arc<Stats>,
     tally: Arc<Tally>,
+}
+
+impl Sink for OtlpSink {
+    async fn take(&mut self, spans: &mut Vec<SpanRecord>, now: Instant) {
+        for span in spans.drain(..) {
+            if self.add(span, now) {
+                self.flush().await;
+            }
+        }
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        if self.flush_due(now, self.flush_interval) {
+            self.flush().await;
+        }
+        self.forget_idle(now);
+    }
+
+    /// Requests are in flight.
+    fn busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    async fn settle_next(&mut self) {
+        if let Some(done) = self.in_flight.join_next_with_id().await {
+            self.settle(done);
+        }
+    }
+
+    /// Sends what is waiting and waits for every request in flight.
+    async fn finish(&mut self) {
+        self.flush().await;
+        while let Some(done) = self.in_flight.join_next_with_id().await {
+            self.settle(done);
+        }
+    }
 }
 
 impl OtlpSink {
@@ -147,6 +184,7 @@ impl OtlpSink {
             timeout,
             transport: Arc::new(transport),
             max_batch: cfg.max_batch.max(1),
+            flush_interval: cfg.flush_interval,
             resources: Vec::new(),
             index: HashMap::new(),
             last: None,
@@ -165,7 +203,7 @@ impl OtlpSink {
 
     /// Encodes `span` for the next request. Returns true when a request should be sent now
     /// (`max_batch` spans or `MAX_REQUEST_BYTES` are waiting).
-    pub fn add(&mut self, span: SpanRecord, now: Instant) -> bool {
+    fn add(&mut self, span: SpanRecord, now: Instant) -> bool {
         let key = Arc::as_ptr(&span.resource) as usize;
         let i = match self.last {
             Some((last, i)) if last == key => i,
@@ -199,19 +237,14 @@ impl OtlpSink {
     }
 
     /// Spans have waited `interval` or longer.
-    pub fn flush_due(&self, now: Instant, interval: Duration) -> bool {
+    fn flush_due(&self, now: Instant, interval: Duration) -> bool {
         self.pending_since
             .is_some_and(|since| now.saturating_duration_since(since) >= interval)
     }
 
-    /// Whether requests are in flight (`next_done` has something to wait for).
-    pub fn busy(&self) -> bool {
-        !self.in_flight.is_empty()
-    }
-
     /// Sends what is waiting as one request (in the background: its outcome is counted by
     /// `settle`). Waits first if `MAX_IN_FLIGHT` requests are in flight.
-    pub async fn flush(&mut self) {
+    async fn flush(&mut self) {
         if self.pending_spans == 0 {
             return;
         }
@@ -255,13 +288,8 @@ impl OtlpSink {
         self.in_flight_spans.insert(task.id(), spans);
     }
 
-    /// The next request to finish (call only while `busy`).
-    pub async fn next_done(&mut self) -> Option<Result<(Id, Outcome), JoinError>> {
-        self.in_flight.join_next_with_id().await
-    }
-
     /// Counts a finished request's spans as exported or failed.
-    pub fn settle(&mut self, done: Result<(Id, Outcome), JoinError>) {
+    fn settle(&mut self, done: Result<(Id, Outcome), JoinError>) {
         let (spans, result) = match done {
             Ok((id, outcome)) => {
                 self.in_flight_spans.remove(&id);
@@ -303,14 +331,6 @@ impl OtlpSink {
         }
     }
 
-    /// Sends what is waiting and waits for every request in flight.
-    pub async fn drain(&mut self) {
-        self.flush().await;
-        while let Some(done) = self.in_flight.join_next_with_id().await {
-            self.settle(done);
-        }
-    }
-
     /// Exports `batch` now and waits for the outcome (tests).
     #[cfg(test)]
     pub async fn export(&mut self, batch: Vec<SpanRecord>) {
@@ -318,7 +338,7 @@ impl OtlpSink {
         for span in batch {
             self.add(span, now);
         }
-        self.drain().await;
+        self.finish().await;
     }
 
     fn note_partial_success(&mut self, rejected: u64, message: &str) {
@@ -370,7 +390,7 @@ impl OtlpSink {
     }
 
     /// Drops cached resources of processes that sent nothing for a while.
-    pub fn tick(&mut self, now: Instant) {
+    fn forget_idle(&mut self, now: Instant) {
         let ttl = self.idle_ttl;
         let before = self.resources.len();
         self.resources
@@ -528,7 +548,7 @@ mod tests {
         assert!(!sink.add(span(&r2), t0 + Duration::from_secs(10)));
         assert_eq!(sink.cached_resources(), 2);
         sink.idle_ttl = Duration::from_secs(5);
-        sink.tick(t0 + Duration::from_secs(12));
+        sink.forget_idle(t0 + Duration::from_secs(12));
         assert_eq!(
             sink.cached_resources(),
             2,
@@ -539,13 +559,13 @@ mod tests {
             e.count = 0;
             e.spans.clear();
         }
-        sink.tick(t0 + Duration::from_secs(12));
+        sink.forget_idle(t0 + Duration::from_secs(12));
         assert_eq!(
             sink.cached_resources(),
             1,
             "r1 idle for 12s is dropped, r2 (2s) kept"
         );
-        sink.tick(t0 + Duration::from_secs(20));
+        sink.forget_idle(t0 + Duration::from_secs(20));
         assert_eq!(sink.cached_resources(), 0);
     }
 
