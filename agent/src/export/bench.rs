@@ -14,8 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::worker::ExportSummary;
 use super::*;
-use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanStatus, TraceId};
+use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
+use crate::stats::Stats;
 
 fn resource() -> Arc<Resource> {
     Arc::new(Resource {

@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Sink, Tally};
+use super::worker::{Sink, Tally};
 use crate::spans::model::{AttrValue, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
 use crate::stats::Stats;
 

@@ -1,7 +1,7 @@
 //! Exporter pipeline tests: queueing, batching, failure accounting, recovery; and, marked
 //! `#[ignore]`, an end-to-end export to a real collector (rotel).
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::otlp::OtlpSink;
+use super::worker::{ExportSummary, Tally, spawn_with_console_output};
 use super::*;
-use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanStatus, TraceId};
+use crate::spans::context::Clock;
+use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
+use crate::stats::Stats;
 
 // ------------------------------------------------------------------------------------------
 // Helpers

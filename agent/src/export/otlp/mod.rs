@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::{
-    Compression, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol, Sink, Tally,
-};
+use super::worker::{Sink, Tally};
+use super::{Compression, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol};
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
 use encode::{PartialSuccess, ResourcePart};

@@ -17,6 +17,7 @@ use super::encode::tests::{encode, resource, server_span};
 use super::outage_warning;
 use super::tls;
 use super::transport::{SendError, Transport, TransportOptions};
+use crate::export::worker::ExportSummary;
 use crate::export::*;
 use crate::spans::model::{SpanId, SpanRecord};
 use crate::stats::Stats;
