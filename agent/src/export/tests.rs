@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::otlp::OtlpSink;
+use super::otlp::encode::tests::resource;
 use super::worker::{ExportSummary, Tally, spawn_with_console_output};
 use super::*;
 use crate::spans::context::Clock;
@@ -19,18 +20,6 @@ use crate::stats::Stats;
 
 // ------------------------------------------------------------------------------------------
 // Helpers
-
-fn resource(pid: u32, service: &str) -> Arc<Resource> {
-    Arc::new(Resource {
-        pid,
-        service_name: service.to_owned(),
-        attributes: vec![
-            Attribute::str("service.name", service),
-            Attribute::int("process.pid", i64::from(pid)),
-            Attribute::str("host.name", "testhost"),
-        ],
-    })
-}
 
 /// A finished server span with a unique span id `5a n 5a n 5a n 5a n`.
 fn span(resource: &Arc<Resource>, n: u8) -> SpanRecord {
