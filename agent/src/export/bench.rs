@@ -14,10 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::worker::ExportSummary;
 use super::*;
-use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanStatus, TraceId};
+use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
+use crate::stats::Stats;
 
-fn resource() -> Arc<Resource> {
+pub(super) fn resource() -> Arc<Resource> {
     Arc::new(Resource {
         pid: 4242,
         service_name: "nginx".to_owned(),
@@ -40,7 +42,7 @@ fn resource() -> Arc<Resource> {
 }
 
 /// A server span as the HTTP/1 builder makes it for nginx answering wrk.
-fn span(resource: &Arc<Resource>, i: u64) -> SpanRecord {
+pub(super) fn span(resource: &Arc<Resource>, i: u64) -> SpanRecord {
     let mut trace = [0u8; 16];
     trace[..8].copy_from_slice(&i.to_be_bytes());
     trace[8..].copy_from_slice(&(i ^ 0x5a5a_5a5a_5a5a_5a5a).to_le_bytes());
@@ -78,7 +80,7 @@ fn span(resource: &Arc<Resource>, i: u64) -> SpanRecord {
     }
 }
 
-fn var(name: &str) -> Option<String> {
+pub(super) fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 

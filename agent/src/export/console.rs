@@ -14,9 +14,12 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::worker::{Sink, Tally};
 use crate::spans::model::{AttrValue, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
+use crate::stats::Stats;
 
 /// How long to wait for late spans (e.g. of another process) after a local root ended.
 pub const ROOT_GRACE: Duration = Duration::from_millis(300);
@@ -167,7 +170,8 @@ impl TraceBuffer {
     }
 }
 
-/// Prints fragments to a writer (stdout in production).
+/// Prints fragments to a writer (stdout in production); their spans count as exported, or as
+/// failed when the write fails.
 pub struct ConsoleSink {
     buffer: TraceBuffer,
     out: Box<dyn Write + Send>,
@@ -176,39 +180,66 @@ pub struct ConsoleSink {
     /// Reused between prints.
     text: String,
     /// A write failed (reported once).
-    pub write_failed: bool,
+    write_failed: bool,
+    stats: Arc<Stats>,
+    tally: Arc<Tally>,
+}
+
+impl Sink for ConsoleSink {
+    async fn take(&mut self, spans: &mut Vec<SpanRecord>, now: Instant) {
+        for span in spans.drain(..) {
+            if let Some(evicted) = self.buffer.add(span, now) {
+                self.ready.push(evicted);
+            }
+        }
+        // Fragments printed early to bound memory, if any.
+        self.print();
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        let ready = self.buffer.take_ready(now);
+        self.ready.extend(ready);
+        self.print();
+    }
+
+    async fn finish(&mut self) {
+        let all = self.buffer.take_all();
+        self.ready.extend(all);
+        self.print();
+    }
 }
 
 impl ConsoleSink {
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
+    pub fn new(out: Box<dyn Write + Send>, stats: Arc<Stats>, tally: Arc<Tally>) -> Self {
         Self {
             buffer: TraceBuffer::default(),
             out,
             ready: Vec::new(),
             text: String::new(),
             write_failed: false,
+            stats,
+            tally,
         }
     }
 
-    pub fn add(&mut self, span: SpanRecord, now: Instant) {
-        if let Some(evicted) = self.buffer.add(span, now) {
-            self.ready.push(evicted);
+    /// Prints the fragments taken since the last call and counts their spans.
+    fn print(&mut self) {
+        let (spans, result) = self.write_ready();
+        match result {
+            Ok(()) => self.tally.exported(&self.stats, spans as u64),
+            Err(e) => {
+                self.tally.failed(&self.stats, spans as u64, 1);
+                if !self.write_failed {
+                    self.write_failed = true;
+                    log::error!("cannot print spans to stdout: {e}; spans are counted as failed");
+                }
+            }
         }
-    }
-
-    pub fn take_ready(&mut self, now: Instant) {
-        let ready = self.buffer.take_ready(now);
-        self.ready.extend(ready);
-    }
-
-    pub fn take_all(&mut self) {
-        let all = self.buffer.take_all();
-        self.ready.extend(all);
     }
 
     /// Writes the fragments taken since the last call, with one write; returns how many spans
     /// were written.
-    pub fn print(&mut self) -> (usize, io::Result<()>) {
+    fn write_ready(&mut self) -> (usize, io::Result<()>) {
         if self.ready.is_empty() {
             return (0, Ok(()));
         }
@@ -601,7 +632,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::export::encode::tests::{resource, server_span};
+    use crate::export::otlp::encode::tests::{resource, server_span};
     use crate::spans::model::{Attribute, Resource};
 
     fn client_of(server: &SpanRecord, id: u8, start_ms: u64, dur_us: u64) -> SpanRecord {

@@ -1,7 +1,7 @@
 //! Exporter pipeline tests: queueing, batching, failure accounting, recovery; and, marked
 //! `#[ignore]`, an end-to-end export to a real collector (rotel).
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,23 +10,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::otlp::OtlpSink;
+use super::otlp::encode::tests::resource;
+use super::worker::{ExportSummary, Tally, spawn_with_console_output};
 use super::*;
-use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanStatus, TraceId};
+use crate::spans::context::Clock;
+use crate::spans::model::{Attribute, Resource, SpanId, SpanKind, SpanRecord, SpanStatus, TraceId};
+use crate::stats::Stats;
 
 // ------------------------------------------------------------------------------------------
 // Helpers
-
-fn resource(pid: u32, service: &str) -> Arc<Resource> {
-    Arc::new(Resource {
-        pid,
-        service_name: service.to_owned(),
-        attributes: vec![
-            Attribute::str("service.name", service),
-            Attribute::int("process.pid", i64::from(pid)),
-            Attribute::str("host.name", "testhost"),
-        ],
-    })
-}
 
 /// A finished server span with a unique span id `5a n 5a n 5a n 5a n`.
 fn span(resource: &Arc<Resource>, n: u8) -> SpanRecord {
@@ -300,6 +293,52 @@ async fn full_queue_drops_and_counts() {
     assert_eq!(out.text().lines().count(), 2, "{}", out.text());
 }
 
+/// A `Write` that always fails, as stdout does once its reader is gone.
+struct BrokenPipe;
+
+impl Write for BrokenPipe {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Spans the console could not print are counted as failed, the write as an export error, and
+/// the status says export is failing.
+#[tokio::test(flavor = "current_thread")]
+async fn console_write_failures_count_the_spans_as_failed() {
+    let stats = Arc::new(Stats::default());
+    let handle = spawn_with_console_output(
+        ExportConfig::default(),
+        Arc::clone(&stats),
+        Box::new(BrokenPipe),
+    )
+    .expect("spawn");
+    let status = handle.status();
+    let r = resource(10, "svc");
+    // Queued before the worker runs: taken together, printed in one write at shutdown.
+    for n in 0..3 {
+        handle.send(span(&r, n));
+    }
+    assert_eq!(
+        handle.shutdown().await,
+        ExportSummary {
+            exported: 0,
+            failed: 3,
+            dropped: 0
+        }
+    );
+    assert_eq!(stats.spans_export_failed.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.spans_exported.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.export_errors.load(Ordering::Relaxed), 1);
+    let state = status.state();
+    assert!(state.failing_since_ns.is_some(), "{state:?}");
+    assert_eq!(state.last_success_ns, None);
+    assert_eq!(state.waiting, 0);
+}
+
 #[tokio::test]
 async fn console_prints_the_tree_once_the_root_ended() {
     let stats = Arc::new(Stats::default());
@@ -392,7 +431,7 @@ async fn otlp_batches_by_size_and_groups_by_resource() {
     let mut exported = Vec::new();
     for request in &all {
         assert_eq!(request.path, "/v1/traces");
-        let decoded = encode::tests::decode(&request.body);
+        let decoded = otlp::encode::tests::decode(&request.body);
         let mut services = Vec::new();
         for rs in &decoded.resource_spans {
             let resource = rs.resource.as_ref().expect("a resource");

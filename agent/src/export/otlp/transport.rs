@@ -22,7 +22,8 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 use super::encode::{PartialSuccess, decode_response};
 use super::headers::Headers;
-use super::{Compression, OtlpProtocol, tls};
+use super::tls;
+use crate::export::{Compression, OtlpProtocol};
 
 /// Why one attempt failed, and whether OTLP allows trying again.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,10 +14,13 @@ use ::tests::{Pki, TlsExport, TlsReceiver, TlsReceiverOptions};
 use bytes::Bytes;
 
 use super::encode::tests::{encode, resource, server_span};
-use super::otlp::outage_warning;
+use super::outage_warning;
+use super::tls;
 use super::transport::{SendError, Transport, TransportOptions};
-use super::*;
+use crate::export::worker::ExportSummary;
+use crate::export::*;
 use crate::spans::model::{SpanId, SpanRecord};
+use crate::stats::Stats;
 
 fn options(
     ca: Option<std::path::PathBuf>,

@@ -4,6 +4,18 @@
 //! concurrently (at most `MAX_IN_FLIGHT`), over one shared gRPC channel (one HTTP/2 connection)
 //! or over HTTP/1.1 keep-alive connections, TLS for `https://`; transient failures are retried
 //! with backoff within the export timeout.
+//!
+//! - `endpoint`: the endpoint a user gives, checked and resolved per protocol.
+//! - `encode`: spans straight to protobuf bytes, no intermediate messages.
+//! - `transport`: tonic (gRPC) or hyper (HTTP/1.1), one hyper-rustls connector for both.
+//! - `tls`: the rustls client configuration from the user's CA and client certificate files.
+//! - `headers`: the user's headers for every request (values never logged).
+
+pub(super) mod encode;
+mod endpoint;
+pub(super) mod headers;
+pub(super) mod tls;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,14 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::encode::{self, PartialSuccess, ResourcePart};
-use super::transport::{SendError, Transport, TransportOptions};
-use super::{
-    Compression, EndpointForm, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol,
-    Tally, tls,
-};
+use super::worker::{Sink, Tally};
+use super::{Compression, ExportConfig, ExportError, ExportTarget, OtlpOptions, OtlpProtocol};
 use crate::spans::model::{Resource, SpanRecord};
 use crate::stats::Stats;
+use encode::{PartialSuccess, ResourcePart};
+pub use endpoint::{ResolvedEndpoint, check_endpoint, resolve_endpoint};
+use transport::{SendError, Transport, TransportOptions};
 
 /// A cached resource unused for this long is dropped (its process most likely exited).
 const IDLE_RESOURCE_TTL: Duration = Duration::from_secs(300);
@@ -32,127 +43,6 @@ const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 /// (doubled each time).
 const MAX_RETRIES: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
-/// The endpoint a user gave, resolved for one protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedEndpoint {
-    /// What the exporter connects to: as given for gRPC, `<base>/v1/traces` for HTTP.
-    pub url: String,
-    /// `https://`: the connection uses TLS.
-    pub tls: bool,
-}
-
-/// Checks an endpoint as given (scheme, host, port) without resolving it, so that a mistake
-/// stops the agent before it loads anything. Empty means the protocol's default. The message
-/// never repeats the URL: it may come from a file, and carry credentials.
-pub fn check_endpoint(given: &str) -> Result<(), &'static str> {
-    let given = given.trim();
-    if given.is_empty() {
-        return Ok(());
-    }
-    if given.contains(char::is_whitespace) {
-        return Err("it contains whitespace");
-    }
-    let rest = match given.split_once("://") {
-        Some((scheme, rest)) => {
-            if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
-                return Err("the scheme must be http:// or https://");
-            }
-            rest
-        }
-        None => given,
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let (host, port) = match host_port.strip_prefix('[') {
-        Some(v6) => {
-            let (address, after) = v6.split_once(']').ok_or("an IPv6 address lacks its `]`")?;
-            match after {
-                "" => (address, None),
-                _ => (
-                    address,
-                    Some(
-                        after
-                            .strip_prefix(':')
-                            .ok_or("junk after the IPv6 address")?,
-                    ),
-                ),
-            }
-        }
-        None => match host_port.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
-        },
-    };
-    if host.is_empty() {
-        return Err("no host");
-    }
-    match port.map(str::parse::<u16>) {
-        None | Some(Ok(1..)) => Ok(()),
-        Some(_) => Err("the port must be a number from 1 to 65535"),
-    }
-}
-
-/// Resolves `endpoint` per the OTLP exporter specification: for gRPC the URL as given (default
-/// `http://localhost:4317`); for HTTP/protobuf a base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`-style,
-/// default `http://localhost:4318`) to which `/v1/traces` is appended unless it already ends
-/// with it, or, for [`EndpointForm::TracesUrl`], the URL as given. `host:port` without a
-/// scheme: for gRPC `https://host:port`, or `http://` when `insecure` (the specification's
-/// option, which applies to exactly this case); for HTTP `http://host:port`.
-pub fn resolve_endpoint(
-    endpoint: &str,
-    protocol: OtlpProtocol,
-    form: EndpointForm,
-    insecure: bool,
-) -> Result<ResolvedEndpoint, ExportError> {
-    let given = endpoint.trim();
-    let base = if given.is_empty() {
-        protocol.default_endpoint().to_owned()
-    } else {
-        given.to_owned()
-    };
-    let base = match (base.contains("://"), protocol) {
-        (true, _) => base,
-        (false, OtlpProtocol::Grpc) if !insecure => format!("https://{base}"),
-        (false, _) => format!("http://{base}"),
-    };
-    let invalid = |reason: &str| ExportError::InvalidEndpoint {
-        endpoint: endpoint.to_owned(),
-        reason: reason.to_owned(),
-    };
-    check_endpoint(&base).map_err(invalid)?;
-    let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("no scheme"))?;
-    let tls = match scheme.to_ascii_lowercase().as_str() {
-        "http" => false,
-        "https" => true,
-        _ => return Err(invalid("the scheme must be http:// or https://")),
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(invalid("no host"));
-    }
-    if authority.contains('@') {
-        return Err(invalid(
-            "credentials in the URL are not supported (give them with --otlp-header)",
-        ));
-    }
-    if rest.contains(char::is_whitespace) {
-        return Err(invalid("it contains whitespace"));
-    }
-    let url = match protocol {
-        OtlpProtocol::Grpc => base,
-        OtlpProtocol::HttpProtobuf if form == EndpointForm::TracesUrl => base,
-        OtlpProtocol::HttpProtobuf => {
-            let trimmed = base.trim_end_matches('/');
-            if trimmed.ends_with("/v1/traces") {
-                trimmed.to_owned()
-            } else {
-                format!("{trimmed}/v1/traces")
-            }
-        }
-    };
-    Ok(ResolvedEndpoint { url, tls })
-}
 
 /// A traced process's resource: encoded once, plus the spans encoded for the next request.
 struct ResourceEntry {
@@ -184,6 +74,7 @@ pub struct OtlpSink {
     timeout: Duration,
     transport: Arc<Transport>,
     max_batch: usize,
+    flush_interval: Duration,
     resources: Vec<ResourceEntry>,
     /// Index in `resources` by the address of the `Arc<Resource>` the spans carry, and the
     /// last one used (consecutive spans mostly come from the same process).
@@ -201,6 +92,42 @@ pub struct OtlpSink {
     partial_warned: bool,
     stats: Arc<Stats>,
     tally: Arc<Tally>,
+}
+
+impl Sink for OtlpSink {
+    async fn take(&mut self, spans: &mut Vec<SpanRecord>, now: Instant) {
+        for span in spans.drain(..) {
+            if self.add(span, now) {
+                self.flush().await;
+            }
+        }
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        if self.flush_due(now, self.flush_interval) {
+            self.flush().await;
+        }
+        self.forget_idle(now);
+    }
+
+    /// Requests are in flight.
+    fn busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    async fn settle_next(&mut self) {
+        if let Some(done) = self.in_flight.join_next_with_id().await {
+            self.settle(done);
+        }
+    }
+
+    /// Sends what is waiting and waits for every request in flight.
+    async fn finish(&mut self) {
+        self.flush().await;
+        while let Some(done) = self.in_flight.join_next_with_id().await {
+            self.settle(done);
+        }
+    }
 }
 
 impl OtlpSink {
@@ -256,6 +183,7 @@ impl OtlpSink {
             timeout,
             transport: Arc::new(transport),
             max_batch: cfg.max_batch.max(1),
+            flush_interval: cfg.flush_interval,
             resources: Vec::new(),
             index: HashMap::new(),
             last: None,
@@ -274,7 +202,7 @@ impl OtlpSink {
 
     /// Encodes `span` for the next request. Returns true when a request should be sent now
     /// (`max_batch` spans or `MAX_REQUEST_BYTES` are waiting).
-    pub fn add(&mut self, span: SpanRecord, now: Instant) -> bool {
+    fn add(&mut self, span: SpanRecord, now: Instant) -> bool {
         let key = Arc::as_ptr(&span.resource) as usize;
         let i = match self.last {
             Some((last, i)) if last == key => i,
@@ -308,19 +236,14 @@ impl OtlpSink {
     }
 
     /// Spans have waited `interval` or longer.
-    pub fn flush_due(&self, now: Instant, interval: Duration) -> bool {
+    fn flush_due(&self, now: Instant, interval: Duration) -> bool {
         self.pending_since
             .is_some_and(|since| now.saturating_duration_since(since) >= interval)
     }
 
-    /// Whether requests are in flight (`next_done` has something to wait for).
-    pub fn busy(&self) -> bool {
-        !self.in_flight.is_empty()
-    }
-
     /// Sends what is waiting as one request (in the background: its outcome is counted by
     /// `settle`). Waits first if `MAX_IN_FLIGHT` requests are in flight.
-    pub async fn flush(&mut self) {
+    async fn flush(&mut self) {
         if self.pending_spans == 0 {
             return;
         }
@@ -364,13 +287,8 @@ impl OtlpSink {
         self.in_flight_spans.insert(task.id(), spans);
     }
 
-    /// The next request to finish (call only while `busy`).
-    pub async fn next_done(&mut self) -> Option<Result<(Id, Outcome), JoinError>> {
-        self.in_flight.join_next_with_id().await
-    }
-
     /// Counts a finished request's spans as exported or failed.
-    pub fn settle(&mut self, done: Result<(Id, Outcome), JoinError>) {
+    fn settle(&mut self, done: Result<(Id, Outcome), JoinError>) {
         let (spans, result) = match done {
             Ok((id, outcome)) => {
                 self.in_flight_spans.remove(&id);
@@ -412,14 +330,6 @@ impl OtlpSink {
         }
     }
 
-    /// Sends what is waiting and waits for every request in flight.
-    pub async fn drain(&mut self) {
-        self.flush().await;
-        while let Some(done) = self.in_flight.join_next_with_id().await {
-            self.settle(done);
-        }
-    }
-
     /// Exports `batch` now and waits for the outcome (tests).
     #[cfg(test)]
     pub async fn export(&mut self, batch: Vec<SpanRecord>) {
@@ -427,7 +337,7 @@ impl OtlpSink {
         for span in batch {
             self.add(span, now);
         }
-        self.drain().await;
+        self.finish().await;
     }
 
     fn note_partial_success(&mut self, rejected: u64, message: &str) {
@@ -479,7 +389,7 @@ impl OtlpSink {
     }
 
     /// Drops cached resources of processes that sent nothing for a while.
-    pub fn tick(&mut self, now: Instant) {
+    fn forget_idle(&mut self, now: Instant) {
         let ttl = self.idle_ttl;
         let before = self.resources.len();
         self.resources
@@ -599,15 +509,12 @@ async fn send_with_retries(
 }
 
 #[cfg(test)]
+mod tls_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    fn url(endpoint: &str, protocol: OtlpProtocol) -> String {
-        match resolve_endpoint(endpoint, protocol, EndpointForm::Base, false) {
-            Ok(r) => r.url,
-            Err(e) => format!("error: {e}"),
-        }
-    }
+    use crate::export::EndpointForm;
 
     fn config(endpoint: &str, protocol: OtlpProtocol, max_batch: usize) -> ExportConfig {
         ExportConfig {
@@ -622,109 +529,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn resolves_endpoints_per_protocol() {
-        use OtlpProtocol::*;
-        assert_eq!(url("", Grpc), "http://localhost:4317");
-        assert_eq!(url("", HttpProtobuf), "http://localhost:4318/v1/traces");
-        assert_eq!(url("http://collector:4317", Grpc), "http://collector:4317");
-        assert_eq!(
-            url("https://collector:4317", Grpc),
-            "https://collector:4317"
-        );
-        assert_eq!(
-            url("http://collector:4318", HttpProtobuf),
-            "http://collector:4318/v1/traces"
-        );
-        assert_eq!(
-            url("http://collector:4318/", HttpProtobuf),
-            "http://collector:4318/v1/traces"
-        );
-        assert_eq!(
-            url("http://gw/otlp", HttpProtobuf),
-            "http://gw/otlp/v1/traces"
-        );
-        assert_eq!(
-            url("http://collector:4318/v1/traces", HttpProtobuf),
-            "http://collector:4318/v1/traces"
-        );
-        assert_eq!(
-            url("https://gw.example.com/otlp", HttpProtobuf),
-            "https://gw.example.com/otlp/v1/traces"
-        );
-        for bad in ["ftp://c", "http://", "http://user:pw@c:4318"] {
-            assert!(
-                matches!(
-                    resolve_endpoint(bad, HttpProtobuf, EndpointForm::Base, false),
-                    Err(ExportError::InvalidEndpoint { .. })
-                ),
-                "{bad}"
-            );
-        }
-    }
-
-    /// The specification's `insecure`: a gRPC endpoint without a scheme is TLS unless
-    /// insecure; a scheme always wins; HTTP endpoints follow their scheme (plain without one).
-    #[test]
-    fn insecure_decides_only_for_a_grpc_endpoint_without_scheme() {
-        use OtlpProtocol::*;
-        let resolve = |endpoint, protocol, insecure| {
-            resolve_endpoint(endpoint, protocol, EndpointForm::Base, insecure)
-                .map(|r| (r.url, r.tls))
-                .ok()
-        };
-        assert_eq!(
-            resolve("collector:4317", Grpc, false),
-            Some(("https://collector:4317".into(), true))
-        );
-        assert_eq!(
-            resolve("collector:4317", Grpc, true),
-            Some(("http://collector:4317".into(), false))
-        );
-        assert_eq!(
-            resolve("https://collector:4317", Grpc, true),
-            Some(("https://collector:4317".into(), true))
-        );
-        assert_eq!(
-            resolve("http://collector:4317", Grpc, false),
-            Some(("http://collector:4317".into(), false))
-        );
-        assert_eq!(
-            resolve("collector:4318", HttpProtobuf, false),
-            Some(("http://collector:4318/v1/traces".into(), false))
-        );
-        assert_eq!(
-            resolve("", Grpc, false),
-            Some(("http://localhost:4317".into(), false)),
-            "the default endpoint has its scheme"
-        );
-    }
-
-    #[test]
-    fn traces_url_is_used_as_given_for_http() {
-        use OtlpProtocol::*;
-        let traces = |endpoint| match resolve_endpoint(
-            endpoint,
-            HttpProtobuf,
-            EndpointForm::TracesUrl,
-            false,
-        ) {
-            Ok(r) => r.url,
-            Err(e) => format!("error: {e}"),
-        };
-        assert_eq!(traces("http://gw/otlp/traces"), "http://gw/otlp/traces");
-        assert_eq!(traces("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
-        assert_eq!(traces("c:4318/ingest"), "http://c:4318/ingest");
-        assert_eq!(traces("https://c/v1/traces"), "https://c/v1/traces");
-        // gRPC takes every endpoint as given anyway.
-        assert_eq!(
-            resolve_endpoint("http://c:4317", Grpc, EndpointForm::TracesUrl, false)
-                .map(|r| r.url)
-                .ok(),
-            Some("http://c:4317".to_owned())
-        );
-    }
-
     #[tokio::test]
     async fn one_cached_resource_per_process_dropped_when_idle() {
         let stats = Arc::new(Stats::default());
@@ -734,16 +538,16 @@ mod tests {
             Arc::default(),
         )
         .expect("sink");
-        let r1 = crate::export::encode::tests::resource(1, "a");
-        let r2 = crate::export::encode::tests::resource(2, "b");
+        let r1 = encode::tests::resource(1, "a");
+        let r2 = encode::tests::resource(2, "b");
         let t0 = Instant::now();
-        let span = |r: &Arc<Resource>| crate::export::encode::tests::server_span(r);
+        let span = |r: &Arc<Resource>| encode::tests::server_span(r);
         assert!(!sink.add(span(&r1), t0));
         assert!(!sink.add(span(&r1), t0));
         assert!(!sink.add(span(&r2), t0 + Duration::from_secs(10)));
         assert_eq!(sink.cached_resources(), 2);
         sink.idle_ttl = Duration::from_secs(5);
-        sink.tick(t0 + Duration::from_secs(12));
+        sink.forget_idle(t0 + Duration::from_secs(12));
         assert_eq!(
             sink.cached_resources(),
             2,
@@ -754,13 +558,13 @@ mod tests {
             e.count = 0;
             e.spans.clear();
         }
-        sink.tick(t0 + Duration::from_secs(12));
+        sink.forget_idle(t0 + Duration::from_secs(12));
         assert_eq!(
             sink.cached_resources(),
             1,
             "r1 idle for 12s is dropped, r2 (2s) kept"
         );
-        sink.tick(t0 + Duration::from_secs(20));
+        sink.forget_idle(t0 + Duration::from_secs(20));
         assert_eq!(sink.cached_resources(), 0);
     }
 
@@ -772,9 +576,9 @@ mod tests {
             Arc::default(),
         )
         .expect("sink");
-        let r = crate::export::encode::tests::resource(1, "a");
+        let r = encode::tests::resource(1, "a");
         let t0 = Instant::now();
-        let span = crate::export::encode::tests::server_span(&r);
+        let span = encode::tests::server_span(&r);
         assert!(!sink.flush_due(t0 + Duration::from_secs(9), Duration::from_secs(1)));
         assert!(!sink.add(span.clone(), t0));
         assert!(!sink.add(span.clone(), t0 + Duration::from_millis(500)));
