@@ -238,8 +238,17 @@ pub struct KernelStats {
     /// Outgoing `traceparent` headers not in the version-00 form (or not hex): left as they
     /// were, the request's span keeps ids of its own.
     pub traceparent_invalid_kept: u64,
+    /// Client requests of a thread serving several requests at once, linked to the one
+    /// in-flight request of the process whose trace id their `traceparent` forwards.
+    pub link_forwarded_trace: u64,
+    /// Client requests of a thread serving several requests at once, linked to the one
+    /// in-flight request of the process with the same method and target (a proxy forwarding).
+    pub link_request_line: u64,
+    /// Client requests whose forwarded trace id or request line matched several in-flight
+    /// requests of the process: not linked.
+    pub link_match_ambiguous: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 176);
+const _: () = assert!(size_of::<KernelStats>() == 200);
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;
@@ -250,6 +259,9 @@ pub const CONTEXT_FLAG_PARENT: u32 = 1;
 pub const CONTEXT_FLAG_LOCAL_PARENT: u32 = 2;
 /// Client: the request already had a `traceparent`; its parent id was rewritten in place.
 pub const CONTEXT_FLAG_REWRITTEN: u32 = 4;
+/// Client: the request went out without these ids (its socket was out of the injector's
+/// map); they name its span and its parent, not anything on the wire.
+pub const CONTEXT_FLAG_NOT_INJECTED: u32 = 8;
 
 /// The ids the kernel chose for one request. A server context comes right before the data
 /// event of the read holding the request's first byte (same `ts_ns`); client contexts come

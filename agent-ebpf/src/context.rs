@@ -19,6 +19,51 @@ use crate::{
 #[map]
 pub static THREAD_CONTEXTS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(65536, 0);
 
+/// The requests each process is serving, by the trace id they arrived with and by their
+/// method and target (see [`inflight_match`]).
+#[map]
+static INFLIGHT: LruHashMap<InflightKey, Inflight> = LruHashMap::with_max_entries(65536, 0);
+
+/// The in-flight request each server socket carries (socket cookie → its keys in
+/// [`INFLIGHT`]), so its answer, or its close, releases it.
+#[map]
+static SERVER_REQUESTS: LruHashMap<u64, ServerRequest> = LruHashMap::with_max_entries(65536, 0);
+
+const BY_TRACE: u32 = 1;
+const BY_LINE: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InflightKey {
+    pid: u32,
+    kind: u32,
+    hash: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Inflight {
+    ts_ns: u64,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    /// Requests in flight under this key.
+    count: u32,
+    /// 1 while the ids above are those of the one request in flight: once two overlap, which
+    /// of them an answer ends is unknown, so the entry names nobody until both are gone.
+    named: u16,
+    /// Client requests linked to it (bounded like a thread's).
+    children: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ServerRequest {
+    pid: u32,
+    has_trace: u32,
+    line: u64,
+    trace: u64,
+}
+
 /// Requests each process served since its last client request (see `context::pure_server`).
 #[map]
 pub static SERVED_WITHOUT_CALLS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
@@ -85,9 +130,162 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, capture
     }
     if in_process_linking() {
         remember(tid, cookie, ts, &ev);
+        let line = http_head::line_hash(buf, head.line_end);
+        note_inflight(pid, cookie, ts, &ev, line, incoming);
     }
     count(|c| c.server_contexts += 1);
     emit(ev);
+}
+
+#[inline(always)]
+fn trace_hash(trace: &[u8; 16]) -> u64 {
+    let a = u64::from_le_bytes([
+        trace[0], trace[1], trace[2], trace[3], trace[4], trace[5], trace[6], trace[7],
+    ]);
+    let b = u64::from_le_bytes([
+        trace[8], trace[9], trace[10], trace[11], trace[12], trace[13], trace[14], trace[15],
+    ]);
+    a ^ b.rotate_left(32)
+}
+
+/// A request read on `cookie` is in flight in `pid` (the socket's previous one, if still
+/// there, is given up: a pipelined request is not followed).
+#[inline(always)]
+fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, incoming: bool) {
+    release_inflight(cookie);
+    let request = ServerRequest {
+        pid,
+        has_trace: incoming as u32,
+        line,
+        trace: trace_hash(&ev.trace_id),
+    };
+    add_inflight(
+        InflightKey {
+            pid,
+            kind: BY_LINE,
+            hash: line,
+        },
+        ts,
+        ev,
+    );
+    if incoming {
+        add_inflight(
+            InflightKey {
+                pid,
+                kind: BY_TRACE,
+                hash: request.trace,
+            },
+            ts,
+            ev,
+        );
+    }
+    let _ = SERVER_REQUESTS.insert(&cookie, &request, 0);
+}
+
+#[inline(always)]
+fn add_inflight(key: InflightKey, ts: u64, ev: &ContextEvent) {
+    if let Some(e) = INFLIGHT.get_ptr_mut(&key) {
+        let e = unsafe { &mut *e };
+        if ts.saturating_sub(e.ts_ns) < max_trace_age_ns() {
+            e.count += 1;
+            e.named = 0;
+            e.ts_ns = ts;
+            return;
+        }
+    }
+    let fresh = Inflight {
+        ts_ns: ts,
+        trace_id: ev.trace_id,
+        span_id: ev.span_id,
+        count: 1,
+        named: 1,
+        children: 0,
+    };
+    let _ = INFLIGHT.insert(&key, &fresh, 0);
+}
+
+/// The request on server socket `cookie` was answered (or the socket closed).
+#[inline(always)]
+pub fn release_inflight(cookie: u64) {
+    let Some(r) = SERVER_REQUESTS.get_ptr(&cookie) else {
+        return;
+    };
+    let r = unsafe { *r };
+    let _ = SERVER_REQUESTS.remove(&cookie);
+    drop_inflight(InflightKey {
+        pid: r.pid,
+        kind: BY_LINE,
+        hash: r.line,
+    });
+    if r.has_trace != 0 {
+        drop_inflight(InflightKey {
+            pid: r.pid,
+            kind: BY_TRACE,
+            hash: r.trace,
+        });
+    }
+}
+
+#[inline(always)]
+fn drop_inflight(key: InflightKey) {
+    if let Some(e) = INFLIGHT.get_ptr_mut(&key) {
+        let e = unsafe { &mut *e };
+        if e.count > 1 {
+            e.count -= 1;
+            return;
+        }
+    }
+    let _ = INFLIGHT.remove(&key);
+}
+
+/// The one request `pid` is serving whose trace id is `forwarded`, or (without) whose method
+/// and target hash to `line`. Nothing when several match (counted) or none does.
+#[inline(always)]
+fn inflight_match(
+    pid: u32,
+    now: u64,
+    forwarded: Option<&[u8; 16]>,
+    line: u64,
+) -> Option<([u8; 16], [u8; 8])> {
+    if !in_process_linking() {
+        return None;
+    }
+    let key = match forwarded {
+        Some(trace) => InflightKey {
+            pid,
+            kind: BY_TRACE,
+            hash: trace_hash(trace),
+        },
+        None => InflightKey {
+            pid,
+            kind: BY_LINE,
+            hash: line,
+        },
+    };
+    let e = INFLIGHT.get_ptr_mut(&key)?;
+    let e = unsafe { &mut *e };
+    if now.saturating_sub(e.ts_ns) >= max_trace_age_ns() {
+        return None;
+    }
+    if e.count != 1 || e.named == 0 {
+        count(|c| c.link_match_ambiguous += 1);
+        return None;
+    }
+    if let Some(trace) = forwarded
+        && e.trace_id != *trace
+    {
+        return None;
+    }
+    if e.children as u32 >= max_children() {
+        return None;
+    }
+    e.children = e.children.saturating_add(1);
+    if forwarded.is_some() {
+        count(|c| c.link_forwarded_trace += 1);
+    } else {
+        count(|c| c.link_request_line += 1);
+    }
+    Some((e.trace_id, e.span_id))
 }
 
 /// Requests a process serves without making a client request before the kernel stops
@@ -155,44 +353,63 @@ pub fn on_write(tid: u32, cookie: u64) {
             ctx.flags |= THREAD_FLAG_ANSWERED;
         }
     }
+    // Whatever thread writes the answer (an event loop's, a worker's).
+    release_inflight(cookie);
 }
 
-/// A client request the thread sent without the injector (its socket was parked): userspace
-/// may link it to the request the thread serves, so it counts against that request's bound
-/// like an injected one.
-#[inline(always)]
-pub fn note_unseen_call(tid: u32) {
-    if !in_process_linking() {
-        return;
-    }
-    if let Some(ctx) = THREAD_CONTEXTS.get_ptr_mut(&tid) {
-        let ctx = unsafe { &mut *ctx };
-        if ctx.flags & THREAD_FLAG_ANSWERED == 0 {
-            ctx.children += 1;
-        }
-    }
+/// What the kernel knows of the request a client request sent now by a thread belongs to.
+pub enum Local {
+    /// The request the thread serves: (trace id, span id).
+    Serving([u8; 16], [u8; 8]),
+    /// The thread has served requests but cannot tell which one this call is for (several in
+    /// flight on an event loop, or the last one answered): other evidence may decide.
+    Unknown,
+    /// No request: the thread never served one, linking is off, or the request is too old or
+    /// reached its cap of children.
+    None,
 }
 
-/// The server span a client request sent now by `tid` belongs to: (trace id, span id), or
-/// `None` (not serving, answered, ambiguous, too old, or the trace reached its cap).
+/// The server span a client request sent now by `tid` belongs to, as far as the thread tells.
 #[inline(always)]
-pub fn serving(tid: u32, now: u64) -> Option<([u8; 16], [u8; 8])> {
+pub fn serving(tid: u32, now: u64) -> Local {
     if !in_process_linking() {
-        return None;
+        return Local::None;
     }
-    let ctx = THREAD_CONTEXTS.get_ptr_mut(&tid)?;
+    let Some(ctx) = THREAD_CONTEXTS.get_ptr_mut(&tid) else {
+        return Local::None;
+    };
     let ctx = unsafe { &mut *ctx };
-    if ctx.flags & THREAD_FLAG_ANSWERED != 0 {
-        return None;
-    }
-    if ctx.flags & THREAD_FLAG_AMBIGUOUS != 0
-        || now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns()
-        || ctx.children >= max_children()
-    {
+    if now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns() || ctx.children >= max_children() {
         count(|c| c.link_ambiguous += 1);
-        return None;
+        return Local::None;
+    }
+    if ctx.flags & (THREAD_FLAG_ANSWERED | THREAD_FLAG_AMBIGUOUS) != 0 {
+        if ctx.flags & THREAD_FLAG_AMBIGUOUS != 0 {
+            count(|c| c.link_ambiguous += 1);
+        }
+        return Local::Unknown;
     }
     ctx.children += 1;
     count(|c| c.link_kernel += 1);
-    Some((ctx.trace_id, ctx.span_id))
+    Local::Serving(ctx.trace_id, ctx.span_id)
+}
+
+/// The request a client request sent now belongs to: the thread's, else — on a thread that
+/// serves requests but cannot tell which — the one in-flight request of the process whose
+/// trace id the call forwards (`forwarded`) or, for a call without one, whose method and
+/// target it forwards (`line`, a proxy). A thread that never served a request gets no match
+/// by line (a background poller calling the same path is not a forward).
+#[inline(always)]
+pub fn belongs_to(
+    pid: u32,
+    tid: u32,
+    now: u64,
+    forwarded: Option<&[u8; 16]>,
+    line: impl FnOnce() -> u64,
+) -> Option<([u8; 16], [u8; 8])> {
+    match serving(tid, now) {
+        Local::Serving(t, s) => Some((t, s)),
+        Local::Unknown => inflight_match(pid, now, forwarded, forwarded.map_or_else(line, |_| 0)),
+        Local::None => forwarded.and_then(|t| inflight_match(pid, now, Some(t), 0)),
+    }
 }

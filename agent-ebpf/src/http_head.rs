@@ -323,6 +323,32 @@ fn content_length(head: &mut Head, buf: *const u8, v: u32) {
     set(&mut head.content_length, value);
 }
 
+/// A hash of a request's method and target: the request line up to `line_end` (just after its
+/// `\n`) without its ` HTTP/1.x\r\n` tail, so a proxy speaking another HTTP version forwards
+/// the same hash. At most [`LINE_HASH_WORDS`] words are hashed, and the length too.
+#[inline(always)]
+pub fn line_hash(buf: *const u8, line_end: u32) -> u64 {
+    let n = line_end.saturating_sub(11) as u64;
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15 ^ n;
+    let mut i = 0u64;
+    while i < LINE_HASH_WORDS as u64 {
+        // Bytes of this word inside the target (0..=8), and a mask keeping them: arithmetic,
+        // no branch (see `is`), so every word looks alike to the verifier.
+        let left = n.saturating_sub(i * 8);
+        let over = (7u64.wrapping_sub(left) >> 63) & 1; // left >= 8
+        let part = (1u64 << ((left & 7) * 8)).wrapping_sub(1);
+        let mask = over.wrapping_neg() | part;
+        let w = word(buf, (i * 8) as u32) & mask;
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        i += 1;
+    }
+    h
+}
+
+/// Words of a request line that [`line_hash`] reads (the first 128 bytes of method and
+/// target; the length covers the rest).
+pub const LINE_HASH_WORDS: u32 = 16;
+
 /// Decodes `N` bytes of lower-case hex at `off` into `out` (W3C trace context allows no
 /// other case); false if a character is not hex. (An out-parameter rather than an
 /// `Option<[u8; N]>`: the compiler may read an uninitialised `None` payload, which the

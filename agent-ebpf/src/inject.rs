@@ -19,9 +19,9 @@
 //! (`account_write`), so the framing stays exact or is declared lost.
 
 use agent_common::{
-    CONTEXT_CLIENT, CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN,
-    ContextEvent, EventKind, ParkEvent, SEND_BODY, SEND_BOUNDARY, SEND_FLAG_PARKED, SEND_LOST,
-    SendState, TRACEPARENT_LINE_LEN,
+    CONTEXT_CLIENT, CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_NOT_INJECTED, CONTEXT_FLAG_PARENT,
+    CONTEXT_FLAG_REWRITTEN, ContextEvent, EventKind, ParkEvent, SEND_BODY, SEND_BOUNDARY,
+    SEND_FLAG_PARKED, SEND_LOST, SendState, TRACEPARENT_LINE_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_ops, sk_action::SK_PASS},
@@ -39,7 +39,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    context::{self, random_id, serving},
+    context::{self, random_id},
     http_head::{
         self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_CHUNKED, HEAD_MANY_TRACEPARENTS, HEAD_WINDOW,
     },
@@ -228,15 +228,22 @@ pub fn account_write(sk: u64, tid: u32, ret: i64, buf: *const u8, captured: u32)
             0
         };
     count(|c| c.requests_sent_parked += 1);
-    context::note_unseen_call(tid);
-    frame_unseen(state, buf, captured, start, bytes);
+    frame_unseen(state, sk, tid, buf, captured, start, bytes);
 }
 
 /// Follows a request the injector did not see, starting at `start` of a write of `bytes`
 /// whose first `captured` bytes are in `buf` (the send path's scratch copy): its head must be
 /// there in full, and it must be the write's last request.
 #[inline(always)]
-fn frame_unseen(state: &mut SendState, buf: *const u8, captured: u32, start: u64, bytes: u64) {
+fn frame_unseen(
+    state: &mut SendState,
+    sk: u64,
+    tid: u32,
+    buf: *const u8,
+    captured: u32,
+    start: u64,
+    bytes: u64,
+) {
     // Offsets into the scratch copy stay within its bounds for the verifier (see `scan`).
     if start >= UNSEEN_START_LIMIT || start >= captured as u64 {
         lose(state);
@@ -257,6 +264,7 @@ fn frame_unseen(state: &mut SendState, buf: *const u8, captured: u32, start: u64
         lose(state);
         return;
     }
+    link_unseen(sk, tid, p, head);
     let next = start as u64 + head.head_end as u64 + head.content_length;
     if next > bytes {
         state.mode = SEND_BODY;
@@ -268,6 +276,44 @@ fn frame_unseen(state: &mut SendState, buf: *const u8, captured: u32, start: u64
         // Several requests in one unseen write: not followed here.
         lose(state);
     }
+}
+
+/// A request that went out without a header still gets its place in the trace here: the
+/// request its thread serves, or the one in-flight request it forwards. Its ids (not on the
+/// wire) go to userspace as a client context.
+#[inline(always)]
+fn link_unseen(sk: u64, tid: u32, buf: *const u8, head: &http_head::Head) {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut trace = [0u8; 16];
+    let forwarded = head.traceparent != 0
+        && head.flags & HEAD_MANY_TRACEPARENTS == 0
+        && http_head::decode_hex(buf, head.traceparent + 3, &mut trace)
+        && trace != [0; 16];
+    let linked = context::belongs_to(pid, tid, now, forwarded.then_some(&trace), || {
+        http_head::line_hash(buf, head.line_end)
+    });
+    let Some((trace_id, parent_id)) = linked else {
+        return;
+    };
+    let off = crate::maps::offsets();
+    let read = |at: u32| unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((sk + at as u64) as *const u16).unwrap_or(0)
+    };
+    emit(ContextEvent {
+        kind: EventKind::Context as u32,
+        role: CONTEXT_CLIENT,
+        pid,
+        tid,
+        ts_ns: now,
+        sock_cookie: 0,
+        local_port: read(off.skc_num),
+        remote_port: u16::from_be(read(off.skc_dport)),
+        flags: CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT | CONTEXT_FLAG_NOT_INJECTED,
+        trace_id,
+        span_id: random_id(),
+        parent_id,
+    });
 }
 
 /// A request in unseen bytes is followed only if it starts this early in its write.
@@ -510,7 +556,6 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         None => return Outcome::Lost,
     };
     context::makes_calls(ev.pid);
-    let local = serving(ev.tid, now);
     let added;
     if head.traceparent != 0 {
         // Keep the caller's trace; our client span becomes the callee's parent.
@@ -523,6 +568,10 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         }
         let trace = ev.trace_id;
         ev.flags = CONTEXT_FLAG_REWRITTEN;
+        let forwarded = (trace != [0; 16]).then_some(&trace);
+        let local = context::belongs_to(ev.pid, ev.tid, now, forwarded, || {
+            http_head::line_hash(scratch, head.line_end)
+        });
         if trace == [0; 16] {
             // An all-zero trace id is invalid: the request gets the ids it would have had
             // without a header (our served request's trace, or a new one), written over the
@@ -561,6 +610,9 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         count(|c| c.traceparent_rewritten += 1);
         added = 0;
     } else {
+        let local = context::belongs_to(ev.pid, ev.tid, now, None, || {
+            http_head::line_hash(scratch, head.line_end)
+        });
         match local {
             Some((t, s)) => {
                 ev.trace_id = t;

@@ -96,6 +96,8 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     let pid = unsafe { (*owner).pid };
     let _ = TRACKED_SOCKETS.remove(&cookie);
     let _ = SEND_STATES.remove(&sk);
+    // A request still in flight on a closed server socket is over.
+    crate::context::release_inflight(cookie);
     emit(ConnEvent {
         kind: EventKind::Close as u32,
         pid,

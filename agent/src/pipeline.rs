@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_SERVER, ConnEvent, ContextEvent, DATA_FLAG_ADDRESSES,
-    DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
+    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_NOT_INJECTED, CONTEXT_SERVER, ConnEvent, ContextEvent,
+    DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
 };
 
 use crate::{
@@ -450,7 +450,10 @@ impl<S: SpanSink> Pipeline<S> {
         if ev.role == CONTEXT_SERVER {
             self.server_contexts.insert((ev.pid, ev.sock_cookie), ev);
         } else {
-            if ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0 && self.propagated.len() < MAX_CONNECTIONS
+            // Ids on the wire: the parent's trace went onward (not for a request sent without).
+            if ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0
+                && ev.flags & CONTEXT_FLAG_NOT_INJECTED == 0
+                && self.propagated.len() < MAX_CONNECTIONS
             {
                 self.propagated.insert(SpanId(ev.parent_id), ev.ts_ns);
             }

@@ -356,6 +356,9 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.requests_sent_parked += c.requests_sent_parked;
     sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
     sum.traceparent_invalid_kept += c.traceparent_invalid_kept;
+    sum.link_forwarded_trace += c.link_forwarded_trace;
+    sum.link_request_line += c.link_request_line;
+    sum.link_match_ambiguous += c.link_match_ambiguous;
 }
 
 impl KernelCounters {
@@ -488,6 +491,25 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Outgoing `traceparent` headers not in the version-00 form (or not hex): left as \
              they were, the request's span keeps ids of its own.",
             s.traceparent_invalid_kept,
+        ),
+        Metric::counter(
+            "kernel_link_forwarded_trace",
+            "Client requests of a thread serving several requests at once, linked to the one \
+             in-flight request of the process whose trace id their `traceparent` forwards.",
+            s.link_forwarded_trace,
+        ),
+        Metric::counter(
+            "kernel_link_request_line",
+            "Client requests of a thread serving several requests at once, linked to the one \
+             in-flight request of the process with the same method and target (a proxy \
+             forwarding).",
+            s.link_request_line,
+        ),
+        Metric::counter(
+            "kernel_link_match_ambiguous",
+            "Client requests whose forwarded trace id or request line matched several in-flight \
+             requests of the process: not linked.",
+            s.link_match_ambiguous,
         ),
     ]
 }
