@@ -35,49 +35,7 @@ mod lenient;
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 
-/// Direction of a segment, seen from the traced process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// The traced process received these bytes.
-    Ingress,
-    /// The traced process sent these bytes.
-    Egress,
-}
-
-impl Direction {
-    const fn index(self) -> usize {
-        match self {
-            Self::Ingress => 0,
-            Self::Egress => 1,
-        }
-    }
-}
-
-/// Which side of the HTTP conversation the traced process is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// The process receives requests (accepted connection).
-    Server,
-    /// The process sends requests (connected socket).
-    Client,
-}
-
-/// The bytes one send/recv syscall moved on a connection.
-#[derive(Clone, Copy, Debug)]
-pub struct Segment<'a> {
-    pub direction: Direction,
-    /// Kernel timestamp of the syscall (for a write: as its last bytes were queued).
-    pub ts_ns: u64,
-    /// When its bytes began to move (a large write's first chunk; else `ts_ns`): the start of
-    /// a message that begins here.
-    pub first_ts_ns: u64,
-    /// Exact number of bytes the syscall moved.
-    pub len: u64,
-    /// Captured prefix of those bytes (`data.len() <= len`).
-    pub data: &'a [u8],
-    /// Thread that made the syscall.
-    pub tid: u32,
-}
+use super::segment::{Direction, Role, Segment};
 
 /// What we keep of a request head.
 #[derive(Clone, Debug, PartialEq, Eq)]

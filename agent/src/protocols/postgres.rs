@@ -46,7 +46,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use self::wire::{Kind, StartupKind};
-use crate::protocols::http1::{Direction, Role, Segment};
+use crate::protocols::segment::{Direction, Role, Segment};
 
 /// An ErrorResponse, reduced to what a span records.
 #[derive(Clone, Debug, PartialEq, Eq)]
