@@ -23,7 +23,7 @@
 //! could read it differently: a skipped line that names one, or one that follows a line some
 //! servers stop at, makes the framing disputed and the caller treats it as unknown.
 
-use super::{Kind, StartLine};
+use super::{Kind, head::StartLine};
 
 pub(super) enum Lenient<'a> {
     Complete(Parts<'a>),
