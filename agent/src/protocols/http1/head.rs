@@ -5,7 +5,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::{Framing, HttpRequestInfo, Kind, MAX_BODY_LEN, lenient};
+use super::{HttpRequestInfo, Kind, MAX_BODY_LEN, body::Framing, lenient};
 
 /// Header slots handed to httparse; a head with more headers is treated as unparsable.
 pub(super) const MAX_HEADERS: usize = 96;
