@@ -2,7 +2,10 @@
 //! connection's close, or no body at all), and the stream's steps through body bytes. Bodies are
 //! never copied: they are counted by length, and only chunk framing is read byte by byte.
 
-use super::{Http1Stream, HttpExchange, Kind, MAX_BODY_LEN, ReadState, Step};
+use super::{
+    HttpExchange, Kind, MAX_BODY_LEN,
+    stream::{Http1Stream, ReadState, Step},
+};
 use crate::protocols::segment::Segment;
 
 /// Longest chunk-size line (with extensions) and trailer section we accept.
