@@ -35,16 +35,18 @@
 //! - `SSLRequest`/`GSSENCRequest` answered `S`/`G`: the rest is encrypted
 //!   ([`PgStreamState::Encrypted`]) and ignored.
 
+mod lru;
 mod sql;
 mod wire;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 
+use self::lru::Lru;
 use self::wire::{Kind, StartupKind};
 use crate::protocols::segment::{Direction, Role, Segment};
 
@@ -395,69 +397,6 @@ struct StatementText {
 struct Portal {
     statement: String,
     text: StatementText,
-}
-
-/// Name-keyed map with least-recently-used eviction, bounded in entries and in total weight.
-#[derive(Debug)]
-struct Lru<V> {
-    map: HashMap<String, (V, u64, usize)>,
-    clock: u64,
-    weight: usize,
-    max_entries: usize,
-    max_weight: usize,
-}
-
-impl<V> Lru<V> {
-    fn new(max_entries: usize, max_weight: usize) -> Self {
-        Self {
-            map: HashMap::new(),
-            clock: 0,
-            weight: 0,
-            max_entries,
-            max_weight,
-        }
-    }
-
-    fn insert(&mut self, key: String, value: V, weight: usize) {
-        self.remove(&key);
-        while !self.map.is_empty()
-            && (self.map.len() >= self.max_entries
-                || self.weight.saturating_add(weight) > self.max_weight)
-        {
-            let Some(oldest) = self
-                .map
-                .iter()
-                .min_by_key(|(_, (_, used, _))| *used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.remove(&oldest);
-        }
-        self.clock += 1;
-        self.weight = self.weight.saturating_add(weight);
-        self.map.insert(key, (value, self.clock, weight));
-    }
-
-    fn get(&mut self, key: &str) -> Option<&V> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.map.get_mut(key).map(|(v, used, _)| {
-            *used = clock;
-            &*v
-        })
-    }
-
-    fn remove(&mut self, key: &str) {
-        if let Some((_, _, w)) = self.map.remove(key) {
-            self.weight = self.weight.saturating_sub(w);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.map.clear();
-        self.weight = 0;
-    }
 }
 
 /// Where a finished statement ended and with what.
