@@ -16,18 +16,18 @@ pub(super) const MAX_PENDING: usize = 32;
 /// A request waiting for its response (or for its own end).
 #[derive(Debug)]
 pub(super) struct Pending {
-    pub(super) id: u64,
+    id: u64,
     /// `None`: a request whose head could not be parsed; it only keeps responses matched FIFO.
     pub(super) request: Option<HttpRequestInfo>,
     pub(super) is_head: bool,
-    pub(super) is_connect: bool,
+    is_connect: bool,
     /// Sequence number of the segment that completed the request head.
     pub(super) seq: u64,
     pub(super) request_start_ns: u64,
     pub(super) request_end_ns: u64,
     pub(super) tid: u32,
     pub(super) request_body_size: u64,
-    pub(super) request_done: bool,
+    request_done: bool,
     pub(super) status: Option<u16>,
     pub(super) response_start_ns: Option<u64>,
     pub(super) response_end_ns: Option<u64>,
@@ -38,11 +38,11 @@ pub(super) struct Pending {
 }
 
 /// A request head that just started, before it becomes a [`Pending`].
-pub(super) struct NewRequest {
+struct NewRequest {
     pub(super) info: Option<HttpRequestInfo>,
     pub(super) is_head: bool,
-    pub(super) is_connect: bool,
-    pub(super) start_ns: u64,
+    is_connect: bool,
+    start_ns: u64,
     pub(super) tid: u32,
 }
 

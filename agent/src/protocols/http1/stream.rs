@@ -47,10 +47,10 @@ pub(super) struct Reader {
     /// Bytes of a head split over segments (empty otherwise).
     pub(super) head: Vec<u8>,
     /// Timestamp and thread of the segment holding the buffered head's first byte.
-    pub(super) head_ts: u64,
-    pub(super) head_tid: u32,
+    head_ts: u64,
+    head_tid: u32,
     /// What the buffered head's start line told us so far.
-    pub(super) head_start: StartLine,
+    head_start: StartLine,
     /// Timestamp and sequence number of the last segment of this direction (`0`: none yet).
     pub(super) last_ts: u64,
     pub(super) last_seq: u64,
