@@ -2,7 +2,10 @@
 //! `agent/tests-fixtures/postgres/record_proxy.py` (see `record_all.sh` there), plus
 //! robustness sweeps and hand-built edge cases.
 
+use super::frontend::MAX_PENDING_TEXT;
+use super::stream::{PICKUP_DETECT_SEGMENTS, STATEMENT_CACHE_ENTRIES};
 use super::*;
+use crate::protocols::segment::Segment;
 use proptest::prelude::*;
 
 // ---- fixtures: real wire bytes, one line per chunk the recording proxy received ----
