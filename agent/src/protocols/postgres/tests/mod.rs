@@ -3,6 +3,7 @@
 //! robustness sweeps and hand-built edge cases, one file per kind; the fixtures and the replay
 //! helpers are here.
 
+mod cache_cost;
 mod capture;
 mod corners;
 mod hostile;
