@@ -20,7 +20,7 @@ use crate::{
     process::Resources,
     protocols::{
         Outputs, Stream, StreamReport,
-        http1::{Direction, Role, Segment},
+        segment::{Direction, Role, Segment},
     },
     spans::{
         context::{Clock, IdGenerator, KernelContext},

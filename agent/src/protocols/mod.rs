@@ -5,10 +5,12 @@
 
 pub mod http1;
 pub mod postgres;
+pub mod segment;
 
 use self::{
-    http1::{FeedReport, Http1Stream, HttpExchange, Role, Segment, StreamState},
+    http1::{FeedReport, Http1Stream, HttpExchange, StreamState},
     postgres::{PgFeedReport, PgStatement, PgStream, PgStreamState, looks_like_postgres},
+    segment::{Role, Segment},
 };
 
 /// One connection's parser, chosen from its first captured bytes.
@@ -136,7 +138,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocols::http1::Direction;
+    use crate::protocols::segment::Direction;
 
     fn seg(direction: Direction, data: &[u8]) -> Segment<'_> {
         Segment {

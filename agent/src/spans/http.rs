@@ -8,7 +8,10 @@ use super::{
     model::{Attribute, Resource, SpanKind, SpanRecord, SpanStatus},
 };
 use crate::{
-    protocols::http1::{ExchangeEnd, HttpExchange, Role},
+    protocols::{
+        http1::{ExchangeEnd, HttpExchange},
+        segment::Role,
+    },
     redact,
 };
 

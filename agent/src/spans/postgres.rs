@@ -10,8 +10,8 @@ use super::{
 };
 use crate::{
     protocols::{
-        http1::Role,
         postgres::{PgOutcome, PgStatement, query_summary, sanitize_query},
+        segment::Role,
     },
     redact,
 };

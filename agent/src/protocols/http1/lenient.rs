@@ -2,7 +2,7 @@
 //! of them reads them, so that no request a server answers hides from tracing.
 //!
 //! Measured against nginx 1.22, Node 20 (llhttp, strict and `insecureHTTPParser`) and Python
-//! 3.11's `http.server` by sending them raw heads (the cases are the parser's
+//! 3.11's `http.server` by sending them raw heads (the cases are `tests/lenient.rs`'s
 //! `heads_real_servers_answer_are_traced` test):
 //! - header values: nginx takes any byte but NUL, CR and LF; llhttp's lenient mode and Python
 //!   take NUL too, and Python ends a line at a bare CR. We take every byte, and split lines at
@@ -23,7 +23,7 @@
 //! could read it differently: a skipped line that names one, or one that follows a line some
 //! servers stop at, makes the framing disputed and the caller treats it as unknown.
 
-use super::{Kind, StartLine};
+use super::{Kind, head::StartLine};
 
 pub(super) enum Lenient<'a> {
     Complete(Parts<'a>),
