@@ -7,6 +7,7 @@ mod events;
 mod export;
 mod idmap;
 mod instance;
+mod intern;
 mod k8s;
 mod kernel;
 mod metrics;

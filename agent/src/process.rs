@@ -5,12 +5,13 @@
 //! Kubernetes (see `k8s::resource`), else from its executable's name. The
 //! command line is redacted before it leaves the machine (see `redact::command_line`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use crate::{
+    intern::intern_key,
     k8s::{self, K8sResource, Kubernetes},
     redact,
     spans::model::{AttrValue, Attribute, Resource},
@@ -19,10 +20,6 @@ use crate::{
 /// `telemetry.distro.name` of the spans this agent produces.
 pub const DISTRO_NAME: &str = "ebpf-agent";
 
-/// Resource attribute keys taken from a process's `OTEL_RESOURCE_ATTRIBUTES` must be
-/// `&'static str` (see `Attribute`), so distinct keys are interned (leaked once each). A process
-/// could invent unbounded keys; past this many distinct keys, new ones are ignored.
-const MAX_INTERNED_KEYS: usize = 1024;
 /// Longest key or value accepted from `OTEL_RESOURCE_ATTRIBUTES`.
 const MAX_ENV_ATTR_LEN: usize = 4096;
 
@@ -532,25 +529,6 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-/// `&'static` key for an attribute read from a process (see `MAX_INTERNED_KEYS`).
-pub(crate) fn intern_key(key: &str) -> Option<&'static str> {
-    static KEYS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut keys = KEYS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(k) = keys.get(key) {
-        return Some(k);
-    }
-    if keys.len() >= MAX_INTERNED_KEYS {
-        log::debug!("ignoring resource attribute {key:?}: too many distinct keys");
-        return None;
-    }
-    let leaked: &'static str = Box::leak(key.to_owned().into_boxed_str());
-    keys.insert(leaked);
-    Some(leaked)
 }
 
 #[cfg(test)]
