@@ -12,6 +12,7 @@ mod k8s;
 mod kernel;
 mod metrics;
 mod pipeline;
+mod proc;
 mod process;
 mod protocols;
 mod redact;

@@ -6,13 +6,13 @@
 //! command line is redacted before it leaves the machine (see `redact::command_line`).
 
 use std::collections::HashMap;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use crate::{
     intern::intern_key,
     k8s::{self, K8sResource, Kubernetes},
+    proc::{self, ProcFs, ProcessError, ProcessFacts},
     redact,
     spans::model::{AttrValue, Attribute, Resource},
 };
@@ -23,32 +23,9 @@ pub const DISTRO_NAME: &str = "ebpf-agent";
 /// Longest key or value accepted from `OTEL_RESOURCE_ATTRIBUTES`.
 const MAX_ENV_ATTR_LEN: usize = 4096;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The process exited (or never existed) before it could be inspected.
-    #[error(
-        "process {pid} is gone: /proc/{pid} does not exist (it exited before it could be inspected)"
-    )]
-    Gone { pid: u32 },
-    /// `/proc/PID/...` exists but could not be read.
-    #[error(
-        "cannot read /proc/{pid}/{file}: {source}; run the agent as root (or with CAP_SYS_PTRACE and \
-         CAP_DAC_READ_SEARCH) to inspect processes of other users"
-    )]
-    Read {
-        pid: u32,
-        file: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
-
 /// The host's name, as `host.name` reports it (`/proc/sys/kernel/hostname`, then `$HOSTNAME`).
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+    proc::hostname()
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "unknown".to_owned())
 }
@@ -82,47 +59,24 @@ fn well_known_service(exe_name: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 pub fn resource_for_pid(pid: u32, host_name: &str) -> Result<Resource, ProcessError> {
-    resource_from_proc(Path::new("/proc"), pid, host_name, None)
+    resource_from_proc(&ProcFs::host(), pid, host_name, None)
 }
 
 /// `k8s`: what the process's container and pod add (attributes, a service name below the
 /// process's own).
 fn resource_from_proc(
-    proc_root: &Path,
+    proc: &ProcFs,
     pid: u32,
     host_name: &str,
     k8s: Option<&K8sResource>,
 ) -> Result<Resource, ProcessError> {
-    let dir = proc_root.join(pid.to_string());
-    let read = |file: &'static str| -> Result<Vec<u8>, ProcessError> {
-        std::fs::read(dir.join(file)).map_err(|source| classify(pid, file, source, &dir))
-    };
-
-    // `status` is readable for every process: it tells whether the process still exists.
-    let status = read("status")?;
-    let status = String::from_utf8_lossy(&status);
-    let euid = status_uid(&status);
-    let comm = read("comm")
-        .map(|c| {
-            String::from_utf8_lossy(&c)
-                .trim_end_matches('\n')
-                .to_owned()
-        })
-        .unwrap_or_default();
-    // exe and environ need ptrace-read access; without it we still produce a resource.
-    let exe_path = match std::fs::read_link(dir.join("exe")) {
-        Ok(path) => Some(strip_deleted(path)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.exists() => {
-            return Err(ProcessError::Gone { pid });
-        }
-        Err(_) => None,
-    };
-    let cmdline = read("cmdline").unwrap_or_default();
-    let environ = read("environ").unwrap_or_default();
-
-    let args: Vec<String> = split_nul(&cmdline)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let ProcessFacts {
+        comm,
+        exe: exe_path,
+        args,
+        environ,
+        owner,
+    } = proc.facts(pid)?;
     let exe_name = exe_path
         .as_deref()
         .and_then(Path::file_name)
@@ -163,8 +117,6 @@ fn resource_from_proc(
                 exe_name.clone()
             }
         });
-
-    let owner = euid.map(|uid| user_name(proc_root, pid, uid).unwrap_or_else(|| uid.to_string()));
 
     let mut attributes = vec![
         Attribute::str("service.name", service_name.clone()),
@@ -257,7 +209,7 @@ pub struct Resources {
     /// Processes in a container whose pod (or container) was not in the pod list when their
     /// resource was built: where they run, and how much was known (`Resolution::rank`).
     waiting: HashMap<u32, (k8s::ContainerRef, u8)>,
-    proc_root: std::path::PathBuf,
+    proc: ProcFs,
 }
 
 impl std::fmt::Debug for Resources {
@@ -278,7 +230,7 @@ impl Resources {
             k8s: None,
             k8s_generation: 0,
             waiting: HashMap::new(),
-            proc_root: std::path::PathBuf::from("/proc"),
+            proc: ProcFs::host(),
         }
     }
 
@@ -320,7 +272,11 @@ impl Resources {
 
     /// `None` when `/proc/PID` cannot be read.
     fn load(&mut self, pid: u32) -> Option<Resource> {
-        let place = k8s::cgroup::read(&self.proc_root, pid).unwrap_or_default();
+        let place = self
+            .proc
+            .cgroup(pid)
+            .map(|text| k8s::cgroup::parse(&text))
+            .unwrap_or_default();
         let resolution = match &self.k8s {
             Some(k8s) if !place.is_host() => k8s.resolve(&place),
             _ => k8s::Resolution::Unknown,
@@ -333,7 +289,7 @@ impl Resources {
             self.waiting.remove(&pid);
         }
         let host = self.host().to_owned();
-        match resource_from_proc(&self.proc_root, pid, &host, Some(&described)) {
+        match resource_from_proc(&self.proc, pid, &host, Some(&described)) {
             Ok(r) => Some(r),
             Err(e) => {
                 log::debug!("using a minimal resource for pid {pid}: {e}");
@@ -374,81 +330,6 @@ impl Resources {
     }
 }
 
-fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> ProcessError {
-    // ESRCH: the process died between open and read.
-    let gone = source.kind() == io::ErrorKind::NotFound
-        || source.raw_os_error() == Some(libc::ESRCH)
-        || !dir.exists();
-    if gone {
-        ProcessError::Gone { pid }
-    } else {
-        ProcessError::Read { pid, file, source }
-    }
-}
-
-fn split_nul(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    bytes.split(|&b| b == 0).filter(|s| !s.is_empty())
-}
-
-/// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
-pub(crate) fn strip_deleted(path: PathBuf) -> PathBuf {
-    match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
-        Some(s) => PathBuf::from(s),
-        None => path,
-    }
-}
-
-/// Effective uid from `/proc/PID/status` (`Uid: real effective saved fs`), as `ps` shows it.
-fn status_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    let mut ids = line["Uid:".len()..].split_whitespace();
-    let real = ids.next()?;
-    ids.next().unwrap_or(real).parse().ok()
-}
-
-/// The user name of `uid`, from the process's own `/etc/passwd` (it may live in a container),
-/// then the host's.
-fn user_name(proc_root: &Path, pid: u32, uid: u32) -> Option<String> {
-    let own = proc_root.join(pid.to_string()).join("root/etc/passwd");
-    [own.as_path(), Path::new("/etc/passwd")]
-        .into_iter()
-        .find_map(|path| {
-            let text = read_regular_file(path, MAX_PASSWD_LEN)?;
-            passwd_lookup(&String::from_utf8_lossy(&text), uid)
-        })
-}
-
-/// Longest `/etc/passwd` read.
-const MAX_PASSWD_LEN: u64 = 4 << 20;
-
-/// Reads at most `limit` bytes of a regular file. The file may belong to a traced container:
-/// a FIFO or device planted there must not block or flood the agent.
-fn read_regular_file(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut buf = Vec::new();
-    file.take(limit).read_to_end(&mut buf).ok()?;
-    Some(buf)
-}
-
-fn passwd_lookup(passwd: &str, uid: u32) -> Option<String> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let _password = fields.next()?;
-        let id: u32 = fields.next()?.parse().ok()?;
-        (id == uid && !name.is_empty()).then(|| name.to_owned())
-    })
-}
-
 /// The OpenTelemetry variables of a process's environment.
 #[derive(Debug, Default, PartialEq)]
 struct ProcessEnv {
@@ -459,7 +340,7 @@ struct ProcessEnv {
 impl ProcessEnv {
     fn parse(environ: &[u8]) -> Self {
         let mut env = Self::default();
-        for entry in split_nul(environ) {
+        for entry in environ.split(|&b| b == 0) {
             let Some(eq) = entry.iter().position(|&b| b == b'=') else {
                 continue;
             };
@@ -602,35 +483,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn passwd_that_is_a_fifo_is_not_read() {
-        let path = std::env::temp_dir().join(format!("agent-fifo-test-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let status = std::process::Command::new("mkfifo").arg(&path).status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("SKIPPED passwd_that_is_a_fifo_is_not_read: mkfifo is not available");
-            return;
-        }
-        // Would block forever with a plain open + read.
-        assert_eq!(read_regular_file(&path, 1024), None);
-        let _ = std::fs::remove_file(&path);
-        assert!(
-            read_regular_file(Path::new("/proc/self/status"), 1024).is_none_or(|b| b.len() <= 1024)
-        );
-    }
-
-    #[test]
-    fn looks_up_users_and_uids() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n";
-        assert_eq!(passwd_lookup(passwd, 0).as_deref(), Some("root"));
-        assert_eq!(passwd_lookup(passwd, 33).as_deref(), Some("www-data"));
-        assert_eq!(passwd_lookup(passwd, 1000), None);
-        assert_eq!(
-            status_uid("Name:\tx\nUid:\t1000\t1001\t1000\t1000\nGid:\t0\n"),
-            Some(1001)
-        );
-    }
-
     fn attr<'a>(r: &'a Resource, key: &str) -> Option<&'a AttrValue> {
         r.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
     }
@@ -736,7 +588,7 @@ mod tests {
             b"OTEL_RESOURCE_ATTRIBUTES=service.name=from-attrs,process.pid=1,deployment.environment=prod%2Fa,host.name=other\0",
         )
         .expect("write");
-        let r = resource_from_proc(&root, 4242, "h", None).expect("fake process");
+        let r = resource_from_proc(&ProcFs::at(&root), 4242, "h", None).expect("fake process");
         let _ = std::fs::remove_dir_all(&root);
 
         assert_eq!(r.service_name, "from-attrs");
@@ -828,7 +680,7 @@ mod tests {
         fn resources(root: &Path) -> (Resources, Arc<Kubernetes>) {
             let k8s = Arc::new(Kubernetes::new(Some("node-1".into()), PodFilter::default()));
             let mut r = Resources::new("agent-pod").with_kubernetes(Some(k8s.clone()));
-            r.proc_root = root.to_owned();
+            r.proc = ProcFs::at(root);
             (r, k8s)
         }
 

@@ -18,7 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::{
     k8s::{self, Kubernetes, PodFilter},
-    process::strip_deleted,
+    proc::strip_deleted,
 };
 
 /// Bytes of a command name the kernel keeps (`TASK_COMM_LEN` less its NUL).
