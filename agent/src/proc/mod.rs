@@ -1,12 +1,13 @@
-//! The only reader of `/proc`: what the agent learns about processes (`process.rs`), the
-//! host and itself (`system.rs`). Every other module asks here.
+//! The only reader of `/proc`: what the agent learns about processes (`process.rs`), their
+//! sockets (`net.rs`), the host and itself (`system.rs`). Every other module asks here.
 
+mod net;
 mod process;
 mod system;
 
 use std::path::PathBuf;
 
-pub use process::{ProcessError, ProcessFacts, strip_deleted};
+pub use process::{ProcessError, ProcessFacts};
 pub use system::hostname;
 
 /// Where the kernel shows its processes.
@@ -35,5 +36,19 @@ impl ProcFs {
     /// `/proc/PID`.
     fn dir(&self, pid: u32) -> PathBuf {
         self.root.join(pid.to_string())
+    }
+
+    /// Whether process `pid` exists (or is a zombie not yet reaped).
+    pub fn exists(&self, pid: u32) -> bool {
+        self.dir(pid).exists()
+    }
+
+    /// Every process's pid; none when `/proc` cannot be listed.
+    pub fn pids(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
     }
 }

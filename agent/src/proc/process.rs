@@ -1,5 +1,5 @@
-//! Per-process files: `/proc/PID/{status,comm,exe,cmdline,environ,cgroup}`, and the process's
-//! own `/etc/passwd` through `/proc/PID/root`.
+//! Per-process files: `/proc/PID/{status,comm,exe,cmdline,environ,cgroup,fd}`, and the
+//! process's own `/etc/passwd` through `/proc/PID/root`.
 
 use std::{
     io,
@@ -90,6 +90,37 @@ impl ProcFs {
         })
     }
 
+    /// The command name (`comm`) as selection matches it; `None` when the process is gone or
+    /// the name is not UTF-8.
+    pub fn comm(&self, pid: u32) -> Option<String> {
+        std::fs::read_to_string(self.dir(pid).join("comm"))
+            .ok()
+            .map(|s| s.trim_end().to_string())
+    }
+
+    /// The real executable (`exe`), as selection matches it; `None` without ptrace-read access.
+    pub fn exe(&self, pid: u32) -> Option<PathBuf> {
+        std::fs::read_link(self.dir(pid).join("exe"))
+            .ok()
+            .map(strip_deleted)
+    }
+
+    /// The inodes of the sockets process `pid` holds open (`fd/N` → `socket:[INODE]`); none
+    /// without access to its file descriptors.
+    pub fn socket_inodes(&self, pid: u32) -> impl Iterator<Item = u64> {
+        std::fs::read_dir(self.dir(pid).join("fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+                link.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+    }
+
     /// `/proc/PID/cgroup`: where the process runs (see `k8s::cgroup`). `None` when the process
     /// is gone or the file unreadable.
     pub fn cgroup(&self, pid: u32) -> Option<String> {
@@ -122,7 +153,7 @@ fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> Proc
 }
 
 /// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
-pub fn strip_deleted(path: PathBuf) -> PathBuf {
+fn strip_deleted(path: PathBuf) -> PathBuf {
     match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(s) => PathBuf::from(s),
         None => path,
@@ -186,6 +217,27 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(
             read_regular_file(Path::new("/proc/self/status"), 1024).is_none_or(|b| b.len() <= 1024)
+        );
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let proc = ProcFs::host();
+        let me = std::process::id();
+        assert!(proc.exists(me));
+        assert!(proc.pids().contains(&me));
+        // Whatever this machine is, our own cgroup file parses (and says host on the CI VM).
+        assert!(proc.cgroup(me).is_some());
+        let exe = std::env::current_exe().expect("current_exe");
+        assert_eq!(proc.exe(me), Some(exe));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let inodes: Vec<u64> = proc.socket_inodes(me).collect();
+        assert!(
+            proc.tcp_sockets()
+                .iter()
+                .any(|s| s.local_port == port && inodes.contains(&s.inode)),
+            "listener on {port} not among our sockets {inodes:?}"
         );
     }
 
