@@ -8,7 +8,7 @@ mod system;
 use std::path::PathBuf;
 
 pub use process::{ProcessError, ProcessFacts};
-pub use system::hostname;
+pub use system::{hostname, kernel_release, own_mountinfo, own_status};
 
 /// Where the kernel shows its processes.
 const ROOT: &str = "/proc";
