@@ -13,9 +13,9 @@ mod kernel;
 mod metrics;
 mod pipeline;
 mod proc;
-mod process;
 mod protocols;
 mod redact;
+mod resources;
 mod selection;
 mod spans;
 mod stats;
@@ -200,7 +200,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         events: probes.take_events()?,
         counters: kernel_counters,
         selector,
-        resources: process::Resources::new(process::host_name()).with_kubernetes(k8s.clone()),
+        resources: resources::Resources::new(resources::host_name()).with_kubernetes(k8s.clone()),
         stats: stats.clone(),
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),

@@ -19,10 +19,30 @@ mod net;
 mod process;
 mod system;
 
-use std::path::PathBuf;
+use std::{io, path::PathBuf};
 
-pub use process::{ProcessError, ProcessFacts};
+pub use process::ProcessFacts;
 pub use system::{hostname, kernel_release, own_mountinfo, own_status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The process exited (or never existed) before it could be inspected.
+    #[error(
+        "process {pid} is gone: /proc/{pid} does not exist (it exited before it could be inspected)"
+    )]
+    Gone { pid: u32 },
+    /// `/proc/PID/...` exists but could not be read.
+    #[error(
+        "cannot read /proc/{pid}/{file}: {source}; run the agent as root (or with CAP_SYS_PTRACE and \
+         CAP_DAC_READ_SEARCH) to inspect processes of other users"
+    )]
+    Read {
+        pid: u32,
+        file: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Where the kernel shows its processes.
 const ROOT: &str = "/proc";

@@ -6,27 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::ProcFs;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The process exited (or never existed) before it could be inspected.
-    #[error(
-        "process {pid} is gone: /proc/{pid} does not exist (it exited before it could be inspected)"
-    )]
-    Gone { pid: u32 },
-    /// `/proc/PID/...` exists but could not be read.
-    #[error(
-        "cannot read /proc/{pid}/{file}: {source}; run the agent as root (or with CAP_SYS_PTRACE and \
-         CAP_DAC_READ_SEARCH) to inspect processes of other users"
-    )]
-    Read {
-        pid: u32,
-        file: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
+use super::{ProcFs, ProcessError};
 
 /// What `/proc/PID` tells of a process when its resource is built.
 #[derive(Debug, Default)]
