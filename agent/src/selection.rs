@@ -375,16 +375,8 @@ impl Selector {
         self.k8s_generation = generation;
         let mut new = Vec::new();
         for (pid, (comm, hits)) in std::mem::take(&mut self.pending) {
-            match self.pod_verdict(pid) {
-                PodVerdict::Yes => {
-                    if self.select(pid, comm.clone(), &hits) {
-                        new.push((pid, comm));
-                    }
-                }
-                PodVerdict::NotYet => {
-                    self.pending.insert(pid, (comm, hits));
-                }
-                PodVerdict::No => {}
+            if let Some(comm) = self.admit(pid, comm, hits) {
+                new.push((pid, comm));
             }
         }
         new
@@ -414,6 +406,20 @@ impl Selector {
 
     pub fn selected(&self) -> &HashMap<u32, String> {
         &self.selected
+    }
+
+    /// A process that matched the criteria `hits` (or, by pod alone, none): selected when its
+    /// pod passes, kept waiting when its pod is not known yet. Returns its name when it was
+    /// newly selected.
+    fn admit(&mut self, pid: u32, name: String, hits: Vec<usize>) -> Option<String> {
+        match self.pod_verdict(pid) {
+            PodVerdict::Yes => self.select(pid, name.clone(), &hits).then_some(name),
+            PodVerdict::NotYet => {
+                self.pending.insert(pid, (name, hits));
+                None
+            }
+            PodVerdict::No => None,
+        }
     }
 
     /// Selects a process that matched the criteria `hits`; returns whether it was new.
@@ -520,16 +526,8 @@ impl Selector {
             if by_process && hits.is_empty() {
                 continue;
             }
-            match self.pod_verdict(pid) {
-                PodVerdict::Yes => {
-                    if self.select(pid, comm.clone(), &hits) {
-                        new.push((pid, comm));
-                    }
-                }
-                PodVerdict::NotYet => {
-                    self.pending.insert(pid, (comm, hits));
-                }
-                PodVerdict::No => {}
+            if let Some(comm) = self.admit(pid, comm, hits) {
+                new.push((pid, comm));
             }
         }
         new
@@ -559,14 +557,7 @@ impl Selector {
         if self.selection.by_process() && hits.is_empty() {
             return false;
         }
-        match self.pod_verdict(pid) {
-            PodVerdict::Yes => self.select(pid, comm.to_string(), &hits),
-            PodVerdict::NotYet => {
-                self.pending.insert(pid, (comm.to_string(), hits));
-                false
-            }
-            PodVerdict::No => false,
-        }
+        self.admit(pid, comm.to_string(), hits).is_some()
     }
 
     /// The kernel already selected this process (a fork of a selected one): keep track of it
