@@ -119,14 +119,7 @@ pub fn resource(
     if let Some(owner) = owner {
         attributes.push(Attribute::str("process.owner", owner));
     }
-    attributes.extend([
-        Attribute::str("host.name", host_name.to_owned()),
-        Attribute::str("telemetry.sdk.name", "opentelemetry"),
-        Attribute::str("telemetry.sdk.language", "rust"),
-        Attribute::str("telemetry.sdk.version", sdk_version()),
-        Attribute::str("telemetry.distro.name", DISTRO_NAME),
-        Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
-    ]);
+    attributes.extend(host_and_telemetry(host_name));
     // Container and pod (their annotations may refine what we detected, e.g. host.name).
     for attr in k8s.map(|k| k.attributes.as_slice()).unwrap_or_default() {
         if matches!(attr.key, "process.pid" | "service.name") {
@@ -162,20 +155,28 @@ pub fn resource(
 /// The resource used when `/proc/PID` could not be read (the process is gone, or access denied).
 pub fn minimal_resource(pid: u32, host_name: &str) -> Resource {
     let service_name = format!("unknown:{pid}");
+    let mut attributes = vec![
+        Attribute::str("service.name", service_name.clone()),
+        Attribute::int("process.pid", i64::from(pid)),
+    ];
+    attributes.extend(host_and_telemetry(host_name));
     Resource {
         pid,
-        service_name: service_name.clone(),
-        attributes: vec![
-            Attribute::str("service.name", service_name),
-            Attribute::int("process.pid", i64::from(pid)),
-            Attribute::str("host.name", host_name.to_owned()),
-            Attribute::str("telemetry.sdk.name", "opentelemetry"),
-            Attribute::str("telemetry.sdk.language", "rust"),
-            Attribute::str("telemetry.sdk.version", sdk_version()),
-            Attribute::str("telemetry.distro.name", DISTRO_NAME),
-            Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
-        ],
+        service_name,
+        attributes,
     }
+}
+
+/// `host.name` and what produced the telemetry (SDK and distribution), on every resource.
+fn host_and_telemetry(host_name: &str) -> [Attribute; 6] {
+    [
+        Attribute::str("host.name", host_name.to_owned()),
+        Attribute::str("telemetry.sdk.name", "opentelemetry"),
+        Attribute::str("telemetry.sdk.language", "rust"),
+        Attribute::str("telemetry.sdk.version", sdk_version()),
+        Attribute::str("telemetry.distro.name", DISTRO_NAME),
+        Attribute::str("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ]
 }
 
 #[cfg(test)]
