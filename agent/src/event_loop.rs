@@ -20,7 +20,7 @@ use crate::{
     },
     metrics::{self, AgentState, Metric},
     pipeline::{Pipeline, ProcessChange, RejoinOutcome},
-    process::Resources,
+    resources::Resources,
     selection::Selector,
     spans::context::Clock,
     stats::Stats,

@@ -7,13 +7,15 @@ mod events;
 mod export;
 mod idmap;
 mod instance;
+mod intern;
 mod k8s;
 mod kernel;
 mod metrics;
 mod pipeline;
-mod process;
+mod proc;
 mod protocols;
 mod redact;
+mod resources;
 mod selection;
 mod spans;
 mod stats;
@@ -198,7 +200,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         events: probes.take_events()?,
         counters: kernel_counters,
         selector,
-        resources: process::Resources::new(process::host_name()).with_kubernetes(k8s.clone()),
+        resources: resources::Resources::new(resources::host_name()).with_kubernetes(k8s.clone()),
         stats: stats.clone(),
         stop: stop.clone(),
         stats_interval: std::time::Duration::from_secs(cli.stats_interval),

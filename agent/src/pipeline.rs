@@ -17,11 +17,11 @@ use agent_common::{
 use crate::{
     events::Event,
     idmap::IdMap,
-    process::Resources,
     protocols::{
         Outputs, Stream, StreamReport,
         segment::{Direction, Role, Segment},
     },
+    resources::Resources,
     spans::{
         context::{Clock, IdGenerator, KernelContext},
         correlation::{HOLD_NS, LinkOutcome, Linker},

@@ -18,7 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::{
     k8s::{self, Kubernetes, PodFilter},
-    process::strip_deleted,
+    proc::ProcFs,
 };
 
 /// Bytes of a command name the kernel keeps (`TASK_COMM_LEN` less its NUL).
@@ -211,85 +211,6 @@ struct Candidate<'a> {
     ports: &'a [u16],
 }
 
-fn read_comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
-}
-
-fn read_exe(pid: u32) -> Option<PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(strip_deleted)
-}
-
-fn all_pids() -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// (socket inode, port) of TCP sockets whose local or remote port is one of `ports`
-/// (/proc/net/tcp{,6}).
-fn sockets_on_ports(ports: &[u16]) -> Vec<(u64, u16)> {
-    let mut sockets = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(inode)) = (cols.get(1), cols.get(2), cols.get(9))
-            else {
-                continue;
-            };
-            let Ok(inode) = inode.parse::<u64>() else {
-                continue;
-            };
-            if inode == 0 {
-                continue;
-            }
-            let port = |addr: &str| {
-                addr.rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-            };
-            for port in [port(local), port(remote)].into_iter().flatten() {
-                if ports.contains(&port) && !sockets.contains(&(inode, port)) {
-                    sockets.push((inode, port));
-                }
-            }
-        }
-    }
-    sockets
-}
-
-/// The ports of `sockets` that process `pid` holds a socket on.
-fn process_ports(pid: u32, sockets: &[(u64, u16)]) -> Vec<u16> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let mut ports = Vec::new();
-    for link in dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()) {
-        let Some(inode) = link.to_str().and_then(|s| {
-            s.strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse::<u64>()
-                .ok()
-        }) else {
-            continue;
-        };
-        for &(_, port) in sockets.iter().filter(|(i, _)| *i == inode) {
-            if !ports.contains(&port) {
-                ports.push(port);
-            }
-        }
-    }
-    ports
-}
-
 /// Whether a process's pod passes the pod filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PodVerdict {
@@ -316,8 +237,8 @@ pub struct Selector {
     pending: HashMap<u32, Waiting>,
     /// The pod list's generation when `pending` was last checked.
     k8s_generation: u64,
-    /// Where `PID/cgroup` files are read (tests use a fake tree).
-    proc_root: PathBuf,
+    /// Where processes are read (tests use a fake tree).
+    proc: ProcFs,
 }
 
 impl Selector {
@@ -351,7 +272,7 @@ impl Selector {
             k8s: None,
             pending: HashMap::new(),
             k8s_generation: 0,
-            proc_root: PathBuf::from("/proc"),
+            proc: ProcFs::host(),
         }
     }
 
@@ -389,7 +310,7 @@ impl Selector {
         for w in self.watched.iter_mut().filter(|w| !w.matched) {
             w.warned = true;
             let detail = match &w.criterion {
-                Criterion::Pid(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                Criterion::Pid(pid) if !self.proc.exists(*pid) => {
                     " (no process has this id)".to_owned()
                 }
                 Criterion::Exe(rule) if !is_glob(&rule.pattern) && rule.targets.is_empty() => {
@@ -426,7 +347,12 @@ impl Selector {
         let Some(k8s) = &self.k8s else {
             return PodVerdict::No;
         };
-        let Some(place) = k8s::cgroup::read(&self.proc_root, pid).filter(|p| !p.is_host()) else {
+        let Some(place) = self
+            .proc
+            .cgroup(pid)
+            .map(|text| k8s::cgroup::parse(&text))
+            .filter(|p| !p.is_host())
+        else {
             return PodVerdict::No;
         };
         match k8s.resolve(&place).pod() {
@@ -449,16 +375,8 @@ impl Selector {
         self.k8s_generation = generation;
         let mut new = Vec::new();
         for (pid, (comm, hits)) in std::mem::take(&mut self.pending) {
-            match self.pod_verdict(pid) {
-                PodVerdict::Yes => {
-                    if self.select(pid, comm.clone(), &hits) {
-                        new.push((pid, comm));
-                    }
-                }
-                PodVerdict::NotYet => {
-                    self.pending.insert(pid, (comm, hits));
-                }
-                PodVerdict::No => {}
+            if let Some(comm) = self.admit(pid, comm, hits) {
+                new.push((pid, comm));
             }
         }
         new
@@ -490,6 +408,20 @@ impl Selector {
         &self.selected
     }
 
+    /// A process that matched the criteria `hits` (or, by pod alone, none): selected when its
+    /// pod passes, kept waiting when its pod is not known yet. Returns its name when it was
+    /// newly selected.
+    fn admit(&mut self, pid: u32, name: String, hits: Vec<usize>) -> Option<String> {
+        match self.pod_verdict(pid) {
+            PodVerdict::Yes => self.select(pid, name.clone(), &hits).then_some(name),
+            PodVerdict::NotYet => {
+                self.pending.insert(pid, (name, hits));
+                None
+            }
+            PodVerdict::No => None,
+        }
+    }
+
     /// Selects a process that matched the criteria `hits`; returns whether it was new.
     fn select(&mut self, pid: u32, name: String, hits: &[usize]) -> bool {
         if pid == self.own_pid || self.selected.contains_key(&pid) {
@@ -504,7 +436,7 @@ impl Selector {
         // A process that exited between being found and being selected sent no exit event
         // (it was not selected yet): take it back, or a later process reusing the pid would
         // be traced.
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !self.proc.exists(pid) {
             if let Some(map) = self.map.as_mut() {
                 let _ = map.remove(&pid);
             }
@@ -523,6 +455,32 @@ impl Selector {
         true
     }
 
+    /// (socket inode, port) of TCP sockets whose local or remote port is one of `ports`.
+    fn sockets_on_ports(&self, ports: &[u16]) -> Vec<(u64, u16)> {
+        let mut sockets = Vec::new();
+        for socket in self.proc.tcp_sockets() {
+            for port in [socket.local_port, socket.remote_port] {
+                if ports.contains(&port) && !sockets.contains(&(socket.inode, port)) {
+                    sockets.push((socket.inode, port));
+                }
+            }
+        }
+        sockets
+    }
+
+    /// The ports of `sockets` that process `pid` holds a socket on.
+    fn process_ports(&self, pid: u32, sockets: &[(u64, u16)]) -> Vec<u16> {
+        let mut ports = Vec::new();
+        for inode in self.proc.socket_inodes(pid) {
+            for &(_, port) in sockets.iter().filter(|(i, _)| *i == inode) {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+        }
+        ports
+    }
+
     /// Walks /proc and selects every matching process not selected yet; returns the new ones.
     pub fn scan(&mut self) -> Vec<(u32, String)> {
         if self.traces_all() {
@@ -536,28 +494,28 @@ impl Selector {
         let sockets = if self.selection.ports.is_empty() {
             Vec::new()
         } else {
-            sockets_on_ports(&self.selection.ports)
+            self.sockets_on_ports(&self.selection.ports)
         };
         let by_process = self.selection.by_process();
         let mut new = Vec::new();
         // Rebuilt from this walk: processes that exited or stopped matching drop out.
         self.pending.clear();
-        for pid in all_pids() {
+        for pid in self.proc.pids() {
             if self.selected.contains_key(&pid) || pid == self.own_pid {
                 continue;
             }
-            let Some(comm) = read_comm(pid) else {
+            let Some(comm) = self.proc.comm(pid) else {
                 continue;
             };
             let exe = if self.has_exe_rules() {
-                read_exe(pid)
+                self.proc.exe(pid)
             } else {
                 None
             };
             let ports = if sockets.is_empty() {
                 Vec::new()
             } else {
-                process_ports(pid, &sockets)
+                self.process_ports(pid, &sockets)
             };
             let hits = self.hits(&Candidate {
                 pid,
@@ -568,16 +526,8 @@ impl Selector {
             if by_process && hits.is_empty() {
                 continue;
             }
-            match self.pod_verdict(pid) {
-                PodVerdict::Yes => {
-                    if self.select(pid, comm.clone(), &hits) {
-                        new.push((pid, comm));
-                    }
-                }
-                PodVerdict::NotYet => {
-                    self.pending.insert(pid, (comm, hits));
-                }
-                PodVerdict::No => {}
+            if let Some(comm) = self.admit(pid, comm, hits) {
+                new.push((pid, comm));
             }
         }
         new
@@ -593,7 +543,7 @@ impl Selector {
             return true;
         }
         let exe = if self.has_exe_rules() {
-            read_exe(pid)
+            self.proc.exe(pid)
         } else {
             None
         };
@@ -607,14 +557,7 @@ impl Selector {
         if self.selection.by_process() && hits.is_empty() {
             return false;
         }
-        match self.pod_verdict(pid) {
-            PodVerdict::Yes => self.select(pid, comm.to_string(), &hits),
-            PodVerdict::NotYet => {
-                self.pending.insert(pid, (comm.to_string(), hits));
-                false
-            }
-            PodVerdict::No => false,
-        }
+        self.admit(pid, comm.to_string(), hits).is_some()
     }
 
     /// The kernel already selected this process (a fork of a selected one): keep track of it
@@ -927,27 +870,31 @@ mod tests {
         const UID: &str = "7d1c5ab3-6b0f-4f2e-9b3e-2c4b8a0f6e71";
         const ID: &str = "8f3b6c2d1e0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c";
 
-        /// A selector that sees this test process in a containerd container of pod `UID`.
+        /// A selector that sees a fake /proc: this test process in a containerd container of
+        /// pod `UID`, and pid 1 on the host.
         fn selector(selection: Selection, tag: &str) -> (Selector, Arc<Kubernetes>, PathBuf) {
             let me = std::process::id();
             let root = std::env::temp_dir().join(format!("agent-sel-{tag}-{me}"));
-            let dir = root.join(me.to_string());
-            std::fs::create_dir_all(&dir).expect("fake /proc");
-            std::fs::write(
-                dir.join("cgroup"),
-                format!(
-                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
-                    UID.replace('-', "_")
-                ),
-            )
-            .expect("write cgroup");
+            let pod_cgroup = format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
+                UID.replace('-', "_")
+            );
+            for (pid, comm, cgroup) in [
+                (me, "app", pod_cgroup.as_str()),
+                (1, "systemd", "0::/init.scope\n"),
+            ] {
+                let dir = root.join(pid.to_string());
+                std::fs::create_dir_all(&dir).expect("fake /proc");
+                std::fs::write(dir.join("comm"), format!("{comm}\n")).expect("write comm");
+                std::fs::write(dir.join("cgroup"), cgroup).expect("write cgroup");
+            }
             let k8s = Arc::new(Kubernetes::new(
                 Some("node-1".into()),
                 selection.pods.clone(),
             ));
             let mut sel = Selector::new(selection, None).with_kubernetes(Some(k8s.clone()));
             sel.own_pid = 0;
-            sel.proc_root = root.clone();
+            sel.proc = ProcFs::at(&root);
             (sel, k8s, root)
         }
 
@@ -1023,7 +970,7 @@ mod tests {
                 "alone",
             );
             k8s.store.replace_all(vec![pod("shop")], Instant::now());
-            // Only this process has a cgroup in the fake /proc: the others are the host's.
+            // Only this process is in a pod: pid 1 is the host's.
             let found = sel.scan();
             assert_eq!(found.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![me]);
             sel.on_exit(me);

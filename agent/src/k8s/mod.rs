@@ -227,7 +227,7 @@ fn own_pod() -> Option<watch::OwnPod> {
     let name = std::env::var("POD_NAME")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())?
+        .or_else(crate::proc::hostname)?
         .trim()
         .to_owned();
     (!namespace.is_empty() && !name.is_empty()).then_some(watch::OwnPod { namespace, name })

@@ -68,7 +68,7 @@ pub fn describe(
         if attr.is_empty() || matches!(attr, "service.name" | "service.namespace") {
             continue;
         }
-        let Some(attr) = crate::process::intern_key(attr) else {
+        let Some(attr) = crate::intern::intern_key(attr) else {
             continue;
         };
         match attrs.iter_mut().find(|a| a.key == attr) {

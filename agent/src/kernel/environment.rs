@@ -4,6 +4,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::proc;
+
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, Error)]
@@ -42,15 +44,12 @@ pub struct Environment {
 }
 
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    proc::kernel_release().unwrap_or_else(|| "unknown".into())
 }
 
 /// Checks what the probes need, mounting tracefs when it is missing.
 pub fn prepare(context_propagation: bool) -> Result<Environment, EnvironmentError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| EnvironmentError::Capabilities(e.to_string()))?;
+    let status = proc::own_status().map_err(|e| EnvironmentError::Capabilities(e.to_string()))?;
     let caps = Capabilities::from_status(&status)
         .ok_or_else(|| EnvironmentError::Capabilities("no CapEff line".to_owned()))?;
     // SAFETY: geteuid has no preconditions.

@@ -19,7 +19,7 @@ use aya::{
 };
 
 use super::Attached;
-use crate::{idmap::IdMap, pipeline::RejoinCandidate, spans::context::parse_traceparent};
+use crate::{idmap::IdMap, pipeline::RejoinCandidate, proc, spans::context::parse_traceparent};
 
 /// Where the agent mounts the unified cgroup hierarchy when the host has not (cgroup v1-only
 /// hosts): the sock_ops program attaches to its root, so every socket on the host passes it;
@@ -155,8 +155,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The mount point of the unified (v2) cgroup hierarchy: `/sys/fs/cgroup` on most hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones; mounted by us when the host has none.
 fn cgroup2_root() -> Result<String, String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    let mountinfo =
+        proc::own_mountinfo().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     if let Some(found) = find_cgroup2(&mountinfo) {
         return Ok(found);
     }

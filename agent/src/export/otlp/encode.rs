@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use opentelemetry::trace::TraceState;
 
-use crate::process::DISTRO_NAME;
+use crate::resources::DISTRO_NAME;
 use crate::spans::model::{AttrValue, Attribute, Resource, SpanKind, SpanRecord, SpanStatus};
 
 const VARINT: u8 = 0;

@@ -157,7 +157,7 @@ impl Transport {
                 );
                 let agent = format!(
                     "{}/{}",
-                    crate::process::DISTRO_NAME,
+                    crate::resources::DISTRO_NAME,
                     env!("CARGO_PKG_VERSION")
                 );
                 if let Ok(agent) = HeaderValue::from_str(&agent) {

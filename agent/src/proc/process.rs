@@ -1,0 +1,235 @@
+//! Per-process files: `/proc/PID/{status,comm,exe,cmdline,environ,cgroup,fd}`, and the
+//! process's own `/etc/passwd` through `/proc/PID/root`.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use super::{ProcFs, ProcessError};
+
+/// What `/proc/PID` tells of a process when its resource is built.
+#[derive(Debug, Default)]
+pub struct ProcessFacts {
+    /// The kernel's command name (`comm`); empty when unreadable.
+    pub comm: String,
+    /// The real executable (`exe`); `None` without ptrace-read access.
+    pub exe: Option<PathBuf>,
+    /// The command line (`cmdline`), each argument read as UTF-8 (lossily).
+    pub args: Vec<String>,
+    /// The environment (`environ`): `NAME=value` entries separated by NULs; empty without
+    /// ptrace-read access.
+    pub environ: Vec<u8>,
+    /// The effective user (`status`), named as `ps` shows it: its name, else its uid.
+    pub owner: Option<String>,
+}
+
+impl ProcFs {
+    /// Reads what a resource needs of process `pid`. Only a process that is gone, or whose
+    /// `status` cannot be read, is an error: without access to the other files, less is known.
+    pub fn facts(&self, pid: u32) -> Result<ProcessFacts, ProcessError> {
+        let dir = self.dir(pid);
+        let read = |file: &'static str| -> Result<Vec<u8>, ProcessError> {
+            std::fs::read(dir.join(file)).map_err(|source| classify(pid, file, source, &dir))
+        };
+
+        // `status` is readable for every process: it tells whether the process still exists.
+        let status = read("status")?;
+        let status = String::from_utf8_lossy(&status);
+        let euid = status_uid(&status);
+        let comm = read("comm")
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .trim_end_matches('\n')
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        // exe and environ need ptrace-read access; without it we still produce a resource.
+        let exe = match std::fs::read_link(dir.join("exe")) {
+            Ok(path) => Some(strip_deleted(path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.exists() => {
+                return Err(ProcessError::Gone { pid });
+            }
+            Err(_) => None,
+        };
+        let cmdline = read("cmdline").unwrap_or_default();
+        let environ = read("environ").unwrap_or_default();
+
+        let args = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let owner = euid.map(|uid| self.user_name(pid, uid).unwrap_or_else(|| uid.to_string()));
+        Ok(ProcessFacts {
+            comm,
+            exe,
+            args,
+            environ,
+            owner,
+        })
+    }
+
+    /// The command name (`comm`) as selection matches it; `None` when the process is gone or
+    /// the name is not UTF-8.
+    pub fn comm(&self, pid: u32) -> Option<String> {
+        std::fs::read_to_string(self.dir(pid).join("comm"))
+            .ok()
+            .map(|s| s.trim_end().to_string())
+    }
+
+    /// The real executable (`exe`), as selection matches it; `None` without ptrace-read access.
+    pub fn exe(&self, pid: u32) -> Option<PathBuf> {
+        std::fs::read_link(self.dir(pid).join("exe"))
+            .ok()
+            .map(strip_deleted)
+    }
+
+    /// The inodes of the sockets process `pid` holds open (`fd/N` → `socket:[INODE]`); none
+    /// without access to its file descriptors.
+    pub fn socket_inodes(&self, pid: u32) -> impl Iterator<Item = u64> {
+        std::fs::read_dir(self.dir(pid).join("fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+                link.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+    }
+
+    /// `/proc/PID/cgroup`: where the process runs (see `k8s::cgroup`). `None` when the process
+    /// is gone or the file unreadable.
+    pub fn cgroup(&self, pid: u32) -> Option<String> {
+        std::fs::read_to_string(self.dir(pid).join("cgroup")).ok()
+    }
+
+    /// The user name of `uid`, from the process's own `/etc/passwd` (it may live in a
+    /// container), then the host's.
+    fn user_name(&self, pid: u32, uid: u32) -> Option<String> {
+        let own = self.dir(pid).join("root/etc/passwd");
+        [own.as_path(), Path::new("/etc/passwd")]
+            .into_iter()
+            .find_map(|path| {
+                let text = read_regular_file(path, MAX_PASSWD_LEN)?;
+                passwd_lookup(&String::from_utf8_lossy(&text), uid)
+            })
+    }
+}
+
+fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> ProcessError {
+    // ESRCH: the process died between open and read.
+    let gone = source.kind() == io::ErrorKind::NotFound
+        || source.raw_os_error() == Some(libc::ESRCH)
+        || !dir.exists();
+    if gone {
+        ProcessError::Gone { pid }
+    } else {
+        ProcessError::Read { pid, file, source }
+    }
+}
+
+/// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
+fn strip_deleted(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => path,
+    }
+}
+
+/// Effective uid from `/proc/PID/status` (`Uid: real effective saved fs`), as `ps` shows it.
+fn status_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    let mut ids = line["Uid:".len()..].split_whitespace();
+    let real = ids.next()?;
+    ids.next().unwrap_or(real).parse().ok()
+}
+
+/// Longest `/etc/passwd` read.
+const MAX_PASSWD_LEN: u64 = 4 << 20;
+
+/// Reads at most `limit` bytes of a regular file. The file may belong to a traced container:
+/// a FIFO or device planted there must not block or flood the agent.
+fn read_regular_file(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(limit).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+fn passwd_lookup(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let id: u32 = fields.next()?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_that_is_a_fifo_is_not_read() {
+        let path = std::env::temp_dir().join(format!("agent-fifo-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let status = std::process::Command::new("mkfifo").arg(&path).status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED passwd_that_is_a_fifo_is_not_read: mkfifo is not available");
+            return;
+        }
+        // Would block forever with a plain open + read.
+        assert_eq!(read_regular_file(&path, 1024), None);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            read_regular_file(Path::new("/proc/self/status"), 1024).is_none_or(|b| b.len() <= 1024)
+        );
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let proc = ProcFs::host();
+        let me = std::process::id();
+        assert!(proc.exists(me));
+        assert!(proc.pids().contains(&me));
+        // Whatever this machine is, our own cgroup file parses (and says host on the CI VM).
+        assert!(proc.cgroup(me).is_some());
+        let exe = std::env::current_exe().expect("current_exe");
+        assert_eq!(proc.exe(me), Some(exe));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let inodes: Vec<u64> = proc.socket_inodes(me).collect();
+        assert!(
+            proc.tcp_sockets()
+                .iter()
+                .any(|s| s.local_port == port && inodes.contains(&s.inode)),
+            "listener on {port} not among our sockets {inodes:?}"
+        );
+    }
+
+    #[test]
+    fn looks_up_users_and_uids() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n";
+        assert_eq!(passwd_lookup(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_lookup(passwd, 33).as_deref(), Some("www-data"));
+        assert_eq!(passwd_lookup(passwd, 1000), None);
+        assert_eq!(
+            status_uid("Name:\tx\nUid:\t1000\t1001\t1000\t1000\nGid:\t0\n"),
+            Some(1001)
+        );
+    }
+}
