@@ -17,6 +17,7 @@ use agent_common::{
 use crate::{
     events::Event,
     idmap::IdMap,
+    kernel::propagation::RejoinCandidate,
     protocols::{
         Outputs, Stream, StreamReport,
         segment::{Direction, Role, Segment},
@@ -78,18 +79,7 @@ struct InjectState {
     lost: bool,
 }
 
-/// A parked socket that may rejoin the injector's map now (checked again against the kernel
-/// by the caller, which owns the maps).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RejoinCandidate {
-    pub pid: u32,
-    pub fd: u32,
-    pub sock_cookie: u64,
-    pub sk: u64,
-    pub writes: u64,
-}
-
-/// What became of a [`RejoinCandidate`].
+/// What became of a parked socket's [`RejoinCandidate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RejoinOutcome {
     /// Back in the injector's map.

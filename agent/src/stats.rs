@@ -1,9 +1,9 @@
-//! Counters for every noteworthy outcome. Anything that drops or rejects data counts it here;
+//! Counters for every noteworthy outcome, and the [`Metric`] record every counter of the agent
+//! (these, the kernel's, Kubernetes') is reported as (leaf module: `metrics/` reads it, the
+//! counters' owners fill it). Anything that drops or rejects data counts it here;
 //! the summary at shutdown, `--stats-interval` and `/metrics` report them (`metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::metrics::Metric;
 
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
@@ -159,6 +159,44 @@ mod tests {
         );
         for m in &all {
             assert!(!m.help.trim().is_empty(), "{} has no doc comment", m.name);
+        }
+    }
+}
+
+/// Counters only go up; gauges are a current value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One value the agent reports, under the name the summary prints (`http_exchanges`); the
+/// Prometheus name is derived from it (`ebpf_agent_http_exchanges_total`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    /// What is counted: the counter's doc comment (possibly over several source lines).
+    pub help: &'static str,
+    pub kind: Kind,
+    pub value: u64,
+}
+
+impl Metric {
+    pub const fn counter(name: &'static str, help: &'static str, value: u64) -> Self {
+        Self {
+            name,
+            help,
+            kind: Kind::Counter,
+            value,
+        }
+    }
+
+    pub const fn gauge(name: &'static str, help: &'static str, value: u64) -> Self {
+        Self {
+            name,
+            help,
+            kind: Kind::Gauge,
+            value,
         }
     }
 }

@@ -29,7 +29,7 @@ pub use filter::PodFilter;
 pub use resource::K8sResource;
 pub use store::Resolution;
 
-use crate::metrics::Metric;
+use crate::stats::Metric;
 use api::{ApiClient, SERVICE_ACCOUNT_DIR};
 use pods::{Pod, PodMeta};
 use store::PodStore;

@@ -12,7 +12,7 @@ use aya::{
 };
 use thiserror::Error;
 
-use crate::metrics::Metric;
+use crate::stats::Metric;
 
 #[derive(Debug, Error)]
 pub enum KernelError {

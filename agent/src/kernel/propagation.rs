@@ -19,7 +19,7 @@ use aya::{
 };
 
 use super::Attached;
-use crate::{idmap::IdMap, pipeline::RejoinCandidate, proc, spans::context::parse_traceparent};
+use crate::{idmap::IdMap, proc, spans::context::parse_traceparent};
 
 /// Where the agent mounts the unified cgroup hierarchy when the host has not (cgroup v1-only
 /// hosts): the sock_ops program attaches to its root, so every socket on the host passes it;
@@ -584,6 +584,17 @@ impl Injector {
     pub fn forget_process(&mut self, pid: u32) {
         self.pidfds.0.remove(&pid);
     }
+}
+
+/// A parked socket that may rejoin the injector's map now (checked again against the kernel
+/// by the caller, which owns the maps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejoinCandidate {
+    pub pid: u32,
+    pub fd: u32,
+    pub sock_cookie: u64,
+    pub sk: u64,
+    pub writes: u64,
 }
 
 /// pidfds of the processes whose sockets rejoin (opened once per process).

@@ -16,6 +16,7 @@ pub use health::AgentState;
 
 use std::{net::SocketAddr, sync::Arc};
 
+pub use crate::stats::{Kind, Metric};
 use crate::{export::ExportHandle, k8s::Kubernetes, kernel::KernelCounters, stats::Stats};
 
 /// `--metrics-address`: binds now (a taken port stops the agent before it attaches
@@ -54,44 +55,6 @@ pub fn publish(
         state.add_source(Box::new(move || k8s.counters()));
     }
     state.set_export(exporter.status());
-}
-
-/// Counters only go up; gauges are a current value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Counter,
-    Gauge,
-}
-
-/// One value the agent reports, under the name the summary prints (`http_exchanges`); the
-/// Prometheus name is derived from it (`ebpf_agent_http_exchanges_total`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Metric {
-    pub name: &'static str,
-    /// What is counted: the counter's doc comment (possibly over several source lines).
-    pub help: &'static str,
-    pub kind: Kind,
-    pub value: u64,
-}
-
-impl Metric {
-    pub const fn counter(name: &'static str, help: &'static str, value: u64) -> Self {
-        Self {
-            name,
-            help,
-            kind: Kind::Counter,
-            value,
-        }
-    }
-
-    pub const fn gauge(name: &'static str, help: &'static str, value: u64) -> Self {
-        Self {
-            name,
-            help,
-            kind: Kind::Gauge,
-            value,
-        }
-    }
 }
 
 /// The exit summary's counter lines: every counter with `verbose`, else the non-zero ones and
