@@ -25,16 +25,6 @@
 //! message heads (`lenient.rs` where httparse refuses them), `body.rs` follows bodies (length,
 //! chunked, until close), `matching.rs` pairs requests with responses into exchanges.
 
-// The span pipeline that consumes this parser is wired in separately; until then the binary
-// does not reach these items outside of tests.
-#![cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "consumed by the span pipeline, wired in by main.rs"
-    )
-)]
-
 mod body;
 mod head;
 mod lenient;
