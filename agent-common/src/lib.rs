@@ -247,8 +247,22 @@ pub struct KernelStats {
     /// Client requests whose forwarded trace id or request line matched several in-flight
     /// requests of the process: not linked.
     pub link_match_ambiguous: u64,
+    /// Client requests linked to the served request a runtime mechanism named when the
+    /// runtime wrote them (nginx: the request an upstream request is written for).
+    pub link_handoff: u64,
+    /// Client requests a runtime mechanism named a served request for that was no longer in
+    /// flight, unknown, too old or at its cap of children: not linked.
+    pub handoff_not_in_flight: u64,
+    /// Runtime probes that fired on memory they could not read or that was not what they
+    /// expected (an nginx request without its signature): no hand-off.
+    pub handoff_unreadable: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 200);
+const _: () = assert!(size_of::<KernelStats>() == 224);
+
+/// `RUNTIME_PIDS` flags: which runtime mechanism a process's probes serve.
+/// nginx: an upstream request is handed off to the request read on the client connection's fd,
+/// so the kernel indexes the process's served requests by fd.
+pub const RUNTIME_NGINX: u32 = 1;
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;

@@ -5,14 +5,14 @@
 //! was in flight on the thread (an event loop serving several): then nobody guesses.
 
 use agent_common::{
-    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, THREAD_FLAG_AMBIGUOUS,
-    THREAD_FLAG_ANSWERED, ThreadContext,
+    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_NGINX,
+    THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
-    maps::{count, emit, in_process_linking, max_children, max_trace_age_ns},
+    maps::{RUNTIME_PIDS, count, emit, in_process_linking, max_children, max_trace_age_ns},
 };
 
 /// The request each thread of a selected process is serving (thread id → context).
@@ -62,7 +62,44 @@ pub struct ServerRequest {
     has_trace: u32,
     line: u64,
     trace: u64,
+    ts_ns: u64,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    /// Client requests a runtime hand-off linked to it (bounded like a thread's).
+    children: u32,
+    _pad: u32,
 }
+
+/// The server socket each request was read from, by the process's fd for it, for processes
+/// whose runtime mechanism names a served request by its fd (`RUNTIME_NGINX`).
+#[map]
+static REQUESTS_BY_FD: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FdKey {
+    pid: u32,
+    fd: u32,
+}
+
+/// What a runtime probe said the thread is writing now (tid → hand-off): set when the runtime
+/// starts writing a client request for a served one, removed when that write returns.
+#[map]
+static HANDOFFS: LruHashMap<u32, Handoff> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Handoff {
+    pid: u32,
+    _pad: u32,
+    /// The served request's socket (0: the runtime named a request the kernel does not know).
+    server_cookie: u64,
+    ts_ns: u64,
+}
+
+/// A hand-off older than this was left by a thread that died inside the runtime's write
+/// (a write call takes microseconds): ignored.
+const HANDOFF_MAX_NS: u64 = 1_000_000_000;
 
 /// Requests each process served since its last client request (see `context::pure_server`).
 #[map]
@@ -89,7 +126,7 @@ pub fn random_id<const N: usize>() -> [u8; N] {
 /// A read on a socket by a selected thread: if it starts a request, choose the server span's
 /// ids, remember them for the thread and tell userspace (before the data event, same `ts`).
 #[inline(always)]
-pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, captured: u32) {
+pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8, captured: u32) {
     if !http_head::starts_request(buf, captured) {
         return;
     }
@@ -132,6 +169,12 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, ts: u64, buf: *const u8, capture
         remember(tid, cookie, ts, &ev);
         let line = http_head::line_hash(buf, head.line_end);
         note_inflight(pid, cookie, ts, &ev, line, incoming);
+        if RUNTIME_PIDS
+            .get_ptr(&pid)
+            .is_some_and(|f| unsafe { *f } & RUNTIME_NGINX != 0)
+        {
+            let _ = REQUESTS_BY_FD.insert(&FdKey { pid, fd }, &cookie, 0);
+        }
     }
     count(|c| c.server_contexts += 1);
     emit(ev);
@@ -158,6 +201,11 @@ fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, i
         has_trace: incoming as u32,
         line,
         trace: trace_hash(&ev.trace_id),
+        ts_ns: ts,
+        trace_id: ev.trace_id,
+        span_id: ev.span_id,
+        children: 0,
+        _pad: 0,
     };
     add_inflight(
         InflightKey {
@@ -369,6 +417,61 @@ pub enum Local {
     None,
 }
 
+/// A runtime probe: `tid` starts writing a client request for the request the process read on
+/// `fd` (whatever other requests its thread serves).
+#[inline(always)]
+pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
+    let server_cookie = REQUESTS_BY_FD
+        .get_ptr(&FdKey { pid, fd })
+        .map(|c| unsafe { *c })
+        .unwrap_or(0);
+    let h = Handoff {
+        pid,
+        _pad: 0,
+        server_cookie,
+        ts_ns: now,
+    };
+    let _ = HANDOFFS.insert(&tid, &h, 0);
+}
+
+/// The runtime's write returned.
+#[inline(always)]
+pub fn end_hand_off(tid: u32) {
+    let _ = HANDOFFS.remove(&tid);
+}
+
+/// What a runtime probe says the client request `tid` writes now belongs to: `None` when no
+/// probe spoke (other evidence decides); `Some(None)` when it named a request that is not in
+/// flight (answered, unknown, too old, at its cap): unlinked, never another request.
+#[inline(always)]
+fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
+    let h = HANDOFFS.get_ptr(&tid)?;
+    let h = unsafe { *h };
+    if h.pid != pid || now.saturating_sub(h.ts_ns) >= HANDOFF_MAX_NS {
+        return None;
+    }
+    let named = if h.server_cookie == 0 {
+        None
+    } else {
+        SERVER_REQUESTS.get_ptr_mut(&h.server_cookie)
+    };
+    let Some(r) = named else {
+        count(|c| c.handoff_not_in_flight += 1);
+        return Some(None);
+    };
+    let r = unsafe { &mut *r };
+    if r.pid != pid
+        || now.saturating_sub(r.ts_ns) >= max_trace_age_ns()
+        || r.children >= max_children()
+    {
+        count(|c| c.handoff_not_in_flight += 1);
+        return Some(None);
+    }
+    r.children += 1;
+    count(|c| c.link_handoff += 1);
+    Some(Some((r.trace_id, r.span_id)))
+}
+
 /// The server span a client request sent now by `tid` belongs to, as far as the thread tells.
 #[inline(always)]
 pub fn serving(tid: u32, now: u64) -> Local {
@@ -394,7 +497,8 @@ pub fn serving(tid: u32, now: u64) -> Local {
     Local::Serving(ctx.trace_id, ctx.span_id)
 }
 
-/// The request a client request sent now belongs to: the thread's, else — on a thread that
+/// The request a client request sent now belongs to: the one a runtime probe named, else the
+/// thread's, else — on a thread that
 /// serves requests but cannot tell which — the one in-flight request of the process whose
 /// trace id the call forwards (`forwarded`) or, for a call without one, whose method and
 /// target it forwards (`line`, a proxy). A thread that never served a request gets no match
@@ -407,6 +511,12 @@ pub fn belongs_to(
     forwarded: Option<&[u8; 16]>,
     line: impl FnOnce() -> u64,
 ) -> Option<([u8; 16], [u8; 8])> {
+    if !in_process_linking() {
+        return None;
+    }
+    if let Some(named) = handed_off(pid, tid, now) {
+        return named;
+    }
     match serving(tid, now) {
         Local::Serving(t, s) => Some((t, s)),
         Local::Unknown => inflight_match(pid, now, forwarded, forwarded.map_or_else(line, |_| 0)),

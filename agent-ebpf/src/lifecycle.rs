@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, offsets, selected_tgid, trace_all,
+    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, offsets,
+    selected_tgid, trace_all,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -146,6 +147,7 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
     if !trace_all() {
         let _ = SELECTED.remove(&tgid);
     }
+    let _ = RUNTIME_PIDS.remove(&tgid);
     0
 }
 
@@ -153,7 +155,11 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
 /// kernel, so a pre-forked worker or a PostgreSQL backend is traced from its first byte.
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn agent_process_fork(ctx: BtfTracePointContext) -> i32 {
-    if trace_all() || selected_tgid().is_none() {
+    let Some((parent, _)) = selected_tgid() else {
+        return 0;
+    };
+    let runtime = RUNTIME_PIDS.get_ptr(&parent).map(|f| unsafe { *f });
+    if trace_all() && runtime.is_none() {
         return 0;
     }
     let child: u64 = ctx.arg(1);
@@ -170,6 +176,13 @@ pub fn agent_process_fork(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let child_pid = pid as u32;
+    // Same program, same runtime probes (nginx's workers are forked by its master).
+    if let Some(flags) = runtime {
+        let _ = RUNTIME_PIDS.insert(&child_pid, &flags, 0);
+    }
+    if trace_all() {
+        return 0;
+    }
     if SELECTED.insert(&child_pid, &1, 0).is_err() {
         return 0;
     }

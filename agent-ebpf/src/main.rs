@@ -14,6 +14,7 @@ mod http_head;
 mod inject;
 mod lifecycle;
 mod maps;
+mod nginx;
 mod sockets;
 
 #[cfg(not(test))]

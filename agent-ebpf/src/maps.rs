@@ -83,6 +83,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static SELECTED: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
+/// Processes whose runtime a mechanism's probes serve (tgid → `RUNTIME_*` flags), set by
+/// userspace when it attaches them, inherited by forked children (nginx's workers).
+#[map]
+pub static RUNTIME_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
 /// Exact command names to select at exec (`--comm` without glob characters), NUL-padded to
 /// the kernel's 16 bytes: a matching program is traced from its first instruction, before
 /// userspace could react to its exec event.

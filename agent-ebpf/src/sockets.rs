@@ -314,6 +314,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                 tgid,
                 tid,
                 cookie,
+                scratch.header.fd,
                 scratch.header.ts_ns,
                 scratch.payload.as_ptr(),
                 captured as u32,

@@ -216,6 +216,16 @@ pub struct Cli {
     /// the child of the caller's client span even without a header (PostgreSQL, TLS later).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub same_host_pairing: Switch,
+    /// Runtime mechanisms: probes inside selected programs that tell which served request a
+    /// client request is written for (list; `none` turns them all off).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nginx",
+        value_name = "nginx|none"
+    )]
+    pub runtime_linking: Vec<crate::runtimes::Mechanism>,
     /// A trace adopted from a long-lived connection stops growing after this many spans from
     /// this agent; later requests start new traces.
     #[arg(long, default_value_t = 1000, value_name = "SPANS", value_parser = number_in(1, MAX_SPANS))]

@@ -15,12 +15,13 @@ use crate::{
     events,
     export::ExportHandle,
     kernel::{
-        KernelCounters,
+        KernelCounters, Probes,
         propagation::{Injector, Rejoin},
     },
     metrics::{self, AgentState, Metric},
     pipeline::{Pipeline, ProcessChange, RejoinOutcome},
     resources::Resources,
+    runtimes::Runtimes,
     selection::Selector,
     spans::context::Clock,
     stats::Stats,
@@ -28,6 +29,10 @@ use crate::{
 
 pub struct LoopConfig {
     pub events: RingBuf<MapData>,
+    /// The kernel programs: held until the loop ends (dropping them detaches them), and used
+    /// to attach runtime probes as processes are selected.
+    pub probes: Probes,
+    pub runtimes: Runtimes,
     pub counters: Arc<KernelCounters>,
     pub selector: Selector,
     pub resources: Resources,
@@ -68,6 +73,8 @@ const BEAT_EVERY: u64 = 1024;
 pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric>) {
     let LoopConfig {
         mut events,
+        mut probes,
+        mut runtimes,
         counters,
         mut selector,
         resources,
@@ -113,7 +120,12 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
                         {
                             injector.forget_process(*pid);
                         }
-                        apply(change, &mut selector, &mut pipeline, &stats);
+                        let mut procs = Processes {
+                            selector: &mut selector,
+                            runtimes: &mut runtimes,
+                            probes: &mut probes,
+                        };
+                        apply(change, &mut procs, &mut pipeline, &stats);
                     }
                 }
                 Err(err) => {
@@ -145,12 +157,14 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
             for (pid, comm) in selector.poll_kubernetes() {
                 log::info!("selected {comm}[{pid}] (its pod is now known)");
                 Stats::add(&stats.processes_selected, 1);
+                attach_runtime(&mut runtimes, &mut probes, pid, &comm, &stats);
             }
         }
         if !selector.traces_all() && last_scan.elapsed() >= RESCAN {
             for (pid, comm) in selector.scan() {
                 log::info!("selected {comm}[{pid}]");
                 Stats::add(&stats.processes_selected, 1);
+                attach_runtime(&mut runtimes, &mut probes, pid, &comm, &stats);
             }
             last_scan = Instant::now();
         }
@@ -179,21 +193,32 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
     (exporter, counters.snapshot())
 }
 
+/// What follows the processes: which are traced, and the runtime probes they need.
+struct Processes<'a> {
+    selector: &'a mut Selector,
+    runtimes: &'a mut Runtimes,
+    probes: &'a mut Probes,
+}
+
 fn apply(
     change: ProcessChange,
-    selector: &mut Selector,
+    procs: &mut Processes<'_>,
     pipeline: &mut Pipeline<ExportHandle>,
     stats: &Stats,
 ) {
+    let selector = &mut *procs.selector;
     match change {
         ProcessChange::Exec { pid, comm } => {
             let newly = !selector.traces_all() && !selector.selected().contains_key(&pid);
+            // A new program in the same process: its old program's probes no longer apply.
+            procs.runtimes.on_exit(pid);
             if selector.on_exec(pid, &comm) {
                 if newly {
                     log::info!("selected {comm}[{pid}] (started after the agent)");
                     Stats::add(&stats.processes_selected, 1);
                 }
                 pipeline.preload(pid);
+                attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
             }
         }
         ProcessChange::Fork { pid, comm } => {
@@ -202,8 +227,26 @@ fn apply(
                 Stats::add(&stats.processes_selected, 1);
             }
             pipeline.preload(pid);
+            attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
         }
-        ProcessChange::Exit { pid } => selector.on_exit(pid),
+        ProcessChange::Exit { pid } => {
+            selector.on_exit(pid);
+            procs.runtimes.on_exit(pid);
+        }
+    }
+}
+
+/// A process is newly traced: its runtime mechanism, if one applies, says so in the log.
+fn attach_runtime(
+    runtimes: &mut Runtimes,
+    probes: &mut Probes,
+    pid: u32,
+    comm: &str,
+    stats: &Stats,
+) {
+    let outcome = runtimes.on_selected(probes, pid, stats);
+    if outcome.applies() {
+        log::info!("runtime linking: {comm}[{pid}]: {outcome}");
     }
 }
 

@@ -16,6 +16,7 @@ mod proc;
 mod protocols;
 mod redact;
 mod resources;
+mod runtimes;
 mod selection;
 mod spans;
 mod stats;
@@ -193,11 +194,40 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }
     }
 
+    let runtime_pids = match &probes.runtime_programs_failed {
+        None => Some(probes.take_runtime_pids()?),
+        Some(why) => {
+            eprintln!("agent: runtime linking: off: its kernel programs did not load: {why}");
+            None
+        }
+    };
+    let mut runtimes = runtimes::Runtimes::new(&cli.runtime_linking, runtime_pids);
+    if runtimes.is_on() {
+        let pids: Vec<(u32, String)> = if selector.traces_all() {
+            runtimes.candidates()
+        } else {
+            let mut pids: Vec<_> = selector
+                .selected()
+                .iter()
+                .map(|(p, c)| (*p, c.clone()))
+                .collect();
+            pids.sort_unstable();
+            pids
+        };
+        for (pid, comm) in pids {
+            let outcome = runtimes.on_selected(&mut probes, pid, &stats);
+            if !selector.traces_all() || outcome.applies() {
+                eprintln!("agent: runtime linking: {comm}[{pid}]: {outcome}");
+            }
+        }
+    }
     let kernel_counters = Arc::new(probes.take_counters()?);
     metrics::publish(&state, &kernel_counters, &stats, k8s.as_ref(), &exporter);
     let stop = Arc::new(AtomicBool::new(false));
+    let injector = probes.take_injector();
     let loop_cfg = event_loop::LoopConfig {
         events: probes.take_events()?,
+        probes,
         counters: kernel_counters,
         selector,
         resources: resources::Resources::new(resources::host_name()).with_kubernetes(k8s.clone()),
@@ -208,7 +238,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         state: state.clone(),
         ignored_ports,
         raw_db_query: cli.db_raw_query,
-        injector: probes.take_injector(),
+        injector,
+        runtimes,
         correlation: event_loop::Correlation {
             in_process_linking: cli.in_process_linking.is_on(),
             same_host_pairing: cli.same_host_pairing.is_on(),
@@ -229,7 +260,6 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let (exporter, kernel_counts) = worker
         .join()
         .map_err(|_| anyhow::anyhow!("the event thread panicked"))?;
-    drop(probes);
     let summary = exporter.shutdown().await;
     kernel::environment::restore(&env);
 

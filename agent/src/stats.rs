@@ -119,6 +119,12 @@ counters! {
     export_errors,
     /// Processes selected for tracing.
     processes_selected,
+    /// Selected processes whose runtime mechanism's probes are attached (see
+    /// `--runtime-linking`).
+    runtime_processes,
+    /// Selected processes a runtime mechanism applies to whose probes could not be attached
+    /// (the start-up report or the log says why).
+    runtime_attach_failed,
     /// Requests answered on --metrics-address (any path and method).
     metrics_requests,
     /// Requests on --metrics-address refused: malformed (400), head too large (431), too slow

@@ -8,7 +8,10 @@ use agent_common::{KernelStats, MAX_CAPTURE};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, TracePoint, UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 use thiserror::Error;
 
@@ -75,7 +78,16 @@ pub struct Probes {
     canary_counts: KernelStats,
     /// The injector is attached and passed its canary.
     injecting: bool,
+    /// Why the runtime mechanisms' programs could not be loaded (none then attach).
+    pub runtime_programs_failed: Option<String>,
 }
+
+/// The uprobe programs of the runtime mechanisms (see `runtimes`): loaded at start, attached
+/// to a program file when a selected process runs it.
+const RUNTIME_UPROBES: &[&str] = &[
+    "agent_nginx_upstream_write",
+    "agent_nginx_upstream_write_done",
+];
 
 const TP_BTF: &[(&str, &str)] = &[
     ("agent_sock_recv", "sock_recv_length"),
@@ -205,6 +217,10 @@ impl Probes {
             }
         }
         let injecting = opts.context_propagation && propagation_failed.is_none();
+        let runtime_programs_failed = RUNTIME_UPROBES
+            .iter()
+            .find_map(|&name| load_uprobe(&mut ebpf, name).err())
+            .map(|e| e.to_string());
         Ok(Self {
             ebpf,
             attached,
@@ -213,7 +229,45 @@ impl Probes {
             parking,
             canary_counts,
             injecting,
+            runtime_programs_failed,
         })
+    }
+
+    /// Attaches a loaded runtime uprobe at `symbol` of the program file `target`, for every
+    /// process that runs it; dropping the link detaches it.
+    pub fn attach_uprobe(
+        &mut self,
+        name: &'static str,
+        target: &std::path::Path,
+        symbol: &str,
+    ) -> Result<UprobeAttachment, KernelError> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| program_error(name, "is not a uprobe program", source))?;
+        let what = || format!("attaching to {symbol} in {}", target.display());
+        let id = prog
+            .attach([symbol], target, UProbeScope::AllProcesses)
+            .map_err(|source| program_error(name, &what(), source))?;
+        prog.take_link(id)
+            .map(|link| UprobeAttachment { _link: link })
+            .map_err(|source| program_error(name, &what(), source))
+    }
+
+    /// The map of processes served by runtime probes (taken once, by the runtimes).
+    pub fn take_runtime_pids(&mut self) -> Result<RuntimePids, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("RUNTIME_PIDS")
+            .ok_or(KernelError::MissingMap("RUNTIME_PIDS"))?;
+        HashMap::try_from(map)
+            .map(RuntimePids)
+            .map_err(|source| KernelError::Map {
+                name: "RUNTIME_PIDS",
+                source,
+            })
     }
 
     /// The ring buffer all events arrive on (taken once, by the event loop).
@@ -278,6 +332,40 @@ impl Probes {
             canary_counts: self.canary_counts,
         })
     }
+}
+
+/// A runtime uprobe attached to a program file: dropping it detaches the probe.
+pub struct UprobeAttachment {
+    _link: UProbeLink,
+}
+
+/// `RUNTIME_PIDS`: the processes a runtime mechanism's probes serve, with its flags.
+pub struct RuntimePids(HashMap<MapData, u32, u32>);
+
+impl RuntimePids {
+    pub fn mark(&mut self, pid: u32, flags: u32) -> Result<(), KernelError> {
+        self.0
+            .insert(&pid, &flags, 0)
+            .map_err(|source| KernelError::Map {
+                name: "RUNTIME_PIDS",
+                source,
+            })
+    }
+
+    /// The kernel removes an exiting process itself; this is for a process no longer served.
+    pub fn unmark(&mut self, pid: u32) {
+        let _ = self.0.remove(&pid);
+    }
+}
+
+fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| program_error(name, "is not a uprobe program", source))?;
+    prog.load()
+        .map_err(|source| program_error(name, "loading", source))
 }
 
 fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) -> KernelError {
@@ -359,6 +447,9 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.link_forwarded_trace += c.link_forwarded_trace;
     sum.link_request_line += c.link_request_line;
     sum.link_match_ambiguous += c.link_match_ambiguous;
+    sum.link_handoff += c.link_handoff;
+    sum.handoff_not_in_flight += c.handoff_not_in_flight;
+    sum.handoff_unreadable += c.handoff_unreadable;
 }
 
 impl KernelCounters {
@@ -510,6 +601,24 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Client requests whose forwarded trace id or request line matched several in-flight \
              requests of the process: not linked.",
             s.link_match_ambiguous,
+        ),
+        Metric::counter(
+            "kernel_link_handoff",
+            "Client requests linked to the served request a runtime mechanism named when the \
+             runtime wrote them (nginx: the request an upstream request is written for).",
+            s.link_handoff,
+        ),
+        Metric::counter(
+            "kernel_handoff_not_in_flight",
+            "Client requests a runtime mechanism named a served request for that was no longer \
+             in flight, unknown, too old or at its cap of children: not linked.",
+            s.handoff_not_in_flight,
+        ),
+        Metric::counter(
+            "kernel_handoff_unreadable",
+            "Runtime probes that fired on memory they could not read or that was not what they \
+             expected (an nginx request without its signature): no hand-off.",
+            s.handoff_unreadable,
         ),
     ]
 }

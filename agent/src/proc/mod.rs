@@ -21,7 +21,7 @@ mod system;
 
 use std::{io, path::PathBuf};
 
-pub use process::ProcessFacts;
+pub use process::{Executable, ProcessFacts};
 pub use system::{hostname, kernel_release, own_mountinfo, own_status};
 
 #[derive(Debug, thiserror::Error)]

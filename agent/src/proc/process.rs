@@ -24,6 +24,17 @@ pub struct ProcessFacts {
     pub owner: Option<String>,
 }
 
+/// A process's program file: `path` (`/proc/PID/exe`) opens it from here whatever mount
+/// namespace the process runs in, and uprobes attached through it land on its inode; `dev` and
+/// `ino` identify the file; `name` is the path the process sees (for messages).
+#[derive(Debug, Clone)]
+pub struct Executable {
+    pub dev: u64,
+    pub ino: u64,
+    pub path: PathBuf,
+    pub name: String,
+}
+
 impl ProcFs {
     /// Reads what a resource needs of process `pid`. Only a process that is gone, or whose
     /// `status` cannot be read, is an error: without access to the other files, less is known.
@@ -83,6 +94,23 @@ impl ProcFs {
         std::fs::read_link(self.dir(pid).join("exe"))
             .ok()
             .map(strip_deleted)
+    }
+
+    /// The program file process `pid` runs, as the kernel holds it (see [`Executable`]);
+    /// `None` when the process is gone or its `exe` link cannot be followed.
+    pub fn executable(&self, pid: u32) -> Option<Executable> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir(pid).join("exe");
+        let meta = std::fs::metadata(&path).ok()?;
+        let name = std::fs::read_link(&path)
+            .map(|p| strip_deleted(p).display().to_string())
+            .unwrap_or_else(|_| path.display().to_string());
+        Some(Executable {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path,
+            name,
+        })
     }
 
     /// The inodes of the sockets process `pid` holds open (`fd/N` → `socket:[INODE]`); none

@@ -1,0 +1,83 @@
+//! nginx: which client request an upstream request is written for.
+//!
+//! An nginx worker serves many requests on one thread, so the thread cannot tell which of
+//! them an upstream request belongs to. nginx can: every upstream request is written through
+//! `ngx_chain_writer(ctx, in)` (exported: dynamic modules link against it), and the upstream
+//! connection it writes to names its request (`c->data == r`, set when nginx connects the
+//! upstream), whose client connection has the fd the request was read on. A uprobe at its
+//! entry hands the thread's writes off to that request; a uretprobe ends the hand-off.
+//!
+//! The three reads use the leading fields of nginx's core structs, unchanged since nginx 1.0
+//! (checked on Debian's 1.22.1 with gdb): `ngx_chain_writer_ctx_t { out, last, connection }`,
+//! `ngx_connection_t { data, read, write, fd }`, `ngx_http_request_t { signature, connection }`
+//! with `signature == "HTTP"`, which guards against anything else in `c->data` (a stream or
+//! mail module's session): no signature, no hand-off (counted).
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, generated::bpf_ktime_get_ns},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    context,
+    maps::{count, selected_tgid},
+};
+
+/// `ngx_chain_writer_ctx_t.connection`.
+const WRITER_CONNECTION: u64 = 16;
+/// `ngx_connection_t.data` (the request, for an upstream connection of the http module).
+const CONNECTION_DATA: u64 = 0;
+/// `ngx_connection_t.fd`.
+const CONNECTION_FD: u64 = 24;
+/// `ngx_http_request_t.signature`, and its value `NGX_HTTP_MODULE` ("HTTP").
+const REQUEST_SIGNATURE: u64 = 0;
+const HTTP_SIGNATURE: u32 = 0x5054_5448;
+/// `ngx_http_request_t.connection` (the client connection).
+const REQUEST_CONNECTION: u64 = 8;
+
+#[inline(always)]
+fn read<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_user(addr as *const T).ok() }
+}
+
+/// The fd of the client connection whose request the writer `ctx` writes upstream.
+#[inline(always)]
+fn client_fd(writer: u64) -> Option<u32> {
+    let upstream: u64 = read(writer + WRITER_CONNECTION)?;
+    let request: u64 = read(upstream + CONNECTION_DATA)?;
+    let signature: u32 = read(request + REQUEST_SIGNATURE)?;
+    if signature != HTTP_SIGNATURE {
+        return None;
+    }
+    let client: u64 = read(request + REQUEST_CONNECTION)?;
+    let fd: i32 = read(client + CONNECTION_FD)?;
+    (fd >= 0).then_some(fd as u32)
+}
+
+#[uprobe]
+pub fn agent_nginx_upstream_write(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = selected_tgid() else {
+        return 0;
+    };
+    let writer: u64 = ctx.arg(0).unwrap_or(0);
+    match client_fd(writer) {
+        Some(fd) => context::hand_off_fd(pid, tid, fd, unsafe { bpf_ktime_get_ns() }),
+        None => {
+            context::end_hand_off(tid);
+            count(|c| c.handoff_unreadable += 1);
+        }
+    }
+    0
+}
+
+#[uretprobe]
+pub fn agent_nginx_upstream_write_done(_ctx: RetProbeContext) -> u32 {
+    if let Some((_, tid)) = selected_tgid() {
+        context::end_hand_off(tid);
+    }
+    0
+}

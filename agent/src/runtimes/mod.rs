@@ -1,0 +1,250 @@
+//! Runtime mechanisms: probes inside a traced program that tell the kernel which served request
+//! a client request is written for, where the thread cannot tell (an event loop serving many).
+//!
+//! Each selected process's executable is inspected once per file (device, inode); when a
+//! mechanism applies, its uprobes are attached to that file (they fire for every process
+//! running it; the kernel programs act only for selected ones) and the process is marked in
+//! `RUNTIME_PIDS` (its forked children inherit the mark in the kernel). The probes stay while a
+//! selected process runs the file and are detached after the last one exits.
+
+mod nginx;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+};
+
+use clap::ValueEnum;
+
+use crate::{
+    kernel::{Probes, RuntimePids, UprobeAttachment},
+    proc::{Executable, ProcFs},
+    stats::Stats,
+};
+
+/// A runtime mechanism (`--runtime-linking`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Mechanism {
+    /// nginx: an upstream request belongs to the request whose client connection it is
+    /// written for (uprobes on `ngx_chain_writer`).
+    Nginx,
+    /// No runtime mechanism.
+    None,
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mechanism::Nginx => "nginx upstream hand-off",
+            Mechanism::None => "none",
+        })
+    }
+}
+
+/// The kernel programs and where a mechanism attaches them in a program file.
+struct Plan {
+    mechanism: Mechanism,
+    flags: u32,
+    /// (program, symbol) pairs.
+    probes: &'static [(&'static str, &'static str)],
+}
+
+/// What became of a selected process, for the start-up report and the log.
+pub enum Outcome {
+    /// The mechanism's probes are on the process's program file.
+    Attached { mechanism: Mechanism, file: String },
+    /// A mechanism applies but could not attach: why.
+    Failed { mechanism: Mechanism, why: String },
+    /// Switched off by `--runtime-linking`.
+    Disabled { mechanism: Mechanism },
+    /// No mechanism for this program (not nginx), or its file could not be read: why.
+    NotApplicable(String),
+}
+
+impl Outcome {
+    /// A mechanism applies to the process (attached or not).
+    pub fn applies(&self) -> bool {
+        !matches!(self, Outcome::NotApplicable(_))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Attached { mechanism, file } => write!(f, "{mechanism}: attached ({file})"),
+            Outcome::Failed { mechanism, why } => write!(f, "{mechanism}: not attached: {why}"),
+            Outcome::Disabled { mechanism } => {
+                write!(f, "{mechanism}: applies, switched off by --runtime-linking")
+            }
+            Outcome::NotApplicable(why) => write!(f, "no runtime mechanism ({why})"),
+        }
+    }
+}
+
+/// One program file with probes on it.
+struct AttachedFile {
+    /// Held for the probes' lifetime: dropping a link detaches it.
+    _probes: Vec<UprobeAttachment>,
+    users: HashSet<u32>,
+}
+
+/// (device, inode) of a program file.
+type FileId = (u64, u64);
+
+pub struct Runtimes {
+    enabled: HashSet<Mechanism>,
+    proc: ProcFs,
+    /// `RUNTIME_PIDS` (absent when the kernel programs could not be loaded).
+    pids: Option<RuntimePids>,
+    /// Files inspected: the plan that applies, if any, or why none does.
+    inspected: HashMap<FileId, Result<&'static Plan, String>>,
+    attached: HashMap<FileId, AttachedFile>,
+    by_pid: HashMap<u32, FileId>,
+}
+
+impl Runtimes {
+    pub fn new(enabled: &[Mechanism], pids: Option<RuntimePids>) -> Self {
+        Self {
+            enabled: enabled
+                .iter()
+                .copied()
+                .filter(|m| *m != Mechanism::None)
+                .collect(),
+            proc: ProcFs::host(),
+            pids,
+            inspected: HashMap::new(),
+            attached: HashMap::new(),
+            by_pid: HashMap::new(),
+        }
+    }
+
+    /// Whether any mechanism is on and its kernel programs loaded.
+    pub fn is_on(&self) -> bool {
+        !self.enabled.is_empty() && self.pids.is_some()
+    }
+
+    /// Every process on the host with its command name (tracing all processes).
+    pub fn candidates(&self) -> Vec<(u32, String)> {
+        let own = std::process::id();
+        let mut pids = self.proc.pids();
+        pids.sort_unstable();
+        pids.into_iter()
+            .filter(|&p| p != own)
+            .filter_map(|p| Some((p, self.proc.comm(p)?)))
+            .collect()
+    }
+
+    /// A process is selected (or forked by a selected one): attach what its program needs.
+    pub fn on_selected(&mut self, probes: &mut Probes, pid: u32, stats: &Stats) -> Outcome {
+        if self.enabled.is_empty() {
+            return Outcome::NotApplicable("--runtime-linking none".into());
+        }
+        if self.pids.is_none() {
+            return Outcome::NotApplicable("the runtime probes did not load".into());
+        }
+        if self.by_pid.contains_key(&pid) {
+            return Outcome::NotApplicable("already handled".into());
+        }
+        let Some(exe) = self.proc.executable(pid) else {
+            return Outcome::NotApplicable("its program file cannot be read".into());
+        };
+        let id = (exe.dev, exe.ino);
+        let plan = match self
+            .inspected
+            .entry(id)
+            .or_insert_with(|| inspect(&exe))
+            .clone()
+        {
+            Ok(plan) => plan,
+            Err(why) => return Outcome::NotApplicable(why),
+        };
+        if !self.enabled.contains(&plan.mechanism) {
+            return Outcome::Disabled {
+                mechanism: plan.mechanism,
+            };
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.attached.entry(id) {
+            match attach(probes, plan, &exe) {
+                Ok(probes) => {
+                    slot.insert(AttachedFile {
+                        _probes: probes,
+                        users: HashSet::new(),
+                    });
+                }
+                Err(why) => {
+                    Stats::add(&stats.runtime_attach_failed, 1);
+                    return Outcome::Failed {
+                        mechanism: plan.mechanism,
+                        why,
+                    };
+                }
+            }
+        }
+        if let Some(map) = self.pids.as_mut()
+            && let Err(e) = map.mark(pid, plan.flags)
+        {
+            Stats::add(&stats.runtime_attach_failed, 1);
+            return Outcome::Failed {
+                mechanism: plan.mechanism,
+                why: format!("cannot mark the process for its probes: {e}"),
+            };
+        }
+        if let Some(file) = self.attached.get_mut(&id) {
+            file.users.insert(pid);
+        }
+        self.by_pid.insert(pid, id);
+        Stats::add(&stats.runtime_processes, 1);
+        Outcome::Attached {
+            mechanism: plan.mechanism,
+            file: exe.name,
+        }
+    }
+
+    /// A process exited: the last one running a file takes the file's probes with it.
+    pub fn on_exit(&mut self, pid: u32) {
+        let Some(id) = self.by_pid.remove(&pid) else {
+            return;
+        };
+        if let Some(map) = self.pids.as_mut() {
+            map.unmark(pid);
+        }
+        let Some(file) = self.attached.get_mut(&id) else {
+            return;
+        };
+        file.users.remove(&pid);
+        if file.users.is_empty() {
+            // Dropping the links detaches the probes.
+            self.attached.remove(&id);
+        }
+    }
+}
+
+/// Which mechanism a program file needs, from its symbols.
+fn inspect(exe: &Executable) -> Result<&'static Plan, String> {
+    let data =
+        std::fs::File::open(&exe.path).map_err(|e| format!("cannot read {}: {e}", exe.name))?;
+    // Read on demand: only the headers and symbol tables of a possibly large program.
+    let data = object::read::ReadCache::new(data);
+    let file = object::File::parse(&data)
+        .map_err(|e| format!("{} is not an ELF file we can read: {e}", exe.name))?;
+    if nginx::applies(&file) {
+        return Ok(&nginx::PLAN);
+    }
+    Err("not nginx".into())
+}
+
+fn attach(
+    probes: &mut Probes,
+    plan: &Plan,
+    exe: &Executable,
+) -> Result<Vec<UprobeAttachment>, String> {
+    let mut links = Vec::new();
+    for &(program, symbol) in plan.probes {
+        match probes.attach_uprobe(program, &exe.path, symbol) {
+            Ok(link) => links.push(link),
+            // The links attached so far are dropped (detached) with `links`.
+            Err(e) => return Err(format!("{program} on {symbol}: {e}")),
+        }
+    }
+    Ok(links)
+}
