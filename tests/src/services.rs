@@ -202,6 +202,16 @@ pub const NGINX_PROXY_PORT: u16 = 8080;
 
 impl NginxProxy {
     pub fn start(host: &Host, upstream_ip: Ipv4Addr, upstream_port: u16) -> NginxProxy {
+        Self::start_with(host, upstream_ip, upstream_port, "")
+    }
+
+    /// With extra directives in the proxied location (e.g. a rewrite of what goes upstream).
+    pub fn start_with(
+        host: &Host,
+        upstream_ip: Ipv4Addr,
+        upstream_port: u16,
+        location: &str,
+    ) -> NginxProxy {
         let dir = TestDir::new("nginx-proxy");
         let prefix = dir.path();
         fs::create_dir_all(prefix.join("tmp")).expect("create nginx tmp dir");
@@ -214,7 +224,8 @@ impl NginxProxy {
             template
                 .replace("@PREFIX@", &prefix.display().to_string())
                 .replace("@LISTEN@", &format!("{}:{port}", host.ip()))
-                .replace("@UPSTREAM@", &format!("{upstream_ip}:{upstream_port}")),
+                .replace("@UPSTREAM@", &format!("{upstream_ip}:{upstream_port}"))
+                .replace("@LOCATION@", location),
         )
         .expect("write nginx.conf");
         let mut cmd = host.command(nginx_bin());
@@ -345,6 +356,8 @@ pub struct SdkServerSpan {
     /// `None` when the request carried no (valid) context.
     pub parent_id: Option<String>,
     pub traceparents: Vec<String>,
+    /// The `X-Origin-Uri` header (a proxy's incoming request), if any.
+    pub origin: Option<String>,
 }
 
 impl SdkServer {
@@ -396,6 +409,7 @@ impl SdkServer {
                     traceparents: opt("traceparent")
                         .map(|v| v.split('|').map(str::to_string).collect())
                         .unwrap_or_default(),
+                    origin: opt("origin"),
                 })
             })
             .collect()
