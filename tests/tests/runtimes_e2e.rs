@@ -42,19 +42,33 @@ struct Verdict {
     linked: bool,
     /// The oracle received this request's trace, with that CLIENT span as its parent.
     complete: bool,
+    /// The traced callee's SERVER span is the child of that CLIENT span, in this request's trace
+    /// (only when the callee is traced).
+    callee_linked: bool,
     /// Something was attached to ANOTHER request (the one thing that must never happen).
     mislink: Option<String>,
 }
 
-fn judge(
-    id: usize,
-    server: &ReceivedSpan,
-    clients_by_parent: &BTreeMap<&str, Vec<&ReceivedSpan>>,
-    clients_by_id: &BTreeMap<&str, &ReceivedSpan>,
-    server_of_span: &BTreeMap<&str, usize>,
-    server_of_trace: &BTreeMap<&str, usize>,
-    oracle: Option<&SdkServerSpan>,
-) -> Verdict {
+/// The agent's spans, indexed for judging.
+struct Index<'a> {
+    /// nginx's upstream CLIENT spans by parent span id, and by their own id.
+    clients_by_parent: BTreeMap<&'a str, Vec<&'a ReceivedSpan>>,
+    clients_by_id: BTreeMap<&'a str, &'a ReceivedSpan>,
+    /// The traced callee's SERVER spans by parent span id.
+    callees_by_parent: BTreeMap<&'a str, Vec<&'a ReceivedSpan>>,
+    /// Which request each nginx SERVER span (by span id, by trace id) was.
+    server_of_span: BTreeMap<&'a str, usize>,
+    server_of_trace: BTreeMap<&'a str, usize>,
+}
+
+fn judge(ix: &Index<'_>, id: usize, server: &ReceivedSpan, oracle: &SdkServerSpan) -> Verdict {
+    let Index {
+        clients_by_parent,
+        clients_by_id,
+        callees_by_parent,
+        server_of_span,
+        server_of_trace,
+    } = ix;
     let mut v = Verdict::default();
     let children = clients_by_parent
         .get(server.span_id.as_str())
@@ -66,15 +80,17 @@ fn judge(
             && c.end_unix_nanos <= server.end_unix_nanos
     };
     v.linked = children.len() == 1 && nested(children[0]);
+    if v.linked
+        && let Some(callees) = callees_by_parent.get(children[0].span_id.as_str())
+    {
+        v.callee_linked = callees.len() == 1 && callees[0].trace_id == server.trace_id;
+    }
     if children.len() > 1 {
         v.mislink = Some(format!(
             "request {id}: {} upstream CLIENT spans are children of its SERVER span (one was sent)",
             children.len()
         ));
     }
-    let Some(oracle) = oracle else {
-        return v;
-    };
     let [tp] = oracle.traceparents.as_slice() else {
         return v;
     };
@@ -112,6 +128,27 @@ fn judge(
 #[test]
 fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks() {
     let _serial = require_root();
+    run_nginx_concurrent(Callee::Oracle);
+}
+
+/// The same with the callee traced too: its server span joins the trace through the injected
+/// header or, for a request sent while the upstream socket was parked, same-host pairing, so
+/// the whole trace (nginx server → nginx client → callee server) forms for every request.
+#[test]
+fn nginx_in_front_of_a_traced_service_gives_whole_traces_under_concurrency() {
+    let _serial = require_root();
+    run_nginx_concurrent(Callee::TracedOracle);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Callee {
+    /// Not traced: the oracle only.
+    Oracle,
+    /// The oracle, traced by the agent as well.
+    TracedOracle,
+}
+
+fn run_nginx_concurrent(callee: Callee) {
     let net = Network::new(&["proxy", "oracle"]);
     let collector = Collector::start_with(tests::collector::CollectorOptions {
         all_addresses: true,
@@ -124,10 +161,11 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
     let (oracle_ip, oracle_port) = oracle_address(&oracle);
     let nginx = NginxProxy::start_with(net.host("proxy"), oracle_ip, oracle_port, SAME_UPSTREAM);
     let worker = nginx.worker_pid();
-    let mut agent = tests::Agent::builder()
-        .pid(nginx.master_pid())
-        .pid(worker)
-        .start(&collector);
+    let mut builder = tests::Agent::builder().pid(nginx.master_pid()).pid(worker);
+    if callee == Callee::TracedOracle {
+        builder = builder.pid(oracle.pid());
+    }
+    let mut agent = builder.start(&collector);
     let report = agent.stderr();
     let mut failures = Failures::default();
     failures.check(
@@ -169,11 +207,13 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
             && s.kind == SpanKind::Client
             && s.attr_str("url.path") == Some("/same")
     };
+    let is_callee = |s: &ReceivedSpan| s.pid() == Some(oracle.pid()) && s.kind == SpanKind::Server;
     let deadline = Instant::now() + TRACE_WAIT;
     while Instant::now() < deadline {
         let spans = collector.spans_now();
         if spans.iter().filter(|s| is_server(s)).count() >= n
             && spans.iter().filter(|s| is_upstream(s)).count() >= n
+            && (callee == Callee::Oracle || spans.iter().filter(|s| is_callee(s)).count() >= n)
         {
             break;
         }
@@ -210,6 +250,19 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
             clients_by_parent.entry(p).or_default().push(c);
         }
     }
+    let mut callees_by_parent: BTreeMap<&str, Vec<&ReceivedSpan>> = BTreeMap::new();
+    for k in spans.iter().filter(|s| is_callee(s)) {
+        if let Some(p) = k.parent_span_id.as_deref() {
+            callees_by_parent.entry(p).or_default().push(k);
+        }
+    }
+    let index = Index {
+        clients_by_parent,
+        clients_by_id,
+        callees_by_parent,
+        server_of_span,
+        server_of_trace,
+    };
     let oracle_spans = oracle.spans();
     let mut by_origin: BTreeMap<String, Vec<&SdkServerSpan>> = BTreeMap::new();
     for o in &oracle_spans {
@@ -219,7 +272,8 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
             .push(o);
     }
 
-    let (mut linked, mut complete, mut mislinks, mut missing) = (0, 0, Vec::new(), Vec::new());
+    let (mut linked, mut complete, mut callee_linked) = (0, 0, 0);
+    let (mut mislinks, mut missing) = (Vec::new(), Vec::new());
     for id in 0..n {
         let (Some([server]), Some([o])) = (
             servers.get(&id).map(Vec::as_slice),
@@ -228,25 +282,29 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
             missing.push(id);
             continue;
         };
-        let v = judge(
-            id,
-            server,
-            &clients_by_parent,
-            &clients_by_id,
-            &server_of_span,
-            &server_of_trace,
-            Some(o),
-        );
+        let v = judge(&index, id, server, o);
         linked += v.linked as usize;
         complete += v.complete as usize;
+        callee_linked += v.callee_linked as usize;
         mislinks.extend(v.mislink);
     }
     let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    let (what, file) = match callee {
+        Callee::Oracle => ("SDK oracle", "nginx-handoff-concurrent.txt"),
+        Callee::TracedOracle => ("traced SDK oracle", "nginx-traced-callee-concurrent.txt"),
+    };
+    let whole = match callee {
+        Callee::Oracle => String::new(),
+        Callee::TracedOracle => format!(
+            "whole traces in the agent's spans (nginx server → client → callee server) {callee_linked} ({:.1} %), ",
+            pct(callee_linked)
+        ),
+    };
     let line = format!(
-        "nginx reverse proxy (upstream keepalive 8) → SDK oracle, {CLIENTS} concurrent keep-alive clients x {REQUESTS_PER_CLIENT}: \
-         {n} requests, linked in the agent's spans {linked} ({:.1} %), complete at the oracle {complete} ({:.1} %), \
+        "nginx reverse proxy (upstream keepalive 8) → {what}, {CLIENTS} concurrent keep-alive clients x {REQUESTS_PER_CLIENT}: \
+         {n} requests, linked in the agent's spans {linked} ({:.1} %), {whole}complete at the oracle {complete} ({:.1} %), \
          mis-links {}, missing spans {}; kernel_link_handoff {}, kernel_handoff_not_in_flight {}, \
-         kernel_handoff_unreadable {}, kernel_link_match_ambiguous {}, traceparent_injected {}, requests_sent_parked {}\n",
+         kernel_handoff_unreadable {}, kernel_link_match_ambiguous {}, traceparent_injected {}, requests_sent_parked {}, server_spans_paired {}\n",
         pct(linked),
         pct(complete),
         mislinks.len(),
@@ -257,11 +315,12 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
         counter("kernel_link_match_ambiguous"),
         counter("traceparent_injected"),
         counter("requests_sent_parked"),
+        counter("server_spans_paired"),
     );
     eprintln!("[e2e] {line}");
     let dir = completeness_dir();
     let _ = fs::create_dir_all(&dir);
-    let _ = fs::write(dir.join("nginx-handoff-concurrent.txt"), &line);
+    let _ = fs::write(dir.join(file), &line);
 
     failures.check(missing.is_empty(), || {
         format!(
@@ -285,6 +344,11 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
     failures.check(counter("kernel_link_handoff") as usize >= linked, || {
         format!("the links did not come from the hand-off: {line}")
     });
+    if callee == Callee::TracedOracle {
+        failures.check(callee_linked * 100 >= n * 99, || {
+            format!("only {callee_linked} of {n} requests form a whole trace: {line}")
+        });
+    }
     failures.finish("nginx upstream hand-off");
 }
 
