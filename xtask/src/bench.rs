@@ -7,6 +7,8 @@
 //!   (`agent --comm nginx`).
 //! - [`pg`]: a throwaway PostgreSQL answers `pgbench -S` on loopback
 //!   (`agent --pid <postmaster> --comm pgbench`: the backends and the client are both traced).
+//! - [`proxy`]: an nginx reverse proxy in front of a second nginx, the agent in every run,
+//!   runtime linking on against off (what the mechanism costs per request).
 //!
 //! Each pair of runs gives a throughput ratio and latency ratios; the with-agent run also gives
 //! the agent's CPU time per request, the BPF run time per request (kernel `bpf_stats`), its
@@ -23,6 +25,7 @@
 
 mod nginx;
 mod pg;
+mod proxy;
 
 use std::{
     collections::BTreeMap,
@@ -80,6 +83,8 @@ pub enum Bench {
     Nginx,
     #[value(alias = "postgres", alias = "postgresql")]
     Pg,
+    /// What runtime linking costs: an nginx reverse proxy, linking on vs off.
+    Proxy,
 }
 
 /// Options of `cargo xtask bench`.
@@ -89,7 +94,7 @@ pub enum Bench {
 generator on CPU 0; PostgreSQL runs as the `postgres` OS user."
 )]
 pub struct Options {
-    /// Run only this benchmark (default: nginx, then pg)
+    /// Run only this benchmark (default: nginx, then pg, then proxy)
     #[arg(value_enum, conflicts_with = "only")]
     bench: Option<Bench>,
     /// The same as the positional BENCH
@@ -173,6 +178,11 @@ pub fn run(mut opts: Options) -> Result<()> {
         check_interrupted()?;
         let section = pg::run(&opts, &agent_bin, &mut bpf_stats)?;
         publish(&opts, &section, pg::MARK_START, pg::MARK_END)?;
+    }
+    if opts.runs(Bench::Proxy) {
+        check_interrupted()?;
+        let section = proxy::run(&opts, &agent_bin, &mut bpf_stats)?;
+        publish(&opts, &section, proxy::MARK_START, proxy::MARK_END)?;
     }
     Ok(())
 }

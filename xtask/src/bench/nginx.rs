@@ -167,12 +167,12 @@ impl Pair<WrkStats> {
 // ---------------------------------------------------------------------------------------------
 // wrk
 
-struct WrkStats {
-    requests: u64,
-    rps: f64,
-    p99_us: f64,
+pub(super) struct WrkStats {
+    pub(super) requests: u64,
+    pub(super) rps: f64,
+    pub(super) p99_us: f64,
     /// Socket errors and non-2xx responses, as wrk printed them (empty: none).
-    errors: String,
+    pub(super) errors: String,
 }
 
 fn wrk_args(cfg: &RunConfig) -> Vec<String> {
@@ -205,7 +205,7 @@ fn run_wrk(cfg: &RunConfig) -> Result<WrkStats> {
     parse_wrk(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
 }
 
-fn parse_wrk(text: &str) -> Result<WrkStats> {
+pub(super) fn parse_wrk(text: &str) -> Result<WrkStats> {
     let mut requests = None;
     let mut rps = None;
     let mut p99_us = None;
