@@ -8,7 +8,11 @@ use agent_common::{
     CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_NGINX,
     THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
-use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::generated::bpf_get_prandom_u32,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
@@ -82,24 +86,29 @@ pub struct FdKey {
     fd: u32,
 }
 
-/// What a runtime probe said the thread is writing now (tid → hand-off): set when the runtime
-/// starts writing a client request for a served one, removed when that write returns.
+/// What a runtime probe said a thread is writing now: set when the runtime starts writing a
+/// client request for a served one, cleared when that write returns. One slot per CPU, tagged
+/// with the thread: a hash map keyed by thread cost ~4× as much per request, and the write
+/// follows the probe on the same CPU unless the thread migrates in between, in which case the
+/// tag does not match there and the write is left to other evidence (never to another
+/// thread's hand-off).
 #[map]
-static HANDOFFS: LruHashMap<u32, Handoff> = LruHashMap::with_max_entries(16384, 0);
+static HANDOFFS: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Handoff {
+    /// The thread writing (0: the slot is free).
+    tid: u32,
     pid: u32,
-    _pad: u32,
     /// The served request's socket (0: the runtime named a request the kernel does not know).
     server_cookie: u64,
     ts_ns: u64,
 }
 
-/// A hand-off older than this was left by a thread that died inside the runtime's write
-/// (a write call takes microseconds): ignored.
-const HANDOFF_MAX_NS: u64 = 1_000_000_000;
+/// A hand-off older than this was left by a thread that migrated or died inside the runtime's
+/// write (a non-blocking write call takes microseconds): ignored.
+const HANDOFF_MAX_NS: u64 = 10_000_000;
 
 /// Requests each process served since its last client request (see `context::pure_server`).
 #[map]
@@ -425,19 +434,27 @@ pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
         .get_ptr(&FdKey { pid, fd })
         .map(|c| unsafe { *c })
         .unwrap_or(0);
-    let h = Handoff {
-        pid,
-        _pad: 0,
-        server_cookie,
-        ts_ns: now,
+    let Some(slot) = HANDOFFS.get_ptr_mut(0) else {
+        return;
     };
-    let _ = HANDOFFS.insert(&tid, &h, 0);
+    // The tag last: a reader on this CPU never sees this thread's tag with a stale request.
+    unsafe {
+        core::ptr::write_volatile(&mut (*slot).tid, 0);
+        (*slot).pid = pid;
+        (*slot).server_cookie = server_cookie;
+        (*slot).ts_ns = now;
+        core::ptr::write_volatile(&mut (*slot).tid, tid);
+    }
 }
 
 /// The runtime's write returned.
 #[inline(always)]
 pub fn end_hand_off(tid: u32) {
-    let _ = HANDOFFS.remove(&tid);
+    if let Some(slot) = HANDOFFS.get_ptr_mut(0)
+        && unsafe { (*slot).tid } == tid
+    {
+        unsafe { core::ptr::write_volatile(&mut (*slot).tid, 0) };
+    }
 }
 
 /// What a runtime probe says the client request `tid` writes now belongs to: `None` when no
@@ -445,9 +462,9 @@ pub fn end_hand_off(tid: u32) {
 /// flight (answered, unknown, too old, at its cap): unlinked, never another request.
 #[inline(always)]
 fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
-    let h = HANDOFFS.get_ptr(&tid)?;
+    let h = HANDOFFS.get_ptr(0)?;
     let h = unsafe { *h };
-    if h.pid != pid || now.saturating_sub(h.ts_ns) >= HANDOFF_MAX_NS {
+    if h.tid != tid || h.pid != pid || now.saturating_sub(h.ts_ns) >= HANDOFF_MAX_NS {
         return None;
     }
     let named = if h.server_cookie == 0 {

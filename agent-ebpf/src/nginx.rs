@@ -14,7 +14,7 @@
 //! mail module's session): no signature, no hand-off (counted).
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, generated::bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ktime_get_ns},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -76,8 +76,7 @@ pub fn agent_nginx_upstream_write(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn agent_nginx_upstream_write_done(_ctx: RetProbeContext) -> u32 {
-    if let Some((_, tid)) = selected_tgid() {
-        context::end_hand_off(tid);
-    }
+    // No selection check: the slot only ever holds a selected thread's hand-off.
+    context::end_hand_off(bpf_get_current_pid_tgid() as u32);
     0
 }
