@@ -384,7 +384,12 @@ fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
     let mut flags = 0;
     if let Some(old) = THREAD_CONTEXTS.get_ptr(&tid) {
         let old = unsafe { &*old };
-        if old.flags & THREAD_FLAG_ANSWERED == 0
+        // A thread that read a request before answering the previous one serves several at
+        // once (an event loop): from then on its latest request is not necessarily the one a
+        // call is for, even after that previous one was answered (an earlier request may still
+        // be waiting, its call written later), so it stays ambiguous while its requests keep
+        // coming within the trace age.
+        if (old.flags & THREAD_FLAG_ANSWERED == 0 || old.flags & THREAD_FLAG_AMBIGUOUS != 0)
             && ts.saturating_sub(old.ts_ns) < max_trace_age_ns()
         {
             flags = THREAD_FLAG_AMBIGUOUS;

@@ -14,9 +14,10 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::netns::Network;
+use tests::netns::{Host, Network};
+use tests::servers::ScriptServer;
 use tests::services::{NginxProxy, SdkServer, SdkServerSpan, completeness_dir, parse_traceparent};
-use tests::{Collector, Curl, Failures, ReceivedSpan, SpanKind, require_root};
+use tests::{Collector, Curl, Failures, ReceivedSpan, SpanKind, fixture, require_root};
 
 /// Concurrent keep-alive clients and requests each (the issue's bar: 16 and ≥ 500 in all).
 const CLIENTS: usize = 16;
@@ -37,7 +38,7 @@ fn origin(id: usize) -> String {
 /// What one request's spans say, judged against what the oracle received.
 #[derive(Default)]
 struct Verdict {
-    /// The agent linked nginx's upstream CLIENT span to this request's SERVER span, nested in
+    /// The agent linked the front's upstream CLIENT span to this request's SERVER span, nested in
     /// time.
     linked: bool,
     /// The oracle received this request's trace, with that CLIENT span as its parent.
@@ -51,12 +52,12 @@ struct Verdict {
 
 /// The agent's spans, indexed for judging.
 struct Index<'a> {
-    /// nginx's upstream CLIENT spans by parent span id, and by their own id.
+    /// The front's upstream CLIENT spans by parent span id, and by their own id.
     clients_by_parent: BTreeMap<&'a str, Vec<&'a ReceivedSpan>>,
     clients_by_id: BTreeMap<&'a str, &'a ReceivedSpan>,
     /// The traced callee's SERVER spans by parent span id.
     callees_by_parent: BTreeMap<&'a str, Vec<&'a ReceivedSpan>>,
-    /// Which request each nginx SERVER span (by span id, by trace id) was.
+    /// Which request each front SERVER span (by span id, by trace id) was.
     server_of_span: BTreeMap<&'a str, usize>,
     server_of_trace: BTreeMap<&'a str, usize>,
 }
@@ -128,7 +129,7 @@ fn judge(ix: &Index<'_>, id: usize, server: &ReceivedSpan, oracle: &SdkServerSpa
 #[test]
 fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks() {
     let _serial = require_root();
-    run_nginx_concurrent(Callee::Oracle);
+    run_concurrent(Front::Nginx, Callee::Oracle);
 }
 
 /// The same with the callee traced too: its server span joins the trace through the injected
@@ -137,7 +138,46 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
 #[test]
 fn nginx_in_front_of_a_traced_service_gives_whole_traces_under_concurrency() {
     let _serial = require_root();
-    run_nginx_concurrent(Callee::TracedOracle);
+    run_concurrent(Front::Nginx, Callee::TracedOracle);
+}
+
+// Runtimes without a mechanism yet: what the exact evidence links under the same load is
+// measured and reported (docs/traces.md), and nothing may be mis-linked.
+
+#[test]
+fn threaded_python_front_links_every_call_under_concurrency() {
+    let _serial = require_root();
+    run_concurrent(Front::ThreadedPython, Callee::Oracle);
+}
+
+#[test]
+fn node_http_front_under_concurrency_links_nothing_wrongly() {
+    let _serial = require_root();
+    run_concurrent(Front::Node("http"), Callee::Oracle);
+}
+
+#[test]
+fn node_fetch_front_under_concurrency_links_nothing_wrongly() {
+    let _serial = require_root();
+    run_concurrent(Front::Node("fetch"), Callee::Oracle);
+}
+
+#[test]
+fn java_httpclient_sync_front_under_concurrency_links_nothing_wrongly() {
+    let _serial = require_root();
+    run_concurrent(Front::Java("sync"), Callee::Oracle);
+}
+
+#[test]
+fn java_httpclient_async_front_under_concurrency_links_nothing_wrongly() {
+    let _serial = require_root();
+    run_concurrent(Front::Java("async"), Callee::Oracle);
+}
+
+#[test]
+fn aiohttp_front_under_concurrency_links_nothing_wrongly() {
+    let _serial = require_root();
+    run_concurrent(Front::Aiohttp, Callee::Oracle);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -148,8 +188,133 @@ enum Callee {
     TracedOracle,
 }
 
-fn run_nginx_concurrent(callee: Callee) {
-    let net = Network::new(&["proxy", "oracle"]);
+/// The service under test: it serves `GET /work/<id>` and calls the oracle's `GET /same` once
+/// per request, naming the request in `X-Origin-Uri`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// nginx reverse proxy (upstream keep-alive 8), linked by its runtime mechanism.
+    Nginx,
+    /// `ThreadingHTTPServer` + `http.client` (thread per request: the thread tells).
+    ThreadedPython,
+    /// Node.js `http` server calling with `http.get` (keep-alive agent) or `fetch`.
+    Node(&'static str),
+    /// `HttpServer` with a 16-thread pool calling with `HttpClient` `send` or `sendAsync`.
+    Java(&'static str),
+    /// aiohttp server and client on one asyncio loop.
+    Aiohttp,
+}
+
+impl Front {
+    fn label(self) -> String {
+        match self {
+            Front::Nginx => "nginx reverse proxy (upstream keepalive 8)".into(),
+            Front::ThreadedPython => "python ThreadingHTTPServer + http.client".into(),
+            Front::Node(mode) => format!("node {} http server + {mode}", node_version()),
+            Front::Java(mode) => format!("java HttpServer (16 threads) + HttpClient {mode}"),
+            Front::Aiohttp => "python aiohttp server + client (asyncio)".into(),
+        }
+    }
+
+    fn file(self) -> String {
+        match self {
+            Front::Nginx => "nginx".into(),
+            Front::ThreadedPython => "python-threaded".into(),
+            Front::Node(mode) => format!("node-{mode}"),
+            Front::Java(mode) => format!("java-{mode}"),
+            Front::Aiohttp => "python-aiohttp".into(),
+        }
+    }
+}
+
+fn node_version() -> String {
+    std::process::Command::new(tests::node_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A started front: the pids to select, the pid whose spans are judged, where to send requests.
+struct Running {
+    select: Vec<u32>,
+    spans_pid: u32,
+    base_url: String,
+    _nginx: Option<NginxProxy>,
+    _script: Option<ScriptServer>,
+}
+
+fn start_front(
+    front: Front,
+    host: &Host,
+    oracle_ip: std::net::Ipv4Addr,
+    oracle_port: u16,
+) -> Running {
+    let script = |program: &std::path::Path, args: &[&str]| {
+        let mut cmd = host.command(program);
+        cmd.args(args)
+            .arg(host.ip().to_string())
+            .arg("0")
+            .arg(oracle_ip.to_string())
+            .arg(oracle_port.to_string());
+        cmd
+    };
+    let (cmd, extra) = match front {
+        Front::Nginx => {
+            let nginx = NginxProxy::start_with(host, oracle_ip, oracle_port, SAME_UPSTREAM);
+            return Running {
+                select: vec![nginx.master_pid(), nginx.worker_pid()],
+                spans_pid: nginx.worker_pid(),
+                base_url: nginx.url(""),
+                _nginx: Some(nginx),
+                _script: None,
+            };
+        }
+        Front::ThreadedPython => (
+            script(
+                tests::python_bin(),
+                &[&fixture("front_threaded.py").to_string_lossy()],
+            ),
+            None,
+        ),
+        Front::Aiohttp => (
+            script(
+                tests::python_bin(),
+                &[&fixture("front_aiohttp.py").to_string_lossy()],
+            ),
+            None,
+        ),
+        Front::Node(mode) => (
+            script(
+                tests::node_bin(),
+                &[&fixture("front_node.js").to_string_lossy()],
+            ),
+            Some(mode),
+        ),
+        Front::Java(mode) => (
+            script(
+                std::path::Path::new("java"),
+                &[&fixture("FrontJava.java").to_string_lossy()],
+            ),
+            Some(mode),
+        ),
+    };
+    let mut cmd = cmd;
+    if let Some(mode) = extra {
+        cmd.arg(mode);
+    }
+    let server = ScriptServer::start_command(&front.file(), cmd);
+    let pid = server.pid();
+    Running {
+        select: vec![pid],
+        spans_pid: pid,
+        base_url: format!("http://{}:{}", host.ip(), server.port()),
+        _nginx: None,
+        _script: Some(server),
+    }
+}
+
+fn run_concurrent(front: Front, callee: Callee) {
+    let net = Network::new(&["front", "oracle"]);
     let collector = Collector::start_with(tests::collector::CollectorOptions {
         all_addresses: true,
         ..Default::default()
@@ -159,28 +324,34 @@ fn run_nginx_concurrent(callee: Callee) {
         &collector.grpc_endpoint_at(net.gateway().into()),
     );
     let (oracle_ip, oracle_port) = oracle_address(&oracle);
-    let nginx = NginxProxy::start_with(net.host("proxy"), oracle_ip, oracle_port, SAME_UPSTREAM);
-    let worker = nginx.worker_pid();
-    let mut builder = tests::Agent::builder().pid(nginx.master_pid()).pid(worker);
+    let running = start_front(front, net.host("front"), oracle_ip, oracle_port);
+    let worker = running.spans_pid;
+    let mut builder = tests::Agent::builder();
+    for &pid in &running.select {
+        builder = builder.pid(pid);
+    }
     if callee == Callee::TracedOracle {
         builder = builder.pid(oracle.pid());
     }
     let mut agent = builder.start(&collector);
     let report = agent.stderr();
     let mut failures = Failures::default();
-    failures.check(
-        report.lines().any(|l| {
-            l.contains("runtime linking") && l.contains("nginx upstream hand-off: attached")
-        }),
-        || format!("the start-up report does not say the nginx mechanism attached:\n{report}"),
-    );
+    if front == Front::Nginx {
+        failures.check(
+            report.lines().any(|l| {
+                l.contains("runtime linking") && l.contains("nginx upstream hand-off: attached")
+            }),
+            || format!("the start-up report does not say the nginx mechanism attached:\n{report}"),
+        );
+    }
+    let url = |path: &str| format!("{}{path}", running.base_url);
 
     let started = Instant::now();
     let loops: Vec<thread::JoinHandle<tests::CurlResult>> = (0..CLIENTS)
         .map(|c| {
-            let mut curl = Curl::get(nginx.url(&origin(c * REQUESTS_PER_CLIENT)));
+            let mut curl = Curl::get(url(&origin(c * REQUESTS_PER_CLIENT)));
             for k in 1..REQUESTS_PER_CLIENT {
-                curl = curl.then(nginx.url(&origin(c * REQUESTS_PER_CLIENT + k)));
+                curl = curl.then(url(&origin(c * REQUESTS_PER_CLIENT + k)));
             }
             thread::spawn(move || curl.run())
         })
@@ -199,7 +370,7 @@ fn run_nginx_concurrent(callee: Callee) {
         .flat_map(|r| &r.transfers)
         .filter(|t| t.status != 200)
         .count();
-    assert_eq!(failed, 0, "requests through nginx failed");
+    assert_eq!(failed, 0, "requests through the front failed");
 
     let is_server = |s: &ReceivedSpan| s.pid() == Some(worker) && s.kind == SpanKind::Server;
     let is_upstream = |s: &ReceivedSpan| {
@@ -290,21 +461,25 @@ fn run_nginx_concurrent(callee: Callee) {
     }
     let pct = |k: usize| 100.0 * k as f64 / n as f64;
     let (what, file) = match callee {
-        Callee::Oracle => ("SDK oracle", "nginx-handoff-concurrent.txt"),
-        Callee::TracedOracle => ("traced SDK oracle", "nginx-traced-callee-concurrent.txt"),
+        Callee::Oracle => ("SDK oracle", format!("{}-concurrent.txt", front.file())),
+        Callee::TracedOracle => (
+            "traced SDK oracle",
+            format!("{}-traced-callee-concurrent.txt", front.file()),
+        ),
     };
     let whole = match callee {
         Callee::Oracle => String::new(),
         Callee::TracedOracle => format!(
-            "whole traces in the agent's spans (nginx server → client → callee server) {callee_linked} ({:.1} %), ",
+            "whole traces in the agent's spans (front server → client → callee server) {callee_linked} ({:.1} %), ",
             pct(callee_linked)
         ),
     };
     let line = format!(
-        "nginx reverse proxy (upstream keepalive 8) → {what}, {CLIENTS} concurrent keep-alive clients x {REQUESTS_PER_CLIENT}: \
+        "{} → {what}, {CLIENTS} concurrent keep-alive clients x {REQUESTS_PER_CLIENT}: \
          {n} requests, linked in the agent's spans {linked} ({:.1} %), {whole}complete at the oracle {complete} ({:.1} %), \
          mis-links {}, missing spans {}; kernel_link_handoff {}, kernel_handoff_not_in_flight {}, \
          kernel_handoff_unreadable {}, kernel_link_match_ambiguous {}, traceparent_injected {}, requests_sent_parked {}, server_spans_paired {}\n",
+        front.label(),
         pct(linked),
         pct(complete),
         mislinks.len(),
@@ -336,20 +511,25 @@ fn run_nginx_concurrent(callee: Callee) {
             mislinks[..mislinks.len().min(10)].join("\n  ")
         )
     });
-    // ≥ 99 %: the issue's bar for the agent's own linking, which only the mechanism provides
-    // here (no thread, no forwarded trace, no matching request line).
-    failures.check(linked * 100 >= n * 99, || {
-        format!("only {linked} of {n} upstream requests linked to their request: {line}")
-    });
-    failures.check(counter("kernel_link_handoff") as usize >= linked, || {
-        format!("the links did not come from the hand-off: {line}")
-    });
+    // ≥ 99 %: the issue's bar for the agent's own linking: the mechanism for nginx (no thread,
+    // no forwarded trace, no matching request line tells), the thread for a thread-per-request
+    // server. The others are measured, not yet held to it.
+    if matches!(front, Front::Nginx | Front::ThreadedPython) {
+        failures.check(linked * 100 >= n * 99, || {
+            format!("only {linked} of {n} upstream requests linked to their request: {line}")
+        });
+    }
+    if front == Front::Nginx {
+        failures.check(counter("kernel_link_handoff") as usize >= linked, || {
+            format!("the links did not come from the hand-off: {line}")
+        });
+    }
     if callee == Callee::TracedOracle {
         failures.check(callee_linked * 100 >= n * 99, || {
             format!("only {callee_linked} of {n} requests form a whole trace: {line}")
         });
     }
-    failures.finish("nginx upstream hand-off");
+    failures.finish(&front.label());
 }
 
 fn oracle_address(oracle: &SdkServer) -> (std::net::Ipv4Addr, u16) {

@@ -20,6 +20,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const ROTEL_VERSION: &str = "0.0.1a15";
 const OTEL_PYTHON_VERSION: &str = "1.45.2";
 const PSYCOPG_VERSION: &str = "3.3.9";
+const AIOHTTP_VERSION: &str = "3.14.5";
 /// The chart tests: Helm's Go SDK (Helm v4.2.3, renders offline) and the Kubernetes JSON
 /// schemas (1.25..1.37, bundled) with their validator.
 const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
@@ -167,7 +168,7 @@ pub fn run(test_deps: bool) -> Result<()> {
         // Python packages, pinned: the rotel collector (the OTLP receiver the end-to-end tests
         // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test; its
         // grpcio and opentelemetry-proto also make the TLS receiver of the https export tests)
-        // and psycopg 3 (a real PostgreSQL driver).
+        // psycopg 3 (a real PostgreSQL driver) and aiohttp (an asyncio service).
         pip_install(&[
             ("rotel", ROTEL_VERSION),
             ("opentelemetry-sdk", OTEL_PYTHON_VERSION),
@@ -177,6 +178,8 @@ pub fn run(test_deps: bool) -> Result<()> {
             ),
             ("psycopg", PSYCOPG_VERSION),
             ("psycopg-binary", PSYCOPG_VERSION),
+            // An asyncio service (server and client on one event loop) for the linking tests.
+            ("aiohttp", AIOHTTP_VERSION),
             ("helm-python-sdk", HELM_PYTHON_SDK_VERSION),
             ("kubernetes-validate", KUBERNETES_VALIDATE_VERSION),
         ])?;

@@ -5,7 +5,11 @@
 //! So a client span made on a thread that has been serving is held for a short while; then, if
 //! exactly one server span of that thread encloses it in time, it joins that span's trace.
 //! Several candidates (an event loop serving concurrent requests) is ambiguous: we do not
-//! guess, the client span stays a root and the case is counted.
+//! guess, the client span stays a root and the case is counted. So is any client span of a
+//! thread that served overlapping requests within the trace age: on such a thread the
+//! enclosing server spans known when a client span is decided need not be all of them (one may
+//! not have ended yet, older ones leave the bounded history), and a single survivor would be a
+//! guess.
 
 use std::collections::VecDeque;
 
@@ -39,6 +43,11 @@ struct ThreadState {
     serving_since: Option<u64>,
     servers: VecDeque<ServerInterval>,
     held: VecDeque<Held>,
+    /// Latest end of a server span of this thread (kernel ns).
+    latest_end: u64,
+    /// Start of the latest server span that overlapped an earlier one: the thread serves
+    /// several requests at once.
+    overlap_at: Option<u64>,
 }
 
 /// What happened to a released client span.
@@ -111,6 +120,10 @@ impl Linker {
             return;
         }
         let t = self.threads.entry((pid, tid)).or_default();
+        if start < t.latest_end {
+            t.overlap_at = Some(start);
+        }
+        t.latest_end = t.latest_end.max(end);
         if t.servers.len() == RECENT_SERVERS {
             t.servers.pop_front();
         }
@@ -148,7 +161,7 @@ impl Linker {
         if t.held.len() >= MAX_HELD
             && let Some(old) = t.held.pop_front()
         {
-            out.push(self.limits.decide(&t.servers, old));
+            out.push(self.limits.decide(t, old));
         }
         t.held.push_back(Held { span, start, end });
     }
@@ -161,7 +174,7 @@ impl Linker {
                     break;
                 }
                 if let Some(h) = t.held.pop_front() {
-                    out.push(self.limits.decide(&t.servers, h));
+                    out.push(self.limits.decide(t, h));
                 }
             }
         }
@@ -176,9 +189,9 @@ impl Linker {
             .copied()
             .collect();
         for k in keys {
-            if let Some(t) = self.threads.remove(&k) {
-                for h in t.held {
-                    out.push(self.limits.decide(&t.servers, h));
+            if let Some(mut t) = self.threads.remove(&k) {
+                while let Some(h) = t.held.pop_front() {
+                    out.push(self.limits.decide(&t, h));
                 }
             }
         }
@@ -205,14 +218,16 @@ impl Linker {
 }
 
 impl Limits {
-    fn decide(
-        &mut self,
-        servers: &VecDeque<ServerInterval>,
-        held: Held,
-    ) -> (SpanRecord, LinkOutcome) {
+    fn decide(&mut self, thread: &ThreadState, held: Held) -> (SpanRecord, LinkOutcome) {
+        if thread
+            .overlap_at
+            .is_some_and(|o| held.start < o.saturating_add(self.max_age_ns))
+        {
+            return (held.span, LinkOutcome::Ambiguous);
+        }
         let mut found: Option<ServerInterval> = None;
         let mut count = 0;
-        for s in servers {
+        for s in &thread.servers {
             if s.start <= held.start && held.end <= s.end {
                 count += 1;
                 found = Some(*s);
@@ -326,5 +341,43 @@ mod tests {
         assert!(out.is_empty());
         l.release(None, &mut out);
         assert_eq!(out[0].1, LinkOutcome::Unlinked);
+    }
+
+    /// An event loop: a slow request A (its call written late) and a fast one B overlap. When
+    /// the call is decided, only B has ended and encloses it: one candidate, but a guess.
+    #[test]
+    fn a_thread_that_served_overlapping_requests_links_nothing_by_time_alone() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        l.server_span(1, 2, 100, 200, &span(4, SpanKind::Server));
+        l.server_span(1, 2, 150, 600, &span(5, SpanKind::Server));
+        // A's call, enclosed by B only (A has not ended yet).
+        l.client_span(1, 2, 300, 400, span(9, SpanKind::Client), &mut out);
+        l.release(None, &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Ambiguous);
+        assert_eq!(out[0].0.parent_span_id, None);
+    }
+
+    #[test]
+    fn a_thread_serving_one_request_at_a_time_keeps_linking() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.note_serving(1, 2, 100);
+        for k in 0..100u64 {
+            let base = 1_000 * k;
+            l.client_span(
+                1,
+                2,
+                base + 200,
+                base + 300,
+                span(9, SpanKind::Client),
+                &mut out,
+            );
+            l.server_span(1, 2, base + 100, base + 400, &span(5, SpanKind::Server));
+            l.release(None, &mut out);
+        }
+        assert_eq!(out.len(), 100);
+        assert!(out.iter().all(|(_, o)| *o == LinkOutcome::Linked));
     }
 }
