@@ -251,7 +251,7 @@ fn parse_duration_us(text: &str) -> Result<f64> {
 }
 
 /// nginx's configuration: `@PREFIX@` is its private directory, `@PORT@` a free loopback port.
-const NGINX_CONF: &str = "# Written by `cargo xtask bench`.
+pub(super) const NGINX_CONF: &str = "# Written by `cargo xtask bench`.
 daemon off;
 master_process on;
 worker_processes 1;

@@ -29,31 +29,6 @@ pub(super) const MARK_END: &str = "<!-- bench:proxy:end -->";
 const LIMIT_BPF_NS: f64 = 300.0;
 const LIMIT_AGENT_US: f64 = 0.5;
 
-/// The backend: a tiny static answer.
-const BACKEND_CONF: &str = "# Written by `cargo xtask bench` (proxy backend).
-daemon off;
-master_process on;
-worker_processes 1;
-pid @PREFIX@/nginx.pid;
-error_log @PREFIX@/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_timeout 65s;
-    keepalive_requests 100000;
-    client_body_temp_path @PREFIX@/client_body;
-    proxy_temp_path @PREFIX@/proxy;
-    fastcgi_temp_path @PREFIX@/fastcgi;
-    uwsgi_temp_path @PREFIX@/uwsgi;
-    scgi_temp_path @PREFIX@/scgi;
-    server {
-        listen 127.0.0.1:@PORT@;
-        location / { return 200 \"hello\\n\"; }
-    }
-}
-";
-
 /// The front: a reverse proxy with upstream keep-alive (`@UPSTREAM@`: the backend's port).
 const FRONT_CONF: &str = "# Written by `cargo xtask bench` (proxy front).
 daemon off;
@@ -142,7 +117,8 @@ fn figures(run: &AgentRun<Wrk>, clk_tck: u64) -> Figures {
 /// Runs the proxy benchmark; returns its BENCHMARKS.md section.
 pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
     let env = Environment::read()?;
-    let backend = NginxServer::start_with(BACKEND_CONF, Some(NGINX_CPU));
+    // The backend answers like the nginx benchmark's server.
+    let backend = NginxServer::start_with(super::nginx::NGINX_CONF, Some(NGINX_CPU));
     let front_conf = FRONT_CONF.replace("@UPSTREAM@", &backend.port().to_string());
     let front = NginxServer::start_with(&front_conf, Some(NGINX_CPU));
     let (master, worker) = (front.master_pid(), front.worker_pid());
