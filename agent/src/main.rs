@@ -201,7 +201,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             None
         }
     };
-    let mut runtimes = runtimes::Runtimes::new(&cli.runtime_linking, runtime_pids);
+    let mut runtimes =
+        runtimes::Runtimes::new(&cli.runtime_linking, runtime_pids, selector.traces_all());
     if runtimes.is_on() {
         let pids: Vec<(u32, String)> = if selector.traces_all() {
             runtimes.candidates()

@@ -541,3 +541,66 @@ fn oracle_address(oracle: &SdkServer) -> (std::net::Ipv4Addr, u16) {
         port.parse().expect("oracle port"),
     )
 }
+
+/// The nginx probes are placed in selected processes only: another nginx on the host, running
+/// the same program file, never hits a breakpoint (a trap per call would slow it even though
+/// the kernel program returns at once for it). A process gets the `[uprobes]` mapping when it
+/// first hits one.
+#[test]
+fn nginx_probes_stay_out_of_unselected_nginx_processes() {
+    let _serial = require_root();
+    let net = Network::new(&["selected", "other", "oracle"]);
+    let collector = Collector::start_with(tests::collector::CollectorOptions {
+        all_addresses: true,
+        ..Default::default()
+    });
+    let oracle = SdkServer::start(
+        net.host("oracle"),
+        &collector.grpc_endpoint_at(net.gateway().into()),
+    );
+    let (oracle_ip, oracle_port) = oracle_address(&oracle);
+    let selected = NginxProxy::start_with(net.host("selected"), oracle_ip, oracle_port, "");
+    let other = NginxProxy::start_with(net.host("other"), oracle_ip, oracle_port, "");
+    let mut agent = tests::Agent::builder()
+        .pid(selected.master_pid())
+        .pid(selected.worker_pid())
+        .start(&collector);
+    for nginx in [&selected, &other] {
+        let mut curl = Curl::get(nginx.url("/work/0"));
+        for k in 1..20 {
+            curl = curl.then(nginx.url(&format!("/work/{k}")));
+        }
+        let run = curl.run();
+        assert!(
+            run.transfers.iter().all(|t| t.status == 200),
+            "requests failed"
+        );
+    }
+    let has_uprobes = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/maps: {e}"))
+            .contains("[uprobes]")
+    };
+    let (selected_hit, other_hit) = (
+        has_uprobes(selected.worker_pid()),
+        has_uprobes(other.worker_pid()),
+    );
+    let spans = agent.stop_and_collect(&collector, &[]);
+    let counters = agent.summary_counters();
+    let mut failures = Failures::default();
+    failures.check(selected_hit, || {
+        "the selected nginx worker never hit the probes (no [uprobes] mapping)".into()
+    });
+    failures.check(!other_hit, || {
+        "the unselected nginx worker hit a breakpoint (it has an [uprobes] mapping)".into()
+    });
+    failures.check(
+        counters.get("kernel_link_handoff").copied().unwrap_or(0) >= 20,
+        || format!("the selected nginx's 20 upstream requests were not handed off: {counters:?}"),
+    );
+    failures.check(
+        !spans.iter().any(|s| s.pid() == Some(other.worker_pid())),
+        || "spans of the unselected nginx were exported".into(),
+    );
+    failures.finish("nginx probes in selected processes only");
+}

@@ -233,13 +233,15 @@ impl Probes {
         })
     }
 
-    /// Attaches a loaded runtime uprobe at `symbol` of the program file `target`, for every
-    /// process that runs it; dropping the link detaches it.
+    /// Attaches a loaded runtime uprobe at `symbol` of the program file `target`, for process
+    /// `pid` only (its breakpoint is not even placed in other processes running the file) or,
+    /// with `None`, for every process that runs it; dropping the link detaches it.
     pub fn attach_uprobe(
         &mut self,
         name: &'static str,
         target: &std::path::Path,
         symbol: &str,
+        pid: Option<std::num::NonZeroU32>,
     ) -> Result<UprobeAttachment, KernelError> {
         let prog: &mut UProbe = self
             .ebpf
@@ -249,7 +251,11 @@ impl Probes {
             .map_err(|source| program_error(name, "is not a uprobe program", source))?;
         let what = || format!("attaching to {symbol} in {}", target.display());
         let id = prog
-            .attach([symbol], target, UProbeScope::AllProcesses)
+            .attach(
+                [symbol],
+                target,
+                pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess),
+            )
             .map_err(|source| program_error(name, &what(), source))?;
         prog.take_link(id)
             .map(|link| UprobeAttachment { _link: link })

@@ -2,10 +2,12 @@
 //! a client request is written for, where the thread cannot tell (an event loop serving many).
 //!
 //! Each selected process's executable is inspected once per file (device, inode); when a
-//! mechanism applies, its uprobes are attached to that file (they fire for every process
-//! running it; the kernel programs act only for selected ones) and the process is marked in
-//! `RUNTIME_PIDS` (its forked children inherit the mark in the kernel). The probes stay while a
-//! selected process runs the file and are detached after the last one exits.
+//! mechanism applies, its uprobes are attached and the process is marked in `RUNTIME_PIDS` (its
+//! forked children inherit the mark in the kernel). With a selection, the probes are attached
+//! to each selected process alone: other processes running the same program (another nginx on
+//! the host) never hit a breakpoint, which costs a trap per call even when the program
+//! returns at once. Tracing every process, they are attached to the file once, for all, and
+//! detached after the last selected process running it exits.
 
 mod nginx;
 
@@ -81,15 +83,25 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// One program file with probes on it.
-struct AttachedFile {
+/// Probes attached for a program file (all processes) or for one process.
+struct Attached {
     /// Held for the probes' lifetime: dropping a link detaches it.
     _probes: Vec<UprobeAttachment>,
+    /// The selected processes they serve.
     users: HashSet<u32>,
 }
 
 /// (device, inode) of a program file.
 type FileId = (u64, u64);
+
+/// What a set of probes is attached for.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Scope {
+    /// Every process running the file (tracing every process).
+    File(FileId),
+    /// One selected process.
+    Process(u32),
+}
 
 pub struct Runtimes {
     enabled: HashSet<Mechanism>,
@@ -98,12 +110,15 @@ pub struct Runtimes {
     pids: Option<RuntimePids>,
     /// Files inspected: the plan that applies, if any, or why none does.
     inspected: HashMap<FileId, Result<&'static Plan, String>>,
-    attached: HashMap<FileId, AttachedFile>,
-    by_pid: HashMap<u32, FileId>,
+    /// Probes per file when tracing every process, else per process.
+    per_file: bool,
+    attached: HashMap<Scope, Attached>,
+    by_pid: HashMap<u32, Scope>,
 }
 
 impl Runtimes {
-    pub fn new(enabled: &[Mechanism], pids: Option<RuntimePids>) -> Self {
+    /// `trace_all`: every process is traced (probes per program file, not per process).
+    pub fn new(enabled: &[Mechanism], pids: Option<RuntimePids>, trace_all: bool) -> Self {
         Self {
             enabled: enabled
                 .iter()
@@ -113,6 +128,7 @@ impl Runtimes {
             proc: ProcFs::host(),
             pids,
             inspected: HashMap::new(),
+            per_file: trace_all,
             attached: HashMap::new(),
             by_pid: HashMap::new(),
         }
@@ -163,10 +179,15 @@ impl Runtimes {
                 mechanism: plan.mechanism,
             };
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.attached.entry(id) {
-            match attach(probes, plan, &exe) {
+        let (scope, only) = if self.per_file {
+            (Scope::File(id), None)
+        } else {
+            (Scope::Process(pid), std::num::NonZeroU32::new(pid))
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.attached.entry(scope) {
+            match attach(probes, plan, &exe, only) {
                 Ok(probes) => {
-                    slot.insert(AttachedFile {
+                    slot.insert(Attached {
                         _probes: probes,
                         users: HashSet::new(),
                     });
@@ -189,10 +210,10 @@ impl Runtimes {
                 why: format!("cannot mark the process for its probes: {e}"),
             };
         }
-        if let Some(file) = self.attached.get_mut(&id) {
-            file.users.insert(pid);
+        if let Some(a) = self.attached.get_mut(&scope) {
+            a.users.insert(pid);
         }
-        self.by_pid.insert(pid, id);
+        self.by_pid.insert(pid, scope);
         Stats::add(&stats.runtime_processes, 1);
         Outcome::Attached {
             mechanism: plan.mechanism,
@@ -200,21 +221,22 @@ impl Runtimes {
         }
     }
 
-    /// A process exited: the last one running a file takes the file's probes with it.
+    /// A process exited (or runs another program now): its probes go with it, a file's with
+    /// the last process running it.
     pub fn on_exit(&mut self, pid: u32) {
-        let Some(id) = self.by_pid.remove(&pid) else {
+        let Some(scope) = self.by_pid.remove(&pid) else {
             return;
         };
         if let Some(map) = self.pids.as_mut() {
             map.unmark(pid);
         }
-        let Some(file) = self.attached.get_mut(&id) else {
+        let Some(a) = self.attached.get_mut(&scope) else {
             return;
         };
-        file.users.remove(&pid);
-        if file.users.is_empty() {
+        a.users.remove(&pid);
+        if a.users.is_empty() {
             // Dropping the links detaches the probes.
-            self.attached.remove(&id);
+            self.attached.remove(&scope);
         }
     }
 }
@@ -233,14 +255,16 @@ fn inspect(exe: &Executable) -> Result<&'static Plan, String> {
     Err("not nginx".into())
 }
 
+/// Attaches a plan's probes to `exe`, for process `pid` only or (`None`) for all.
 fn attach(
     probes: &mut Probes,
     plan: &Plan,
     exe: &Executable,
+    pid: Option<std::num::NonZeroU32>,
 ) -> Result<Vec<UprobeAttachment>, String> {
     let mut links = Vec::new();
     for &(program, symbol) in plan.probes {
-        match probes.attach_uprobe(program, &exe.path, symbol) {
+        match probes.attach_uprobe(program, &exe.path, symbol, pid) {
             Ok(link) => links.push(link),
             // The links attached so far are dropped (detached) with `links`.
             Err(e) => return Err(format!("{program} on {symbol}: {e}")),
