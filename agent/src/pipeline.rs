@@ -15,6 +15,11 @@ use agent_common::{
 };
 
 use crate::{
+    correlation::{
+        contexts::KernelContext,
+        linker::{HOLD_NS, LinkOutcome, Linker},
+        pairing::{PairKey, Pairing},
+    },
     events::Event,
     idmap::IdMap,
     kernel::propagation::RejoinCandidate,
@@ -24,11 +29,9 @@ use crate::{
     },
     resources::Resources,
     spans::{
-        context::{Clock, IdGenerator, KernelContext},
-        correlation::{HOLD_NS, LinkOutcome, Linker},
+        context::{Clock, IdGenerator},
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
         model::{SpanId, SpanRecord},
-        pairing::{PairKey, Pairing},
         postgres::{QueryCache, build_db_span},
     },
     stats::Stats,

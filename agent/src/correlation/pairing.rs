@@ -14,8 +14,10 @@
 
 use std::net::SocketAddr;
 
-use super::model::{SpanId, SpanRecord, TraceId};
-use crate::idmap::IdMap;
+use crate::{
+    idmap::IdMap,
+    spans::model::{SpanId, SpanRecord, TraceId},
+};
 
 /// How long a server span waits for its local client span (kernel ns).
 pub const WAIT_NS: u64 = 5_000_000_000;

@@ -13,8 +13,10 @@
 
 use std::collections::VecDeque;
 
-use super::model::{SpanId, SpanRecord, TraceId};
-use crate::idmap::IdMap;
+use crate::{
+    idmap::IdMap,
+    spans::model::{SpanId, SpanRecord, TraceId},
+};
 
 /// How long a client span waits for its enclosing server span to end (kernel ns).
 pub const HOLD_NS: u64 = 1_000_000_000;
