@@ -464,43 +464,52 @@ impl<S: SpanSink> Correlator<S> {
     }
 }
 
+/// A span of trace `[trace; 16]` with id `[id; 8]` (and parent `[parent; 8]`), from `start`
+/// to `end`: for the tests of correlation's parts.
+#[cfg(test)]
+fn test_span(
+    trace: u8,
+    id: u8,
+    parent: Option<u8>,
+    kind: crate::spans::model::SpanKind,
+    (start, end): (u64, u64),
+) -> SpanRecord {
+    use crate::spans::model::{Resource, SpanStatus, TraceId};
+    SpanRecord {
+        trace_id: TraceId([trace; 16]),
+        span_id: SpanId([id; 8]),
+        parent_span_id: parent.map(|p| SpanId([p; 8])),
+        parent_is_remote: false,
+        trace_state: None,
+        name: "x".into(),
+        kind,
+        start_unix_nanos: start,
+        end_unix_nanos: end,
+        attributes: vec![],
+        status: SpanStatus::Unset,
+        resource: Arc::new(Resource {
+            pid: 1,
+            service_name: "s".into(),
+            attributes: vec![],
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     use super::*;
-    use crate::spans::model::{Resource, SpanKind, SpanStatus, TraceId};
+    use crate::spans::model::{SpanKind, TraceId};
 
     const ZERO_TRACE: [u8; 16] = [0; 16];
     const ZERO_SPAN: [u8; 8] = [0; 8];
-
-    /// A span as the pipeline builds it, with valid ids.
-    fn template() -> SpanRecord {
-        SpanRecord {
-            trace_id: TraceId([1; 16]),
-            span_id: SpanId([2; 8]),
-            parent_span_id: None,
-            parent_is_remote: false,
-            trace_state: None,
-            name: "GET".into(),
-            kind: SpanKind::Server,
-            start_unix_nanos: 100,
-            end_unix_nanos: 200,
-            attributes: vec![],
-            status: SpanStatus::Unset,
-            resource: Arc::new(Resource {
-                pid: 1,
-                service_name: "s".into(),
-                attributes: vec![],
-            }),
-        }
-    }
 
     /// The last line before the exporter: whatever produced it, a span with a zero id is
     /// repaired and counted, never sent as is.
     #[test]
     fn spans_with_invalid_ids_are_repaired_before_the_sink() {
-        let template = template();
+        let template = test_span(1, 2, None, SpanKind::Server, (100, 200));
         let stats = Arc::new(Stats::default());
         let mut c = Correlator::new(stats.clone(), Vec::new());
         let broken = [
