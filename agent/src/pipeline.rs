@@ -14,8 +14,8 @@ use agent_common::{
 };
 
 use crate::{
-    correlation::{ConnTrace, Correlator, Origin, SpanSink, first_ts},
-    events::Event,
+    correlation::{ConnTrace, Correlator, Origin, SpanSink},
+    events::{Event, first_ts},
     idmap::IdMap,
     kernel::propagation::RejoinCandidate,
     protocols::{

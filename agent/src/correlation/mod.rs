@@ -23,6 +23,7 @@ use self::{
     pairing::{PairKey, Pairing},
 };
 use crate::{
+    events::first_ts,
     idmap::IdMap,
     protocols::segment::Role,
     spans::{
@@ -124,11 +125,6 @@ fn pair_key(info: ConnInfo, role: Role, exchanges: &mut u64) -> Option<PairKey> 
         server,
         seq,
     })
-}
-
-/// When the event's bytes began to move (never after its own stamp).
-pub fn first_ts(h: &DataEvent) -> u64 {
-    h.first_ts_ns.min(h.ts_ns)
 }
 
 /// The kernel context of the request that started at `start_ns` in the role's request
