@@ -22,6 +22,11 @@ pub enum Event<'a> {
     Parked(ParkEvent),
 }
 
+/// When a data event's bytes began to move (never after its own stamp).
+pub fn first_ts(h: &DataEvent) -> u64 {
+    h.first_ts_ns.min(h.ts_ns)
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {0} bytes is too short")]

@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod correlation;
 mod event_loop;
 mod events;
 mod export;

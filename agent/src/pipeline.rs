@@ -1,21 +1,21 @@
-//! Events → connections → protocol parsers (HTTP/1.x, PostgreSQL) → spans → (linking) →
-//! exporter.
+//! Events → connections → protocol parsers (HTTP/1.x, PostgreSQL) → spans → correlation →
+//! exporter. This file routes events to connections and their parsers and builds the spans;
+//! what links them is `correlation/`.
 //!
 //! Runs on one thread without locks; everything it drops or rejects is counted in `Stats`.
 
 use std::{
-    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
 use agent_common::{
-    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_NOT_INJECTED, CONTEXT_SERVER, ConnEvent, ContextEvent,
-    DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
+    ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
 };
 
 use crate::{
-    events::Event,
+    correlation::{ConnTrace, Correlator, Origin, SpanSink},
+    events::{Event, first_ts},
     idmap::IdMap,
     kernel::propagation::RejoinCandidate,
     protocols::{
@@ -24,11 +24,8 @@ use crate::{
     },
     resources::Resources,
     spans::{
-        context::{Clock, IdGenerator, KernelContext},
-        correlation::{HOLD_NS, LinkOutcome, Linker},
+        context::{Clock, IdGenerator},
         http::{ConnInfo, ParentOutcome, SpanInputs, build_span},
-        model::{SpanId, SpanRecord},
-        pairing::{PairKey, Pairing},
         postgres::{QueryCache, build_db_span},
     },
     stats::Stats,
@@ -40,8 +37,6 @@ const IDLE_CONNECTION_NS: u64 = 300 * 1_000_000_000;
 const MAX_CONNECTIONS: usize = 100_000;
 /// Accept/connect hints not matched by data within this time are forgotten.
 const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
-/// Kernel contexts waiting for their request's exchange, per connection.
-const MAX_CONTEXTS_PER_CONNECTION: usize = 64;
 /// The kernel reports a socket closed when TCP is done with it, but its process may still read
 /// what had arrived: a client that shut down its sending side gets the answer and the server's
 /// FIN before it reads them. A connection with a request still open is kept this long after
@@ -54,7 +49,7 @@ struct Connection {
     last_ns: u64,
     /// Traffic on an ignored port: followed for its lifecycle only.
     ignored: bool,
-    /// What trace correlation keeps per connection.
+    /// What trace correlation keeps per connection (read and changed by `correlation/` only).
     trace: ConnTrace,
     /// The injector's view: where the socket is and whether it may rejoin.
     inject: InjectState,
@@ -92,32 +87,6 @@ pub enum RejoinOutcome {
     Never,
 }
 
-/// Per connection: the kernel's ids for its requests, and how many exchanges it has had
-/// (a request's position on the connection identifies it for same-host pairing).
-#[derive(Default)]
-struct ConnTrace {
-    /// Ids the kernel gave requests of this connection, oldest first.
-    contexts: VecDeque<KernelContext>,
-    exchanges: u64,
-}
-
-/// Where finished spans go (the exporter in production, a vector in tests).
-pub trait SpanSink {
-    fn send(&mut self, span: SpanRecord);
-}
-
-impl SpanSink for crate::export::ExportHandle {
-    fn send(&mut self, span: SpanRecord) {
-        crate::export::ExportHandle::send(self, span);
-    }
-}
-
-impl SpanSink for Vec<SpanRecord> {
-    fn send(&mut self, span: SpanRecord) {
-        self.push(span);
-    }
-}
-
 /// Why a connection ends, for counting.
 enum Ending {
     /// Closed by the kernel or by its process's exit.
@@ -150,11 +119,11 @@ pub struct Pipeline<S: SpanSink> {
     /// connect() was called on this socket: client side.
     connected: IdMap<(u32, u64), u64>,
     resources: Resources,
-    linker: Linker,
     ids: IdGenerator,
     clock: Clock,
     stats: Arc<Stats>,
-    sink: S,
+    /// Trace correlation: every span built here goes through it to the sink.
+    corr: Correlator<S>,
     /// Traffic to or from these ports is not traced: the agent's own OTLP export, which a
     /// local collector receives and which would otherwise be traced in an endless loop.
     ignored_ports: Vec<u16>,
@@ -163,98 +132,12 @@ pub struct Pipeline<S: SpanSink> {
     /// Analyses of repeated statement texts for PostgreSQL spans.
     queries: QueryCache,
     out: Outputs,
-    released: Vec<(SpanRecord, LinkOutcome)>,
-    /// A server context arrives right before the data event of its read (same timestamp).
-    server_contexts: IdMap<(u32, u64), ContextEvent>,
-    /// Client contexts come from the injector before the write's data event, per thread.
-    client_contexts: IdMap<(u32, u32), Vec<ContextEvent>>,
-    /// The agent's own canary exchange produces contexts that no data event follows.
-    own_pid: u32,
-    /// Same-host pairing (None: switched off).
-    pairing: Option<Pairing>,
-    /// Pair keys of client spans waiting in the linker.
-    held_keys: IdMap<SpanId, PairKey>,
-    /// Traced connections by (local, remote) address: is a server span's peer traced here?
-    by_addresses: IdMap<(SocketAddr, SocketAddr), (u32, u64)>,
-    /// Latest kernel time seen.
-    now: u64,
-    /// Spans on their way to the sink.
-    ready: Vec<SpanRecord>,
     /// Sockets found not to speak HTTP, to take out of the injector's map.
     not_http: Vec<u64>,
     /// Connections whose socket is parked out of the injector's map.
     parked: IdMap<(u32, u64), ()>,
     /// Parks that arrived before the connection's first data event (by socket cookie).
     early_parks: IdMap<u64, ParkEvent>,
-    /// Server spans whose trace id the injector already wrote into a call they made (span id
-    /// → when): same-host pairing must not rename their trace, or those calls' spans (here or
-    /// on other hosts) would be left with a parent in another trace.
-    propagated: IdMap<SpanId, u64>,
-}
-
-/// A request's identity on its connection for same-host pairing: the client's and the
-/// server's address (seen from either side) and its position; counts the exchange.
-fn pair_key(info: ConnInfo, role: Role, exchanges: &mut u64) -> Option<PairKey> {
-    let seq = *exchanges;
-    *exchanges += 1;
-    let (local, remote) = (ConnInfo::known(info.local)?, ConnInfo::known(info.remote)?);
-    let (client, server) = match role {
-        Role::Client => (local, remote),
-        Role::Server => (remote, local),
-    };
-    Some(PairKey {
-        client,
-        server,
-        seq,
-    })
-}
-
-/// When the event's bytes began to move (never after its own stamp).
-fn first_ts(h: &DataEvent) -> u64 {
-    h.first_ts_ns.min(h.ts_ns)
-}
-
-/// The kernel context of the request that started at `start_ns` in the role's request
-/// direction. Contexts older than it can no longer match (exchanges end in request order):
-/// they are dropped and counted.
-fn take_context(
-    contexts: &mut VecDeque<KernelContext>,
-    role: Role,
-    start_ns: u64,
-    stats: &Stats,
-) -> Option<KernelContext> {
-    let server = role == Role::Server;
-    let i = contexts
-        .iter()
-        .position(|c| c.server == server && c.ts_ns == start_ns)?;
-    let ctx = contexts.remove(i);
-    let before = contexts.len();
-    contexts.retain(|c| c.server != server || c.ts_ns >= start_ns);
-    Stats::add(
-        &stats.kernel_contexts_unmatched,
-        (before - contexts.len()) as u64,
-    );
-    ctx
-}
-
-/// Last line before the exporter: a span with a zero id gets valid ones. A zero trace id
-/// makes it the root of a trace of its own (its parent and trace state belonged to no valid
-/// trace); a zero parent is no parent.
-fn repair_ids(span: &mut SpanRecord, ids: &mut IdGenerator) {
-    if !span.trace_id.is_valid() {
-        span.trace_id = ids.trace_id();
-        span.parent_span_id = None;
-        span.trace_state = None;
-    }
-    if !span.span_id.is_valid() {
-        span.span_id = ids.span_id();
-    }
-    if span.parent_span_id.is_some_and(|p| !p.is_valid()) {
-        span.parent_span_id = None;
-    }
-    if span.parent_span_id.is_none() {
-        span.parent_is_remote = false;
-    }
 }
 
 fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
@@ -278,28 +161,17 @@ impl<S: SpanSink> Pipeline<S> {
             accepted: IdMap::default(),
             connected: IdMap::default(),
             resources,
-            linker: Linker::default(),
             ids: IdGenerator::new(),
             clock: Clock::now(),
+            corr: Correlator::new(stats.clone(), sink),
             stats,
-            sink,
             ignored_ports: Vec::new(),
             raw_db_query: false,
             queries: QueryCache::default(),
             out: Outputs::default(),
-            released: Vec::new(),
-            server_contexts: IdMap::default(),
-            client_contexts: IdMap::default(),
-            own_pid: std::process::id(),
-            pairing: Some(Pairing::default()),
-            held_keys: IdMap::default(),
-            by_addresses: IdMap::default(),
-            now: 0,
-            ready: Vec::new(),
             not_http: Vec::new(),
             parked: IdMap::default(),
             early_parks: IdMap::default(),
-            propagated: IdMap::default(),
         }
     }
 
@@ -381,13 +253,12 @@ impl<S: SpanSink> Pipeline<S> {
 
     /// Switches same-host pairing on or off (on by default).
     pub fn pair_same_host(&mut self, on: bool) {
-        self.pairing = on.then(Pairing::default);
+        self.corr.pair_same_host(on);
     }
 
     /// Switches in-process linking in userspace on or off (on by default), and bounds it.
     pub fn link_in_process(&mut self, on: bool, max_age_ns: u64, max_children: u32) {
-        self.linker.set_enabled(on);
-        self.linker.set_bounds(max_age_ns, max_children);
+        self.corr.link_in_process(on, max_age_ns, max_children);
     }
 
     pub fn record_raw_db_query(&mut self, raw: bool) {
@@ -427,77 +298,10 @@ impl<S: SpanSink> Pipeline<S> {
                 self.on_exit(ev.pid, ev.ts_ns);
                 return Some(ProcessChange::Exit { pid: ev.pid });
             }
-            Event::Context(ev) => self.on_context(ev),
+            Event::Context(ev) => self.corr.on_context(ev),
             Event::Parked(ev) => self.on_parked(ev),
         }
         None
-    }
-
-    fn on_context(&mut self, ev: ContextEvent) {
-        if ev.pid == self.own_pid {
-            return;
-        }
-        if ev.role == CONTEXT_SERVER {
-            self.server_contexts.insert((ev.pid, ev.sock_cookie), ev);
-        } else {
-            // Ids on the wire: the parent's trace went onward (not for a request sent without).
-            if ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0
-                && ev.flags & CONTEXT_FLAG_NOT_INJECTED == 0
-                && self.propagated.len() < MAX_CONNECTIONS
-            {
-                self.propagated.insert(SpanId(ev.parent_id), ev.ts_ns);
-            }
-            let list = self.client_contexts.entry((ev.pid, ev.tid)).or_default();
-            if list.len() < MAX_CONTEXTS_PER_CONNECTION {
-                list.push(ev);
-            } else {
-                Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-            }
-        }
-    }
-
-    /// Moves the kernel contexts that belong to this data event onto its connection.
-    fn attach_contexts(&mut self, h: &DataEvent, key: (u32, u64)) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let mut found = Vec::new();
-        if h.direction == DIR_INGRESS {
-            if let Some(ev) = self.server_contexts.remove(&key) {
-                if ev.ts_ns == h.ts_ns {
-                    found.push((ev, h.ts_ns));
-                } else {
-                    Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-                }
-            }
-        } else if let Some(list) = self.client_contexts.remove(&(h.pid, h.tid)) {
-            let (local, remote) = (conn.info.local.port(), conn.info.remote.port());
-            for ev in list {
-                // Ports tell whether the injector ran for this socket (a failed write
-                // leaves its contexts to be discarded here).
-                let known = local != 0 || remote != 0;
-                if !known || (ev.local_port == local && ev.remote_port == remote) {
-                    // Keyed like the exchange it belongs to: by its request's start.
-                    found.push((ev, first_ts(h)));
-                } else {
-                    Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-                }
-            }
-        }
-        for (ev, ts) in found {
-            if KernelContext::has_zero_id(&ev) {
-                Stats::add(&self.stats.kernel_context_ids_invalid, 1);
-            }
-            // Unusable ids: the request keeps ids of its own.
-            let Some(ctx) = KernelContext::new(&ev, ts) else {
-                continue;
-            };
-            if conn.trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
-                conn.trace.contexts.pop_front();
-                Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-            }
-            conn.trace.contexts.push_back(ctx);
-        }
     }
 
     fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
@@ -541,19 +345,15 @@ impl<S: SpanSink> Pipeline<S> {
             self.resources.get_or_load(h.pid);
             Stats::add(&self.stats.connections_opened, 1);
         }
-        self.now = self.now.max(h.ts_ns);
-        if let Some(info) = info
-            && let Some(conn) = self.conns.get_mut(&key)
-        {
-            conn.info = info;
-            if ConnInfo::known(info.local).is_some() {
-                self.by_addresses.insert((info.local, info.remote), key);
-            }
-        }
-        self.attach_contexts(h, key);
+        self.corr.advance(h.ts_ns);
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        if let Some(info) = info {
+            conn.info = info;
+            self.corr.connection_addresses(key, info);
+        }
+        self.corr.attach_contexts(h, conn.info, &mut conn.trace);
         conn.last_ns = h.ts_ns;
         if h.fd != u32::MAX {
             conn.inject.fd = h.fd;
@@ -586,7 +386,7 @@ impl<S: SpanSink> Pipeline<S> {
             self.not_http.push(key.1);
         }
         if direction == Direction::Ingress && conn.stream.serves() {
-            self.linker.note_serving(h.pid, h.tid, h.ts_ns);
+            self.corr.note_serving(h.pid, h.tid, h.ts_ns);
         }
         let info = conn.info;
         let mut trace = std::mem::take(&mut conn.trace);
@@ -656,8 +456,7 @@ impl<S: SpanSink> Pipeline<S> {
         }
         self.accepted.retain(|(p, _), _| *p != pid);
         self.connected.retain(|(p, _), _| *p != pid);
-        self.linker.forget_process(pid, &mut self.released);
-        self.drain_released();
+        self.corr.process_exited(pid);
         self.resources.forget(pid);
     }
 
@@ -682,14 +481,7 @@ impl<S: SpanSink> Pipeline<S> {
         };
         Stats::add(counter, 1);
         self.flush(key.0, conn.info, &mut conn.trace);
-        Stats::add(
-            &self.stats.kernel_contexts_unmatched,
-            conn.trace.contexts.len() as u64,
-        );
-        if self.by_addresses.get(&(conn.info.local, conn.info.remote)) == Some(&key) {
-            self.by_addresses
-                .remove(&(conn.info.local, conn.info.remote));
-        }
+        self.corr.connection_ended(key, conn.info, &conn.trace);
     }
 
     fn flush(&mut self, pid: u32, info: ConnInfo, trace: &mut ConnTrace) {
@@ -709,41 +501,20 @@ impl<S: SpanSink> Pipeline<S> {
                 resource: resource.clone(),
                 clock: self.clock,
             };
-            let (mut span, parent) = build_span(inputs, &mut self.ids);
+            let (span, parent) = build_span(inputs, &mut self.ids);
             match parent {
                 ParentOutcome::Honoured => Stats::add(&self.stats.traceparent_honoured, 1),
                 ParentOutcome::Invalid => Stats::add(&self.stats.traceparent_invalid, 1),
                 ParentOutcome::None => {}
             }
-            let kernel = take_context(
-                &mut trace.contexts,
-                ex.role,
-                ex.request_start_ns,
-                &self.stats,
-            );
-            let pair = pair_key(info, ex.role, &mut trace.exchanges);
-            if let Some(ctx) = &kernel {
-                Stats::add(&self.stats.kernel_contexts_adopted, 1);
-                if !ctx.apply(&mut span) {
-                    Stats::add(&self.stats.kernel_context_mismatch, 1);
-                }
-            }
-            let end = ex.response_end_ns.unwrap_or(ex.request_end_ns);
-            match kernel {
-                // The kernel already decided this client span's parent (its ids are on the
-                // wire): no later re-linking.
-                Some(ctx) if ex.role == Role::Client => {
-                    Stats::add(&self.stats.spans_built, 1);
-                    if ctx.local_parent {
-                        Stats::add(&self.stats.client_spans_linked, 1);
-                        if let Some(parent) = span.parent_span_id {
-                            self.linker.adopted_in_kernel(parent);
-                        }
-                    }
-                    self.client_final(pair, span);
-                }
-                _ => self.route(pid, ex.role, ex.tid, ex.request_start_ns, end, span, pair),
-            }
+            let at = Origin {
+                pid,
+                tid: ex.tid,
+                role: ex.role,
+                start_ns: ex.request_start_ns,
+                end_ns: ex.response_end_ns.unwrap_or(ex.request_end_ns),
+            };
+            self.corr.http_span(at, info, trace, span);
         }
         for st in out.postgres.drain(..) {
             Stats::add(&self.stats.db_statements, 1);
@@ -756,112 +527,23 @@ impl<S: SpanSink> Pipeline<S> {
                 self.clock,
                 &mut self.ids,
             );
-            let pair = pair_key(info, st.role, &mut trace.exchanges);
-            self.route(pid, st.role, st.tid, st.start_ns, st.end_ns, span, pair);
+            let at = Origin {
+                pid,
+                tid: st.tid,
+                role: st.role,
+                start_ns: st.start_ns,
+                end_ns: st.end_ns,
+            };
+            self.corr.db_span(at, info, trace, span);
         }
         // Give the (now empty) buffers back for reuse.
         self.out = out;
     }
 
-    /// Server spans go out at once (and may adopt client spans later); client spans may wait
-    /// for the server span their thread is serving.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the exchange's parts the span's routing needs"
-    )]
-    fn route(
-        &mut self,
-        pid: u32,
-        role: Role,
-        tid: u32,
-        start: u64,
-        end: u64,
-        span: SpanRecord,
-        pair: Option<PairKey>,
-    ) {
-        Stats::add(&self.stats.spans_built, 1);
-        match role {
-            Role::Server => {
-                self.linker.server_span(pid, tid, start, end, &span);
-                let propagated = self.propagated.remove(&span.span_id).is_some();
-                if propagated {
-                    Stats::add(&self.stats.server_spans_kept_trace, 1);
-                }
-                match &mut self.pairing {
-                    Some(pairing) if !propagated => {
-                        // Is the other end a connection traced here?
-                        let peer_is_local = pair
-                            .is_some_and(|k| self.by_addresses.contains_key(&(k.client, k.server)));
-                        pairing.server_span(pair, peer_is_local, span, self.now, &mut self.ready);
-                    }
-                    _ => self.ready.push(span),
-                }
-                self.send_ready();
-            }
-            Role::Client => {
-                if let Some(key) = pair {
-                    self.held_keys.insert(span.span_id, key);
-                }
-                self.linker
-                    .client_span(pid, tid, start, end, span, &mut self.released);
-                self.drain_released();
-            }
-        }
-    }
-
-    /// A client span whose ids will not change any more.
-    fn client_final(&mut self, pair: Option<PairKey>, span: SpanRecord) {
-        match &mut self.pairing {
-            Some(pairing) => pairing.client_span(pair, span, self.now, &mut self.ready),
-            None => self.ready.push(span),
-        }
-        self.send_ready();
-    }
-
-    fn send_ready(&mut self) {
-        if let Some(p) = &mut self.pairing {
-            Stats::add(
-                &self.stats.server_spans_paired,
-                std::mem::take(&mut p.report.paired),
-            );
-            Stats::add(
-                &self.stats.server_spans_unpaired,
-                std::mem::take(&mut p.report.unpaired),
-            );
-        }
-        for mut span in self.ready.drain(..) {
-            if !span.has_valid_ids() {
-                Stats::add(&self.stats.spans_invalid_ids_fixed, 1);
-                repair_ids(&mut span, &mut self.ids);
-            }
-            self.sink.send(span);
-        }
-    }
-
-    fn drain_released(&mut self) {
-        let released = std::mem::take(&mut self.released);
-        for (span, outcome) in released {
-            match outcome {
-                LinkOutcome::Linked => Stats::add(&self.stats.client_spans_linked, 1),
-                LinkOutcome::Ambiguous => Stats::add(&self.stats.link_ambiguous, 1),
-                LinkOutcome::Bounded => Stats::add(&self.stats.link_bounded, 1),
-                LinkOutcome::Unlinked => {}
-            }
-            let pair = self.held_keys.remove(&span.span_id);
-            self.client_final(pair, span);
-        }
-    }
-
     /// Periodic work: release held client spans, expire idle state, refresh the clock.
     pub fn tick(&mut self, now_ns: u64) {
         self.clock = Clock::now();
-        self.now = self.now.max(now_ns);
-        self.linker.release(Some(now_ns), &mut self.released);
-        self.drain_released();
-        if let Some(p) = &mut self.pairing {
-            p.tick(Some(now_ns), &mut self.ready);
-        }
-        self.send_ready();
+        self.corr.tick(now_ns);
         let closed: Vec<_> = self
             .conns
             .iter()
@@ -886,9 +568,7 @@ impl<S: SpanSink> Pipeline<S> {
             .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
         self.connected
             .retain(|_, ts| ts.saturating_add(HINT_TTL_NS) > now_ns);
-        self.linker.prune(now_ns, 10 * HOLD_NS);
-        self.propagated
-            .retain(|_, ts| ts.saturating_add(IDLE_CONNECTION_NS) > now_ns);
+        self.corr.prune(now_ns);
     }
 
     /// Shutdown: release held spans. Requests still in flight are not reported as failed:
@@ -903,14 +583,7 @@ impl<S: SpanSink> Pipeline<S> {
         for (key, last) in closed {
             self.end_connection(key, Some(last), Ending::Closed);
         }
-        self.linker.release(None, &mut self.released);
-        self.drain_released();
-        if let Some(p) = &mut self.pairing {
-            p.tick(None, &mut self.ready);
-        }
-        self.send_ready();
-        self.held_keys.clear();
-        self.sink
+        self.corr.finish()
     }
 }
 
@@ -918,11 +591,13 @@ impl<S: SpanSink> Pipeline<S> {
 mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
-    use agent_common::{CONTEXT_FLAG_PARENT, DIR_EGRESS, EventKind, SyscallKind};
+    use agent_common::{
+        CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, DIR_EGRESS, EventKind, SyscallKind,
+    };
     use proptest::prelude::*;
 
     use super::*;
-    use crate::spans::model::{AttrValue, SpanKind, TraceId};
+    use crate::spans::model::{AttrValue, SpanKind, SpanRecord};
 
     const PID: u32 = 4_000_000; // no such process: resources fall back to a minimal one
 
@@ -1104,7 +779,7 @@ mod tests {
         );
         feed(&mut p, data(1, 5, DIR_INGRESS, 200, RESP), RESP);
         assert_eq!(p.open_connections(), 0, "ended once the answer was read");
-        assert_eq!(p.sink.len(), 1);
+        assert_eq!(p.corr.sink().len(), 1);
         let spans = p.finish();
         assert_eq!(spans[0].kind, SpanKind::Client);
         assert_eq!(span_status(&spans[0]), (Some(&AttrValue::Int(200)), false));
@@ -1122,7 +797,7 @@ mod tests {
         feed(&mut p, data(1, 5, DIR_INGRESS, 200, head), head);
         feed(&mut p, data(1, 5, DIR_INGRESS, 210, b"lo"), b"lo");
         p.tick(210 + CLOSED_READ_GRACE_NS - 1);
-        assert!(p.sink.is_empty());
+        assert!(p.corr.sink().is_empty());
         p.tick(210 + CLOSED_READ_GRACE_NS);
         assert_eq!(p.open_connections(), 0);
         let spans = p.finish();
@@ -1141,11 +816,11 @@ mod tests {
         feed(&mut p, data(1, 5, DIR_EGRESS, 100, REQ_A), REQ_A);
         close(&mut p, 1, 150);
         p.tick(150 + CLOSED_READ_GRACE_NS - 1);
-        assert!(p.sink.is_empty());
+        assert!(p.corr.sink().is_empty());
         p.tick(150 + CLOSED_READ_GRACE_NS);
         assert_eq!(p.open_connections(), 0);
-        assert_eq!(p.sink.len(), 1);
-        assert_eq!(span_status(&p.sink[0]), (None, true));
+        assert_eq!(p.corr.sink().len(), 1);
+        assert_eq!(span_status(&p.corr.sink()[0]), (None, true));
         assert_eq!(
             p.stats
                 .connections_closed
@@ -1346,47 +1021,6 @@ traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
         assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 2);
     }
 
-    /// The last line before the exporter: whatever produced it, a span with a zero id is
-    /// repaired and counted, never sent as is.
-    #[test]
-    fn spans_with_invalid_ids_are_repaired_before_the_sink() {
-        let mut p = pipeline();
-        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
-        feed(&mut p, data(1, 5, DIR_EGRESS, 200, RESP), RESP);
-        let template = p.finish().remove(0);
-        let (mut p, stats) = ids_pipeline();
-        let broken = [
-            (TraceId(ZERO_TRACE), template.span_id, Some(SpanId([9; 8]))),
-            (template.trace_id, SpanId(ZERO_SPAN), None),
-            (template.trace_id, template.span_id, Some(SpanId(ZERO_SPAN))),
-        ];
-        for (trace_id, span_id, parent) in broken {
-            let mut span = template.clone();
-            span.trace_id = trace_id;
-            span.span_id = span_id;
-            span.parent_span_id = parent;
-            span.parent_is_remote = true;
-            span.trace_state = Some("k=v".into());
-            p.ready.push(span);
-        }
-        p.send_ready();
-        let sent = p.finish();
-        assert_eq!(sent.len(), 3);
-        assert_valid_ids(&sent);
-        assert_eq!(
-            sent[0].parent_span_id, None,
-            "a parent in no valid trace is dropped"
-        );
-        assert_eq!(sent[0].trace_state, None);
-        assert_eq!(
-            sent[1].trace_id, template.trace_id,
-            "only the bad id changes"
-        );
-        assert_eq!(sent[2].parent_span_id, None);
-        assert!(!sent[2].parent_is_remote);
-        assert_eq!(stats.spans_invalid_ids_fixed.load(Relaxed), 3);
-    }
-
     fn hex_text(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -1470,6 +1104,7 @@ mod replay_cost {
     use agent_common::{DATA_FLAG_ADDRESSES, DIR_EGRESS, EventKind, SyscallKind};
 
     use super::*;
+    use crate::spans::model::SpanRecord;
 
     struct CountingSink(u64);
     impl SpanSink for CountingSink {

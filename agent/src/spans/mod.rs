@@ -1,9 +1,8 @@
-//! Spans: the record exporters take, how HTTP exchanges become spans, trace context, linking.
+//! Spans: the record exporters take, how HTTP and PostgreSQL exchanges become spans, W3C trace
+//! context, ids and clocks.
 pub mod context;
-pub mod correlation;
 pub mod http;
 pub mod model;
-pub mod pairing;
 pub mod postgres;
 
 /// An address as span attributes write it (`192.0.2.1`, `2001:db8::1`). IPv4 is written by

@@ -13,8 +13,10 @@
 
 use std::collections::VecDeque;
 
-use super::model::{SpanId, SpanRecord, TraceId};
-use crate::idmap::IdMap;
+use crate::{
+    idmap::IdMap,
+    spans::model::{SpanId, SpanRecord, TraceId},
+};
 
 /// How long a client span waits for its enclosing server span to end (kernel ns).
 pub const HOLD_NS: u64 = 1_000_000_000;
@@ -256,30 +258,11 @@ impl Limits {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::spans::model::{Resource, SpanKind, SpanStatus};
+    use crate::{correlation::test_span, spans::model::SpanKind};
 
     fn span(id: u8, kind: SpanKind) -> SpanRecord {
-        SpanRecord {
-            trace_id: TraceId([id; 16]),
-            span_id: SpanId([id; 8]),
-            parent_span_id: None,
-            parent_is_remote: false,
-            trace_state: None,
-            name: "x".into(),
-            kind,
-            start_unix_nanos: 0,
-            end_unix_nanos: 0,
-            attributes: vec![],
-            status: SpanStatus::Unset,
-            resource: Arc::new(Resource {
-                pid: 1,
-                service_name: "s".into(),
-                attributes: vec![],
-            }),
-        }
+        test_span(id, id, None, kind, (0, 0))
     }
 
     #[test]

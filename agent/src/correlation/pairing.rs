@@ -14,8 +14,10 @@
 
 use std::net::SocketAddr;
 
-use super::model::{SpanId, SpanRecord, TraceId};
-use crate::idmap::IdMap;
+use crate::{
+    idmap::IdMap,
+    spans::model::{SpanId, SpanRecord, TraceId},
+};
 
 /// How long a server span waits for its local client span (kernel ns).
 pub const WAIT_NS: u64 = 5_000_000_000;
@@ -252,30 +254,11 @@ fn encloses(client: &ClientEnd, server: &SpanRecord) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::spans::model::{Resource, SpanKind, SpanStatus};
+    use crate::{correlation::test_span, spans::model::SpanKind};
 
     fn span(trace: u8, id: u8, parent: Option<u8>, start: u64, end: u64) -> SpanRecord {
-        SpanRecord {
-            trace_id: TraceId([trace; 16]),
-            span_id: SpanId([id; 8]),
-            parent_span_id: parent.map(|p| SpanId([p; 8])),
-            parent_is_remote: false,
-            trace_state: None,
-            name: "x".into(),
-            kind: SpanKind::Server,
-            start_unix_nanos: start,
-            end_unix_nanos: end,
-            attributes: vec![],
-            status: SpanStatus::Unset,
-            resource: Arc::new(Resource {
-                pid: 1,
-                service_name: "s".into(),
-                attributes: vec![],
-            }),
-        }
+        test_span(trace, id, parent, SpanKind::Server, (start, end))
     }
 
     fn key(seq: u64) -> PairKey {
