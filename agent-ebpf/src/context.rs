@@ -5,7 +5,7 @@
 //! was in flight on the thread (an event loop serving several): then nobody guesses.
 
 use agent_common::{
-    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_NGINX,
+    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_REQUESTS_BY_FD,
     THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
@@ -71,7 +71,7 @@ pub struct ServerRequest {
 }
 
 /// The server socket each request was read from, by the process's fd for it, for processes
-/// whose runtime mechanism names a served request by its fd (`RUNTIME_NGINX`).
+/// whose runtime mechanism names a served request by its fd (`RUNTIME_REQUESTS_BY_FD`).
 #[map]
 static REQUESTS_BY_FD: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -91,7 +91,8 @@ static HANDOFFS: LruHashMap<u32, Handoff> = LruHashMap::with_max_entries(16384, 
 #[derive(Clone, Copy)]
 pub struct Handoff {
     pid: u32,
-    _pad: u32,
+    /// `HANDOFF_ONCE`: for the next client request only (see [`hand_off_once`]).
+    flags: u32,
     /// The served request's socket (0: the runtime named a request the kernel does not know).
     server_cookie: u64,
     ts_ns: u64,
@@ -100,6 +101,11 @@ pub struct Handoff {
 /// A hand-off older than this was left by a thread that died inside the runtime's write
 /// (a write call takes microseconds): ignored.
 const HANDOFF_MAX_NS: u64 = 1_000_000_000;
+
+const HANDOFF_ONCE: u32 = 1;
+/// A one-shot hand-off is set microseconds before its write: older, it was left by a write
+/// that did not reach the socket on this thread (its goroutine moved): unlinked.
+const HANDOFF_ONCE_MAX_NS: u64 = 20_000_000;
 
 /// Requests each process served since its last client request (see `context::pure_server`).
 #[map]
@@ -171,7 +177,7 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8
         note_inflight(pid, cookie, ts, &ev, line, incoming);
         if RUNTIME_PIDS
             .get_ptr(&pid)
-            .is_some_and(|f| unsafe { *f } & RUNTIME_NGINX != 0)
+            .is_some_and(|f| unsafe { *f } & RUNTIME_REQUESTS_BY_FD != 0)
         {
             let _ = REQUESTS_BY_FD.insert(&FdKey { pid, fd }, &cookie, 0);
         }
@@ -392,6 +398,13 @@ fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
     let _ = THREAD_CONTEXTS.insert(&tid, &ctx, 0);
 }
 
+/// A runtime probe: the thread's last request says nothing of what it writes now (Go: the
+/// goroutines that share a thread serve different requests).
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    let _ = THREAD_CONTEXTS.remove(&tid);
+}
+
 /// A write on a socket: on the socket the thread's request came in on, it is the answer.
 #[inline(always)]
 pub fn on_write(tid: u32, cookie: u64) {
@@ -421,13 +434,31 @@ pub enum Local {
 /// `fd` (whatever other requests its thread serves).
 #[inline(always)]
 pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
-    let server_cookie = REQUESTS_BY_FD
-        .get_ptr(&FdKey { pid, fd })
-        .map(|c| unsafe { *c })
-        .unwrap_or(0);
+    let server_cookie = request_on_fd(pid, fd).unwrap_or(0);
     let h = Handoff {
         pid,
-        _pad: 0,
+        flags: 0,
+        server_cookie,
+        ts_ns: now,
+    };
+    let _ = HANDOFFS.insert(&tid, &h, 0);
+}
+
+/// The server socket of the last request `pid` read on `fd`.
+#[inline(always)]
+pub fn request_on_fd(pid: u32, fd: u32) -> Option<u64> {
+    REQUESTS_BY_FD
+        .get_ptr(&FdKey { pid, fd })
+        .map(|c| unsafe { *c })
+}
+
+/// A runtime probe: the next client request `tid` writes belongs to the request read on
+/// server socket `server_cookie`; the hand-off ends with it (or when it is overwritten).
+#[inline(always)]
+pub fn hand_off_once(pid: u32, tid: u32, server_cookie: u64, now: u64) {
+    let h = Handoff {
+        pid,
+        flags: HANDOFF_ONCE,
         server_cookie,
         ts_ns: now,
     };
@@ -447,7 +478,17 @@ pub fn end_hand_off(tid: u32) {
 fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
     let h = HANDOFFS.get_ptr(&tid)?;
     let h = unsafe { *h };
-    if h.pid != pid || now.saturating_sub(h.ts_ns) >= HANDOFF_MAX_NS {
+    if h.pid != pid {
+        return None;
+    }
+    let age = now.saturating_sub(h.ts_ns);
+    if h.flags & HANDOFF_ONCE != 0 {
+        let _ = HANDOFFS.remove(&tid);
+        if age >= HANDOFF_ONCE_MAX_NS {
+            count(|c| c.handoff_not_in_flight += 1);
+            return Some(None);
+        }
+    } else if age >= HANDOFF_MAX_NS {
         return None;
     }
     let named = if h.server_cookie == 0 {

@@ -384,6 +384,12 @@ impl<S: SpanSink> Pipeline<S> {
         self.pairing = on.then(Pairing::default);
     }
 
+    /// Whether `pid`'s threads stand for the request they read (a runtime mechanism says they
+    /// do not: Go's goroutines move between threads).
+    pub fn set_threads_serve(&mut self, pid: u32, serve: bool) {
+        self.linker.set_threads_serve(pid, serve);
+    }
+
     /// Switches in-process linking in userspace on or off (on by default), and bounds it.
     pub fn link_in_process(&mut self, on: bool, max_age_ns: u64, max_children: u32) {
         self.linker.set_enabled(on);

@@ -1,0 +1,192 @@
+//! Go (`net/http`): which served request a client request is written for.
+//!
+//! A Go server serves each connection on a goroutine of its own and runs the handler on it;
+//! goroutines move between threads, so the thread tells nothing. The goroutine does: `g`, the
+//! running goroutine, is in R14 in all Go code of the register ABI (Go 1.17+ on amd64), and
+//! arguments are in RAX, RBX, RCX, ... at a function's entry.
+//!
+//! 1. `internal/poll.(*FD).Read` (entry): the fd each goroutine read last.
+//! 2. `net/http.serverHandler.ServeHTTP` (entry), on the connection's goroutine once its
+//!    request is read: the goroutine serves the request the kernel read last on that fd.
+//! 3. `(*persistConn).roundTrip` (entry) runs on the handler's goroutine: the `*Request` it
+//!    sends (`transportRequest` embeds it as its first field) is owned by that request.
+//! 4. `(*Request).write` (entry) runs on the connection's `writeLoop` goroutine: that
+//!    goroutine's next socket write is for the owner.
+//! 5. `internal/poll.(*FD).Write` (entry): the goroutine's thread hands its write off to the
+//!    owner (one shot, consumed by the first client request on the thread, short-lived), or
+//!    has any hand-off and thread context removed: a Go thread never stands for a request.
+//!
+//! No uretprobes: Go moves goroutine stacks, which breaks them.
+
+use agent_common::{GO_FD_SYSFD_OFFSET, GO_TRANSPORT_REQUEST_OFFSET};
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_probe_read_user, generated::bpf_ktime_get_ns},
+    macros::{map, uprobe},
+    maps::LruHashMap,
+    programs::ProbeContext,
+};
+
+use crate::{
+    context,
+    maps::{count, selected_tgid},
+};
+
+/// The fd each goroutine read last (`poll.FD.Read`).
+#[map]
+static LAST_READ_FD: LruHashMap<GoKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// The request socket each goroutine serves.
+#[map]
+static SERVING: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// The served request's socket each client request in flight was started for (by `*Request`).
+#[map]
+static OWNERS: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// The served request's socket a write goroutine's next write is for (0: none).
+#[map]
+static WRITERS: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// A goroutine (`g`) or a `*Request` of one process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoKey {
+    pid: u32,
+    _pad: u32,
+    addr: u64,
+}
+
+#[inline(always)]
+fn key(pid: u32, addr: u64) -> GoKey {
+    GoKey { pid, _pad: 0, addr }
+}
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> &pt_regs {
+    unsafe { &*ctx.regs }
+}
+
+/// `internal/poll.(*FD).Read(fd, p)`: RAX = fd, R14 = g.
+#[uprobe]
+pub fn agent_go_fd_read(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let r = regs(&ctx);
+    let (g, fd) = (r.r14, r.rax);
+    match unsafe { bpf_probe_read_user((fd + GO_FD_SYSFD_OFFSET) as *const i64) } {
+        Ok(sysfd) if (0..=i32::MAX as i64).contains(&sysfd) => {
+            let _ = LAST_READ_FD.insert(&key(pid, g), &(sysfd as u32), 0);
+        }
+        _ => {
+            let _ = LAST_READ_FD.remove(&key(pid, g));
+            count(|c| c.handoff_unreadable += 1);
+        }
+    }
+    0
+}
+
+/// `net/http.serverHandler.ServeHTTP(sh, rw, req)`: R14 = the connection's goroutine, which
+/// read the request (or had it buffered from its last read, on the same connection).
+#[uprobe]
+pub fn agent_go_serve(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let g = regs(&ctx).r14;
+    let k = key(pid, g);
+    let cookie = LAST_READ_FD
+        .get_ptr(&k)
+        .and_then(|fd| context::request_on_fd(pid, unsafe { *fd }));
+    match cookie {
+        Some(cookie) => {
+            let _ = SERVING.insert(&k, &cookie, 0);
+            count(|c| c.go_serves_known += 1);
+        }
+        None => {
+            let _ = SERVING.remove(&k);
+            count(|c| c.go_serves_unknown += 1);
+        }
+    }
+    0
+}
+
+/// `net/http.(*persistConn).roundTrip(pc, treq)`: RAX = pc, RBX = treq, R14 = g.
+#[uprobe]
+pub fn agent_go_round_trip(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let r = regs(&ctx);
+    let (g, treq) = (r.r14, r.rbx);
+    // `transportRequest { *Request; ... }`.
+    let req: u64 =
+        match unsafe { bpf_probe_read_user((treq + GO_TRANSPORT_REQUEST_OFFSET) as *const u64) } {
+            Ok(req) if req != 0 => req,
+            _ => {
+                count(|c| c.handoff_unreadable += 1);
+                return 0;
+            }
+        };
+    match SERVING.get_ptr(&key(pid, g)) {
+        Some(cookie) => {
+            let cookie = unsafe { *cookie };
+            let _ = OWNERS.insert(&key(pid, req), &cookie, 0);
+            count(|c| c.go_calls_owned += 1);
+        }
+        None => {
+            // A `*Request` address is reused once collected: never leave an old owner on it.
+            let _ = OWNERS.remove(&key(pid, req));
+            count(|c| c.go_calls_unowned += 1);
+        }
+    }
+    0
+}
+
+/// `net/http.(*Request).write(r, w, ...)`: RAX = r, R14 = the transport's write goroutine.
+#[uprobe]
+pub fn agent_go_request_write(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let r = regs(&ctx);
+    let (g, req) = (r.r14, r.rax);
+    let owner = match OWNERS.get_ptr(&key(pid, req)) {
+        Some(c) => unsafe { *c },
+        None => 0,
+    };
+    let _ = OWNERS.remove(&key(pid, req));
+    if owner == 0 {
+        let _ = WRITERS.remove(&key(pid, g));
+    } else {
+        let _ = WRITERS.insert(&key(pid, g), &owner, 0);
+    }
+    0
+}
+
+/// `internal/poll.(*FD).Write(fd, p)`: R14 = the writing goroutine.
+#[uprobe]
+pub fn agent_go_fd_write(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = selected_tgid() else {
+        return 0;
+    };
+    let g = regs(&ctx).r14;
+    let k = key(pid, g);
+    let owner = match WRITERS.get_ptr(&k) {
+        Some(c) => unsafe { *c },
+        None => 0,
+    };
+    if owner == 0 {
+        // Whatever this thread handed off or read before is not this goroutine's.
+        context::end_hand_off(tid);
+        context::forget_thread(tid);
+        return 0;
+    }
+    // The request's head is in this write (bufio flushes it whole): later writes of the same
+    // request (its body) are not requests.
+    let _ = WRITERS.remove(&k);
+    context::hand_off_once(pid, tid, owner, unsafe { bpf_ktime_get_ns() });
+    count(|c| c.go_writes_handed_off += 1);
+    0
+}
