@@ -262,6 +262,9 @@ pub struct KernelStats {
     /// Go: handlers started for a request the kernel does not know (its start was not seen,
     /// or not on the goroutine's last read socket): their client requests go unlinked.
     pub go_serves_unknown: u64,
+    /// Go: requests whose first byte the connection's background read took alone, opened
+    /// (given their server context) when their handler started.
+    pub go_split_starts: u64,
     /// Go: client requests started (`persistConn.roundTrip`) by a goroutine serving a request.
     pub go_calls_owned: u64,
     /// Go: client requests started by a goroutine that serves no request the kernel knows (a
@@ -271,7 +274,7 @@ pub struct KernelStats {
     /// its client request was started for.
     pub go_writes_handed_off: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 264);
+const _: () = assert!(size_of::<KernelStats>() == 272);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;
@@ -298,6 +301,10 @@ pub const CONTEXT_FLAG_REWRITTEN: u32 = 4;
 /// Client: the request went out without these ids (its socket was out of the injector's
 /// map); they name its span and its parent, not anything on the wire.
 pub const CONTEXT_FLAG_NOT_INJECTED: u32 = 8;
+/// Server: the request's first byte came alone in an earlier read (Go's server reads one byte
+/// ahead); `ts_ns` is that read's, and the context comes after the request's data events,
+/// from a runtime probe (before its answer).
+pub const CONTEXT_FLAG_SPLIT_START: u32 = 16;
 
 /// The ids the kernel chose for one request. A server context comes right before the data
 /// event of the read holding the request's first byte (same `ts_ns`); client contexts come

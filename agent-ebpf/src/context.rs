@@ -5,8 +5,8 @@
 //! was in flight on the thread (an event loop serving several): then nobody guesses.
 
 use agent_common::{
-    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_REQUESTS_BY_FD,
-    THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
+    CONTEXT_FLAG_PARENT, CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ContextEvent, EventKind,
+    RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -136,6 +136,57 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8
     if !http_head::starts_request(buf, captured) {
         return;
     }
+    open_request(pid, tid, cookie, fd, ts, buf, captured, 0);
+}
+
+/// A runtime probe: the request now served on `cookie` was not opened at its read (its first
+/// byte came alone, in an earlier read); `buf` holds its head, copied from the program's
+/// buffer. Opened now (`CONTEXT_FLAG_SPLIT_START`, `ts` the probe's time). True when it did.
+#[inline(always)]
+pub fn open_late_request(
+    pid: u32,
+    tid: u32,
+    cookie: u64,
+    fd: u32,
+    ts: u64,
+    buf: *const u8,
+) -> bool {
+    if !http_head::starts_request(buf, http_head::HEAD_WINDOW) {
+        return false;
+    }
+    open_request(
+        pid,
+        tid,
+        cookie,
+        fd,
+        ts,
+        buf,
+        http_head::HEAD_WINDOW,
+        CONTEXT_FLAG_SPLIT_START,
+    );
+    true
+}
+
+/// Whether the request last read on `cookie` is still in flight (not answered, not closed).
+#[inline(always)]
+pub fn in_flight(cookie: u64) -> bool {
+    SERVER_REQUESTS.get_ptr(&cookie).is_some()
+}
+
+/// A request starts at `buf` (the read's first `captured` bytes): choose the server span's
+/// ids, remember them and tell userspace.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn open_request(
+    pid: u32,
+    tid: u32,
+    cookie: u64,
+    fd: u32,
+    ts: u64,
+    buf: *const u8,
+    captured: u32,
+    split: u32,
+) {
     if pure_server(pid) {
         return;
     }
@@ -183,6 +234,7 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8
         }
     }
     count(|c| c.server_contexts += 1);
+    ev.flags |= split;
     emit(ev);
 }
 

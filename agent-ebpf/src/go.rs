@@ -7,7 +7,9 @@
 //!
 //! 1. `internal/poll.(*FD).Read` (entry): the fd each goroutine read last.
 //! 2. `net/http.serverHandler.ServeHTTP` (entry), on the connection's goroutine once its
-//!    request is read: the goroutine serves the request the kernel read last on that fd.
+//!    request is read: the goroutine serves the request the kernel read last on that fd. A
+//!    request whose first byte the connection's background read took alone was not opened at
+//!    its read; it is opened here, from its head in the goroutine's read buffer.
 //! 3. `(*persistConn).roundTrip` (entry) runs on the handler's goroutine: the `*Request` it
 //!    sends (`transportRequest` embeds it as its first field) is owned by that request.
 //! 4. `(*Request).write` (entry) runs on the connection's `writeLoop` goroutine: that
@@ -21,20 +23,35 @@
 use agent_common::{GO_FD_SYSFD_OFFSET, GO_TRANSPORT_REQUEST_OFFSET};
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_probe_read_user, generated::bpf_ktime_get_ns},
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_ktime_get_ns},
     macros::{map, uprobe},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::ProbeContext,
 };
 
 use crate::{
-    context,
+    context, http_head,
     maps::{count, selected_tgid},
 };
 
-/// The fd each goroutine read last (`poll.FD.Read`).
+/// The fd and buffer each goroutine read last (`poll.FD.Read`).
 #[map]
-static LAST_READ_FD: LruHashMap<GoKey, u32> = LruHashMap::with_max_entries(65536, 0);
+static LAST_READ: LruHashMap<GoKey, LastRead> = LruHashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LastRead {
+    fd: u32,
+    _pad: u32,
+    /// Where the read put its bytes (`p`'s data).
+    buf: u64,
+}
+
+/// Per-CPU room for a request head copied from the program (sized for the scan's masked
+/// loads, `MASK + 1 + 32`).
+#[map]
+static HEAD_COPY: PerCpuArray<[u8; http_head::MASK as usize + 1 + 32]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// The request socket each goroutine serves.
 #[map]
@@ -74,13 +91,18 @@ pub fn agent_go_fd_read(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let r = regs(&ctx);
-    let (g, fd) = (r.r14, r.rax);
+    let (g, fd, buf) = (r.r14, r.rax, r.rbx);
     match unsafe { bpf_probe_read_user((fd + GO_FD_SYSFD_OFFSET) as *const i64) } {
         Ok(sysfd) if (0..=i32::MAX as i64).contains(&sysfd) => {
-            let _ = LAST_READ_FD.insert(&key(pid, g), &(sysfd as u32), 0);
+            let last = LastRead {
+                fd: sysfd as u32,
+                _pad: 0,
+                buf,
+            };
+            let _ = LAST_READ.insert(&key(pid, g), &last, 0);
         }
         _ => {
-            let _ = LAST_READ_FD.remove(&key(pid, g));
+            let _ = LAST_READ.remove(&key(pid, g));
             count(|c| c.handoff_unreadable += 1);
         }
     }
@@ -91,25 +113,53 @@ pub fn agent_go_fd_read(ctx: ProbeContext) -> u32 {
 /// read the request (or had it buffered from its last read, on the same connection).
 #[uprobe]
 pub fn agent_go_serve(ctx: ProbeContext) -> u32 {
-    let Some((pid, _)) = selected_tgid() else {
+    let Some((pid, tid)) = selected_tgid() else {
         return 0;
     };
     let g = regs(&ctx).r14;
     let k = key(pid, g);
-    let cookie = LAST_READ_FD
-        .get_ptr(&k)
-        .and_then(|fd| context::request_on_fd(pid, unsafe { *fd }));
-    match cookie {
-        Some(cookie) => {
-            let _ = SERVING.insert(&k, &cookie, 0);
-            count(|c| c.go_serves_known += 1);
-        }
-        None => {
-            let _ = SERVING.remove(&k);
-            count(|c| c.go_serves_unknown += 1);
-        }
+    let Some(last) = LAST_READ.get_ptr(&k).map(|l| unsafe { *l }) else {
+        let _ = SERVING.remove(&k);
+        count(|c| c.go_serves_unknown += 1);
+        return 0;
+    };
+    let fd = last.fd;
+    let Some(cookie) = context::request_on_fd(pid, fd) else {
+        let _ = SERVING.remove(&k);
+        count(|c| c.go_serves_unknown += 1);
+        return 0;
+    };
+    // No request in flight on the socket: its start was not seen, because its first byte
+    // came alone (read ahead by the connection's background goroutine, straight into the
+    // buffer the goroutine's last read then filled after it). Open it now, before the
+    // handler runs, from the head in that buffer.
+    if !context::in_flight(cookie) && open_late(pid, tid, cookie, fd, last.buf) {
+        count(|c| c.go_split_starts += 1);
     }
+    let _ = SERVING.insert(&k, &cookie, 0);
+    count(|c| c.go_serves_known += 1);
     0
+}
+
+#[inline(always)]
+fn open_late(pid: u32, tid: u32, cookie: u64, fd: u32, read_at: u64) -> bool {
+    let Some(head) = HEAD_COPY.get_ptr_mut(0) else {
+        return false;
+    };
+    let head = unsafe { &mut *head };
+    let dst = &mut head[..http_head::HEAD_WINDOW as usize];
+    let src = read_at.wrapping_sub(1) as *const u8;
+    if read_at == 0 || unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
+        return false;
+    }
+    context::open_late_request(
+        pid,
+        tid,
+        cookie,
+        fd,
+        unsafe { bpf_ktime_get_ns() },
+        head.as_ptr(),
+    )
 }
 
 /// `net/http.(*persistConn).roundTrip(pc, treq)`: RAX = pc, RBX = treq, R14 = g.

@@ -10,8 +10,9 @@ use std::{
 };
 
 use agent_common::{
-    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_NOT_INJECTED, CONTEXT_SERVER, ConnEvent, ContextEvent,
-    DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
+    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_NOT_INJECTED, CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER,
+    ConnEvent, ContextEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent,
+    SEND_LOST,
 };
 
 use crate::{
@@ -215,18 +216,25 @@ fn first_ts(h: &DataEvent) -> u64 {
 }
 
 /// The kernel context of the request that started at `start_ns` in the role's request
-/// direction. Contexts older than it can no longer match (exchanges end in request order):
-/// they are dropped and counted.
+/// direction, or — for a server exchange ending at `end_ns` — the first context a runtime
+/// probe opened late within it. Contexts older than it can no longer match (exchanges end in
+/// request order): they are dropped and counted.
 fn take_context(
     contexts: &mut VecDeque<KernelContext>,
     role: Role,
     start_ns: u64,
+    end_ns: u64,
     stats: &Stats,
 ) -> Option<KernelContext> {
     let server = role == Role::Server;
     let i = contexts
         .iter()
-        .position(|c| c.server == server && c.ts_ns == start_ns)?;
+        .position(|c| c.server == server && !c.late && c.ts_ns == start_ns)
+        .or_else(|| {
+            contexts.iter().position(|c| {
+                server && c.server && c.late && c.ts_ns > start_ns && c.ts_ns <= end_ns
+            })
+        })?;
     let ctx = contexts.remove(i);
     let before = contexts.len();
     contexts.retain(|c| c.server != server || c.ts_ns >= start_ns);
@@ -443,7 +451,11 @@ impl<S: SpanSink> Pipeline<S> {
         if ev.pid == self.own_pid {
             return;
         }
-        if ev.role == CONTEXT_SERVER {
+        if ev.role == CONTEXT_SERVER && ev.flags & CONTEXT_FLAG_SPLIT_START != 0 {
+            // Opened by a runtime probe after the request's data events (its first byte came
+            // alone): it joins the connection now, keyed by that byte's read.
+            self.attach_split_context(ev);
+        } else if ev.role == CONTEXT_SERVER {
             self.server_contexts.insert((ev.pid, ev.sock_cookie), ev);
         } else {
             // Ids on the wire: the parent's trace went onward (not for a request sent without).
@@ -460,6 +472,24 @@ impl<S: SpanSink> Pipeline<S> {
                 Stats::add(&self.stats.kernel_contexts_unmatched, 1);
             }
         }
+    }
+
+    fn attach_split_context(&mut self, ev: ContextEvent) {
+        let Some(conn) = self.conns.get_mut(&(ev.pid, ev.sock_cookie)) else {
+            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+            return;
+        };
+        if KernelContext::has_zero_id(&ev) {
+            Stats::add(&self.stats.kernel_context_ids_invalid, 1);
+        }
+        let Some(ctx) = KernelContext::new(&ev, ev.ts_ns) else {
+            return;
+        };
+        if conn.trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
+            conn.trace.contexts.pop_front();
+            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+        }
+        conn.trace.contexts.push_back(ctx);
     }
 
     /// Moves the kernel contexts that belong to this data event onto its connection.
@@ -725,6 +755,7 @@ impl<S: SpanSink> Pipeline<S> {
                 &mut trace.contexts,
                 ex.role,
                 ex.request_start_ns,
+                ex.response_end_ns.unwrap_or(u64::MAX),
                 &self.stats,
             );
             let pair = pair_key(info, ex.role, &mut trace.exchanges);
@@ -1350,6 +1381,44 @@ traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
         );
         assert_eq!(stats.kernel_context_ids_invalid.load(Relaxed), 2);
         assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 2);
+    }
+
+    /// Go's server read a request's first byte alone: the kernel opened it at its handler,
+    /// after its bytes (`CONTEXT_FLAG_SPLIT_START`, the probe's time). The exchange whose
+    /// bytes came before the context and whose answer after it takes the context; the next
+    /// request on the connection (with its own context at its read) is not confused by it.
+    #[test]
+    fn a_server_context_opened_late_by_a_runtime_probe_names_its_exchange() {
+        let (mut p, stats) = ids_pipeline();
+        p.pair_same_host(false);
+        let late = agent_common::CONTEXT_FLAG_SPLIT_START;
+        feed(
+            &mut p,
+            data(1, 5, DIR_INGRESS, 100, &REQ_A[..1]),
+            &REQ_A[..1],
+        );
+        feed(
+            &mut p,
+            data(1, 5, DIR_INGRESS, 110, &REQ_A[1..]),
+            &REQ_A[1..],
+        );
+        p.on_event(context(true, 120, late, ([0x22; 16], [0x33; 8], [0; 8])));
+        feed(&mut p, data(1, 5, DIR_EGRESS, 130, RESP), RESP);
+        p.on_event(context(true, 200, 0, ([0x44; 16], [0x55; 8], [0; 8])));
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, 210, RESP), RESP);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        assert_eq!(
+            (spans[0].trace_id.0, spans[0].span_id.0),
+            ([0x22; 16], [0x33; 8])
+        );
+        assert_eq!(
+            (spans[1].trace_id.0, spans[1].span_id.0),
+            ([0x44; 16], [0x55; 8])
+        );
+        assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 2);
+        assert_eq!(stats.kernel_contexts_unmatched.load(Relaxed), 0);
     }
 
     /// The last line before the exporter: whatever produced it, a span with a zero id is

@@ -471,6 +471,7 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.handoff_unreadable += c.handoff_unreadable;
     sum.go_serves_known += c.go_serves_known;
     sum.go_serves_unknown += c.go_serves_unknown;
+    sum.go_split_starts += c.go_split_starts;
     sum.go_calls_owned += c.go_calls_owned;
     sum.go_calls_unowned += c.go_calls_unowned;
     sum.go_writes_handed_off += c.go_writes_handed_off;
@@ -655,6 +656,12 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Go: handlers started for a request the kernel does not know (its start was not seen, \
              or not on the goroutine's last read socket): their client requests go unlinked.",
             s.go_serves_unknown,
+        ),
+        Metric::counter(
+            "kernel_go_split_starts",
+            "Go: requests whose first byte the connection's background read took alone, opened \
+             (given their server context) when their handler started.",
+            s.go_split_starts,
         ),
         Metric::counter(
             "kernel_go_calls_owned",
