@@ -94,12 +94,22 @@ pub fn agent_go_fd_read(ctx: ProbeContext) -> u32 {
     let (g, fd, buf) = (r.r14, r.rax, r.rbx);
     match unsafe { bpf_probe_read_user((fd + GO_FD_SYSFD_OFFSET) as *const i64) } {
         Ok(sysfd) if (0..=i32::MAX as i64).contains(&sysfd) => {
-            let last = LastRead {
-                fd: sysfd as u32,
-                _pad: 0,
-                buf,
-            };
-            let _ = LAST_READ.insert(&key(pid, g), &last, 0);
+            let k = key(pid, g);
+            // In place when the goroutine is known (most reads): an LRU update costs more.
+            match LAST_READ.get_ptr_mut(&k) {
+                Some(last) => unsafe {
+                    (*last).fd = sysfd as u32;
+                    (*last).buf = buf;
+                },
+                None => {
+                    let last = LastRead {
+                        fd: sysfd as u32,
+                        _pad: 0,
+                        buf,
+                    };
+                    let _ = LAST_READ.insert(&k, &last, 0);
+                }
+            }
         }
         _ => {
             let _ = LAST_READ.remove(&key(pid, g));
@@ -136,7 +146,12 @@ pub fn agent_go_serve(ctx: ProbeContext) -> u32 {
     if !context::in_flight(cookie) && open_late(pid, tid, cookie, fd, last.buf) {
         count(|c| c.go_split_starts += 1);
     }
-    let _ = SERVING.insert(&k, &cookie, 0);
+    match SERVING.get_ptr_mut(&k) {
+        Some(serving) => unsafe { *serving = cookie },
+        None => {
+            let _ = SERVING.insert(&k, &cookie, 0);
+        }
+    }
     count(|c| c.go_serves_known += 1);
     0
 }
