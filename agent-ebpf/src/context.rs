@@ -164,7 +164,16 @@ pub fn open_late_request(
         http_head::HEAD_WINDOW,
         CONTEXT_FLAG_SPLIT_START,
     );
-    true
+    // Opened unless its head did not scan (or linking is off).
+    in_flight(cookie)
+}
+
+/// Whether `pid` looks like a pure server (see [`pure_server`]), without counting a request.
+#[inline(always)]
+pub fn serves_without_calls(pid: u32) -> bool {
+    SERVED_WITHOUT_CALLS
+        .get_ptr(&pid)
+        .is_some_and(|n| unsafe { *n } >= PURE_SERVER_AFTER)
 }
 
 /// Whether the request last read on `cookie` is still in flight (not answered, not closed).

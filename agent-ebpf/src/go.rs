@@ -164,7 +164,16 @@ fn open_late(pid: u32, tid: u32, cookie: u64, fd: u32, read_at: u64) -> bool {
     let head = unsafe { &mut *head };
     let dst = &mut head[..http_head::HEAD_WINDOW as usize];
     let src = read_at.wrapping_sub(1) as *const u8;
-    if read_at == 0 || unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
+    // A pure server gets no contexts (as at its reads); and the 4 KiB copy only when a
+    // method's first letter is there.
+    if read_at == 0 || context::serves_without_calls(pid) {
+        return false;
+    }
+    match unsafe { bpf_probe_read_user(src) } {
+        Ok(b'G' | b'P' | b'H' | b'D' | b'O') => {}
+        _ => return false,
+    }
+    if unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
         return false;
     }
     context::open_late_request(
