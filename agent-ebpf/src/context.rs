@@ -6,7 +6,7 @@
 
 use agent_common::{
     CONTEXT_FLAG_PARENT, CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ContextEvent, EventKind,
-    RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
+    RUNTIME_GO, RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -459,13 +459,6 @@ fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
     let _ = THREAD_CONTEXTS.insert(&tid, &ctx, 0);
 }
 
-/// A runtime probe: the thread's last request says nothing of what it writes now (Go: the
-/// goroutines that share a thread serve different requests).
-#[inline(always)]
-pub fn forget_thread(tid: u32) {
-    let _ = THREAD_CONTEXTS.remove(&tid);
-}
-
 /// A write on a socket: on the socket the thread's request came in on, it is the answer.
 #[inline(always)]
 pub fn on_write(tid: u32, cookie: u64) {
@@ -619,7 +612,17 @@ pub fn belongs_to(
     if let Some(named) = handed_off(pid, tid, now) {
         return named;
     }
-    match serving(tid, now) {
+    // A Go thread never stands for a request: goroutines move between threads, and a write
+    // whose goroutine moved after its hand-off was set arrives on a thread without one.
+    let local = if RUNTIME_PIDS
+        .get_ptr(&pid)
+        .is_some_and(|f| unsafe { *f } & RUNTIME_GO != 0)
+    {
+        Local::None
+    } else {
+        serving(tid, now)
+    };
+    match local {
         Local::Serving(t, s) => Some((t, s)),
         Local::Unknown => inflight_match(pid, now, forwarded, forwarded.map_or_else(line, |_| 0)),
         Local::None => forwarded.and_then(|t| inflight_match(pid, now, Some(t), 0)),

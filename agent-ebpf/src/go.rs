@@ -16,7 +16,10 @@
 //!    goroutine's next socket write is for the owner.
 //! 5. `internal/poll.(*FD).Write` (entry): the goroutine's thread hands its write off to the
 //!    owner (one shot, consumed by the first client request on the thread, short-lived), or
-//!    has any hand-off and thread context removed: a Go thread never stands for a request.
+//!    has any hand-off removed. Without a hand-off, a Go thread never stands for a request
+//!    (`context::belongs_to`): only a forwarded trace id can link the call.
+//!
+//! 6. `runtime.goexit0` (entry): a goroutine ended; its `g` is forgotten before reuse.
 //!
 //! No uretprobes: Go moves goroutine stacks, which breaks them.
 
@@ -186,6 +189,21 @@ fn open_late(pid: u32, tid: u32, cookie: u64, fd: u32, read_at: u64) -> bool {
     )
 }
 
+/// `runtime.goexit0(gp)`: RAX = the goroutine that ended (on the scheduler's stack). Its `g`
+/// will be reused for another goroutine, which must not inherit what this one read, served
+/// or was about to write (a handler goroutine of HTTP/2 never reads before serving).
+#[uprobe]
+pub fn agent_go_exit(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let k = key(pid, regs(&ctx).rax);
+    let _ = LAST_READ.remove(&k);
+    let _ = SERVING.remove(&k);
+    let _ = WRITERS.remove(&k);
+    0
+}
+
 /// `net/http.(*persistConn).roundTrip(pc, treq)`: RAX = pc, RBX = treq, R14 = g.
 #[uprobe]
 pub fn agent_go_round_trip(ctx: ProbeContext) -> u32 {
@@ -252,9 +270,8 @@ pub fn agent_go_fd_write(ctx: ProbeContext) -> u32 {
         None => 0,
     };
     if owner == 0 {
-        // Whatever this thread handed off or read before is not this goroutine's.
+        // Whatever this thread handed off before is not this goroutine's.
         context::end_hand_off(tid);
-        context::forget_thread(tid);
         return 0;
     }
     // The request's head is in this write (bufio flushes it whole): later writes of the same

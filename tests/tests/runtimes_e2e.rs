@@ -150,6 +150,7 @@ fn nginx_upstream_handoff_links_identical_concurrent_requests_without_mislinks()
             min_linked_pct: 99,
             route: "/work/",
             expect_unowned: false,
+            go: false,
         },
         &collector,
         &oracle,
@@ -218,6 +219,7 @@ fn go_front_run_on(version: &str, stripped: bool, route: &str) {
             min_linked_pct: if spawned { 0 } else { 99 },
             route,
             expect_unowned: spawned,
+            go: true,
         },
         &collector,
         &oracle,
@@ -266,6 +268,8 @@ struct Front<'a> {
     min_linked_pct: usize,
     /// Every call must be counted as unlinked (Go: started by a goroutine serving none).
     expect_unowned: bool,
+    /// Go: no call may be linked by its thread (`kernel_client_links`).
+    go: bool,
 }
 
 /// 16 concurrent keep-alive clients × 32 requests to `/work/<id>` of the front, each calling
@@ -435,6 +439,16 @@ fn concurrent_run(
     failures.check(counter("kernel_link_handoff") as usize >= linked, || {
         format!("the links did not come from the hand-off: {line}")
     });
+    if front.go {
+        // A write whose goroutine moved threads after its hand-off was set reaches the
+        // socket on a thread that read some other request: that thread must not decide.
+        failures.check(counter("kernel_client_links") == 0, || {
+            format!(
+                "{} call(s) linked by their thread in a Go process: {line}",
+                counter("kernel_client_links")
+            )
+        });
+    }
     if front.expect_unowned {
         // Unowned, or started by a goroutine that once served a request now gone (a reused
         // goroutine): either way unlinked and counted.

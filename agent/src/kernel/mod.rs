@@ -92,6 +92,7 @@ const RUNTIME_UPROBES: &[&str] = &[
     "agent_go_round_trip",
     "agent_go_request_write",
     "agent_go_fd_write",
+    "agent_go_exit",
 ];
 
 const TP_BTF: &[(&str, &str)] = &[

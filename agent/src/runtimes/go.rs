@@ -28,6 +28,8 @@ pub(super) static PLAN: Plan = Plan {
         ("agent_go_request_write", "net/http.(*Request).write"),
         // Every socket write of the program: hands the thread off for that write.
         ("agent_go_fd_write", "internal/poll.(*FD).Write"),
+        // Every goroutine's end: its g is reused, its state must not be.
+        ("agent_go_exit", "runtime.goexit0"),
     ],
 };
 
