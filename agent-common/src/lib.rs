@@ -256,13 +256,38 @@ pub struct KernelStats {
     /// Runtime probes that fired on memory they could not read or that was not what they
     /// expected (an nginx request without its signature): no hand-off.
     pub handoff_unreadable: u64,
+    /// Go: handlers started (`serverHandler.ServeHTTP`) for a request the kernel read on the
+    /// goroutine's connection.
+    pub go_serves_known: u64,
+    /// Go: handlers started for a request the kernel does not know (its start was not seen,
+    /// or not on the goroutine's last read socket): their client requests go unlinked.
+    pub go_serves_unknown: u64,
+    /// Go: requests whose first byte the connection's background read took alone, opened
+    /// (given their server context) when their handler started.
+    pub go_split_starts: u64,
+    /// Go: client requests started (`persistConn.roundTrip`) by a goroutine serving a request.
+    pub go_calls_owned: u64,
+    /// Go: client requests started by a goroutine that serves no request the kernel knows (a
+    /// background goroutine, or one a handler spawned): written unlinked.
+    pub go_calls_unowned: u64,
+    /// Go: socket writes of a Go transport's write goroutine handed off to the served request
+    /// its client request was started for.
+    pub go_writes_handed_off: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 224);
+const _: () = assert!(size_of::<KernelStats>() == 272);
 
-/// `RUNTIME_PIDS` flags: which runtime mechanism a process's probes serve.
-/// nginx: an upstream request is handed off to the request read on the client connection's fd,
-/// so the kernel indexes the process's served requests by fd.
-pub const RUNTIME_NGINX: u32 = 1;
+/// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
+/// Its probes name a served request by the fd it was read on (nginx: the client connection's;
+/// Go: the serving goroutine's connection's), so the kernel indexes its requests by fd.
+pub const RUNTIME_REQUESTS_BY_FD: u32 = 1;
+/// Go (`net/http`): goroutine probes (marks the process; nothing more in the kernel yet).
+pub const RUNTIME_GO: u32 = 2;
+
+/// Go's `internal/poll.FD.Sysfd`, after `fdmu fdMutex { state uint64; rsema, wsema uint32 }`
+/// (unchanged since Go 1.9; the agent's tests check it against the DWARF of Go 1.19 and 1.23).
+pub const GO_FD_SYSFD_OFFSET: u64 = 16;
+/// Go's `net/http.transportRequest.Request` (the embedded `*Request`, its first field).
+pub const GO_TRANSPORT_REQUEST_OFFSET: u64 = 0;
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;
@@ -276,6 +301,10 @@ pub const CONTEXT_FLAG_REWRITTEN: u32 = 4;
 /// Client: the request went out without these ids (its socket was out of the injector's
 /// map); they name its span and its parent, not anything on the wire.
 pub const CONTEXT_FLAG_NOT_INJECTED: u32 = 8;
+/// Server: the request's first byte came alone in an earlier read (Go's server reads one byte
+/// ahead); `ts_ns` is that read's, and the context comes after the request's data events,
+/// from a runtime probe (before its answer).
+pub const CONTEXT_FLAG_SPLIT_START: u32 = 16;
 
 /// The ids the kernel chose for one request. A server context comes right before the data
 /// event of the read holding the request's first byte (same `ts_ns`); client contexts come

@@ -5,8 +5,8 @@
 //! was in flight on the thread (an event loop serving several): then nobody guesses.
 
 use agent_common::{
-    CONTEXT_FLAG_PARENT, CONTEXT_SERVER, ContextEvent, EventKind, RUNTIME_NGINX,
-    THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
+    CONTEXT_FLAG_PARENT, CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ContextEvent, EventKind,
+    RUNTIME_GO, RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
 };
 use aya_ebpf::{
     helpers::generated::bpf_get_prandom_u32,
@@ -75,7 +75,7 @@ pub struct ServerRequest {
 }
 
 /// The server socket each request was read from, by the process's fd for it, for processes
-/// whose runtime mechanism names a served request by its fd (`RUNTIME_NGINX`).
+/// whose runtime mechanism names a served request by its fd (`RUNTIME_REQUESTS_BY_FD`).
 #[map]
 static REQUESTS_BY_FD: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -91,7 +91,10 @@ pub struct FdKey {
 /// with the thread: a hash map keyed by thread cost ~4× as much per request, and the write
 /// follows the probe on the same CPU unless the thread migrates in between, in which case the
 /// tag does not match there and the write is left to other evidence (never to another
-/// thread's hand-off).
+/// thread's hand-off). A one-shot hand-off (Go) left behind by a goroutine that moved threads
+/// before its write is overwritten by the next probe on that CPU; it could only be taken by
+/// the same thread writing a client request there without passing a probe first, within
+/// `HANDOFF_ONCE_MAX_NS` (a Go write always passes `poll.FD.Write` first).
 #[map]
 static HANDOFFS: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
@@ -101,6 +104,9 @@ pub struct Handoff {
     /// The thread writing (0: the slot is free).
     tid: u32,
     pid: u32,
+    /// `HANDOFF_ONCE`: for the next client request only (see [`hand_off_once`]).
+    flags: u32,
+    _pad: u32,
     /// The served request's socket (0: the runtime named a request the kernel does not know).
     server_cookie: u64,
     ts_ns: u64,
@@ -109,6 +115,11 @@ pub struct Handoff {
 /// A hand-off older than this was left by a thread that migrated or died inside the runtime's
 /// write (a non-blocking write call takes microseconds): ignored.
 const HANDOFF_MAX_NS: u64 = 10_000_000;
+
+const HANDOFF_ONCE: u32 = 1;
+/// A one-shot hand-off is set microseconds before its write: older, it was left by a write
+/// that did not reach the socket on this thread (its goroutine moved): unlinked.
+const HANDOFF_ONCE_MAX_NS: u64 = 20_000_000;
 
 /// Requests each process served since its last client request (see `context::pure_server`).
 #[map]
@@ -139,6 +150,66 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8
     if !http_head::starts_request(buf, captured) {
         return;
     }
+    open_request(pid, tid, cookie, fd, ts, buf, captured, 0);
+}
+
+/// A runtime probe: the request now served on `cookie` was not opened at its read (its first
+/// byte came alone, in an earlier read); `buf` holds its head, copied from the program's
+/// buffer. Opened now (`CONTEXT_FLAG_SPLIT_START`, `ts` the probe's time). True when it did.
+#[inline(always)]
+pub fn open_late_request(
+    pid: u32,
+    tid: u32,
+    cookie: u64,
+    fd: u32,
+    ts: u64,
+    buf: *const u8,
+) -> bool {
+    if !http_head::starts_request(buf, http_head::HEAD_WINDOW) {
+        return false;
+    }
+    open_request(
+        pid,
+        tid,
+        cookie,
+        fd,
+        ts,
+        buf,
+        http_head::HEAD_WINDOW,
+        CONTEXT_FLAG_SPLIT_START,
+    );
+    // Opened unless its head did not scan (or linking is off).
+    in_flight(cookie)
+}
+
+/// Whether `pid` looks like a pure server (see [`pure_server`]), without counting a request.
+#[inline(always)]
+pub fn serves_without_calls(pid: u32) -> bool {
+    SERVED_WITHOUT_CALLS
+        .get_ptr(&pid)
+        .is_some_and(|n| unsafe { *n } >= PURE_SERVER_AFTER)
+}
+
+/// Whether the request last read on `cookie` is still in flight (not answered, not closed).
+#[inline(always)]
+pub fn in_flight(cookie: u64) -> bool {
+    SERVER_REQUESTS.get_ptr(&cookie).is_some()
+}
+
+/// A request starts at `buf` (the read's first `captured` bytes): choose the server span's
+/// ids, remember them and tell userspace.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn open_request(
+    pid: u32,
+    tid: u32,
+    cookie: u64,
+    fd: u32,
+    ts: u64,
+    buf: *const u8,
+    captured: u32,
+    split: u32,
+) {
     if pure_server(pid) {
         return;
     }
@@ -180,12 +251,13 @@ pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8
         note_inflight(pid, cookie, ts, &ev, line, incoming);
         if RUNTIME_PIDS
             .get_ptr(&pid)
-            .is_some_and(|f| unsafe { *f } & RUNTIME_NGINX != 0)
+            .is_some_and(|f| unsafe { *f } & RUNTIME_REQUESTS_BY_FD != 0)
         {
             let _ = REQUESTS_BY_FD.insert(&FdKey { pid, fd }, &cookie, 0);
         }
     }
     count(|c| c.server_contexts += 1);
+    ev.flags |= split;
     emit(ev);
 }
 
@@ -435,10 +507,27 @@ pub enum Local {
 /// `fd` (whatever other requests its thread serves).
 #[inline(always)]
 pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
-    let server_cookie = REQUESTS_BY_FD
+    let server_cookie = request_on_fd(pid, fd).unwrap_or(0);
+    set_hand_off(pid, tid, 0, server_cookie, now);
+}
+
+/// The server socket of the last request `pid` read on `fd`.
+#[inline(always)]
+pub fn request_on_fd(pid: u32, fd: u32) -> Option<u64> {
+    REQUESTS_BY_FD
         .get_ptr(&FdKey { pid, fd })
         .map(|c| unsafe { *c })
-        .unwrap_or(0);
+}
+
+/// A runtime probe: the next client request `tid` writes belongs to the request read on
+/// server socket `server_cookie`; the hand-off ends with it (or when it is overwritten).
+#[inline(always)]
+pub fn hand_off_once(pid: u32, tid: u32, server_cookie: u64, now: u64) {
+    set_hand_off(pid, tid, HANDOFF_ONCE, server_cookie, now);
+}
+
+#[inline(always)]
+fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, now: u64) {
     let Some(slot) = HANDOFFS.get_ptr_mut(0) else {
         return;
     };
@@ -446,6 +535,7 @@ pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
     unsafe {
         core::ptr::write_volatile(&mut (*slot).tid, 0);
         (*slot).pid = pid;
+        (*slot).flags = flags;
         (*slot).server_cookie = server_cookie;
         (*slot).ts_ns = now;
         core::ptr::write_volatile(&mut (*slot).tid, tid);
@@ -469,7 +559,17 @@ pub fn end_hand_off(tid: u32) {
 fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
     let h = HANDOFFS.get_ptr(0)?;
     let h = unsafe { *h };
-    if h.tid != tid || h.pid != pid || now.saturating_sub(h.ts_ns) >= HANDOFF_MAX_NS {
+    if h.tid != tid || h.pid != pid {
+        return None;
+    }
+    let age = now.saturating_sub(h.ts_ns);
+    if h.flags & HANDOFF_ONCE != 0 {
+        end_hand_off(tid);
+        if age >= HANDOFF_ONCE_MAX_NS {
+            count(|c| c.handoff_not_in_flight += 1);
+            return Some(None);
+        }
+    } else if age >= HANDOFF_MAX_NS {
         return None;
     }
     let named = if h.server_cookie == 0 {
@@ -539,7 +639,17 @@ pub fn belongs_to(
     if let Some(named) = handed_off(pid, tid, now) {
         return named;
     }
-    match serving(tid, now) {
+    // A Go thread never stands for a request: goroutines move between threads, and a write
+    // whose goroutine moved after its hand-off was set arrives on a thread without one.
+    let local = if RUNTIME_PIDS
+        .get_ptr(&pid)
+        .is_some_and(|f| unsafe { *f } & RUNTIME_GO != 0)
+    {
+        Local::None
+    } else {
+        serving(tid, now)
+    };
+    match local {
         Local::Serving(t, s) => Some((t, s)),
         Local::Unknown => inflight_match(pid, now, forwarded, forwarded.map_or_else(line, |_| 0)),
         Local::None => forwarded.and_then(|t| inflight_match(pid, now, Some(t), 0)),

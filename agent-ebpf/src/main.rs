@@ -10,6 +10,7 @@
 #![no_main]
 
 mod context;
+mod go;
 mod http_head;
 mod inject;
 mod lifecycle;

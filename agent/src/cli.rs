@@ -222,8 +222,8 @@ pub struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "nginx",
-        value_name = "nginx|none"
+        default_values = ["nginx", "go"],
+        value_name = "nginx|go|none"
     )]
     pub runtime_linking: Vec<crate::runtimes::Mechanism>,
     /// A trace adopted from a long-lived connection stops growing after this many spans from

@@ -99,6 +99,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
         correlation.max_trace_age_ns,
         correlation.max_spans_per_trace,
     );
+    sync_threads(&mut runtimes, &mut pipeline);
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
     let fd = events.as_raw_fd();
@@ -168,6 +169,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
             }
             last_scan = Instant::now();
         }
+        sync_threads(&mut runtimes, &mut pipeline);
         if !stats_interval.is_zero() && last_stats.elapsed() >= stats_interval {
             let all: Vec<Metric> = counters
                 .snapshot()
@@ -233,6 +235,15 @@ fn apply(
             selector.on_exit(pid);
             procs.runtimes.on_exit(pid);
         }
+    }
+    sync_threads(procs.runtimes, pipeline);
+}
+
+/// Tells the pipeline which processes' threads stopped standing for a request (as soon as a
+/// runtime mechanism attaches, before their next events).
+fn sync_threads(runtimes: &mut Runtimes, pipeline: &mut Pipeline<ExportHandle>) {
+    for (pid, threadless) in runtimes.take_thread_changes() {
+        pipeline.set_threads_serve(pid, !threadless);
     }
 }
 

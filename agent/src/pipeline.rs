@@ -10,7 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS, DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
+    CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS,
+    DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
 };
 
 use crate::{
@@ -256,6 +257,12 @@ impl<S: SpanSink> Pipeline<S> {
         self.corr.pair_same_host(on);
     }
 
+    /// Whether `pid`'s threads stand for the request they read (a runtime mechanism says they
+    /// do not: Go's goroutines move between threads).
+    pub fn set_threads_serve(&mut self, pid: u32, serve: bool) {
+        self.corr.set_threads_serve(pid, serve);
+    }
+
     /// Switches in-process linking in userspace on or off (on by default), and bounds it.
     pub fn link_in_process(&mut self, on: bool, max_age_ns: u64, max_children: u32) {
         self.corr.link_in_process(on, max_age_ns, max_children);
@@ -297,6 +304,15 @@ impl<S: SpanSink> Pipeline<S> {
             Event::ProcessExit(ev) => {
                 self.on_exit(ev.pid, ev.ts_ns);
                 return Some(ProcessChange::Exit { pid: ev.pid });
+            }
+            Event::Context(ev)
+                if ev.role == CONTEXT_SERVER && ev.flags & CONTEXT_FLAG_SPLIT_START != 0 =>
+            {
+                let trace = self
+                    .conns
+                    .get_mut(&(ev.pid, ev.sock_cookie))
+                    .map(|c| &mut c.trace);
+                self.corr.attach_late_context(ev, trace);
             }
             Event::Context(ev) => self.corr.on_context(ev),
             Event::Parked(ev) => self.on_parked(ev),
@@ -933,6 +949,44 @@ mod tests {
 
     /// A traced client sends `traceparent: 00-000…0-<parent>-01`: the injector rewrote the
     /// parent id in place and reports the all-zero trace id. Neither span may carry it.
+    /// Go's server read a request's first byte alone: the kernel opened it at its handler,
+    /// after its bytes (`CONTEXT_FLAG_SPLIT_START`, the probe's time). The exchange whose
+    /// bytes came before the context and whose answer after it takes the context; the next
+    /// request on the connection (with its own context at its read) is not confused by it.
+    #[test]
+    fn a_server_context_opened_late_by_a_runtime_probe_names_its_exchange() {
+        let (mut p, stats) = ids_pipeline();
+        p.pair_same_host(false);
+        let late = agent_common::CONTEXT_FLAG_SPLIT_START;
+        feed(
+            &mut p,
+            data(1, 5, DIR_INGRESS, 100, &REQ_A[..1]),
+            &REQ_A[..1],
+        );
+        feed(
+            &mut p,
+            data(1, 5, DIR_INGRESS, 110, &REQ_A[1..]),
+            &REQ_A[1..],
+        );
+        p.on_event(context(true, 120, late, ([0x22; 16], [0x33; 8], [0; 8])));
+        feed(&mut p, data(1, 5, DIR_EGRESS, 130, RESP), RESP);
+        p.on_event(context(true, 200, 0, ([0x44; 16], [0x55; 8], [0; 8])));
+        feed(&mut p, data(1, 5, DIR_INGRESS, 200, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, 210, RESP), RESP);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        assert_eq!(
+            (spans[0].trace_id.0, spans[0].span_id.0),
+            ([0x22; 16], [0x33; 8])
+        );
+        assert_eq!(
+            (spans[1].trace_id.0, spans[1].span_id.0),
+            ([0x44; 16], [0x55; 8])
+        );
+        assert_eq!(stats.kernel_contexts_adopted.load(Relaxed), 2);
+        assert_eq!(stats.kernel_contexts_unmatched.load(Relaxed), 0);
+    }
+
     #[test]
     fn an_all_zero_trace_id_from_the_kernel_is_never_exported() {
         let (mut p, stats) = ids_pipeline();

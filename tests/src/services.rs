@@ -7,6 +7,8 @@
 //!   `GET <downstream>/work/<id>` on the serving thread.
 //! - [`ChainNode`]: Node `http` service (`fixtures/chain_service.js`), `GET /work/<id>` runs
 //!   `SELECT 1 AS req_<id>` on PostgreSQL with node-postgres.
+//! - [`GoFront`]: Go `net/http` service (`fixtures/go_front/main.go`, built by the test with a
+//!   given Go from Debian, optionally stripped), `GET /work/<id>` calls `GET <downstream>/same`.
 //! - [`SdkServer`] / [`sdk_client`]: the OpenTelemetry Python SDK on each side
 //!   (`fixtures/sdk_server.py`, `fixtures/sdk_client.py`).
 //! - [`ChecksumServer`] (`fixtures/checksum_server.js`) with [`header_client`] (python, every
@@ -297,6 +299,88 @@ impl Drop for NginxProxy {
             );
         }
     }
+}
+
+/// `tests/fixtures/go_front/main.go` in `host`, built with `/usr/lib/go-<version>` (with
+/// `-ldflags="-s -w"` when `stripped`): `GET /work/<id>` calls `GET <downstream>/same` with
+/// `X-Origin-Uri: /work/<id>` through one shared `http.Client` (keep-alive pool).
+pub struct GoFront {
+    server: ScriptServer,
+    ip: Ipv4Addr,
+    binary: PathBuf,
+}
+
+impl GoFront {
+    pub fn start(host: &Host, version: &str, stripped: bool, downstream: &str) -> GoFront {
+        let binary = build_go_front(version, stripped);
+        let mut cmd = host.command(&binary);
+        cmd.arg(host.ip().to_string()).arg("0").arg(downstream);
+        let label = format!(
+            "go_front-{version}{}",
+            if stripped { "-stripped" } else { "" }
+        );
+        let server = ScriptServer::start_command(&label, cmd);
+        wait_tcp("go_front", host.ip(), server.port(), START_TIMEOUT);
+        GoFront {
+            server,
+            ip: host.ip(),
+            binary,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}:{}{path}", self.ip, self.server.port())
+    }
+
+    pub fn binary(&self) -> &std::path::Path {
+        &self.binary
+    }
+
+    pub fn stderr(&self) -> String {
+        self.server.stderr()
+    }
+}
+
+/// Builds the Go front with one Go version (the standard library only: no module proxy
+/// here), into the target directory; Go's own build cache makes a rebuild quick.
+fn build_go_front(version: &str, stripped: bool) -> PathBuf {
+    let go = PathBuf::from(format!("/usr/lib/go-{version}/bin/go"));
+    assert!(
+        go.exists(),
+        "{} is missing: cargo xtask setup installs golang-{version}-go",
+        go.display()
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/go-tests")
+        .join(format!("go-front-{version}"));
+    fs::create_dir_all(&dir).expect("go build directory");
+    let out = dir.join(if stripped {
+        "go_front-stripped"
+    } else {
+        "go_front"
+    });
+    let mut cmd = Command::new(&go);
+    cmd.current_dir(fixture("go_front"))
+        .env("GOCACHE", dir.join("cache"))
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .args(["build", "-o"])
+        .arg(&out);
+    if stripped {
+        cmd.arg("-ldflags=-s -w");
+    }
+    cmd.arg("main.go");
+    let output = cmd.output().expect("run go build");
+    assert!(
+        output.status.success(),
+        "go build with Go {version} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
 }
 
 /// `tests/fixtures/checksum_server.js`: answers every request with what arrived (body length

@@ -66,6 +66,33 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Debian's backports suite (Go 1.23 is there, not in bookworm itself), added when missing.
+const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/debian-backports.sources";
+
+fn ensure_backports() -> Result<()> {
+    let listed = output(Command::new("sh").args([
+        "-c",
+        "grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && echo yes",
+    ]))
+    .is_some_and(|o| o.contains("yes"));
+    if listed {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "Go 1.23 comes from Debian's bookworm-backports, which apt does not list: add it \
+             (as root: `cargo xtask setup` writes {BACKPORTS_SOURCES})"
+        );
+    }
+    eprintln!("xtask: adding Debian bookworm-backports to apt's sources ({BACKPORTS_SOURCES})");
+    std::fs::write(
+        BACKPORTS_SOURCES,
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )
+    .with_context(|| format!("cannot write {BACKPORTS_SOURCES}"))
+}
+
 /// Installs the Python packages whose pinned version is not there yet.
 fn pip_install(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<String> = packages
@@ -165,6 +192,10 @@ pub fn run(test_deps: bool) -> Result<()> {
             // The test PKI of the https export tests.
             "openssl",
         ])?;
+        // Two Go versions for the Go runtime-linking tests (1.23 from bookworm-backports).
+        ensure_backports()?;
+        // gdb: the Go tests check struct offsets against the binaries' DWARF.
+        apt_install(&["golang-1.19-go", "golang-1.23-go", "gdb"])?;
         // Python packages, pinned: the rotel collector (the OTLP receiver the end-to-end tests
         // assert on), the OpenTelemetry SDK (a real OTLP sender for the harness self-test; its
         // grpcio and opentelemetry-proto also make the TLS receiver of the https export tests)

@@ -1,8 +1,8 @@
 //! The kernel's ids for a request: chosen before the request left or while it was read.
 
 use agent_common::{
-    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN, CONTEXT_SERVER,
-    ContextEvent,
+    CONTEXT_FLAG_LOCAL_PARENT, CONTEXT_FLAG_PARENT, CONTEXT_FLAG_REWRITTEN,
+    CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ContextEvent,
 };
 
 use crate::spans::model::{SpanId, SpanRecord, TraceId};
@@ -21,6 +21,9 @@ pub struct KernelContext {
     pub local_parent: bool,
     /// The request had a `traceparent` whose parent id the kernel replaced.
     pub rewritten: bool,
+    /// Server: opened by a runtime probe after the request's bytes were read (its first byte
+    /// came alone); `ts_ns` is the probe's time, inside the exchange, not its start.
+    pub late: bool,
 }
 
 impl KernelContext {
@@ -43,6 +46,7 @@ impl KernelContext {
             parent,
             local_parent: parent.is_some() && ev.flags & CONTEXT_FLAG_LOCAL_PARENT != 0,
             rewritten: ev.flags & CONTEXT_FLAG_REWRITTEN != 0,
+            late: ev.flags & CONTEXT_FLAG_SPLIT_START != 0,
         })
     }
 

@@ -64,6 +64,9 @@ pub enum LinkOutcome {
 
 pub struct Linker {
     threads: IdMap<(u32, u32), ThreadState>,
+    /// Processes whose threads do not stand for the request they read (Go: goroutines move
+    /// between threads): their client spans are never linked by thread.
+    threadless: std::collections::HashSet<u32>,
     enabled: bool,
     limits: Limits,
 }
@@ -82,6 +85,7 @@ impl Default for Linker {
     fn default() -> Self {
         Self {
             threads: IdMap::default(),
+            threadless: std::collections::HashSet::new(),
             enabled: true,
             limits: Limits {
                 max_age_ns: 300_000_000_000,
@@ -108,6 +112,15 @@ impl Linker {
     /// (a request's calls are linked by either mechanism, `--max-spans-per-trace` in all).
     pub fn adopted_in_kernel(&mut self, parent: SpanId) {
         *self.limits.children.entry(parent).or_default() += 1;
+    }
+
+    /// Whether `pid`'s threads stand for the request they read (true unless told otherwise).
+    pub fn set_threads_serve(&mut self, pid: u32, serve: bool) {
+        if serve {
+            self.threadless.remove(&pid);
+        } else {
+            self.threadless.insert(pid);
+        }
     }
 
     /// A server-role connection received request bytes on this thread.
@@ -148,7 +161,7 @@ impl Linker {
         span: SpanRecord,
         out: &mut Vec<(SpanRecord, LinkOutcome)>,
     ) {
-        if !self.enabled {
+        if !self.enabled || self.threadless.contains(&pid) {
             out.push((span, LinkOutcome::Unlinked));
             return;
         }
@@ -184,6 +197,7 @@ impl Linker {
 
     /// Forget a process's threads (it exited).
     pub fn forget_process(&mut self, pid: u32, out: &mut Vec<(SpanRecord, LinkOutcome)>) {
+        self.threadless.remove(&pid);
         let keys: Vec<_> = self
             .threads
             .keys()
@@ -278,6 +292,25 @@ mod tests {
         assert_eq!(out[0].1, LinkOutcome::Linked);
         assert_eq!(out[0].0.trace_id, TraceId([5; 16]));
         assert_eq!(out[0].0.parent_span_id, Some(SpanId([5; 8])));
+    }
+
+    #[test]
+    fn a_process_whose_threads_do_not_serve_is_never_linked_by_thread() {
+        let mut l = Linker::default();
+        let mut out = Vec::new();
+        l.set_threads_serve(1, false);
+        l.note_serving(1, 2, 100);
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        assert_eq!(out.len(), 1, "not held: nothing may adopt it");
+        assert_eq!(out[0].1, LinkOutcome::Unlinked);
+        assert_eq!(out[0].0.parent_span_id, None);
+        // Told otherwise (its program changed), thread linking applies again.
+        l.set_threads_serve(1, true);
+        out.clear();
+        l.client_span(1, 2, 200, 300, span(9, SpanKind::Client), &mut out);
+        l.server_span(1, 2, 100, 400, &span(5, SpanKind::Server));
+        l.release(None, &mut out);
+        assert_eq!(out[0].1, LinkOutcome::Linked);
     }
 
     #[test]

@@ -128,18 +128,25 @@ fn pair_key(info: ConnInfo, role: Role, exchanges: &mut u64) -> Option<PairKey> 
 }
 
 /// The kernel context of the request that started at `start_ns` in the role's request
-/// direction. Contexts older than it can no longer match (exchanges end in request order):
-/// they are dropped and counted.
+/// direction, or — for a server exchange ending at `end_ns` — the first context a runtime
+/// probe opened late within it. Contexts older than it can no longer match (exchanges end in
+/// request order): they are dropped and counted.
 fn take_context(
     contexts: &mut VecDeque<KernelContext>,
     role: Role,
     start_ns: u64,
+    end_ns: u64,
     stats: &Stats,
 ) -> Option<KernelContext> {
     let server = role == Role::Server;
     let i = contexts
         .iter()
-        .position(|c| c.server == server && c.ts_ns == start_ns)?;
+        .position(|c| c.server == server && !c.late && c.ts_ns == start_ns)
+        .or_else(|| {
+            contexts.iter().position(|c| {
+                server && c.server && c.late && c.ts_ns > start_ns && c.ts_ns <= end_ns
+            })
+        })?;
     let ctx = contexts.remove(i);
     let before = contexts.len();
     contexts.retain(|c| c.server != server || c.ts_ns >= start_ns);
@@ -235,6 +242,33 @@ impl<S: SpanSink> Correlator<S> {
         }
     }
 
+    /// A server context a runtime probe opened after its request's bytes were read (Go: the
+    /// request's first byte came alone, so the kernel saw no request start): it joins the
+    /// connection now, matched to the exchange it falls within (`take_context`).
+    pub fn attach_late_context(&mut self, ev: ContextEvent, trace: Option<&mut ConnTrace>) {
+        let Some(trace) = trace else {
+            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+            return;
+        };
+        if KernelContext::has_zero_id(&ev) {
+            Stats::add(&self.stats.kernel_context_ids_invalid, 1);
+        }
+        let Some(ctx) = KernelContext::new(&ev, ev.ts_ns) else {
+            return;
+        };
+        if trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
+            trace.contexts.pop_front();
+            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+        }
+        trace.contexts.push_back(ctx);
+    }
+
+    /// Whether `pid`'s threads stand for the request they read (a runtime mechanism says they
+    /// do not: Go's goroutines move between threads).
+    pub fn set_threads_serve(&mut self, pid: u32, serve: bool) {
+        self.linker.set_threads_serve(pid, serve);
+    }
+
     /// The connection `key` has these addresses (reported with its first event).
     pub fn connection_addresses(&mut self, key: (u32, u64), info: ConnInfo) {
         if ConnInfo::known(info.local).is_some() {
@@ -297,7 +331,13 @@ impl<S: SpanSink> Correlator<S> {
         trace: &mut ConnTrace,
         mut span: SpanRecord,
     ) {
-        let kernel = take_context(&mut trace.contexts, at.role, at.start_ns, &self.stats);
+        let kernel = take_context(
+            &mut trace.contexts,
+            at.role,
+            at.start_ns,
+            at.end_ns,
+            &self.stats,
+        );
         let pair = pair_key(info, at.role, &mut trace.exchanges);
         if let Some(ctx) = &kernel {
             Stats::add(&self.stats.kernel_contexts_adopted, 1);

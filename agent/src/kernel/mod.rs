@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         BtfTracePoint, TracePoint, UProbe,
-        uprobe::{UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
 use thiserror::Error;
@@ -87,6 +87,12 @@ pub struct Probes {
 const RUNTIME_UPROBES: &[&str] = &[
     "agent_nginx_upstream_write",
     "agent_nginx_upstream_write_done",
+    "agent_go_fd_read",
+    "agent_go_serve",
+    "agent_go_round_trip",
+    "agent_go_request_write",
+    "agent_go_fd_write",
+    "agent_go_exit",
 ];
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -233,14 +239,14 @@ impl Probes {
         })
     }
 
-    /// Attaches a loaded runtime uprobe at `symbol` of the program file `target`, for process
+    /// Attaches a loaded runtime uprobe at `at` in the program file `target`, for process
     /// `pid` only (its breakpoint is not even placed in other processes running the file) or,
     /// with `None`, for every process that runs it; dropping the link detaches it.
     pub fn attach_uprobe(
         &mut self,
         name: &'static str,
         target: &std::path::Path,
-        symbol: &str,
+        at: UprobeAt<'_>,
         pid: Option<std::num::NonZeroU32>,
     ) -> Result<UprobeAttachment, KernelError> {
         let prog: &mut UProbe = self
@@ -249,10 +255,16 @@ impl Probes {
             .ok_or(KernelError::MissingProgram { name })?
             .try_into()
             .map_err(|source| program_error(name, "is not a uprobe program", source))?;
+        let (location, symbol) = match at {
+            UprobeAt::Symbol(s) => (UProbeAttachLocation::Symbol(s), s),
+            UprobeAt::FileOffset { offset, function } => {
+                (UProbeAttachLocation::AbsoluteOffset(offset), function)
+            }
+        };
         let what = || format!("attaching to {symbol} in {}", target.display());
         let id = prog
             .attach(
-                [symbol],
+                [location],
                 target,
                 pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess),
             )
@@ -338,6 +350,14 @@ impl Probes {
             canary_counts: self.canary_counts,
         })
     }
+}
+
+/// Where a runtime uprobe goes in a program file.
+pub enum UprobeAt<'a> {
+    /// At a symbol of its ELF symbol tables.
+    Symbol(&'a str),
+    /// At a file offset the caller found (`function`: its name, for messages).
+    FileOffset { offset: u64, function: &'a str },
 }
 
 /// A runtime uprobe attached to a program file: dropping it detaches the probe.
@@ -456,6 +476,12 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.link_handoff += c.link_handoff;
     sum.handoff_not_in_flight += c.handoff_not_in_flight;
     sum.handoff_unreadable += c.handoff_unreadable;
+    sum.go_serves_known += c.go_serves_known;
+    sum.go_serves_unknown += c.go_serves_unknown;
+    sum.go_split_starts += c.go_split_starts;
+    sum.go_calls_owned += c.go_calls_owned;
+    sum.go_calls_unowned += c.go_calls_unowned;
+    sum.go_writes_handed_off += c.go_writes_handed_off;
 }
 
 impl KernelCounters {
@@ -625,6 +651,42 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Runtime probes that fired on memory they could not read or that was not what they \
              expected (an nginx request without its signature): no hand-off.",
             s.handoff_unreadable,
+        ),
+        Metric::counter(
+            "kernel_go_serves_known",
+            "Go: handlers started (`serverHandler.ServeHTTP`) for a request the kernel read on the \
+             goroutine's connection.",
+            s.go_serves_known,
+        ),
+        Metric::counter(
+            "kernel_go_serves_unknown",
+            "Go: handlers started for a request the kernel does not know (its start was not seen, \
+             or not on the goroutine's last read socket): their client requests go unlinked.",
+            s.go_serves_unknown,
+        ),
+        Metric::counter(
+            "kernel_go_split_starts",
+            "Go: requests whose first byte the connection's background read took alone, opened \
+             (given their server context) when their handler started.",
+            s.go_split_starts,
+        ),
+        Metric::counter(
+            "kernel_go_calls_owned",
+            "Go: client requests started (`persistConn.roundTrip`) by a goroutine serving a \
+             request.",
+            s.go_calls_owned,
+        ),
+        Metric::counter(
+            "kernel_go_calls_unowned",
+            "Go: client requests started by a goroutine that serves no request the kernel knows \
+             (a background goroutine, or one a handler spawned): written unlinked.",
+            s.go_calls_unowned,
+        ),
+        Metric::counter(
+            "kernel_go_writes_handed_off",
+            "Go: socket writes of a Go transport's write goroutine handed off to the served \
+             request its client request was started for.",
+            s.go_writes_handed_off,
         ),
     ]
 }

@@ -9,6 +9,7 @@
 //! returns at once. Tracing every process, they are attached to the file once, for all, and
 //! detached after the last selected process running it exits.
 
+mod go;
 mod nginx;
 
 use std::{
@@ -19,7 +20,7 @@ use std::{
 use clap::ValueEnum;
 
 use crate::{
-    kernel::{Probes, RuntimePids, UprobeAttachment},
+    kernel::{Probes, RuntimePids, UprobeAt, UprobeAttachment},
     proc::{Executable, ProcFs},
     stats::Stats,
 };
@@ -30,6 +31,10 @@ pub enum Mechanism {
     /// nginx: an upstream request belongs to the request whose client connection it is
     /// written for (uprobes on `ngx_chain_writer`).
     Nginx,
+    /// Go `net/http`: a client request belongs to the request the goroutine that started it
+    /// serves; the transport's write goroutine hands its write off (uprobes on `net/http` and
+    /// `internal/poll`, found in `.symtab` or `.gopclntab`).
+    Go,
     /// No runtime mechanism.
     None,
 }
@@ -38,6 +43,7 @@ impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Mechanism::Nginx => "nginx upstream hand-off",
+            Mechanism::Go => "Go net/http goroutine hand-off",
             Mechanism::None => "none",
         })
     }
@@ -51,10 +57,24 @@ struct Plan {
     probes: &'static [(&'static str, &'static str)],
 }
 
+/// A program file a mechanism applies to: where its probes go in it.
+#[derive(Clone)]
+struct Inspected {
+    plan: &'static Plan,
+    /// One per `plan.probes`: attach at the symbol (`None`) or at this file offset.
+    offsets: Option<Vec<u64>>,
+    /// What the report says of the file beyond its name (`Go go1.23.5, .gopclntab`).
+    about: String,
+}
+
 /// What became of a selected process, for the start-up report and the log.
 pub enum Outcome {
     /// The mechanism's probes are on the process's program file.
-    Attached { mechanism: Mechanism, file: String },
+    Attached {
+        mechanism: Mechanism,
+        file: String,
+        about: String,
+    },
     /// A mechanism applies but could not attach: why.
     Failed { mechanism: Mechanism, why: String },
     /// Switched off by `--runtime-linking`.
@@ -73,7 +93,16 @@ impl Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Attached { mechanism, file } => write!(f, "{mechanism}: attached ({file})"),
+            Outcome::Attached {
+                mechanism,
+                file,
+                about,
+            } if about.is_empty() => write!(f, "{mechanism}: attached ({file})"),
+            Outcome::Attached {
+                mechanism,
+                file,
+                about,
+            } => write!(f, "{mechanism}: attached ({file}: {about})"),
             Outcome::Failed { mechanism, why } => write!(f, "{mechanism}: not attached: {why}"),
             Outcome::Disabled { mechanism } => {
                 write!(f, "{mechanism}: applies, switched off by --runtime-linking")
@@ -109,11 +138,15 @@ pub struct Runtimes {
     /// `RUNTIME_PIDS` (absent when the kernel programs could not be loaded).
     pids: Option<RuntimePids>,
     /// Files inspected: the plan that applies, if any, or why none does.
-    inspected: HashMap<FileId, Result<&'static Plan, String>>,
+    inspected: HashMap<FileId, Result<Inspected, String>>,
     /// Probes per file when tracing every process, else per process.
     per_file: bool,
     attached: HashMap<Scope, Attached>,
     by_pid: HashMap<u32, Scope>,
+    /// Processes whose threads started or stopped standing for no request (Go: goroutines
+    /// move between threads), for userspace's thread-based linking (see `take_thread_changes`).
+    thread_changes: Vec<(u32, bool)>,
+    threadless: HashSet<u32>,
 }
 
 impl Runtimes {
@@ -131,6 +164,8 @@ impl Runtimes {
             per_file: trace_all,
             attached: HashMap::new(),
             by_pid: HashMap::new(),
+            thread_changes: Vec::new(),
+            threadless: HashSet::new(),
         }
     }
 
@@ -165,15 +200,16 @@ impl Runtimes {
             return Outcome::NotApplicable("its program file cannot be read".into());
         };
         let id = (exe.dev, exe.ino);
-        let plan = match self
+        let found = match self
             .inspected
             .entry(id)
             .or_insert_with(|| inspect(&exe))
             .clone()
         {
-            Ok(plan) => plan,
+            Ok(found) => found,
             Err(why) => return Outcome::NotApplicable(why),
         };
+        let plan = found.plan;
         if !self.enabled.contains(&plan.mechanism) {
             return Outcome::Disabled {
                 mechanism: plan.mechanism,
@@ -185,7 +221,7 @@ impl Runtimes {
             (Scope::Process(pid), std::num::NonZeroU32::new(pid))
         };
         if let std::collections::hash_map::Entry::Vacant(slot) = self.attached.entry(scope) {
-            match attach(probes, plan, &exe, only) {
+            match attach(probes, &found, &exe, only) {
                 Ok(probes) => {
                     slot.insert(Attached {
                         _probes: probes,
@@ -214,16 +250,29 @@ impl Runtimes {
             a.users.insert(pid);
         }
         self.by_pid.insert(pid, scope);
+        if plan.mechanism == Mechanism::Go && self.threadless.insert(pid) {
+            self.thread_changes.push((pid, true));
+        }
         Stats::add(&stats.runtime_processes, 1);
         Outcome::Attached {
             mechanism: plan.mechanism,
             file: exe.name,
+            about: found.about,
         }
+    }
+
+    /// Processes whose threads stopped (`true`) or again (`false`) stand for the request they
+    /// read, since the last call: userspace must not link their client spans by thread.
+    pub fn take_thread_changes(&mut self) -> Vec<(u32, bool)> {
+        std::mem::take(&mut self.thread_changes)
     }
 
     /// A process exited (or runs another program now): its probes go with it, a file's with
     /// the last process running it.
     pub fn on_exit(&mut self, pid: u32) {
+        if self.threadless.remove(&pid) {
+            self.thread_changes.push((pid, false));
+        }
         let Some(scope) = self.by_pid.remove(&pid) else {
             return;
         };
@@ -242,7 +291,7 @@ impl Runtimes {
 }
 
 /// Which mechanism a program file needs, from its symbols.
-fn inspect(exe: &Executable) -> Result<&'static Plan, String> {
+fn inspect(exe: &Executable) -> Result<Inspected, String> {
     let data =
         std::fs::File::open(&exe.path).map_err(|e| format!("cannot read {}: {e}", exe.name))?;
     // Read on demand: only the headers and symbol tables of a possibly large program.
@@ -250,21 +299,41 @@ fn inspect(exe: &Executable) -> Result<&'static Plan, String> {
     let file = object::File::parse(&data)
         .map_err(|e| format!("{} is not an ELF file we can read: {e}", exe.name))?;
     if nginx::applies(&file) {
-        return Ok(&nginx::PLAN);
+        return Ok(Inspected {
+            plan: &nginx::PLAN,
+            offsets: None,
+            about: String::new(),
+        });
     }
-    Err("not nginx".into())
+    match go::inspect(&file) {
+        Some(Ok(binary)) => Ok(Inspected {
+            plan: &go::PLAN,
+            offsets: Some(binary.offsets),
+            about: format!("Go {}, functions from {}", binary.version, binary.source),
+        }),
+        // A Go program this mechanism cannot serve: say why (not "no mechanism").
+        Some(Err(why)) => Err(format!("a Go program the Go mechanism cannot serve: {why}")),
+        None => Err("not nginx, not Go".into()),
+    }
 }
 
 /// Attaches a plan's probes to `exe`, for process `pid` only or (`None`) for all.
 fn attach(
     probes: &mut Probes,
-    plan: &Plan,
+    found: &Inspected,
     exe: &Executable,
     pid: Option<std::num::NonZeroU32>,
 ) -> Result<Vec<UprobeAttachment>, String> {
     let mut links = Vec::new();
-    for &(program, symbol) in plan.probes {
-        match probes.attach_uprobe(program, &exe.path, symbol, pid) {
+    for (i, &(program, symbol)) in found.plan.probes.iter().enumerate() {
+        let at = match found.offsets.as_ref().and_then(|o| o.get(i)) {
+            Some(&offset) => UprobeAt::FileOffset {
+                offset,
+                function: symbol,
+            },
+            None => UprobeAt::Symbol(symbol),
+        };
+        match probes.attach_uprobe(program, &exe.path, at, pid) {
             Ok(link) => links.push(link),
             // The links attached so far are dropped (detached) with `links`.
             Err(e) => return Err(format!("{program} on {symbol}: {e}")),

@@ -1,14 +1,14 @@
 //! nginx: the kernel programs `agent_nginx_upstream_write{,_done}` (agent-ebpf/src/nginx.rs)
 //! on `ngx_chain_writer`, through which every upstream request is written.
 
-use agent_common::RUNTIME_NGINX;
+use agent_common::RUNTIME_REQUESTS_BY_FD;
 use object::{Object, ObjectSymbol};
 
 use super::{Mechanism, Plan};
 
 pub(super) static PLAN: Plan = Plan {
     mechanism: Mechanism::Nginx,
-    flags: RUNTIME_NGINX,
+    flags: RUNTIME_REQUESTS_BY_FD,
     probes: &[
         ("agent_nginx_upstream_write", "ngx_chain_writer"),
         ("agent_nginx_upstream_write_done", "ngx_chain_writer"),
