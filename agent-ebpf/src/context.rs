@@ -87,16 +87,25 @@ pub struct FdKey {
 }
 
 /// What a runtime probe said a thread is writing now: set when the runtime starts writing a
-/// client request for a served one, cleared when that write returns. One slot per CPU, tagged
-/// with the thread: a hash map keyed by thread cost ~4× as much per request, and the write
-/// follows the probe on the same CPU unless the thread migrates in between, in which case the
-/// tag does not match there and the write is left to other evidence (never to another
-/// thread's hand-off). A one-shot hand-off (Go) left behind by a goroutine that moved threads
-/// before its write is overwritten by the next probe on that CPU; it could only be taken by
-/// the same thread writing a client request there without passing a probe first, within
-/// `HANDOFF_ONCE_MAX_NS` (a Go write always passes `poll.FD.Write` first).
+/// client request for a served one, cleared when that write returns. Per CPU, one slot per
+/// thread id modulo `HANDOFF_SLOTS`, tagged with the thread: a hash map keyed by thread cost
+/// ~4× as much per request. The write follows the probe on the same CPU unless the thread
+/// migrates in between, and another thread on that CPU (Go runs many) only takes the slot when
+/// its id falls on the same one; either way the tag no longer matches and the write is left to
+/// other evidence (never to another thread's hand-off). A one-shot hand-off (Go) left behind by
+/// a goroutine that moved threads before its write is overwritten by the next probe on that
+/// slot; it could only be taken by the same thread writing a client request there without
+/// passing a probe first, within `HANDOFF_ONCE_MAX_NS` (a Go write always passes
+/// `poll.FD.Write` first).
 #[map]
-static HANDOFFS: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+static HANDOFFS: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(HANDOFF_SLOTS, 0);
+
+const HANDOFF_SLOTS: u32 = 64;
+
+#[inline(always)]
+fn slot_of(tid: u32) -> u32 {
+    tid & (HANDOFF_SLOTS - 1)
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -528,7 +537,7 @@ pub fn hand_off_once(pid: u32, tid: u32, server_cookie: u64, now: u64) {
 
 #[inline(always)]
 fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, now: u64) {
-    let Some(slot) = HANDOFFS.get_ptr_mut(0) else {
+    let Some(slot) = HANDOFFS.get_ptr_mut(slot_of(tid)) else {
         return;
     };
     // The tag last: a reader on this CPU never sees this thread's tag with a stale request.
@@ -545,7 +554,7 @@ fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, now: u64) {
 /// The runtime's write returned.
 #[inline(always)]
 pub fn end_hand_off(tid: u32) {
-    if let Some(slot) = HANDOFFS.get_ptr_mut(0)
+    if let Some(slot) = HANDOFFS.get_ptr_mut(slot_of(tid))
         && unsafe { (*slot).tid } == tid
     {
         unsafe { core::ptr::write_volatile(&mut (*slot).tid, 0) };
@@ -557,7 +566,7 @@ pub fn end_hand_off(tid: u32) {
 /// flight (answered, unknown, too old, at its cap): unlinked, never another request.
 #[inline(always)]
 fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
-    let h = HANDOFFS.get_ptr(0)?;
+    let h = HANDOFFS.get_ptr(slot_of(tid))?;
     let h = unsafe { *h };
     if h.tid != tid || h.pid != pid {
         return None;

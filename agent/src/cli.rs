@@ -217,12 +217,14 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub same_host_pairing: Switch,
     /// Runtime mechanisms: probes inside selected programs that tell which served request a
-    /// client request is written for (list; `none` turns them all off).
+    /// client request is written for (list; `none` turns them all off). `go` is not on by
+    /// default: its nine probe hits per request cost a saturated Go service most of its
+    /// throughput here (BENCHMARKS.md).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_values = ["nginx", "go"],
+        default_values = ["nginx"],
         value_name = "nginx|go|none"
     )]
     pub runtime_linking: Vec<crate::runtimes::Mechanism>,

@@ -328,8 +328,35 @@ impl GoFront {
         }
     }
 
+    /// The same on this host's loopback, pinned to `cpu` when given (the benchmark's front).
+    pub fn start_on_loopback(
+        version: &str,
+        stripped: bool,
+        downstream: &str,
+        cpu: Option<&str>,
+    ) -> GoFront {
+        let binary = build_go_front(version, stripped);
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", cpu]).arg(&binary);
+                cmd
+            }
+            None => Command::new(&binary),
+        };
+        cmd.arg("127.0.0.1").arg("0").arg(downstream);
+        let server = ScriptServer::start_command("go_front", cmd);
+        let ip = Ipv4Addr::LOCALHOST;
+        wait_tcp("go_front", ip, server.port(), START_TIMEOUT);
+        GoFront { server, ip, binary }
+    }
+
     pub fn pid(&self) -> u32 {
         self.server.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.server.port()
     }
 
     pub fn url(&self, path: &str) -> String {

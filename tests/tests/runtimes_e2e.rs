@@ -206,6 +206,22 @@ fn go_1_23_stripped_goroutine_handoff_links_concurrent_requests_without_mislinks
     run_concurrent(Front::go("1.23", true, false), Callee::Oracle);
 }
 
+/// With the Go mechanism off (the default), a Go program's threads still never stand for a
+/// request: nothing is linked by thread (goroutines move between threads), nothing mis-linked.
+#[test]
+fn go_1_23_with_its_mechanism_off_links_nothing_by_thread() {
+    let _serial = require_root();
+    run_concurrent(
+        Front::Go {
+            version: "1.23",
+            stripped: false,
+            spawned: false,
+            on: false,
+        },
+        Callee::Oracle,
+    );
+}
+
 /// Calls a Go handler makes from a goroutine it starts are not followed yet (goroutine creation
 /// is not tracked): they must stay unlinked and counted, never be linked by their thread.
 #[test]
@@ -242,6 +258,8 @@ enum Front {
         version: &'static str,
         stripped: bool,
         spawned: bool,
+        /// The Go mechanism on (`--runtime-linking nginx,go`; it is opt-in).
+        on: bool,
     },
 }
 
@@ -251,6 +269,7 @@ impl Front {
             version,
             stripped,
             spawned,
+            on: true,
         }
     }
 
@@ -267,8 +286,8 @@ impl Front {
     fn min_linked_pct(self) -> usize {
         match self {
             Front::Nginx | Front::ThreadedPython => 99,
-            Front::Go { spawned, .. } => {
-                if spawned {
+            Front::Go { spawned, on, .. } => {
+                if spawned || !on {
                     0
                 } else {
                     99
@@ -284,14 +303,16 @@ impl Front {
                 version,
                 stripped,
                 spawned,
+                on,
             } => format!(
-                "Go {version} net/http front{} (shared http.Client{})",
+                "Go {version} net/http front{} (shared http.Client{}){}",
                 if stripped { ", -ldflags=\"-s -w\"" } else { "" },
                 if spawned {
                     ", called from a goroutine the handler starts"
                 } else {
                     ""
-                }
+                },
+                if on { "" } else { ", Go mechanism off" }
             ),
             Front::Nginx => "nginx reverse proxy (upstream keepalive 8)".into(),
             Front::ThreadedPython => "python ThreadingHTTPServer + http.client".into(),
@@ -307,10 +328,12 @@ impl Front {
                 version,
                 stripped,
                 spawned,
+                on,
             } => format!(
-                "go-{version}{}{}",
+                "go-{version}{}{}{}",
                 if stripped { "-stripped" } else { "" },
-                if spawned { "-spawned" } else { "" }
+                if spawned { "-spawned" } else { "" },
+                if on { "" } else { "-off" }
             ),
             Front::Nginx => "nginx".into(),
             Front::ThreadedPython => "python-threaded".into(),
@@ -446,6 +469,10 @@ fn run_concurrent(front: Front, callee: Callee) {
     for &pid in &running.select {
         builder = builder.pid(pid);
     }
+    if matches!(front, Front::Go { on: true, .. }) {
+        // Opt-in (its cost): the tests of every other front run with the default.
+        builder = builder.args(&["--runtime-linking".into(), "nginx,go".into()]);
+    }
     if callee == Callee::TracedOracle {
         builder = builder.pid(oracle.pid());
     }
@@ -455,11 +482,17 @@ fn run_concurrent(front: Front, callee: Callee) {
     let attached = match front {
         Front::Nginx => Some(vec!["nginx upstream hand-off: attached".to_string()]),
         Front::Go {
-            version, stripped, ..
+            version,
+            stripped,
+            on: true,
+            ..
         } => Some(vec![
             "Go net/http goroutine hand-off: attached".to_string(),
             format!("Go go{version}"),
             (if stripped { ".gopclntab" } else { ".symtab" }).to_string(),
+        ]),
+        Front::Go { on: false, .. } => Some(vec![
+            "Go net/http goroutine hand-off: applies, switched off".to_string(),
         ]),
         _ => None,
     };
@@ -651,7 +684,7 @@ fn run_concurrent(front: Front, callee: Callee) {
     failures.check(linked * 100 >= n * front.min_linked_pct(), || {
         format!("only {linked} of {n} upstream requests linked to their request: {line}")
     });
-    if matches!(front, Front::Nginx | Front::Go { .. }) {
+    if matches!(front, Front::Nginx | Front::Go { on: true, .. }) {
         failures.check(counter("kernel_link_handoff") as usize >= linked, || {
             format!("the links did not come from the hand-off: {line}")
         });

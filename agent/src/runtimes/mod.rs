@@ -104,6 +104,14 @@ impl fmt::Display for Outcome {
                 about,
             } => write!(f, "{mechanism}: attached ({file}: {about})"),
             Outcome::Failed { mechanism, why } => write!(f, "{mechanism}: not attached: {why}"),
+            Outcome::Disabled {
+                mechanism: Mechanism::Go,
+            } => write!(
+                f,
+                "{}: applies, switched off by --runtime-linking (its calls are linked only by \
+                 exact evidence: goroutines move between threads)",
+                Mechanism::Go
+            ),
             Outcome::Disabled { mechanism } => {
                 write!(f, "{mechanism}: applies, switched off by --runtime-linking")
             }
@@ -130,6 +138,9 @@ enum Scope {
     File(FileId),
     /// One selected process.
     Process(u32),
+    /// No probes: the process is only marked (a Go program with the Go mechanism off: its
+    /// threads still never stand for a request).
+    MarkOnly(u32),
 }
 
 pub struct Runtimes {
@@ -169,9 +180,10 @@ impl Runtimes {
         }
     }
 
-    /// Whether any mechanism is on and its kernel programs loaded.
+    /// Whether selected programs are inspected: the kernel programs loaded (even with every
+    /// mechanism off, a Go program is marked so that its threads are never taken for a request).
     pub fn is_on(&self) -> bool {
-        !self.enabled.is_empty() && self.pids.is_some()
+        self.pids.is_some()
     }
 
     /// Every process on the host with its command name (tracing all processes).
@@ -187,9 +199,6 @@ impl Runtimes {
 
     /// A process is selected (or forked by a selected one): attach what its program needs.
     pub fn on_selected(&mut self, probes: &mut Probes, pid: u32, stats: &Stats) -> Outcome {
-        if self.enabled.is_empty() {
-            return Outcome::NotApplicable("--runtime-linking none".into());
-        }
         if self.pids.is_none() {
             return Outcome::NotApplicable("the runtime probes did not load".into());
         }
@@ -211,6 +220,9 @@ impl Runtimes {
         };
         let plan = found.plan;
         if !self.enabled.contains(&plan.mechanism) {
+            if plan.mechanism == Mechanism::Go {
+                self.mark_threadless(pid);
+            }
             return Outcome::Disabled {
                 mechanism: plan.mechanism,
             };
@@ -258,6 +270,19 @@ impl Runtimes {
             mechanism: plan.mechanism,
             file: exe.name,
             about: found.about,
+        }
+    }
+
+    /// A Go program without its mechanism: goroutines move between threads, so neither the
+    /// kernel nor userspace may take its threads for the request they read.
+    fn mark_threadless(&mut self, pid: u32) {
+        if let Some(map) = self.pids.as_mut()
+            && map.mark(pid, agent_common::RUNTIME_GO).is_ok()
+        {
+            self.by_pid.insert(pid, Scope::MarkOnly(pid));
+        }
+        if self.threadless.insert(pid) {
+            self.thread_changes.push((pid, true));
         }
     }
 

@@ -1,11 +1,12 @@
-//! What runtime linking costs: an nginx reverse proxy (the front, traced) forwards every request
-//! to a second nginx (the backend, not traced) over upstream keep-alive while wrk loads the front.
-//! The agent runs in every run; runs alternate between `--runtime-linking nginx` (the uprobes on
-//! `ngx_chain_writer` fire for every upstream request and the kernel indexes requests by fd) and
-//! `--runtime-linking none`, so the difference is the mechanism's BPF and agent CPU per request.
+//! What runtime linking costs: a front (traced) forwards every request to an nginx backend (not
+//! traced) over keep-alive while wrk loads the front; one run per mechanism: an nginx reverse
+//! proxy (uprobes on `ngx_chain_writer`) and a Go `net/http` front with a shared `http.Client`
+//! (the goroutine uprobes). The agent runs in every run; runs alternate between the mechanism on
+//! (`--runtime-linking nginx` or `go`) and `--runtime-linking none`, so the difference is the
+//! mechanism's BPF and agent CPU per request.
 //!
-//! Placement as in the nginx benchmark: both nginx instances on CPU 1, wrk on CPU 0, the agent
-//! not pinned.
+//! Placement as in the nginx benchmark: the front and the backend on CPU 1, wrk on CPU 0, the
+//! agent not pinned.
 
 use std::{
     fmt::Write as _,
@@ -67,12 +68,12 @@ struct Wrk {
     p99_us: f64,
 }
 
-fn run_wrk(port: u16, duration: u64, connections: u32) -> Result<Wrk> {
+fn run_wrk(port: u16, path: &str, duration: u64, connections: u32) -> Result<Wrk> {
     let out = Command::new("taskset")
         .args(["-c", WRK_CPU, "wrk", "--latency", "-t", "1"])
         .arg(format!("-c{connections}"))
         .arg(format!("-d{duration}s"))
-        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
         .stdin(Stdio::null())
         .output()
         .context("cannot run wrk (install it with `cargo xtask setup --test-deps`)")?;
@@ -115,42 +116,106 @@ fn figures(run: &AgentRun<Wrk>, clk_tck: u64) -> Figures {
 }
 
 /// Runs the proxy benchmark; returns its BENCHMARKS.md section.
+/// A traced front under load, with what the agent selects and the mechanism it tests.
+struct Front {
+    label: &'static str,
+    /// `--runtime-linking` value that turns its mechanism on.
+    mechanism: &'static str,
+    /// BPF program name prefix of the mechanism's own programs.
+    programs: &'static str,
+    pids: Vec<u32>,
+    port: u16,
+    path: &'static str,
+    /// Keeps the front's processes alive.
+    _guard: Box<dyn std::any::Any>,
+}
+
+/// Go version of the Go front (Debian's golang-1.23-go, installed by the test set-up).
+const GO_VERSION: &str = "1.23";
+
+/// Runs the proxy benchmark for each front (nginx, Go); returns its BENCHMARKS.md section.
 pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
     let env = Environment::read()?;
     // The backend answers like the nginx benchmark's server.
     let backend = NginxServer::start_with(super::nginx::NGINX_CONF, Some(NGINX_CPU));
-    let front_conf = FRONT_CONF.replace("@UPSTREAM@", &backend.port().to_string());
-    let front = NginxServer::start_with(&front_conf, Some(NGINX_CPU));
-    let (master, worker) = (front.master_pid(), front.worker_pid());
+    let mut s = String::new();
+    for kind in ["nginx", "go"] {
+        let front = match kind {
+            "nginx" => {
+                let conf = FRONT_CONF.replace("@UPSTREAM@", &backend.port().to_string());
+                let nginx = NginxServer::start_with(&conf, Some(NGINX_CPU));
+                Front {
+                    label: "nginx reverse proxy (upstream keep-alive 32)",
+                    mechanism: "nginx",
+                    programs: "agent_nginx_",
+                    pids: vec![nginx.master_pid(), nginx.worker_pid()],
+                    port: nginx.port(),
+                    path: "/",
+                    _guard: Box::new(nginx),
+                }
+            }
+            _ => {
+                let go = testkit::services::GoFront::start_on_loopback(
+                    GO_VERSION,
+                    false,
+                    &format!("http://127.0.0.1:{}", backend.port()),
+                    Some(NGINX_CPU),
+                );
+                Front {
+                    label: "Go 1.23 net/http front (shared http.Client)",
+                    mechanism: "go",
+                    programs: "agent_go_",
+                    pids: vec![go.pid()],
+                    port: go.port(),
+                    path: "/work/1",
+                    _guard: Box::new(go),
+                }
+            }
+        };
+        let section = run_front(opts, &env, agent_bin, bpf_stats, &front, backend.port())?;
+        s.push_str(&section);
+    }
+    let _ = writeln!(s, "{MARK_END}");
+    Ok(s)
+}
+
+fn run_front(
+    opts: &Options,
+    env: &Environment,
+    agent_bin: &Path,
+    bpf_stats: &mut BpfStats,
+    front: &Front,
+    backend_port: u16,
+) -> Result<String> {
     eprintln!(
-        "bench: proxy: front nginx on 127.0.0.1:{} (master {master}, worker {worker}) → backend nginx on {}; warming up",
-        front.port(),
-        backend.port()
+        "bench: proxy: {} on 127.0.0.1:{} (pids {:?}) → backend nginx on {backend_port}; warming up",
+        front.label, front.port, front.pids
     );
-    run_wrk(front.port(), 2, opts.connections)?;
+    run_wrk(front.port, front.path, 2, opts.connections)?;
     check_interrupted()?;
     let args = |mechanism: &str| -> Vec<String> {
-        [
-            "--pid",
-            &master.to_string(),
-            "--pid",
-            &worker.to_string(),
-            "--runtime-linking",
-            mechanism,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args: Vec<String> = front
+            .pids
+            .iter()
+            .flat_map(|p| ["--pid".to_string(), p.to_string()])
+            .collect();
+        args.extend(["--runtime-linking".to_string(), mechanism.to_string()]);
+        args
     };
-    let (on_args, off_args) = (args("nginx"), args("none"));
-    let front_ticks = || Ok(process_ticks(master)? + process_ticks(worker)?);
+    let (on_args, off_args) = (args(front.mechanism), args("none"));
+    let front_ticks = || {
+        front
+            .pids
+            .iter()
+            .try_fold(0, |sum, &p| Ok(sum + process_ticks(p)?))
+    };
     let mut runs: Vec<(AgentRun<Wrk>, AgentRun<Wrk>)> = Vec::with_capacity(opts.pairs);
     let mut pairs: Vec<(Figures, Figures)> = Vec::with_capacity(opts.pairs);
     for index in 0..opts.pairs {
         let mut measure = |a: &[String]| -> Result<AgentRun<Wrk>> {
             let run =
                 measure_with_agent(agent_bin, a, env.clk_tck, bpf_stats, &front_ticks, || {
-                    run_wrk(front.port(), opts.duration, opts.connections)
+                    run_wrk(front.port, front.path, opts.duration, opts.connections)
                 })?;
             check_interrupted()?;
             Ok(run)
@@ -170,11 +235,13 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         runs.push((on_run, off_run));
         if on.handoffs == 0 {
             bail!(
-                "runtime linking on, but no upstream request was handed off (kernel_link_handoff 0): the mechanism did not attach"
+                "{}: runtime linking on, but no client request was handed off (kernel_link_handoff 0): the mechanism did not attach",
+                front.label
             );
         }
         eprintln!(
-            "bench: proxy pair {}/{}: linking on {:.0} req/s, agent {:.2} µs/req, BPF {:.0} ns/req; off {:.0} req/s, agent {:.2} µs/req, BPF {:.0} ns/req",
+            "bench: proxy ({}) pair {}/{}: linking on {:.0} req/s, agent {:.2} µs/req, BPF {:.0} ns/req; off {:.0} req/s, agent {:.2} µs/req, BPF {:.0} ns/req",
+            front.mechanism,
             index + 1,
             opts.pairs,
             on.rps,
@@ -187,7 +254,7 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         pairs.push((on, off));
     }
     bpf_stats.restore();
-    Ok(render(opts, &env, &pairs, &runs))
+    Ok(render(opts, env, front, &pairs, &runs))
 }
 
 /// Counters of the runs with linking on that say how the upstream requests went.
@@ -210,6 +277,7 @@ const LINK_COUNTERS: &[&str] = &[
 fn render(
     opts: &Options,
     env: &Environment,
+    front: &Front,
     pairs: &[(Figures, Figures)],
     runs: &[(AgentRun<Wrk>, AgentRun<Wrk>)],
 ) -> String {
@@ -220,17 +288,17 @@ fn render(
     let _ = writeln!(s, "{MARK_START}");
     let _ = writeln!(
         s,
-        "### Runtime linking (nginx reverse proxy), {} ({} pairs × {} s, wrk -c{})\n",
-        env.date, opts.pairs, opts.duration, opts.connections
+        "### Runtime linking: {}, {} ({} pairs × {} s, wrk -c{})\n",
+        front.label, env.date, opts.pairs, opts.duration, opts.connections
     );
     let _ = writeln!(
         s,
-        "Machine: {} CPUs ({}), kernel {}. Front nginx (traced: `--pid` master and worker) → backend nginx (not traced), both on CPU 1, upstream keep-alive; wrk on CPU 0. Every run has the agent; runs alternate between `--runtime-linking nginx` and `none`. Medians of the pairs; the difference is what the mechanism costs per request (limit: {LIMIT_BPF_NS:.0} ns BPF, {LIMIT_AGENT_US} µs agent).\n",
-        env.cpus, env.cpu_model, env.kernel
+        "Machine: {} CPUs ({}), kernel {}. The front (traced: `--pid`) → backend nginx (not traced), both on CPU 1, keep-alive; wrk on CPU 0. Every run has the agent; runs alternate between `--runtime-linking {}` and `none`. Medians of the pairs; the difference is what the mechanism costs per request (limit: {LIMIT_BPF_NS:.0} ns BPF, {LIMIT_AGENT_US} µs agent).\n",
+        env.cpus, env.cpu_model, env.kernel, front.mechanism
     );
     let _ = writeln!(
         s,
-        "| | req/s | p99 | agent µs/req | BPF ns/req | upstream requests handed off |\n|---|---|---|---|---|---|"
+        "| | req/s | p99 | agent µs/req | BPF ns/req | client requests handed off |\n|---|---|---|---|---|---|"
     );
     fn on(p: &(Figures, Figures)) -> &Figures {
         &p.0
@@ -257,7 +325,7 @@ fn render(
         let own: u64 = on
             .bpf
             .values()
-            .filter(|p| p.name.starts_with("agent_nginx_"))
+            .filter(|p| p.name.starts_with(front.programs))
             .map(|p| p.run_time_ns)
             .sum();
         (ns + own, n + on.run.client.requests)
@@ -326,6 +394,5 @@ fn render(
             off.bpf_ns
         );
     }
-    let _ = writeln!(s, "{MARK_END}");
     s
 }
