@@ -249,12 +249,7 @@ impl Probes {
         at: UprobeAt<'_>,
         pid: Option<std::num::NonZeroU32>,
     ) -> Result<UprobeAttachment, KernelError> {
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| program_error(name, "is not a uprobe program", source))?;
+        let prog = uprobe_program(&mut self.ebpf, name)?;
         let (location, symbol) = match at {
             UprobeAt::Symbol(s) => (UProbeAttachLocation::Symbol(s), s),
             UprobeAt::FileOffset { offset, function } => {
@@ -384,13 +379,19 @@ impl RuntimePids {
     }
 }
 
-fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
-    let prog: &mut UProbe = ebpf
-        .program_mut(name)
+fn uprobe_program<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut UProbe, KernelError> {
+    ebpf.program_mut(name)
         .ok_or(KernelError::MissingProgram { name })?
         .try_into()
-        .map_err(|source| program_error(name, "is not a uprobe program", source))?;
-    prog.load()
+        .map_err(|source| program_error(name, "is not a uprobe program", source))
+}
+
+fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
+    uprobe_program(ebpf, name)?
+        .load()
         .map_err(|source| program_error(name, "loading", source))
 }
 
