@@ -246,21 +246,10 @@ impl<S: SpanSink> Correlator<S> {
     /// request's first byte came alone, so the kernel saw no request start): it joins the
     /// connection now, matched to the exchange it falls within (`take_context`).
     pub fn attach_late_context(&mut self, ev: ContextEvent, trace: Option<&mut ConnTrace>) {
-        let Some(trace) = trace else {
-            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-            return;
-        };
-        if KernelContext::has_zero_id(&ev) {
-            Stats::add(&self.stats.kernel_context_ids_invalid, 1);
+        match trace {
+            Some(trace) => self.keep_context(&ev, ev.ts_ns, trace),
+            None => Stats::add(&self.stats.kernel_contexts_unmatched, 1),
         }
-        let Some(ctx) = KernelContext::new(&ev, ev.ts_ns) else {
-            return;
-        };
-        if trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
-            trace.contexts.pop_front();
-            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-        }
-        trace.contexts.push_back(ctx);
     }
 
     /// Whether `pid`'s threads stand for the request they read (a runtime mechanism says they
@@ -302,19 +291,24 @@ impl<S: SpanSink> Correlator<S> {
             }
         }
         for (ev, ts) in found {
-            if KernelContext::has_zero_id(&ev) {
-                Stats::add(&self.stats.kernel_context_ids_invalid, 1);
-            }
-            // Unusable ids: the request keeps ids of its own.
-            let Some(ctx) = KernelContext::new(&ev, ts) else {
-                continue;
-            };
-            if trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
-                trace.contexts.pop_front();
-                Stats::add(&self.stats.kernel_contexts_unmatched, 1);
-            }
-            trace.contexts.push_back(ctx);
+            self.keep_context(&ev, ts, trace);
         }
+    }
+
+    /// Puts a kernel context on its connection, keyed by `ts` (unusable ids are counted and
+    /// dropped: the request keeps ids of its own; beyond the cap the oldest goes, counted).
+    fn keep_context(&self, ev: &ContextEvent, ts: u64, trace: &mut ConnTrace) {
+        if KernelContext::has_zero_id(ev) {
+            Stats::add(&self.stats.kernel_context_ids_invalid, 1);
+        }
+        let Some(ctx) = KernelContext::new(ev, ts) else {
+            return;
+        };
+        if trace.contexts.len() == MAX_CONTEXTS_PER_CONNECTION {
+            trace.contexts.pop_front();
+            Stats::add(&self.stats.kernel_contexts_unmatched, 1);
+        }
+        trace.contexts.push_back(ctx);
     }
 
     /// A server-role connection received request bytes on this thread.
