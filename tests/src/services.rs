@@ -499,6 +499,11 @@ impl SdkServer {
         format!("http://{}:{}", self.ip, self.server.port())
     }
 
+    /// Its address and port, for a proxy's configuration.
+    pub fn address(&self) -> (Ipv4Addr, u16) {
+        (self.ip, self.server.port())
+    }
+
     /// The requests handled so far.
     pub fn spans(&self) -> Vec<SdkServerSpan> {
         self.server

@@ -462,7 +462,7 @@ fn run_concurrent(front: Front, callee: Callee) {
         net.host("oracle"),
         &collector.grpc_endpoint_at(net.gateway().into()),
     );
-    let (oracle_ip, oracle_port) = oracle_address(&oracle);
+    let (oracle_ip, oracle_port) = oracle.address();
     let running = start_front(front, net.host("front"), oracle_ip, oracle_port);
     let worker = running.spans_pid;
     let mut builder = tests::Agent::builder();
@@ -716,16 +716,6 @@ fn run_concurrent(front: Front, callee: Callee) {
     failures.finish(&front.label());
 }
 
-fn oracle_address(oracle: &SdkServer) -> (std::net::Ipv4Addr, u16) {
-    let url = oracle.base_url();
-    let addr = url.trim_start_matches("http://");
-    let (ip, port) = addr.split_once(':').expect("ip:port");
-    (
-        ip.parse().expect("oracle ip"),
-        port.parse().expect("oracle port"),
-    )
-}
-
 /// The nginx probes are placed in selected processes only: another nginx on the host, running
 /// the same program file, never hits a breakpoint (a trap per call would slow it even though
 /// the kernel program returns at once for it). A process gets the `[uprobes]` mapping when it
@@ -742,7 +732,7 @@ fn nginx_probes_stay_out_of_unselected_nginx_processes() {
         net.host("oracle"),
         &collector.grpc_endpoint_at(net.gateway().into()),
     );
-    let (oracle_ip, oracle_port) = oracle_address(&oracle);
+    let (oracle_ip, oracle_port) = oracle.address();
     let selected = NginxProxy::start_with(net.host("selected"), oracle_ip, oracle_port, "");
     let other = NginxProxy::start_with(net.host("other"), oracle_ip, oracle_port, "");
     let mut agent = tests::Agent::builder()
