@@ -21,6 +21,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    arch::{self, ARCH},
     context,
     maps::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, capture_size,
@@ -51,29 +52,6 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
-
-/// x86_64 `struct pt_regs` (the ptrace ABI, stable) from `dx` (offset 96) to `orig_ax`
-/// (offset 120): the syscall's first three arguments and its number, read in one go.
-const REGS_DX_OFFSET: u32 = 96;
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SyscallRegs {
-    dx: u64,
-    si: u64,
-    di: u64,
-    orig_ax: u64,
-}
-
-// x86_64 syscall numbers of the paths whose user buffers we know how to read.
-const NR_READ: u64 = 0;
-const NR_WRITE: u64 = 1;
-const NR_READV: u64 = 19;
-const NR_WRITEV: u64 = 20;
-const NR_SENDFILE: u64 = 40;
-const NR_SENDTO: u64 = 44;
-const NR_RECVFROM: u64 = 45;
-const NR_SENDMSG: u64 = 46;
-const NR_RECVMSG: u64 = 47;
 
 /// Where the payload of the current syscall lives in user memory.
 enum UserBuf {
@@ -424,36 +402,37 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
     if regs == 0 {
         return (SyscallKind::Other, u32::MAX, UserBuf::None);
     }
-    let Some(SyscallRegs {
-        dx,
-        si,
-        di,
-        orig_ax: nr,
-    }) = read_kernel(regs, REGS_DX_OFFSET)
-    else {
+    let Some((nr, [fd, buf, count])) = arch::syscall_regs(regs) else {
         return (SyscallKind::Other, u32::MAX, UserBuf::None);
     };
-    let fd = di as u32;
-    match nr {
-        NR_READ => (SyscallKind::Read, fd, UserBuf::Flat(si)),
-        NR_WRITE => (SyscallKind::Write, fd, UserBuf::Flat(si)),
-        NR_RECVFROM => (SyscallKind::RecvFrom, fd, UserBuf::Flat(si)),
-        NR_SENDTO => (SyscallKind::SendTo, fd, UserBuf::Flat(si)),
-        NR_READV => (SyscallKind::Readv, fd, UserBuf::Iov { iov: si, count: dx }),
-        NR_WRITEV => (SyscallKind::Writev, fd, UserBuf::Iov { iov: si, count: dx }),
-        NR_RECVMSG | NR_SENDMSG => {
-            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
-            let iov: u64 = unsafe { read_user::<u64>(si + 16) }.unwrap_or(0);
-            let count: u64 = unsafe { read_user::<u64>(si + 24) }.unwrap_or(0);
-            let kind = if nr == NR_RECVMSG {
-                SyscallKind::RecvMsg
-            } else {
-                SyscallKind::SendMsg
-            };
-            (kind, fd, UserBuf::Iov { iov, count })
-        }
-        NR_SENDFILE => (SyscallKind::SendFile, fd, UserBuf::None),
-        _ => (SyscallKind::Other, u32::MAX, UserBuf::None),
+    let fd = fd as u32;
+    let a = &ARCH;
+    if nr == a.nr_read {
+        (SyscallKind::Read, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_write {
+        (SyscallKind::Write, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_recvfrom {
+        (SyscallKind::RecvFrom, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_sendto {
+        (SyscallKind::SendTo, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_readv {
+        (SyscallKind::Readv, fd, UserBuf::Iov { iov: buf, count })
+    } else if nr == a.nr_writev {
+        (SyscallKind::Writev, fd, UserBuf::Iov { iov: buf, count })
+    } else if nr == a.nr_recvmsg || nr == a.nr_sendmsg {
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+        let iov: u64 = unsafe { read_user::<u64>(buf + 16) }.unwrap_or(0);
+        let count: u64 = unsafe { read_user::<u64>(buf + 24) }.unwrap_or(0);
+        let kind = if nr == a.nr_recvmsg {
+            SyscallKind::RecvMsg
+        } else {
+            SyscallKind::SendMsg
+        };
+        (kind, fd, UserBuf::Iov { iov, count })
+    } else if nr == a.nr_sendfile {
+        (SyscallKind::SendFile, fd, UserBuf::None)
+    } else {
+        (SyscallKind::Other, u32::MAX, UserBuf::None)
     }
 }
 

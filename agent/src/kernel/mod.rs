@@ -42,7 +42,7 @@ pub enum KernelError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("this agent's kernel programs support x86_64 only (found {0})")]
+    #[error("this agent's kernel programs support x86_64 and aarch64 (found {0})")]
     UnsupportedArch(&'static str),
     #[error("{0}")]
     Unsupported(String),
@@ -281,7 +281,7 @@ pub fn clamp_capture(size: u32) -> u32 {
 
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<Self, KernelError> {
-        if !cfg!(target_arch = "x86_64") {
+        if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
             return Err(KernelError::UnsupportedArch(std::env::consts::ARCH));
         }
         let btf = btf::Btf::from_sys_fs()?;
