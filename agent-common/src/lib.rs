@@ -277,8 +277,11 @@ pub struct KernelStats {
     /// Go: socket writes of a Go transport's write goroutine handed off to the served request
     /// its client request was started for.
     pub go_writes_handed_off: u64,
+    /// Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet
+    /// (opened before the agent, whose start-up could not list it): not traced.
+    pub sockets_without_cookie: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 272);
+const _: () = assert!(size_of::<KernelStats>() == 280);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;
@@ -449,8 +452,12 @@ pub struct KernelOffsets {
     /// bytes of a TCP socket.
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
+    /// `struct sock_common.skc_cookie` (u64): the socket's cookie once one was made, read by
+    /// the kprobe fallback, which cannot call the cookie helper.
+    pub skc_cookie: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 48);
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, offsets,
-    selected_tgid, trace_all,
+    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, make_cookies,
+    offsets, selected_tgid, trace_all,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -59,7 +59,14 @@ pub fn agent_exit_accept(ctx: TracePointContext) -> u32 {
 pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let newstate: i32 = ctx.arg(2);
-    if sk == 0 || (newstate != TCP_SYN_SENT && newstate != TCP_CLOSE) {
+    if sk == 0 {
+        return 0;
+    }
+    if make_cookies() && newstate != TCP_CLOSE {
+        // Made here (an atomic counter), read by the kprobe fallback's data programs.
+        unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    }
+    if newstate != TCP_SYN_SENT && newstate != TCP_CLOSE {
         return 0;
     }
     let protocol: u16 =

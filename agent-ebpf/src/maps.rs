@@ -5,7 +5,7 @@ use agent_common::{KernelOffsets, KernelStats, SendState, TrackedSocket};
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Set by userspace at load time (read-only data: the verifier prunes what they disable).
@@ -29,7 +29,20 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_tgid: 0,
     tcp_rcv_nxt: 0,
     tcp_copied_seq: 0,
+    skc_cookie: 0,
+    _pad: 0,
 };
+/// Index 0 set (by userspace, once it chose kprobes for the socket data programs, which read
+/// cookies instead of making them): every TCP socket gets its cookie made as it changes state
+/// (`lifecycle::agent_sock_state`). A map, not a load-time constant: the choice is made by
+/// attaching, after the object is loaded.
+#[map]
+pub static MAKE_COOKIES: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn make_cookies() -> bool {
+    MAKE_COOKIES.get(0).is_some_and(|v| *v != 0)
+}
 
 /// Trace context in the kernel: server contexts on reads, `traceparent` injection (0: off).
 #[unsafe(no_mangle)]

@@ -15,9 +15,9 @@ use aya_ebpf::{
             bpf_ktime_get_ns, bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
-    macros::{btf_tracepoint, fexit, map},
-    maps::PerCpuArray,
-    programs::{BtfTracePointContext, FExitContext},
+    macros::{btf_tracepoint, fexit, kprobe, kretprobe, map},
+    maps::{LruHashMap, PerCpuArray},
+    programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
 
 use crate::{
@@ -115,6 +115,81 @@ pub fn agent_inet_sendpage(ctx: FExitContext) -> i32 {
     0
 }
 
+// Kernels with neither (arm64 before 6.4 has no trampolines for kernel functions): kprobes at
+// the same functions' entry remember the socket per thread, kretprobes see the result. Each
+// program serves every function with the same argument positions. Kprobe programs cannot
+// call the socket-cookie helper: they read the cookie the kernel keeps in the socket, which
+// the agent makes for every TCP socket (`MAKE_COOKIES`; userspace, for those open before it).
+
+/// A socket call in progress on a thread (kprobe fallback).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SocketCall {
+    sock: u64,
+    flags: i64,
+}
+
+#[map]
+static SOCKET_CALLS: LruHashMap<u32, SocketCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Entry of `inet_recvmsg`/`inet6_recvmsg(sock, msg, size, flags)`.
+#[kprobe]
+pub fn agent_recv_entry(ctx: ProbeContext) -> u32 {
+    remember_call(ctx.arg(0), ctx.arg(3));
+    0
+}
+
+/// Entry of `inet_sendmsg`/`inet6_sendmsg(sock, msg, size)` and `inet_sendpage(sock, ...)`.
+#[kprobe]
+pub fn agent_send_entry(ctx: ProbeContext) -> u32 {
+    remember_call(ctx.arg(0), Some(0));
+    0
+}
+
+#[kretprobe]
+pub fn agent_recv_return(ctx: RetProbeContext) -> u32 {
+    if let Some(call) = recall() {
+        let ret: i64 = ctx.ret();
+        on_recv_with::<false>(socket_sk_read(call.sock), ret as i32, call.flags as i32);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn agent_send_return(ctx: RetProbeContext) -> u32 {
+    if let Some(call) = recall() {
+        let ret: i64 = ctx.ret();
+        on_send_with::<false>(socket_sk_read(call.sock), ret as i32);
+    }
+    0
+}
+
+#[inline(always)]
+fn remember_call(sock: Option<u64>, flags: Option<i64>) {
+    let (Some(sock), Some(flags)) = (sock, flags) else {
+        return;
+    };
+    // Unselected processes stop here, before the map is touched.
+    let Some((_, tid)) = selected_tgid() else {
+        return;
+    };
+    let _ = SOCKET_CALLS.insert(&tid, &SocketCall { sock, flags }, 0);
+}
+
+#[inline(always)]
+fn recall() -> Option<SocketCall> {
+    let tid = unsafe { bpf_get_current_pid_tgid() } as u32;
+    let call = unsafe { *SOCKET_CALLS.get(&tid)? };
+    let _ = SOCKET_CALLS.remove(&tid);
+    Some(call)
+}
+
+/// `socket->sk` by a plain read (the kprobe fallback's socket is not a typed pointer).
+#[inline(always)]
+fn socket_sk_read(sock: u64) -> u64 {
+    read_kernel::<u64>(sock, SOCKET_SK_OFFSET).unwrap_or(0)
+}
+
 /// `socket->sk` as a typed load (see above); 0 for no socket.
 #[inline(always)]
 fn socket_sk(sock: u64) -> u64 {
@@ -126,6 +201,16 @@ fn socket_sk(sock: u64) -> u64 {
 
 #[inline(always)]
 fn on_recv(sk: u64, ret: i32, flags: i32) {
+    on_recv_with::<true>(sk, ret, flags);
+}
+
+#[inline(always)]
+fn on_send(sk: u64, ret: i32) {
+    on_send_with::<true>(sk, ret);
+}
+
+#[inline(always)]
+fn on_recv_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32, flags: i32) {
     if ret <= 0 || flags & MSG_PEEK != 0 {
         return;
     }
@@ -133,11 +218,11 @@ fn on_recv(sk: u64, ret: i32, flags: i32) {
     let Some(thread) = selected_tgid() else {
         return;
     };
-    on_socket_io::<DIR_INGRESS>(sk, thread, ret as u64, None);
+    on_socket_io::<DIR_INGRESS, COOKIE_HELPER>(sk, thread, ret as u64, None);
 }
 
 #[inline(always)]
-fn on_send(sk: u64, ret: i32) {
+fn on_send_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32) {
     let Some(thread) = selected_tgid() else {
         return;
     };
@@ -149,7 +234,7 @@ fn on_send(sk: u64, ret: i32) {
         }
         return;
     }
-    on_socket_io::<DIR_EGRESS>(sk, thread, ret as u64, started);
+    on_socket_io::<DIR_EGRESS, COOKIE_HELPER>(sk, thread, ret as u64, started);
 }
 
 /// Where and when a thread began queueing the first and the last chunk of its current TCP
@@ -209,7 +294,7 @@ fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
 }
 
 #[inline(always)]
-fn on_socket_io<const DIRECTION: u32>(
+fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
     sk: u64,
     (tgid, tid): (u32, u32),
     bytes: u64,
@@ -232,7 +317,17 @@ fn on_socket_io<const DIRECTION: u32>(
     }
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let cookie = if COOKIE_HELPER {
+        unsafe { bpf_get_socket_cookie(sk as *mut c_void) }
+    } else {
+        match read_kernel::<u64>(sk, off.skc_cookie) {
+            Some(c) if c != 0 => c,
+            _ => {
+                count(|c| c.sockets_without_cookie += 1);
+                return;
+            }
+        }
+    };
     // Addresses and ports go with the first event of a socket only; userspace keeps them.
     let (send_addresses, stamp_floor_ns) = match TRACKED_SOCKETS.get_ptr_mut(&cookie) {
         Some(t) => unsafe {

@@ -241,6 +241,8 @@ impl Btf {
             task_tgid: self.member_offset("task_struct", "tgid")?,
             tcp_rcv_nxt: self.member_offset("tcp_sock", "rcv_nxt")?,
             tcp_copied_seq: self.member_offset("tcp_sock", "copied_seq")?,
+            skc_cookie: sc("skc_cookie")?,
+            _pad: 0,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
 pub mod btf;
+mod cookies;
 pub mod environment;
 pub mod propagation;
 
@@ -9,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
-        BtfTracePoint, FExit, TracePoint, UProbe,
+        BtfTracePoint, FExit, KProbe, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
@@ -102,13 +103,16 @@ const TP_BTF: &[(&str, &str)] = &[
     ("agent_process_fork", "sched_process_fork"),
 ];
 
-/// One direction of socket data and its two possible hooks: the `sock_*_length` tracepoint
-/// (Linux >= 6.3), else fexit on the address families' socket functions the tracepoint's
-/// caller calls (same arguments, same point in the call; needs BPF trampolines).
+/// One direction of socket data and its possible hooks, best first: the `sock_*_length`
+/// tracepoint (Linux >= 6.3); else fexit on the address families' socket functions that
+/// tracepoint's caller calls (same arguments, same point in the call; needs BPF trampolines
+/// for kernel functions: x86_64 since 5.5, arm64 since 6.4); else kprobes on the same
+/// functions (an entry program remembers the socket, a return program sees the result).
 struct DataHook {
     function: &'static str,
     tracepoint: (&'static str, &'static str),
     fexit: [(&'static str, &'static str); 2],
+    kprobe: (&'static str, &'static str),
 }
 
 const DATA_HOOKS: [DataHook; 2] = [
@@ -119,6 +123,7 @@ const DATA_HOOKS: [DataHook; 2] = [
             ("agent_inet_recvmsg", "inet_recvmsg"),
             ("agent_inet6_recvmsg", "inet6_recvmsg"),
         ],
+        kprobe: ("agent_recv_entry", "agent_recv_return"),
     },
     DataHook {
         function: "socket writes",
@@ -127,11 +132,12 @@ const DATA_HOOKS: [DataHook; 2] = [
             ("agent_inet_sendmsg", "inet_sendmsg"),
             ("agent_inet6_sendmsg", "inet6_sendmsg"),
         ],
+        kprobe: ("agent_send_entry", "agent_send_return"),
     },
 ];
 
 /// `sendfile` on kernels that still have `sendpage` (before 6.5) reaches TCP sockets through
-/// this function, around `sendmsg` and its tracepoint.
+/// this function, around `sendmsg` and its tracepoint (fexit, else the writes' kprobes).
 const SENDPAGE_FEXIT: (&str, &str) = ("agent_inet_sendpage", "inet_sendpage");
 
 /// Which hook serves one of the agent's functions on this kernel (the start-up report).
@@ -175,8 +181,8 @@ fn attach_fexit(
     })
 }
 
-/// Attaches the socket data programs: per direction the tracepoint where the kernel has it,
-/// else the fexit fallback; chosen by what the kernel's BTF offers, not by its version.
+/// Attaches the socket data programs, per direction the best hook this kernel offers (see
+/// `DataHook`); chosen by what the kernel's BTF offers and what attaches, not by its version.
 fn attach_data_hooks(
     ebpf: &mut Ebpf,
     kernel_btf: &aya::Btf,
@@ -184,6 +190,16 @@ fn attach_data_hooks(
     attached: &mut Vec<Attached>,
     hooks: &mut Vec<HookChoice>,
 ) -> Result<(), KernelError> {
+    let sk = btf.member_offset("socket", "sk")?;
+    if sk != agent_common::SOCKET_SK_OFFSET {
+        return Err(KernelError::Unsupported(format!(
+            "this kernel's struct socket keeps sk at byte {sk}, not {} as the kernel programs \
+             read it",
+            agent_common::SOCKET_SK_OFFSET
+        )));
+    }
+    let sendpage = btf.has_function(SENDPAGE_FEXIT.1);
+    let mut kprobes = false;
     for hook in &DATA_HOOKS {
         let (name, tp) = hook.tracepoint;
         if btf.has_tracepoint(tp) {
@@ -194,59 +210,139 @@ fn attach_data_hooks(
                 degraded: None,
             });
             attached.push(a);
+            if sendpage && hook.function == "socket writes" {
+                // Linux 6.3 and 6.4: the tracepoint, and sendfile still around it.
+                let (name, function) = SENDPAGE_FEXIT;
+                let choice = match attach_fexit(ebpf, kernel_btf, name, function) {
+                    Ok(a) => {
+                        let hook = a.hook.clone();
+                        attached.push(a);
+                        HookChoice {
+                            function: "sendfile writes",
+                            hook,
+                            degraded: None,
+                        }
+                    }
+                    Err(e) => HookChoice {
+                        function: "sendfile writes",
+                        hook: "none".into(),
+                        degraded: Some(format!(
+                            "{e}: bytes sent with sendfile are not seen, so a response sent \
+                             that way never completes its span"
+                        )),
+                    },
+                };
+                hooks.push(choice);
+            }
             continue;
         }
-        let sk = btf.member_offset("socket", "sk")?;
-        if sk != agent_common::SOCKET_SK_OFFSET {
-            return Err(KernelError::Unsupported(format!(
-                "{}: this kernel has no {tp} tracepoint, and its struct socket keeps sk at byte \
-                 {sk}, not {} as the fexit fallback reads it",
-                hook.function,
-                agent_common::SOCKET_SK_OFFSET
-            )));
+        let mut fexits = hook.fexit.to_vec();
+        if sendpage && hook.function == "socket writes" {
+            fexits.push(SENDPAGE_FEXIT);
         }
-        let mut hooked = Vec::new();
-        for (name, function) in hook.fexit {
-            let a = attach_fexit(ebpf, kernel_btf, name, function).map_err(|e| {
-                KernelError::Unsupported(format!(
-                    "{}: this kernel has no {tp} tracepoint (Linux >= 6.3) and the fallback \
-                     failed: {e}\n  hint: the fallback needs BPF trampolines (fexit; x86_64 \
-                     since 5.5, arm64 since 6.0)",
-                    hook.function
-                ))
-            })?;
-            hooked.push(a.hook.clone());
-            attached.push(a);
-        }
-        // The same arguments at the same point: nothing lost but the trampoline's cost.
-        hooks.push(HookChoice {
-            function: hook.function,
-            hook: format!("{} (no {tp} tracepoint on this kernel)", hooked.join(" + ")),
-            degraded: None,
-        });
-    }
-    let (name, function) = SENDPAGE_FEXIT;
-    if btf.has_function(function) {
-        match attach_fexit(ebpf, kernel_btf, name, function) {
-            Ok(a) => {
+        let fexit_failed = match attach_all_fexit(ebpf, kernel_btf, &fexits) {
+            Ok(mut done) => {
+                // The same arguments at the same point: nothing lost but the trampoline's cost.
                 hooks.push(HookChoice {
-                    function: "sendfile writes",
-                    hook: a.hook.clone(),
+                    function: hook.function,
+                    hook: format!(
+                        "{} (no {tp} tracepoint on this kernel)",
+                        done.iter()
+                            .map(|a| a.hook.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" + ")
+                    ),
                     degraded: None,
                 });
-                attached.push(a);
+                attached.append(&mut done);
+                continue;
             }
-            Err(e) => hooks.push(HookChoice {
-                function: "sendfile writes",
-                hook: "none".into(),
-                degraded: Some(format!(
-                    "{e}: bytes a process sends with sendfile are not seen, so a response sent \
-                     that way never completes its span"
-                )),
-            }),
+            Err(e) => e,
+        };
+        let mut functions: Vec<&str> = hook.fexit.iter().map(|&(_, f)| f).collect();
+        if sendpage && hook.function == "socket writes" {
+            functions.push(SENDPAGE_FEXIT.1);
         }
+        let mut done = attach_kprobes(ebpf, hook.kprobe, &functions).map_err(|e| {
+            KernelError::Unsupported(format!(
+                "{}: this kernel has no {tp} tracepoint (Linux >= 6.3), fexit failed \
+                 ({fexit_failed}) and kprobes failed: {e}\n  hint: the kernel needs \
+                 CONFIG_KPROBES=y, or BPF trampolines for its functions",
+                hook.function
+            ))
+        })?;
+        kprobes = true;
+        hooks.push(HookChoice {
+            function: hook.function,
+            hook: format!(
+                "kprobes on {} (no {tp} tracepoint, no fexit on this kernel: {fexit_failed})",
+                functions.join(", ")
+            ),
+            degraded: None,
+        });
+        attached.append(&mut done);
+    }
+    if kprobes {
+        hooks.push(cookies::make_cookies(ebpf)?);
     }
     Ok(())
+}
+
+/// Attaches every fexit program of `programs`, or none (the ones already attached are
+/// unloaded again when one fails).
+fn attach_all_fexit(
+    ebpf: &mut Ebpf,
+    kernel_btf: &aya::Btf,
+    programs: &[(&'static str, &'static str)],
+) -> Result<Vec<Attached>, KernelError> {
+    let mut done = Vec::new();
+    for &(name, function) in programs {
+        match attach_fexit(ebpf, kernel_btf, name, function) {
+            Ok(a) => done.push(a),
+            Err(e) => {
+                for a in &done {
+                    let prog: Option<&mut FExit> =
+                        ebpf.program_mut(a.program).and_then(|p| p.try_into().ok());
+                    if let Some(prog) = prog {
+                        let _ = prog.unload();
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Loads the kprobe pair `(entry, return)` and attaches it to each function.
+fn attach_kprobes(
+    ebpf: &mut Ebpf,
+    (entry, ret): (&'static str, &'static str),
+    functions: &[&str],
+) -> Result<Vec<Attached>, KernelError> {
+    let mut done = Vec::new();
+    for name in [entry, ret] {
+        let prog: &mut KProbe = ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| program_error(name, "is not a kprobe program", source))?;
+        prog.load()
+            .map_err(|source| program_error(name, "loading", source))?;
+        for function in functions {
+            prog.attach(function, 0).map_err(|source| {
+                program_error(name, &format!("attaching to {function}"), source)
+            })?;
+            done.push(Attached {
+                program: name,
+                hook: format!(
+                    "{}/{function}",
+                    if name == ret { "kretprobe" } else { "kprobe" }
+                ),
+            });
+        }
+    }
+    Ok(done)
 }
 
 /// Loads and attaches one `tp_btf` program.
@@ -619,6 +715,7 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.link_ambiguous += c.link_ambiguous;
     sum.link_kernel += c.link_kernel;
     sum.writes_stamped_at_return += c.writes_stamped_at_return;
+    sum.sockets_without_cookie += c.sockets_without_cookie;
     sum.sockets_parked += c.sockets_parked;
     sum.requests_sent_parked += c.requests_sent_parked;
     sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
@@ -742,6 +839,12 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
              their last chunk was queued (the thread changed CPUs mid-write, several threads \
              wrote on the socket at once, or no `tcp_sendmsg_locked`).",
             s.writes_stamped_at_return,
+        ),
+        Metric::counter(
+            "kernel_sockets_without_cookie",
+            "Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet \
+             (opened before the agent, whose start-up could not list it): not traced.",
+            s.sockets_without_cookie,
         ),
         Metric::counter(
             "sockets_parked",
