@@ -228,6 +228,17 @@ pub struct Cli {
         value_name = "nginx|go|none"
     )]
     pub runtime_linking: Vec<crate::runtimes::Mechanism>,
+    /// Kernel hooks that capture socket data. auto: the best this kernel offers (the
+    /// sock_*_length tracepoints of Linux 6.3+, else fexit, else kprobes; the start-up report
+    /// says which). Naming one forces it, to measure or test a fallback; the agent stops if
+    /// the kernel lacks it.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "auto|tracepoints|fexit|kprobes"
+    )]
+    pub socket_hooks: crate::kernel::SocketHooks,
     /// A trace adopted from a long-lived connection stops growing after this many spans from
     /// this agent; later requests start new traces.
     #[arg(long, default_value_t = 1000, value_name = "SPANS", value_parser = number_in(1, MAX_SPANS))]

@@ -111,6 +111,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let k8s = k8s::start(&cli.kubernetes_config())?;
     let capture = kernel::clamp_capture(cli.capture_size);
     let mut load = kernel::LoadOptions {
+        socket_hooks: cli.socket_hooks,
         trace_all: selection.traces_all(),
         capture_size: capture,
         context_propagation: cli.context_propagation.is_on(),

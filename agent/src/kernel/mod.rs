@@ -49,8 +49,19 @@ pub enum KernelError {
     Unsupported(String),
 }
 
+/// Which hooks capture socket data (see `DataHook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketHooks {
+    /// The best this kernel offers.
+    Auto,
+    Tracepoints,
+    Fexit,
+    Kprobes,
+}
+
 /// What the caller chose to load.
 pub struct LoadOptions {
+    pub socket_hooks: SocketHooks,
     pub trace_all: bool,
     pub capture_size: u32,
     /// Trace context in the kernel and `traceparent` injection.
@@ -184,6 +195,7 @@ fn attach_fexit(
 /// Attaches the socket data programs, per direction the best hook this kernel offers (see
 /// `DataHook`); chosen by what the kernel's BTF offers and what attaches, not by its version.
 fn attach_data_hooks(
+    choice: SocketHooks,
     ebpf: &mut Ebpf,
     kernel_btf: &aya::Btf,
     btf: &btf::Btf,
@@ -202,7 +214,14 @@ fn attach_data_hooks(
     let mut kprobes = false;
     for hook in &DATA_HOOKS {
         let (name, tp) = hook.tracepoint;
-        if btf.has_tracepoint(tp) {
+        let have_tp = btf.has_tracepoint(tp);
+        if choice == SocketHooks::Tracepoints && !have_tp {
+            return Err(KernelError::Unsupported(format!(
+                "--socket-hooks tracepoints: this kernel has no {tp} tracepoint (Linux >= 6.3); \
+                 use --socket-hooks auto"
+            )));
+        }
+        if have_tp && matches!(choice, SocketHooks::Auto | SocketHooks::Tracepoints) {
             let a = attach_tp_btf(ebpf, kernel_btf, name, tp)?;
             hooks.push(HookChoice {
                 function: hook.function,
@@ -240,7 +259,12 @@ fn attach_data_hooks(
         if sendpage && hook.function == "socket writes" {
             fexits.push(SENDPAGE_FEXIT);
         }
-        let fexit_failed = match attach_all_fexit(ebpf, kernel_btf, &fexits) {
+        let fexit = if choice == SocketHooks::Kprobes {
+            Err(KernelError::Unsupported("--socket-hooks kprobes".into()))
+        } else {
+            attach_all_fexit(ebpf, kernel_btf, &fexits)
+        };
+        let fexit_failed = match fexit {
             Ok(mut done) => {
                 // The same arguments at the same point: nothing lost but the trampoline's cost.
                 hooks.push(HookChoice {
@@ -256,6 +280,11 @@ fn attach_data_hooks(
                 });
                 attached.append(&mut done);
                 continue;
+            }
+            Err(e) if choice == SocketHooks::Fexit => {
+                return Err(KernelError::Unsupported(format!(
+                    "--socket-hooks fexit: {e}; use --socket-hooks auto"
+                )));
             }
             Err(e) => e,
         };
@@ -275,7 +304,7 @@ fn attach_data_hooks(
         hooks.push(HookChoice {
             function: hook.function,
             hook: format!(
-                "kprobes on {} (no {tp} tracepoint, no fexit on this kernel: {fexit_failed})",
+                "kprobes on {} (no {tp} tracepoint, no fexit: {fexit_failed})",
                 functions.join(", ")
             ),
             degraded: None,
@@ -404,7 +433,14 @@ impl Probes {
         let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut attached = Vec::new();
         let mut hooks = Vec::new();
-        attach_data_hooks(&mut ebpf, &kernel_btf, &btf, &mut attached, &mut hooks)?;
+        attach_data_hooks(
+            opts.socket_hooks,
+            &mut ebpf,
+            &kernel_btf,
+            &btf,
+            &mut attached,
+            &mut hooks,
+        )?;
         for &(name, tp) in TP_BTF {
             attached.push(attach_tp_btf(&mut ebpf, &kernel_btf, name, tp)?);
         }
