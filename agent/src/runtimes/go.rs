@@ -47,7 +47,9 @@ pub enum GoBinaryError {
     BadBuildInfo,
     #[error("built with {0}: Go 1.{MIN_MINOR} or newer is needed (rebuild it with a newer Go)")]
     TooOld(String),
-    #[error("it is not an x86_64 program (the Go probes read x86_64 registers)")]
+    #[error(
+        "it is not an x86_64 program (the Go probes are checked against Go's x86_64 register ABI and struct layouts only; arm64 is not yet)"
+    )]
     NotAmd64,
     #[error("it has neither .symtab nor .gopclntab (a Go binary always keeps .gopclntab)")]
     NoFunctionTable,
