@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | kernel-matrix`.
 //!
 //! Everything a fresh machine needs is installed here, idempotently, so the README's two
 //! commands work on a new clone and on a machine that already has parts installed.
 
 mod bench;
+mod kernel_matrix;
 mod setup;
 
 use std::{
@@ -48,6 +49,9 @@ enum Task {
     /// nginx + wrk and PostgreSQL + pgbench, with and without the agent; results into
     /// BENCHMARKS.md
     Bench(bench::Options),
+    /// The privileged end-to-end subset (HTTP, PostgreSQL, propagation across network
+    /// namespaces) inside QEMU guests booted from Debian's 6.1 and 6.12 kernels (root)
+    KernelMatrix(kernel_matrix::Options),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +66,7 @@ fn main() -> Result<()> {
         Task::Run { agent_args } => run_agent(&agent_args),
         Task::Test => test(),
         Task::Bench(options) => bench::run(options),
+        Task::KernelMatrix(options) => kernel_matrix::run(options),
     }
 }
 
@@ -156,7 +161,11 @@ fn test() -> Result<()> {
     // Privileged end-to-end tests: real servers and clients, the real agent, a real collector.
     sh(cargo()
         .args(["test", "-p", "tests", "--", "--test-threads=1"])
-        .env("AGENT_BIN", &agent))
+        .env("AGENT_BIN", &agent))?;
+    // The same agent on the kernels users run, in emulated guests (a subset of the above).
+    let mut matrix = kernel_matrix::Options::defaults();
+    matrix.agent = Some(agent);
+    kernel_matrix::run(matrix)
 }
 
 #[cfg(test)]
@@ -179,6 +188,12 @@ mod tests {
         ));
         assert!(matches!(parse("build").expect("build").task, Task::Build));
         assert!(matches!(parse("test").expect("test").task, Task::Test));
+        let Task::KernelMatrix(_) = parse("kernel-matrix --kernel 6.1 --kernel 6.12 --keep")
+            .expect("kernel-matrix")
+            .task
+        else {
+            panic!("not kernel-matrix");
+        };
         for line in [
             "run -- --comm nginx --verbose",
             "run --comm nginx --verbose",
