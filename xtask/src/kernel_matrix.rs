@@ -91,9 +91,15 @@ const GUEST_INIT: &str = include_str!("../guest/init");
 /// traced while it loads and attaches.
 const PROBE_COMM: &str = "matrix-none";
 
-/// One architecture of the matrix: how to boot it and which kernel packages it runs.
+/// One architecture of the matrix: how to boot it, its Debian names and which kernel packages it
+/// runs. (Only x86_64 now; an arm64 guest also needs the agent and the test binaries built for
+/// aarch64, and debootstrap's second stage run through qemu-user.)
 struct Arch {
     name: &'static str,
+    /// Debian's name of the architecture (debootstrap --arch, package:arch).
+    deb_arch: &'static str,
+    /// The multiarch library directory, `usr/lib/<multiarch>`.
+    multiarch: &'static str,
     qemu: &'static str,
     /// The Debian package with [`Arch::qemu`] (from bookworm-backports: bookworm's 7.2
     /// conflicts with the newer qemu-utils some machines have).
@@ -112,6 +118,8 @@ struct Kernel {
 
 const X86_64: Arch = Arch {
     name: "x86_64",
+    deb_arch: "amd64",
+    multiarch: "x86_64-linux-gnu",
     qemu: "qemu-system-x86_64",
     qemu_package: "qemu-system-x86",
     qemu_args: &["-accel", "tcg,thread=multi", "-cpu", "max"],
@@ -198,7 +206,7 @@ pub fn run(options: Options) -> Result<()> {
         .with_context(|| format!("cannot create {}", options.cache_dir.display()))?;
     let _lock = lock(&options.cache_dir)?;
 
-    let rootfs = rootfs(&options.cache_dir)?;
+    let rootfs = rootfs(arch, &options.cache_dir)?;
     let payload = Payload::build(&tests, options.agent.as_deref())?;
     let build_secs = started.elapsed().as_secs_f64();
     eprintln!("kernel-matrix: host part ready after {build_secs:.0} s");
@@ -206,7 +214,7 @@ pub fn run(options: Options) -> Result<()> {
     let mut results = Vec::new();
     for kernel in kernels {
         let package = newest_package(kernel.package)?;
-        let image = kernel_image(&options.cache_dir, &package)?;
+        let image = kernel_image(arch, &options.cache_dir, &package)?;
         eprintln!("kernel-matrix: booting {} ({package})", kernel.version);
         let result = boot(
             arch, kernel, &package, &image, &rootfs, &payload, &tests, &options,
@@ -300,17 +308,19 @@ fn fnv1a(text: &str) -> u64 {
 
 /// The cached root filesystem (cpio), made when missing: debootstrap minbase, then the
 /// packages installed with apt inside it, with services kept from starting (policy-rc.d).
-fn rootfs(cache: &Path) -> Result<PathBuf> {
+fn rootfs(arch: &Arch, cache: &Path) -> Result<PathBuf> {
     let key = fnv1a(&format!(
-        "{ROOTFS_FORMAT} {SUITE} {}",
+        "{ROOTFS_FORMAT} {SUITE} {} {}",
+        arch.deb_arch,
         GUEST_PACKAGES.join(",")
     ));
-    let cpio = cache.join(format!("rootfs-{SUITE}-{key:016x}.cpio"));
+    let name = format!("rootfs-{SUITE}-{}-{key:016x}", arch.deb_arch);
+    let cpio = cache.join(format!("{name}.cpio"));
     if cpio.exists() {
         return Ok(cpio);
     }
     let started = Instant::now();
-    let dir = cache.join(format!("rootfs-{SUITE}-{key:016x}.build"));
+    let dir = cache.join(format!("{name}.build"));
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
@@ -319,7 +329,7 @@ fn rootfs(cache: &Path) -> Result<PathBuf> {
         GUEST_PACKAGES.join(" ")
     );
     sh(Command::new("debootstrap")
-        .args(["--variant=minbase", SUITE])
+        .args(["--variant=minbase", "--arch", arch.deb_arch, SUITE])
         .arg(&dir)
         .arg(MIRROR)
         .stdout(Stdio::null()))
@@ -348,20 +358,21 @@ fn rootfs(cache: &Path) -> Result<PathBuf> {
     // Every byte is unpacked by the emulated guest at each boot. PostgreSQL's JIT (LLVM and
     // z3, 130 MB of 514) only compiles costly queries, none here; without its provider
     // PostgreSQL runs without JIT.
+    let libs = format!("usr/lib/{}", arch.multiarch);
     let unneeded = [
-        "usr/share/doc",
-        "usr/share/man",
-        "usr/share/info",
-        "usr/share/locale",
-        "usr/share/i18n",
-        "var/lib/apt/lists",
-        "usr/lib/x86_64-linux-gnu/libLLVM-14.so.1",
-        "usr/lib/x86_64-linux-gnu/libz3.so.4",
-        "usr/lib/postgresql/15/lib/llvmjit.so",
-        "usr/lib/postgresql/15/lib/llvmjit_types.bc",
-        "usr/lib/postgresql/15/lib/bitcode",
+        "usr/share/doc".to_string(),
+        "usr/share/man".to_string(),
+        "usr/share/info".to_string(),
+        "usr/share/locale".to_string(),
+        "usr/share/i18n".to_string(),
+        "var/lib/apt/lists".to_string(),
+        format!("{libs}/libLLVM-14.so.1"),
+        format!("{libs}/libz3.so.4"),
+        "usr/lib/postgresql/15/lib/llvmjit.so".to_string(),
+        "usr/lib/postgresql/15/lib/llvmjit_types.bc".to_string(),
+        "usr/lib/postgresql/15/lib/bitcode".to_string(),
     ];
-    for rel in unneeded {
+    for rel in &unneeded {
         let path = dir.join(rel);
         let removed = if path.is_dir() {
             fs::remove_dir_all(&path)
@@ -378,6 +389,15 @@ fn rootfs(cache: &Path) -> Result<PathBuf> {
     pack_cpio(&dir, &partial)?;
     fs::rename(&partial, &cpio)?;
     fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    // Root filesystems of earlier package lists: half a gigabyte each.
+    let stale_prefix = format!("rootfs-{SUITE}-{}-", arch.deb_arch);
+    for entry in fs::read_dir(cache)?.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&stale_prefix) && file.ends_with(".cpio") && entry.path() != cpio {
+            eprintln!("kernel-matrix: removing the outdated {file}");
+            fs::remove_file(entry.path())?;
+        }
+    }
     eprintln!(
         "kernel-matrix: root filesystem {} made in {:.0} s",
         cpio.display(),
@@ -470,7 +490,7 @@ struct KernelImage {
     modules: PathBuf,
 }
 
-fn kernel_image(cache: &Path, package: &str) -> Result<KernelImage> {
+fn kernel_image(arch: &Arch, cache: &Path, package: &str) -> Result<KernelImage> {
     let dir = cache.join("kernels").join(package);
     if !dir.join("boot").exists() {
         let download = cache.join("kernels/download");
@@ -481,7 +501,8 @@ fn kernel_image(cache: &Path, package: &str) -> Result<KernelImage> {
         eprintln!("kernel-matrix: downloading {package}");
         sh(Command::new("apt-get")
             // As root into a root-owned directory: apt's sandbox user could not write there.
-            .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
+            .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
+            .arg(format!("{package}:{}", arch.deb_arch))
             .current_dir(&download))?;
         let deb = fs::read_dir(&download)?
             .flatten()
