@@ -14,6 +14,10 @@ pub const MAX_CAPTURE: usize = 8192;
 pub const DEFAULT_CAPTURE: u32 = 4096;
 /// Most iovecs walked to copy a readv/writev/recvmsg/sendmsg payload.
 pub const MAX_IOVECS: u32 = 8;
+/// Offset of `sk` in `struct socket` (after `state`, `type`, `flags`, `file`: unchanged since
+/// Linux 2.6). The fexit programs read it with a typed load, which cannot take an offset
+/// known only at load time; userspace checks it against the kernel's BTF before using them.
+pub const SOCKET_SK_OFFSET: u32 = 24;
 
 /// Event kinds. Discriminants are part of the wire contract with the kernel: never reuse one.
 #[repr(u32)]

@@ -2,8 +2,8 @@
 //!
 //! A Go server serves each connection on a goroutine of its own and runs the handler on it;
 //! goroutines move between threads, so the thread tells nothing. The goroutine does: `g`, the
-//! running goroutine, is in R14 in all Go code of the register ABI (Go 1.17+ on amd64), and
-//! arguments are in RAX, RBX, RCX, ... at a function's entry.
+//! running goroutine, has a register of its own in all Go code of the register ABI (Go 1.17+;
+//! R14 on amd64), and arguments are in registers at a function's entry (`arch::ARCH`).
 //!
 //! 1. `internal/poll.(*FD).Read` (entry): the fd each goroutine read last.
 //! 2. `net/http.serverHandler.ServeHTTP` (entry), on the connection's goroutine once its
@@ -25,7 +25,6 @@
 
 use agent_common::{GO_FD_SYSFD_OFFSET, GO_TRANSPORT_REQUEST_OFFSET};
 use aya_ebpf::{
-    bindings::pt_regs,
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_ktime_get_ns},
     macros::{map, uprobe},
     maps::{LruHashMap, PerCpuArray},
@@ -33,6 +32,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    arch::{self, ARCH},
     context, http_head,
     maps::{count, selected_tgid},
 };
@@ -82,9 +82,16 @@ fn key(pid: u32, addr: u64) -> GoKey {
     GoKey { pid, _pad: 0, addr }
 }
 
+/// The running goroutine.
 #[inline(always)]
-fn regs(ctx: &ProbeContext) -> &pt_regs {
-    unsafe { &*ctx.regs }
+fn g(ctx: &ProbeContext) -> u64 {
+    arch::uprobe_reg(ctx, ARCH.go_g_slot)
+}
+
+/// The `n`th integer argument at a function's entry (register ABI).
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    arch::uprobe_reg(ctx, ARCH.go_arg_slots[n])
 }
 
 /// `internal/poll.(*FD).Read(fd, p)`: RAX = fd, R14 = g.
@@ -93,8 +100,7 @@ pub fn agent_go_fd_read(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let r = regs(&ctx);
-    let (g, fd, buf) = (r.r14, r.rax, r.rbx);
+    let (g, fd, buf) = (g(&ctx), arg(&ctx, 0), arg(&ctx, 1));
     match unsafe { bpf_probe_read_user((fd + GO_FD_SYSFD_OFFSET) as *const i64) } {
         Ok(sysfd) if (0..=i32::MAX as i64).contains(&sysfd) => {
             let k = key(pid, g);
@@ -129,7 +135,7 @@ pub fn agent_go_serve(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = selected_tgid() else {
         return 0;
     };
-    let g = regs(&ctx).r14;
+    let g = g(&ctx);
     let k = key(pid, g);
     let Some(last) = LAST_READ.get_ptr(&k).map(|l| unsafe { *l }) else {
         let _ = SERVING.remove(&k);
@@ -197,7 +203,7 @@ pub fn agent_go_exit(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let k = key(pid, regs(&ctx).rax);
+    let k = key(pid, arg(&ctx, 0));
     let _ = LAST_READ.remove(&k);
     let _ = SERVING.remove(&k);
     let _ = WRITERS.remove(&k);
@@ -210,8 +216,7 @@ pub fn agent_go_round_trip(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let r = regs(&ctx);
-    let (g, treq) = (r.r14, r.rbx);
+    let (g, treq) = (g(&ctx), arg(&ctx, 1));
     // `transportRequest { *Request; ... }`.
     let req: u64 =
         match unsafe { bpf_probe_read_user((treq + GO_TRANSPORT_REQUEST_OFFSET) as *const u64) } {
@@ -242,8 +247,7 @@ pub fn agent_go_request_write(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let r = regs(&ctx);
-    let (g, req) = (r.r14, r.rax);
+    let (g, req) = (g(&ctx), arg(&ctx, 0));
     let owner = match OWNERS.get_ptr(&key(pid, req)) {
         Some(c) => unsafe { *c },
         None => 0,
@@ -263,7 +267,7 @@ pub fn agent_go_fd_write(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = selected_tgid() else {
         return 0;
     };
-    let g = regs(&ctx).r14;
+    let g = g(&ctx);
     let k = key(pid, g);
     let owner = match WRITERS.get_ptr(&k) {
         Some(c) => unsafe { *c },

@@ -498,7 +498,9 @@ fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut ht
     let n = if avail < want { avail } else { want };
     let scratch = INJECT_SCRATCH.get_ptr_mut(0)?;
     let scratch = unsafe { &mut *scratch };
-    let n = n & (HEAD_WINDOW * 2 - 1);
+    // Through memory: the compiler knows `n <= want` and would drop the mask, and verifiers
+    // like 6.1's cannot carry that bound from a comparison of two registers.
+    let n = unsafe { core::ptr::read_volatile(&n) } & (HEAD_WINDOW * 2 - 1);
     if n > HEAD_WINDOW {
         return None;
     }

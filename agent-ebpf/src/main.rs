@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod arch;
 mod context;
 mod go;
 mod http_head;

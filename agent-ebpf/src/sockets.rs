@@ -1,8 +1,10 @@
-//! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`.
+//! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`, or where
+//! the kernel lacks them, at the return of `inet_recvmsg`/`inet_sendmsg` and their IPv6
+//! twins (fexit).
 
 use agent_common::{
     DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
-    DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SyscallKind, TrackedSocket,
+    DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SOCKET_SK_OFFSET, SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -13,12 +15,13 @@ use aya_ebpf::{
             bpf_ktime_get_ns, bpf_probe_read_user, bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, fexit, map},
     maps::PerCpuArray,
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, FExitContext},
 };
 
 use crate::{
+    arch::{self, ARCH},
     context,
     maps::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, capture_size,
@@ -50,29 +53,6 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
 
-/// x86_64 `struct pt_regs` (the ptrace ABI, stable) from `dx` (offset 96) to `orig_ax`
-/// (offset 120): the syscall's first three arguments and its number, read in one go.
-const REGS_DX_OFFSET: u32 = 96;
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SyscallRegs {
-    dx: u64,
-    si: u64,
-    di: u64,
-    orig_ax: u64,
-}
-
-// x86_64 syscall numbers of the paths whose user buffers we know how to read.
-const NR_READ: u64 = 0;
-const NR_WRITE: u64 = 1;
-const NR_READV: u64 = 19;
-const NR_WRITEV: u64 = 20;
-const NR_SENDFILE: u64 = 40;
-const NR_SENDTO: u64 = 44;
-const NR_RECVFROM: u64 = 45;
-const NR_SENDMSG: u64 = 46;
-const NR_RECVMSG: u64 = 47;
-
 /// Where the payload of the current syscall lives in user memory.
 enum UserBuf {
     None,
@@ -82,35 +62,94 @@ enum UserBuf {
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    let ret: i32 = ctx.arg(1);
-    let flags: i32 = ctx.arg(2);
-    if ret <= 0 || flags & MSG_PEEK != 0 {
-        return 0;
-    }
-    // Unselected processes stop here, before anything is read or copied.
-    let Some(thread) = selected_tgid() else {
-        return 0;
-    };
-    on_socket_io::<DIR_INGRESS>(&ctx, thread, ret as u64, None);
+    on_recv(ctx.arg(0), ctx.arg(1), ctx.arg(2));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn agent_sock_send(ctx: BtfTracePointContext) -> i32 {
-    let Some(thread) = selected_tgid() else {
-        return 0;
-    };
-    // Taken whatever the outcome, so a failed send leaves no stamp behind.
-    let started = take_send_start(thread.1, ctx.arg(0));
-    let ret: i32 = ctx.arg(1);
-    if ret <= 0 {
-        if context_propagation() {
-            crate::inject::account_write(ctx.arg(0), thread.1, ret as i64, core::ptr::null(), 0);
-        }
+    on_send(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+// Kernels without the `sock_*_length` tracepoints (before 6.3): the same points, at the
+// return of the address families' socket functions (`sock_recvmsg`/`sock_sendmsg` themselves
+// are inlined into most of their callers). Their first argument is a `struct socket`; its
+// `sk` is read by a BTF load, so the verifier still knows it for a `struct sock` (the
+// socket-cookie helper needs that).
+
+/// `int inet_recvmsg(struct socket *sock, struct msghdr *msg, size_t size, int flags)`
+#[fexit(function = "inet_recvmsg")]
+pub fn agent_inet_recvmsg(ctx: FExitContext) -> i32 {
+    on_recv(socket_sk(ctx.arg(0)), ctx.arg(4), ctx.arg(3));
+    0
+}
+
+/// `inet6_recvmsg`: the same arguments for IPv6 sockets.
+#[fexit(function = "inet6_recvmsg")]
+pub fn agent_inet6_recvmsg(ctx: FExitContext) -> i32 {
+    on_recv(socket_sk(ctx.arg(0)), ctx.arg(4), ctx.arg(3));
+    0
+}
+
+/// `int inet_sendmsg(struct socket *sock, struct msghdr *msg, size_t size)`
+#[fexit(function = "inet_sendmsg")]
+pub fn agent_inet_sendmsg(ctx: FExitContext) -> i32 {
+    on_send(socket_sk(ctx.arg(0)), ctx.arg(3));
+    0
+}
+
+/// `inet6_sendmsg`: the same arguments for IPv6 sockets.
+#[fexit(function = "inet6_sendmsg")]
+pub fn agent_inet6_sendmsg(ctx: FExitContext) -> i32 {
+    on_send(socket_sk(ctx.arg(0)), ctx.arg(3));
+    0
+}
+
+/// `ssize_t inet_sendpage(struct socket *sock, struct page *page, int offset, size_t size,
+/// int flags)`: `sendfile` on kernels that still had `sendpage` (before 6.5) sends around
+/// `sendmsg` and its tracepoint (TCP over IPv4 and IPv6 alike).
+#[fexit(function = "inet_sendpage")]
+pub fn agent_inet_sendpage(ctx: FExitContext) -> i32 {
+    on_send(socket_sk(ctx.arg(0)), ctx.arg(5));
+    0
+}
+
+/// `socket->sk` as a typed load (see above); 0 for no socket.
+#[inline(always)]
+fn socket_sk(sock: u64) -> u64 {
+    if sock == 0 {
         return 0;
     }
-    on_socket_io::<DIR_EGRESS>(&ctx, thread, ret as u64, started);
-    0
+    unsafe { *((sock + SOCKET_SK_OFFSET as u64) as *const u64) }
+}
+
+#[inline(always)]
+fn on_recv(sk: u64, ret: i32, flags: i32) {
+    if ret <= 0 || flags & MSG_PEEK != 0 {
+        return;
+    }
+    // Unselected processes stop here, before anything is read or copied.
+    let Some(thread) = selected_tgid() else {
+        return;
+    };
+    on_socket_io::<DIR_INGRESS>(sk, thread, ret as u64, None);
+}
+
+#[inline(always)]
+fn on_send(sk: u64, ret: i32) {
+    let Some(thread) = selected_tgid() else {
+        return;
+    };
+    // Taken whatever the outcome, so a failed send leaves no stamp behind.
+    let started = take_send_start(thread.1, sk);
+    if ret <= 0 {
+        if context_propagation() {
+            crate::inject::account_write(sk, thread.1, ret as i64, core::ptr::null(), 0);
+        }
+        return;
+    }
+    on_socket_io::<DIR_EGRESS>(sk, thread, ret as u64, started);
 }
 
 /// Where and when a thread began queueing the first and the last chunk of its current TCP
@@ -171,7 +210,7 @@ fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
 
 #[inline(always)]
 fn on_socket_io<const DIRECTION: u32>(
-    ctx: &BtfTracePointContext,
+    sk: u64,
     (tgid, tid): (u32, u32),
     bytes: u64,
     queued_ns: Option<(u64, u64)>,
@@ -179,7 +218,6 @@ fn on_socket_io<const DIRECTION: u32>(
     // A const parameter: each program keeps only its direction's code (the verifier's
     // budget does not stretch to both).
     let direction = DIRECTION;
-    let sk: u64 = ctx.arg(0);
     if sk == 0 {
         return;
     }
@@ -364,36 +402,37 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
     if regs == 0 {
         return (SyscallKind::Other, u32::MAX, UserBuf::None);
     }
-    let Some(SyscallRegs {
-        dx,
-        si,
-        di,
-        orig_ax: nr,
-    }) = read_kernel(regs, REGS_DX_OFFSET)
-    else {
+    let Some((nr, [fd, buf, count])) = arch::syscall_regs(regs) else {
         return (SyscallKind::Other, u32::MAX, UserBuf::None);
     };
-    let fd = di as u32;
-    match nr {
-        NR_READ => (SyscallKind::Read, fd, UserBuf::Flat(si)),
-        NR_WRITE => (SyscallKind::Write, fd, UserBuf::Flat(si)),
-        NR_RECVFROM => (SyscallKind::RecvFrom, fd, UserBuf::Flat(si)),
-        NR_SENDTO => (SyscallKind::SendTo, fd, UserBuf::Flat(si)),
-        NR_READV => (SyscallKind::Readv, fd, UserBuf::Iov { iov: si, count: dx }),
-        NR_WRITEV => (SyscallKind::Writev, fd, UserBuf::Iov { iov: si, count: dx }),
-        NR_RECVMSG | NR_SENDMSG => {
-            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
-            let iov: u64 = unsafe { read_user::<u64>(si + 16) }.unwrap_or(0);
-            let count: u64 = unsafe { read_user::<u64>(si + 24) }.unwrap_or(0);
-            let kind = if nr == NR_RECVMSG {
-                SyscallKind::RecvMsg
-            } else {
-                SyscallKind::SendMsg
-            };
-            (kind, fd, UserBuf::Iov { iov, count })
-        }
-        NR_SENDFILE => (SyscallKind::SendFile, fd, UserBuf::None),
-        _ => (SyscallKind::Other, u32::MAX, UserBuf::None),
+    let fd = fd as u32;
+    let a = &ARCH;
+    if nr == a.nr_read {
+        (SyscallKind::Read, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_write {
+        (SyscallKind::Write, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_recvfrom {
+        (SyscallKind::RecvFrom, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_sendto {
+        (SyscallKind::SendTo, fd, UserBuf::Flat(buf))
+    } else if nr == a.nr_readv {
+        (SyscallKind::Readv, fd, UserBuf::Iov { iov: buf, count })
+    } else if nr == a.nr_writev {
+        (SyscallKind::Writev, fd, UserBuf::Iov { iov: buf, count })
+    } else if nr == a.nr_recvmsg || nr == a.nr_sendmsg {
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+        let iov: u64 = unsafe { read_user::<u64>(buf + 16) }.unwrap_or(0);
+        let count: u64 = unsafe { read_user::<u64>(buf + 24) }.unwrap_or(0);
+        let kind = if nr == a.nr_recvmsg {
+            SyscallKind::RecvMsg
+        } else {
+            SyscallKind::SendMsg
+        };
+        (kind, fd, UserBuf::Iov { iov, count })
+    } else if nr == a.nr_sendfile {
+        (SyscallKind::SendFile, fd, UserBuf::None)
+    } else {
+        (SyscallKind::Other, u32::MAX, UserBuf::None)
     }
 }
 

@@ -141,8 +141,11 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     for a in &probes.attached {
         eprintln!("agent: attached {} to {}", a.program, a.hook);
     }
-    if let Some(why) = &probes.write_stamps_at_return {
-        eprintln!("agent: note: {why}");
+    for h in &probes.hooks {
+        match &h.degraded {
+            None => eprintln!("agent: hook: {} ← {}", h.function, h.hook),
+            Some(why) => eprintln!("agent: hook: {} ← {} (degraded: {why})", h.function, h.hook),
+        }
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
     state.set_probes_attached(probes.attached.len());

@@ -312,7 +312,10 @@ fn the_dockerfile_uses_the_repository_toolchains_and_pinned_images() {
         let Some(from) = line.strip_prefix("FROM ") else {
             continue;
         };
-        let mut words = from.split_whitespace();
+        // `--platform=...` chooses which CPU's variant of the image, not the image.
+        let mut words = from
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--platform="));
         let mut image = words.next().expect("FROM names an image").to_owned();
         for (name, value) in &args {
             image = image.replace(&format!("${{{name}}}"), value);

@@ -239,13 +239,22 @@ fn python_client_keep_alive_five_requests_on_one_connection() {
 
     // Writes are stamped as they are queued (tcp_sendmsg_locked), not when they return; a
     // thread that changes CPUs mid-write is the rare exception (5 requests, 5 responses here,
-    // each one or two writes).
+    // each one or two writes). A kernel without that tracepoint says so at start-up.
     let counters = agent.summary_counters();
     let at_return = counters.get("kernel_writes_stamped_at_return").copied();
-    assert!(
-        at_return.is_some_and(|n| n <= 2),
-        "writes stamped at return instead of at queueing: {at_return:?} (counters: {counters:?})"
-    );
+    let stderr = agent.stderr();
+    if stderr.contains("agent: hook: write stamps ← tp_btf/tcp_sendmsg_locked\n") {
+        assert!(
+            at_return.is_some_and(|n| n <= 2),
+            "writes stamped at return instead of at queueing: {at_return:?} (counters: {counters:?})"
+        );
+    } else {
+        assert!(
+            stderr.contains("agent: hook: write stamps ← at the write's return (degraded: "),
+            "write stamps neither at queueing nor reported degraded:\n{stderr}"
+        );
+        assert!(at_return.is_some_and(|n| n >= 10), "{counters:?}");
+    }
 
     for (span, r) in spans_per_request(&spans, &server_spans, &run) {
         check_server_span(

@@ -31,8 +31,13 @@ enum Task {
         #[arg(long)]
         test_deps: bool,
     },
-    /// Set up, build the agent (release): target/release/agent
-    Build,
+    /// Set up, build the agent (release): target/release/agent, or for another CPU
+    /// target/<triple>/release/agent (cross-compiled)
+    Build {
+        /// The CPU to build for
+        #[arg(long, value_enum, default_value_t = Arch::host())]
+        arch: Arch,
+    },
     /// Set up, build the agent (release) and run it (with sudo unless root)
     Run {
         /// The agent's own options, after `--`, e.g. `cargo xtask run -- --comm nginx`
@@ -57,9 +62,9 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup { test_deps } => setup::run(test_deps),
-        Task::Build => {
+        Task::Build { arch } => {
             setup::run(false)?;
-            let agent = build_agent()?;
+            let agent = build_agent_for(arch, Profile::Release)?;
             println!("{}", agent.display());
             Ok(())
         }
@@ -98,8 +103,96 @@ pub fn cargo() -> Command {
 }
 
 pub fn build_agent() -> Result<PathBuf> {
-    sh(cargo().args(["build", "--release", "-p", "agent"]))?;
-    Ok(workspace_root().join("target/release/agent"))
+    build_agent_for(Arch::host(), Profile::Release)
+}
+
+/// The CPUs the agent (and its kernel programs, see agent-ebpf/src/arch.rs) builds for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    #[value(name = "x86_64")]
+    X86_64,
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    pub fn host() -> Self {
+        if cfg!(target_arch = "aarch64") {
+            Self::Aarch64
+        } else {
+            Self::X86_64
+        }
+    }
+
+    pub fn triple(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64-unknown-linux-gnu",
+            Self::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+
+    /// Debian's cross compiler and C library for building on another CPU.
+    pub fn cross_packages(self) -> &'static [&'static str] {
+        match self {
+            Self::X86_64 => &["gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"],
+            Self::Aarch64 => &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
+        }
+    }
+
+    fn cross_gcc(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64-linux-gnu-gcc",
+            Self::Aarch64 => "aarch64-linux-gnu-gcc",
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::X86_64 => "x86_64",
+            Self::Aarch64 => "aarch64",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+/// Builds the agent for `arch` (cross-compiled when it is not the host's; aya-build builds
+/// the kernel programs for the same CPU) and returns the binary's path.
+pub fn build_agent_for(arch: Arch, profile: Profile) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "agent"]);
+    let dir = match profile {
+        Profile::Debug => "debug",
+        Profile::Release => {
+            cmd.arg("--release");
+            "release"
+        }
+    };
+    if arch == Arch::host() {
+        sh(&mut cmd)?;
+        return Ok(workspace_root().join("target").join(dir).join("agent"));
+    }
+    setup::cross_toolchain(arch)?;
+    let triple = arch.triple();
+    let env_triple = triple.replace('-', "_");
+    cmd.args(["--target", triple])
+        .env(
+            format!("CARGO_TARGET_{}_LINKER", env_triple.to_uppercase()),
+            arch.cross_gcc(),
+        )
+        .env(format!("CC_{env_triple}"), arch.cross_gcc());
+    sh(&mut cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(triple)
+        .join(dir)
+        .join("agent"))
 }
 
 pub fn is_root() -> bool {
@@ -186,7 +279,17 @@ mod tests {
             parse("setup").expect("setup").task,
             Task::Setup { test_deps: false }
         ));
-        assert!(matches!(parse("build").expect("build").task, Task::Build));
+        assert!(matches!(
+            parse("build").expect("build").task,
+            Task::Build { arch } if arch == Arch::host()
+        ));
+        assert!(matches!(
+            parse("build --arch aarch64").expect("build").task,
+            Task::Build {
+                arch: Arch::Aarch64
+            }
+        ));
+        assert!(parse("build --arch sparc").is_err());
         assert!(matches!(parse("test").expect("test").task, Task::Test));
         let Task::KernelMatrix(_) = parse("kernel-matrix --kernel 6.1 --kernel 6.12 --keep")
             .expect("kernel-matrix")

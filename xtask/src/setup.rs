@@ -162,6 +162,29 @@ fn rustup_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
 }
 
 /// The userspace toolchain (with the lints CI runs), installed when missing.
+/// What building the agent for `arch` on this host needs besides the host build: the Rust
+/// standard library for its target and, for another CPU, Debian's cross C compiler and C
+/// library (ring's C code and the final link).
+pub fn cross_toolchain(arch: crate::Arch) -> Result<()> {
+    if arch == crate::Arch::host() {
+        return Ok(());
+    }
+    let target = arch.triple();
+    let installed = output(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        RUST_TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == target) {
+        sh(Command::new("rustup").args(["target", "add", target, "--toolchain", RUST_TOOLCHAIN]))
+            .with_context(|| format!("rustup could not add the target {target}"))?;
+    }
+    apt_install(arch.cross_packages())
+}
+
 pub fn rust_toolchain() -> Result<()> {
     rustup_toolchain(RUST_TOOLCHAIN, &["clippy", "rustfmt"])
 }

@@ -39,6 +39,8 @@ pub enum BtfError {
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC: u32 = 12;
 
 struct Member {
     name_off: u32,
@@ -164,6 +166,22 @@ impl Btf {
         let rest = self.strings.get(off as usize..).unwrap_or(&[]);
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         &rest[..end]
+    }
+
+    fn has(&self, kind: u32, name: &str) -> bool {
+        self.types
+            .iter()
+            .any(|t| t.kind == kind && self.name(t.name_off) == name.as_bytes())
+    }
+
+    /// The kernel has the BTF tracepoint `name` (a `tp_btf` program can attach to it).
+    pub fn has_tracepoint(&self, name: &str) -> bool {
+        self.has(KIND_TYPEDEF, &format!("btf_trace_{name}"))
+    }
+
+    /// The kernel has the function `name` in its BTF (an fentry/fexit program can name it).
+    pub fn has_function(&self, name: &str) -> bool {
+        self.has(KIND_FUNC, name)
     }
 
     fn struct_id(&self, name: &'static str) -> Result<usize, BtfError> {
@@ -320,6 +338,16 @@ mod tests {
         assert_eq!(off.skc_dport, 12);
         assert_eq!(off.skc_num, 14);
         assert!(off.sk_protocol > off.skc_v6_rcv_saddr);
+        assert_eq!(
+            btf.member_offset("socket", "sk").expect("socket.sk"),
+            agent_common::SOCKET_SK_OFFSET
+        );
+        // Present in every kernel the agent runs on; a name is a tracepoint or a function,
+        // not both.
+        assert!(btf.has_tracepoint("sched_process_fork"));
+        assert!(btf.has_function("sock_recvmsg"));
+        assert!(!btf.has_tracepoint("sock_recvmsg"));
+        assert!(!btf.has_function("sched_process_fork"));
         // pid and tgid are adjacent pid_t fields of task_struct.
         assert_eq!(off.task_tgid, off.task_pid + 4);
     }

@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
-        BtfTracePoint, TracePoint, UProbe,
+        BtfTracePoint, FExit, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
@@ -42,8 +42,10 @@ pub enum KernelError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("this agent's kernel programs support x86_64 only (found {0})")]
+    #[error("this agent's kernel programs support x86_64 and aarch64 (found {0})")]
     UnsupportedArch(&'static str),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// What the caller chose to load.
@@ -67,8 +69,8 @@ pub struct Attached {
 pub struct Probes {
     ebpf: Ebpf,
     pub attached: Vec<Attached>,
-    /// Why writes are stamped at the syscall's return instead of as their chunks are queued.
-    pub write_stamps_at_return: Option<String>,
+    /// Which hook serves each function, and what a missing hook costs.
+    pub hooks: Vec<HookChoice>,
     /// Injection asked for but not possible (attach or canary failed): why. The caller
     /// reloads without it.
     pub propagation_failed: Option<String>,
@@ -96,11 +98,49 @@ const RUNTIME_UPROBES: &[&str] = &[
 ];
 
 const TP_BTF: &[(&str, &str)] = &[
-    ("agent_sock_recv", "sock_recv_length"),
-    ("agent_sock_send", "sock_send_length"),
     ("agent_sock_state", "inet_sock_set_state"),
     ("agent_process_fork", "sched_process_fork"),
 ];
+
+/// One direction of socket data and its two possible hooks: the `sock_*_length` tracepoint
+/// (Linux >= 6.3), else fexit on the address families' socket functions the tracepoint's
+/// caller calls (same arguments, same point in the call; needs BPF trampolines).
+struct DataHook {
+    function: &'static str,
+    tracepoint: (&'static str, &'static str),
+    fexit: [(&'static str, &'static str); 2],
+}
+
+const DATA_HOOKS: [DataHook; 2] = [
+    DataHook {
+        function: "socket reads",
+        tracepoint: ("agent_sock_recv", "sock_recv_length"),
+        fexit: [
+            ("agent_inet_recvmsg", "inet_recvmsg"),
+            ("agent_inet6_recvmsg", "inet6_recvmsg"),
+        ],
+    },
+    DataHook {
+        function: "socket writes",
+        tracepoint: ("agent_sock_send", "sock_send_length"),
+        fexit: [
+            ("agent_inet_sendmsg", "inet_sendmsg"),
+            ("agent_inet6_sendmsg", "inet6_sendmsg"),
+        ],
+    },
+];
+
+/// `sendfile` on kernels that still have `sendpage` (before 6.5) reaches TCP sockets through
+/// this function, around `sendmsg` and its tracepoint.
+const SENDPAGE_FEXIT: (&str, &str) = ("agent_inet_sendpage", "inet_sendpage");
+
+/// Which hook serves one of the agent's functions on this kernel (the start-up report).
+pub struct HookChoice {
+    pub function: &'static str,
+    pub hook: String,
+    /// What this kernel costs in precision, and why.
+    pub degraded: Option<String>,
+}
 
 /// Optional: stamps writes as their chunks are queued (see `agent_tcp_sendmsg`); without it,
 /// writes are stamped when the syscall returns.
@@ -112,6 +152,102 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("agent_process_exec", "sched", "sched_process_exec"),
     ("agent_process_exit", "sched", "sched_process_exit"),
 ];
+
+/// Loads and attaches one `fexit` program.
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    name: &'static str,
+    function: &str,
+) -> Result<Attached, KernelError> {
+    let prog: &mut FExit = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| program_error(name, "is not an fexit program", source))?;
+    prog.load(function, btf)
+        .map_err(|source| program_error(name, &format!("loading fexit/{function}"), source))?;
+    prog.attach()
+        .map_err(|source| program_error(name, &format!("attaching fexit/{function}"), source))?;
+    Ok(Attached {
+        program: name,
+        hook: format!("fexit/{function}"),
+    })
+}
+
+/// Attaches the socket data programs: per direction the tracepoint where the kernel has it,
+/// else the fexit fallback; chosen by what the kernel's BTF offers, not by its version.
+fn attach_data_hooks(
+    ebpf: &mut Ebpf,
+    kernel_btf: &aya::Btf,
+    btf: &btf::Btf,
+    attached: &mut Vec<Attached>,
+    hooks: &mut Vec<HookChoice>,
+) -> Result<(), KernelError> {
+    for hook in &DATA_HOOKS {
+        let (name, tp) = hook.tracepoint;
+        if btf.has_tracepoint(tp) {
+            let a = attach_tp_btf(ebpf, kernel_btf, name, tp)?;
+            hooks.push(HookChoice {
+                function: hook.function,
+                hook: a.hook.clone(),
+                degraded: None,
+            });
+            attached.push(a);
+            continue;
+        }
+        let sk = btf.member_offset("socket", "sk")?;
+        if sk != agent_common::SOCKET_SK_OFFSET {
+            return Err(KernelError::Unsupported(format!(
+                "{}: this kernel has no {tp} tracepoint, and its struct socket keeps sk at byte \
+                 {sk}, not {} as the fexit fallback reads it",
+                hook.function,
+                agent_common::SOCKET_SK_OFFSET
+            )));
+        }
+        let mut hooked = Vec::new();
+        for (name, function) in hook.fexit {
+            let a = attach_fexit(ebpf, kernel_btf, name, function).map_err(|e| {
+                KernelError::Unsupported(format!(
+                    "{}: this kernel has no {tp} tracepoint (Linux >= 6.3) and the fallback \
+                     failed: {e}\n  hint: the fallback needs BPF trampolines (fexit; x86_64 \
+                     since 5.5, arm64 since 6.0)",
+                    hook.function
+                ))
+            })?;
+            hooked.push(a.hook.clone());
+            attached.push(a);
+        }
+        // The same arguments at the same point: nothing lost but the trampoline's cost.
+        hooks.push(HookChoice {
+            function: hook.function,
+            hook: format!("{} (no {tp} tracepoint on this kernel)", hooked.join(" + ")),
+            degraded: None,
+        });
+    }
+    let (name, function) = SENDPAGE_FEXIT;
+    if btf.has_function(function) {
+        match attach_fexit(ebpf, kernel_btf, name, function) {
+            Ok(a) => {
+                hooks.push(HookChoice {
+                    function: "sendfile writes",
+                    hook: a.hook.clone(),
+                    degraded: None,
+                });
+                attached.push(a);
+            }
+            Err(e) => hooks.push(HookChoice {
+                function: "sendfile writes",
+                hook: "none".into(),
+                degraded: Some(format!(
+                    "{e}: bytes a process sends with sendfile are not seen, so a response sent \
+                     that way never completes its span"
+                )),
+            }),
+        }
+    }
+    Ok(())
+}
 
 /// Loads and attaches one `tp_btf` program.
 fn attach_tp_btf(
@@ -145,10 +281,11 @@ pub fn clamp_capture(size: u32) -> u32 {
 
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<Self, KernelError> {
-        if !cfg!(target_arch = "x86_64") {
+        if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
             return Err(KernelError::UnsupportedArch(std::env::consts::ARCH));
         }
-        let offsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
+        let btf = btf::Btf::from_sys_fs()?;
+        let offsets = btf.kernel_offsets()?;
         let trace_all: u32 = opts.trace_all.into();
         let agent_pid = std::process::id();
         let capture = clamp_capture(opts.capture_size);
@@ -170,20 +307,37 @@ impl Probes {
 
         let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut attached = Vec::new();
+        let mut hooks = Vec::new();
+        attach_data_hooks(&mut ebpf, &kernel_btf, &btf, &mut attached, &mut hooks)?;
         for &(name, tp) in TP_BTF {
             attached.push(attach_tp_btf(&mut ebpf, &kernel_btf, name, tp)?);
         }
         let (name, tp) = WRITE_STAMP_TP_BTF;
-        let write_stamps_at_return = match attach_tp_btf(&mut ebpf, &kernel_btf, name, tp) {
-            Ok(a) => {
-                attached.push(a);
-                None
-            }
-            Err(e) => Some(format!(
-                "{e}: writes are stamped when they return, so a sender held up in between \
-                 ends its span late"
+        let stamps_at_return = |why: String| HookChoice {
+            function: "write stamps",
+            hook: "at the write's return".into(),
+            degraded: Some(format!(
+                "{why}: a sender held up between queueing its last bytes and returning ends \
+                 its span late"
             )),
         };
+        if !btf.has_tracepoint(tp) {
+            hooks.push(stamps_at_return(format!(
+                "no {tp} tracepoint on this kernel"
+            )));
+        } else {
+            match attach_tp_btf(&mut ebpf, &kernel_btf, name, tp) {
+                Ok(a) => {
+                    hooks.push(HookChoice {
+                        function: "write stamps",
+                        hook: a.hook.clone(),
+                        degraded: None,
+                    });
+                    attached.push(a);
+                }
+                Err(e) => hooks.push(stamps_at_return(e.to_string())),
+            }
+        }
         for &(name, category, tp) in TRACEPOINTS {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -230,7 +384,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             attached,
-            write_stamps_at_return,
+            hooks,
             propagation_failed,
             parking,
             canary_counts,
@@ -401,8 +555,6 @@ fn program_error(name: &str, what: &str, source: aya::programs::ProgramError) ->
         "\n  hint: run as root; the kernel may also be in lockdown mode"
     } else if text.contains("tracefs") || text.contains("No such file") {
         "\n  hint: tracefs must be mounted at /sys/kernel/tracing (the agent mounts it when it can)"
-    } else if text.contains("btf_trace_") {
-        "\n  hint: this tracepoint needs Linux >= 6.3 with BTF (CONFIG_DEBUG_INFO_BTF=y)"
     } else {
         ""
     };
