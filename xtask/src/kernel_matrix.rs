@@ -91,22 +91,27 @@ const GUEST_INIT: &str = include_str!("../guest/init");
 /// traced while it loads and attaches.
 const PROBE_COMM: &str = "matrix-none";
 
-/// One architecture of the matrix: how to boot it, its Debian names and which kernel packages it
-/// runs. (Only x86_64 now; an arm64 guest also needs the agent and the test binaries built for
-/// aarch64, and debootstrap's second stage run through qemu-user.)
-struct Arch {
+/// One architecture of the matrix: how to boot it, its Debian names, which kernel packages it
+/// runs and which tests.
+struct GuestArch {
     name: &'static str,
+    cpu: crate::Arch,
     /// Debian's name of the architecture (debootstrap --arch, package:arch).
     deb_arch: &'static str,
     /// The multiarch library directory, `usr/lib/<multiarch>`.
     multiarch: &'static str,
     qemu: &'static str,
-    /// The Debian package with [`Arch::qemu`] (from bookworm-backports: bookworm's 7.2
+    /// The Debian package with [`GuestArch::qemu`] (from bookworm-backports: bookworm's 7.2
     /// conflicts with the newer qemu-utils some machines have).
     qemu_package: &'static str,
     qemu_args: &'static [&'static str],
     console: &'static str,
     kernels: &'static [Kernel],
+    /// The tests and what they need in the root filesystem.
+    subset: &'static [(&'static str, &'static str, &'static str)],
+    packages: &'static [&'static str],
+    /// `strip` for this architecture's binaries.
+    strip: &'static str,
 }
 
 /// A kernel line: the newest Debian package whose name matches `package` (old builds vanish
@@ -114,10 +119,29 @@ struct Arch {
 struct Kernel {
     version: &'static str,
     package: &'static str,
+    /// What the agent's start-up report must say serves each function on this kernel
+    /// (`agent: hook: <function> ← <hook>`, without the explanation in parentheses): a kernel
+    /// that silently gets less (or more) fails, until this table says so.
+    hooks: &'static [(&'static str, &'static str)],
 }
 
-const X86_64: Arch = Arch {
+/// Linux 6.1: no sock_*_length tracepoints (6.3), so fexit on the inet socket functions.
+const HOOKS_6_1: &[(&str, &str)] = &[
+    ("socket reads", "fexit/inet_recvmsg + fexit/inet6_recvmsg"),
+    ("socket writes", "fexit/inet_sendmsg + fexit/inet6_sendmsg"),
+    ("sendfile writes", "fexit/inet_sendpage"),
+    ("write stamps", "at the write's return"),
+];
+/// Linux 6.12: the socket tracepoints, but no tcp_sendmsg_locked (6.18).
+const HOOKS_6_12: &[(&str, &str)] = &[
+    ("socket reads", "tp_btf/sock_recv_length"),
+    ("socket writes", "tp_btf/sock_send_length"),
+    ("write stamps", "at the write's return"),
+];
+
+const X86_64: GuestArch = GuestArch {
     name: "x86_64",
+    cpu: crate::Arch::X86_64,
     deb_arch: "amd64",
     multiarch: "x86_64-linux-gnu",
     qemu: "qemu-system-x86_64",
@@ -128,17 +152,67 @@ const X86_64: Arch = Arch {
         Kernel {
             version: "6.1",
             package: r"linux-image-6\.1\.0-[0-9]+-cloud-amd64",
+            hooks: HOOKS_6_1,
         },
         Kernel {
             version: "6.12",
             package: r"linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64",
+            hooks: HOOKS_6_12,
         },
     ],
+    subset: SUBSET,
+    packages: GUEST_PACKAGES,
+    strip: "strip",
+};
+
+/// arm64 (Graviton, Ampere): the HTTP smoke test. Its root filesystem is made by debootstrap
+/// through qemu-user (binfmt_misc); everything it runs is cross-compiled.
+const AARCH64: GuestArch = GuestArch {
+    name: "aarch64",
+    cpu: crate::Arch::Aarch64,
+    deb_arch: "arm64",
+    multiarch: "aarch64-linux-gnu",
+    qemu: "qemu-system-aarch64",
+    qemu_package: "qemu-system-arm",
+    qemu_args: &[
+        "-machine",
+        "virt",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+    ],
+    console: "ttyAMA0",
+    kernels: &[
+        Kernel {
+            version: "6.1",
+            package: r"linux-image-6\.1\.0-[0-9]+-cloud-arm64",
+            hooks: HOOKS_6_1,
+        },
+        Kernel {
+            version: "6.12",
+            package: r"linux-image-6\.12\.[0-9]+\+deb12-cloud-arm64",
+            hooks: HOOKS_6_12,
+        },
+    ],
+    subset: &[SUBSET[0]],
+    packages: &[
+        "python3",
+        "libpython3.11",
+        "curl",
+        "iproute2",
+        "procps",
+        "kmod",
+    ],
+    strip: "aarch64-linux-gnu-strip",
 };
 
 /// Options of `cargo xtask kernel-matrix`.
 #[derive(clap::Args, Debug)]
 pub struct Options {
+    /// The guests' CPU: x86_64 (the whole subset) or aarch64 (the HTTP smoke test)
+    #[arg(long, value_enum, default_value_t = crate::Arch::X86_64)]
+    arch: crate::Arch,
     /// A kernel to boot (repeatable): 6.1, 6.12. Default: every one
     #[arg(long = "kernel", value_name = "VERSION")]
     kernels: Vec<String>,
@@ -181,17 +255,26 @@ impl Options {
 }
 
 pub fn run(options: Options) -> Result<()> {
-    let arch = &X86_64;
+    let arch = match options.arch {
+        crate::Arch::X86_64 => &X86_64,
+        crate::Arch::Aarch64 => &AARCH64,
+    };
     let kernels = select_kernels(arch, &options.kernels)?;
-    let tests: Vec<&(&str, &str, &str)> = SUBSET
+    let tests: Vec<&(&str, &str, &str)> = arch
+        .subset
         .iter()
         .filter(|(_, name, _)| options.filter.as_deref().is_none_or(|f| name.contains(f)))
         .collect();
     if tests.is_empty() {
         bail!(
-            "no test of the kernel-matrix subset contains {:?}; the subset: {}",
+            "no test of the {} kernel-matrix subset contains {:?}; the subset: {}",
+            arch.name,
             options.filter.as_deref().unwrap_or_default(),
-            SUBSET.iter().map(|t| t.1).collect::<Vec<_>>().join(", ")
+            arch.subset
+                .iter()
+                .map(|t| t.1)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if !crate::is_root() {
@@ -207,7 +290,7 @@ pub fn run(options: Options) -> Result<()> {
     let _lock = lock(&options.cache_dir)?;
 
     let rootfs = rootfs(arch, &options.cache_dir)?;
-    let payload = Payload::build(&tests, options.agent.as_deref())?;
+    let payload = Payload::build(arch, &tests, options.agent.as_deref(), &options.cache_dir)?;
     let build_secs = started.elapsed().as_secs_f64();
     eprintln!("kernel-matrix: host part ready after {build_secs:.0} s");
 
@@ -262,7 +345,7 @@ fn lock(cache: &Path) -> Result<fs::File> {
     Ok(file)
 }
 
-fn select_kernels<'a>(arch: &'a Arch, wanted: &[String]) -> Result<Vec<&'a Kernel>> {
+fn select_kernels<'a>(arch: &'a GuestArch, wanted: &[String]) -> Result<Vec<&'a Kernel>> {
     if wanted.is_empty() {
         return Ok(arch.kernels.iter().collect());
     }
@@ -289,14 +372,43 @@ fn select_kernels<'a>(arch: &'a Arch, wanted: &[String]) -> Result<Vec<&'a Kerne
 
 /// QEMU (from bookworm-backports), debootstrap, cpio; the project's toolchains and the rotel
 /// collector the tests assert on.
-fn host_tools(arch: &Arch) -> Result<()> {
+fn host_tools(arch: &GuestArch) -> Result<()> {
     setup::run(false)?;
     setup::rotel()?;
     if !setup::have(arch.qemu) {
         setup::ensure_backports()?;
         setup::apt_install_from(Some("bookworm-backports"), &[arch.qemu_package])?;
     }
-    setup::apt_install_from(None, &["debootstrap", "cpio", "binutils"])
+    setup::apt_install_from(None, &["debootstrap", "cpio", "binutils"])?;
+    if arch.cpu != crate::Arch::host() {
+        setup::cross_toolchain(arch.cpu)?;
+        foreign_binaries(arch)?;
+    }
+    Ok(())
+}
+
+/// debootstrap and apt run the guest architecture's programs in a chroot: through qemu-user,
+/// registered with binfmt_misc (the `F` flag keeps the interpreter usable inside the chroot).
+fn foreign_binaries(arch: &GuestArch) -> Result<()> {
+    let entry = Path::new("/proc/sys/fs/binfmt_misc").join(format!("qemu-{}", arch.name));
+    if entry.exists() {
+        return Ok(());
+    }
+    setup::ensure_backports()?;
+    setup::apt_install_from(Some("bookworm-backports"), &["qemu-user-static"])?;
+    setup::apt_install_from(None, &["binfmt-support"])?;
+    if !entry.exists() {
+        let _ =
+            sh(Command::new("update-binfmts").args(["--enable", &format!("qemu-{}", arch.name)]));
+    }
+    if !entry.exists() {
+        bail!(
+            "{} is missing after installing qemu-user-static: programs for {} cannot run here              (is binfmt_misc mounted at /proc/sys/fs/binfmt_misc?)",
+            entry.display(),
+            arch.name
+        );
+    }
+    Ok(())
 }
 
 /// FNV-1a, 64 bits: a cache key that stays the same across Rust releases.
@@ -308,11 +420,11 @@ fn fnv1a(text: &str) -> u64 {
 
 /// The cached root filesystem (cpio), made when missing: debootstrap minbase, then the
 /// packages installed with apt inside it, with services kept from starting (policy-rc.d).
-fn rootfs(arch: &Arch, cache: &Path) -> Result<PathBuf> {
+fn rootfs(arch: &GuestArch, cache: &Path) -> Result<PathBuf> {
     let key = fnv1a(&format!(
         "{ROOTFS_FORMAT} {SUITE} {} {}",
         arch.deb_arch,
-        GUEST_PACKAGES.join(",")
+        arch.packages.join(",")
     ));
     let name = format!("rootfs-{SUITE}-{}-{key:016x}", arch.deb_arch);
     let cpio = cache.join(format!("{name}.cpio"));
@@ -325,8 +437,9 @@ fn rootfs(arch: &Arch, cache: &Path) -> Result<PathBuf> {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     eprintln!(
-        "kernel-matrix: building the guest root filesystem ({SUITE} minbase + {}), a few minutes",
-        GUEST_PACKAGES.join(" ")
+        "kernel-matrix: building the {} guest root filesystem ({SUITE} minbase + {}), a few minutes",
+        arch.name,
+        arch.packages.join(" ")
     );
     sh(Command::new("debootstrap")
         .args(["--variant=minbase", "--arch", arch.deb_arch, SUITE])
@@ -351,7 +464,7 @@ fn rootfs(arch: &Arch, cache: &Path) -> Result<PathBuf> {
     };
     chroot_apt(&["update", "-qq"])?;
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(GUEST_PACKAGES);
+    install.extend(arch.packages);
     chroot_apt(&install)?;
     chroot_apt(&["clean"])?;
     fs::remove_file(&policy)?;
@@ -490,7 +603,7 @@ struct KernelImage {
     modules: PathBuf,
 }
 
-fn kernel_image(arch: &Arch, cache: &Path, package: &str) -> Result<KernelImage> {
+fn kernel_image(arch: &GuestArch, cache: &Path, package: &str) -> Result<KernelImage> {
     let dir = cache.join("kernels").join(package);
     if !dir.join("boot").exists() {
         let download = cache.join("kernels/download");
@@ -551,21 +664,27 @@ struct Payload {
     tests: BTreeMap<String, PathBuf>,
     agent: PathBuf,
     rotel: PathBuf,
+    /// `strip` for these binaries' architecture.
+    strip: &'static str,
 }
 
 impl Payload {
-    fn build(tests: &[&(&str, &str, &str)], agent: Option<&Path>) -> Result<Payload> {
+    fn build(
+        arch: &GuestArch,
+        tests: &[&(&str, &str, &str)],
+        agent: Option<&Path>,
+        cache: &Path,
+    ) -> Result<Payload> {
+        let native = arch.cpu == crate::Arch::host();
         // `AGENT_BIN` as for the host's end-to-end tests, else the debug build `cargo xtask test`
         // builds anyway.
-        let agent = match agent
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("AGENT_BIN").map(PathBuf::from))
-        {
+        let agent = match agent.map(Path::to_path_buf).or_else(|| {
+            native
+                .then(|| std::env::var_os("AGENT_BIN").map(PathBuf::from))
+                .flatten()
+        }) {
             Some(path) => path,
-            None => {
-                sh(cargo().args(["build", "-p", "agent"]))?;
-                workspace_root().join("target/debug/agent")
-            }
+            None => crate::build_agent_for(arch.cpu, crate::Profile::Debug)?,
         };
         let mut wanted: Vec<&str> = tests.iter().map(|t| t.0).collect();
         wanted.dedup();
@@ -579,6 +698,9 @@ impl Payload {
         ]);
         for bin in &wanted {
             cmd.args(["--test", bin]);
+        }
+        if !native {
+            crate::cross_compile(&mut cmd, arch.cpu);
         }
         let out = cmd
             .stderr(Stdio::inherit())
@@ -595,12 +717,68 @@ impl Payload {
             }
             testkit::pg_clients::node_pg_dir();
         }
+        let rotel = if native {
+            testkit::collector::rotel_bin()
+        } else {
+            foreign_rotel(arch, cache)?
+        };
         Ok(Payload {
             tests,
             agent,
-            rotel: testkit::collector::rotel_bin(),
+            rotel,
+            strip: arch.strip,
         })
     }
+}
+
+/// The rotel collector for another CPU: the binary inside rotel's wheel for that platform
+/// (for the guest's python 3.11; it embeds libpython), kept under the cache.
+fn foreign_rotel(arch: &GuestArch, cache: &Path) -> Result<PathBuf> {
+    let version = setup::ROTEL_VERSION;
+    let dir = cache.join(format!("rotel-{version}-{}", arch.name));
+    let binary = dir.join("rotel-agent");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    let download = dir.join("wheel");
+    fs::create_dir_all(&download)?;
+    sh(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+        ])
+        .args(["--implementation", "cp", "--abi", "cp311"])
+        .arg("--platform")
+        .arg(format!("manylinux_2_34_{}", arch.name))
+        .arg("-d")
+        .arg(&download)
+        .arg(format!("rotel=={version}")))
+    .with_context(|| format!("cannot download rotel {version} for {}", arch.name))?;
+    let wheel = fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .with_context(|| format!("pip left no rotel wheel in {}", download.display()))?;
+    // A wheel is a zip file.
+    sh(Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('rotel/rotel-agent'))",
+        ])
+        .arg(&wheel)
+        .arg(&binary))?;
+    set_mode(&binary, 0o755)?;
+    fs::remove_dir_all(&download)?;
+    Ok(binary)
 }
 
 /// The executables of the test targets `wanted` in cargo's JSON messages.
@@ -656,7 +834,7 @@ fn overlay(
     // Without their debug info: a quarter of the size, and every byte is unpacked by the
     // emulated guest at boot.
     let strip = |from: &Path, to: PathBuf| {
-        sh(Command::new("strip")
+        sh(Command::new(payload.strip)
             .arg("--strip-debug")
             .arg("-o")
             .arg(&to)
@@ -787,6 +965,8 @@ struct KernelResult {
     agent_report: Vec<String>,
     tests: Vec<TestOutcome>,
     expected_tests: usize,
+    /// How the reported hooks differ from [`Kernel::hooks`] (empty: as expected).
+    hook_differences: Vec<String>,
     guest_exited: bool,
     wall_secs: f64,
     log: PathBuf,
@@ -795,6 +975,7 @@ struct KernelResult {
 impl KernelResult {
     fn passed(&self) -> bool {
         self.guest_exited
+            && self.hook_differences.is_empty()
             && self.tests.len() == self.expected_tests
             && self.tests.iter().all(|t| t.passed)
     }
@@ -802,7 +983,7 @@ impl KernelResult {
 
 #[allow(clippy::too_many_arguments)]
 fn boot(
-    arch: &Arch,
+    arch: &GuestArch,
     kernel: &'static Kernel,
     package: &str,
     image: &KernelImage,
@@ -899,6 +1080,7 @@ fn boot(
         agent_report: Vec::new(),
         tests: Vec::new(),
         expected_tests: tests.len(),
+        hook_differences: Vec::new(),
         guest_exited: false,
         wall_secs: 0.0,
         log: log_path.clone(),
@@ -971,6 +1153,7 @@ fn boot(
     }
     let _ = child.wait();
     result.wall_secs = started.elapsed().as_secs_f64();
+    result.hook_differences = hook_differences(kernel.hooks, &result.agent_report);
     if !options.keep {
         fs::remove_dir_all(&run_dir)?;
     }
@@ -983,10 +1166,47 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// The lines of the agent's start-up report that say what this kernel gives it.
-fn is_hook_line(line: &str) -> bool {
+/// The start-up report's `agent: hook: <function> ← <hook> (why)` lines: function → hook.
+fn reported_hooks(report: &[String]) -> BTreeMap<&str, &str> {
+    report
+        .iter()
+        .filter_map(|l| {
+            let (function, hook) = l.strip_prefix("agent: hook: ")?.split_once(" ← ")?;
+            let hook = hook.split(" (").next().unwrap_or(hook);
+            Some((function.trim(), hook.trim()))
+        })
+        .collect()
+}
+
+/// Each function whose hook is not the expected one, and each reported function not expected.
+fn hook_differences(expected: &[(&str, &str)], report: &[String]) -> Vec<String> {
+    let reported = reported_hooks(report);
+    let mut out: Vec<String> = expected
+        .iter()
+        .filter(|(function, hook)| reported.get(function) != Some(hook))
+        .map(|(function, hook)| match reported.get(function) {
+            Some(got) => format!("{function}: expected {hook}, the agent chose {got}"),
+            None => format!("{function}: expected {hook}, the agent reported no hook"),
+        })
+        .collect();
+    out.extend(
+        reported
+            .iter()
+            .filter(|(function, _)| !expected.iter().any(|(f, _)| f == *function))
+            .map(|(function, hook)| format!("{function} ← {hook}: not in this kernel's table")),
+    );
+    out
+}
+
+/// The lines of the agent's start-up report that say what this kernel gives it: which hook
+/// serves each function (or, from agents without that report, what attached), errors,
+/// warnings.
+fn is_hook_line(line: &str, has_hook_lines: bool) -> bool {
+    if line.starts_with("agent: attached ") {
+        return !has_hook_lines;
+    }
     [
-        "agent: attached ",
+        "agent: hook: ",
         "agent: error",
         "agent: warning",
         "agent: note",
@@ -997,14 +1217,19 @@ fn is_hook_line(line: &str) -> bool {
     .any(|p| line.starts_with(p))
 }
 
-fn report(arch: &Arch, options: &Options, results: &[KernelResult], build_secs: f64) -> String {
+fn report(
+    arch: &GuestArch,
+    options: &Options,
+    results: &[KernelResult],
+    build_secs: f64,
+) -> String {
     let mut out = format!(
         "\nkernel matrix: {} under QEMU TCG, {} vCPUs, {} MiB; host part {build_secs:.0} s\n",
         arch.name, options.cpus, options.memory
     );
     out.push_str(&format!(
-        "{:<6} {:<28} {:>7} {:>13} {:>9} {:>8}  {}\n",
-        "kernel", "release", "boot", "agent ready", "tests", "wall", "result"
+        "{:<6} {:<28} {:>7} {:>13} {:>7} {:>9} {:>8}  {}\n",
+        "kernel", "release", "boot", "agent ready", "hooks", "tests", "wall", "result"
     ));
     for r in results {
         let passed = r.tests.iter().filter(|t| t.passed).count();
@@ -1014,11 +1239,16 @@ fn report(arch: &Arch, options: &Options, results: &[KernelResult], build_secs: 
             (None, None) => "-".to_string(),
         };
         out.push_str(&format!(
-            "{:<6} {:<28} {:>7} {:>13} {:>9} {:>6.0} s  {}\n",
+            "{:<6} {:<28} {:>7} {:>13} {:>7} {:>9} {:>6.0} s  {}\n",
             r.version,
             r.release.as_deref().unwrap_or(&r.package),
             r.boot_secs.map_or("-".to_string(), |s| format!("{s:.1} s")),
             agent,
+            if r.hook_differences.is_empty() {
+                "as set"
+            } else {
+                "DIFFER"
+            },
             format!("{passed}/{} ok", r.expected_tests),
             r.wall_secs,
             if r.passed() { "PASS" } else { "FAIL" }
@@ -1035,16 +1265,20 @@ fn report(arch: &Arch, options: &Options, results: &[KernelResult], build_secs: 
             out.push_str("  the guest did not finish (see its log)\n");
         }
         // (Not the warning about the probe's own --comm, which matches nothing on purpose.)
+        let has_hook_lines = !reported_hooks(&r.agent_report).is_empty();
         let hooks: Vec<&String> = r
             .agent_report
             .iter()
-            .filter(|l| is_hook_line(l) && !l.contains(PROBE_COMM))
+            .filter(|l| is_hook_line(l, has_hook_lines) && !l.contains(PROBE_COMM))
             .collect();
         if hooks.is_empty() {
             out.push_str("  the agent printed no start-up report (see the log)\n");
         }
         for line in hooks {
             out.push_str(&format!("  {line}\n"));
+        }
+        for difference in &r.hook_differences {
+            out.push_str(&format!("  HOOK DIFFERS: {difference}\n"));
         }
         for t in &r.tests {
             out.push_str(&format!(
@@ -1055,7 +1289,7 @@ fn report(arch: &Arch, options: &Options, results: &[KernelResult], build_secs: 
                 t.secs
             ));
         }
-        for (bin, name, _) in SUBSET {
+        for (bin, name, _) in arch.subset {
             if !r.tests.iter().any(|t| t.bin == *bin && t.name == *name)
                 && options.filter.as_deref().is_none_or(|f| name.contains(f))
             {
@@ -1112,6 +1346,39 @@ not json
         );
         assert!(guest_path(dir, Path::new("/lib/x")).is_err());
         assert!(guest_path(dir, Path::new("/bin/x")).is_err());
+    }
+
+    #[test]
+    fn a_kernel_that_gets_other_hooks_than_its_table_differs() {
+        let report: Vec<String> = [
+            "agent: kernel 6.1.0-57-cloud-amd64",
+            "agent: hook: socket reads ← fexit/inet_recvmsg + fexit/inet6_recvmsg (no sock_recv_length tracepoint on this kernel)",
+            "agent: hook: socket writes ← fexit/inet_sendmsg + fexit/inet6_sendmsg (no sock_send_length tracepoint on this kernel)",
+            "agent: hook: sendfile writes ← fexit/inet_sendpage",
+            "agent: hook: write stamps ← at the write's return (degraded: no tcp_sendmsg_locked tracepoint on this kernel: ...)",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(hook_differences(HOOKS_6_1, &report), Vec::<String>::new());
+        let differences = hook_differences(HOOKS_6_12, &report);
+        assert!(
+            differences
+                .iter()
+                .any(|d| d.starts_with("socket reads: expected tp_btf/sock_recv_length")),
+            "{differences:?}"
+        );
+        assert!(
+            differences
+                .iter()
+                .any(|d| d.starts_with("sendfile writes ← fexit/inet_sendpage: not in")),
+            "{differences:?}"
+        );
+        // An agent that stopped at start-up reports no hook at all.
+        let stopped = vec!["agent: error: loading tp_btf/sock_recv_length: ...".to_string()];
+        assert_eq!(
+            hook_differences(HOOKS_6_12, &stopped).len(),
+            HOOKS_6_12.len()
+        );
     }
 
     #[test]

@@ -179,6 +179,18 @@ pub fn build_agent_for(arch: Arch, profile: Profile) -> Result<PathBuf> {
         return Ok(workspace_root().join("target").join(dir).join("agent"));
     }
     setup::cross_toolchain(arch)?;
+    cross_compile(&mut cmd, arch);
+    sh(&mut cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(arch.triple())
+        .join(dir)
+        .join("agent"))
+}
+
+/// Makes a cargo command build for `arch` with Debian's cross compiler as linker and C compiler
+/// (after [`setup::cross_toolchain`]).
+pub fn cross_compile(cmd: &mut Command, arch: Arch) {
     let triple = arch.triple();
     let env_triple = triple.replace('-', "_");
     cmd.args(["--target", triple])
@@ -187,12 +199,6 @@ pub fn build_agent_for(arch: Arch, profile: Profile) -> Result<PathBuf> {
             arch.cross_gcc(),
         )
         .env(format!("CC_{env_triple}"), arch.cross_gcc());
-    sh(&mut cmd)?;
-    Ok(workspace_root()
-        .join("target")
-        .join(triple)
-        .join(dir)
-        .join("agent"))
 }
 
 pub fn is_root() -> bool {
