@@ -1,5 +1,7 @@
 //! `cargo xtask kernel-matrix`: the privileged end-to-end subset inside QEMU guests booted from
-//! the kernels users run (Debian's 6.1 and 6.12 cloud kernels), one result row per kernel.
+//! the kernels users run (Debian's 6.1 and 6.12 cloud kernels, x86_64; `--arch aarch64`: arm64,
+//! the HTTP smoke test), one result row per kernel, and the hooks the agent chose on each
+//! checked against the kernel's table.
 //!
 //! KVM is not usable on the CI machines (the host module is kvm_pvm, no vmx/svm), so guests run
 //! under TCG, 17–57× slower than the host: the tests' waits are multiplied by
