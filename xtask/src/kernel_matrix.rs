@@ -1006,7 +1006,10 @@ fn boot(
     tests: &[&(&str, &str, &str)],
     options: &Options,
 ) -> Result<KernelResult> {
-    let run_dir = options.cache_dir.join("runs").join(kernel.version);
+    let run_dir = options
+        .cache_dir
+        .join("runs")
+        .join(format!("{}-{}", arch.name, kernel.version));
     if run_dir.exists() {
         fs::remove_dir_all(&run_dir)?;
     }
