@@ -12,7 +12,8 @@ use crate::process::{ChildGuard, POLL, TestDir, read_text, tail};
 use crate::spans::{SpanFilter, Spans};
 use crate::workspace_dir;
 
-/// How long the agent may take to attach its probes and print `agent ready`.
+/// How long the agent may take to attach its probes and print `agent ready` (times
+/// [`crate::time_scale`], like every wait here).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to flush and exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -201,7 +202,7 @@ impl AgentBuilder {
                 return (status, read_text(&stderr));
             }
             let err = read_text(&stderr);
-            if err.contains(READY_MARKER) || started.elapsed() >= READY_TIMEOUT {
+            if err.contains(READY_MARKER) || started.elapsed() >= crate::scaled(READY_TIMEOUT) {
                 child.kill();
                 panic!(
                     "the agent was expected to stop at start-up but did not\ncommand: \
@@ -250,10 +251,11 @@ impl AgentBuilder {
                     tail(&read_text(&stdout), 20)
                 );
             }
-            if started.elapsed() >= READY_TIMEOUT {
+            if started.elapsed() >= crate::scaled(READY_TIMEOUT) {
                 child.kill();
                 panic!(
-                    "the agent did not print {READY_MARKER:?} within {READY_TIMEOUT:?}\ncommand: {command_line}\nstderr:\n{}",
+                    "the agent did not print {READY_MARKER:?} within {:?}\ncommand: {command_line}\nstderr:\n{}",
+                    crate::scaled(READY_TIMEOUT),
                     tail(&read_text(&stderr), 80)
                 );
             }

@@ -581,7 +581,7 @@ impl Collector {
                 .arg(dir.join("rotel.log"))
                 .env("NO_COLOR", "1");
             let mut child = ChildGuard::spawn("rotel", cmd, &stdout, &stderr);
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + crate::scaled(Duration::from_secs(10));
             loop {
                 if let Some(status) = child.try_wait() {
                     last_error = format!(
@@ -604,7 +604,7 @@ impl Collector {
                 }
                 if Instant::now() >= deadline {
                     last_error = format!(
-                        "rotel did not open 127.0.0.1:{grpc_port} and :{http_port} within 10 s\nstdout:\n{}\nstderr:\n{}",
+                        "rotel did not open 127.0.0.1:{grpc_port} and :{http_port} in time\nstdout:\n{}\nstderr:\n{}",
                         tail(&read_text(&stdout), 30),
                         tail(&read_text(&stderr), 30)
                     );
@@ -686,6 +686,7 @@ impl Collector {
         timeout: Duration,
         predicate: impl Fn(&Spans) -> bool,
     ) -> Spans {
+        let timeout = crate::scaled(timeout);
         let deadline = Instant::now() + timeout;
         let mut previous_len = usize::MAX;
         loop {
@@ -733,8 +734,8 @@ impl Collector {
     /// Waits until the output stopped growing for 600 ms (at most 10 s), then returns every
     /// span received. Call after the agent was stopped, before asserting exact counts or absence.
     pub fn settle(&self) -> Spans {
-        let quiet = Duration::from_millis(600);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let quiet = crate::scaled(Duration::from_millis(600));
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(10));
         let mut len = self.raw_output().len();
         let mut since = Instant::now();
         while Instant::now() < deadline {

@@ -44,6 +44,29 @@ pub use servers::{HttpServer, NginxServer, NodeServer, PyServer};
 pub use spans::{Checks, Failures, SpanFilter, Spans};
 pub use tls_receiver::{Pki, TlsExport, TlsReceiver, TlsReceiverOptions, TlsSpan};
 
+/// The factor every wait of the harness is multiplied by: `E2E_TIME_SCALE` (a whole number,
+/// default 1). For slow machines, e.g. the kernel matrix's guests (QEMU without KVM runs
+/// programs 17–57× slower). Only waits scale: no test asserts on how long something took.
+pub fn time_scale() -> u32 {
+    static SCALE: OnceLock<u32> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("E2E_TIME_SCALE") {
+        Err(_) => 1,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .unwrap_or_else(|| {
+                panic!("E2E_TIME_SCALE={v:?}: expected a whole number of at least 1")
+            }),
+    })
+}
+
+/// `timeout` multiplied by [`time_scale`].
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout * time_scale()
+}
+
 /// How long a test waits for expected spans to reach the collector. The agent flushes at
 /// least every second; rotel prints a batch within 50 ms. Short enough that a suite where
 /// nothing arrives still ends in a few minutes.

@@ -107,9 +107,9 @@ impl ChildGuard {
         self.exited
     }
 
-    /// Waits up to `timeout` for the child to exit.
+    /// Waits up to `timeout` ([`crate::scaled`]) for the child to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         loop {
             if let Some(status) = self.try_wait() {
                 return Some(status);
@@ -208,9 +208,9 @@ pub fn tail(text: &str, n: usize) -> String {
     out
 }
 
-/// Polls `probe` until it returns `Some`, or `None` after `timeout`.
+/// Polls `probe` until it returns `Some`, or `None` after `timeout` ([`crate::scaled`]).
 pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + crate::scaled(timeout);
     loop {
         if let Some(value) = probe() {
             return Some(value);
@@ -222,8 +222,8 @@ pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// Runs a short-lived command to completion with a timeout; returns (status, stdout, stderr).
-/// Panics with the command's output when it times out.
+/// Runs a short-lived command to completion with a timeout ([`crate::scaled`]); returns
+/// (status, stdout, stderr). Panics with the command's output when it times out.
 pub fn run_to_completion(
     name: &str,
     cmd: Command,
@@ -242,7 +242,8 @@ pub fn run_to_completion(
         None => {
             child.kill();
             panic!(
-                "{name} (pid {pid}) did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                "{name} (pid {pid}) did not finish within {:?}\nstdout:\n{}\nstderr:\n{}",
+                crate::scaled(timeout),
                 tail(&stdout, 40),
                 tail(&stderr, 40)
             )

@@ -82,9 +82,10 @@ impl ScriptServer {
                     tail(&read_text(&stderr), 40)
                 );
             }
-            if started.elapsed() > START_TIMEOUT {
+            if started.elapsed() > crate::scaled(START_TIMEOUT) {
                 panic!(
-                    "{name} did not print READY within {START_TIMEOUT:?}\nstderr:\n{}",
+                    "{name} did not print READY within {:?}\nstderr:\n{}",
+                    crate::scaled(START_TIMEOUT),
                     tail(&read_text(&stderr), 40)
                 );
             }

@@ -208,7 +208,7 @@ fn request_of(s: &ReceivedSpan) -> Option<String> {
 /// Polls the collector until `done` holds or `timeout` passes; never panics (what is missing
 /// is then reported precisely by the caller).
 fn wait_until(collector: &Collector, timeout: Duration, done: impl Fn(&Spans) -> bool) -> Spans {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + tests::scaled(timeout);
     loop {
         let spans = collector.spans_now();
         if done(&spans) || Instant::now() >= deadline {

@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | kernel-matrix`.
 //!
 //! Everything a fresh machine needs is installed here, idempotently, so the README's two
 //! commands work on a new clone and on a machine that already has parts installed.
 
 mod bench;
+mod kernel_matrix;
 mod setup;
 
 use std::{
@@ -53,6 +54,9 @@ enum Task {
     /// nginx + wrk and PostgreSQL + pgbench, with and without the agent; results into
     /// BENCHMARKS.md
     Bench(bench::Options),
+    /// The privileged end-to-end subset (HTTP, PostgreSQL, propagation across network
+    /// namespaces) inside QEMU guests booted from Debian's 6.1 and 6.12 kernels (root)
+    KernelMatrix(kernel_matrix::Options),
 }
 
 fn main() -> Result<()> {
@@ -67,6 +71,7 @@ fn main() -> Result<()> {
         Task::Run { agent_args } => run_agent(&agent_args),
         Task::Test => test(),
         Task::Bench(options) => bench::run(options),
+        Task::KernelMatrix(options) => kernel_matrix::run(options),
     }
 }
 
@@ -174,6 +179,18 @@ pub fn build_agent_for(arch: Arch, profile: Profile) -> Result<PathBuf> {
         return Ok(workspace_root().join("target").join(dir).join("agent"));
     }
     setup::cross_toolchain(arch)?;
+    cross_compile(&mut cmd, arch);
+    sh(&mut cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(arch.triple())
+        .join(dir)
+        .join("agent"))
+}
+
+/// Makes a cargo command build for `arch` with Debian's cross compiler as linker and C compiler
+/// (after [`setup::cross_toolchain`]).
+pub fn cross_compile(cmd: &mut Command, arch: Arch) {
     let triple = arch.triple();
     let env_triple = triple.replace('-', "_");
     cmd.args(["--target", triple])
@@ -182,12 +199,6 @@ pub fn build_agent_for(arch: Arch, profile: Profile) -> Result<PathBuf> {
             arch.cross_gcc(),
         )
         .env(format!("CC_{env_triple}"), arch.cross_gcc());
-    sh(&mut cmd)?;
-    Ok(workspace_root()
-        .join("target")
-        .join(triple)
-        .join(dir)
-        .join("agent"))
 }
 
 pub fn is_root() -> bool {
@@ -249,7 +260,11 @@ fn test() -> Result<()> {
     // Privileged end-to-end tests: real servers and clients, the real agent, a real collector.
     sh(cargo()
         .args(["test", "-p", "tests", "--", "--test-threads=1"])
-        .env("AGENT_BIN", &agent))
+        .env("AGENT_BIN", &agent))?;
+    // The same agent on the kernels users run, in emulated guests (a subset of the above).
+    let mut matrix = kernel_matrix::Options::defaults();
+    matrix.agent = Some(agent);
+    kernel_matrix::run(matrix)
 }
 
 #[cfg(test)]
@@ -282,6 +297,12 @@ mod tests {
         ));
         assert!(parse("build --arch sparc").is_err());
         assert!(matches!(parse("test").expect("test").task, Task::Test));
+        let Task::KernelMatrix(_) = parse("kernel-matrix --kernel 6.1 --kernel 6.12 --keep")
+            .expect("kernel-matrix")
+            .task
+        else {
+            panic!("not kernel-matrix");
+        };
         for line in [
             "run -- --comm nginx --verbose",
             "run --comm nginx --verbose",

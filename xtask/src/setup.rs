@@ -17,7 +17,7 @@ pub const RUST_TOOLCHAIN: &str = "1.99.1";
 const EBPF_TOOLCHAIN: &str = "nightly-2026-06-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const ROTEL_VERSION: &str = "0.0.1a15";
+pub(crate) const ROTEL_VERSION: &str = "0.0.1a15";
 const OTEL_PYTHON_VERSION: &str = "1.45.2";
 const PSYCOPG_VERSION: &str = "3.3.9";
 const AIOHTTP_VERSION: &str = "3.14.5";
@@ -26,7 +26,7 @@ const AIOHTTP_VERSION: &str = "3.14.5";
 const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
-fn have(cmd: &str) -> bool {
+pub(crate) fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
         .status()
@@ -41,6 +41,12 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
+    apt_install_from(None, packages)
+}
+
+/// Installs the Debian packages that are missing, from `release` (e.g. bookworm-backports)
+/// when given.
+pub(crate) fn apt_install_from(release: Option<&str>, packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -60,16 +66,21 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-qq", "--no-install-recommends"]);
+    if let Some(release) = release {
+        install.args(["-t", release]);
+    }
+    sh(install
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Debian's backports suite (Go 1.23 is there, not in bookworm itself), added when missing.
+/// Debian's backports suite (Go 1.23 and a QEMU that fits qemu-utils 10 are there, not in
+/// bookworm itself), added when missing.
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/debian-backports.sources";
 
-fn ensure_backports() -> Result<()> {
+pub(crate) fn ensure_backports() -> Result<()> {
     let listed = output(Command::new("sh").args([
         "-c",
         "grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && echo yes",
@@ -80,7 +91,7 @@ fn ensure_backports() -> Result<()> {
     }
     if !crate::is_root() {
         bail!(
-            "Go 1.23 comes from Debian's bookworm-backports, which apt does not list: add it \
+            "Go 1.23 and QEMU come from Debian's bookworm-backports, which apt does not list: add it \
              (as root: `cargo xtask setup` writes {BACKPORTS_SOURCES})"
         );
     }
@@ -116,6 +127,11 @@ fn pip_install(packages: &[(&str, &str)]) -> Result<()> {
             "--disable-pip-version-check",
         ])
         .args(&missing))
+}
+
+/// The rotel collector the end-to-end tests assert on (pinned, from PyPI).
+pub(crate) fn rotel() -> Result<()> {
+    pip_install(&[("rotel", ROTEL_VERSION)])
 }
 
 /// Installs `toolchain` with rustup (profile minimal) unless it and `components` are there.
