@@ -5,6 +5,7 @@
 
 mod bench;
 mod kernel_matrix;
+mod kernel_table;
 mod setup;
 
 use std::{
@@ -261,10 +262,16 @@ fn test() -> Result<()> {
     sh(cargo()
         .args(["test", "-p", "tests", "--", "--test-threads=1"])
         .env("AGENT_BIN", &agent))?;
-    // The same agent on the kernels users run, in emulated guests (a subset of the above).
+    // The host is a kernel of the README's table too.
+    kernel_table::check_host(&agent)?;
+    // The same agent on the kernels users run, in emulated guests (a subset of the above),
+    // then the arm64 kernels (the HTTP smoke test, cross-compiled).
     let mut matrix = kernel_matrix::Options::defaults();
     matrix.agent = Some(agent);
-    kernel_matrix::run(matrix)
+    kernel_matrix::run(matrix)?;
+    let mut arm64 = kernel_matrix::Options::defaults();
+    arm64.arch = Arch::Aarch64;
+    kernel_matrix::run(arm64)
 }
 
 #[cfg(test)]
