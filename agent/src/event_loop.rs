@@ -55,6 +55,8 @@ pub struct LoopConfig {
 pub struct Correlation {
     pub in_process_linking: bool,
     pub same_host_pairing: bool,
+    /// The kernel stamps writes when they return (no `tcp_sendmsg_locked` hook).
+    pub write_ends_at_return: bool,
     pub max_trace_age_ns: u64,
     pub max_spans_per_trace: u32,
 }
@@ -93,7 +95,10 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
         pipeline.ignore_port(port);
     }
     pipeline.record_raw_db_query(raw_db_query);
-    pipeline.pair_same_host(correlation.same_host_pairing);
+    pipeline.pair_same_host(
+        correlation.same_host_pairing,
+        correlation.write_ends_at_return,
+    );
     pipeline.link_in_process(
         correlation.in_process_linking,
         correlation.max_trace_age_ns,

@@ -150,6 +150,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
     eprintln!("agent: capturing the first {capture} bytes of each socket read/write");
     state.set_probes_attached(probes.attached.len());
+    let write_ends_at_return = probes.writes_stamped_at_return();
 
     let selected_map = if selection.traces_all() {
         None
@@ -249,6 +250,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         correlation: event_loop::Correlation {
             in_process_linking: cli.in_process_linking.is_on(),
             same_host_pairing: cli.same_host_pairing.is_on(),
+            write_ends_at_return,
             max_trace_age_ns: cli.max_trace_age.saturating_mul(1_000_000_000),
             max_spans_per_trace: cli.max_spans_per_trace,
         },

@@ -253,8 +253,8 @@ impl<S: SpanSink> Pipeline<S> {
     }
 
     /// Switches same-host pairing on or off (on by default).
-    pub fn pair_same_host(&mut self, on: bool) {
-        self.corr.pair_same_host(on);
+    pub fn pair_same_host(&mut self, on: bool, ends_at_return: bool) {
+        self.corr.pair_same_host(on, ends_at_return);
     }
 
     /// Whether `pid`'s threads stand for the request they read (a runtime mechanism says they
@@ -956,7 +956,7 @@ mod tests {
     #[test]
     fn a_server_context_opened_late_by_a_runtime_probe_names_its_exchange() {
         let (mut p, stats) = ids_pipeline();
-        p.pair_same_host(false);
+        p.pair_same_host(false, false);
         let late = agent_common::CONTEXT_FLAG_SPLIT_START;
         feed(
             &mut p,
@@ -1032,7 +1032,7 @@ traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
             ([0x22; 16], ZERO_SPAN, ZERO_SPAN),
         ] {
             let (mut p, stats) = ids_pipeline();
-            p.pair_same_host(false);
+            p.pair_same_host(false, false);
             local_exchange(&mut p, request, None, Some(context(true, 110, 0, ids)));
             let spans = p.finish();
             assert_valid_ids(&spans);
@@ -1046,7 +1046,7 @@ traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
         }
 
         let (mut p, stats) = ids_pipeline();
-        p.pair_same_host(false);
+        p.pair_same_host(false, false);
         let flags = CONTEXT_FLAG_PARENT | agent_common::CONTEXT_FLAG_REWRITTEN;
         let client = context(false, 100, flags, ([0x44; 16], [0x55; 8], ZERO_SPAN));
         let server = context(
@@ -1125,7 +1125,7 @@ traceparent: 00-00000000000000000000000000000000-7a7a7a7a7a7a7a7a-01\r\n\r\n";
             pairing in any::<bool>(),
         ) {
             let (mut p, stats) = ids_pipeline();
-            p.pair_same_host(pairing);
+            p.pair_same_host(pairing, false);
             let request = format!("GET /p HTTP/1.1\r\nHost: x\r\ntraceparent: {tp}\r\n\r\n");
             let client = client.map(|(t, s, parent, flags)| context(false, 100, flags, (t, s, parent)));
             let server = server.map(|(t, s, parent, flags)| context(true, 110, flags, (t, s, parent)));

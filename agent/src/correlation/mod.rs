@@ -197,9 +197,14 @@ impl<S: SpanSink> Correlator<S> {
         }
     }
 
-    /// Switches same-host pairing on or off (on by default).
-    pub fn pair_same_host(&mut self, on: bool) {
-        self.pairing = on.then(Pairing::default);
+    /// Switches same-host pairing on or off (on by default); `ends_at_return`: this kernel
+    /// stamps writes when they return (see `Pairing::ends_at_return`).
+    pub fn pair_same_host(&mut self, on: bool, ends_at_return: bool) {
+        self.pairing = on.then(|| {
+            let mut p = Pairing::default();
+            p.ends_at_return = ends_at_return;
+            p
+        });
     }
 
     /// Switches in-process linking in userspace on or off (on by default), and bounds it.

@@ -525,6 +525,13 @@ impl Probes {
         })
     }
 
+    /// Writes are stamped when they return: no hook stamps them as they are queued.
+    pub fn writes_stamped_at_return(&self) -> bool {
+        self.hooks
+            .iter()
+            .any(|h| h.function == "write stamps" && h.degraded.is_some())
+    }
+
     /// Attaches a loaded runtime uprobe at `at` in the program file `target`, for process
     /// `pid` only (its breakpoint is not even placed in other processes running the file) or,
     /// with `None`, for every process that runs it; dropping the link detaches it.
