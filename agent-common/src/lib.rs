@@ -280,8 +280,12 @@ pub struct KernelStats {
     /// Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet
     /// (opened before the agent, whose start-up could not list it): not traced.
     pub sockets_without_cookie: u64,
+    /// Socket calls whose kretprobe never ran (the kernel keeps max(10, 2 × CPUs) calls in
+    /// progress per kretprobe; threads blocked in a read hold one each): their data was not
+    /// captured. Counted when the thread's next socket call finds the call still open.
+    pub kprobe_returns_missed: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 280);
+const _: () = assert!(size_of::<KernelStats>() == 288);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;

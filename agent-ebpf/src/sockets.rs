@@ -173,6 +173,10 @@ fn remember_call(sock: Option<u64>, flags: Option<i64>) {
     let Some((_, tid)) = selected_tgid() else {
         return;
     };
+    // A call still open on this thread never saw its return.
+    if SOCKET_CALLS.get_ptr(&tid).is_some() {
+        count(|c| c.kprobe_returns_missed += 1);
+    }
     let _ = SOCKET_CALLS.insert(&tid, &SocketCall { sock, flags }, 0);
 }
 

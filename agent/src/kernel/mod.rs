@@ -307,7 +307,12 @@ fn attach_data_hooks(
                 "kprobes on {} (no {tp} tracepoint, no fexit: {fexit_failed})",
                 functions.join(", ")
             ),
-            degraded: None,
+            degraded: Some(
+                "a kretprobe follows at most max(10, 2 × CPUs) calls in progress (threads \
+                 blocked in a read hold one each); the data of calls beyond that is lost \
+                 (counted: kernel_kprobe_returns_missed)"
+                    .into(),
+            ),
         });
         attached.append(&mut done);
     }
@@ -759,6 +764,7 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.link_kernel += c.link_kernel;
     sum.writes_stamped_at_return += c.writes_stamped_at_return;
     sum.sockets_without_cookie += c.sockets_without_cookie;
+    sum.kprobe_returns_missed += c.kprobe_returns_missed;
     sum.sockets_parked += c.sockets_parked;
     sum.requests_sent_parked += c.requests_sent_parked;
     sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
@@ -888,6 +894,13 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet \
              (opened before the agent, whose start-up could not list it): not traced.",
             s.sockets_without_cookie,
+        ),
+        Metric::counter(
+            "kernel_kprobe_returns_missed",
+            "Socket calls whose kretprobe never ran (the kernel keeps max(10, 2 × CPUs) calls in \
+             progress per kretprobe; threads blocked in a read hold one each): their data was not \
+             captured. Counted when the thread's next socket call finds the call still open.",
+            s.kprobe_returns_missed,
         ),
         Metric::counter(
             "sockets_parked",
