@@ -280,10 +280,9 @@ pub struct KernelStats {
     /// Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet
     /// (opened before the agent, whose start-up could not list it): not traced.
     pub sockets_without_cookie: u64,
-    /// Socket calls whose kretprobe never ran (the kernel keeps max(10, 2 × CPUs) calls in
-    /// progress per kretprobe; threads blocked in a read hold one each): their data was not
-    /// captured. Counted when the thread's next socket call finds the call still open.
-    pub kprobe_returns_missed: u64,
+    /// Socket calls the kprobe fallback saw start but not end in a socket syscall (io_uring,
+    /// recvmmsg/sendmmsg): their data was not captured.
+    pub kprobe_calls_unfinished: u64,
 }
 const _: () = assert!(size_of::<KernelStats>() == 288);
 

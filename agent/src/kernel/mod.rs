@@ -123,7 +123,15 @@ struct DataHook {
     function: &'static str,
     tracepoint: (&'static str, &'static str),
     fexit: [(&'static str, &'static str); 2],
-    kprobe: (&'static str, &'static str),
+    kprobe: Kprobes,
+}
+
+/// The kprobe fallback of one direction: an entry kprobe on the functions, a tracepoint
+/// program on the exits of the syscalls that call them.
+struct Kprobes {
+    entry: &'static str,
+    exit: &'static str,
+    syscalls: &'static [&'static str],
 }
 
 const DATA_HOOKS: [DataHook; 2] = [
@@ -134,7 +142,11 @@ const DATA_HOOKS: [DataHook; 2] = [
             ("agent_inet_recvmsg", "inet_recvmsg"),
             ("agent_inet6_recvmsg", "inet6_recvmsg"),
         ],
-        kprobe: ("agent_recv_entry", "agent_recv_return"),
+        kprobe: Kprobes {
+            entry: "agent_recv_entry",
+            exit: "agent_recv_exit",
+            syscalls: &["read", "readv", "recvfrom", "recvmsg"],
+        },
     },
     DataHook {
         function: "socket writes",
@@ -143,7 +155,11 @@ const DATA_HOOKS: [DataHook; 2] = [
             ("agent_inet_sendmsg", "inet_sendmsg"),
             ("agent_inet6_sendmsg", "inet6_sendmsg"),
         ],
-        kprobe: ("agent_send_entry", "agent_send_return"),
+        kprobe: Kprobes {
+            entry: "agent_send_entry",
+            exit: "agent_send_exit",
+            syscalls: &["write", "writev", "sendto", "sendmsg", "sendfile64"],
+        },
     },
 ];
 
@@ -292,7 +308,7 @@ fn attach_data_hooks(
         if sendpage && hook.function == "socket writes" {
             functions.push(SENDPAGE_FEXIT.1);
         }
-        let mut done = attach_kprobes(ebpf, hook.kprobe, &functions).map_err(|e| {
+        let mut done = attach_kprobes(ebpf, &hook.kprobe, &functions).map_err(|e| {
             KernelError::Unsupported(format!(
                 "{}: this kernel has no {tp} tracepoint (Linux >= 6.3), fexit failed \
                  ({fexit_failed}) and kprobes failed: {e}\n  hint: the kernel needs \
@@ -304,13 +320,14 @@ fn attach_data_hooks(
         hooks.push(HookChoice {
             function: hook.function,
             hook: format!(
-                "kprobes on {} (no {tp} tracepoint, no fexit: {fexit_failed})",
-                functions.join(", ")
+                "kprobes on {}, results at the exit of {} (no {tp} tracepoint, no fexit: \
+                 {fexit_failed})",
+                functions.join(", "),
+                hook.kprobe.syscalls.join(", ")
             ),
             degraded: Some(
-                "a kretprobe follows at most max(10, 2 × CPUs) calls in progress (threads \
-                 blocked in a read hold one each); the data of calls beyond that is lost \
-                 (counted: kernel_kprobe_returns_missed)"
+                "socket calls made outside these syscalls (io_uring, recvmmsg/sendmmsg) are not \
+                 captured (counted: kernel_kprobe_calls_unfinished)"
                     .into(),
             ),
         });
@@ -348,33 +365,47 @@ fn attach_all_fexit(
     Ok(done)
 }
 
-/// Loads the kprobe pair `(entry, return)` and attaches it to each function.
+/// Loads the kprobe fallback of one direction: its entry program on each function, its exit
+/// program on each syscall's exit tracepoint.
 fn attach_kprobes(
     ebpf: &mut Ebpf,
-    (entry, ret): (&'static str, &'static str),
+    kprobes: &Kprobes,
     functions: &[&str],
 ) -> Result<Vec<Attached>, KernelError> {
     let mut done = Vec::new();
-    for name in [entry, ret] {
-        let prog: &mut KProbe = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| program_error(name, "is not a kprobe program", source))?;
-        prog.load()
-            .map_err(|source| program_error(name, "loading", source))?;
-        for function in functions {
-            prog.attach(function, 0).map_err(|source| {
-                program_error(name, &format!("attaching to {function}"), source)
-            })?;
-            done.push(Attached {
-                program: name,
-                hook: format!(
-                    "{}/{function}",
-                    if name == ret { "kretprobe" } else { "kprobe" }
-                ),
-            });
-        }
+    let name = kprobes.entry;
+    let prog: &mut KProbe = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| program_error(name, "is not a kprobe program", source))?;
+    prog.load()
+        .map_err(|source| program_error(name, "loading", source))?;
+    for function in functions {
+        prog.attach(function, 0)
+            .map_err(|source| program_error(name, &format!("attaching to {function}"), source))?;
+        done.push(Attached {
+            program: name,
+            hook: format!("kprobe/{function}"),
+        });
+    }
+    let name = kprobes.exit;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| program_error(name, "is not a tracepoint program", source))?;
+    prog.load()
+        .map_err(|source| program_error(name, "loading", source))?;
+    for syscall in kprobes.syscalls {
+        let tp = format!("sys_exit_{syscall}");
+        prog.attach("syscalls", &tp).map_err(|source| {
+            program_error(name, &format!("attaching tracepoint syscalls/{tp}"), source)
+        })?;
+        done.push(Attached {
+            program: name,
+            hook: format!("tracepoint/syscalls/{tp}"),
+        });
     }
     Ok(done)
 }
@@ -764,7 +795,7 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.link_kernel += c.link_kernel;
     sum.writes_stamped_at_return += c.writes_stamped_at_return;
     sum.sockets_without_cookie += c.sockets_without_cookie;
-    sum.kprobe_returns_missed += c.kprobe_returns_missed;
+    sum.kprobe_calls_unfinished += c.kprobe_calls_unfinished;
     sum.sockets_parked += c.sockets_parked;
     sum.requests_sent_parked += c.requests_sent_parked;
     sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
@@ -896,11 +927,10 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             s.sockets_without_cookie,
         ),
         Metric::counter(
-            "kernel_kprobe_returns_missed",
-            "Socket calls whose kretprobe never ran (the kernel keeps max(10, 2 × CPUs) calls in \
-             progress per kretprobe; threads blocked in a read hold one each): their data was not \
-             captured. Counted when the thread's next socket call finds the call still open.",
-            s.kprobe_returns_missed,
+            "kernel_kprobe_calls_unfinished",
+            "Socket calls the kprobe fallback saw start but not end in a socket syscall \
+             (io_uring, recvmmsg/sendmmsg): their data was not captured.",
+            s.kprobe_calls_unfinished,
         ),
         Metric::counter(
             "sockets_parked",
