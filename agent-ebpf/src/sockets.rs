@@ -1,6 +1,7 @@
-//! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`, or where
-//! the kernel lacks them, at the return of `inet_recvmsg`/`inet_sendmsg` and their IPv6
-//! twins (fexit).
+//! Socket data capture at `tp_btf/sock_recv_length` and `tp_btf/sock_send_length`; where the
+//! kernel lacks them, at the return of `inet_recvmsg`/`inet_sendmsg` and their IPv6 twins
+//! (fexit); where it also lacks trampolines, at their entry (kprobes) and the socket syscalls'
+//! exit. All three end in `on_socket_io`.
 
 use agent_common::{
     DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
