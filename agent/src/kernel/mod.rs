@@ -271,6 +271,11 @@ fn attach_data_hooks(
             }
             continue;
         }
+        let no_tp = if have_tp {
+            "chosen by --socket-hooks".to_owned()
+        } else {
+            format!("no {tp} tracepoint on this kernel")
+        };
         let mut fexits = hook.fexit.to_vec();
         if sendpage && hook.function == "socket writes" {
             fexits.push(SENDPAGE_FEXIT);
@@ -286,7 +291,7 @@ fn attach_data_hooks(
                 hooks.push(HookChoice {
                     function: hook.function,
                     hook: format!(
-                        "{} (no {tp} tracepoint on this kernel)",
+                        "{} ({no_tp})",
                         done.iter()
                             .map(|a| a.hook.as_str())
                             .collect::<Vec<_>>()
@@ -320,8 +325,7 @@ fn attach_data_hooks(
         hooks.push(HookChoice {
             function: hook.function,
             hook: format!(
-                "kprobes on {}, results at the exit of {} (no {tp} tracepoint, no fexit: \
-                 {fexit_failed})",
+                "kprobes on {}, results at the exit of {} ({no_tp}; no fexit: {fexit_failed})",
                 functions.join(", "),
                 hook.kprobe.syscalls.join(", ")
             ),
