@@ -12,6 +12,10 @@ pub struct Table {
     pub args_first_slot: u32,
     /// Their order there: argument i is at `args_first_slot + args_order[i]`.
     pub args_order: [u32; 3],
+    /// Where the first argument is kept for the whole syscall, followed by the number's slot:
+    /// arm64 overwrites x0 with the result before the syscall's exit tracepoint runs, and keeps
+    /// the argument in `orig_x0`.
+    pub saved_arg0_slot: u32,
     pub nr_read: u64,
     pub nr_write: u64,
     pub nr_readv: u64,
@@ -34,6 +38,7 @@ pub const ARCH: Table = Table {
     nr_slot: 15,
     args_first_slot: 12,
     args_order: [2, 1, 0],
+    saved_arg0_slot: 14,
     nr_read: 0,
     nr_write: 1,
     nr_readv: 19,
@@ -48,13 +53,15 @@ pub const ARCH: Table = Table {
 };
 
 /// arm64: `struct pt_regs` is regs[0..31], sp, pc, pstate, orig_x0, syscallno, ...; the
-/// syscall arguments stay in x0..x2 until it returns; numbers from the generic table
+/// syscall arguments are in x0..x2 (x0 replaced by the result at the exit, `orig_x0` kept);
+/// numbers from the generic table
 /// (asm-generic/unistd.h); Go: g in R28, arguments R0, R1, ...
 #[cfg(bpf_target_arch = "aarch64")]
 pub const ARCH: Table = Table {
     nr_slot: 35,
     args_first_slot: 0,
     args_order: [0, 1, 2],
+    saved_arg0_slot: 34,
     nr_read: 63,
     nr_write: 64,
     nr_readv: 65,
@@ -68,6 +75,9 @@ pub const ARCH: Table = Table {
     go_arg_slots: [0, 1],
 };
 
+// The saved first argument is followed by the number (one read of both).
+const _: () = assert!(ARCH.saved_arg0_slot + 1 == ARCH.nr_slot);
+
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 compile_error!("the agent's kernel programs support x86_64 and aarch64 (bpf_target_arch)");
 
@@ -78,26 +88,22 @@ pub const fn slot(n: u32) -> u64 {
 }
 
 /// The current syscall's number and first three arguments from the saved user registers at
-/// `regs`: one read where the number follows the arguments (x86_64), two elsewhere.
+/// `regs`, valid during the syscall and at its exit: one read where the number follows the
+/// arguments and the first one stays in place (x86_64), two elsewhere.
 #[inline(always)]
 pub fn syscall_regs(regs: u64) -> Option<(u64, [u64; 3])> {
     let first = regs + slot(ARCH.args_first_slot);
     let o = ARCH.args_order;
-    let (slots, nr) = if ARCH.nr_slot == ARCH.args_first_slot + 3 {
+    if ARCH.nr_slot == ARCH.args_first_slot + 3
+        && ARCH.saved_arg0_slot == ARCH.args_first_slot + o[0]
+    {
         let r: [u64; 4] = read_kernel(first)?;
-        ([r[0], r[1], r[2]], r[3])
-    } else {
-        let r: [u64; 3] = read_kernel(first)?;
-        (r, read_kernel::<u64>(regs + slot(ARCH.nr_slot))?)
-    };
-    Some((
-        nr & 0xffff_ffff,
-        [
-            slots[o[0] as usize],
-            slots[o[1] as usize],
-            slots[o[2] as usize],
-        ],
-    ))
+        let nr = r[3] & 0xffff_ffff;
+        return Some((nr, [r[o[0] as usize], r[o[1] as usize], r[o[2] as usize]]));
+    }
+    let r: [u64; 3] = read_kernel(first)?;
+    let [arg0, nr] = read_kernel::<[u64; 2]>(regs + slot(ARCH.saved_arg0_slot))?;
+    Some((nr & 0xffff_ffff, [arg0, r[o[1] as usize], r[o[2] as usize]]))
 }
 
 /// A register of a uprobe's context (`struct pt_regs`, as `slot` numbers them).
