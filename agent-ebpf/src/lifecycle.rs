@@ -22,11 +22,17 @@ const IPPROTO_TCP: u16 = 6;
 /// `ret` of a `sys_exit_*` tracepoint record.
 const SYS_EXIT_RET_OFFSET: usize = 16;
 
+/// The return value a `sys_exit_*` tracepoint reports (-1 if unreadable).
+#[inline(always)]
+pub fn sys_exit_ret(ctx: &TracePointContext) -> i64 {
+    unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(-1)
+}
+
 fn on_accept(ctx: &TracePointContext) {
     let Some((tgid, tid)) = selected_tgid() else {
         return;
     };
-    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(-1);
+    let ret = sys_exit_ret(ctx);
     if ret < 0 {
         return;
     }

@@ -151,14 +151,11 @@ pub fn agent_send_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `ret` of a `sys_exit_*` tracepoint record.
-const SYS_EXIT_RET_OFFSET: usize = 16;
-
 /// Exit of read, readv, recvfrom, recvmsg.
 #[tracepoint]
 pub fn agent_recv_exit(ctx: TracePointContext) -> u32 {
     if let Some(call) = recall() {
-        let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(-1);
+        let ret = crate::lifecycle::sys_exit_ret(&ctx);
         on_recv_with::<false>(socket_sk_read(call.sock), ret as i32, call.flags as i32);
     }
     0
@@ -168,7 +165,7 @@ pub fn agent_recv_exit(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn agent_send_exit(ctx: TracePointContext) -> u32 {
     if let Some(call) = recall() {
-        let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.unwrap_or(-1);
+        let ret = crate::lifecycle::sys_exit_ret(&ctx);
         on_send_with::<false>(socket_sk_read(call.sock), ret as i32);
     }
     0

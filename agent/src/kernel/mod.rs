@@ -124,6 +124,8 @@ struct DataHook {
     tracepoint: (&'static str, &'static str),
     fexit: [(&'static str, &'static str); 2],
     kprobe: Kprobes,
+    /// `sendfile` reaches this direction through `inet_sendpage` where the kernel has it.
+    sendpage: bool,
 }
 
 /// The kprobe fallback of one direction: an entry kprobe on the functions, a tracepoint
@@ -147,6 +149,7 @@ const DATA_HOOKS: [DataHook; 2] = [
             exit: "agent_recv_exit",
             syscalls: &["read", "readv", "recvfrom", "recvmsg"],
         },
+        sendpage: false,
     },
     DataHook {
         function: "socket writes",
@@ -160,6 +163,7 @@ const DATA_HOOKS: [DataHook; 2] = [
             exit: "agent_send_exit",
             syscalls: &["write", "writev", "sendto", "sendmsg", "sendfile64"],
         },
+        sendpage: true,
     },
 ];
 
@@ -226,9 +230,10 @@ fn attach_data_hooks(
             agent_common::SOCKET_SK_OFFSET
         )));
     }
-    let sendpage = btf.has_function(SENDPAGE_FEXIT.1);
+    let kernel_has_sendpage = btf.has_function(SENDPAGE_FEXIT.1);
     let mut kprobes = false;
     for hook in &DATA_HOOKS {
+        let sendpage = kernel_has_sendpage && hook.sendpage;
         let (name, tp) = hook.tracepoint;
         let have_tp = btf.has_tracepoint(tp);
         if choice == SocketHooks::Tracepoints && !have_tp {
@@ -245,7 +250,7 @@ fn attach_data_hooks(
                 degraded: None,
             });
             attached.push(a);
-            if sendpage && hook.function == "socket writes" {
+            if sendpage {
                 // Linux 6.3 and 6.4: the tracepoint, and sendfile still around it.
                 let (name, function) = SENDPAGE_FEXIT;
                 let choice = match attach_fexit(ebpf, kernel_btf, name, function) {
@@ -277,7 +282,7 @@ fn attach_data_hooks(
             format!("no {tp} tracepoint on this kernel")
         };
         let mut fexits = hook.fexit.to_vec();
-        if sendpage && hook.function == "socket writes" {
+        if sendpage {
             fexits.push(SENDPAGE_FEXIT);
         }
         let fexit = if choice == SocketHooks::Kprobes {
@@ -310,7 +315,7 @@ fn attach_data_hooks(
             Err(e) => e,
         };
         let mut functions: Vec<&str> = hook.fexit.iter().map(|&(_, f)| f).collect();
-        if sendpage && hook.function == "socket writes" {
+        if sendpage {
             functions.push(SENDPAGE_FEXIT.1);
         }
         let mut done = attach_kprobes(ebpf, &hook.kprobe, &functions).map_err(|e| {
