@@ -153,6 +153,13 @@ pub const DATA_FLAG_COPY_FAILED: u32 = 1;
 pub const DATA_FLAG_ADDRESSES: u32 = 2;
 /// `captured` < `bytes` although the buffer was readable (the capture size cut it).
 pub const DATA_FLAG_TRUNCATED: u32 = 4;
+/// The bytes are the plaintext a TLS library (OpenSSL's `SSL_read`/`SSL_write`) handed to or
+/// got for the socket `sock_cookie`, not what crossed the socket. `fd` is unknown, `syscall`
+/// is [`SyscallKind::Other`]; stamps are those of the library's own socket I/O in the call.
+pub const DATA_FLAG_TLS_PLAINTEXT: u32 = 8;
+/// Socket bytes moved inside a TLS library call (encrypted records whose plaintext comes as
+/// [`DATA_FLAG_TLS_PLAINTEXT`] events): counted, not copied.
+pub const DATA_FLAG_TLS_RECORDS: u32 = 16;
 
 /// Connection lifecycle: accept, connect, close.
 #[repr(C)]
@@ -283,8 +290,14 @@ pub struct KernelStats {
     /// Socket calls the kprobe fallback saw start but not end in a socket syscall (io_uring,
     /// recvmmsg/sendmmsg): their data was not captured.
     pub kprobe_calls_unfinished: u64,
+    /// TLS library calls (OpenSSL `SSL_read`/`SSL_write`) whose plaintext was captured.
+    pub tls_plaintext: u64,
+    /// TLS library calls that moved plaintext for a connection whose socket the kernel could
+    /// not tell (the library did no socket I/O in the call and none earlier: a memory BIO, as
+    /// Node.js and Python's asyncio use): not traced.
+    pub tls_unassociated: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 288);
+const _: () = assert!(size_of::<KernelStats>() == 304);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;

@@ -18,6 +18,7 @@ mod lifecycle;
 mod maps;
 mod nginx;
 mod sockets;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

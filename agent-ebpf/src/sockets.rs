@@ -4,8 +4,9 @@
 //! exit. All three end in `on_socket_io`.
 
 use agent_common::{
-    DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
-    DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SOCKET_SK_OFFSET, SyscallKind, TrackedSocket,
+    DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TLS_RECORDS, DATA_FLAG_TRUNCATED,
+    DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SOCKET_SK_OFFSET,
+    SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -404,6 +405,14 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
         }
     };
 
+    // Records of a TLS library's connection: its plaintext comes from the library's probes.
+    let tls_records = crate::tls::note_socket_io(
+        ((tgid as u64) << 32) | tid as u64,
+        cookie,
+        first_ts_ns,
+        ts_ns,
+    );
+
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -418,7 +427,11 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
     ev.sock_cookie = cookie;
     ev.bytes = bytes;
     ev.family = family as u32;
-    ev.flags = 0;
+    ev.flags = if tls_records {
+        DATA_FLAG_TLS_RECORDS
+    } else {
+        0
+    };
     ev.local_addr = [0; 16];
     ev.remote_addr = [0; 16];
     ev.local_port = 0;
@@ -443,7 +456,11 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
     ev.syscall = syscall as u32;
     ev.fd = fd;
 
-    let cap = capture_size() as u64;
+    let cap = if tls_records {
+        0
+    } else {
+        capture_size() as u64
+    };
     let want = if bytes < cap { bytes } else { cap };
     let captured = match buf {
         UserBuf::None => 0,
@@ -455,7 +472,7 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
     if copy_failed {
         ev.flags |= DATA_FLAG_COPY_FAILED;
     }
-    if captured < bytes && !matches!(buf, UserBuf::None) {
+    if captured < bytes && !tls_records && !matches!(buf, UserBuf::None) {
         ev.flags |= DATA_FLAG_TRUNCATED;
     }
     ev.captured = captured as u32;
@@ -499,13 +516,30 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
     // Last: its two outcomes would otherwise double the verifier's walk of the scans above.
     let wake =
         direction == DIR_INGRESS && context_propagation() && crate::inject::parked_and_drained(sk);
+    let ret = output(scratch, captured, wake);
+    if let Some(c) = counters() {
+        if ret < 0 {
+            c.ringbuf_full += 1;
+        } else {
+            c.data_events += 1;
+            c.bytes += bytes;
+        }
+        c.copy_failed += (flags & DATA_FLAG_COPY_FAILED != 0) as u64;
+        c.truncated += (flags & DATA_FLAG_TRUNCATED != 0) as u64;
+    }
+}
+
+/// Writes the data event assembled in `scratch` (header and `captured` payload bytes) to the
+/// ring buffer; the helper's result (< 0: full).
+#[inline(always)]
+pub fn output(scratch: &mut Scratch, captured: u64, wake: bool) -> i64 {
     let size = size_of::<agent_common::DataEvent>() as u64 + (captured & (MAX_CAPTURE as u64 - 1));
     let size = if captured >= MAX_CAPTURE as u64 {
         size_of::<agent_common::DataEvent>() as u64 + MAX_CAPTURE as u64
     } else {
         size
     };
-    let ret = unsafe {
+    unsafe {
         bpf_ringbuf_output(
             &EVENTS as *const _ as *mut c_void,
             scratch as *mut _ as *mut c_void,
@@ -516,16 +550,6 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                 BPF_RB_NO_WAKEUP
             },
         )
-    };
-    if let Some(c) = counters() {
-        if ret < 0 {
-            c.ringbuf_full += 1;
-        } else {
-            c.data_events += 1;
-            c.bytes += bytes;
-        }
-        c.copy_failed += (flags & DATA_FLAG_COPY_FAILED != 0) as u64;
-        c.truncated += (flags & DATA_FLAG_TRUNCATED != 0) as u64;
     }
 }
 
@@ -577,7 +601,7 @@ unsafe fn read_user<T>(addr: u64) -> Option<T> {
 
 /// Copy `want` (≤ capture size) bytes of a flat user buffer; returns the bytes copied.
 #[inline(always)]
-fn copy_flat(payload: &mut [u8; 2 * MAX_CAPTURE], ptr: u64, want: u64) -> u64 {
+pub fn copy_flat(payload: &mut [u8; 2 * MAX_CAPTURE], ptr: u64, want: u64) -> u64 {
     let n = want & (MAX_CAPTURE as u64 - 1);
     let n = if want >= MAX_CAPTURE as u64 {
         MAX_CAPTURE as u64

@@ -228,6 +228,11 @@ pub struct Cli {
         value_name = "nginx|go|none"
     )]
     pub runtime_linking: Vec<crate::runtimes::Mechanism>,
+    /// Read TLS connections as plaintext through their TLS library (OpenSSL: `libssl.so`, or a
+    /// program that exports `SSL_read`/`SSL_write` itself), found in each selected process's
+    /// mapped files (rescanned every 2 s for libraries loaded later).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub tls: Switch,
     /// Kernel hooks that capture socket data. auto: the best this kernel offers (the
     /// sock_*_length tracepoints of Linux 6.3+, else fexit, else kprobes; the start-up report
     /// says which). Naming one forces it, to measure or test a fallback; the agent stops if

@@ -25,6 +25,7 @@ use crate::{
     selection::Selector,
     spans::context::Clock,
     stats::Stats,
+    tls::TlsLibraries,
 };
 
 pub struct LoopConfig {
@@ -33,6 +34,8 @@ pub struct LoopConfig {
     /// to attach runtime probes as processes are selected.
     pub probes: Probes,
     pub runtimes: Runtimes,
+    /// TLS libraries of traced processes (`None`: `--tls off`, or its programs did not load).
+    pub tls: Option<TlsLibraries>,
     pub counters: Arc<KernelCounters>,
     pub selector: Selector,
     pub resources: Resources,
@@ -66,6 +69,8 @@ pub struct Correlation {
 const POLL_PERIOD_MS: i32 = 10;
 const TICK: Duration = Duration::from_millis(100);
 const RESCAN: Duration = Duration::from_secs(2);
+/// Tracing every process, their mapped files are rescanned for TLS libraries at this period.
+const RESCAN_ALL: Duration = Duration::from_secs(10);
 
 /// Records read between two heartbeats while the ring buffer keeps the thread busy.
 const BEAT_EVERY: u64 = 1024;
@@ -77,6 +82,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
         mut events,
         mut probes,
         mut runtimes,
+        mut tls,
         counters,
         mut selector,
         resources,
@@ -107,6 +113,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
     sync_threads(&mut runtimes, &mut pipeline);
     let (mut last_tick, mut last_scan, mut last_stats) =
         (Instant::now(), Instant::now(), Instant::now());
+    let mut last_tls_scan = Instant::now();
     let fd = events.as_raw_fd();
     let mut records = 0u64;
     loop {
@@ -129,6 +136,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
                         let mut procs = Processes {
                             selector: &mut selector,
                             runtimes: &mut runtimes,
+                            tls: &mut tls,
                             probes: &mut probes,
                         };
                         apply(change, &mut procs, &mut pipeline, &stats);
@@ -164,6 +172,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
                 log::info!("selected {comm}[{pid}] (its pod is now known)");
                 Stats::add(&stats.processes_selected, 1);
                 attach_runtime(&mut runtimes, &mut probes, pid, &comm, &stats);
+                scan_tls(&mut tls, &mut probes, pid, &comm, &stats);
             }
         }
         if !selector.traces_all() && last_scan.elapsed() >= RESCAN {
@@ -173,6 +182,27 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
                 attach_runtime(&mut runtimes, &mut probes, pid, &comm, &stats);
             }
             last_scan = Instant::now();
+        }
+        let tls_period = if selector.traces_all() {
+            RESCAN_ALL
+        } else {
+            RESCAN
+        };
+        if tls.is_some() && last_tls_scan.elapsed() >= tls_period {
+            // Libraries loaded since the last look (dlopen).
+            let pids: Vec<(u32, String)> = if selector.traces_all() {
+                runtimes.candidates()
+            } else {
+                selector
+                    .selected()
+                    .iter()
+                    .map(|(p, c)| (*p, c.clone()))
+                    .collect()
+            };
+            for (pid, comm) in pids {
+                scan_tls(&mut tls, &mut probes, pid, &comm, &stats);
+            }
+            last_tls_scan = Instant::now();
         }
         sync_threads(&mut runtimes, &mut pipeline);
         if !stats_interval.is_zero() && last_stats.elapsed() >= stats_interval {
@@ -204,6 +234,7 @@ pub fn run(cfg: LoopConfig, exporter: ExportHandle) -> (ExportHandle, Vec<Metric
 struct Processes<'a> {
     selector: &'a mut Selector,
     runtimes: &'a mut Runtimes,
+    tls: &'a mut Option<TlsLibraries>,
     probes: &'a mut Probes,
 }
 
@@ -219,6 +250,9 @@ fn apply(
             let newly = !selector.traces_all() && !selector.selected().contains_key(&pid);
             // A new program in the same process: its old program's probes no longer apply.
             procs.runtimes.on_exit(pid);
+            if let Some(tls) = procs.tls.as_mut() {
+                tls.on_exit(pid);
+            }
             if selector.on_exec(pid, &comm) {
                 if newly {
                     log::info!("selected {comm}[{pid}] (started after the agent)");
@@ -226,6 +260,7 @@ fn apply(
                 }
                 pipeline.preload(pid);
                 attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
+                scan_tls(procs.tls, procs.probes, pid, &comm, stats);
             }
         }
         ProcessChange::Fork { pid, comm } => {
@@ -235,10 +270,14 @@ fn apply(
             }
             pipeline.preload(pid);
             attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
+            scan_tls(procs.tls, procs.probes, pid, &comm, stats);
         }
         ProcessChange::Exit { pid } => {
             selector.on_exit(pid);
             procs.runtimes.on_exit(pid);
+            if let Some(tls) = procs.tls.as_mut() {
+                tls.on_exit(pid);
+            }
         }
     }
     sync_threads(procs.runtimes, pipeline);
@@ -263,6 +302,22 @@ fn attach_runtime(
     let outcome = runtimes.on_selected(probes, pid, stats);
     if outcome.applies() {
         log::info!("runtime linking: {comm}[{pid}]: {outcome}");
+    }
+}
+
+/// A traced process's TLS libraries not looked at yet: each one found is in the log.
+fn scan_tls(
+    tls: &mut Option<TlsLibraries>,
+    probes: &mut Probes,
+    pid: u32,
+    comm: &str,
+    stats: &Stats,
+) {
+    let Some(tls) = tls.as_mut() else {
+        return;
+    };
+    for finding in tls.scan(probes, pid, stats) {
+        log::info!("tls: {comm}[{pid}]: {finding}");
     }
 }
 

@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod correlation;
+mod elf;
 mod event_loop;
 mod events;
 mod export;
@@ -21,6 +22,7 @@ mod runtimes;
 mod selection;
 mod spans;
 mod stats;
+mod tls;
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -209,22 +211,41 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     };
     let mut runtimes =
         runtimes::Runtimes::new(&cli.runtime_linking, runtime_pids, selector.traces_all());
+    // The processes traced now (every process, when tracing all).
+    let traced: Vec<(u32, String)> = if selector.traces_all() {
+        runtimes.candidates()
+    } else {
+        let mut pids: Vec<_> = selector
+            .selected()
+            .iter()
+            .map(|(p, c)| (*p, c.clone()))
+            .collect();
+        pids.sort_unstable();
+        pids
+    };
     if runtimes.is_on() {
-        let pids: Vec<(u32, String)> = if selector.traces_all() {
-            runtimes.candidates()
-        } else {
-            let mut pids: Vec<_> = selector
-                .selected()
-                .iter()
-                .map(|(p, c)| (*p, c.clone()))
-                .collect();
-            pids.sort_unstable();
-            pids
-        };
-        for (pid, comm) in pids {
-            let outcome = runtimes.on_selected(&mut probes, pid, &stats);
+        for (pid, comm) in &traced {
+            let outcome = runtimes.on_selected(&mut probes, *pid, &stats);
             if !selector.traces_all() || outcome.applies() {
                 eprintln!("agent: runtime linking: {comm}[{pid}]: {outcome}");
+            }
+        }
+    }
+    let mut tls = match (cli.tls.is_on(), &probes.tls_programs_failed) {
+        (false, _) => {
+            eprintln!("agent: tls: off (--tls off): encrypted connections are counted, not read");
+            None
+        }
+        (true, Some(why)) => {
+            eprintln!("agent: tls: off: its kernel programs did not load: {why}");
+            None
+        }
+        (true, None) => Some(tls::TlsLibraries::new(selector.traces_all())),
+    };
+    if let Some(tls) = tls.as_mut() {
+        for (pid, comm) in &traced {
+            for finding in tls.scan(&mut probes, *pid, &stats) {
+                eprintln!("agent: tls: {comm}[{pid}]: {finding}");
             }
         }
     }
@@ -247,6 +268,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         raw_db_query: cli.db_raw_query,
         injector,
         runtimes,
+        tls,
         correlation: event_loop::Correlation {
             in_process_linking: cli.in_process_linking.is_on(),
             same_host_pairing: cli.same_host_pairing.is_on(),

@@ -10,8 +10,9 @@ use std::{
 };
 
 use agent_common::{
-    CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ConnEvent, DATA_FLAG_ADDRESSES, DIR_INGRESS,
-    DataEvent, ParkEvent, ProcessEvent, SEND_LOST,
+    CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ConnEvent, DATA_FLAG_ADDRESSES,
+    DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TLS_RECORDS, DIR_INGRESS, DataEvent, ParkEvent,
+    ProcessEvent, SEND_LOST,
 };
 
 use crate::{
@@ -43,6 +44,10 @@ const HINT_TTL_NS: u64 = 60 * 1_000_000_000;
 /// FIN before it reads them. A connection with a request still open is kept this long after
 /// its close (or its last data since) before the request is given up.
 const CLOSED_READ_GRACE_NS: u64 = 2 * 1_000_000_000;
+/// An encrypted connection whose plaintext no TLS library probe sent within this time is
+/// counted as encrypted (unreadable). The plaintext of a probed library's connection follows
+/// its handshake at the first request.
+const TLS_PLAINTEXT_WAIT_NS: u64 = 2 * 1_000_000_000;
 
 struct Connection {
     stream: Stream,
@@ -139,6 +144,8 @@ pub struct Pipeline<S: SpanSink> {
     parked: IdMap<(u32, u64), ()>,
     /// Parks that arrived before the connection's first data event (by socket cookie).
     early_parks: IdMap<u64, ParkEvent>,
+    /// Connections found encrypted, not counted yet: when (see [`TLS_PLAINTEXT_WAIT_NS`]).
+    encrypted: IdMap<(u32, u64), u64>,
 }
 
 fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
@@ -173,6 +180,7 @@ impl<S: SpanSink> Pipeline<S> {
             not_http: Vec::new(),
             parked: IdMap::default(),
             early_parks: IdMap::default(),
+            encrypted: IdMap::default(),
         }
     }
 
@@ -327,7 +335,9 @@ impl<S: SpanSink> Pipeline<S> {
         let info = (h.flags & DATA_FLAG_ADDRESSES != 0).then(|| ConnInfo {
             local: socket_addr(h.family, h.local_addr, h.local_port),
             remote: socket_addr(h.family, h.remote_addr, h.remote_port),
+            tls: false,
         });
+        let plaintext = h.flags & DATA_FLAG_TLS_PLAINTEXT != 0;
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest();
@@ -366,8 +376,18 @@ impl<S: SpanSink> Pipeline<S> {
             return;
         };
         if let Some(info) = info {
-            conn.info = info;
-            self.corr.connection_addresses(key, info);
+            conn.info = ConnInfo {
+                tls: conn.info.tls,
+                ..info
+            };
+            self.corr.connection_addresses(key, conn.info);
+        }
+        if plaintext && !conn.info.tls {
+            // A TLS library's plaintext: parse it instead of the records, from the start.
+            conn.info.tls = true;
+            conn.stream = Stream::new(conn.stream.role());
+            self.encrypted.remove(&key);
+            Stats::add(&self.stats.connections_tls, 1);
         }
         self.corr.attach_contexts(h, conn.info, &mut conn.trace);
         conn.last_ns = h.ts_ns;
@@ -380,7 +400,11 @@ impl<S: SpanSink> Pipeline<S> {
         if conn.ignored {
             return;
         }
-        if conn.stream.is_unrecognized() {
+        // The records of a connection whose plaintext comes from its TLS library.
+        if (conn.info.tls || h.flags & DATA_FLAG_TLS_RECORDS != 0) && !plaintext {
+            return;
+        }
+        if conn.stream.is_unrecognized() || conn.stream.is_encrypted() {
             return;
         }
         let direction = if h.direction == DIR_INGRESS {
@@ -397,9 +421,12 @@ impl<S: SpanSink> Pipeline<S> {
             tid: h.tid,
         };
         let report = conn.stream.feed(seg, &mut self.out);
-        if report.postgres.became_postgres || report.unrecognized {
+        if report.postgres.became_postgres || report.unrecognized || report.encrypted {
             // Not HTTP: the header injector has nothing to do on this socket.
             self.not_http.push(key.1);
+        }
+        if report.encrypted {
+            self.encrypted.insert(key, h.ts_ns);
         }
         if direction == Direction::Ingress && conn.stream.serves() {
             self.corr.note_serving(h.pid, h.tid, h.ts_ns);
@@ -425,7 +452,6 @@ impl<S: SpanSink> Pipeline<S> {
         count(&s.http_headers_truncated, r.http.headers_truncated);
         Stats::add(&s.http_heads_invalid, u64::from(r.http.invalid_heads));
         count(&s.connections_postgres, r.postgres.became_postgres);
-        count(&s.connections_encrypted, r.postgres.became_encrypted);
         count(
             &s.pg_lost_sync,
             r.postgres.lost_sync || r.postgres.resynced || r.postgres.hostile_length,
@@ -488,6 +514,9 @@ impl<S: SpanSink> Pipeline<S> {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
+        if self.encrypted.remove(&key).is_some() {
+            Stats::add(&self.stats.connections_encrypted, 1);
+        }
         if conn.stream.close(ts.unwrap_or(conn.last_ns), &mut self.out) {
             Stats::add(&self.stats.connections_unrecognized, 1);
         }
@@ -571,6 +600,7 @@ impl<S: SpanSink> Pipeline<S> {
         for (key, last) in closed {
             self.end_connection(key, Some(last), Ending::Closed);
         }
+        self.count_encrypted(|since| since.saturating_add(TLS_PLAINTEXT_WAIT_NS) <= now_ns);
         let idle: Vec<_> = self
             .conns
             .iter()
@@ -590,7 +620,18 @@ impl<S: SpanSink> Pipeline<S> {
     /// Shutdown: release held spans. Requests still in flight are not reported as failed:
     /// their connections did not close, the agent stopped watching them. Connections the
     /// kernel closed end now.
+    /// Counts the encrypted connections `done` says waited long enough for their plaintext.
+    fn count_encrypted(&mut self, done: impl Fn(u64) -> bool) {
+        let before = self.encrypted.len();
+        self.encrypted.retain(|_, since| !done(*since));
+        Stats::add(
+            &self.stats.connections_encrypted,
+            (before - self.encrypted.len()) as u64,
+        );
+    }
+
     pub fn finish(mut self) -> S {
+        self.count_encrypted(|_| true);
         let closed: Vec<_> = self
             .conns
             .iter()

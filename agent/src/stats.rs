@@ -42,8 +42,12 @@ counters! {
     connections_not_http,
     /// Connections recognised as PostgreSQL.
     connections_postgres,
-    /// PostgreSQL connections that switched to TLS/GSS encryption (skipped).
+    /// Encrypted connections (TLS, PostgreSQL after `SSLRequest`/`GSSENCRequest`) whose
+    /// plaintext no TLS library probe delivered: not traced.
     connections_encrypted,
+    /// Connections read as plaintext through their TLS library's probes (`https`, PostgreSQL
+    /// with `sslmode=require`).
+    connections_tls,
     /// Connections in no protocol we parse (ignored from then on, or closed before any of
     /// their messages was recognised).
     connections_unrecognized,
@@ -125,6 +129,11 @@ counters! {
     /// Selected processes a runtime mechanism applies to whose probes could not be attached
     /// (the start-up report or the log says why).
     runtime_attach_failed,
+    /// TLS libraries (OpenSSL) the TLS probes were attached to: per selected process, or per
+    /// library file when tracing every process (see `--tls`).
+    tls_libraries_attached,
+    /// TLS libraries whose probes could not be attached (the report or the log says why).
+    tls_attach_failed,
     /// Requests answered on --metrics-address (any path and method).
     metrics_requests,
     /// Requests on --metrics-address refused: malformed (400), head too large (431), too slow

@@ -8,7 +8,7 @@ pub mod propagation;
 use agent_common::{KernelStats, MAX_CAPTURE};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         BtfTracePoint, FExit, KProbe, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
@@ -94,6 +94,8 @@ pub struct Probes {
     injecting: bool,
     /// Why the runtime mechanisms' programs could not be loaded (none then attach).
     pub runtime_programs_failed: Option<String>,
+    /// Why the TLS library programs could not be loaded (no TLS plaintext then).
+    pub tls_programs_failed: Option<String>,
 }
 
 /// The uprobe programs of the runtime mechanisms (see `runtimes`): loaded at start, attached
@@ -107,6 +109,17 @@ const RUNTIME_UPROBES: &[&str] = &[
     "agent_go_request_write",
     "agent_go_fd_write",
     "agent_go_exit",
+];
+
+/// The uprobe programs for TLS libraries (see `tls`): loaded at start, attached to a library
+/// file when a selected process maps it.
+const TLS_UPROBES: &[&str] = &[
+    "agent_ssl_read",
+    "agent_ssl_read_ex",
+    "agent_ssl_write",
+    "agent_ssl_write_ex",
+    "agent_ssl_read_ret",
+    "agent_ssl_write_ret",
 ];
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -558,6 +571,10 @@ impl Probes {
             .iter()
             .find_map(|&name| load_uprobe(&mut ebpf, name).err())
             .map(|e| e.to_string());
+        let tls_programs_failed = TLS_UPROBES
+            .iter()
+            .find_map(|&name| load_uprobe(&mut ebpf, name).err())
+            .map(|e| e.to_string());
         Ok(Self {
             ebpf,
             attached,
@@ -567,6 +584,7 @@ impl Probes {
             canary_counts,
             injecting,
             runtime_programs_failed,
+            tls_programs_failed,
         })
     }
 
@@ -605,6 +623,23 @@ impl Probes {
         prog.take_link(id)
             .map(|link| UprobeAttachment { _link: link })
             .map_err(|source| program_error(name, &what(), source))
+    }
+
+    /// Tells the socket programs that TLS library probes are attached (until then they skip
+    /// looking for library calls).
+    pub fn enable_tls_lookups(&mut self) -> Result<(), KernelError> {
+        let map = self
+            .ebpf
+            .map_mut("TLS_ATTACHED")
+            .ok_or(KernelError::MissingMap("TLS_ATTACHED"))?;
+        let mut array = Array::<_, u32>::try_from(map).map_err(|source| KernelError::Map {
+            name: "TLS_ATTACHED",
+            source,
+        })?;
+        array.set(0, &1, 0).map_err(|source| KernelError::Map {
+            name: "TLS_ATTACHED",
+            source,
+        })
     }
 
     /// The map of processes served by runtime probes (taken once, by the runtimes).
@@ -805,6 +840,8 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.writes_stamped_at_return += c.writes_stamped_at_return;
     sum.sockets_without_cookie += c.sockets_without_cookie;
     sum.kprobe_calls_unfinished += c.kprobe_calls_unfinished;
+    sum.tls_plaintext += c.tls_plaintext;
+    sum.tls_unassociated += c.tls_unassociated;
     sum.sockets_parked += c.sockets_parked;
     sum.requests_sent_parked += c.requests_sent_parked;
     sum.traceparent_invalid_rewritten += c.traceparent_invalid_rewritten;
@@ -940,6 +977,18 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             "Socket calls the kprobe fallback saw start but not end in a socket syscall \
              (io_uring, recvmmsg/sendmmsg): their data was not captured.",
             s.kprobe_calls_unfinished,
+        ),
+        Metric::counter(
+            "kernel_tls_plaintext",
+            "TLS library calls (OpenSSL `SSL_read`/`SSL_write`) whose plaintext was captured.",
+            s.tls_plaintext,
+        ),
+        Metric::counter(
+            "kernel_tls_unassociated",
+            "TLS library calls that moved plaintext for a connection whose socket the kernel \
+             could not tell (the library did no socket I/O in the call and none earlier: a memory \
+             BIO, as Node.js and Python's asyncio use): not traced.",
+            s.tls_unassociated,
         ),
         Metric::counter(
             "sockets_parked",

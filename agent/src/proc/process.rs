@@ -113,6 +113,34 @@ impl ProcFs {
         })
     }
 
+    /// The files process `pid` maps executable (its program, shared libraries), once each, in
+    /// the order of `maps`; `path` is the `map_files` link, which opens the file from any mount
+    /// namespace. None when the process is gone or its maps cannot be read.
+    pub fn executable_mappings(&self, pid: u32) -> Vec<Executable> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.dir(pid);
+        let Ok(maps) = std::fs::read_to_string(dir.join("maps")) else {
+            return Vec::new();
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut files = Vec::new();
+        for (range, name) in maps.lines().filter_map(executable_file_mapping) {
+            let path = dir.join("map_files").join(range);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if seen.insert((meta.dev(), meta.ino())) {
+                files.push(Executable {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    path,
+                    name: name.to_string(),
+                });
+            }
+        }
+        files
+    }
+
     /// The inodes of the sockets process `pid` holds open (`fd/N` → `socket:[INODE]`); none
     /// without access to its file descriptors.
     pub fn socket_inodes(&self, pid: u32) -> impl Iterator<Item = u64> {
@@ -161,6 +189,18 @@ fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> Proc
 }
 
 /// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
+/// A `maps` line of an executable file mapping: its address range and the file's path.
+/// (`start-end perms offset dev inode path`; anonymous and special mappings have no path
+/// starting with `/`.)
+fn executable_file_mapping(line: &str) -> Option<(&str, &str)> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let path = fields.nth(3)?.trim_start();
+    (perms.as_bytes().get(2) == Some(&b'x') && path.starts_with('/'))
+        .then(|| (range, path.strip_suffix(" (deleted)").unwrap_or(path)))
+}
+
 fn strip_deleted(path: PathBuf) -> PathBuf {
     match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(s) => PathBuf::from(s),
@@ -225,6 +265,43 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(
             read_regular_file(Path::new("/proc/self/status"), 1024).is_none_or(|b| b.len() <= 1024)
+        );
+    }
+
+    #[test]
+    fn maps_lines_give_executable_file_mappings_only() {
+        let lines = [
+            "7f1c2a000000-7f1c2a0a4000 r-xp 00022000 08:01 1835 /usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "7f1c2a0a4000-7f1c2a0c0000 r--p 000c6000 08:01 1835 /usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "55d0c0a00000-55d0c0b00000 r-xp 00000000 00:2a 77   /opt/app/bin/server (deleted)",
+            "7ffd1c5f0000-7ffd1c5f2000 r-xp 00000000 00:00 0                          [vdso]",
+            "7f1c2b000000-7f1c2b100000 rwxp 00000000 00:00 0 ",
+            "garbage",
+        ];
+        let found: Vec<_> = lines
+            .iter()
+            .filter_map(|l| executable_file_mapping(l))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "7f1c2a000000-7f1c2a0a4000",
+                    "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+                ),
+                ("55d0c0a00000-55d0c0b00000", "/opt/app/bin/server"),
+            ]
+        );
+    }
+
+    #[test]
+    fn this_process_maps_its_own_program() {
+        let proc = ProcFs::host();
+        let mine = proc.executable_mappings(std::process::id());
+        let exe = proc.executable(std::process::id()).expect("own exe");
+        assert!(
+            mine.iter().any(|f| (f.dev, f.ino) == (exe.dev, exe.ino)),
+            "{mine:?}"
         );
     }
 

@@ -20,8 +20,12 @@ pub enum Stream {
     // Boxed: a connection map entry stays small whichever protocol it speaks.
     Http(Box<Http1Stream>),
     Postgres(Box<PgStream>),
-    /// Neither protocol (or encrypted): further bytes are ignored.
+    /// Neither protocol: further bytes are ignored.
     Unrecognized,
+    /// Encrypted (TLS records, or PostgreSQL after its `SSLRequest` was accepted): these bytes
+    /// are ignored; the plaintext may come from a TLS library's probes instead. The role, as
+    /// far as known.
+    Encrypted(Option<Role>),
 }
 
 /// What parsers produced, drained by the pipeline after each segment.
@@ -44,6 +48,13 @@ pub struct StreamReport {
     pub postgres: PgFeedReport,
     /// The connection was given up as not a protocol we parse.
     pub unrecognized: bool,
+    /// The connection turned out to be encrypted.
+    pub encrypted: bool,
+}
+
+/// A TLS record header (content type, version 3.x): what a TLS connection's first bytes are.
+pub fn looks_like_tls(data: &[u8]) -> bool {
+    matches!(data, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
 }
 
 impl Stream {
@@ -55,12 +66,29 @@ impl Stream {
         matches!(self, Self::Unrecognized)
     }
 
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Self::Encrypted(_))
+    }
+
+    /// Which side the traced process is, as far as known (a new parser for the same
+    /// connection's plaintext starts from it).
+    pub fn role(&self) -> Option<Role> {
+        match self {
+            Self::Undecided(hint) | Self::Encrypted(hint) => *hint,
+            Self::Http(s) => s.role(),
+            Self::Postgres(s) => s.role(),
+            Self::Unrecognized => None,
+        }
+    }
+
     /// An HTTP request is still waiting for (the end of) its response. (PostgreSQL clients do
     /// not half-close: their connections end when the kernel says so.)
     pub fn awaits_response(&self) -> bool {
         match self {
             Self::Http(s) => s.awaits_response(),
-            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized => false,
+            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized | Self::Encrypted(_) => {
+                false
+            }
         }
     }
 
@@ -69,7 +97,7 @@ impl Stream {
         match self {
             Self::Http(s) => s.role() == Some(Role::Server),
             Self::Postgres(s) => s.role() == Some(Role::Server),
-            Self::Undecided(_) | Self::Unrecognized => false,
+            Self::Undecided(_) | Self::Unrecognized | Self::Encrypted(_) => false,
         }
     }
 
@@ -78,7 +106,9 @@ impl Stream {
     pub fn http_idle(&self) -> bool {
         match self {
             Self::Http(s) => s.idle(),
-            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized => false,
+            Self::Undecided(_) | Self::Postgres(_) | Self::Unrecognized | Self::Encrypted(_) => {
+                false
+            }
         }
     }
 
@@ -86,6 +116,11 @@ impl Stream {
         let mut report = StreamReport::default();
         if let Self::Undecided(hint) = *self {
             if seg.data.is_empty() {
+                return report;
+            }
+            if looks_like_tls(seg.data) {
+                *self = Self::Encrypted(hint);
+                report.encrypted = true;
                 return report;
             }
             // HTTP never passes the PostgreSQL check: its first bytes read as a length > 1 GiB.
@@ -105,15 +140,19 @@ impl Stream {
             }
             Self::Postgres(s) => {
                 report.postgres = s.feed(seg, &mut out.postgres);
-                if matches!(
-                    s.state(),
-                    PgStreamState::NotPostgres | PgStreamState::Encrypted
-                ) {
-                    *self = Self::Unrecognized;
-                    report.unrecognized = true;
+                match s.state() {
+                    PgStreamState::NotPostgres => {
+                        *self = Self::Unrecognized;
+                        report.unrecognized = true;
+                    }
+                    PgStreamState::Encrypted => {
+                        *self = Self::Encrypted(s.role());
+                        report.encrypted = true;
+                    }
+                    _ => {}
                 }
             }
-            Self::Undecided(_) | Self::Unrecognized => {}
+            Self::Undecided(_) | Self::Unrecognized | Self::Encrypted(_) => {}
         }
         report
     }
@@ -130,7 +169,7 @@ impl Stream {
                 s.close(ts_ns, &mut out.postgres);
                 false
             }
-            Self::Undecided(_) | Self::Unrecognized => false,
+            Self::Undecided(_) | Self::Unrecognized | Self::Encrypted(_) => false,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use agent_common::{RUNTIME_GO, RUNTIME_REQUESTS_BY_FD};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 use thiserror::Error;
 
 use super::{Mechanism, Plan};
@@ -115,12 +115,12 @@ fn read_binary<'d, R: object::ReadRef<'d>>(
         let address = *addresses
             .get(name)
             .ok_or_else(|| GoBinaryError::MissingFunction(name.to_string()))?;
-        offsets.push(
-            file_offset(file, address).ok_or_else(|| GoBinaryError::NotInFile {
+        offsets.push(crate::elf::file_offset(file, address).ok_or_else(|| {
+            GoBinaryError::NotInFile {
                 name: name.to_string(),
                 address,
-            })?,
-        );
+            }
+        })?);
     }
     Ok(GoBinary {
         version,
@@ -187,18 +187,6 @@ fn from_symtab<'d, R: object::ReadRef<'d>>(
         }
     }
     (found.len() == names.len()).then_some(found)
-}
-
-/// The file offset of virtual address `address` (inside a loaded segment's file bytes).
-fn file_offset<'d, R: object::ReadRef<'d>>(
-    file: &object::File<'d, R>,
-    address: u64,
-) -> Option<u64> {
-    file.segments().find_map(|seg| {
-        let (offset, size) = seg.file_range();
-        let start = seg.address();
-        (address >= start && address - start < size).then(|| offset + (address - start))
-    })
 }
 
 /// Go 1.18+ `pclntab`: a header (`runtime.pcHeader`), the function name table and the

@@ -20,6 +20,8 @@ use crate::{
 pub struct ConnInfo {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Its bytes are TLS records, read as plaintext through the TLS library (`https`).
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -27,6 +29,7 @@ impl ConnInfo {
     pub const UNKNOWN: Self = Self {
         local: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
         remote: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+        tls: false,
     };
 
     pub fn known(addr: SocketAddr) -> Option<SocketAddr> {
@@ -120,7 +123,8 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
     attrs.push(Attribute::str("url.path", path.redacted.as_ref()));
     // Pushed once url.full (client spans) has been written from it.
     let query = query.map(redact::url_query);
-    attrs.push(Attribute::str("url.scheme", "http"));
+    let scheme = if conn.tls { "https" } else { "http" };
+    attrs.push(Attribute::str("url.scheme", scheme));
     attrs.push(Attribute::str(
         "network.protocol.version",
         format!("1.{}", req.version_minor),
@@ -153,7 +157,7 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             let server = host_addr.or_else(|| remote.map(|r| ip_text(r.ip())));
             let port = host_port.or(remote.map(|r| r.port()));
             if let (Some(server), Some(port)) = (&server, port) {
-                let mut full = format!("http://{server}:{port}{}", path.redacted);
+                let mut full = format!("{scheme}://{server}:{port}{}", path.redacted);
                 if let Some(q) = &query {
                     full.push('?');
                     full.push_str(q);
@@ -301,6 +305,7 @@ mod tests {
         ConnInfo {
             local: "127.0.0.1:8080".parse().expect("addr"),
             remote: "127.0.0.1:50000".parse().expect("addr"),
+            tls: false,
         }
     }
 

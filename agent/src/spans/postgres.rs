@@ -220,6 +220,7 @@ mod tests {
         let conn = ConnInfo {
             local: "127.0.0.1:40000".parse().expect("addr"),
             remote: "127.0.0.1:5432".parse().expect("addr"),
+            tls: false,
         };
         let resource = Arc::new(Resource {
             pid: 1,

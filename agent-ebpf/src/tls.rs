@@ -1,0 +1,276 @@
+//! TLS libraries (OpenSSL 1.1/3: `SSL_read`, `SSL_read_ex`, `SSL_write`, `SSL_write_ex`): the
+//! plaintext a selected process hands to the library or gets from it, sent as data events of
+//! the connection's socket ([`DATA_FLAG_TLS_PLAINTEXT`]) so the same parsers see it.
+//!
+//! Which socket: the library reads and writes its socket itself, inside the call and on the
+//! calling thread (socket BIOs, and libpq's and PostgreSQL's own BIOs, which call recv/send).
+//! The socket hooks see that I/O (`note_socket_io`): its cookie and stamps go with the call,
+//! and the `SSL *` is remembered with the socket for calls served from the library's buffer.
+//! A library that never touches the socket in its calls (memory BIOs: Node.js, Python's
+//! asyncio) is not followed: its calls are counted (`tls_unassociated`), never guessed.
+//!
+//! Entry probes keep the arguments; return probes (uretprobes: C code, its stack never moves)
+//! see the result and copy the plaintext.
+
+use agent_common::{
+    DATA_FLAG_COPY_FAILED, DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
+    EventKind, SyscallKind,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_user,
+        generated::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, LruHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    maps::{capture_size, count, counters, selected_tgid},
+    sockets::{SCRATCH, copy_flat, output},
+};
+
+/// Index 0 set by userspace once a TLS library's probes are attached: until then the socket
+/// hooks skip the lookups below.
+#[map]
+pub static TLS_ATTACHED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// A library call in progress on a thread (key: pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    ssl: u64,
+    buf: u64,
+    /// `SSL_*_ex`: where the library writes the byte count (0: the return value is it).
+    count_at: u64,
+    /// The socket the call read or wrote (0: none yet), and when its bytes moved.
+    cookie: u64,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+#[map]
+static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// A process's `SSL *`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SessionKey {
+    tgid: u32,
+    _pad: u32,
+    ssl: u64,
+}
+
+/// The socket each `SSL *` was last seen using, for calls the library serves from its buffer.
+#[map]
+static TLS_SESSIONS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sockets whose bytes a probed library moves (cookie → 1): their records are counted, not
+/// copied.
+#[map]
+static TLS_SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn attached() -> bool {
+    TLS_ATTACHED.get(0).is_some_and(|v| *v != 0)
+}
+
+/// The socket hooks saw socket I/O of a selected thread: when a library call is in progress on
+/// it, the I/O is that call's. Returns whether the socket's bytes are TLS records a probed
+/// library handles (then only counted).
+#[inline(always)]
+pub fn note_socket_io(pid_tgid: u64, cookie: u64, first_ns: u64, last_ns: u64) -> bool {
+    if !attached() {
+        return false;
+    }
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        unsafe {
+            if (*call).cookie == 0 {
+                (*call).cookie = cookie;
+                (*call).first_ns = first_ns;
+            }
+            // Another socket in the same call: no library does that; claim none.
+            if (*call).cookie != cookie {
+                (*call).cookie = u64::MAX;
+            }
+            (*call).last_ns = last_ns;
+        }
+        let _ = TLS_SOCKETS.insert(&cookie, &1, 0);
+        return true;
+    }
+    TLS_SOCKETS.get_ptr(&cookie).is_some()
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, ex: bool) {
+    if selected_tgid().is_none() {
+        return;
+    }
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return;
+    };
+    let count_at = if ex {
+        ctx.arg::<u64>(3).unwrap_or(0)
+    } else {
+        0
+    };
+    if ex && count_at == 0 {
+        return;
+    }
+    let call = TlsCall {
+        ssl,
+        buf,
+        count_at,
+        cookie: 0,
+        first_ns: 0,
+        last_ns: 0,
+    };
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    let _ = TLS_CALLS.insert(&key, &call, 0);
+}
+
+/// `int SSL_read(SSL *ssl, void *buf, int num)`
+#[uprobe]
+pub fn agent_ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, false);
+    0
+}
+
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`
+#[uprobe]
+pub fn agent_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, true);
+    0
+}
+
+/// `int SSL_write(SSL *ssl, const void *buf, int num)`
+#[uprobe]
+pub fn agent_ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, false);
+    0
+}
+
+/// `int SSL_write_ex(SSL *ssl, const void *buf, size_t num, size_t *written)`
+#[uprobe]
+pub fn agent_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, true);
+    0
+}
+
+/// Return of `SSL_read` and `SSL_read_ex`.
+#[uretprobe]
+pub fn agent_ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    leave::<DIR_INGRESS>(&ctx);
+    0
+}
+
+/// Return of `SSL_write` and `SSL_write_ex`.
+#[uretprobe]
+pub fn agent_ssl_write_ret(ctx: RetProbeContext) -> u32 {
+    leave::<DIR_EGRESS>(&ctx);
+    0
+}
+
+#[inline(always)]
+fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    let Some(call) = (unsafe { TLS_CALLS.get(&key) }).copied() else {
+        return;
+    };
+    let _ = TLS_CALLS.remove(&key);
+    let ret = ctx.ret::<i64>() as i32;
+    // Both forms return > 0 on success; `_ex` returns 1 and writes the count.
+    if ret <= 0 {
+        return;
+    }
+    let bytes = if call.count_at != 0 {
+        match unsafe { bpf_probe_read_user(call.count_at as *const u64) } {
+            Ok(n) => n,
+            Err(_) => return,
+        }
+    } else {
+        ret as u64
+    };
+    if bytes == 0 {
+        return;
+    }
+    let tgid = (key >> 32) as u32;
+    let session = SessionKey {
+        tgid,
+        _pad: 0,
+        ssl: call.ssl,
+    };
+    let cookie = match call.cookie {
+        0 => match unsafe { TLS_SESSIONS.get(&session) } {
+            Some(c) => *c,
+            None => 0,
+        },
+        u64::MAX => 0,
+        c => {
+            let _ = TLS_SESSIONS.insert(&session, &c, 0);
+            c
+        }
+    };
+    if cookie == 0 {
+        count(|c| c.tls_unassociated += 1);
+        return;
+    }
+    let (first_ns, last_ns) = if call.last_ns != 0 {
+        (call.first_ns, call.last_ns)
+    } else {
+        let now = unsafe { bpf_ktime_get_ns() };
+        (now, now)
+    };
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let ev = &mut scratch.header;
+    ev.kind = EventKind::Data as u32;
+    ev.direction = DIRECTION;
+    ev.pid = tgid;
+    ev.tid = key as u32;
+    ev.fd = u32::MAX;
+    ev.syscall = SyscallKind::Other as u32;
+    // A read's bytes were all there at its last socket read; a write began with its first.
+    ev.ts_ns = last_ns;
+    ev.first_ts_ns = if DIRECTION == DIR_EGRESS {
+        first_ns
+    } else {
+        last_ns
+    };
+    ev.sock_cookie = cookie;
+    ev.bytes = bytes;
+    ev.family = 0;
+    ev.local_addr = [0; 16];
+    ev.remote_addr = [0; 16];
+    ev.local_port = 0;
+    ev.remote_port = 0;
+    ev.flags = DATA_FLAG_TLS_PLAINTEXT;
+    let cap = capture_size() as u64;
+    let want = if bytes < cap { bytes } else { cap };
+    let captured = copy_flat(&mut scratch.payload, call.buf, want);
+    let ev = &mut scratch.header;
+    if captured == 0 {
+        ev.flags |= DATA_FLAG_COPY_FAILED;
+    }
+    if captured < bytes {
+        ev.flags |= DATA_FLAG_TRUNCATED;
+    }
+    ev.captured = captured as u32;
+    let flags = ev.flags;
+    let written = output(scratch, captured, false) >= 0;
+    if let Some(c) = counters() {
+        if written {
+            c.data_events += 1;
+            c.tls_plaintext += 1;
+            c.bytes += bytes;
+        } else {
+            c.ringbuf_full += 1;
+        }
+        c.copy_failed += (flags & DATA_FLAG_COPY_FAILED != 0) as u64;
+        c.truncated += (flags & DATA_FLAG_TRUNCATED != 0) as u64;
+    }
+}
