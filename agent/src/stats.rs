@@ -129,8 +129,7 @@ counters! {
     /// Selected processes a runtime mechanism applies to whose probes could not be attached
     /// (the start-up report or the log says why).
     runtime_attach_failed,
-    /// TLS libraries (OpenSSL) the TLS probes were attached to: per selected process, or per
-    /// library file when tracing every process (see `--tls`).
+    /// TLS library files (OpenSSL) the TLS probes were attached to (see `--tls`).
     tls_libraries_attached,
     /// TLS libraries whose probes could not be attached (the report or the log says why).
     tls_attach_failed,

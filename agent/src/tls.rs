@@ -4,16 +4,20 @@
 //! `/proc/PID/maps`) are inspected once per file (device, inode): a file that defines OpenSSL's
 //! `SSL_read` and `SSL_write` in its dynamic symbol table (`libssl.so.3`, `libssl.so.1.1`, or a
 //! program linking OpenSSL statically and exporting it, as Node.js does) gets the TLS probes
-//! (`agent-ebpf/src/tls.rs`), for that process alone with a selection, or for every process
-//! mapping the file when tracing all. Selected processes are rescanned on a timer, so a
-//! library loaded later (Python imports `ssl` when first used: `dlopen`) is found then.
+//! (`agent-ebpf/src/tls.rs`) for every process mapping the file; the probes return at once in
+//! a process that is not traced. Not per process: PostgreSQL forks a backend per connection,
+//! which does its TLS handshake and reads its first messages before the agent could attach
+//! to the new process (a per-process uprobe does not follow a fork). The cost for other
+//! processes mapping the same file is a breakpoint per call (BENCHMARKS.md); in containers
+//! each image has a file of its own. The probes are detached once no traced process maps the
+//! file. Traced processes are rescanned on a timer, so a library loaded later (Python imports
+//! `ssl` when first used: `dlopen`) is found then.
 //! Libraries known to be TLS but not served are named in the report (their connections are
 //! counted `connections_encrypted`).
 
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    num::NonZeroU32,
 };
 
 use crate::{
@@ -81,21 +85,18 @@ impl fmt::Display for Finding {
     }
 }
 
-/// What a set of probes is attached for.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Scope {
-    /// Every process mapping the file (tracing every process).
-    File(FileId),
-    /// One selected process.
-    Process(u32, FileId),
+/// A library file's probes.
+struct Attached {
+    /// Held for the probes' lifetime: dropping a link detaches it.
+    _links: Vec<UprobeAttachment>,
+    /// The traced processes that map it.
+    users: HashSet<u32>,
 }
 
 pub struct TlsLibraries {
     proc: ProcFs,
-    per_file: bool,
     inspected: HashMap<FileId, Library>,
-    /// Held for the probes' lifetime: dropping a link detaches it.
-    attached: HashMap<Scope, Vec<UprobeAttachment>>,
+    attached: HashMap<FileId, Attached>,
     /// Files already looked at in each process.
     seen: HashMap<u32, HashSet<FileId>>,
     /// Processes with OpenSSL attached.
@@ -105,11 +106,9 @@ pub struct TlsLibraries {
 }
 
 impl TlsLibraries {
-    /// `trace_all`: every process is traced (probes per library file, not per process).
-    pub fn new(trace_all: bool) -> Self {
+    pub fn new() -> Self {
         Self {
             proc: ProcFs::host(),
-            per_file: trace_all,
             inspected: HashMap::new(),
             attached: HashMap::new(),
             seen: HashMap::new(),
@@ -143,17 +142,21 @@ impl TlsLibraries {
                 }),
                 Library::OpenSsl(offsets) => {
                     self.openssl.insert(pid);
-                    let (scope, only) = if self.per_file {
-                        (Scope::File(id), None)
-                    } else {
-                        (Scope::Process(pid, id), NonZeroU32::new(pid))
-                    };
-                    if self.attached.contains_key(&scope) {
+                    // Attached already for another process: this one is covered too.
+                    if let Some(a) = self.attached.get_mut(&id) {
+                        a.users.insert(pid);
+                        findings.push(Finding::Attached { file: file.name });
                         continue;
                     }
-                    match self.attach(probes, &file, &offsets, only) {
+                    match self.attach(probes, &file, &offsets) {
                         Ok(links) => {
-                            self.attached.insert(scope, links);
+                            self.attached.insert(
+                                id,
+                                Attached {
+                                    _links: links,
+                                    users: HashSet::from([pid]),
+                                },
+                            );
                             Stats::add(&stats.tls_libraries_attached, 1);
                             findings.push(Finding::Attached { file: file.name });
                         }
@@ -179,7 +182,6 @@ impl TlsLibraries {
         probes: &mut Probes,
         file: &Executable,
         offsets: &[Option<u64>],
-        pid: Option<NonZeroU32>,
     ) -> Result<Vec<UprobeAttachment>, String> {
         if !self.lookups_on {
             probes
@@ -198,19 +200,22 @@ impl TlsLibraries {
             };
             // The links attached so far are dropped (detached) with `links` on failure.
             let link = probes
-                .attach_uprobe(program, &file.path, at, pid)
+                .attach_uprobe(program, &file.path, at, None)
                 .map_err(|e| format!("{program} on {symbol}: {e}"))?;
             links.push(link);
         }
         Ok(links)
     }
 
-    /// A process exited (or runs another program): its probes go with it.
+    /// A process exited (or runs another program): a library's probes go with the last traced
+    /// process that mapped it.
     pub fn on_exit(&mut self, pid: u32) {
         self.seen.remove(&pid);
         self.openssl.remove(&pid);
-        self.attached
-            .retain(|scope, _| !matches!(scope, Scope::Process(p, _) if *p == pid));
+        self.attached.retain(|_, a| {
+            a.users.remove(&pid);
+            !a.users.is_empty()
+        });
     }
 }
 
