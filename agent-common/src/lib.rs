@@ -154,8 +154,10 @@ pub const DATA_FLAG_ADDRESSES: u32 = 2;
 /// `captured` < `bytes` although the buffer was readable (the capture size cut it).
 pub const DATA_FLAG_TRUNCATED: u32 = 4;
 /// The bytes are the plaintext a TLS library (OpenSSL's `SSL_read`/`SSL_write`) handed to or
-/// got for the socket `sock_cookie`, not what crossed the socket. `fd` is unknown, `syscall`
-/// is [`SyscallKind::Other`]; stamps are those of the library's own socket I/O in the call.
+/// got for the socket `sock_cookie`, not what crossed the socket; `syscall` is
+/// [`SyscallKind::Other`]; stamps are those of the library's own socket I/O in the call. A
+/// `sock_cookie` of 0 names the socket by `fd` instead (the socket that fd moved bytes on
+/// last); otherwise `fd` is unknown.
 pub const DATA_FLAG_TLS_PLAINTEXT: u32 = 8;
 /// Socket bytes moved inside a TLS library call (encrypted records whose plaintext comes as
 /// [`DATA_FLAG_TLS_PLAINTEXT`] events): counted, not copied.

@@ -146,6 +146,9 @@ pub struct Pipeline<S: SpanSink> {
     early_parks: IdMap<u64, ParkEvent>,
     /// Connections found encrypted, not counted yet: when (see [`TLS_PLAINTEXT_WAIT_NS`]).
     encrypted: IdMap<(u32, u64), u64>,
+    /// The socket each (process, fd) moved bytes on last: names the socket of TLS plaintext
+    /// that comes with its fd only.
+    fds: IdMap<(u32, u32), u64>,
 }
 
 fn socket_addr(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
@@ -181,6 +184,7 @@ impl<S: SpanSink> Pipeline<S> {
             parked: IdMap::default(),
             early_parks: IdMap::default(),
             encrypted: IdMap::default(),
+            fds: IdMap::default(),
         }
     }
 
@@ -330,6 +334,26 @@ impl<S: SpanSink> Pipeline<S> {
 
     fn on_data(&mut self, h: &DataEvent, payload: &[u8]) {
         Stats::add(&self.stats.data_events, 1);
+        let plaintext = h.flags & DATA_FLAG_TLS_PLAINTEXT != 0;
+        let resolved;
+        let h = if plaintext && h.sock_cookie == 0 {
+            // Its socket is the one its fd moved bytes on last (the library's own I/O came
+            // first).
+            let Some(&cookie) = self.fds.get(&(h.pid, h.fd)) else {
+                Stats::add(&self.stats.tls_plaintext_unassociated, 1);
+                return;
+            };
+            resolved = DataEvent {
+                sock_cookie: cookie,
+                ..*h
+            };
+            &resolved
+        } else {
+            if h.fd != u32::MAX && self.fds.get(&(h.pid, h.fd)) != Some(&h.sock_cookie) {
+                self.fds.insert((h.pid, h.fd), h.sock_cookie);
+            }
+            h
+        };
         let key = (h.pid, h.sock_cookie);
         // The kernel sends a socket's addresses with its first event only.
         let info = (h.flags & DATA_FLAG_ADDRESSES != 0).then(|| ConnInfo {
@@ -337,7 +361,6 @@ impl<S: SpanSink> Pipeline<S> {
             remote: socket_addr(h.family, h.remote_addr, h.remote_port),
             tls: false,
         });
-        let plaintext = h.flags & DATA_FLAG_TLS_PLAINTEXT != 0;
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest();
@@ -497,6 +520,7 @@ impl<S: SpanSink> Pipeline<S> {
             self.end_connection(key, Some(ts), Ending::Closed);
         }
         self.accepted.retain(|(p, _), _| *p != pid);
+        self.fds.retain(|(p, _), _| *p != pid);
         self.connected.retain(|(p, _), _| *p != pid);
         self.corr.process_exited(pid);
         self.resources.forget(pid);
@@ -617,9 +641,6 @@ impl<S: SpanSink> Pipeline<S> {
         self.corr.prune(now_ns);
     }
 
-    /// Shutdown: release held spans. Requests still in flight are not reported as failed:
-    /// their connections did not close, the agent stopped watching them. Connections the
-    /// kernel closed end now.
     /// Counts the encrypted connections `done` says waited long enough for their plaintext.
     fn count_encrypted(&mut self, done: impl Fn(u64) -> bool) {
         let before = self.encrypted.len();
@@ -630,6 +651,9 @@ impl<S: SpanSink> Pipeline<S> {
         );
     }
 
+    /// Shutdown: release held spans. Requests still in flight are not reported as failed:
+    /// their connections did not close, the agent stopped watching them. Connections the
+    /// kernel closed end now; encrypted connections whose plaintext never came are counted.
     pub fn finish(mut self) -> S {
         self.count_encrypted(|_| true);
         let closed: Vec<_> = self
@@ -693,6 +717,121 @@ mod tests {
             header: ev,
             payload,
         });
+    }
+
+    mod tls {
+        use agent_common::{DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TLS_RECORDS, DIR_INGRESS};
+
+        use super::*;
+
+        const CLIENT_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        const SERVER_HELLO: &[u8] = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03";
+        const REQUEST: &[u8] = b"GET /secret HTTP/1.1\r\nHost: example\r\n\r\n";
+        const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+        fn counting() -> (Pipeline<Vec<SpanRecord>>, Arc<Stats>) {
+            let stats = Arc::new(Stats::default());
+            let p = Pipeline::new(Resources::new("test-host"), stats.clone(), Vec::new());
+            (p, stats)
+        }
+
+        /// A TLS record event (the kernel copies none of its bytes) or a plaintext one.
+        fn with(mut ev: DataEvent, flags: u32) -> DataEvent {
+            ev.flags = flags;
+            if flags & DATA_FLAG_TLS_RECORDS != 0 {
+                ev.captured = 0;
+            }
+            ev
+        }
+
+        fn handshake(p: &mut Pipeline<Vec<SpanRecord>>) {
+            feed(p, data(7, 5, DIR_INGRESS, 10, CLIENT_HELLO), CLIENT_HELLO);
+            let mut hello = data(7, 5, DIR_EGRESS, 20, SERVER_HELLO);
+            hello.flags = 0;
+            feed(p, hello, SERVER_HELLO);
+        }
+
+        #[test]
+        fn plaintext_from_the_library_makes_https_spans_and_records_are_ignored() {
+            let (mut p, stats) = counting();
+            handshake(&mut p);
+            // The request's records, then its plaintext, as the kernel sends them.
+            let records = with(data(7, 5, DIR_INGRESS, 30, &[0; 80]), DATA_FLAG_TLS_RECORDS);
+            feed(&mut p, records, &[]);
+            let mut req = with(
+                data(7, u32::MAX, DIR_INGRESS, 30, REQUEST),
+                DATA_FLAG_TLS_PLAINTEXT,
+            );
+            req.family = 0;
+            feed(&mut p, req, REQUEST);
+            let records = with(data(7, 5, DIR_EGRESS, 40, &[0; 60]), DATA_FLAG_TLS_RECORDS);
+            feed(&mut p, records, &[]);
+            let resp = with(
+                data(7, u32::MAX, DIR_EGRESS, 40, RESPONSE),
+                DATA_FLAG_TLS_PLAINTEXT,
+            );
+            feed(&mut p, resp, RESPONSE);
+            let spans = p.finish();
+            assert_eq!(spans.len(), 1, "{spans:?}");
+            let span = &spans[0];
+            assert_eq!(span.kind, SpanKind::Server);
+            assert_eq!(
+                span.attr("url.path"),
+                Some(&AttrValue::Str("/secret".into()))
+            );
+            assert_eq!(
+                span.attr("url.scheme"),
+                Some(&AttrValue::Str("https".into()))
+            );
+            assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(8080)));
+            assert_eq!(stats.connections_tls.load(Relaxed), 1);
+            assert_eq!(stats.connections_encrypted.load(Relaxed), 0);
+        }
+
+        #[test]
+        fn an_encrypted_connection_without_plaintext_is_counted_after_the_wait() {
+            let (mut p, stats) = counting();
+            handshake(&mut p);
+            // Found encrypted at its first record (ts 10).
+            p.tick(10 + TLS_PLAINTEXT_WAIT_NS - 1);
+            assert_eq!(stats.connections_encrypted.load(Relaxed), 0);
+            p.tick(10 + TLS_PLAINTEXT_WAIT_NS);
+            assert_eq!(stats.connections_encrypted.load(Relaxed), 1);
+            assert!(p.finish().is_empty());
+            assert_eq!(stats.connections_encrypted.load(Relaxed), 1, "counted once");
+        }
+
+        #[test]
+        fn plaintext_named_by_fd_joins_the_socket_that_fd_used_last() {
+            let (mut p, stats) = counting();
+            handshake(&mut p);
+            // fd 5's socket is cookie 7; plaintext naming fd 5 (no cookie) is its.
+            let mut req = with(
+                data(0, 5, DIR_INGRESS, 30, REQUEST),
+                DATA_FLAG_TLS_PLAINTEXT,
+            );
+            req.family = 0;
+            feed(&mut p, req, REQUEST);
+            let resp = with(
+                data(0, 5, DIR_EGRESS, 40, RESPONSE),
+                DATA_FLAG_TLS_PLAINTEXT,
+            );
+            feed(&mut p, resp, RESPONSE);
+            // An fd that never moved bytes names nothing.
+            let lost = with(
+                data(0, 9, DIR_INGRESS, 50, REQUEST),
+                DATA_FLAG_TLS_PLAINTEXT,
+            );
+            feed(&mut p, lost, REQUEST);
+            assert_eq!(stats.tls_plaintext_unassociated.load(Relaxed), 1);
+            let spans = p.finish();
+            assert_eq!(spans.len(), 1, "{spans:?}");
+            assert_eq!(
+                spans[0].attr("url.scheme"),
+                Some(&AttrValue::Str("https".into()))
+            );
+            assert_eq!(stats.connections_tls.load(Relaxed), 1);
+        }
     }
 
     fn close(p: &mut Pipeline<Vec<SpanRecord>>, cookie: u64, ts: u64) {

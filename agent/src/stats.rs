@@ -48,6 +48,9 @@ counters! {
     /// Connections read as plaintext through their TLS library's probes (`https`, PostgreSQL
     /// with `sslmode=require`).
     connections_tls,
+    /// TLS plaintext named by its fd only (Go's `crypto/tls`) whose fd had moved no bytes yet:
+    /// not traced.
+    tls_plaintext_unassociated,
     /// Connections in no protocol we parse (ignored from then on, or closed before any of
     /// their messages was recognised).
     connections_unrecognized,
