@@ -43,6 +43,9 @@ pub enum EventKind {
     /// An enrolled client socket left the injector's map because its peer answered:
     /// [`ParkEvent`].
     Parked = 9,
+    /// The dynamic loader of a selected process changed its libraries (`dlopen`, or the ones a
+    /// new program needs): [`ProcessEvent`].
+    Libraries = 10,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -58,6 +61,7 @@ impl TryFrom<u32> for EventKind {
             7 => Self::Fork,
             8 => Self::Context,
             9 => Self::Parked,
+            10 => Self::Libraries,
             other => return Err(other),
         })
     }
@@ -313,6 +317,11 @@ pub const RUNTIME_GO: u32 = 2;
 pub const GO_FD_SYSFD_OFFSET: u64 = 16;
 /// Go's `net/http.transportRequest.Request` (the embedded `*Request`, its first field).
 pub const GO_TRANSPORT_REQUEST_OFFSET: u64 = 0;
+
+/// `TLS_ATTACHED` bits: which TLS probes are attached somewhere, so the socket programs look
+/// for library calls (OpenSSL) and Node.js `TLSWrap` methods in progress.
+pub const TLS_ATTACHED_OPENSSL: u32 = 1;
+pub const TLS_ATTACHED_NODE: u32 = 2;
 
 /// Role of a [`ContextEvent`].
 pub const CONTEXT_SERVER: u32 = 1;

@@ -6,15 +6,19 @@
 //! calling thread (socket BIOs, and libpq's and PostgreSQL's own BIOs, which call recv/send).
 //! The socket hooks see that I/O (`note_socket_io`): its cookie and stamps go with the call,
 //! and the `SSL *` is remembered with the socket for calls served from the library's buffer.
-//! A library that never touches the socket in its calls (memory BIOs: Node.js, Python's
-//! asyncio) is not followed: its calls are counted (`tls_unassociated`), never guessed.
+//! A library that never touches the socket in its calls (memory BIOs) is followed only where
+//! its owner says which socket: Node.js's `TLSWrap` (one per TLS socket) makes the library
+//! calls in its methods, and writes the records to its socket in `EncOut` (the handshake's
+//! first, so before any plaintext): probes on those methods tell the `SSL *` → `TLSWrap` →
+//! socket. Other memory BIOs (Python's asyncio) are counted (`tls_unassociated`), never
+//! guessed.
 //!
 //! Entry probes keep the arguments; return probes (uretprobes: C code, its stack never moves)
 //! see the result and copy the plaintext.
 
 use agent_common::{
     DATA_FLAG_COPY_FAILED, DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TRUNCATED, DIR_EGRESS, DIR_INGRESS,
-    EventKind, SyscallKind,
+    EventKind, SyscallKind, TLS_ATTACHED_NODE,
 };
 use aya_ebpf::{
     helpers::{
@@ -31,8 +35,8 @@ use crate::{
     sockets::{SCRATCH, copy_flat, output},
 };
 
-/// Index 0 set by userspace once a TLS library's probes are attached: until then the socket
-/// hooks skip the lookups below.
+/// Index 0: `TLS_ATTACHED_*` bits, set by userspace as it attaches the probes; until then the
+/// socket hooks skip the lookups below.
 #[map]
 pub static TLS_ATTACHED: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -41,6 +45,8 @@ pub static TLS_ATTACHED: Array<u32> = Array::with_max_entries(1, 0);
 #[derive(Clone, Copy)]
 pub struct TlsCall {
     ssl: u64,
+    /// The Node.js `TLSWrap` whose method made the call (0: none).
+    wrap: u64,
     buf: u64,
     /// `SSL_*_ex`: where the library writes the byte count (0: the return value is it).
     count_at: u64,
@@ -62,7 +68,8 @@ pub struct SessionKey {
     ssl: u64,
 }
 
-/// The socket each `SSL *` was last seen using, for calls the library serves from its buffer.
+/// The socket each `SSL *` was last seen using, for calls the library serves from its buffer
+/// (forgotten when `SSL_new` returns the same address for a new connection).
 #[map]
 static TLS_SESSIONS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -71,9 +78,41 @@ static TLS_SESSIONS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(
 #[map]
 static TLS_SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 
+/// Node.js: the `TLSWrap` methods in progress on a thread, innermost last (JavaScript run from
+/// one may enter another's).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WrapStack {
+    depth: u32,
+    _pad: u32,
+    wraps: [u64; WRAP_DEPTH],
+    /// Per frame: 1 when it is `EncOut` (the records' write to the wrap's socket).
+    enc_out: [u8; WRAP_DEPTH],
+}
+const WRAP_DEPTH: usize = 8;
+
+#[map]
+static NODE_WRAPS: LruHashMap<u64, WrapStack> = LruHashMap::with_max_entries(16384, 0);
+
+/// Node.js: the socket each `TLSWrap` writes its records to (key: pid, wrap address).
+#[map]
+static WRAP_SOCKETS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
 #[inline(always)]
-fn attached() -> bool {
-    TLS_ATTACHED.get(0).is_some_and(|v| *v != 0)
+fn attached() -> u32 {
+    TLS_ATTACHED.get(0).copied().unwrap_or(0)
+}
+
+/// The innermost `TLSWrap` method on this thread: (wrap, is `EncOut`).
+#[inline(always)]
+fn current_wrap(pid_tgid: u64) -> Option<(u64, bool)> {
+    let stack = unsafe { NODE_WRAPS.get(&pid_tgid)? };
+    let top = stack.depth as usize;
+    if top == 0 || top > WRAP_DEPTH {
+        return None;
+    }
+    let i = (top - 1) & (WRAP_DEPTH - 1);
+    Some((stack.wraps[i], stack.enc_out[i] != 0))
 }
 
 /// The socket hooks saw socket I/O of a selected thread: when a library call is in progress on
@@ -81,7 +120,8 @@ fn attached() -> bool {
 /// library handles (then only counted).
 #[inline(always)]
 pub fn note_socket_io(pid_tgid: u64, cookie: u64, first_ns: u64, last_ns: u64) -> bool {
-    if !attached() {
+    let attached = attached();
+    if attached == 0 {
         return false;
     }
     if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
@@ -99,7 +139,90 @@ pub fn note_socket_io(pid_tgid: u64, cookie: u64, first_ns: u64, last_ns: u64) -
         let _ = TLS_SOCKETS.insert(&cookie, &1, 0);
         return true;
     }
+    if attached & TLS_ATTACHED_NODE != 0
+        && let Some((wrap, true)) = current_wrap(pid_tgid)
+    {
+        let key = SessionKey {
+            tgid: (pid_tgid >> 32) as u32,
+            _pad: 0,
+            ssl: wrap,
+        };
+        let _ = WRAP_SOCKETS.insert(&key, &cookie, 0);
+        let _ = TLS_SOCKETS.insert(&cookie, &1, 0);
+        return true;
+    }
     TLS_SOCKETS.get_ptr(&cookie).is_some()
+}
+
+#[inline(always)]
+fn wrap_enter(ctx: &ProbeContext, enc_out: u8) {
+    if selected_tgid().is_none() {
+        return;
+    }
+    let Some(wrap) = ctx.arg::<u64>(0) else {
+        return;
+    };
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    let stack = match NODE_WRAPS.get_ptr_mut(&key) {
+        Some(s) => s,
+        None => {
+            let empty = WrapStack {
+                depth: 0,
+                _pad: 0,
+                wraps: [0; WRAP_DEPTH],
+                enc_out: [0; WRAP_DEPTH],
+            };
+            if NODE_WRAPS.insert(&key, &empty, 0).is_err() {
+                return;
+            }
+            match NODE_WRAPS.get_ptr_mut(&key) {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    let stack = unsafe { &mut *stack };
+    let depth = stack.depth as usize;
+    // Deeper than the stack: counted by depth only, so the returns still pair up.
+    if depth < WRAP_DEPTH {
+        stack.wraps[depth & (WRAP_DEPTH - 1)] = wrap;
+        stack.enc_out[depth & (WRAP_DEPTH - 1)] = enc_out;
+    }
+    stack.depth += 1;
+}
+
+#[inline(always)]
+fn wrap_leave() {
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    if let Some(stack) = NODE_WRAPS.get_ptr_mut(&key) {
+        unsafe {
+            if (*stack).depth > 0 {
+                (*stack).depth -= 1;
+            }
+        }
+    }
+}
+
+/// Entry of Node.js's `TLSWrap::ClearOut`, `ClearIn` and `DoWrite` (`this` first): the library
+/// calls they make are this wrap's.
+#[uprobe]
+pub fn agent_node_wrap_enter(ctx: ProbeContext) -> u32 {
+    wrap_enter(&ctx, 0);
+    0
+}
+
+/// Entry of `TLSWrap::EncOut`: socket writes inside it carry this wrap's records.
+#[uprobe]
+pub fn agent_node_enc_out_enter(ctx: ProbeContext) -> u32 {
+    wrap_enter(&ctx, 1);
+    0
+}
+
+/// Return of the four `TLSWrap` methods.
+#[uretprobe]
+pub fn agent_node_wrap_leave(_ctx: RetProbeContext) -> u32 {
+    wrap_leave();
+    0
 }
 
 #[inline(always)]
@@ -118,15 +241,21 @@ fn enter(ctx: &ProbeContext, ex: bool) {
     if ex && count_at == 0 {
         return;
     }
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    let wrap = if attached() & TLS_ATTACHED_NODE != 0 {
+        current_wrap(key).map_or(0, |(w, _)| w)
+    } else {
+        0
+    };
     let call = TlsCall {
         ssl,
+        wrap,
         buf,
         count_at,
         cookie: 0,
         first_ns: 0,
         last_ns: 0,
     };
-    let key = unsafe { bpf_get_current_pid_tgid() };
     let _ = TLS_CALLS.insert(&key, &call, 0);
 }
 
@@ -155,6 +284,36 @@ pub fn agent_ssl_write(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn agent_ssl_write_ex(ctx: ProbeContext) -> u32 {
     enter(&ctx, true);
+    0
+}
+
+/// The dynamic loader's `_dl_debug_state`, called (for debuggers) whenever the libraries of a
+/// process change: a selected process's new libraries are looked at at once, not at the next
+/// rescan (a library loaded by `dlopen` would otherwise miss the calls until then).
+#[uprobe]
+pub fn agent_loader_state(_ctx: ProbeContext) -> u32 {
+    let Some((tgid, _)) = selected_tgid() else {
+        return 0;
+    };
+    crate::maps::emit(agent_common::ProcessEvent {
+        kind: EventKind::Libraries as u32,
+        pid: tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    0
+}
+
+/// Return of `SSL_new(SSL_CTX *)`: a new connection's `SSL *`, perhaps at the address of a freed
+/// one, whose socket must not be taken for this one's (its first read may come from the
+/// library's buffer, filled during the handshake).
+#[uretprobe]
+pub fn agent_ssl_new_ret(ctx: RetProbeContext) -> u32 {
+    let Some((tgid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let ssl: u64 = ctx.ret();
+    let _ = TLS_SESSIONS.remove(&SessionKey { tgid, _pad: 0, ssl });
     0
 }
 
@@ -204,6 +363,14 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
     let cookie = match call.cookie {
         0 => match unsafe { TLS_SESSIONS.get(&session) } {
             Some(c) => *c,
+            None if call.wrap != 0 => {
+                let wrap = SessionKey {
+                    tgid,
+                    _pad: 0,
+                    ssl: call.wrap,
+                };
+                unsafe { WRAP_SOCKETS.get(&wrap) }.copied().unwrap_or(0)
+            }
             None => 0,
         },
         u64::MAX => 0,

@@ -272,6 +272,12 @@ fn apply(
             attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
             scan_tls(procs.tls, procs.probes, pid, &comm, stats);
         }
+        ProcessChange::Libraries { pid } => {
+            let comm = selector.selected().get(&pid).cloned();
+            if let Some(comm) = comm.or_else(|| selector.traces_all().then(String::new)) {
+                scan_tls(procs.tls, procs.probes, pid, &comm, stats);
+            }
+        }
         ProcessChange::Exit { pid } => {
             selector.on_exit(pid);
             procs.runtimes.on_exit(pid);

@@ -20,6 +20,8 @@ pub enum Event<'a> {
     ProcessExit(ProcessEvent),
     Context(ContextEvent),
     Parked(ParkEvent),
+    /// A selected process's loader changed its libraries.
+    Libraries(ProcessEvent),
 }
 
 /// When a data event's bytes began to move (never after its own stamp).
@@ -72,6 +74,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ProcessExit => Event::ProcessExit(read(bytes)?),
         EventKind::Context => Event::Context(read(bytes)?),
         EventKind::Parked => Event::Parked(read(bytes)?),
+        EventKind::Libraries => Event::Libraries(read(bytes)?),
     })
 }
 

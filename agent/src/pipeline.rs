@@ -116,6 +116,10 @@ pub enum ProcessChange {
     Exit {
         pid: u32,
     },
+    /// Its loader changed its libraries: look for TLS libraries again.
+    Libraries {
+        pid: u32,
+    },
 }
 
 pub struct Pipeline<S: SpanSink> {
@@ -328,6 +332,7 @@ impl<S: SpanSink> Pipeline<S> {
             }
             Event::Context(ev) => self.corr.on_context(ev),
             Event::Parked(ev) => self.on_parked(ev),
+            Event::Libraries(ev) => return Some(ProcessChange::Libraries { pid: ev.pid }),
         }
         None
     }

@@ -20,6 +20,8 @@ use std::{
     fmt,
 };
 
+use agent_common::{TLS_ATTACHED_NODE, TLS_ATTACHED_OPENSSL};
+
 use crate::{
     kernel::{Probes, UprobeAt, UprobeAttachment},
     proc::{Executable, ProcFs},
@@ -32,13 +34,29 @@ const OPENSSL_PROBES: &[(&str, &str)] = &[
     ("agent_ssl_write", "SSL_write"),
     ("agent_ssl_read_ret", "SSL_read"),
     ("agent_ssl_write_ret", "SSL_write"),
+    ("agent_ssl_new_ret", "SSL_new"),
     ("agent_ssl_read_ex", "SSL_read_ex"),
     ("agent_ssl_write_ex", "SSL_write_ex"),
     ("agent_ssl_read_ret", "SSL_read_ex"),
     ("agent_ssl_write_ret", "SSL_write_ex"),
 ];
-/// The `_ex` forms exist since OpenSSL 1.1.1; without them the first four probes serve.
-const OPENSSL_REQUIRED: usize = 4;
+/// The `_ex` forms exist since OpenSSL 1.1.1; without them the first five probes serve.
+const OPENSSL_REQUIRED: usize = 5;
+
+/// Node.js's `TLSWrap` methods (mangled name prefixes: the parameters' mangling may change
+/// between versions, the names do not): (probe program, name prefix), and the return probe for
+/// each. Node reads and writes its sockets itself, outside the library's calls (memory BIOs);
+/// these say which socket each `SSL *` is for (`agent-ebpf/src/tls.rs`).
+const NODE_PROBES: &[(&str, &str)] = &[
+    ("agent_node_wrap_enter", "_ZN4node6crypto7TLSWrap8ClearOutE"),
+    ("agent_node_wrap_enter", "_ZN4node6crypto7TLSWrap7ClearInE"),
+    ("agent_node_wrap_enter", "_ZN4node6crypto7TLSWrap7DoWriteE"),
+    (
+        "agent_node_enc_out_enter",
+        "_ZN4node6crypto7TLSWrap6EncOutE",
+    ),
+];
+const NODE_RETURN: &str = "agent_node_wrap_leave";
 
 /// TLS libraries we do not read, by file name: named in the report, so that a user knows why
 /// the process's encrypted connections stay unread.
@@ -56,17 +74,24 @@ type FileId = (u64, u64);
 /// What a mapped file is for TLS.
 #[derive(Clone)]
 enum Library {
-    /// OpenSSL: the file offsets of `OPENSSL_PROBES`' symbols (the `_ex` ones may be absent).
-    OpenSsl(Vec<Option<u64>>),
+    /// OpenSSL: the file offsets of `OPENSSL_PROBES`' symbols (the `_ex` ones may be absent),
+    /// and of `NODE_PROBES`' when the file is Node.js.
+    OpenSsl {
+        offsets: Vec<Option<u64>>,
+        node: Option<Vec<u64>>,
+    },
     /// A TLS library we do not read.
     NotServed(&'static str),
+    /// The dynamic loader: the file offset of `_dl_debug_state`, which it calls whenever a
+    /// process's libraries change.
+    Loader(u64),
     /// Nothing TLS.
     None,
 }
 
 /// What a scan found in one process, for the report and the log.
 pub enum Finding {
-    Attached { file: String },
+    Attached { file: String, node: bool },
     Failed { file: String, why: String },
     NotServed { library: &'static str, file: String },
 }
@@ -74,7 +99,11 @@ pub enum Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Finding::Attached { file } => write!(f, "OpenSSL: attached ({file})"),
+            Finding::Attached { file, node: false } => write!(f, "OpenSSL: attached ({file})"),
+            Finding::Attached { file, node: true } => write!(
+                f,
+                "OpenSSL: attached ({file}, with Node.js TLSWrap probes for its sockets)"
+            ),
             Finding::Failed { file, why } => write!(f, "OpenSSL: not attached ({file}): {why}"),
             Finding::NotServed { library, file } => write!(
                 f,
@@ -101,8 +130,8 @@ pub struct TlsLibraries {
     seen: HashMap<u32, HashSet<FileId>>,
     /// Processes with OpenSSL attached.
     openssl: HashSet<u32>,
-    /// The socket programs look for library calls (set at the first attachment).
-    lookups_on: bool,
+    /// The `TLS_ATTACHED_*` bits set in the kernel so far.
+    lookups_on: u32,
 }
 
 impl TlsLibraries {
@@ -113,7 +142,7 @@ impl TlsLibraries {
             attached: HashMap::new(),
             seen: HashMap::new(),
             openssl: HashSet::new(),
-            lookups_on: false,
+            lookups_on: 0,
         }
     }
 
@@ -124,7 +153,9 @@ impl TlsLibraries {
     pub fn scan(&mut self, probes: &mut Probes, pid: u32, stats: &Stats) -> Vec<Finding> {
         let mut findings = Vec::new();
         let mut not_served = Vec::new();
-        for file in self.proc.executable_mappings(pid) {
+        let files = self.proc.executable_mappings(pid);
+        log::debug!("tls: process {pid} maps {} executable files", files.len());
+        for file in files {
             let id = (file.dev, file.ino);
             if !self.seen.entry(pid).or_default().insert(id) {
                 continue;
@@ -136,19 +167,23 @@ impl TlsLibraries {
                 .clone();
             match library {
                 Library::None => {}
+                Library::Loader(offset) => self.watch_loader(probes, &file, offset, pid),
                 Library::NotServed(library) => not_served.push(Finding::NotServed {
                     library,
                     file: file.name,
                 }),
-                Library::OpenSsl(offsets) => {
+                Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
                     // Attached already for another process: this one is covered too.
                     if let Some(a) = self.attached.get_mut(&id) {
                         a.users.insert(pid);
-                        findings.push(Finding::Attached { file: file.name });
+                        findings.push(Finding::Attached {
+                            file: file.name,
+                            node: node.is_some(),
+                        });
                         continue;
                     }
-                    match self.attach(probes, &file, &offsets) {
+                    match self.attach(probes, &file, &offsets, node.as_deref()) {
                         Ok(links) => {
                             self.attached.insert(
                                 id,
@@ -158,7 +193,10 @@ impl TlsLibraries {
                                 },
                             );
                             Stats::add(&stats.tls_libraries_attached, 1);
-                            findings.push(Finding::Attached { file: file.name });
+                            findings.push(Finding::Attached {
+                                file: file.name,
+                                node: node.is_some(),
+                            });
                         }
                         Err(why) => {
                             Stats::add(&stats.tls_attach_failed, 1);
@@ -177,23 +215,63 @@ impl TlsLibraries {
         findings
     }
 
+    /// Attaches the loader's probe (once per loader file): a selected process's new libraries are
+    /// then looked at when they are loaded. Without it (the loader has no `_dl_debug_state`, or
+    /// the probe failed: in the log), the rescan timer finds them later.
+    fn watch_loader(&mut self, probes: &mut Probes, file: &Executable, offset: u64, pid: u32) {
+        let id = (file.dev, file.ino);
+        if let Some(a) = self.attached.get_mut(&id) {
+            a.users.insert(pid);
+            return;
+        }
+        let at = UprobeAt::FileOffset {
+            offset,
+            function: "_dl_debug_state",
+        };
+        match probes.attach_uprobe("agent_loader_state", &file.path, at, None) {
+            Ok(link) => {
+                log::debug!("tls: watching the loader {} for new libraries", file.name);
+                self.attached.insert(
+                    id,
+                    Attached {
+                        _links: vec![link],
+                        users: HashSet::from([pid]),
+                    },
+                );
+            }
+            Err(e) => log::info!(
+                "tls: libraries loaded later are found by the rescan only: the loader's probe \
+                 ({}) did not attach: {e}",
+                file.name
+            ),
+        }
+    }
+
     fn attach(
         &mut self,
         probes: &mut Probes,
         file: &Executable,
         offsets: &[Option<u64>],
+        node: Option<&[u64]>,
     ) -> Result<Vec<UprobeAttachment>, String> {
-        if !self.lookups_on {
+        let bits = TLS_ATTACHED_OPENSSL | node.map_or(0, |_| TLS_ATTACHED_NODE);
+        if self.lookups_on & bits != bits {
             probes
-                .enable_tls_lookups()
+                .enable_tls_lookups(bits)
                 .map_err(|e| format!("cannot switch the socket programs' TLS lookups on: {e}"))?;
-            self.lookups_on = true;
+            self.lookups_on |= bits;
+        }
+        let mut wanted: Vec<(&'static str, &'static str, u64)> = OPENSSL_PROBES
+            .iter()
+            .zip(offsets)
+            .filter_map(|(&(program, symbol), offset)| Some((program, symbol, (*offset)?)))
+            .collect();
+        for (&(program, symbol), &offset) in NODE_PROBES.iter().zip(node.unwrap_or_default()) {
+            wanted.push((program, symbol, offset));
+            wanted.push((NODE_RETURN, symbol, offset));
         }
         let mut links = Vec::new();
-        for (&(program, symbol), offset) in OPENSSL_PROBES.iter().zip(offsets) {
-            let Some(offset) = *offset else {
-                continue;
-            };
+        for (program, symbol, offset) in wanted {
             let at = UprobeAt::FileOffset {
                 offset,
                 function: symbol,
@@ -225,40 +303,56 @@ fn inspect(file: &Executable) -> Library {
     if let Some(&(_, library)) = NOT_SERVED.iter().find(|(name, _)| base.starts_with(name)) {
         return Library::NotServed(library);
     }
-    match openssl_offsets(file) {
-        Some(offsets) => Library::OpenSsl(offsets),
-        None => Library::None,
-    }
+    from_symbols(file).unwrap_or(Library::None)
 }
 
-/// The file offsets of OpenSSL's functions when `file` defines at least `SSL_read` and
-/// `SSL_write` in its dynamic symbol table.
-fn openssl_offsets(file: &Executable) -> Option<Vec<Option<u64>>> {
+/// From `file`'s dynamic symbol table: OpenSSL when it defines at least `SSL_read`,
+/// `SSL_write` and `SSL_new` (the file offsets of its functions, and of Node.js's `TLSWrap`
+/// methods when it has them all, each exactly once); the loader when it defines
+/// `_dl_debug_state`.
+fn from_symbols(file: &Executable) -> Option<Library> {
     use object::{Object, ObjectSymbol};
     let data = std::fs::File::open(&file.path).ok()?;
     // Read on demand: only the headers and the dynamic symbols of a possibly large program.
     let data = object::read::ReadCache::new(data);
     let elf = object::File::parse(&data).ok()?;
     let mut addresses: HashMap<&str, u64> = HashMap::new();
+    let mut node: Vec<Vec<u64>> = vec![Vec::new(); NODE_PROBES.len()];
+    let mut loader = None;
     for sym in elf.dynamic_symbols() {
-        if sym.is_definition()
-            && let Ok(name) = sym.name()
-            && OPENSSL_PROBES.iter().any(|&(_, s)| s == name)
-        {
-            addresses.insert(name, sym.address());
+        if !sym.is_definition() {
+            continue;
         }
+        let Ok(name) = sym.name() else {
+            continue;
+        };
+        if name == "_dl_debug_state" {
+            loader = Some(sym.address());
+        } else if OPENSSL_PROBES.iter().any(|&(_, s)| s == name) {
+            addresses.insert(name, sym.address());
+        } else if let Some(i) = NODE_PROBES.iter().position(|&(_, p)| name.starts_with(p)) {
+            node[i].push(sym.address());
+        }
+    }
+    let offset = |address: u64| crate::elf::file_offset(&elf, address);
+    if let Some(address) = loader {
+        return offset(address).map(Library::Loader);
     }
     let offsets: Vec<Option<u64>> = OPENSSL_PROBES
         .iter()
-        .map(|&(_, symbol)| {
-            let address = addresses.get(symbol)?;
-            crate::elf::file_offset(&elf, *address)
-        })
+        .map(|&(_, symbol)| offset(*addresses.get(symbol)?))
         .collect();
-    offsets[..OPENSSL_REQUIRED]
+    if !offsets[..OPENSSL_REQUIRED].iter().all(Option::is_some) {
+        return None;
+    }
+    let node = node
         .iter()
-        .all(Option::is_some)
-        .then_some(offsets)
+        .map(|found| match found.as_slice() {
+            [address] => offset(*address),
+            _ => None,
+        })
+        .collect::<Option<Vec<u64>>>();
+    Some(Library::OpenSsl { offsets, node })
 }
 
 #[cfg(test)]
@@ -290,10 +384,11 @@ mod tests {
         let Some(path) = system_libssl() else {
             panic!("libssl.so.3 is a dependency of curl and python here; it must exist");
         };
-        let Library::OpenSsl(offsets) = inspect(&executable(path)) else {
+        let Library::OpenSsl { offsets, node } = inspect(&executable(path)) else {
             panic!("{path} not recognised as OpenSSL");
         };
         assert!(offsets.iter().all(Option::is_some), "{offsets:?}");
+        assert!(node.is_none());
         // Entry and return probes of one function share its offset; functions differ.
         assert_eq!(offsets[0], offsets[2]);
         assert_ne!(offsets[0], offsets[1]);
@@ -303,10 +398,19 @@ mod tests {
     fn a_program_exporting_openssl_is_found_by_its_symbols_not_its_name() {
         // Node.js links OpenSSL statically and exports it for native addons.
         let node = "/usr/bin/node";
-        let Library::OpenSsl(offsets) = inspect(&executable(node)) else {
+        let Library::OpenSsl {
+            offsets,
+            node: wrap,
+        } = inspect(&executable(node))
+        else {
             panic!("{node} exports SSL_read/SSL_write but was not recognised");
         };
         assert!(offsets.iter().all(Option::is_some));
+        // And its TLSWrap methods, each found once (not their `_ZThn` thunks).
+        let wrap = wrap.expect("node's TLSWrap methods");
+        assert_eq!(wrap.len(), NODE_PROBES.len());
+        let distinct: HashSet<_> = wrap.iter().collect();
+        assert_eq!(distinct.len(), wrap.len());
     }
 
     #[test]
@@ -324,6 +428,20 @@ mod tests {
         if std::path::Path::new(crypto).exists() {
             assert!(matches!(inspect(&executable(crypto)), Library::None));
         }
+    }
+
+    #[test]
+    fn the_loader_is_found_by_its_debugger_hook() {
+        let loader = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("the dynamic loader");
+        let path = std::fs::canonicalize(loader).expect("loader path");
+        let path = path.to_str().expect("utf-8 path");
+        assert!(
+            matches!(inspect(&executable(path)), Library::Loader(offset) if offset > 0),
+            "{path}"
+        );
     }
 
     #[test]

@@ -120,6 +120,11 @@ const TLS_UPROBES: &[&str] = &[
     "agent_ssl_write_ex",
     "agent_ssl_read_ret",
     "agent_ssl_write_ret",
+    "agent_ssl_new_ret",
+    "agent_node_wrap_enter",
+    "agent_node_enc_out_enter",
+    "agent_node_wrap_leave",
+    "agent_loader_state",
 ];
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -625,21 +630,20 @@ impl Probes {
             .map_err(|source| program_error(name, &what(), source))
     }
 
-    /// Tells the socket programs that TLS library probes are attached (until then they skip
-    /// looking for library calls).
-    pub fn enable_tls_lookups(&mut self) -> Result<(), KernelError> {
+    /// Tells the socket programs which TLS probes are attached (`TLS_ATTACHED_*` bits, added to
+    /// those set before; until then they skip looking for library calls).
+    pub fn enable_tls_lookups(&mut self, bits: u32) -> Result<(), KernelError> {
+        let name = "TLS_ATTACHED";
         let map = self
             .ebpf
-            .map_mut("TLS_ATTACHED")
-            .ok_or(KernelError::MissingMap("TLS_ATTACHED"))?;
-        let mut array = Array::<_, u32>::try_from(map).map_err(|source| KernelError::Map {
-            name: "TLS_ATTACHED",
-            source,
-        })?;
-        array.set(0, &1, 0).map_err(|source| KernelError::Map {
-            name: "TLS_ATTACHED",
-            source,
-        })
+            .map_mut(name)
+            .ok_or(KernelError::MissingMap(name))?;
+        let mut array =
+            Array::<_, u32>::try_from(map).map_err(|source| KernelError::Map { name, source })?;
+        let now = array.get(&0, 0).unwrap_or(0);
+        array
+            .set(0, &(now | bits), 0)
+            .map_err(|source| KernelError::Map { name, source })
     }
 
     /// The map of processes served by runtime probes (taken once, by the runtimes).
