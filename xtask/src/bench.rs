@@ -85,6 +85,9 @@ pub enum Bench {
     Pg,
     /// What runtime linking costs: an nginx reverse proxy, linking on vs off.
     Proxy,
+    /// nginx over https (TLS plaintext read through OpenSSL's probes).
+    #[value(alias = "https")]
+    NginxHttps,
 }
 
 /// Options of `cargo xtask bench`.
@@ -171,8 +174,9 @@ pub fn run(mut opts: Options) -> Result<()> {
     }
     let mut bpf_stats = BpfStats::new()?;
     if opts.runs(Bench::Nginx) {
-        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats)?;
-        publish(&opts, &section, nginx::MARK_START, nginx::MARK_END)?;
+        let scheme = nginx::Scheme::Http;
+        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, scheme)?;
+        publish(&opts, &section, scheme.mark_start(), scheme.mark_end())?;
     }
     if opts.runs(Bench::Pg) {
         check_interrupted()?;
@@ -183,6 +187,12 @@ pub fn run(mut opts: Options) -> Result<()> {
         check_interrupted()?;
         let section = proxy::run(&opts, &agent_bin, &mut bpf_stats)?;
         publish(&opts, &section, proxy::MARK_START, proxy::MARK_END)?;
+    }
+    if opts.runs(Bench::NginxHttps) {
+        check_interrupted()?;
+        let scheme = nginx::Scheme::Https;
+        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, scheme)?;
+        publish(&opts, &section, scheme.mark_start(), scheme.mark_end())?;
     }
     Ok(())
 }

@@ -25,16 +25,114 @@ use super::{
 
 const NGINX_CPU: &str = "1";
 const WRK_CPU: &str = "0";
-pub(super) const MARK_START: &str = "<!-- bench:nginx:start -->";
-pub(super) const MARK_END: &str = "<!-- bench:nginx:end -->";
+/// Plain HTTP, or HTTPS (nginx's `ssl` listener with a certificate made for the run; the agent
+/// reads the plaintext through its OpenSSL probes).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub(super) fn mark_start(self) -> &'static str {
+        match self {
+            Scheme::Http => "<!-- bench:nginx:start -->",
+            Scheme::Https => "<!-- bench:nginx-https:start -->",
+        }
+    }
+
+    pub(super) fn mark_end(self) -> &'static str {
+        match self {
+            Scheme::Http => "<!-- bench:nginx:end -->",
+            Scheme::Https => "<!-- bench:nginx-https:end -->",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// nginx.conf with the listener for this scheme (`@CERT_DIR@` still to be filled).
+    pub(super) fn conf(self) -> String {
+        let (listen, tls) = match self {
+            Scheme::Http => ("", ""),
+            Scheme::Https => (
+                " ssl",
+                "\n        ssl_certificate @CERT_DIR@/cert.pem;\n        ssl_certificate_key @CERT_DIR@/key.pem;",
+            ),
+        };
+        NGINX_CONF.replace("@SSL@", listen).replace("@TLS@", tls)
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 (the openssl CLI), in a directory of its own.
+struct Certificate {
+    dir: std::path::PathBuf,
+}
+
+impl Certificate {
+    fn make() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("agent-bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run openssl (the openssl CLI makes the benchmark's certificate)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl could not make a certificate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Certificate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 const TARGET_THROUGHPUT_RATIO: f64 = 0.95;
 const TARGET_AGENT_US_PER_TRACED: f64 = 3.0;
 
 /// Runs the nginx benchmark; returns its BENCHMARKS.md section.
-pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
+pub(super) fn run(
+    opts: &Options,
+    agent_bin: &Path,
+    bpf_stats: &mut BpfStats,
+    scheme: Scheme,
+) -> Result<String> {
     let env = Environment::read()?;
     let versions = Versions::read();
-    let nginx = NginxServer::start_with(NGINX_CONF, Some(NGINX_CPU));
+    let certificate = match scheme {
+        Scheme::Https => Some(Certificate::make()?),
+        Scheme::Http => None,
+    };
+    let conf = scheme.conf().replace(
+        "@CERT_DIR@",
+        &certificate
+            .as_ref()
+            .map(|c| c.dir.display().to_string())
+            .unwrap_or_default(),
+    );
+    let nginx = NginxServer::start_with(&conf, Some(NGINX_CPU));
     let (master, worker) = (nginx.master_pid(), nginx.worker_pid());
     let foreign_nginx = processes_named("nginx")
         .into_iter()
@@ -46,10 +144,12 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         );
     }
     eprintln!(
-        "bench: nginx on 127.0.0.1:{} (master {master}, worker {worker}); warming up",
+        "bench: nginx ({}) on 127.0.0.1:{} (master {master}, worker {worker}); warming up",
+        scheme.name(),
         nginx.port()
     );
     let cfg = RunConfig {
+        scheme,
         port: nginx.port(),
         duration: opts.duration,
         connections: opts.connections,
@@ -126,6 +226,7 @@ impl Versions {
 
 #[derive(Clone, Copy)]
 struct RunConfig {
+    scheme: Scheme,
     port: u16,
     duration: u64,
     connections: u32,
@@ -184,7 +285,7 @@ fn wrk_args(cfg: &RunConfig) -> Vec<String> {
         format!("-c{}", cfg.connections),
         format!("-d{}s", cfg.duration),
         "--latency".into(),
-        format!("http://127.0.0.1:{}/", cfg.port),
+        format!("{}://127.0.0.1:{}/", cfg.scheme.name(), cfg.port),
     ]
 }
 
@@ -251,7 +352,7 @@ fn parse_duration_us(text: &str) -> Result<f64> {
 }
 
 /// nginx's configuration: `@PREFIX@` is its private directory, `@PORT@` a free loopback port.
-pub(super) const NGINX_CONF: &str = "# Written by `cargo xtask bench`.
+const NGINX_CONF: &str = "# Written by `cargo xtask bench`.
 daemon off;
 master_process on;
 worker_processes 1;
@@ -269,7 +370,7 @@ http {
     uwsgi_temp_path @PREFIX@/uwsgi;
     scgi_temp_path @PREFIX@/scgi;
     server {
-        listen 127.0.0.1:@PORT@;
+        listen 127.0.0.1:@PORT@@SSL@;@TLS@
         location / { return 200 \"hello\\n\"; }
     }
 }
@@ -345,11 +446,20 @@ fn render(
     let all_ok = throughput_ok && cpu_ok && loss_ok;
 
     let mut s = String::new();
-    writeln!(s, "{MARK_START}")?;
-    writeln!(
-        s,
-        "## nginx + wrk on loopback, with and without the agent\n"
-    )?;
+    writeln!(s, "{}", cfg.scheme.mark_start())?;
+    match cfg.scheme {
+        Scheme::Http => writeln!(
+            s,
+            "## nginx + wrk on loopback, with and without the agent\n"
+        )?,
+        Scheme::Https => writeln!(
+            s,
+            "## nginx over https (TLS) + wrk on loopback, with and without the agent\n\n\
+             The agent reads the plaintext through its OpenSSL probes (uprobes on `SSL_read`, \
+             `SSL_write` and their `_ex` forms in `libssl.so.3`); everything else as in the \
+             plain HTTP benchmark.\n"
+        )?,
+    }
     writeln!(
         s,
         "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs \
@@ -582,6 +692,15 @@ fn render(
         wrk_args(&RunConfig { port: 0, ..*cfg }).join(" ")
     )
     .replace("127.0.0.1:0/", "127.0.0.1:$PORT/");
+    if cfg.scheme == Scheme::Https {
+        writeln!(
+            s,
+            "- certificate: `openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+             -addext subjectAltName=IP:127.0.0.1` into `$CERT_DIR` (self-signed; wrk does not \
+             verify it). wrk keeps its connections: the TLS handshakes happen once per connection, \
+             at the start of each run."
+        )?;
+    }
     writeln!(
         s,
         "- {}, {}; nginx master + 1 worker pinned on CPU {NGINX_CPU}, wrk pinned on CPU {WRK_CPU}, \
@@ -593,9 +712,11 @@ fn render(
     writeln!(
         s,
         "\n```nginx\n{}```\n",
-        NGINX_CONF
+        cfg.scheme
+            .conf()
             .replace("@PREFIX@", "$DIR")
             .replace("@PORT@", "$PORT")
+            .replace("@CERT_DIR@", "$CERT_DIR")
     )?;
     writeln!(
         s,
@@ -654,7 +775,7 @@ fn render(
         "- nginx CPUs / other load: CPU time of nginx, and of everything except nginx, wrk, the agent \
          and the benchmark itself (from `/proc/stat`), per second of the run, in CPUs."
     )?;
-    writeln!(s, "{MARK_END}")?;
+    writeln!(s, "{}", cfg.scheme.mark_end())?;
     Ok(s)
 }
 

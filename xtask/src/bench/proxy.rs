@@ -137,7 +137,7 @@ const GO_VERSION: &str = "1.23";
 pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
     let env = Environment::read()?;
     // The backend answers like the nginx benchmark's server.
-    let backend = NginxServer::start_with(super::nginx::NGINX_CONF, Some(NGINX_CPU));
+    let backend = NginxServer::start_with(&super::nginx::Scheme::Http.conf(), Some(NGINX_CPU));
     let mut s = String::new();
     for kind in ["nginx", "go"] {
         let front = match kind {
