@@ -4,14 +4,14 @@
 //! `/proc/PID/maps`) are inspected once per file (device, inode): a file that defines OpenSSL's
 //! `SSL_read` and `SSL_write` in its dynamic symbol table (`libssl.so.3`, `libssl.so.1.1`, or a
 //! program linking OpenSSL statically and exporting it, as Node.js does) gets the TLS probes
-//! (`agent-ebpf/src/tls.rs`) for every process mapping the file; the probes return at once in
-//! a process that is not traced. Not per process: PostgreSQL forks a backend per connection,
-//! which does its TLS handshake and reads its first messages before the agent could attach
-//! to the new process (a per-process uprobe does not follow a fork). The cost for other
-//! processes mapping the same file is a breakpoint per call (BENCHMARKS.md); in containers
-//! each image has a file of its own. The probes are detached once no traced process maps the
-//! file. Traced processes are rescanned on a timer, so a library loaded later (Python imports
-//! `ssl` when first used: `dlopen`) is found then.
+//! (`agent-ebpf/src/tls.rs`) for each selected process that maps it: a process that is not
+//! traced never hits their breakpoints (each costs a trap, even where the program returns at
+//! once). A per-process uprobe does not follow a fork, though, and PostgreSQL forks a backend
+//! per connection, which handshakes and reads its first messages before the agent could
+//! attach to it: once a selected process that maps the file is the parent of another, the
+//! file's probes go on every process mapping it (also when tracing every process). They are
+//! detached once no selected process maps the file. The loader's probe announces libraries
+//! loaded later (Python imports `ssl` when first used: `dlopen`); a rescan timer backs it.
 //! Libraries known to be TLS but not served are named in the report (their connections are
 //! counted `connections_encrypted`).
 
@@ -114,16 +114,21 @@ impl fmt::Display for Finding {
     }
 }
 
-/// A library file's probes.
+/// A library file's probes (held for their lifetime: dropping a link detaches it).
+#[derive(Default)]
 struct Attached {
-    /// Held for the probes' lifetime: dropping a link detaches it.
-    _links: Vec<UprobeAttachment>,
-    /// The traced processes that map it.
+    /// For every process mapping the file (then `per_process` is empty).
+    all: Option<Vec<UprobeAttachment>>,
+    /// For one selected process each.
+    per_process: HashMap<u32, Vec<UprobeAttachment>>,
+    /// The selected processes that map it.
     users: HashSet<u32>,
 }
 
 pub struct TlsLibraries {
     proc: ProcFs,
+    /// Every process is traced: probes per file from the start.
+    trace_all: bool,
     inspected: HashMap<FileId, Library>,
     attached: HashMap<FileId, Attached>,
     /// Files already looked at in each process.
@@ -135,9 +140,10 @@ pub struct TlsLibraries {
 }
 
 impl TlsLibraries {
-    pub fn new() -> Self {
+    pub fn new(trace_all: bool) -> Self {
         Self {
             proc: ProcFs::host(),
+            trace_all,
             inspected: HashMap::new(),
             attached: HashMap::new(),
             seen: HashMap::new(),
@@ -174,38 +180,58 @@ impl TlsLibraries {
                 }),
                 Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
-                    // Attached already for another process: this one is covered too.
-                    if let Some(a) = self.attached.get_mut(&id) {
-                        a.users.insert(pid);
-                        findings.push(Finding::Attached {
+                    let attached = self.attached.entry(id).or_default();
+                    let forked = self
+                        .proc
+                        .parent(pid)
+                        .is_some_and(|parent| attached.users.contains(&parent));
+                    attached.users.insert(pid);
+                    let scope = if attached.all.is_some() {
+                        None
+                    } else if self.trace_all || forked {
+                        if forked {
+                            log::info!(
+                                "tls: {}: probes now on every process mapping it: a selected \
+                                 process forked {pid}, which maps it too (a per-process probe \
+                                 does not follow a fork)",
+                                file.name
+                            );
+                        }
+                        Some(None)
+                    } else {
+                        Some(std::num::NonZeroU32::new(pid))
+                    };
+                    let outcome = match scope {
+                        None => Ok(()),
+                        Some(only) => self
+                            .attach(probes, &file, &offsets, node.as_deref(), only)
+                            .map(|links| {
+                                Stats::add(&stats.tls_libraries_attached, 1);
+                                let attached = self.attached.entry(id).or_default();
+                                match only {
+                                    Some(_) => {
+                                        attached.per_process.insert(pid, links);
+                                    }
+                                    None => {
+                                        attached.all = Some(links);
+                                        attached.per_process.clear();
+                                    }
+                                }
+                            }),
+                    };
+                    findings.push(match outcome {
+                        Ok(()) => Finding::Attached {
                             file: file.name,
                             node: node.is_some(),
-                        });
-                        continue;
-                    }
-                    match self.attach(probes, &file, &offsets, node.as_deref()) {
-                        Ok(links) => {
-                            self.attached.insert(
-                                id,
-                                Attached {
-                                    _links: links,
-                                    users: HashSet::from([pid]),
-                                },
-                            );
-                            Stats::add(&stats.tls_libraries_attached, 1);
-                            findings.push(Finding::Attached {
-                                file: file.name,
-                                node: node.is_some(),
-                            });
-                        }
+                        },
                         Err(why) => {
                             Stats::add(&stats.tls_attach_failed, 1);
-                            findings.push(Finding::Failed {
+                            Finding::Failed {
                                 file: file.name,
                                 why,
-                            });
+                            }
                         }
-                    }
+                    });
                 }
             }
         }
@@ -220,7 +246,9 @@ impl TlsLibraries {
     /// the probe failed: in the log), the rescan timer finds them later.
     fn watch_loader(&mut self, probes: &mut Probes, file: &Executable, offset: u64, pid: u32) {
         let id = (file.dev, file.ino);
-        if let Some(a) = self.attached.get_mut(&id) {
+        if let Some(a) = self.attached.get_mut(&id)
+            && a.all.is_some()
+        {
             a.users.insert(pid);
             return;
         }
@@ -234,7 +262,8 @@ impl TlsLibraries {
                 self.attached.insert(
                     id,
                     Attached {
-                        _links: vec![link],
+                        all: Some(vec![link]),
+                        per_process: HashMap::new(),
                         users: HashSet::from([pid]),
                     },
                 );
@@ -253,6 +282,7 @@ impl TlsLibraries {
         file: &Executable,
         offsets: &[Option<u64>],
         node: Option<&[u64]>,
+        pid: Option<std::num::NonZeroU32>,
     ) -> Result<Vec<UprobeAttachment>, String> {
         let bits = TLS_ATTACHED_OPENSSL | node.map_or(0, |_| TLS_ATTACHED_NODE);
         if self.lookups_on & bits != bits {
@@ -278,7 +308,7 @@ impl TlsLibraries {
             };
             // The links attached so far are dropped (detached) with `links` on failure.
             let link = probes
-                .attach_uprobe(program, &file.path, at, None)
+                .attach_uprobe(program, &file.path, at, pid)
                 .map_err(|e| format!("{program} on {symbol}: {e}"))?;
             links.push(link);
         }
@@ -292,6 +322,7 @@ impl TlsLibraries {
         self.openssl.remove(&pid);
         self.attached.retain(|_, a| {
             a.users.remove(&pid);
+            a.per_process.remove(&pid);
             !a.users.is_empty()
         });
     }
