@@ -132,7 +132,8 @@ counters! {
     /// Selected processes a runtime mechanism applies to whose probes could not be attached
     /// (the start-up report or the log says why).
     runtime_attach_failed,
-    /// TLS library files (OpenSSL) the TLS probes were attached to (see `--tls`).
+    /// Times the TLS probes were attached to a library (OpenSSL): for one selected process, or
+    /// for every process mapping the file (see `--tls`).
     tls_libraries_attached,
     /// TLS libraries whose probes could not be attached (the report or the log says why).
     tls_attach_failed,

@@ -8,8 +8,9 @@
 //! traced never hits their breakpoints (each costs a trap, even where the program returns at
 //! once). A per-process uprobe does not follow a fork, though, and PostgreSQL forks a backend
 //! per connection, which handshakes and reads its first messages before the agent could
-//! attach to it: once a selected process that maps the file is the parent of another, the
-//! file's probes go on every process mapping it (also when tracing every process). They are
+//! attach to it: once a selected process that maps the file forks another while the agent
+//! runs, the file's probes go on every process mapping it (also when tracing every process;
+//! not for children found already running, as nginx's workers forked at its start). They are
 //! detached once no selected process maps the file. The loader's probe announces libraries
 //! loaded later (Python imports `ssl` when first used: `dlopen`); a rescan timer backs it.
 //! Libraries known to be TLS but not served are named in the report (their connections are
@@ -156,7 +157,14 @@ impl TlsLibraries {
     /// to each OpenSSL among them. Returns what it found (nothing for files seen before). A
     /// library we do not read is named only in a process without OpenSSL (curl maps GnuTLS
     /// through its LDAP and RTMP libraries, and encrypts with OpenSSL).
-    pub fn scan(&mut self, probes: &mut Probes, pid: u32, stats: &Stats) -> Vec<Finding> {
+    /// `forked`: the process was just forked by a selected process (a fork event).
+    pub fn scan(
+        &mut self,
+        probes: &mut Probes,
+        pid: u32,
+        stats: &Stats,
+        forked: bool,
+    ) -> Vec<Finding> {
         let mut findings = Vec::new();
         let mut not_served = Vec::new();
         let files = self.proc.executable_mappings(pid);
@@ -181,10 +189,11 @@ impl TlsLibraries {
                 Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
                     let attached = self.attached.entry(id).or_default();
-                    let forked = self
-                        .proc
-                        .parent(pid)
-                        .is_some_and(|parent| attached.users.contains(&parent));
+                    let forked = forked
+                        && self
+                            .proc
+                            .parent(pid)
+                            .is_some_and(|parent| attached.users.contains(&parent));
                     attached.users.insert(pid);
                     let scope = if attached.all.is_some() {
                         None
