@@ -405,10 +405,15 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
         }
     };
 
+    let (syscall, fd, buf) = syscall_args();
     // Records of a TLS library's connection: its plaintext comes from the library's probes.
     let tls_records = crate::tls::note_socket_io(
         ((tgid as u64) << 32) | tid as u64,
-        cookie,
+        crate::tls::SocketRef {
+            cookie,
+            fd,
+            _pad: 0,
+        },
         first_ts_ns,
         ts_ns,
     );
@@ -452,7 +457,6 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
         ev.remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
     }
 
-    let (syscall, fd, buf) = syscall_args();
     ev.syscall = syscall as u32;
     ev.fd = fd;
 

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{capture_size, count, counters, selected_tgid},
+    maps::{capture_size, context_propagation, count, counters, selected_tgid},
     sockets::{SCRATCH, copy_flat, output},
 };
 
@@ -50,8 +50,8 @@ pub struct TlsCall {
     buf: u64,
     /// `SSL_*_ex`: where the library writes the byte count (0: the return value is it).
     count_at: u64,
-    /// The socket the call read or wrote (0: none yet), and when its bytes moved.
-    cookie: u64,
+    /// The socket the call read or wrote (cookie 0: none yet), and when its bytes moved.
+    socket: SocketRef,
     first_ns: u64,
     last_ns: u64,
 }
@@ -68,10 +68,19 @@ pub struct SessionKey {
     ssl: u64,
 }
 
+/// A socket: its cookie, and the fd its process used for it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SocketRef {
+    pub cookie: u64,
+    pub fd: u32,
+    pub _pad: u32,
+}
+
 /// The socket each `SSL *` was last seen using, for calls the library serves from its buffer
 /// (forgotten when `SSL_new` returns the same address for a new connection).
 #[map]
-static TLS_SESSIONS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static TLS_SESSIONS: LruHashMap<SessionKey, SocketRef> = LruHashMap::with_max_entries(65536, 0);
 
 /// Sockets whose bytes a probed library moves (cookie → 1): their records are counted, not
 /// copied.
@@ -96,7 +105,7 @@ static NODE_WRAPS: LruHashMap<u64, WrapStack> = LruHashMap::with_max_entries(163
 
 /// Node.js: the socket each `TLSWrap` writes its records to (key: pid, wrap address).
 #[map]
-static WRAP_SOCKETS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static WRAP_SOCKETS: LruHashMap<SessionKey, SocketRef> = LruHashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn attached() -> u32 {
@@ -119,20 +128,21 @@ fn current_wrap(pid_tgid: u64) -> Option<(u64, bool)> {
 /// it, the I/O is that call's. Returns whether the socket's bytes are TLS records a probed
 /// library handles (then only counted).
 #[inline(always)]
-pub fn note_socket_io(pid_tgid: u64, cookie: u64, first_ns: u64, last_ns: u64) -> bool {
+pub fn note_socket_io(pid_tgid: u64, socket: SocketRef, first_ns: u64, last_ns: u64) -> bool {
+    let cookie = socket.cookie;
     let attached = attached();
     if attached == 0 {
         return false;
     }
     if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
         unsafe {
-            if (*call).cookie == 0 {
-                (*call).cookie = cookie;
+            if (*call).socket.cookie == 0 {
+                (*call).socket = socket;
                 (*call).first_ns = first_ns;
             }
             // Another socket in the same call: no library does that; claim none.
-            if (*call).cookie != cookie {
-                (*call).cookie = u64::MAX;
+            if (*call).socket.cookie != cookie {
+                (*call).socket.cookie = u64::MAX;
             }
             (*call).last_ns = last_ns;
         }
@@ -147,7 +157,7 @@ pub fn note_socket_io(pid_tgid: u64, cookie: u64, first_ns: u64, last_ns: u64) -
             _pad: 0,
             ssl: wrap,
         };
-        let _ = WRAP_SOCKETS.insert(&key, &cookie, 0);
+        let _ = WRAP_SOCKETS.insert(&key, &socket, 0);
         let _ = TLS_SOCKETS.insert(&cookie, &1, 0);
         return true;
     }
@@ -252,7 +262,11 @@ fn enter(ctx: &ProbeContext, ex: bool) {
         wrap,
         buf,
         count_at,
-        cookie: 0,
+        socket: SocketRef {
+            cookie: 0,
+            fd: u32::MAX,
+            _pad: 0,
+        },
         first_ns: 0,
         last_ns: 0,
     };
@@ -360,25 +374,31 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
         _pad: 0,
         ssl: call.ssl,
     };
-    let cookie = match call.cookie {
+    let none = SocketRef {
+        cookie: 0,
+        fd: u32::MAX,
+        _pad: 0,
+    };
+    let socket = match call.socket.cookie {
         0 => match unsafe { TLS_SESSIONS.get(&session) } {
-            Some(c) => *c,
+            Some(s) => *s,
             None if call.wrap != 0 => {
                 let wrap = SessionKey {
                     tgid,
                     _pad: 0,
                     ssl: call.wrap,
                 };
-                unsafe { WRAP_SOCKETS.get(&wrap) }.copied().unwrap_or(0)
+                unsafe { WRAP_SOCKETS.get(&wrap) }.copied().unwrap_or(none)
             }
-            None => 0,
+            None => none,
         },
-        u64::MAX => 0,
-        c => {
-            let _ = TLS_SESSIONS.insert(&session, &c, 0);
-            c
+        u64::MAX => none,
+        _ => {
+            let _ = TLS_SESSIONS.insert(&session, &call.socket, 0);
+            call.socket
         }
     };
+    let cookie = socket.cookie;
     if cookie == 0 {
         count(|c| c.tls_unassociated += 1);
         return;
@@ -428,6 +448,24 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
     }
     ev.captured = captured as u32;
     let flags = ev.flags;
+    // The plaintext is where a request starts (ids chosen for it, the thread serves it) or is
+    // answered, as on a plaintext socket; before the data event, which userspace pairs with it.
+    if context_propagation() {
+        let tid = key as u32;
+        if DIRECTION == DIR_INGRESS {
+            crate::context::on_read(
+                tgid,
+                tid,
+                cookie,
+                socket.fd,
+                last_ns,
+                scratch.payload.as_ptr(),
+                captured as u32,
+            );
+        } else {
+            crate::context::on_write(tid, cookie);
+        }
+    }
     let written = output(scratch, captured, false) >= 0;
     if let Some(c) = counters() {
         if written {
