@@ -240,7 +240,13 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             eprintln!("agent: tls: off: its kernel programs did not load: {why}");
             None
         }
-        (true, None) => Some(tls::TlsLibraries::new(selector.traces_all())),
+        (true, None) => {
+            eprintln!(
+                "agent: tls: on: OpenSSL's probes loaded; each selected process's libraries are \
+                 looked at (below, per process)"
+            );
+            Some(tls::TlsLibraries::new(selector.traces_all()))
+        }
     };
     if let Some(tls) = tls.as_mut() {
         for (pid, comm) in &traced {
