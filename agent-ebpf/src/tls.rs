@@ -273,6 +273,35 @@ fn enter(ctx: &ProbeContext, ex: bool) {
     let _ = TLS_CALLS.insert(&key, &call, 0);
 }
 
+/// Entry of `SSL_do_handshake(SSL *)` (also under `SSL_accept`/`SSL_connect`), `SSL_peek` and
+/// `SSL_peek_ex`: no plaintext is sent for them, but the socket I/O they do tells the `SSL *`'s
+/// socket, for a read later served from the library's buffer (records read ahead during the
+/// handshake, or a peek).
+#[uprobe]
+pub fn agent_ssl_learn(ctx: ProbeContext) -> u32 {
+    enter(&ctx, false);
+    0
+}
+
+/// Return of the calls `agent_ssl_learn` follows.
+#[uretprobe]
+pub fn agent_ssl_learn_ret(_ctx: RetProbeContext) -> u32 {
+    let key = unsafe { bpf_get_current_pid_tgid() };
+    let Some(call) = (unsafe { TLS_CALLS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = TLS_CALLS.remove(&key);
+    if call.socket.cookie != 0 && call.socket.cookie != u64::MAX {
+        let session = SessionKey {
+            tgid: (key >> 32) as u32,
+            _pad: 0,
+            ssl: call.ssl,
+        };
+        let _ = TLS_SESSIONS.insert(&session, &call.socket, 0);
+    }
+    0
+}
+
 /// `int SSL_read(SSL *ssl, void *buf, int num)`
 #[uprobe]
 pub fn agent_ssl_read(ctx: ProbeContext) -> u32 {

@@ -415,6 +415,8 @@ impl<S: SpanSink> Pipeline<S> {
             conn.info.tls = true;
             conn.stream = Stream::new(conn.stream.role());
             self.encrypted.remove(&key);
+            // Encrypted bytes: nothing for the header injector to do on this socket.
+            self.not_http.push(key.1);
             Stats::add(&self.stats.connections_tls, 1);
         }
         self.corr.attach_contexts(h, conn.info, &mut conn.trace);

@@ -36,13 +36,19 @@ const OPENSSL_PROBES: &[(&str, &str)] = &[
     ("agent_ssl_read_ret", "SSL_read"),
     ("agent_ssl_write_ret", "SSL_write"),
     ("agent_ssl_new_ret", "SSL_new"),
+    ("agent_ssl_learn", "SSL_do_handshake"),
+    ("agent_ssl_learn_ret", "SSL_do_handshake"),
+    ("agent_ssl_learn", "SSL_peek"),
+    ("agent_ssl_learn_ret", "SSL_peek"),
     ("agent_ssl_read_ex", "SSL_read_ex"),
     ("agent_ssl_write_ex", "SSL_write_ex"),
     ("agent_ssl_read_ret", "SSL_read_ex"),
     ("agent_ssl_write_ret", "SSL_write_ex"),
+    ("agent_ssl_learn", "SSL_peek_ex"),
+    ("agent_ssl_learn_ret", "SSL_peek_ex"),
 ];
-/// The `_ex` forms exist since OpenSSL 1.1.1; without them the first five probes serve.
-const OPENSSL_REQUIRED: usize = 5;
+/// The `_ex` forms exist since OpenSSL 1.1.1; without them the first nine probes serve.
+const OPENSSL_REQUIRED: usize = 9;
 
 /// Node.js's `TLSWrap` methods (mangled name prefixes: the parameters' mangling may change
 /// between versions, the names do not): (probe program, name prefix), and the return probe for

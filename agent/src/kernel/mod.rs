@@ -121,6 +121,8 @@ const TLS_UPROBES: &[&str] = &[
     "agent_ssl_read_ret",
     "agent_ssl_write_ret",
     "agent_ssl_new_ret",
+    "agent_ssl_learn",
+    "agent_ssl_learn_ret",
     "agent_node_wrap_enter",
     "agent_node_enc_out_enter",
     "agent_node_wrap_leave",
