@@ -270,7 +270,7 @@ fn apply(
             }
             pipeline.preload(pid);
             attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
-            scan_tls(procs.tls, procs.probes, pid, &comm, stats);
+            scan_tls_of(procs.tls, procs.probes, pid, &comm, stats, true);
         }
         ProcessChange::Libraries { pid } => {
             let comm = selector.selected().get(&pid).cloned();
@@ -319,10 +319,22 @@ fn scan_tls(
     comm: &str,
     stats: &Stats,
 ) {
+    scan_tls_of(tls, probes, pid, comm, stats, false);
+}
+
+/// `forked`: the process was just forked by a selected one (see `TlsLibraries::scan`).
+fn scan_tls_of(
+    tls: &mut Option<TlsLibraries>,
+    probes: &mut Probes,
+    pid: u32,
+    comm: &str,
+    stats: &Stats,
+    forked: bool,
+) {
     let Some(tls) = tls.as_mut() else {
         return;
     };
-    for finding in tls.scan(probes, pid, stats) {
+    for finding in tls.scan(probes, pid, stats, forked) {
         log::info!("tls: {comm}[{pid}]: {finding}");
     }
 }

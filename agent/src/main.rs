@@ -245,15 +245,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
                 "agent: tls: on: OpenSSL's probes loaded; each selected process's libraries are \
                  looked at (below, per process)"
             );
-            Some(tls::TlsLibraries::new())
+            Some(tls::TlsLibraries::new(selector.traces_all()))
         }
     };
     if let Some(tls) = tls.as_mut() {
-        for finding in tls.attach_host_libraries(&mut probes, &stats) {
-            eprintln!("agent: tls: the host's library: {finding}");
-        }
         for (pid, comm) in &traced {
-            for finding in tls.scan(&mut probes, *pid, &stats) {
+            for finding in tls.scan(&mut probes, *pid, &stats, false) {
                 eprintln!("agent: tls: {comm}[{pid}]: {finding}");
             }
         }

@@ -4,16 +4,15 @@
 //! `/proc/PID/maps`) are inspected once per file (device, inode): a file that defines OpenSSL's
 //! `SSL_read` and `SSL_write` in its dynamic symbol table (`libssl.so.3`, `libssl.so.1.1`, or a
 //! program linking OpenSSL statically and exporting it, as Node.js does) gets the TLS probes
-//! (`agent-ebpf/src/tls.rs`) for every process that maps it, from the first selected process
-//! that maps it until the last one exits; the probes return at once in processes that are not
-//! selected. Not per process: a per-process uprobe does not follow a fork (PostgreSQL forks a
-//! backend per connection, which handshakes before the agent could attach to it), and a
-//! short-lived client (curl) makes its TLS calls before the agent could attach to it (measured:
-//! 1 of 10 curls read). For the same reason the host's own `libssl.so` files are attached at
-//! start-up. The cost is a breakpoint trap per call in the other
-//! processes that map an attached file (BENCHMARKS.md); containers have files of their own. The
-//! loader's probe announces libraries loaded later (Python imports `ssl` when first used:
-//! `dlopen`); a rescan timer backs it.
+//! (`agent-ebpf/src/tls.rs`) for each selected process that maps it: a process that is not
+//! traced never hits their breakpoints (each costs a trap, even where the program returns at
+//! once). A per-process uprobe does not follow a fork, though, and PostgreSQL forks a backend
+//! per connection, which handshakes and reads its first messages before the agent could
+//! attach to it: once a selected process that maps the file forks another while the agent
+//! runs, the file's probes go on every process mapping it (also when tracing every process;
+//! not for children found already running, as nginx's workers forked at its start). They are
+//! detached once no selected process maps the file. The loader's probe announces libraries
+//! loaded later (Python imports `ssl` when first used: `dlopen`); a rescan timer backs it.
 //! Libraries known to be TLS but not served are named in the report (their connections are
 //! counted `connections_encrypted`).
 
@@ -122,18 +121,21 @@ impl fmt::Display for Finding {
     }
 }
 
-/// A library file's probes, on every process that maps it.
+/// A library file's probes (held for their lifetime: dropping a link detaches it).
+#[derive(Default)]
 struct Attached {
-    /// Held for the probes' lifetime: dropping a link detaches it.
-    _links: Vec<UprobeAttachment>,
+    /// For every process mapping the file (then `per_process` is empty).
+    all: Option<Vec<UprobeAttachment>>,
+    /// For one selected process each.
+    per_process: HashMap<u32, Vec<UprobeAttachment>>,
     /// The selected processes that map it.
     users: HashSet<u32>,
-    /// Attached at start-up (the host's own library): kept without users.
-    pinned: bool,
 }
 
 pub struct TlsLibraries {
     proc: ProcFs,
+    /// Every process is traced: probes per file from the start.
+    trace_all: bool,
     inspected: HashMap<FileId, Library>,
     attached: HashMap<FileId, Attached>,
     /// Files already looked at in each process.
@@ -145,9 +147,10 @@ pub struct TlsLibraries {
 }
 
 impl TlsLibraries {
-    pub fn new() -> Self {
+    pub fn new(trace_all: bool) -> Self {
         Self {
             proc: ProcFs::host(),
+            trace_all,
             inspected: HashMap::new(),
             attached: HashMap::new(),
             seen: HashMap::new(),
@@ -160,7 +163,14 @@ impl TlsLibraries {
     /// to each OpenSSL among them. Returns what it found (nothing for files seen before). A
     /// library we do not read is named only in a process without OpenSSL (curl maps GnuTLS
     /// through its LDAP and RTMP libraries, and encrypts with OpenSSL).
-    pub fn scan(&mut self, probes: &mut Probes, pid: u32, stats: &Stats) -> Vec<Finding> {
+    /// `forked`: the process was just forked by a selected process (a fork event).
+    pub fn scan(
+        &mut self,
+        probes: &mut Probes,
+        pid: u32,
+        stats: &Stats,
+        forked: bool,
+    ) -> Vec<Finding> {
         let mut findings = Vec::new();
         let mut not_served = Vec::new();
         let files = self.proc.executable_mappings(pid);
@@ -184,19 +194,58 @@ impl TlsLibraries {
                 }),
                 Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
-                    let outcome = self.attach_file(probes, &file, &offsets, node.as_deref(), stats);
-                    if let Some(a) = self.attached.get_mut(&id) {
-                        a.users.insert(pid);
-                    }
+                    let attached = self.attached.entry(id).or_default();
+                    let forked = forked
+                        && self
+                            .proc
+                            .parent(pid)
+                            .is_some_and(|parent| attached.users.contains(&parent));
+                    attached.users.insert(pid);
+                    let scope = if attached.all.is_some() {
+                        None
+                    } else if self.trace_all || forked {
+                        if forked {
+                            log::info!(
+                                "tls: {}: probes now on every process mapping it: a selected \
+                                 process forked {pid}, which maps it too (a per-process probe \
+                                 does not follow a fork)",
+                                file.name
+                            );
+                        }
+                        Some(None)
+                    } else {
+                        Some(std::num::NonZeroU32::new(pid))
+                    };
+                    let outcome = match scope {
+                        None => Ok(()),
+                        Some(only) => self
+                            .attach(probes, &file, &offsets, node.as_deref(), only)
+                            .map(|links| {
+                                Stats::add(&stats.tls_libraries_attached, 1);
+                                let attached = self.attached.entry(id).or_default();
+                                match only {
+                                    Some(_) => {
+                                        attached.per_process.insert(pid, links);
+                                    }
+                                    None => {
+                                        attached.all = Some(links);
+                                        attached.per_process.clear();
+                                    }
+                                }
+                            }),
+                    };
                     findings.push(match outcome {
                         Ok(()) => Finding::Attached {
                             file: file.name,
                             node: node.is_some(),
                         },
-                        Err(why) => Finding::Failed {
-                            file: file.name,
-                            why,
-                        },
+                        Err(why) => {
+                            Stats::add(&stats.tls_attach_failed, 1);
+                            Finding::Failed {
+                                file: file.name,
+                                why,
+                            }
+                        }
                     });
                 }
             }
@@ -212,7 +261,9 @@ impl TlsLibraries {
     /// the probe failed: in the log), the rescan timer finds them later.
     fn watch_loader(&mut self, probes: &mut Probes, file: &Executable, offset: u64, pid: u32) {
         let id = (file.dev, file.ino);
-        if let Some(a) = self.attached.get_mut(&id) {
+        if let Some(a) = self.attached.get_mut(&id)
+            && a.all.is_some()
+        {
             a.users.insert(pid);
             return;
         }
@@ -226,9 +277,9 @@ impl TlsLibraries {
                 self.attached.insert(
                     id,
                     Attached {
-                        _links: vec![link],
+                        all: Some(vec![link]),
+                        per_process: HashMap::new(),
                         users: HashSet::from([pid]),
-                        pinned: false,
                     },
                 );
             }
@@ -240,81 +291,13 @@ impl TlsLibraries {
         }
     }
 
-    /// OpenSSL's probes on `file` for every process, unless they are there already.
-    fn attach_file(
-        &mut self,
-        probes: &mut Probes,
-        file: &Executable,
-        offsets: &[Option<u64>],
-        node: Option<&[u64]>,
-        stats: &Stats,
-    ) -> Result<(), String> {
-        let id = (file.dev, file.ino);
-        if self.attached.contains_key(&id) {
-            return Ok(());
-        }
-        match self.attach(probes, file, offsets, node) {
-            Ok(links) => {
-                Stats::add(&stats.tls_libraries_attached, 1);
-                self.attached.insert(
-                    id,
-                    Attached {
-                        _links: links,
-                        users: HashSet::new(),
-                        pinned: false,
-                    },
-                );
-                Ok(())
-            }
-            Err(why) => {
-                Stats::add(&stats.tls_attach_failed, 1);
-                Err(why)
-            }
-        }
-    }
-
-    /// Attaches the host's own OpenSSL libraries (`libssl.so*` in the usual library
-    /// directories) for every process, before any selected process maps them: a client started
-    /// later (curl) makes its first TLS calls before a scan could follow its exec.
-    pub fn attach_host_libraries(&mut self, probes: &mut Probes, stats: &Stats) -> Vec<Finding> {
-        let mut findings = Vec::new();
-        for path in host_libssl_files() {
-            let Some(file) = executable_at(&path) else {
-                continue;
-            };
-            let id = (file.dev, file.ino);
-            let library = self
-                .inspected
-                .entry(id)
-                .or_insert_with(|| inspect(&file))
-                .clone();
-            let Library::OpenSsl { offsets, node } = library else {
-                continue;
-            };
-            let outcome = self.attach_file(probes, &file, &offsets, node.as_deref(), stats);
-            if let Some(a) = self.attached.get_mut(&id) {
-                a.pinned = true;
-            }
-            findings.push(match outcome {
-                Ok(()) => Finding::Attached {
-                    file: file.name,
-                    node: false,
-                },
-                Err(why) => Finding::Failed {
-                    file: file.name,
-                    why,
-                },
-            });
-        }
-        findings
-    }
-
     fn attach(
         &mut self,
         probes: &mut Probes,
         file: &Executable,
         offsets: &[Option<u64>],
         node: Option<&[u64]>,
+        pid: Option<std::num::NonZeroU32>,
     ) -> Result<Vec<UprobeAttachment>, String> {
         let bits = TLS_ATTACHED_OPENSSL | node.map_or(0, |_| TLS_ATTACHED_NODE);
         if self.lookups_on & bits != bits {
@@ -340,7 +323,7 @@ impl TlsLibraries {
             };
             // The links attached so far are dropped (detached) with `links` on failure.
             let link = probes
-                .attach_uprobe(program, &file.path, at, None)
+                .attach_uprobe(program, &file.path, at, pid)
                 .map_err(|e| format!("{program} on {symbol}: {e}"))?;
             links.push(link);
         }
@@ -354,56 +337,10 @@ impl TlsLibraries {
         self.openssl.remove(&pid);
         self.attached.retain(|_, a| {
             a.users.remove(&pid);
-            a.pinned || !a.users.is_empty()
+            a.per_process.remove(&pid);
+            !a.users.is_empty()
         });
     }
-}
-
-/// The host's `libssl.so*` files (symlinks resolved, each file once).
-fn host_libssl_files() -> Vec<std::path::PathBuf> {
-    let arch = std::env::consts::ARCH;
-    let dirs = [
-        format!("/usr/lib/{arch}-linux-gnu"),
-        format!("/lib/{arch}-linux-gnu"),
-        "/usr/lib64".into(),
-        "/lib64".into(),
-        "/usr/lib".into(),
-        "/lib".into(),
-    ];
-    let mut found: Vec<std::path::PathBuf> = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                continue;
-            };
-            if !name.starts_with("libssl.so") {
-                continue;
-            }
-            if let Ok(real) = std::fs::canonicalize(entry.path())
-                && !found.contains(&real)
-            {
-                found.push(real);
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
-/// A file by its path (for the host's libraries, which no process may map yet).
-fn executable_at(path: &std::path::Path) -> Option<Executable> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    meta.is_file().then(|| Executable {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        path: path.to_path_buf(),
-        name: path.display().to_string(),
-    })
 }
 
 /// What `file` is for TLS, from its name and its dynamic symbols.
