@@ -171,10 +171,21 @@ pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// Write a fixed-size event; count it, or count the loss.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T) {
+    emit_with::<T, BPF_RB_NO_WAKEUP>(event)
+}
+
+/// The same, waking userspace now (it must act before the process goes on for long).
+#[inline(always)]
+pub fn emit_now<T: 'static>(event: T) {
+    emit_with::<T, BPF_RB_FORCE_WAKEUP>(event)
+}
+
+#[inline(always)]
+fn emit_with<T: 'static, const WAKEUP: u64>(event: T) {
     let written = match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(event);
-            entry.submit(BPF_RB_NO_WAKEUP);
+            entry.submit(WAKEUP);
             true
         }
         None => false,

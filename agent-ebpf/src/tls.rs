@@ -338,7 +338,8 @@ pub fn agent_loader_state(_ctx: ProbeContext) -> u32 {
     let Some((tgid, _)) = selected_tgid() else {
         return 0;
     };
-    crate::maps::emit(agent_common::ProcessEvent {
+    // At once: the process is about to use its new libraries.
+    crate::maps::emit_now(agent_common::ProcessEvent {
         kind: EventKind::Libraries as u32,
         pid: tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
