@@ -234,19 +234,21 @@ impl TlsLibraries {
                                 }
                             }),
                     };
-                    findings.push(match outcome {
-                        Ok(()) => Finding::Attached {
+                    match outcome {
+                        Ok(()) => findings.push(Finding::Attached {
                             file: file.name,
                             node: node.is_some(),
-                        },
+                        }),
+                        // It exited while we attached: nothing failed.
+                        Err(_) if !self.proc.exists(pid) => {}
                         Err(why) => {
                             Stats::add(&stats.tls_attach_failed, 1);
-                            Finding::Failed {
+                            findings.push(Finding::Failed {
                                 file: file.name,
                                 why,
-                            }
+                            });
                         }
-                    });
+                    }
                 }
             }
         }
