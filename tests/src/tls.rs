@@ -323,6 +323,10 @@ pub enum HttpsMode {
     Requests,
     /// Every GET in ONE write on a TLS socket, the responses read in order.
     Pipeline,
+    /// OpenSSL through memory BIOs (as asyncio and node do): the handshake's last record
+    /// (TLS 1.3: the client's Finished) and the first request leave in ONE send, so the
+    /// server reads its first request with the handshake, before its first SSL_read.
+    Coalesced,
 }
 
 /// The outcome of [`https_client`]: the requests and the protocol the client negotiated.
@@ -347,6 +351,7 @@ pub fn https_client(
         HttpsMode::HttpClient => "http.client",
         HttpsMode::Requests => "requests",
         HttpsMode::Pipeline => "pipeline",
+        HttpsMode::Coalesced => "coalesced",
     };
     let mut cmd = Command::new(python_bin());
     cmd.arg(fixture("https_client.py"))
@@ -382,5 +387,40 @@ pub fn https_client(
             stderr,
         },
         tls_version,
+    }
+}
+
+/// `tests/fixtures/node_client.js` over HTTPS (node's `https`, a keep-alive Agent; the
+/// server verified against `ca`), held before its first request until `open(pid)` says go.
+/// `specs`: `METHOD:PATH[:BODY_SIZE]`.
+pub fn node_https_client(
+    port: u16,
+    ca: &Path,
+    specs: &[&str],
+    open: impl FnMut(u32) -> bool,
+) -> ClientRun {
+    let mut cmd = Command::new(crate::node_bin());
+    cmd.arg(fixture("node_client.js"))
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .args(specs)
+        .env("E2E_HTTPS_CA", ca)
+        .env("E2E_TLS_GATE", "1");
+    let (status, stdout, stderr, pid) =
+        run_gated("node_client", cmd, open, b"go\n", CLIENT_TIMEOUT);
+    let results: Vec<_> = stdout.lines().filter_map(parse_result_line).collect();
+    if !status.success() || results.len() != specs.len() {
+        panic!(
+            "node_client over https (pid {pid}) failed: exit {status}, {} of {} results\nstdout:\n{}\nstderr:\n{}",
+            results.len(),
+            specs.len(),
+            tail(&stdout, 40),
+            tail(&stderr, 40)
+        );
+    }
+    ClientRun {
+        pid,
+        results,
+        stderr,
     }
 }

@@ -828,3 +828,171 @@ fn postgres_over_tls_psycopg_with_its_bundled_libssl() {
     check_tls_counters(&summary, 2, &mut failures);
     failures.finish("psycopg over TLS");
 }
+
+/// A client started after the agent, as a user runs one: curl maps libssl at start and
+/// connects within milliseconds, before the 2 s rescan. Its TLS library must be probed from
+/// its first request (the exec is seen in the kernel; the libraries are mapped by the
+/// dynamic loader right after it).
+#[test]
+#[ignore = "known gap (measured 3 of 3 runs): a curl started after the agent exits before its \
+            libssl is attached (found by the 2 s rescan, then `perf_event_open failed`); run \
+            with --ignored once the agent attaches exec-time libraries before the first call"]
+fn curl_started_after_the_agent_is_traced_without_waiting() {
+    let _serial = require_root();
+    let certs = Certs::new();
+    let collector = Collector::start();
+    let nginx = TlsNginx::start(&certs);
+    let mut agent = Agent::builder()
+        .comm("nginx")
+        .comm("curl")
+        .start(&collector);
+    wait_attached(&agent, "nginx", nginx.worker_pid());
+
+    let curl = Curl::get(nginx.url(NGINX_HELLO_PATH))
+        .then(nginx.url("/missing"))
+        .arg("--cacert")
+        .arg(certs.ca().display().to_string())
+        .run();
+    let logged = logged_requests(&nginx, curl.transfers[0].local_port, 2);
+    let server_spans = SpanFilter::server().pid(nginx.worker_pid());
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2), (&curl_spans, 2)]);
+    let summary = agent.exit_summary();
+    print_counters("ungated curl", &summary);
+
+    let sent = spans.expect_n(&curl_spans, 2);
+    for (i, path) in [NGINX_HELLO_PATH, "/missing"].into_iter().enumerate() {
+        let t = &curl.transfers[i];
+        check_client_span(
+            &format!("CLIENT span #{i} ({path}) of a curl started after the agent"),
+            sent[i],
+            nginx.port(),
+            "GET",
+            path,
+            i64::from(t.status),
+            logged[i].body_bytes_sent,
+        )
+        .timing_within(&t.timing)
+        .finish();
+    }
+    spans.expect_n(&server_spans, 2);
+    let mut failures = Failures::default();
+    check_tls_counters(&summary, 2, &mut failures);
+    failures.finish("ungated curl");
+}
+
+/// Node.js links OpenSSL statically and exports it: the agent attaches to the node binary.
+/// But node's `https` drives OpenSSL through memory BIOs (libuv does the socket I/O, never
+/// inside SSL_read/SSL_write), so the agent cannot tell the socket of node's plaintext: a
+/// known limit. What must hold meanwhile: the plaintext is counted
+/// `kernel_tls_unassociated`, node gives no span (none built from ciphertext or from
+/// plaintext guessed onto a socket), and nginx's side is complete.
+#[test]
+fn node_https_client_gives_no_wrong_spans() {
+    use tests::tls::node_https_client;
+
+    let _serial = require_root();
+    let certs = Certs::new();
+    let collector = Collector::start();
+    let nginx = TlsNginx::start(&certs);
+    let mut agent = Agent::builder()
+        .comm("nginx")
+        .comm("node")
+        .start(&collector);
+    wait_attached(&agent, "nginx", nginx.worker_pid());
+
+    let run = node_https_client(
+        nginx.port(),
+        &certs.ca(),
+        &["GET:/hello.txt", "GET:/missing"],
+        attached(&agent, "node"),
+    );
+    let node_exe = tests::node_bin().display().to_string();
+    expect_library(&agent, "node", run.pid, &node_exe);
+    let logged = logged_requests(&nginx, run.results[0].local_port, 2);
+    let server_spans = SpanFilter::server().pid(nginx.worker_pid());
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 2)]);
+    let summary = agent.exit_summary();
+    print_counters("node https", &summary);
+
+    let served = spans.expect_n(&server_spans, 2);
+    for (i, r) in run.results.iter().enumerate() {
+        check_server_span(
+            &format!("nginx SERVER span #{i} ({}) for node https", r.path),
+            served[i],
+            &nginx,
+            "GET",
+            &r.path,
+            i64::from(r.status),
+            r.local_port,
+            logged[i].body_bytes_sent,
+        )
+        .timing_within(&r.timing)
+        .finish();
+    }
+    spans.expect_none(&SpanFilter::any().pid(run.pid));
+    let mut failures = Failures::default();
+    let unassociated = summary.counter("kernel_tls_unassociated");
+    failures.check(unassociated > 0, || {
+        "node's plaintext (memory BIOs) must be counted kernel_tls_unassociated; it is 0: did \
+         the agent learn to read node's TLS? then this test should expect node's client spans"
+            .to_string()
+    });
+    let tls = summary.counter("connections_tls");
+    failures.check(tls == 1, || {
+        format!("connections_tls = {tls}, expected 1 (nginx's end only)")
+    });
+    failures.finish("node https client");
+}
+
+/// The client's first request arrives in the same segment as its last handshake record
+/// (TLS 1.3 Finished), as node's and asyncio's clients (memory BIOs) send it: nginx reads
+/// both in one `read` inside the handshake, and its first SSL_read is served from OpenSSL's
+/// buffer without a socket call. That request still needs its server span. (The client is
+/// not traced: memory BIOs are a known limit on the client side.)
+#[test]
+fn first_request_sent_with_the_tls_handshake_gets_its_server_span() {
+    let _serial = require_root();
+    let certs = Certs::new();
+    let collector = Collector::start();
+    let nginx = TlsNginx::start(&certs);
+    let mut agent = Agent::builder().comm("nginx").start(&collector);
+    wait_attached(&agent, "nginx", nginx.worker_pid());
+
+    let client = https_client(
+        HttpsMode::Coalesced,
+        nginx.port(),
+        &certs.ca(),
+        TlsVersion::V1_3,
+        &["GET:/hello.txt", "GET:/missing", "GET:/hello.txt"],
+        |_| true,
+    );
+    let run = &client.run;
+    let logged = logged_requests(&nginx, run.results[0].local_port, 3);
+    let server_spans = SpanFilter::server().pid(nginx.worker_pid());
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3)]);
+    let summary = agent.exit_summary();
+    print_counters("coalesced", &summary);
+
+    let served = spans.expect_n(&server_spans, 3);
+    for (i, r) in run.results.iter().enumerate() {
+        check_server_span(
+            &format!(
+                "nginx SERVER span #{i} ({}), request #0 sent with the handshake",
+                r.path
+            ),
+            served[i],
+            &nginx,
+            "GET",
+            &r.path,
+            i64::from(r.status),
+            r.local_port,
+            logged[i].body_bytes_sent,
+        )
+        .timing_within(&r.timing)
+        .finish();
+    }
+    let mut failures = Failures::default();
+    check_tls_counters(&summary, 1, &mut failures);
+    failures.finish("first request sent with the handshake");
+}
