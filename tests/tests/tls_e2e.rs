@@ -996,3 +996,84 @@ fn first_request_sent_with_the_tls_handshake_gets_its_server_span() {
     check_tls_counters(&summary, 1, &mut failures);
     failures.finish("first request sent with the handshake");
 }
+
+/// One curl process (its libssl probed) with a plaintext connection to a python server and a
+/// TLS connection to nginx: each span says its own scheme, the plaintext connection is
+/// parsed from the socket as before (not counted TLS), nothing twice.
+#[test]
+fn one_client_with_a_plaintext_and_a_tls_connection() {
+    let _serial = require_root();
+    let certs = Certs::new();
+    let collector = Collector::start();
+    let nginx = TlsNginx::start(&certs);
+    let plain = PyServer::start();
+    let mut agent = Agent::builder()
+        .comm("nginx")
+        .pid(plain.pid())
+        .comm("curl")
+        .start(&collector);
+    wait_attached(&agent, "nginx", nginx.worker_pid());
+
+    let curl = Curl::get(plain.url("/hello"))
+        .then(nginx.url(NGINX_HELLO_PATH))
+        .arg("--cacert")
+        .arg(certs.ca().display().to_string())
+        .run_gated(attached(&agent, "curl"));
+    let (t_plain, t_tls) = (&curl.transfers[0], &curl.transfers[1]);
+    assert_eq!((t_plain.status, t_tls.status), (200, 200));
+    let curl_spans = SpanFilter::client().pid(curl.pid);
+    let plain_spans = SpanFilter::server().pid(plain.pid());
+    let tls_spans = SpanFilter::server().pid(nginx.worker_pid());
+    let spans = agent.stop_and_collect(
+        &collector,
+        &[(&curl_spans, 2), (&plain_spans, 1), (&tls_spans, 1)],
+    );
+    let summary = agent.exit_summary();
+    print_counters("plaintext and TLS", &summary);
+
+    let plain_client = spans.expect_one(&curl_spans.clone().path("/hello"));
+    let mut c = Checks::new("curl CLIENT span of the plaintext request", plain_client);
+    c.attr_str("url.scheme", "http")
+        .attr_str("url.full", &plain.url("/hello"))
+        .attr_int("http.response.status_code", 200)
+        .attr_int("http.response.body.size", 6)
+        .attr_int("server.port", i64::from(plain.port()))
+        .timing_within(&t_plain.timing)
+        .finish();
+    let plain_server = spans.expect_one(&plain_spans);
+    let mut c = Checks::new("python SERVER span of the plaintext request", plain_server);
+    c.attr_str("url.scheme", "http")
+        .attr_str("url.path", "/hello")
+        .attr_int("client.port", i64::from(t_plain.local_port))
+        .timing_within(&t_plain.timing)
+        .finish();
+    let tls_client = spans.expect_one(&curl_spans.clone().path(NGINX_HELLO_PATH));
+    check_client_span(
+        "curl CLIENT span of the TLS request",
+        tls_client,
+        nginx.port(),
+        "GET",
+        NGINX_HELLO_PATH,
+        200,
+        NGINX_HELLO_BODY.len() as u64,
+    )
+    .timing_within(&t_tls.timing)
+    .finish();
+    check_server_span(
+        "nginx SERVER span of the TLS request",
+        spans.expect_one(&tls_spans),
+        &nginx,
+        "GET",
+        NGINX_HELLO_PATH,
+        200,
+        t_tls.local_port,
+        NGINX_HELLO_BODY.len() as u64,
+    )
+    .timing_within(&t_tls.timing)
+    .finish();
+    spans.expect_n(&SpanFilter::any().pid(curl.pid), 2);
+    let mut failures = Failures::default();
+    // The TLS connection's two ends; the plaintext one is not TLS.
+    check_tls_counters(&summary, 2, &mut failures);
+    failures.finish("plaintext and TLS in one client");
+}
