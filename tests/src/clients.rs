@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::process::{TestDir, run_to_completion, tail};
+use crate::process::{TestDir, run_gated, run_to_completion, tail};
 use crate::{curl_bin, fixture, node_bin, python_bin};
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,7 +72,7 @@ pub struct ClientRun {
     pub stderr: String,
 }
 
-fn parse_result_line(line: &str) -> Option<RequestResult> {
+pub(crate) fn parse_result_line(line: &str) -> Option<RequestResult> {
     let rest = line.strip_prefix("RESULT ")?;
     let fields: BTreeMap<&str, &str> = rest
         .split_whitespace()
@@ -186,6 +186,7 @@ pub struct Curl {
     http10: bool,
     rate: Option<String>,
     user: Option<String>,
+    extra: Vec<String>,
 }
 
 /// One transfer as curl reported it (`-w`).
@@ -228,6 +229,7 @@ impl Curl {
             http10: false,
             rate: None,
             user: None,
+            extra: Vec::new(),
         }
     }
 
@@ -275,9 +277,72 @@ impl Curl {
         self
     }
 
+    /// Any other option, e.g. `--cacert <file>` or `--tlsv1.3` (before the URLs).
+    pub fn arg(mut self, arg: impl Into<String>) -> Curl {
+        self.extra.push(arg.into());
+        self
+    }
+
     /// Runs curl; panics if it fails or reports fewer transfers than URLs.
     pub fn run(self) -> CurlResult {
         let dir = TestDir::new("curl");
+        let cmd = self.command(&dir);
+        let window_start = unix_nanos_now();
+        let (status, stdout, stderr, pid) = run_to_completion("curl", cmd, CLIENT_TIMEOUT);
+        self.result(window_start, status, &stdout, &stderr, pid)
+    }
+
+    /// Runs curl held before its first transfer (`-K -`: it reads a configuration from
+    /// stdin first, after its libraries are loaded) until `open(pid)` says go, e.g. until
+    /// the agent attached to its TLS library. The timing window starts at the gate.
+    pub fn run_gated(self, mut open: impl FnMut(u32) -> bool) -> CurlResult {
+        let dir = TestDir::new("curl");
+        let mut cmd = Command::new(curl_bin());
+        cmd.args(["-K", "-"]);
+        let rest = self.command(&dir);
+        cmd.args(rest.get_args());
+        let mut window_start = 0;
+        let (status, stdout, stderr, pid) = run_gated(
+            "curl",
+            cmd,
+            |pid| {
+                window_start = unix_nanos_now();
+                open(pid)
+            },
+            b"",
+            CLIENT_TIMEOUT,
+        );
+        self.result(window_start, status, &stdout, &stderr, pid)
+    }
+
+    fn result(
+        &self,
+        window_start: u64,
+        status: std::process::ExitStatus,
+        stdout: &str,
+        stderr: &str,
+        pid: u32,
+    ) -> CurlResult {
+        let window_end = unix_nanos_now();
+        let transfers: Vec<CurlTransfer> = stdout
+            .lines()
+            .filter_map(|l| parse_curl_line(l, window_start, window_end))
+            .collect();
+        if !status.success() || transfers.len() != self.urls.len() {
+            panic!(
+                "curl {:?} failed: exit {status}, {} of {} transfers\nstdout:\n{}\nstderr:\n{}",
+                self.urls,
+                transfers.len(),
+                self.urls.len(),
+                tail(stdout, 20),
+                tail(stderr, 20)
+            );
+        }
+        CurlResult { pid, transfers }
+    }
+
+    /// The command line (body file in `dir`).
+    fn command(&self, dir: &TestDir) -> Command {
         let mut cmd = Command::new(curl_bin());
         cmd.args(["-sS", "--max-time", "30", "-A", &self.user_agent]);
         cmd.args([
@@ -313,27 +378,11 @@ impl Curl {
                 "Expect:",
             ]);
         }
+        cmd.args(&self.extra);
         for url in &self.urls {
             cmd.args(["-o", "/dev/null", url]);
         }
-        let window_start = unix_nanos_now();
-        let (status, stdout, stderr, pid) = run_to_completion("curl", cmd, CLIENT_TIMEOUT);
-        let window_end = unix_nanos_now();
-        let transfers: Vec<CurlTransfer> = stdout
-            .lines()
-            .filter_map(|l| parse_curl_line(l, window_start, window_end))
-            .collect();
-        if !status.success() || transfers.len() != self.urls.len() {
-            panic!(
-                "curl {:?} failed: exit {status}, {} of {} transfers\nstdout:\n{}\nstderr:\n{}",
-                self.urls,
-                transfers.len(),
-                self.urls.len(),
-                tail(&stdout, 20),
-                tail(&stderr, 20)
-            );
-        }
-        CurlResult { pid, transfers }
+        cmd
     }
 }
 

@@ -21,6 +21,7 @@ pub mod process;
 pub mod servers;
 pub mod services;
 pub mod spans;
+pub mod tls;
 pub mod tls_receiver;
 pub mod traces;
 

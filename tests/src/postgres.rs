@@ -24,7 +24,9 @@ use std::thread;
 use std::time::Duration;
 
 use crate::clients::{Timing, unix_nanos_now};
-use crate::process::{ChildGuard, TestDir, poll_until, read_text, run_to_completion, tail};
+use crate::process::{
+    ChildGuard, TestDir, poll_until, read_text, run_gated, run_to_completion, tail,
+};
 use crate::servers::children_of;
 use crate::{fixture, free_port, python_bin};
 
@@ -286,31 +288,46 @@ pub struct PgServer {
     socket_dir: PathBuf,
     log: PathBuf,
     dir: TestDir,
+    /// Started with `ssl=on`: clients connect with `sslmode=require`.
+    tls: bool,
 }
 
 impl PgServer {
     /// Copies the template cluster and starts it, waiting until the postmaster accepts
     /// connections: about 0.2 s (plus about 1 s for initdb the first time on a machine).
     pub fn start() -> PgServer {
-        Self::start_impl(None, None)
+        Self::start_impl(None, None, None)
+    }
+
+    /// The same cluster with `ssl = on`, serving the certificate `cert` with key `key` (PEM
+    /// files, copied into the server's directory, owned by its OS user with mode 0600 as
+    /// PostgreSQL demands). Its clients ([`PgServer::client_command`], [`PgServer::conninfo`])
+    /// connect with `sslmode=require`.
+    pub fn start_tls(cert: &Path, key: &Path) -> PgServer {
+        Self::start_impl(None, None, Some((cert, key)))
     }
 
     /// The cluster as `cargo xtask bench` measures it: [`SERVER_SETTINGS`] only (no
     /// statement or connection log: each would cost every query a log write), the postmaster
     /// pinned on `cpu` with `taskset -c` (every backend it forks inherits that).
     pub fn start_bench(cpu: &str) -> PgServer {
-        Self::start_impl(None, Some(cpu))
+        Self::start_impl(None, Some(cpu), None)
     }
 
     /// The same cluster in a network namespace ("host"), listening on the host's address
     /// only: `ip netns exec <ns> setpriv --reuid postgres ... postgres ...` (the pid is the
     /// postmaster's: both exec). Clients anywhere reach it at [`PgServer::address`].
     pub fn start_in(host: &crate::netns::Host) -> PgServer {
-        Self::start_impl(Some(host), None)
+        Self::start_impl(Some(host), None, None)
     }
 
     /// `bench_cpu`: benchmark settings, pinned on that CPU (see [`PgServer::start_bench`]).
-    fn start_impl(host: Option<&crate::netns::Host>, bench_cpu: Option<&str>) -> PgServer {
+    /// `tls`: certificate and key to serve with `ssl=on`.
+    fn start_impl(
+        host: Option<&crate::netns::Host>,
+        bench_cpu: Option<&str>,
+        tls: Option<(&Path, &Path)>,
+    ) -> PgServer {
         let address = host.map_or_else(|| "127.0.0.1".to_string(), |h| h.ip().to_string());
         let dir = TestDir::new("pg");
         let user = server_os_user();
@@ -318,6 +335,32 @@ impl PgServer {
         make_dir_for(&root, user);
         let socket_dir = root.join("sock");
         make_dir_for(&socket_dir, user);
+        let tls_settings: Vec<String> = match tls {
+            None => Vec::new(),
+            Some((cert, key)) => {
+                let mut settings = vec!["ssl=on".to_string()];
+                for (from, name, setting) in [
+                    (cert, "server.crt", "ssl_cert_file"),
+                    (key, "server.key", "ssl_key_file"),
+                ] {
+                    let to = root.join(name);
+                    fs::copy(from, &to).unwrap_or_else(|e| {
+                        panic!("copy {} to {}: {e}", from.display(), to.display())
+                    });
+                    {
+                        use std::os::unix::fs::PermissionsExt as _;
+                        fs::set_permissions(&to, fs::Permissions::from_mode(0o600))
+                            .unwrap_or_else(|e| panic!("chmod 0600 {}: {e}", to.display()));
+                    }
+                    if let Some((uid, gid)) = user {
+                        std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                            .unwrap_or_else(|e| panic!("chown {} to {PG_USER}: {e}", to.display()));
+                    }
+                    settings.push(format!("{setting}={}", to.display()));
+                }
+                settings
+            }
+        };
         let data = DataDir::new();
         let data_dir = data.0.clone();
 
@@ -373,7 +416,13 @@ impl PgServer {
             if host.is_some() {
                 settings.push(hba_setting.as_str());
             }
-            settings.extend(SERVER_SETTINGS);
+            // `ssl=on` replaces the default settings' `ssl=off`.
+            settings.extend(
+                SERVER_SETTINGS
+                    .iter()
+                    .filter(|s| tls.is_none() || !s.starts_with("ssl=")),
+            );
+            settings.extend(tls_settings.iter().map(String::as_str));
             if bench_cpu.is_none() {
                 settings.extend(TEST_SETTINGS);
                 settings.push(prefix_setting.as_str());
@@ -407,6 +456,7 @@ impl PgServer {
                     socket_dir,
                     log,
                     dir,
+                    tls: tls.is_some(),
                 };
             }
             let text = read_text(&log);
@@ -460,7 +510,8 @@ impl PgServer {
     }
 
     /// A client of this server: `program` without any inherited `PG*` variable, with libpq's
-    /// variables set to reach database `db` over TCP as [`PG_USER`], without SSL or GSS.
+    /// variables set to reach database `db` over TCP as [`PG_USER`], without SSL or GSS
+    /// (with `sslmode=require` when the server was started with [`PgServer::start_tls`]).
     pub fn client_command(&self, program: impl AsRef<OsStr>, db: &str) -> Command {
         let mut cmd = Command::new(program);
         for (key, _) in std::env::vars_os() {
@@ -472,7 +523,7 @@ impl PgServer {
             .env("PGPORT", self.port.to_string())
             .env("PGUSER", PG_USER)
             .env("PGDATABASE", db)
-            .env("PGSSLMODE", "disable")
+            .env("PGSSLMODE", self.ssl_mode())
             .env("PGGSSENCMODE", "disable")
             .env("PGCONNECT_TIMEOUT", "10");
         cmd
@@ -481,16 +532,25 @@ impl PgServer {
     /// libpq connection string for `db` over TCP, e.g. for psycopg.
     pub fn conninfo(&self, db: &str) -> String {
         format!(
-            "host={} port={} user={PG_USER} dbname={db} sslmode=disable gssencmode=disable",
-            self.address, self.port
+            "host={} port={} user={PG_USER} dbname={db} sslmode={} gssencmode=disable",
+            self.address,
+            self.port,
+            self.ssl_mode()
         )
+    }
+
+    /// `require` for a server started with [`PgServer::start_tls`], else `disable`.
+    pub fn ssl_mode(&self) -> &'static str {
+        if self.tls { "require" } else { "disable" }
     }
 
     /// The same as a URL: `postgresql://postgres@127.0.0.1:<port>/<db>?sslmode=disable`.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql://{PG_USER}@{}:{}/{db}?sslmode=disable&gssencmode=disable",
-            self.address, self.port
+            "postgresql://{PG_USER}@{}:{}/{db}?sslmode={}&gssencmode=disable",
+            self.address,
+            self.port,
+            self.ssl_mode()
         )
     }
 
@@ -892,9 +952,42 @@ impl PsqlRun {
 /// protocol) and goes on after errors. Nothing else is sent (`-X`: no psqlrc; `\timing` is
 /// client-side). Panics unless psql exits 0 and reports a timing for every statement.
 pub fn psql_run(server: &PgServer, db: &str, statements: &[&str]) -> PsqlRun {
+    psql_run_impl(server, db, statements, None::<fn(u32) -> bool>)
+}
+
+/// [`psql_run`] held at a gate until `open(pid)` says go (e.g. the agent attached to psql's
+/// TLS library): psql starts connected over the server's Unix socket (nothing the agent
+/// parses) and reads its script from stdin, which opens with `\connect` to the server's TCP
+/// address (with the server's `sslmode`); the script is written once the gate opens, so the
+/// TCP connection, its start-up and every statement come after it.
+pub fn psql_run_gated(
+    server: &PgServer,
+    db: &str,
+    statements: &[&str],
+    open: impl FnMut(u32) -> bool,
+) -> PsqlRun {
+    psql_run_impl(server, db, statements, Some(open))
+}
+
+fn psql_run_impl(
+    server: &PgServer,
+    db: &str,
+    statements: &[&str],
+    gate: Option<impl FnMut(u32) -> bool>,
+) -> PsqlRun {
     let dir = TestDir::new("psql_run");
     let script = dir.join("script.sql");
     let mut text = String::from("\\timing on\n");
+    if gate.is_some() {
+        text.push_str(&format!(
+            "\\connect 'host={} port={} user={PG_USER} dbname={db} sslmode={} gssencmode=disable'\n",
+            server.address(),
+            server.port(),
+            server.ssl_mode()
+        ));
+    }
+    // The script line of the first statement.
+    let first_line = if gate.is_some() { 3 } else { 2 };
     for sql in statements {
         assert!(
             !sql.contains('\n') && !sql.trim_end().ends_with(';'),
@@ -905,17 +998,34 @@ pub fn psql_run(server: &PgServer, db: &str, statements: &[&str]) -> PsqlRun {
     }
     fs::write(&script, &text).expect("write psql script");
     let mut cmd = server.client_command(pg_bin("psql"), db);
-    cmd.args(["-X", "-v", "VERBOSITY=verbose", "-f"])
-        .arg(&script);
-    let start = unix_nanos_now();
-    let (status, stdout, stderr, pid) = run_to_completion("psql", cmd, CLIENT_TIMEOUT);
+    cmd.args(["-X", "-v", "VERBOSITY=verbose", "-f"]);
+    let mut start = unix_nanos_now();
+    let (status, stdout, stderr, pid) = match gate {
+        None => {
+            cmd.arg(&script);
+            run_to_completion("psql", cmd, CLIENT_TIMEOUT)
+        }
+        Some(mut open) => {
+            cmd.arg("-").env("PGHOST", server.socket_dir());
+            run_gated(
+                "psql",
+                cmd,
+                |pid| {
+                    start = unix_nanos_now();
+                    open(pid)
+                },
+                text.as_bytes(),
+                CLIENT_TIMEOUT,
+            )
+        }
+    };
     let end = unix_nanos_now();
     let durations: Vec<u64> = stdout.lines().filter_map(parse_psql_timing).collect();
     let mut errors: HashMap<usize, PgError> = HashMap::new();
     for line in stderr.lines() {
         if let Some((line_no, error)) = parse_psql_error(line) {
-            // Line 1 is `\timing on`; statement i is on line i + 2.
-            errors.insert(line_no.saturating_sub(2), error);
+            // Line 1 is `\timing on` (then the `\connect`); statement i follows.
+            errors.insert(line_no.saturating_sub(first_line), error);
         }
     }
     if !status.success() || durations.len() != statements.len() {
@@ -1289,6 +1399,8 @@ pub struct PsycopgRun {
     pub libpq_version: u64,
     /// `binary`, `c` or `python`.
     pub implementation: String,
+    /// libpq encrypted the connection (`PQsslInUse`).
+    pub ssl_in_use: bool,
     pub statements: Vec<PsycopgStatement>,
     /// The pipeline block: from before the first execute to after the block exited.
     pub pipeline: Timing,
@@ -1313,6 +1425,26 @@ impl PsycopgRun {
 /// Needs `pip install "psycopg[binary]"`. Panics unless it exits 0 with a summary that matches
 /// the plan.
 pub fn psycopg_client(server: &PgServer, db: &str, plan: PsycopgPlan) -> PsycopgRun {
+    psycopg_client_impl(server, db, plan, None::<fn(u32) -> bool>)
+}
+
+/// [`psycopg_client`] held at a gate after psycopg (libpq, its TLS library) is loaded and
+/// before it connects, until `open(pid)` says go (e.g. the agent attached to the library).
+pub fn psycopg_client_gated(
+    server: &PgServer,
+    db: &str,
+    plan: PsycopgPlan,
+    open: impl FnMut(u32) -> bool,
+) -> PsycopgRun {
+    psycopg_client_impl(server, db, plan, Some(open))
+}
+
+fn psycopg_client_impl(
+    server: &PgServer,
+    db: &str,
+    plan: PsycopgPlan,
+    gate: Option<impl FnMut(u32) -> bool>,
+) -> PsycopgRun {
     let conninfo = format!("{} application_name=e2e-psycopg", server.conninfo(db));
     let mut cmd = server.client_command(python_bin(), db);
     cmd.arg(fixture("pg_psycopg.py")).arg(conninfo).args([
@@ -1321,7 +1453,13 @@ pub fn psycopg_client(server: &PgServer, db: &str, plan: PsycopgPlan) -> Psycopg
         plan.pipeline.to_string(),
         plan.pipeline_fail_at.to_string(),
     ]);
-    let (status, stdout, stderr, pid) = run_to_completion("pg_psycopg", cmd, CLIENT_TIMEOUT);
+    let (status, stdout, stderr, pid) = match gate {
+        None => run_to_completion("pg_psycopg", cmd, CLIENT_TIMEOUT),
+        Some(mut open) => {
+            cmd.env("E2E_TLS_GATE", "1");
+            run_gated("pg_psycopg", cmd, &mut open, b"go\n", CLIENT_TIMEOUT)
+        }
+    };
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
     let parsed = line
         .ok_or_else(|| "no JSON line".to_string())
@@ -1394,6 +1532,7 @@ fn parse_psycopg_summary(v: &Value, raw: &str) -> Option<PsycopgRun> {
         psycopg_version: v.get("psycopg")?.as_str()?.to_string(),
         libpq_version: v.get("libpq")?.as_u64()?,
         implementation: v.get("impl")?.as_str()?.to_string(),
+        ssl_in_use: v.get("ssl")?.as_bool()?,
         statements,
         pipeline: timing(pipeline)?,
         pipeline_error: opt_str(pipeline.get("error_sqlstate")?)?,

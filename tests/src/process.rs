@@ -250,3 +250,72 @@ pub fn run_to_completion(
         }
     }
 }
+
+/// How long [`run_gated`] waits for its gate to open.
+pub const GATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs a command that blocks reading its stdin before it does the work under test (a
+/// script waiting for a line, `curl -K -`, `psql -f -`): polls `open(pid)` until it says the
+/// process may go on (e.g. the agent attached to a library the process loaded), then writes
+/// `stdin` and closes it, and waits for the exit as [`run_to_completion`]. Panics with the
+/// command's output when the child exits before the gate opens or the gate stays shut.
+pub fn run_gated(
+    name: &str,
+    mut cmd: Command,
+    mut open: impl FnMut(u32) -> bool,
+    stdin: &[u8],
+    timeout: Duration,
+) -> (ExitStatus, String, String, u32) {
+    use std::io::Write as _;
+
+    let dir = TestDir::new(name);
+    let out = dir.join("stdout");
+    let err = dir.join("stderr");
+    cmd.stdin(Stdio::piped())
+        .stdout(open_log(&out))
+        .stderr(open_log(&err));
+    let mut child = ChildGuard::spawn_configured(name, cmd);
+    let pid = child.pid();
+    let deadline = Instant::now() + crate::scaled(GATE_TIMEOUT);
+    loop {
+        if open(pid) {
+            break;
+        }
+        if let Some(status) = child.try_wait() {
+            panic!(
+                "{name} (pid {pid}) exited with {status} while waiting at its gate\nstdout:\n{}\nstderr:\n{}",
+                tail(&read_text(&out), 40),
+                tail(&read_text(&err), 40)
+            );
+        }
+        if Instant::now() >= deadline {
+            child.kill();
+            panic!(
+                "{name} (pid {pid}): its gate did not open within {:?}\nstdout:\n{}\nstderr:\n{}",
+                crate::scaled(GATE_TIMEOUT),
+                tail(&read_text(&out), 40),
+                tail(&read_text(&err), 40)
+            );
+        }
+        thread::sleep(POLL);
+    }
+    if let Some(mut pipe) = child.child_mut().stdin.take() {
+        // A child that exits without reading (a failure) shows in its status and output.
+        let _ = pipe.write_all(stdin);
+    }
+    let status = child.wait_timeout(timeout);
+    let stdout = read_text(&out);
+    let stderr = read_text(&err);
+    match status {
+        Some(status) => (status, stdout, stderr, pid),
+        None => {
+            child.kill();
+            panic!(
+                "{name} (pid {pid}) did not finish within {:?} after its gate opened\nstdout:\n{}\nstderr:\n{}",
+                crate::scaled(timeout),
+                tail(&stdout, 40),
+                tail(&stderr, 40)
+            )
+        }
+    }
+}

@@ -324,6 +324,11 @@ impl NginxServer {
         self.worker_pid
     }
 
+    /// Its private directory (`@PREFIX@` of its configuration: logs, pid file).
+    pub fn prefix(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn error_log(&self) -> String {
         read_text(&self.dir.join("error.log"))
     }

@@ -21,6 +21,8 @@ pub(crate) const ROTEL_VERSION: &str = "0.0.1a15";
 const OTEL_PYTHON_VERSION: &str = "1.45.2";
 const PSYCOPG_VERSION: &str = "3.3.9";
 const AIOHTTP_VERSION: &str = "3.14.5";
+/// python `requests`: a real HTTPS client (urllib3 over python's ssl) for the TLS tests.
+const REQUESTS_VERSION: &str = "2.34.2";
 /// The chart tests: Helm's Go SDK (Helm v4.2.3, renders offline) and the Kubernetes JSON
 /// schemas (1.25..1.37, bundled) with their validator.
 const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
@@ -250,6 +252,8 @@ pub fn run(test_deps: bool) -> Result<()> {
             ("psycopg-binary", PSYCOPG_VERSION),
             // An asyncio service (server and client on one event loop) for the linking tests.
             ("aiohttp", AIOHTTP_VERSION),
+            // An HTTPS client as services use it, for the TLS tracing tests.
+            ("requests", REQUESTS_VERSION),
             ("helm-python-sdk", HELM_PYTHON_SDK_VERSION),
             ("kubernetes-validate", KUBERNETES_VALIDATE_VERSION),
         ])?;
