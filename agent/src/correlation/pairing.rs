@@ -3,8 +3,11 @@
 //! (PostgreSQL, HTTP with injection off).
 //!
 //! Identity: the connection's two addresses and the request's position on it (both sides see
-//! the same requests in the same order), checked by time: the server's exchange must lie
-//! within the client's (one kernel clock).
+//! the same requests in the same order), checked by what was asked and by time: both spans
+//! must have the same name (method and path template, or the statement's summary: both sides
+//! parse the same bytes), and the server's exchange must lie within the client's (one kernel
+//! clock). A position alone is not enough: an exchange one side lost (a TLS read the agent
+//! missed, a ring buffer loss) shifts every later one on the connection.
 //!
 //! The callee's span often ends before the caller's client span is final (a client span may
 //! wait in the in-process linker), and the callee's own children carry its trace id. So a
@@ -46,6 +49,15 @@ struct ClientEnd {
     start: u64,
     end: u64,
     seen: u64,
+    /// What was asked: a hash of the span's name.
+    asked: u64,
+}
+
+fn asked(span: &SpanRecord) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    span.name.hash(&mut h);
+    h.finish()
 }
 
 struct Waiting {
@@ -143,6 +155,7 @@ impl Pairing {
                 start: span.start_unix_nanos,
                 end: span.end_unix_nanos,
                 seen: now,
+                asked: asked(&span),
             };
             // The client's own trace may be renamed already (it waits for its own pair).
             client.trace_id = self.final_trace(client.trace_id);
@@ -253,7 +266,12 @@ const CLOCK_SLACK_NS: u64 = 2_000_000;
 /// stamping slack. Where writes are stamped at their return the server's end says nothing;
 /// that it began before the client had its answer still tells a request from the next one
 /// on the connection (which the server can only read after the client had this answer).
+/// Whatever the stamps, the server read the request before the client had the answer: no slack
+/// there (a shifted pair, the server's next exchange, began after the client's ended).
 fn encloses(client: &ClientEnd, server: &SpanRecord, ends_at_return: bool) -> bool {
+    if client.asked != asked(server) || server.start_unix_nanos > client.end {
+        return false;
+    }
     let began_within = client.start <= server.start_unix_nanos.saturating_add(CLOCK_SLACK_NS);
     let end = if ends_at_return {
         server.start_unix_nanos
@@ -482,6 +500,38 @@ mod tests {
             .find(|s| s.span_id == SpanId([20; 8]))
             .expect("server");
         assert_eq!(server.parent_span_id, Some(SpanId([10; 8])));
+    }
+
+    #[test]
+    fn a_shifted_pair_is_refused_by_what_was_asked_and_by_time() {
+        // One side lost an exchange: the server's second request holds the client's first
+        // position. Another request: refused by its name, whatever the times.
+        let mut p = Pairing::default();
+        let mut out = Vec::new();
+        let mut client = span(1, 10, None, 100, 2_000_000);
+        client.name = "GET /hello.txt".into();
+        p.client_span(Some(key(0)), client, 1, &mut out);
+        let mut server = span(2, 20, None, 200, 1_900_000);
+        server.name = "GET /large.bin".into();
+        p.server_span(Some(key(0)), true, server, 2, &mut out);
+        assert_eq!(p.report.paired, 0);
+        // The same request again (a repeated GET), begun 458 µs after the client had its
+        // answer (within the stamping slack): the server read it after, so not this one.
+        let mut p = Pairing::default();
+        let mut client = span(1, 11, None, 100, 1_000_000);
+        client.name = "GET /hello.txt".into();
+        p.client_span(Some(key(0)), client.clone(), 1, &mut out);
+        let mut server = span(2, 21, None, 1_458_000, 1_700_000);
+        server.name = "GET /hello.txt".into();
+        p.server_span(Some(key(0)), true, server.clone(), 2, &mut out);
+        assert_eq!(p.report.paired, 0);
+        // Begun while the client waited: paired.
+        let mut p = Pairing::default();
+        p.client_span(Some(key(0)), client, 1, &mut out);
+        server.start_unix_nanos = 300_000;
+        server.end_unix_nanos = 900_000;
+        p.server_span(Some(key(0)), true, server, 2, &mut out);
+        assert_eq!(p.report.paired, 1);
     }
 
     #[test]
