@@ -241,9 +241,17 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             None
         }
         (true, None) => {
+            let cost = match tls::uprobe_hit_ns(&mut probes) {
+                Ok(ns) => format!(
+                    "a uprobe hit costs {:.1} µs here, about what each TLS read or write of a \
+                     traced process pays",
+                    ns as f64 / 1000.0
+                ),
+                Err(why) => format!("the cost of a uprobe hit could not be measured: {why}"),
+            };
             eprintln!(
-                "agent: tls: on: OpenSSL's probes loaded; each selected process's libraries are \
-                 looked at (below, per process)"
+                "agent: tls: on: OpenSSL's probes loaded ({cost}); each selected process's \
+                 libraries are looked at (below, per process)"
             );
             Some(tls::TlsLibraries::new(selector.traces_all()))
         }
