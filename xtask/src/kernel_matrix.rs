@@ -58,6 +58,11 @@ const SUBSET: &[(&str, &str, &str)] = &[
         "chain_nginx_python_node_postgres_sequential_one_trace_per_request",
         "traceparent injection across network namespaces, nginx → python → node → postgres",
     ),
+    (
+        "tls_e2e",
+        "nginx_and_curl_over_tls_1_3_keep_alive",
+        "TLS plaintext through OpenSSL's uprobes and the socket hooks' nesting, nginx and curl",
+    ),
 ];
 
 /// Debian packages of the guest beyond minbase: the servers and clients of [`SUBSET`], kmod
