@@ -588,8 +588,13 @@ fn hostile_requests_of_a_traced_client_arrive_byte_exact() {
         ("kernel_context_ids_invalid", 0, "any count is a bug"),
         (
             "connections_unrecognized",
-            3,
-            "random bytes, HTTP/2, TLS: never HTTP",
+            2,
+            "random bytes, HTTP/2: never HTTP",
+        ),
+        (
+            "connections_encrypted",
+            1,
+            "a TLS ClientHello from a client without a TLS library: records, no plaintext",
         ),
         (
             "http_headers_truncated",
