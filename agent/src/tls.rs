@@ -368,7 +368,7 @@ pub fn uprobe_hit_ns(probes: &mut Probes) -> Result<u64, String> {
         start.elapsed()
     };
     let function = uprobe_canary as *const () as u64;
-    let (path, offset) = own_file_offset(function)
+    let (path, offset) = crate::proc::own_file_offset(function)
         .ok_or("the canary function is in no file mapping of the agent")?;
     let bare = time();
     let link = probes
@@ -385,24 +385,6 @@ pub fn uprobe_hit_ns(probes: &mut Probes) -> Result<u64, String> {
     let probed = time();
     drop(link);
     Ok((probed.saturating_sub(bare).as_nanos() / u128::from(CALLS)) as u64)
-}
-
-/// The file and file offset of one of the agent's own code addresses (`/proc/self/maps`).
-fn own_file_offset(address: u64) -> Option<(std::path::PathBuf, u64)> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (start, end) = fields.next()?.split_once('-')?;
-        let (start, end) = (
-            u64::from_str_radix(start, 16).ok()?,
-            u64::from_str_radix(end, 16).ok()?,
-        );
-        let _perms = fields.next()?;
-        let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let path = fields.nth(2)?;
-        (start <= address && address < end && path.starts_with('/'))
-            .then(|| (path.into(), address - start + offset))
-    })
 }
 
 /// What `file` is for TLS, from its name and its dynamic symbols.
@@ -550,16 +532,6 @@ mod tests {
             matches!(inspect(&executable(path)), Library::Loader(offset) if offset > 0),
             "{path}"
         );
-    }
-
-    #[test]
-    fn the_canary_is_found_in_our_own_program_file() {
-        let (path, offset) =
-            own_file_offset(uprobe_canary as *const () as u64).expect("mapped from a file");
-        let exe = std::fs::canonicalize("/proc/self/exe").expect("own exe");
-        assert_eq!(std::fs::canonicalize(path).expect("path"), exe);
-        assert!(offset > 0);
-        assert_eq!(own_file_offset(0), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod system;
 use std::{io, path::PathBuf};
 
 pub use process::{Executable, ProcessFacts};
-pub use system::{hostname, kernel_release, own_mountinfo, own_status};
+pub use system::{hostname, kernel_release, own_file_offset, own_mountinfo, own_status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
