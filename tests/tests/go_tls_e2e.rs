@@ -49,6 +49,16 @@ fn go_1_23_stripped_https_server_and_client_give_paired_spans() {
     run("1.23", true);
 }
 
+#[test]
+fn go_1_23_concurrent_connections_are_never_mixed() {
+    concurrent("1.23", false);
+}
+
+#[test]
+fn go_1_19_stripped_concurrent_connections_are_never_mixed() {
+    concurrent("1.19", true);
+}
+
 /// Builds the fixture with one Go version into the target directory (Go's build cache makes a
 /// rebuild quick); the module proxy is not reachable here: standard library only.
 fn build(version: &str, stripped: bool) -> PathBuf {
@@ -110,48 +120,75 @@ fn certificate(dir: &TestDir) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A Go https server under the agent, which selects its program file (the client runs it too).
+struct Setup {
+    _dir: TestDir,
+    cert: PathBuf,
+    binary: PathBuf,
+    collector: Collector,
+    server: ScriptServer,
+    agent: Agent,
+}
+
+impl Setup {
+    fn start(version: &str, stripped: bool) -> Setup {
+        let dir = TestDir::new("go-tls");
+        let (cert, key) = certificate(&dir);
+        let binary = build(version, stripped);
+        let collector = Collector::start();
+        let mut cmd = Command::new(&binary);
+        cmd.args(["server", "127.0.0.1"]).arg(&cert).arg(&key);
+        let server = ScriptServer::start_command("go_tls-server", cmd);
+        let agent = Agent::builder()
+            .exe(binary.to_str().expect("utf-8 path"))
+            .start(&collector);
+        let attached = format!(
+            "Go crypto/tls: attached ({}: Go go{version}",
+            binary.display()
+        );
+        let source = if stripped { ".gopclntab" } else { ".symtab" };
+        let report = agent.stderr();
+        assert!(
+            report.lines().any(
+                |l| l.contains(&attached) && l.ends_with(&format!("functions from {source})"))
+            ),
+            "the start-up report must say `{attached}..., functions from {source})`:\n{report}"
+        );
+        Setup {
+            _dir: dir,
+            cert,
+            binary,
+            collector,
+            server,
+            agent,
+        }
+    }
+
+    /// Runs the Go client with `args` after the base URL and the CA; its stdout.
+    fn client(&self, mode: &str, args: &[&str]) -> String {
+        let out = Command::new(&self.binary)
+            .args([mode, &format!("https://127.0.0.1:{}", self.server.port())])
+            .arg(&self.cert)
+            .args(args)
+            // The probes are on the file already; the wait covers the agent selecting it.
+            .env("GO_TLS_START_DELAY_MS", "500")
+            .output()
+            .expect("run the Go client");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the Go client failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
 fn run(version: &str, stripped: bool) {
     let _root = tests::require_root();
-    let dir = TestDir::new("go-tls");
-    let (cert, key) = certificate(&dir);
-    let binary = build(version, stripped);
-    let collector = Collector::start();
-
-    let mut cmd = Command::new(&binary);
-    cmd.args(["server", "127.0.0.1"]).arg(&cert).arg(&key);
-    let server = ScriptServer::start_command("go_tls-server", cmd);
-    let port = server.port();
-
-    // The server and the client are the same program file: selected by it.
-    let mut agent = Agent::builder()
-        .exe(binary.to_str().expect("utf-8 path"))
-        .start(&collector);
-    let attached = format!(
-        "Go crypto/tls: attached ({}: Go go{version}",
-        binary.display()
-    );
-    let source = if stripped { ".gopclntab" } else { ".symtab" };
-    let report = agent.stderr();
-    assert!(
-        report
-            .lines()
-            .any(|l| l.contains(&attached) && l.ends_with(&format!("functions from {source})"))),
-        "the start-up report must say `{attached}..., functions from {source})`:\n{report}"
-    );
-
-    let client = Command::new(&binary)
-        .args(["client", &format!("https://127.0.0.1:{port}")])
-        .arg(&cert)
-        // The probes are on the file already; the wait covers the agent selecting the client.
-        .env("GO_TLS_START_DELAY_MS", "500")
-        .output()
-        .expect("run the Go client");
-    let stdout = String::from_utf8_lossy(&client.stdout);
-    assert!(
-        client.status.success(),
-        "the Go client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&client.stderr)
-    );
+    let mut setup = Setup::start(version, stripped);
+    let port = setup.server.port();
+    let stdout = setup.client("client", &[]);
     let expected: Vec<String> = EXCHANGES
         .iter()
         .map(|(m, p, status, _, size)| format!("{m} {p} {status} {size}"))
@@ -159,24 +196,30 @@ fn run(version: &str, stripped: bool) {
         .collect();
     assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
 
-    let servers = SpanFilter::server().pid(server.pid());
+    let servers = SpanFilter::server().pid(setup.server.pid());
     let clients = SpanFilter::client();
-    let spans = agent.stop_and_collect(&collector, &[(&servers, 6), (&clients, 6)]);
+    let spans = setup
+        .agent
+        .stop_and_collect(&setup.collector, &[(&servers, 6), (&clients, 6)]);
     let server_spans = spans.expect_n(&servers, 6);
     let client_spans = spans.expect_n(&clients, 6);
     check(&spans, &server_spans, &client_spans, port);
 
-    let summary = agent.exit_summary();
+    let summary = setup.agent.exit_summary();
     assert_eq!(summary.counter("kernel_go_tls_unassociated"), 0);
     assert_eq!(summary.counter("tls_plaintext_unassociated"), 0);
-    assert_eq!(summary.counter("connections_tls"), 2, "{}", agent.stderr());
+    assert_eq!(
+        summary.counter("connections_tls"),
+        2,
+        "{}",
+        setup.agent.stderr()
+    );
     assert_eq!(
         summary.counter("server_spans_paired"),
         6,
         "{}",
-        agent.stderr()
+        setup.agent.stderr()
     );
-    drop(server);
 }
 
 /// Each exchange once on each side, with its method, path, status, sizes and https; each
@@ -228,4 +271,68 @@ fn check(spans: &Spans, servers: &[&ReceivedSpan], clients: &[&ReceivedSpan], po
         );
     }
     failures.finish("go_tls_e2e");
+}
+
+/// Eight connections at once, each with its own paths: every span has its own path and the
+/// size of its answer (the path), and each server span's parent is the client span of the same
+/// path: plaintext of one connection never lands on another.
+fn concurrent(version: &str, stripped: bool) {
+    const WORKERS: usize = 8;
+    const EACH: usize = 25;
+    let _root = tests::require_root();
+    let mut setup = Setup::start(version, stripped);
+    let stdout = setup.client("concurrent", &[&WORKERS.to_string(), &EACH.to_string()]);
+    assert_eq!(stdout.trim(), format!("OK {}", WORKERS * EACH));
+    let servers = SpanFilter::server().pid(setup.server.pid());
+    let clients = SpanFilter::client();
+    let n = WORKERS * EACH;
+    let spans = setup
+        .agent
+        .stop_and_collect(&setup.collector, &[(&servers, n), (&clients, n)]);
+    let server_spans = spans.expect_n(&servers, n);
+    let client_spans = spans.expect_n(&clients, n);
+    let mut expected: Vec<String> = (0..WORKERS)
+        .flat_map(|w| (0..EACH).map(move |i| format!("/echo/{w}/{i}")))
+        .collect();
+    expected.sort();
+    let mut failures = tests::Failures::default();
+    for (side, list) in [("server", &server_spans), ("client", &client_spans)] {
+        let mut paths: Vec<String> = list
+            .iter()
+            .map(|s| s.attr_str("url.path").unwrap_or("").to_string())
+            .collect();
+        paths.sort();
+        failures.check(paths == expected, || {
+            format!("{side} spans' paths are not each request's once:\n{spans}")
+        });
+        for span in list.iter() {
+            let path = span.attr_str("url.path").unwrap_or("");
+            failures.check(
+                span.attr_i64("http.response.body.size") == i64::try_from(path.len()).ok()
+                    && span.attr_str("url.scheme") == Some("https"),
+                || format!("{side} span with another answer's size: {}", span.summary()),
+            );
+        }
+    }
+    let by_id: std::collections::HashMap<&str, &ReceivedSpan> = client_spans
+        .iter()
+        .map(|c| (c.span_id.as_str(), *c))
+        .collect();
+    for server in &server_spans {
+        let parent = server.parent_span_id.as_deref().and_then(|p| by_id.get(p));
+        failures.check(
+            parent.is_some_and(|c| c.attr_str("url.path") == server.attr_str("url.path")),
+            || {
+                format!(
+                    "server span not paired with its own client span: {}",
+                    server.summary()
+                )
+            },
+        );
+    }
+    failures.finish("go_tls_e2e concurrent");
+    let summary = setup.agent.exit_summary();
+    assert_eq!(summary.counter("kernel_go_tls_unassociated"), 0);
+    assert_eq!(summary.counter("tls_plaintext_unassociated"), 0);
+    assert_eq!(summary.counter("connections_tls"), 2 * WORKERS as u64);
 }
