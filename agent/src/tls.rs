@@ -915,6 +915,24 @@ mod tests {
     }
 
     #[test]
+    fn an_arm64_go_program_is_named_not_applicable() {
+        use crate::elf::go::testing::build_program_for;
+        let path = build_program_for(
+            "arm64",
+            "tls_client",
+            "1.23",
+            false,
+            "package main\n\nimport \"net/http\"\n\nfunc main() { http.Get(\"https://127.0.0.1/\") }\n",
+        );
+        match inspect(&executable(path.to_str().expect("utf-8"))) {
+            Library::GoNotApplicable(why) => {
+                assert!(why.starts_with("an arm64 Go program"), "{why}")
+            }
+            _ => panic!("an arm64 Go program must be named not applicable, with the reason"),
+        }
+    }
+
+    #[test]
     fn go_findings_read_as_the_report_says() {
         let attached = Finding::GoAttached {
             file: "/srv/app".into(),

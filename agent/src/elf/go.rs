@@ -363,6 +363,17 @@ pub(crate) mod testing {
     /// Go program `name` from `source` built with `version`, stripped or not (cached in the
     /// target dir).
     pub fn build_program(name: &str, version: &str, stripped: bool, source: &str) -> PathBuf {
+        build_program_for("amd64", name, version, stripped, source)
+    }
+
+    /// [`build_program`] for another architecture (`GOARCH`: Go cross-compiles).
+    pub fn build_program_for(
+        goarch: &str,
+        name: &str,
+        version: &str,
+        stripped: bool,
+        source: &str,
+    ) -> PathBuf {
         // Tests run in parallel: one build at a time in the shared directory.
         static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,16 +383,22 @@ pub(crate) mod testing {
         std::fs::create_dir_all(&dir).expect("test dir");
         let src = dir.join(format!("{name}.go"));
         std::fs::write(&src, source).expect("write the program");
+        let name = if goarch == "amd64" {
+            name.to_string()
+        } else {
+            format!("{name}-{goarch}")
+        };
         let out = dir.join(if stripped {
             format!("{name}-stripped")
         } else {
-            name.to_string()
+            name.clone()
         });
         let mut cmd = Command::new(go_root(version).join("bin/go"));
         cmd.current_dir(&dir)
             .env("GOCACHE", dir.join("cache"))
             .env("GO111MODULE", "off")
             .env("GOFLAGS", "")
+            .env("GOARCH", goarch)
             .args(["build", "-o"])
             .arg(&out);
         if stripped {
