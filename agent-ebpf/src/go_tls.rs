@@ -67,8 +67,10 @@ pub struct GoTlsCall {
     sent: u16,
 }
 
+/// One entry per goroutine inside `Read`/`Write`: a server's idle keep-alive connection is a
+/// goroutine parked in `Read`, hence the size (an evicted call sends nothing).
 #[map]
-static GO_TLS_CALLS: LruHashMap<GoKey, GoTlsCall> = LruHashMap::with_max_entries(16384, 0);
+static GO_TLS_CALLS: LruHashMap<GoKey, GoTlsCall> = LruHashMap::with_max_entries(65536, 0);
 
 #[map]
 static GO_TLS_HANDSHAKES: LruHashMap<GoKey, GoTlsCall> = LruHashMap::with_max_entries(16384, 0);
