@@ -302,8 +302,12 @@ pub struct KernelStats {
     /// not tell (the library did no socket I/O in the call and none earlier: a memory BIO, as
     /// Node.js and Python's asyncio use): not traced.
     pub tls_unassociated: u64,
+    /// Go `crypto/tls` calls that moved plaintext while the kernel could not tell their
+    /// connection's fd exactly (no socket I/O of the goroutine in the call nor at the
+    /// connection's handshake or earlier calls, or I/O on several fds): not traced.
+    pub go_tls_unassociated: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 304);
+const _: () = assert!(size_of::<KernelStats>() == 312);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;
@@ -315,6 +319,11 @@ pub const RUNTIME_GO: u32 = 2;
 /// Go's `internal/poll.FD.Sysfd`, after `fdmu fdMutex { state uint64; rsema, wsema uint32 }`
 /// (unchanged since Go 1.9; the agent's tests check it against the DWARF of Go 1.19 and 1.23).
 pub const GO_FD_SYSFD_OFFSET: u64 = 16;
+/// Go's `internal/poll.FD.isFile` (a file, not a socket; same check as above).
+pub const GO_FD_IS_FILE_OFFSET: u64 = 50;
+/// Go's `runtime.g.stack` (`stack { lo, hi uintptr }`), its first field in every Go version:
+/// where the goroutine's stack is, which moves when it grows or shrinks.
+pub const GO_G_STACK_OFFSET: u64 = 0;
 /// Go's `net/http.transportRequest.Request` (the embedded `*Request`, its first field).
 pub const GO_TRANSPORT_REQUEST_OFFSET: u64 = 0;
 

@@ -25,14 +25,15 @@ pub struct Table {
     pub nr_recvfrom: u64,
     pub nr_sendmsg: u64,
     pub nr_recvmsg: u64,
-    /// Go's register ABI (Go >= 1.17): the running goroutine `g`, then the first two integer
-    /// arguments at a function's entry.
+    /// Go's register ABI (Go >= 1.17): the running goroutine `g`, then the first three integer
+    /// arguments at a function's entry (the first is also where the first result is at a
+    /// RET).
     pub go_g_slot: u32,
-    pub go_arg_slots: [u32; 2],
+    pub go_arg_slots: [u32; 3],
 }
 
 /// x86_64: `struct pt_regs` is r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx, si,
-/// di, orig_ax, ...; syscall arguments in di, si, dx; Go: g in R14, arguments RAX, RBX, ...
+/// di, orig_ax, ...; syscall arguments in di, si, dx; Go: g in R14, arguments RAX, RBX, RCX, ...
 #[cfg(bpf_target_arch = "x86_64")]
 pub const ARCH: Table = Table {
     nr_slot: 15,
@@ -49,7 +50,7 @@ pub const ARCH: Table = Table {
     nr_sendmsg: 46,
     nr_recvmsg: 47,
     go_g_slot: 1,
-    go_arg_slots: [10, 5],
+    go_arg_slots: [10, 5, 11],
 };
 
 /// arm64: `struct pt_regs` is regs[0..31], sp, pc, pstate, orig_x0, syscallno, ...; the
@@ -72,7 +73,7 @@ pub const ARCH: Table = Table {
     nr_sendmsg: 211,
     nr_recvmsg: 212,
     go_g_slot: 28,
-    go_arg_slots: [0, 1],
+    go_arg_slots: [0, 1, 2],
 };
 
 // The saved first argument is followed by the number (one read of both).

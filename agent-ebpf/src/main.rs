@@ -12,6 +12,7 @@
 mod arch;
 mod context;
 mod go;
+mod go_tls;
 mod http_head;
 mod inject;
 mod lifecycle;

@@ -439,26 +439,62 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
         let now = unsafe { bpf_ktime_get_ns() };
         (now, now)
     };
-
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    let scratch = unsafe { &mut *scratch };
-    let ev = &mut scratch.header;
-    ev.kind = EventKind::Data as u32;
-    ev.direction = DIRECTION;
-    ev.pid = tgid;
-    ev.tid = key as u32;
-    ev.fd = u32::MAX;
-    ev.syscall = SyscallKind::Other as u32;
     // A read's bytes were all there at its last socket read; a write began with its first.
-    ev.ts_ns = last_ns;
-    ev.first_ts_ns = if DIRECTION == DIR_EGRESS {
+    let first_ns = if DIRECTION == DIR_EGRESS {
         first_ns
     } else {
         last_ns
     };
-    ev.sock_cookie = cookie;
+    emit_plaintext(&Plaintext {
+        direction: DIRECTION,
+        pid_tgid: key,
+        sock_cookie: cookie,
+        fd: u32::MAX,
+        socket_fd: socket.fd,
+        buf: call.buf,
+        bytes,
+        first_ns,
+        last_ns,
+    });
+}
+
+/// Plaintext a TLS library moved in one call, for [`emit_plaintext`].
+pub struct Plaintext {
+    pub direction: u32,
+    pub pid_tgid: u64,
+    /// The connection's socket, or 0 when `fd` names it (userspace resolves it to the socket
+    /// that fd moved bytes on last).
+    pub sock_cookie: u64,
+    pub fd: u32,
+    /// The socket's fd as the kernel's trace context knows it (with a cookie).
+    pub socket_fd: u32,
+    /// Where the plaintext is in the process's memory.
+    pub buf: u64,
+    pub bytes: u64,
+    /// When its first byte and its last byte moved.
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Sends a TLS library call's plaintext as a data event of its connection
+/// ([`DATA_FLAG_TLS_PLAINTEXT`]), its first `capture_size` bytes copied, and counts it.
+#[inline(always)]
+pub fn emit_plaintext(p: &Plaintext) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let bytes = p.bytes;
+    let ev = &mut scratch.header;
+    ev.kind = EventKind::Data as u32;
+    ev.direction = p.direction;
+    ev.pid = (p.pid_tgid >> 32) as u32;
+    ev.tid = p.pid_tgid as u32;
+    ev.fd = p.fd;
+    ev.syscall = SyscallKind::Other as u32;
+    ev.ts_ns = p.last_ns;
+    ev.first_ts_ns = p.first_ns;
+    ev.sock_cookie = p.sock_cookie;
     ev.bytes = bytes;
     ev.family = 0;
     ev.local_addr = [0; 16];
@@ -468,7 +504,7 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
     ev.flags = DATA_FLAG_TLS_PLAINTEXT;
     let cap = capture_size() as u64;
     let want = if bytes < cap { bytes } else { cap };
-    let captured = copy_flat(&mut scratch.payload, call.buf, want);
+    let captured = copy_flat(&mut scratch.payload, p.buf, want);
     let ev = &mut scratch.header;
     if captured == 0 {
         ev.flags |= DATA_FLAG_COPY_FAILED;
@@ -480,20 +516,21 @@ fn leave<const DIRECTION: u32>(ctx: &RetProbeContext) {
     let flags = ev.flags;
     // The plaintext is where a request starts (ids chosen for it, the thread serves it) or is
     // answered, as on a plaintext socket; before the data event, which userspace pairs with it.
-    if context_propagation() {
-        let tid = key as u32;
-        if DIRECTION == DIR_INGRESS {
+    // Plaintext named by its fd alone (Go) has no cookie for it: userspace names its socket.
+    if context_propagation() && p.sock_cookie != 0 {
+        let tid = p.pid_tgid as u32;
+        if p.direction == DIR_INGRESS {
             crate::context::on_read(
-                tgid,
+                (p.pid_tgid >> 32) as u32,
                 tid,
-                cookie,
-                socket.fd,
-                last_ns,
+                p.sock_cookie,
+                p.socket_fd,
+                p.last_ns,
                 scratch.payload.as_ptr(),
                 captured as u32,
             );
         } else {
-            crate::context::on_write(tid, cookie);
+            crate::context::on_write(tid, p.sock_cookie);
         }
     }
     let written = output(scratch, captured, false) >= 0;

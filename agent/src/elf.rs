@@ -1,5 +1,7 @@
 //! Reading program files for uprobes: where a function's code is in the file.
 
+pub mod go;
+
 /// The file offset of virtual address `address` (inside a loaded segment's file bytes): what a
 /// uprobe is attached at.
 pub fn file_offset<'d, R: object::ReadRef<'d>>(

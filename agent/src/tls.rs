@@ -15,6 +15,12 @@
 //! loaded later (Python imports `ssl` when first used: `dlopen`); a rescan timer backs it.
 //! Libraries known to be TLS but not served are named in the report (their connections are
 //! counted `connections_encrypted`).
+//!
+//! Go programs (x86_64) carry their own TLS, `crypto/tls`: a mapped file that is a Go program
+//! linking it gets the Go TLS probes (`agent-ebpf/src/go_tls.rs`) the same way, at the entries
+//! of `(*Conn).Read`/`Write` and their handshakes and at each of their RET instructions
+//! (`elf::go`: Go moves goroutine stacks, which breaks uretprobes), and at the entries of
+//! `internal/poll.(*FD).Read`/`Write`, whose I/O names the connection's fd.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,6 +30,7 @@ use std::{
 use agent_common::{TLS_ATTACHED_NODE, TLS_ATTACHED_OPENSSL};
 
 use crate::{
+    elf::go::{GoBinaryError, GoFunctions},
     kernel::{Probes, UprobeAt, UprobeAttachment},
     proc::{Executable, ProcFs},
     stats::Stats,
@@ -65,6 +72,69 @@ const NODE_PROBES: &[(&str, &str)] = &[
 ];
 const NODE_RETURN: &str = "agent_node_wrap_leave";
 
+/// Where a Go TLS probe goes in its function.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GoAt {
+    Entry,
+    /// Each RET instruction.
+    Returns,
+}
+
+/// (probe program, function, where), attached in this order: first what names a call's fd and
+/// what forgets an old connection's, so that no call is sent before them (one probed earlier
+/// names nothing and is counted). The linker drops a handshake a program never does (a
+/// client has no `serverHandshake`): its probes are then left out; the others are required.
+const GO_TLS_PROBES: &[(&str, &str, GoAt)] = &[
+    (
+        "agent_go_tls_fd_io",
+        "internal/poll.(*FD).Read",
+        GoAt::Entry,
+    ),
+    (
+        "agent_go_tls_fd_io",
+        "internal/poll.(*FD).Write",
+        GoAt::Entry,
+    ),
+    (
+        "agent_go_tls_handshake",
+        "crypto/tls.(*Conn).clientHandshake",
+        GoAt::Entry,
+    ),
+    (
+        "agent_go_tls_handshake",
+        "crypto/tls.(*Conn).serverHandshake",
+        GoAt::Entry,
+    ),
+    (
+        "agent_go_tls_handshake_ret",
+        "crypto/tls.(*Conn).clientHandshake",
+        GoAt::Returns,
+    ),
+    (
+        "agent_go_tls_handshake_ret",
+        "crypto/tls.(*Conn).serverHandshake",
+        GoAt::Returns,
+    ),
+    ("agent_go_tls_read", "crypto/tls.(*Conn).Read", GoAt::Entry),
+    (
+        "agent_go_tls_write",
+        "crypto/tls.(*Conn).Write",
+        GoAt::Entry,
+    ),
+    (
+        "agent_go_tls_read_ret",
+        "crypto/tls.(*Conn).Read",
+        GoAt::Returns,
+    ),
+    (
+        "agent_go_tls_write_ret",
+        "crypto/tls.(*Conn).Write",
+        GoAt::Returns,
+    ),
+];
+
+const GO_TLS: &str = "Go crypto/tls";
+
 /// TLS libraries we do not read, by file name: named in the report, so that a user knows why
 /// the process's encrypted connections stay unread.
 const NOT_SERVED: &[(&str, &str)] = &[
@@ -87,6 +157,12 @@ enum Library {
         offsets: Vec<Option<u64>>,
         node: Option<Vec<u64>>,
     },
+    /// A Go program with `crypto/tls`: where its probes go.
+    GoTls(GoTlsFile),
+    /// A Go program whose TLS is not read: why (it has none, or it is not x86_64).
+    GoNotApplicable(String),
+    /// A Go program whose `crypto/tls` could not be located: why.
+    GoFailed(String),
     /// A TLS library we do not read.
     NotServed(&'static str),
     /// The dynamic loader: the file offset of `_dl_debug_state`, which it calls whenever a
@@ -96,11 +172,42 @@ enum Library {
     None,
 }
 
+/// A Go program's `crypto/tls` probes.
+#[derive(Clone, Debug)]
+struct GoTlsFile {
+    /// `Go go1.23.5, functions from .gopclntab`.
+    about: String,
+    /// (program, function, file offset) in `GO_TLS_PROBES`' order, a RET probe once per RET.
+    probes: Vec<(&'static str, &'static str, u64)>,
+}
+
 /// What a scan found in one process, for the report and the log.
 pub enum Finding {
-    Attached { file: String, node: bool },
-    Failed { file: String, why: String },
-    NotServed { library: &'static str, file: String },
+    Attached {
+        file: String,
+        node: bool,
+    },
+    Failed {
+        file: String,
+        why: String,
+    },
+    NotServed {
+        library: &'static str,
+        file: String,
+    },
+    /// Go `crypto/tls` probes on the program (`about`: its Go version and function table).
+    GoAttached {
+        file: String,
+        about: String,
+    },
+    GoFailed {
+        file: String,
+        why: String,
+    },
+    GoNotApplicable {
+        file: String,
+        why: String,
+    },
 }
 
 impl fmt::Display for Finding {
@@ -112,6 +219,13 @@ impl fmt::Display for Finding {
                 "OpenSSL: attached ({file}, with Node.js TLSWrap probes for its sockets)"
             ),
             Finding::Failed { file, why } => write!(f, "OpenSSL: not attached ({file}): {why}"),
+            Finding::GoAttached { file, about } => {
+                write!(f, "{GO_TLS}: attached ({file}: {about})")
+            }
+            Finding::GoFailed { file, why } => write!(f, "{GO_TLS}: not attached ({file}): {why}"),
+            Finding::GoNotApplicable { file, why } => {
+                write!(f, "{GO_TLS}: not applicable ({file}): {why}")
+            }
             Finding::NotServed { library, file } => write!(
                 f,
                 "{library} ({file}): not read by the agent; its encrypted connections are \
@@ -142,6 +256,8 @@ pub struct TlsLibraries {
     seen: HashMap<u32, HashSet<FileId>>,
     /// Processes with OpenSSL attached.
     openssl: HashSet<u32>,
+    /// Processes with Go crypto/tls attached.
+    go: HashSet<u32>,
     /// The `TLS_ATTACHED_*` bits set in the kernel so far.
     lookups_on: u32,
 }
@@ -155,6 +271,7 @@ impl TlsLibraries {
             attached: HashMap::new(),
             seen: HashMap::new(),
             openssl: HashSet::new(),
+            go: HashSet::new(),
             lookups_on: 0,
         }
     }
@@ -192,6 +309,59 @@ impl TlsLibraries {
                     library,
                     file: file.name,
                 }),
+                Library::GoNotApplicable(why) => findings.push(Finding::GoNotApplicable {
+                    file: file.name,
+                    why,
+                }),
+                Library::GoFailed(why) => {
+                    Stats::add(&stats.tls_attach_failed, 1);
+                    findings.push(Finding::GoFailed {
+                        file: file.name,
+                        why,
+                    });
+                }
+                Library::GoTls(go) => {
+                    self.go.insert(pid);
+                    let attached = self.attached.entry(id).or_default();
+                    attached.users.insert(pid);
+                    // Per selected process (a Go program does not fork without exec), or for
+                    // every process running the file when tracing them all.
+                    let scope = if attached.all.is_some() {
+                        None
+                    } else if self.trace_all {
+                        Some(None)
+                    } else {
+                        Some(std::num::NonZeroU32::new(pid))
+                    };
+                    let outcome = match scope {
+                        None => Ok(()),
+                        Some(only) => attach_go(probes, &file, &go, only).map(|links| {
+                            Stats::add(&stats.tls_libraries_attached, 1);
+                            let attached = self.attached.entry(id).or_default();
+                            match only {
+                                Some(_) => {
+                                    attached.per_process.insert(pid, links);
+                                }
+                                None => attached.all = Some(links),
+                            }
+                        }),
+                    };
+                    match outcome {
+                        Ok(()) => findings.push(Finding::GoAttached {
+                            file: file.name,
+                            about: go.about,
+                        }),
+                        // It exited while we attached: nothing failed.
+                        Err(_) if !self.proc.exists(pid) => {}
+                        Err(why) => {
+                            Stats::add(&stats.tls_attach_failed, 1);
+                            findings.push(Finding::GoFailed {
+                                file: file.name,
+                                why,
+                            });
+                        }
+                    }
+                }
                 Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
                     let attached = self.attached.entry(id).or_default();
@@ -333,10 +503,16 @@ impl TlsLibraries {
     }
 
     /// A process exited (or runs another program): a library's probes go with the last traced
-    /// process that mapped it.
-    pub fn on_exit(&mut self, pid: u32) {
+    /// process that mapped it. A Go program's connections are forgotten (another process may
+    /// get its pid, and Go's heap addresses repeat from one process to the next).
+    pub fn on_exit(&mut self, probes: &mut Probes, pid: u32) {
         self.seen.remove(&pid);
         self.openssl.remove(&pid);
+        if self.go.remove(&pid)
+            && let Err(e) = probes.forget_go_tls_process(pid)
+        {
+            log::warn!("tls: cannot forget the Go TLS connections of process {pid}: {e}");
+        }
         self.attached.retain(|_, a| {
             a.users.remove(&pid);
             a.per_process.remove(&pid);
@@ -393,7 +569,95 @@ fn inspect(file: &Executable) -> Library {
     if let Some(&(_, library)) = NOT_SERVED.iter().find(|(name, _)| base.starts_with(name)) {
         return Library::NotServed(library);
     }
-    from_symbols(file).unwrap_or(Library::None)
+    from_symbols(file)
+        .or_else(|| go_program(file))
+        .unwrap_or(Library::None)
+}
+
+/// Attaches a Go program's TLS probes, for process `pid` only or (`None`) for every process
+/// running it.
+fn attach_go(
+    probes: &mut Probes,
+    file: &Executable,
+    go: &GoTlsFile,
+    pid: Option<std::num::NonZeroU32>,
+) -> Result<Vec<UprobeAttachment>, String> {
+    let mut links = Vec::with_capacity(go.probes.len());
+    for &(program, function, offset) in &go.probes {
+        let at = UprobeAt::FileOffset { offset, function };
+        // The links attached so far are dropped (detached) with `links` on failure.
+        let link = probes
+            .attach_uprobe(program, &file.path, at, pid)
+            .map_err(|e| format!("{program} on {function}: {e}"))?;
+        links.push(link);
+    }
+    Ok(links)
+}
+
+/// A Go program's `crypto/tls`: where its probes go, or why it has none (`None`: not a Go
+/// program).
+fn go_program(file: &Executable) -> Option<Library> {
+    use object::Object;
+    let data = std::fs::File::open(&file.path).ok()?;
+    // Read on demand: only the headers and the tables needed of a possibly large program.
+    let data = object::read::ReadCache::new(data);
+    let elf = object::File::parse(&data).ok()?;
+    // A Go program: its own TLS.
+    let names: Vec<&str> = GO_TLS_PROBES.iter().map(|&(_, f, _)| f).collect();
+    Some(match crate::elf::go::functions(&elf, &names)? {
+        Err(GoBinaryError::NotAmd64) => Library::GoNotApplicable(format!(
+            "{}: the Go TLS probes read Go's x86_64 register ABI and stack layout only",
+            match elf.architecture() {
+                object::Architecture::Aarch64 => "an arm64 Go program",
+                _ => "not an x86_64 Go program",
+            }
+        )),
+        Ok(found)
+            if !["crypto/tls.(*Conn).Read", "crypto/tls.(*Conn).Write"]
+                .iter()
+                .all(|f| found.entries.contains_key(*f)) =>
+        {
+            Library::GoNotApplicable("the program does not use crypto/tls".into())
+        }
+        Err(e) => Library::GoFailed(e.to_string()),
+        Ok(found) => match go_tls_probes(&elf, &data, &found) {
+            Ok(probes) => Library::GoTls(GoTlsFile {
+                about: format!("Go {}, functions from {}", found.version, found.source),
+                probes,
+            }),
+            Err(e) => Library::GoFailed(e.to_string()),
+        },
+    })
+}
+
+/// Where each of `GO_TLS_PROBES` goes in the file: its function's entry, or each of its RETs.
+fn go_tls_probes<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    data: R,
+    found: &GoFunctions,
+) -> Result<Vec<(&'static str, &'static str, u64)>, GoBinaryError> {
+    let mut probes = Vec::new();
+    for &(program, function, at) in GO_TLS_PROBES {
+        let Some(&entry) = found.entries.get(function) else {
+            if function.contains("Handshake") {
+                continue;
+            }
+            return Err(GoBinaryError::MissingFunction(function.into()));
+        };
+        let addresses = match at {
+            GoAt::Entry => vec![entry],
+            GoAt::Returns => crate::elf::go::returns(elf, data, function, entry)?,
+        };
+        for address in addresses {
+            let offset =
+                crate::elf::file_offset(elf, address).ok_or_else(|| GoBinaryError::NotInFile {
+                    name: function.into(),
+                    address,
+                })?;
+            probes.push((program, function, offset));
+        }
+    }
+    Ok(probes)
 }
 
 /// From `file`'s dynamic symbol table: OpenSSL when it defines at least `SSL_read`,
@@ -543,5 +807,120 @@ mod tests {
             name: "/usr/lib/x86_64-linux-gnu/libgnutls.so.30".into(),
         };
         assert!(matches!(inspect(&file), Library::NotServed("GnuTLS")));
+    }
+
+    fn go_tls_of(path: &std::path::Path) -> GoTlsFile {
+        match inspect(&executable(path.to_str().expect("utf-8 path"))) {
+            Library::GoTls(go) => go,
+            Library::GoFailed(why) | Library::GoNotApplicable(why) => {
+                panic!("{}: {why}", path.display())
+            }
+            _ => panic!("{} not recognised as a Go program", path.display()),
+        }
+    }
+
+    #[test]
+    fn go_programs_get_crypto_tls_probes_stripped_or_not() {
+        use crate::elf::go::testing::{VERSIONS, build};
+        for version in VERSIONS {
+            let full = go_tls_of(&build(version, false));
+            let stripped = go_tls_of(&build(version, true));
+            assert!(
+                full.about.starts_with(&format!("Go go{version}"))
+                    && full.about.ends_with("functions from .symtab"),
+                "{}",
+                full.about
+            );
+            assert!(
+                stripped.about.ends_with("functions from .gopclntab"),
+                "{}",
+                stripped.about
+            );
+            // The same code at the same place: the same probes.
+            assert_eq!(full.probes, stripped.probes, "Go {version}");
+            // Every probe is placed; a RET probe at least once per function.
+            for &(program, function, at) in GO_TLS_PROBES {
+                // This program makes no TLS server: the linker dropped that handshake.
+                if function.ends_with("serverHandshake") {
+                    assert!(!full.probes.iter().any(|p| p.1 == function));
+                    continue;
+                }
+                let n = full
+                    .probes
+                    .iter()
+                    .filter(|p| p.0 == program && p.1 == function)
+                    .count();
+                match at {
+                    GoAt::Entry => assert_eq!(n, 1, "Go {version}: {program} on {function}"),
+                    GoAt::Returns => assert!(n >= 1, "Go {version}: {program} on {function}"),
+                }
+            }
+            // In the order that attaches what names fds before what sends plaintext.
+            let first_send = full
+                .probes
+                .iter()
+                .position(|p| p.0 == "agent_go_tls_read")
+                .expect("read probe");
+            assert!(
+                full.probes[..first_send]
+                    .iter()
+                    .any(|p| p.0 == "agent_go_tls_fd_io")
+            );
+        }
+    }
+
+    #[test]
+    fn a_go_program_without_crypto_tls_is_named_not_applicable() {
+        use crate::elf::go::testing::build_program;
+        let path = build_program(
+            "no_tls",
+            "1.23",
+            false,
+            "package main\n\nimport \"os\"\n\nfunc main() { os.Stdout.Write([]byte(\"ok\\n\")) }\n",
+        );
+        match inspect(&executable(path.to_str().expect("utf-8"))) {
+            Library::GoNotApplicable(why) => {
+                assert_eq!(why, "the program does not use crypto/tls")
+            }
+            _ => panic!("a Go program without crypto/tls must be named not applicable"),
+        }
+    }
+
+    #[test]
+    fn an_arm64_go_program_is_named_not_applicable() {
+        use crate::elf::go::testing::build_program_for;
+        let path = build_program_for(
+            "arm64",
+            "tls_client",
+            "1.23",
+            false,
+            "package main\n\nimport \"net/http\"\n\nfunc main() { http.Get(\"https://127.0.0.1/\") }\n",
+        );
+        match inspect(&executable(path.to_str().expect("utf-8"))) {
+            Library::GoNotApplicable(why) => {
+                assert!(why.starts_with("an arm64 Go program"), "{why}")
+            }
+            _ => panic!("an arm64 Go program must be named not applicable, with the reason"),
+        }
+    }
+
+    #[test]
+    fn go_findings_read_as_the_report_says() {
+        let attached = Finding::GoAttached {
+            file: "/srv/app".into(),
+            about: "Go go1.23.5, functions from .gopclntab".into(),
+        };
+        assert_eq!(
+            attached.to_string(),
+            "Go crypto/tls: attached (/srv/app: Go go1.23.5, functions from .gopclntab)"
+        );
+        let arm = Finding::GoNotApplicable {
+            file: "/srv/app".into(),
+            why: "an arm64 Go program".into(),
+        };
+        assert_eq!(
+            arm.to_string(),
+            "Go crypto/tls: not applicable (/srv/app): an arm64 Go program"
+        );
     }
 }

@@ -125,6 +125,9 @@ impl ProcFs {
         let mut seen = std::collections::HashSet::new();
         let mut files = Vec::new();
         for (range, name) in maps.lines().filter_map(executable_file_mapping) {
+            let Some(range) = map_files_name(range) else {
+                continue;
+            };
             let path = dir.join("map_files").join(range);
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -211,6 +214,15 @@ fn executable_file_mapping(line: &str) -> Option<(&str, &str)> {
     let path = fields.nth(3)?.trim_start();
     (perms.as_bytes().get(2) == Some(&b'x') && path.starts_with('/'))
         .then(|| (range, path.strip_suffix(" (deleted)").unwrap_or(path)))
+}
+
+/// The name of a mapping in `map_files/`: its range without the leading zeros `maps` pads
+/// addresses with (a non-PIE program, as Go builds, is mapped at `00400000`).
+fn map_files_name(range: &str) -> Option<String> {
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    Some(format!("{start:x}-{end:x}"))
 }
 
 fn strip_deleted(path: PathBuf) -> PathBuf {
@@ -314,6 +326,20 @@ mod tests {
         let proc = ProcFs::host();
         let me = std::process::id();
         assert_eq!(proc.parent(me), Some(std::os::unix::process::parent_id()));
+    }
+
+    #[test]
+    fn map_files_names_have_no_padding() {
+        // A non-PIE Go program: `maps` pads to 8 digits, `map_files/` does not.
+        assert_eq!(
+            map_files_name("00400000-006a0000").as_deref(),
+            Some("400000-6a0000")
+        );
+        assert_eq!(
+            map_files_name("7f1c2a000000-7f1c2a0a4000").as_deref(),
+            Some("7f1c2a000000-7f1c2a0a4000")
+        );
+        assert_eq!(map_files_name("nope"), None);
     }
 
     #[test]
