@@ -204,12 +204,17 @@ pub struct NodeServer(ScriptServer);
 
 impl NodeServer {
     pub fn start() -> NodeServer {
+        Self::start_with_env(&[])
+    }
+
+    /// With extra environment variables (`E2E_TLS_CERT`/`E2E_TLS_KEY`: HTTPS).
+    pub fn start_with_env(env: &[(&str, &str)]) -> NodeServer {
         NodeServer(ScriptServer::start(
             "node_server",
             node_bin(),
             &fixture("node_server.js"),
             &[],
-            &[],
+            env,
         ))
     }
 }

@@ -20,8 +20,9 @@ use tests::tls::{
     tls_attachments, wait_attached,
 };
 use tests::{
-    Agent, Checks, Collector, Curl, CurlResult, ExitSummary, Failures, HttpServer, PgServer,
-    PyServer, ReceivedSpan, SpanFilter, SpanKind, SpanStatus, Spans, python_exe_name, require_root,
+    Agent, Checks, Collector, Curl, CurlResult, ExitSummary, Failures, HttpServer, NodeServer,
+    PgServer, PyServer, ReceivedSpan, SpanFilter, SpanKind, SpanStatus, Spans, python_exe_name,
+    require_root,
 };
 
 const LOOPBACK: &str = "127.0.0.1";
@@ -1113,4 +1114,67 @@ fn one_client_with_a_plaintext_and_a_tls_connection() {
     // The TLS connection's two ends; the plaintext one is not TLS.
     check_tls_counters(&summary, 2, &mut failures);
     failures.finish("plaintext and TLS in one client");
+}
+
+/// A Node `https` server and a Node `https` client (both OpenSSL linked into node, both with
+/// their socket I/O done by Node's TLSWrap, outside the library's calls): spans on both sides,
+/// the server span of each request the child of its client span (same-host pairing), a large
+/// body read through several `SSL_read` calls.
+#[test]
+fn node_https_server_and_client() {
+    use tests::tls::node_https_client;
+
+    let _serial = require_root();
+    let certs = Certs::new();
+    let collector = Collector::start();
+    let (cert, key) = (certs.server_cert(), certs.server_key());
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let server = NodeServer::start_with_env(&[("E2E_TLS_CERT", &cert), ("E2E_TLS_KEY", &key)]);
+    let mut agent = Agent::builder().comm("node").start(&collector);
+    wait_attached(&agent, "node", server.pid());
+
+    let specs = ["GET:/hello", "GET:/large", "GET:/missing"];
+    let run = node_https_client(server.port(), &certs.ca(), &specs, attached(&agent, "node"));
+    let server_spans = SpanFilter::server().pid(server.pid());
+    let client_spans = SpanFilter::client().pid(run.pid);
+    let spans = agent.stop_and_collect(&collector, &[(&server_spans, 3), (&client_spans, 3)]);
+    let summary = agent.exit_summary();
+    print_counters("node https server", &summary);
+
+    let served = spans.expect_n(&server_spans, 3);
+    let sent = spans.expect_n(&client_spans, 3);
+    for (i, r) in run.results.iter().enumerate() {
+        check_server_span(
+            &format!("node SERVER span #{i} ({})", r.path),
+            served[i],
+            &server,
+            "GET",
+            &r.path,
+            i64::from(r.status),
+            r.local_port,
+            r.response_body,
+        )
+        .timing_within(&r.timing)
+        .finish();
+        check_client_span(
+            &format!("node CLIENT span #{i} ({})", r.path),
+            sent[i],
+            server.port(),
+            "GET",
+            &r.path,
+            i64::from(r.status),
+            r.response_body,
+        )
+        .timing_within(&r.timing)
+        .finish();
+        assert_eq!(
+            served[i].parent_span_id.as_deref(),
+            Some(sent[i].span_id.as_str()),
+            "node SERVER span #{i} is the child of its client span (same-host pairing)"
+        );
+        assert_eq!(served[i].trace_id, sent[i].trace_id);
+    }
+    let mut failures = Failures::default();
+    check_tls_counters(&summary, 2, &mut failures);
+    failures.finish("node https server and client");
 }
