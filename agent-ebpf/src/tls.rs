@@ -344,6 +344,8 @@ pub fn agent_loader_state(_ctx: ProbeContext) -> u32 {
         pid: tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]),
+        parent: 0,
+        _pad: 0,
     });
     0
 }
@@ -513,7 +515,11 @@ pub fn emit_plaintext(p: &Plaintext) {
         ev.flags |= DATA_FLAG_TRUNCATED;
     }
     ev.captured = captured as u32;
-    let flags = ev.flags;
+    // Back from the scratch map, so the copy's outcomes (failed, short, whole) reach the head
+    // scan below as one verifier state: otherwise 6.1's verifier walks it once per outcome
+    // and gives up (1M instructions) on the return probes.
+    let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
+    let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     // The plaintext is where a request starts (ids chosen for it, the thread serves it) or is
     // answered, as on a plaintext socket; before the data event, which userspace pairs with it.
     // Plaintext named by its fd alone (Go) has no cookie for it: userspace names its socket.
