@@ -186,7 +186,7 @@ const _: () = assert!(size_of::<ConnEvent>() == 40);
 
 pub const COMM_LEN: usize = 16;
 
-/// Process exec or exit.
+/// Process exec, fork or exit (and a loader's library change).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessEvent {
@@ -194,8 +194,11 @@ pub struct ProcessEvent {
     pub pid: u32,
     pub ts_ns: u64,
     pub comm: [u8; COMM_LEN],
+    /// Fork: the process that forked `pid` (0 otherwise).
+    pub parent: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ProcessEvent>() == 32);
+const _: () = assert!(size_of::<ProcessEvent>() == 40);
 
 /// The kernel's per-CPU counters: one struct per CPU so a program updates all it needs after a
 /// single map lookup. Userspace sums the CPUs.

@@ -136,6 +136,8 @@ pub fn agent_process_exec(_ctx: TracePointContext) -> u32 {
         pid: tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm,
+        parent: 0,
+        _pad: 0,
     });
     0
 }
@@ -154,6 +156,8 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
         pid: tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        parent: 0,
+        _pad: 0,
     });
     // Unselect here, not only when userspace reads the event: pids are reused (pid_max may be
     // 32768), and a new process must not inherit the selection, even for a moment.
@@ -204,6 +208,8 @@ pub fn agent_process_fork(ctx: BtfTracePointContext) -> i32 {
         pid: child_pid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        parent,
+        _pad: 0,
     });
     0
 }

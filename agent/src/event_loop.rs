@@ -268,7 +268,6 @@ fn apply(
                 log::info!("selected {comm}[{pid}] (forked by a selected process)");
                 Stats::add(&stats.processes_selected, 1);
             }
-            pipeline.preload(pid);
             attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
             scan_tls_of(procs.tls, procs.probes, pid, &comm, stats, true);
         }

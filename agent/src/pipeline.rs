@@ -314,6 +314,9 @@ impl<S: SpanSink> Pipeline<S> {
             Event::Close(ev) => self.on_close(&ev),
             Event::Exec(ev) => return Some(self.on_exec(&ev)),
             Event::Fork(ev) => {
+                // Now, before anything may wait: the child (a PostgreSQL backend serving one
+                // short session) may be gone by the time its first span is built.
+                self.resources.load_forked(ev.pid, ev.parent);
                 let comm = crate::events::comm_str(&ev.comm);
                 return Some(ProcessChange::Fork { pid: ev.pid, comm });
             }
@@ -948,6 +951,8 @@ mod tests {
             pid: PID,
             ts_ns: 500,
             comm: [0; 16],
+            parent: 0,
+            _pad: 0,
         }));
         assert_eq!(change, Some(ProcessChange::Exit { pid: PID }));
         assert_eq!(p.open_connections(), 0);

@@ -167,6 +167,24 @@ pub fn minimal_resource(pid: u32, host_name: &str) -> Resource {
     }
 }
 
+/// The resource of `child`, forked by the process of `parent` and gone before `/proc` could
+/// tell of it: the parent's, but for what names the process itself.
+pub fn forked(parent: &Resource, child: u32, host_name: &str) -> Resource {
+    let mut attributes = parent.attributes.clone();
+    for attr in &mut attributes {
+        match attr.key {
+            "process.pid" => attr.value = AttrValue::Int(i64::from(child)),
+            "service.instance.id" => attr.value = AttrValue::Str(format!("{host_name}:{child}")),
+            _ => {}
+        }
+    }
+    Resource {
+        pid: child,
+        service_name: parent.service_name.clone(),
+        attributes,
+    }
+}
+
 /// `host.name` and what produced the telemetry (SDK and distribution), on every resource.
 fn host_and_telemetry(host_name: &str) -> [Attribute; 6] {
     [

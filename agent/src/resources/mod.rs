@@ -83,6 +83,33 @@ impl Resources {
         r
     }
 
+    /// The resource of `child`, just forked by `parent`: read from `/proc` like any other, or,
+    /// when the child is already gone, its parent's with the child's pid (a fork without exec
+    /// runs the same program with the same environment, so it is the same service).
+    pub fn load_forked(&mut self, child: u32, parent: u32) {
+        self.refresh_kubernetes();
+        if self.by_pid.contains_key(&child) {
+            return;
+        }
+        let resource = match self.load(child) {
+            Some(r) => r,
+            None => match self.load_parent(parent) {
+                Some(parent) => build::forked(&parent, child, self.host()),
+                None => build::minimal_resource(child, self.host()),
+            },
+        };
+        self.by_pid.insert(child, Arc::new(resource));
+    }
+
+    fn load_parent(&mut self, parent: u32) -> Option<Arc<Resource>> {
+        if let Some(r) = self.by_pid.get(&parent) {
+            return Some(Arc::clone(r));
+        }
+        let r = Arc::new(self.load(parent)?);
+        self.by_pid.insert(parent, Arc::clone(&r));
+        Some(r)
+    }
+
     /// Drops the cached resource of a process that exited (its pid may be reused).
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);

@@ -309,3 +309,37 @@ mod kubernetes {
         let _ = std::fs::remove_dir_all(&root);
     }
 }
+
+#[test]
+fn a_forked_child_gone_before_it_was_read_is_its_parents_service_with_its_own_pid() {
+    let root = std::env::temp_dir().join(format!("agent-proc-fork-{}", std::process::id()));
+    let dir = root.join("500");
+    std::fs::create_dir_all(&dir).expect("create fake /proc");
+    std::fs::write(dir.join("status"), "Name:\tpostgres\nUid:\t0\t0\t0\t0\n").expect("write");
+    std::fs::write(dir.join("comm"), "postgres\n").expect("write");
+    std::fs::write(dir.join("cmdline"), b"postgres\0-D\0/data\0").expect("write");
+    std::fs::write(dir.join("environ"), b"").expect("write");
+    let mut cache = Resources::new("h");
+    cache.proc = ProcFs::at(&root);
+
+    // 501 is not in the tree (it served its session and exited); 777's parent is gone too.
+    cache.load_forked(501, 500);
+    cache.load_forked(777, 778);
+    let _ = std::fs::remove_dir_all(&root);
+
+    let child = cache.get_or_load(501);
+    let parent = cache.get_or_load(500);
+    assert_eq!(parent.service_name, "postgresql");
+    assert_eq!(child.service_name, parent.service_name);
+    assert_eq!(child.pid, 501);
+    assert_eq!(attr(&child, "process.pid"), Some(&AttrValue::Int(501)));
+    assert_eq!(
+        attr(&child, "service.instance.id"),
+        Some(&AttrValue::Str("h:501".into()))
+    );
+    assert_eq!(
+        attr(&child, "process.command_line"),
+        attr(&parent, "process.command_line")
+    );
+    assert_eq!(cache.get_or_load(777).service_name, "unknown:777");
+}
