@@ -30,7 +30,7 @@ use std::{
 use agent_common::{TLS_ATTACHED_NODE, TLS_ATTACHED_OPENSSL};
 
 use crate::{
-    elf::go::{GoBinaryError, GoFunctions},
+    elf::go::{GoAt, GoBinaryError, probe_offsets},
     kernel::{Probes, UprobeAt, UprobeAttachment},
     proc::{Executable, ProcFs},
     stats::Stats,
@@ -71,14 +71,6 @@ const NODE_PROBES: &[(&str, &str)] = &[
     ),
 ];
 const NODE_RETURN: &str = "agent_node_wrap_leave";
-
-/// Where a Go TLS probe goes in its function.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum GoAt {
-    Entry,
-    /// Each RET instruction.
-    Returns,
-}
 
 /// (probe program, function, where), attached in this order: first what names a call's fd and
 /// what forgets an old connection's, so that no call is sent before them (one probed earlier
@@ -374,14 +366,6 @@ impl TlsLibraries {
                     let scope = if attached.all.is_some() {
                         None
                     } else if self.trace_all || forked {
-                        if forked {
-                            log::info!(
-                                "tls: {}: probes now on every process mapping it: a selected \
-                                 process forked {pid}, which maps it too (a per-process probe \
-                                 does not follow a fork)",
-                                file.name
-                            );
-                        }
                         Some(None)
                     } else {
                         Some(std::num::NonZeroU32::new(pid))
@@ -400,6 +384,17 @@ impl TlsLibraries {
                                     None => {
                                         attached.all = Some(links);
                                         attached.per_process.clear();
+                                        // Once they are in place: a process forked from now
+                                        // on is followed from its first call.
+                                        if forked {
+                                            log::info!(
+                                                "tls: {}: probes now on every process mapping \
+                                                 it: a selected process forked {pid}, which \
+                                                 maps it too (a per-process probe does not \
+                                                 follow a fork)",
+                                                file.name
+                                            );
+                                        }
                                     }
                                 }
                             }),
@@ -620,7 +615,9 @@ fn go_program(file: &Executable) -> Option<Library> {
             Library::GoNotApplicable("the program does not use crypto/tls".into())
         }
         Err(e) => Library::GoFailed(e.to_string()),
-        Ok(found) => match go_tls_probes(&elf, &data, &found) {
+        Ok(found) => match probe_offsets(&elf, &data, &found, GO_TLS_PROBES, |function| {
+            function.contains("Handshake")
+        }) {
             Ok(probes) => Library::GoTls(GoTlsFile {
                 about: format!("Go {}, functions from {}", found.version, found.source),
                 probes,
@@ -628,36 +625,6 @@ fn go_program(file: &Executable) -> Option<Library> {
             Err(e) => Library::GoFailed(e.to_string()),
         },
     })
-}
-
-/// Where each of `GO_TLS_PROBES` goes in the file: its function's entry, or each of its RETs.
-fn go_tls_probes<'d, R: object::ReadRef<'d>>(
-    elf: &object::File<'d, R>,
-    data: R,
-    found: &GoFunctions,
-) -> Result<Vec<(&'static str, &'static str, u64)>, GoBinaryError> {
-    let mut probes = Vec::new();
-    for &(program, function, at) in GO_TLS_PROBES {
-        let Some(&entry) = found.entries.get(function) else {
-            if function.contains("Handshake") {
-                continue;
-            }
-            return Err(GoBinaryError::MissingFunction(function.into()));
-        };
-        let addresses = match at {
-            GoAt::Entry => vec![entry],
-            GoAt::Returns => crate::elf::go::returns(elf, data, function, entry)?,
-        };
-        for address in addresses {
-            let offset =
-                crate::elf::file_offset(elf, address).ok_or_else(|| GoBinaryError::NotInFile {
-                    name: function.into(),
-                    address,
-                })?;
-            probes.push((program, function, offset));
-        }
-    }
-    Ok(probes)
 }
 
 /// From `file`'s dynamic symbol table: OpenSSL when it defines at least `SSL_read`,
