@@ -287,12 +287,18 @@ pub struct KernelStats {
     pub go_split_starts: u64,
     /// Go: client requests started (`persistConn.roundTrip`) by a goroutine serving a request.
     pub go_calls_owned: u64,
-    /// Go: client requests started by a goroutine that serves no request the kernel knows (a
-    /// background goroutine, or one a handler spawned): written unlinked.
+    /// Go: client requests started by a goroutine that works for no request the kernel knows
+    /// (a background goroutine, or one created while no request of its creator was in
+    /// flight): written unlinked.
     pub go_calls_unowned: u64,
     /// Go: socket writes of a Go transport's write goroutine handed off to the served request
     /// its client request was started for.
     pub go_writes_handed_off: u64,
+    /// Go: goroutines created by one working for a request in flight (`runtime.newproc1`):
+    /// they work for it too.
+    pub go_spawns_followed: u64,
+    /// Go: client requests (of `kernel_go_calls_owned`) started by such a created goroutine.
+    pub go_calls_spawned: u64,
     /// Socket I/O the kprobe fallback saw on a socket the kernel had no cookie for yet
     /// (opened before the agent, whose start-up could not list it): not traced.
     pub sockets_without_cookie: u64,
@@ -310,7 +316,7 @@ pub struct KernelStats {
     /// connection's handshake or earlier calls, or I/O on several fds): not traced.
     pub go_tls_unassociated: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 312);
+const _: () = assert!(size_of::<KernelStats>() == 328);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;

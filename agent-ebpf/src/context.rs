@@ -118,6 +118,8 @@ pub struct Handoff {
     _pad: u32,
     /// The served request's socket (0: the runtime named a request the kernel does not know).
     server_cookie: u64,
+    /// Which request on that socket ([`request_id`]); 0: whichever is in flight.
+    request: u64,
     ts_ns: u64,
 }
 
@@ -517,7 +519,15 @@ pub enum Local {
 #[inline(always)]
 pub fn hand_off_fd(pid: u32, tid: u32, fd: u32, now: u64) {
     let server_cookie = request_on_fd(pid, fd).unwrap_or(0);
-    set_hand_off(pid, tid, 0, server_cookie, now);
+    set_hand_off(pid, tid, 0, server_cookie, 0, now);
+}
+
+/// The request in flight on server socket `cookie`, as a runtime probe may name it: a request
+/// answered meanwhile is not the same as the next one on the socket (its server span id).
+#[inline(always)]
+pub fn request_id(cookie: u64) -> Option<u64> {
+    let r = SERVER_REQUESTS.get_ptr(&cookie)?;
+    Some(u64::from_ne_bytes(unsafe { (*r).span_id }))
 }
 
 /// The server socket of the last request `pid` read on `fd`.
@@ -528,15 +538,16 @@ pub fn request_on_fd(pid: u32, fd: u32) -> Option<u64> {
         .map(|c| unsafe { *c })
 }
 
-/// A runtime probe: the next client request `tid` writes belongs to the request read on
-/// server socket `server_cookie`; the hand-off ends with it (or when it is overwritten).
+/// A runtime probe: the next client request `tid` writes belongs to request `request`
+/// ([`request_id`]) read on server socket `server_cookie`; the hand-off ends with it (or when
+/// it is overwritten).
 #[inline(always)]
-pub fn hand_off_once(pid: u32, tid: u32, server_cookie: u64, now: u64) {
-    set_hand_off(pid, tid, HANDOFF_ONCE, server_cookie, now);
+pub fn hand_off_once(pid: u32, tid: u32, server_cookie: u64, request: u64, now: u64) {
+    set_hand_off(pid, tid, HANDOFF_ONCE, server_cookie, request, now);
 }
 
 #[inline(always)]
-fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, now: u64) {
+fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, request: u64, now: u64) {
     let Some(slot) = HANDOFFS.get_ptr_mut(slot_of(tid)) else {
         return;
     };
@@ -546,6 +557,7 @@ fn set_hand_off(pid: u32, tid: u32, flags: u32, server_cookie: u64, now: u64) {
         (*slot).pid = pid;
         (*slot).flags = flags;
         (*slot).server_cookie = server_cookie;
+        (*slot).request = request;
         (*slot).ts_ns = now;
         core::ptr::write_volatile(&mut (*slot).tid, tid);
     }
@@ -592,6 +604,7 @@ fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])
     };
     let r = unsafe { &mut *r };
     if r.pid != pid
+        || (h.request != 0 && u64::from_ne_bytes(r.span_id) != h.request)
         || now.saturating_sub(r.ts_ns) >= max_trace_age_ns()
         || r.children >= max_children()
     {

@@ -20,12 +20,21 @@
 //!    (`context::belongs_to`): only a forwarded trace id can link the call.
 //!
 //! 6. `runtime.goexit0` (entry): a goroutine ended; its `g` is forgotten before reuse.
+//! 7. `runtime.newproc1` (entry, then each of its RETs): a goroutine creates another (a
+//!    handler fanning out its calls). While the creator works for a request still in flight,
+//!    so does the new goroutine, for that request only: owners name the request (its server
+//!    span id), not just its socket, so a call made after it was answered is never given the
+//!    next request on the connection.
 //!
-//! No uretprobes: Go moves goroutine stacks, which breaks them.
+//! No uretprobes: Go moves goroutine stacks, which breaks them (`newproc1` runs on the
+//! scheduler's stack, which does not move, but its result is read at its RETs all the same).
 
 use agent_common::{GO_FD_SYSFD_OFFSET, GO_TRANSPORT_REQUEST_OFFSET};
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::bpf_ktime_get_ns,
+    },
     macros::{map, uprobe},
     maps::{LruHashMap, PerCpuArray},
     programs::ProbeContext,
@@ -60,13 +69,31 @@ static HEAD_COPY: PerCpuArray<[u8; http_head::MASK as usize + 1 + 32]> =
 #[map]
 static SERVING: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
-/// The served request's socket each client request in flight was started for (by `*Request`).
+/// The served request each client request in flight was started for (by `*Request`).
 #[map]
-static OWNERS: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static OWNERS: LruHashMap<GoKey, Owner> = LruHashMap::with_max_entries(65536, 0);
 
-/// The served request's socket a write goroutine's next write is for (0: none).
+/// The served request a write goroutine's next write is for.
 #[map]
-static WRITERS: LruHashMap<GoKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static WRITERS: LruHashMap<GoKey, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// The served request each goroutine created while it was in flight works for (by `g`).
+#[map]
+static SPAWNED: LruHashMap<GoKey, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// The served request of the goroutine each thread is creating one for now (`newproc1`'s
+/// entry to its return, on one thread: it runs on the scheduler's stack, not preempted).
+#[map]
+static SPAWNING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16384, 0);
+
+/// A served request: its socket and which request on it (`context::request_id`; 0: whichever
+/// is in flight).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Owner {
+    cookie: u64,
+    request: u64,
+}
 
 /// A goroutine (`g`) or a `*Request` of one process.
 #[repr(C)]
@@ -207,6 +234,57 @@ pub fn agent_go_exit(ctx: ProbeContext) -> u32 {
     let _ = LAST_READ.remove(&k);
     let _ = SERVING.remove(&k);
     let _ = WRITERS.remove(&k);
+    let _ = SPAWNED.remove(&k);
+    0
+}
+
+/// The request goroutine `g` of `pid` works for, if it is still in flight: the one it serves,
+/// else the one it was created for.
+#[inline(always)]
+fn works_for(pid: u32, g: u64) -> Option<Owner> {
+    let k = key(pid, g);
+    match SERVING.get_ptr(&k) {
+        Some(cookie) => {
+            let cookie = unsafe { *cookie };
+            context::request_id(cookie).map(|request| Owner { cookie, request })
+        }
+        None => SPAWNED.get_ptr(&k).map(|o| unsafe { *o }),
+    }
+}
+
+/// `runtime.newproc1(fn, callergp, ...)`: RBX = the creating goroutine (R14 is the scheduler's
+/// own here).
+#[uprobe]
+pub fn agent_go_spawn(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let thread = unsafe { bpf_get_current_pid_tgid() };
+    match works_for(pid, arg(&ctx, 1)) {
+        Some(owner) => {
+            let _ = SPAWNING.insert(&thread, &owner, 0);
+        }
+        None => {
+            let _ = SPAWNING.remove(&thread);
+        }
+    }
+    0
+}
+
+/// A RET of `runtime.newproc1`: RAX = the new goroutine.
+#[uprobe]
+pub fn agent_go_spawned(ctx: ProbeContext) -> u32 {
+    let Some((pid, _)) = selected_tgid() else {
+        return 0;
+    };
+    let thread = unsafe { bpf_get_current_pid_tgid() };
+    let Some(owner) = SPAWNING.get_ptr(&thread).map(|o| unsafe { *o }) else {
+        return 0;
+    };
+    let _ = SPAWNING.remove(&thread);
+    // A new goroutine's `g` left `goexit0` with nothing of its previous life.
+    let _ = SPAWNED.insert(&key(pid, arg(&ctx, 0)), &owner, 0);
+    count(|c| c.go_spawns_followed += 1);
     0
 }
 
@@ -226,10 +304,22 @@ pub fn agent_go_round_trip(ctx: ProbeContext) -> u32 {
                 return 0;
             }
         };
-    match SERVING.get_ptr(&key(pid, g)) {
-        Some(cookie) => {
-            let cookie = unsafe { *cookie };
-            let _ = OWNERS.insert(&key(pid, req), &cookie, 0);
+    let serving = SERVING.get_ptr(&key(pid, g)).map(|c| unsafe { *c });
+    let owner = match serving {
+        // Before request ids were named here a serving goroutine's call took whichever request
+        // was in flight at its write: the same one, as its handler waits for the answer.
+        Some(cookie) => Some(Owner {
+            cookie,
+            request: context::request_id(cookie).unwrap_or(0),
+        }),
+        None => SPAWNED.get_ptr(&key(pid, g)).map(|o| {
+            count(|c| c.go_calls_spawned += 1);
+            unsafe { *o }
+        }),
+    };
+    match owner {
+        Some(owner) => {
+            let _ = OWNERS.insert(&key(pid, req), &owner, 0);
             count(|c| c.go_calls_owned += 1);
         }
         None => {
@@ -248,15 +338,15 @@ pub fn agent_go_request_write(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let (g, req) = (g(&ctx), arg(&ctx, 0));
-    let owner = match OWNERS.get_ptr(&key(pid, req)) {
-        Some(c) => unsafe { *c },
-        None => 0,
-    };
+    let owner = OWNERS.get_ptr(&key(pid, req)).map(|o| unsafe { *o });
     let _ = OWNERS.remove(&key(pid, req));
-    if owner == 0 {
-        let _ = WRITERS.remove(&key(pid, g));
-    } else {
-        let _ = WRITERS.insert(&key(pid, g), &owner, 0);
+    match owner {
+        Some(owner) => {
+            let _ = WRITERS.insert(&key(pid, g), &owner, 0);
+        }
+        None => {
+            let _ = WRITERS.remove(&key(pid, g));
+        }
     }
     0
 }
@@ -269,19 +359,17 @@ pub fn agent_go_fd_write(ctx: ProbeContext) -> u32 {
     };
     let g = g(&ctx);
     let k = key(pid, g);
-    let owner = match WRITERS.get_ptr(&k) {
-        Some(c) => unsafe { *c },
-        None => 0,
-    };
-    if owner == 0 {
+    let Some(owner) = WRITERS.get_ptr(&k).map(|o| unsafe { *o }) else {
         // Whatever this thread handed off before is not this goroutine's.
         context::end_hand_off(tid);
         return 0;
-    }
+    };
     // The request's head is in this write (bufio flushes it whole): later writes of the same
     // request (its body) are not requests.
     let _ = WRITERS.remove(&k);
-    context::hand_off_once(pid, tid, owner, unsafe { bpf_ktime_get_ns() });
+    context::hand_off_once(pid, tid, owner.cookie, owner.request, unsafe {
+        bpf_ktime_get_ns()
+    });
     count(|c| c.go_writes_handed_off += 1);
     0
 }

@@ -185,25 +185,25 @@ fn aiohttp_front_under_concurrency_links_nothing_wrongly() {
 #[test]
 fn go_1_19_goroutine_handoff_links_concurrent_requests_without_mislinks() {
     let _serial = require_root();
-    run_concurrent(Front::go("1.19", false, false), Callee::Oracle);
+    run_concurrent(Front::go("1.19", false, GoCalls::Handler), Callee::Oracle);
 }
 
 #[test]
 fn go_1_23_goroutine_handoff_links_concurrent_requests_without_mislinks() {
     let _serial = require_root();
-    run_concurrent(Front::go("1.23", false, false), Callee::Oracle);
+    run_concurrent(Front::go("1.23", false, GoCalls::Handler), Callee::Oracle);
 }
 
 #[test]
 fn go_1_19_stripped_goroutine_handoff_links_concurrent_requests_without_mislinks() {
     let _serial = require_root();
-    run_concurrent(Front::go("1.19", true, false), Callee::Oracle);
+    run_concurrent(Front::go("1.19", true, GoCalls::Handler), Callee::Oracle);
 }
 
 #[test]
 fn go_1_23_stripped_goroutine_handoff_links_concurrent_requests_without_mislinks() {
     let _serial = require_root();
-    run_concurrent(Front::go("1.23", true, false), Callee::Oracle);
+    run_concurrent(Front::go("1.23", true, GoCalls::Handler), Callee::Oracle);
 }
 
 /// With the Go mechanism off (the default), a Go program's threads still never stand for a
@@ -215,19 +215,35 @@ fn go_1_23_with_its_mechanism_off_links_nothing_by_thread() {
         Front::Go {
             version: "1.23",
             stripped: false,
-            spawned: false,
+            calls: GoCalls::Handler,
             on: false,
         },
         Callee::Oracle,
     );
 }
 
-/// Calls a Go handler makes from a goroutine it starts are not followed yet (goroutine creation
-/// is not tracked): they must stay unlinked and counted, never be linked by their thread.
+/// Calls a Go handler makes from a goroutine it starts (and waits for) are linked: the kernel
+/// follows goroutine creation (`runtime.newproc1`).
 #[test]
-fn go_1_23_calls_from_spawned_goroutines_stay_unlinked_and_counted() {
+fn go_1_23_calls_from_spawned_goroutines_are_linked() {
     let _serial = require_root();
-    run_concurrent(Front::go("1.23", false, true), Callee::Oracle);
+    run_concurrent(Front::go("1.23", false, GoCalls::Spawned), Callee::Oracle);
+}
+
+/// The same with Go 1.19 and a stripped binary (`newproc1`'s returns found from `.gopclntab`).
+#[test]
+fn go_1_19_stripped_calls_from_spawned_goroutines_are_linked() {
+    let _serial = require_root();
+    run_concurrent(Front::go("1.19", true, GoCalls::Spawned), Callee::Oracle);
+}
+
+/// A goroutine a handler starts calls after its request was answered, while the next request
+/// on the same connection is served: never linked to that next request (counted), and never
+/// by its thread.
+#[test]
+fn go_1_23_calls_after_their_request_was_answered_are_not_given_the_next_one() {
+    let _serial = require_root();
+    run_concurrent(Front::go("1.23", false, GoCalls::Late), Callee::Oracle);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -252,23 +268,33 @@ enum Front {
     Java(&'static str),
     /// aiohttp server and client on one asyncio loop.
     Aiohttp,
-    /// A Go `net/http` front built with Debian's Go `version`, stripped (`-s -w`) or not;
-    /// `spawned`: the handler calls from a goroutine it starts (route `/spawn/`).
+    /// A Go `net/http` front built with Debian's Go `version`, stripped (`-s -w`) or not.
     Go {
         version: &'static str,
         stripped: bool,
-        spawned: bool,
+        calls: GoCalls,
         /// The Go mechanism on (`--runtime-linking nginx,go`; it is opt-in).
         on: bool,
     },
 }
 
+/// Where a Go front's handler makes its call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GoCalls {
+    /// On the handler's goroutine (route `/work/`).
+    Handler,
+    /// From a goroutine the handler starts and waits for (route `/spawn/`).
+    Spawned,
+    /// From a goroutine the handler starts, after the request was answered (route `/late/`).
+    Late,
+}
+
 impl Front {
-    fn go(version: &'static str, stripped: bool, spawned: bool) -> Front {
+    fn go(version: &'static str, stripped: bool, calls: GoCalls) -> Front {
         Front::Go {
             version,
             stripped,
-            spawned,
+            calls,
             on: true,
         }
     }
@@ -276,7 +302,14 @@ impl Front {
     /// The path prefix of the requests the clients send.
     fn route(self) -> &'static str {
         match self {
-            Front::Go { spawned: true, .. } => "/spawn/",
+            Front::Go {
+                calls: GoCalls::Spawned,
+                ..
+            } => "/spawn/",
+            Front::Go {
+                calls: GoCalls::Late,
+                ..
+            } => "/late/",
             _ => "/work/",
         }
     }
@@ -286,8 +319,8 @@ impl Front {
     fn min_linked_pct(self) -> usize {
         match self {
             Front::Nginx | Front::ThreadedPython => 99,
-            Front::Go { spawned, on, .. } => {
-                if spawned || !on {
+            Front::Go { calls, on, .. } => {
+                if calls == GoCalls::Late || !on {
                     0
                 } else {
                     99
@@ -302,15 +335,16 @@ impl Front {
             Front::Go {
                 version,
                 stripped,
-                spawned,
+                calls,
                 on,
             } => format!(
                 "Go {version} net/http front{} (shared http.Client{}){}",
                 if stripped { ", -ldflags=\"-s -w\"" } else { "" },
-                if spawned {
-                    ", called from a goroutine the handler starts"
-                } else {
-                    ""
+                match calls {
+                    GoCalls::Handler => "",
+                    GoCalls::Spawned => ", called from a goroutine the handler starts",
+                    GoCalls::Late =>
+                        ", called after the answer from a goroutine the handler starts",
                 },
                 if on { "" } else { ", Go mechanism off" }
             ),
@@ -327,12 +361,16 @@ impl Front {
             Front::Go {
                 version,
                 stripped,
-                spawned,
+                calls,
                 on,
             } => format!(
                 "go-{version}{}{}{}",
                 if stripped { "-stripped" } else { "" },
-                if spawned { "-spawned" } else { "" },
+                match calls {
+                    GoCalls::Handler => "",
+                    GoCalls::Spawned => "-spawned",
+                    GoCalls::Late => "-late",
+                },
                 if on { "" } else { "-off" }
             ),
             Front::Nginx => "nginx".into(),
@@ -641,7 +679,8 @@ fn run_concurrent(front: Front, callee: Callee) {
          mis-links {}, missing spans {}; kernel_link_handoff {}, kernel_handoff_not_in_flight {}, \
          kernel_handoff_unreadable {}, kernel_link_match_ambiguous {}, traceparent_injected {}, requests_sent_parked {}, server_spans_paired {}, \
          kernel_client_links {}, kernel_go_serves_known {}, kernel_go_serves_unknown {}, kernel_go_split_starts {}, \
-         kernel_go_calls_owned {}, kernel_go_calls_unowned {}, kernel_go_writes_handed_off {}\n",
+         kernel_go_calls_owned {}, kernel_go_calls_unowned {}, kernel_go_writes_handed_off {}, \
+         kernel_go_spawns_followed {}, kernel_go_calls_spawned {}\n",
         front.label(),
         pct(linked),
         pct(complete),
@@ -661,6 +700,8 @@ fn run_concurrent(front: Front, callee: Callee) {
         counter("kernel_go_calls_owned"),
         counter("kernel_go_calls_unowned"),
         counter("kernel_go_writes_handed_off"),
+        counter("kernel_go_spawns_followed"),
+        counter("kernel_go_calls_spawned"),
     );
     eprintln!("[e2e] {line}");
     let dir = completeness_dir();
@@ -689,7 +730,7 @@ fn run_concurrent(front: Front, callee: Callee) {
             format!("the links did not come from the hand-off: {line}")
         });
     }
-    if let Front::Go { spawned, .. } = front {
+    if let Front::Go { calls, on, .. } = front {
         // A write whose goroutine moved threads after its hand-off was set reaches the
         // socket on a thread that read some other request: that thread must not decide.
         failures.check(counter("kernel_client_links") == 0, || {
@@ -698,14 +739,23 @@ fn run_concurrent(front: Front, callee: Callee) {
                 counter("kernel_client_links")
             )
         });
-        if spawned {
-            // Unowned, or started by a goroutine that once served a request now gone (a
-            // reused goroutine): either way unlinked and counted.
-            let counted =
-                counter("kernel_go_calls_unowned") + counter("kernel_handoff_not_in_flight");
-            failures.check(counted as usize >= n, || {
-                format!("the calls were not counted as unlinked: {line}")
+        if on && calls != GoCalls::Handler {
+            // The calls came from goroutines the kernel followed from their creation.
+            failures.check(counter("kernel_go_calls_spawned") as usize >= n, || {
+                format!("the created goroutines were not followed: {line}")
             });
+        }
+        if calls == GoCalls::Late {
+            // Followed, but their request was answered (unless its handler was held up past the
+            // call): unlinked and counted, never given the request then in flight (mis-links).
+            failures.check(
+                counter("kernel_handoff_not_in_flight") as usize * 2 >= n,
+                || {
+                    format!(
+                        "the calls made after their request was answered were not counted: {line}"
+                    )
+                },
+            );
         }
     }
     if callee == Callee::TracedOracle {

@@ -99,6 +99,48 @@ fn read_functions<'d, R: object::ReadRef<'d>>(
     })
 }
 
+/// Where a probe goes in a Go function.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum GoAt {
+    Entry,
+    /// Each RET instruction (see [`returns`]).
+    Returns,
+}
+
+/// Where each of `probes` (program, function, where) goes in the file: the file offset of its
+/// function's entry, or of each of its RETs, in `probes`' order. A function missing from
+/// `found` is an error unless `optional` says the program may lack it (then it is left out).
+pub fn probe_offsets<'d, R: object::ReadRef<'d>>(
+    file: &object::File<'d, R>,
+    data: R,
+    found: &GoFunctions,
+    probes: &[(&'static str, &'static str, GoAt)],
+    optional: impl Fn(&str) -> bool,
+) -> Result<Vec<(&'static str, &'static str, u64)>, GoBinaryError> {
+    let mut offsets = Vec::new();
+    for &(program, function, at) in probes {
+        let Some(&entry) = found.entries.get(function) else {
+            if optional(function) {
+                continue;
+            }
+            return Err(GoBinaryError::MissingFunction(function.into()));
+        };
+        let addresses = match at {
+            GoAt::Entry => vec![entry],
+            GoAt::Returns => returns(file, data, function, entry)?,
+        };
+        for address in addresses {
+            let offset =
+                super::file_offset(file, address).ok_or_else(|| GoBinaryError::NotInFile {
+                    name: function.into(),
+                    address,
+                })?;
+            offsets.push((program, function, offset));
+        }
+    }
+    Ok(offsets)
+}
+
 /// The file's `.gopclntab`.
 fn pclntab<'d, 'f, R: object::ReadRef<'d>>(
     file: &'f object::File<'d, R>,

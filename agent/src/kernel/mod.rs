@@ -109,6 +109,8 @@ const RUNTIME_UPROBES: &[&str] = &[
     "agent_go_request_write",
     "agent_go_fd_write",
     "agent_go_exit",
+    "agent_go_spawn",
+    "agent_go_spawned",
 ];
 
 /// The uprobe programs for TLS libraries (see `tls`): loaded at start, attached to a library
@@ -923,6 +925,8 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.go_split_starts += c.go_split_starts;
     sum.go_calls_owned += c.go_calls_owned;
     sum.go_calls_unowned += c.go_calls_unowned;
+    sum.go_spawns_followed += c.go_spawns_followed;
+    sum.go_calls_spawned += c.go_calls_spawned;
     sum.go_writes_handed_off += c.go_writes_handed_off;
 }
 
@@ -1151,9 +1155,21 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
         ),
         Metric::counter(
             "kernel_go_calls_unowned",
-            "Go: client requests started by a goroutine that serves no request the kernel knows \
-             (a background goroutine, or one a handler spawned): written unlinked.",
+            "Go: client requests started by a goroutine that works for no request the kernel \
+             knows (a background goroutine, or one created while no request of its creator was \
+             in flight): written unlinked.",
             s.go_calls_unowned,
+        ),
+        Metric::counter(
+            "kernel_go_spawns_followed",
+            "Go: goroutines created by one working for a request in flight \
+             (`runtime.newproc1`): they work for it too.",
+            s.go_spawns_followed,
+        ),
+        Metric::counter(
+            "kernel_go_calls_spawned",
+            "Go: client requests (of `kernel_go_calls_owned`) started by such a created goroutine.",
+            s.go_calls_spawned,
         ),
         Metric::counter(
             "kernel_go_writes_handed_off",

@@ -6,7 +6,7 @@
 
 use agent_common::{RUNTIME_GO, RUNTIME_REQUESTS_BY_FD};
 
-use crate::elf::go::GoBinaryError;
+use crate::elf::go::{GoAt, GoBinaryError, probe_offsets};
 
 use super::{Mechanism, Plan};
 
@@ -26,6 +26,13 @@ pub(super) static PLAN: Plan = Plan {
         ("agent_go_fd_write", "internal/poll.(*FD).Write"),
         // Every goroutine's end: its g is reused, its state must not be.
         ("agent_go_exit", "runtime.goexit0"),
+        // Every goroutine's creation: the goroutine that creates it, and the request it serves.
+        ("agent_go_spawn", "runtime.newproc1"),
+    ],
+    returns: &[
+        // Each return of the creation, on the scheduler's stack (which never moves): the new
+        // goroutine works for that request too.
+        ("agent_go_spawned", "runtime.newproc1"),
     ],
 };
 
@@ -36,37 +43,38 @@ pub struct GoBinary {
     pub version: String,
     /// Where the function entries came from (`.symtab` or `.gopclntab`).
     pub source: &'static str,
-    /// The file offsets of the plan's functions, in its order.
-    pub offsets: Vec<u64>,
+    /// Where the plan's probes go: (program, function, file offset), entries in the plan's
+    /// order, then each RET of the `returns` functions.
+    pub probes: Vec<(&'static str, &'static str, u64)>,
 }
 
-/// `None` when the file is not a Go program.
+/// `None` when the file is not a Go program. `data`: the bytes `file` was parsed from.
 pub(super) fn inspect<'d, R: object::ReadRef<'d>>(
     file: &object::File<'d, R>,
+    data: R,
 ) -> Option<Result<GoBinary, GoBinaryError>> {
-    let names: Vec<&str> = PLAN.probes.iter().map(|&(_, f)| f).collect();
+    let placements: Vec<(&'static str, &'static str, GoAt)> = PLAN
+        .probes
+        .iter()
+        .map(|&(program, function)| (program, function, GoAt::Entry))
+        .chain(
+            PLAN.returns
+                .iter()
+                .map(|&(program, function)| (program, function, GoAt::Returns)),
+        )
+        .collect();
+    let names: Vec<&str> = placements.iter().map(|&(_, f, _)| f).collect();
     let found = match crate::elf::go::functions(file, &names)? {
         Ok(found) => found,
         Err(e) => return Some(Err(e)),
     };
-    let offsets = names
-        .iter()
-        .map(|&name| {
-            let address = *found
-                .entries
-                .get(name)
-                .ok_or_else(|| GoBinaryError::MissingFunction(name.to_string()))?;
-            crate::elf::file_offset(file, address).ok_or_else(|| GoBinaryError::NotInFile {
-                name: name.to_string(),
-                address,
-            })
-        })
-        .collect::<Result<Vec<u64>, GoBinaryError>>();
-    Some(offsets.map(|offsets| GoBinary {
-        version: found.version,
-        source: found.source,
-        offsets,
-    }))
+    Some(
+        probe_offsets(file, data, &found, &placements, |_| false).map(|probes| GoBinary {
+            version: found.version,
+            source: found.source,
+            probes,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -79,7 +87,7 @@ mod tests {
     fn inspect_path(path: &Path) -> Result<GoBinary, GoBinaryError> {
         let data = std::fs::read(path).expect("read binary");
         let file = object::File::parse(data.as_slice()).expect("ELF");
-        inspect(&file).expect("a Go binary")
+        inspect(&file, data.as_slice()).expect("a Go binary")
     }
 
     #[test]
@@ -89,7 +97,7 @@ mod tests {
             let stripped = inspect_path(&build(version, true)).expect("stripped");
             assert_eq!(full.source, ".symtab");
             assert_eq!(stripped.source, ".gopclntab");
-            assert_eq!(full.offsets.len(), PLAN.probes.len());
+            assert!(full.probes.len() > PLAN.probes.len(), "{:?}", full.probes);
             assert!(
                 full.version.starts_with(&format!("go{version}")),
                 "{}",
@@ -97,7 +105,7 @@ mod tests {
             );
             assert_eq!(stripped.version, full.version);
             // The same code at the same place (only symbols and DWARF were dropped).
-            assert_eq!(full.offsets, stripped.offsets, "Go {version}");
+            assert_eq!(full.probes, stripped.probes, "Go {version}");
         }
     }
 
@@ -160,6 +168,6 @@ mod tests {
     fn other_programs_are_not_go() {
         let data = std::fs::read("/bin/ls").expect("ls");
         let file = object::File::parse(data.as_slice()).expect("ELF");
-        assert!(inspect(&file).is_none());
+        assert!(inspect(&file, data.as_slice()).is_none());
     }
 }

@@ -53,16 +53,19 @@ impl fmt::Display for Mechanism {
 struct Plan {
     mechanism: Mechanism,
     flags: u32,
-    /// (program, symbol) pairs.
+    /// (program, symbol) pairs: at the function's entry.
     probes: &'static [(&'static str, &'static str)],
+    /// (program, symbol) pairs: at each RET of the function (found by decoding its code).
+    returns: &'static [(&'static str, &'static str)],
 }
 
 /// A program file a mechanism applies to: where its probes go in it.
 #[derive(Clone)]
 struct Inspected {
     plan: &'static Plan,
-    /// One per `plan.probes`: attach at the symbol (`None`) or at this file offset.
-    offsets: Option<Vec<u64>>,
+    /// Where its probes go, (program, function, file offset); `None`: `plan.probes` at their
+    /// symbols.
+    offsets: Option<Vec<(&'static str, &'static str, u64)>>,
     /// What the report says of the file beyond its name (`Go go1.23.5, .gopclntab`).
     about: String,
 }
@@ -330,10 +333,10 @@ fn inspect(exe: &Executable) -> Result<Inspected, String> {
             about: String::new(),
         });
     }
-    match go::inspect(&file) {
+    match go::inspect(&file, &data) {
         Some(Ok(binary)) => Ok(Inspected {
             plan: &go::PLAN,
-            offsets: Some(binary.offsets),
+            offsets: Some(binary.probes),
             about: format!("Go {}, functions from {}", binary.version, binary.source),
         }),
         // A Go program this mechanism cannot serve: say why (not "no mechanism").
@@ -349,15 +352,22 @@ fn attach(
     exe: &Executable,
     pid: Option<std::num::NonZeroU32>,
 ) -> Result<Vec<UprobeAttachment>, String> {
+    let placements: Vec<(&str, &str, UprobeAt<'_>)> = match &found.offsets {
+        Some(offsets) => offsets
+            .iter()
+            .map(|&(program, function, offset)| {
+                (program, function, UprobeAt::FileOffset { offset, function })
+            })
+            .collect(),
+        None => found
+            .plan
+            .probes
+            .iter()
+            .map(|&(program, symbol)| (program, symbol, UprobeAt::Symbol(symbol)))
+            .collect(),
+    };
     let mut links = Vec::new();
-    for (i, &(program, symbol)) in found.plan.probes.iter().enumerate() {
-        let at = match found.offsets.as_ref().and_then(|o| o.get(i)) {
-            Some(&offset) => UprobeAt::FileOffset {
-                offset,
-                function: symbol,
-            },
-            None => UprobeAt::Symbol(symbol),
-        };
+    for (program, symbol, at) in placements {
         match probes.attach_uprobe(program, &exe.path, at, pid) {
             Ok(link) => links.push(link),
             // The links attached so far are dropped (detached) with `links`.

@@ -13,6 +13,7 @@ pub(super) static PLAN: Plan = Plan {
         ("agent_nginx_upstream_write", "ngx_chain_writer"),
         ("agent_nginx_upstream_write_done", "ngx_chain_writer"),
     ],
+    returns: &[],
 };
 
 /// An nginx binary with the http upstream module: it exports both functions (nginx links
