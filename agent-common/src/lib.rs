@@ -311,9 +311,8 @@ pub struct KernelStats {
     /// not tell (the library did no socket I/O in the call and none earlier: a memory BIO, as
     /// Node.js and Python's asyncio use): not traced.
     pub tls_unassociated: u64,
-    /// Go `crypto/tls` calls that moved plaintext while the kernel could not tell their
-    /// connection's fd exactly (no socket I/O of the goroutine in the call nor at the
-    /// connection's handshake or earlier calls, or I/O on several fds): not traced.
+    /// Go `crypto/tls` calls on a connection whose socket the kernel could not tell (it does
+    /// not run over a `*net.TCPConn`, or its fd could not be read): not traced.
     pub go_tls_unassociated: u64,
 }
 const _: () = assert!(size_of::<KernelStats>() == 328);
@@ -335,6 +334,12 @@ pub const GO_FD_IS_FILE_OFFSET: u64 = 50;
 pub const GO_G_STACK_OFFSET: u64 = 0;
 /// Go's `net/http.transportRequest.Request` (the embedded `*Request`, its first field).
 pub const GO_TRANSPORT_REQUEST_OFFSET: u64 = 0;
+/// Go's `crypto/tls.Conn.conn`, the `net.Conn` it runs over (its first field).
+pub const GO_TLS_CONN_NET_CONN_OFFSET: u64 = 0;
+/// The type hash the Go linker gives `*net.TCPConn` (the first 4 bytes, little-endian, of the
+/// bitwise NOT of the SHA-256 of its name; Go 1.19 and 1.23 alike), copied into every itab of
+/// that type: an interface holding a `*net.TCPConn` is told by it.
+pub const GO_TCPCONN_TYPE_HASH: u32 = 0xbc02_0cb9;
 
 /// `TLS_ATTACHED` bits: which TLS probes are attached somewhere, so the socket programs look
 /// for library calls (OpenSSL) and Node.js `TLSWrap` methods in progress.

@@ -259,7 +259,7 @@ pub fn agent_go_spawn(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let thread = unsafe { bpf_get_current_pid_tgid() };
+    let thread = bpf_get_current_pid_tgid();
     match works_for(pid, arg(&ctx, 1)) {
         Some(owner) => {
             let _ = SPAWNING.insert(&thread, &owner, 0);
@@ -277,7 +277,7 @@ pub fn agent_go_spawned(ctx: ProbeContext) -> u32 {
     let Some((pid, _)) = selected_tgid() else {
         return 0;
     };
-    let thread = unsafe { bpf_get_current_pid_tgid() };
+    let thread = bpf_get_current_pid_tgid();
     let Some(owner) = SPAWNING.get_ptr(&thread).map(|o| unsafe { *o }) else {
         return 0;
     };

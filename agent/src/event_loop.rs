@@ -251,7 +251,7 @@ fn apply(
             // A new program in the same process: its old program's probes no longer apply.
             procs.runtimes.on_exit(pid);
             if let Some(tls) = procs.tls.as_mut() {
-                tls.on_exit(procs.probes, pid);
+                tls.on_exit(pid);
             }
             if selector.on_exec(pid, &comm) {
                 if newly {
@@ -281,7 +281,7 @@ fn apply(
             selector.on_exit(pid);
             procs.runtimes.on_exit(pid);
             if let Some(tls) = procs.tls.as_mut() {
-                tls.on_exit(procs.probes, pid);
+                tls.on_exit(pid);
             }
         }
     }

@@ -18,9 +18,9 @@
 //!
 //! Go programs (x86_64) carry their own TLS, `crypto/tls`: a mapped file that is a Go program
 //! linking it gets the Go TLS probes (`agent-ebpf/src/go_tls.rs`) the same way, at the entries
-//! of `(*Conn).Read`/`Write` and their handshakes and at each of their RET instructions
-//! (`elf::go`: Go moves goroutine stacks, which breaks uretprobes), and at the entries of
-//! `internal/poll.(*FD).Read`/`Write`, whose I/O names the connection's fd.
+//! of `(*Conn).Read`/`Write` and at each RET instruction of `Read` (`elf::go`: Go moves
+//! goroutine stacks, which breaks uretprobes); each call names its connection's fd itself.
+//! Nothing on the program's socket I/O: a Go program without TLS traffic hits no probe.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -72,39 +72,12 @@ const NODE_PROBES: &[(&str, &str)] = &[
 ];
 const NODE_RETURN: &str = "agent_node_wrap_leave";
 
-/// (probe program, function, where), attached in this order: first what names a call's fd and
-/// what forgets an old connection's, so that no call is sent before them (one probed earlier
-/// names nothing and is counted). The linker drops a handshake a program never does (a
-/// client has no `serverHandshake`): its probes are then left out; the others are required.
+/// (probe program, function, where): `Read`'s RETs before its entry, so that no call is
+/// recorded without a probe to end it.
 const GO_TLS_PROBES: &[(&str, &str, GoAt)] = &[
     (
-        "agent_go_tls_fd_io",
-        "internal/poll.(*FD).Read",
-        GoAt::Entry,
-    ),
-    (
-        "agent_go_tls_fd_io",
-        "internal/poll.(*FD).Write",
-        GoAt::Entry,
-    ),
-    (
-        "agent_go_tls_handshake",
-        "crypto/tls.(*Conn).clientHandshake",
-        GoAt::Entry,
-    ),
-    (
-        "agent_go_tls_handshake",
-        "crypto/tls.(*Conn).serverHandshake",
-        GoAt::Entry,
-    ),
-    (
-        "agent_go_tls_handshake_ret",
-        "crypto/tls.(*Conn).clientHandshake",
-        GoAt::Returns,
-    ),
-    (
-        "agent_go_tls_handshake_ret",
-        "crypto/tls.(*Conn).serverHandshake",
+        "agent_go_tls_read_ret",
+        "crypto/tls.(*Conn).Read",
         GoAt::Returns,
     ),
     ("agent_go_tls_read", "crypto/tls.(*Conn).Read", GoAt::Entry),
@@ -112,16 +85,6 @@ const GO_TLS_PROBES: &[(&str, &str, GoAt)] = &[
         "agent_go_tls_write",
         "crypto/tls.(*Conn).Write",
         GoAt::Entry,
-    ),
-    (
-        "agent_go_tls_read_ret",
-        "crypto/tls.(*Conn).Read",
-        GoAt::Returns,
-    ),
-    (
-        "agent_go_tls_write_ret",
-        "crypto/tls.(*Conn).Write",
-        GoAt::Returns,
     ),
 ];
 
@@ -248,8 +211,6 @@ pub struct TlsLibraries {
     seen: HashMap<u32, HashSet<FileId>>,
     /// Processes with OpenSSL attached.
     openssl: HashSet<u32>,
-    /// Processes with Go crypto/tls attached.
-    go: HashSet<u32>,
     /// The `TLS_ATTACHED_*` bits set in the kernel so far.
     lookups_on: u32,
 }
@@ -263,7 +224,6 @@ impl TlsLibraries {
             attached: HashMap::new(),
             seen: HashMap::new(),
             openssl: HashSet::new(),
-            go: HashSet::new(),
             lookups_on: 0,
         }
     }
@@ -313,7 +273,6 @@ impl TlsLibraries {
                     });
                 }
                 Library::GoTls(go) => {
-                    self.go.insert(pid);
                     let attached = self.attached.entry(id).or_default();
                     attached.users.insert(pid);
                     // Per selected process (a Go program does not fork without exec), or for
@@ -498,16 +457,10 @@ impl TlsLibraries {
     }
 
     /// A process exited (or runs another program): a library's probes go with the last traced
-    /// process that mapped it. A Go program's connections are forgotten (another process may
-    /// get its pid, and Go's heap addresses repeat from one process to the next).
-    pub fn on_exit(&mut self, probes: &mut Probes, pid: u32) {
+    /// process that mapped it.
+    pub fn on_exit(&mut self, pid: u32) {
         self.seen.remove(&pid);
         self.openssl.remove(&pid);
-        if self.go.remove(&pid)
-            && let Err(e) = probes.forget_go_tls_process(pid)
-        {
-            log::warn!("tls: cannot forget the Go TLS connections of process {pid}: {e}");
-        }
         self.attached.retain(|_, a| {
             a.users.remove(&pid);
             a.per_process.remove(&pid);
@@ -615,9 +568,7 @@ fn go_program(file: &Executable) -> Option<Library> {
             Library::GoNotApplicable("the program does not use crypto/tls".into())
         }
         Err(e) => Library::GoFailed(e.to_string()),
-        Ok(found) => match probe_offsets(&elf, &data, &found, GO_TLS_PROBES, |function| {
-            function.contains("Handshake")
-        }) {
+        Ok(found) => match probe_offsets(&elf, &data, &found, GO_TLS_PROBES, |_| false) {
             Ok(probes) => Library::GoTls(GoTlsFile {
                 about: format!("Go {}, functions from {}", found.version, found.source),
                 probes,
@@ -807,11 +758,6 @@ mod tests {
             assert_eq!(full.probes, stripped.probes, "Go {version}");
             // Every probe is placed; a RET probe at least once per function.
             for &(program, function, at) in GO_TLS_PROBES {
-                // This program makes no TLS server: the linker dropped that handshake.
-                if function.ends_with("serverHandshake") {
-                    assert!(!full.probes.iter().any(|p| p.1 == function));
-                    continue;
-                }
                 let n = full
                     .probes
                     .iter()
@@ -822,16 +768,16 @@ mod tests {
                     GoAt::Returns => assert!(n >= 1, "Go {version}: {program} on {function}"),
                 }
             }
-            // In the order that attaches what names fds before what sends plaintext.
-            let first_send = full
+            // `Read`'s RETs are attached before its entry (a call is never left unended).
+            let entry = full
                 .probes
                 .iter()
                 .position(|p| p.0 == "agent_go_tls_read")
                 .expect("read probe");
             assert!(
-                full.probes[..first_send]
+                full.probes[..entry]
                     .iter()
-                    .any(|p| p.0 == "agent_go_tls_fd_io")
+                    .any(|p| p.0 == "agent_go_tls_read_ret")
             );
         }
     }

@@ -132,10 +132,6 @@ const TLS_UPROBES: &[&str] = &[
     "agent_go_tls_read",
     "agent_go_tls_write",
     "agent_go_tls_read_ret",
-    "agent_go_tls_write_ret",
-    "agent_go_tls_handshake",
-    "agent_go_tls_handshake_ret",
-    "agent_go_tls_fd_io",
 ];
 
 const TP_BTF: &[(&str, &str)] = &[
@@ -641,30 +637,6 @@ impl Probes {
             .map_err(|source| program_error(name, &what(), source))
     }
 
-    /// Forgets the Go TLS connections of process `pid` (`GO_TLS_CONN_FDS`, keyed by
-    /// `{ pid: u32, _pad: u32, conn: u64 }`): a later process with its pid must not find them.
-    pub fn forget_go_tls_process(&mut self, pid: u32) -> Result<(), KernelError> {
-        let map = self
-            .ebpf
-            .map_mut("GO_TLS_CONN_FDS")
-            .ok_or(KernelError::MissingMap("GO_TLS_CONN_FDS"))?;
-        let mut fds =
-            HashMap::<_, [u64; 2], u32>::try_from(map).map_err(|source| KernelError::Map {
-                name: "GO_TLS_CONN_FDS",
-                source,
-            })?;
-        let theirs: Vec<[u64; 2]> = fds
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k[0] & 0xffff_ffff == u64::from(pid))
-            .collect();
-        for key in theirs {
-            // Gone already (evicted, or removed by a handshake): nothing to forget.
-            let _ = fds.remove(&key);
-        }
-        Ok(())
-    }
-
     /// Tells the socket programs which TLS probes are attached (`TLS_ATTACHED_*` bits, added to
     /// those set before; until then they skip looking for library calls).
     pub fn enable_tls_lookups(&mut self, bits: u32) -> Result<(), KernelError> {
@@ -1062,9 +1034,8 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
         ),
         Metric::counter(
             "kernel_go_tls_unassociated",
-            "Go `crypto/tls` calls that moved plaintext while the kernel could not tell their \
-             connection's fd exactly (no socket I/O of the goroutine in the call nor at the \
-             connection's handshake or earlier calls, or I/O on several fds): not traced.",
+            "Go `crypto/tls` calls on a connection whose socket the kernel could not tell (it \
+             does not run over a `*net.TCPConn`, or its fd could not be read): not traced.",
             s.go_tls_unassociated,
         ),
         Metric::counter(

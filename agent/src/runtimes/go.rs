@@ -115,7 +115,7 @@ mod tests {
     fn the_struct_offsets_the_probes_read_match_the_dwarf() {
         use agent_common::{
             GO_FD_IS_FILE_OFFSET, GO_FD_SYSFD_OFFSET, GO_G_STACK_OFFSET,
-            GO_TRANSPORT_REQUEST_OFFSET,
+            GO_TLS_CONN_NET_CONN_OFFSET, GO_TRANSPORT_REQUEST_OFFSET,
         };
         for version in VERSIONS {
             let path = build(version, false);
@@ -125,6 +125,10 @@ mod tests {
                 .args(["-ex", "ptype/o struct 'net/http.transportRequest'"])
                 .args(["-ex", "ptype/o struct 'runtime.g'"])
                 .args(["-ex", "ptype/o struct 'runtime.stack'"])
+                .args(["-ex", "ptype/o struct 'crypto/tls.Conn'"])
+                .args(["-ex", "ptype/o struct 'net.TCPConn'"])
+                .args(["-ex", "ptype/o struct 'net.conn'"])
+                .args(["-ex", "ptype/o struct 'net.netFD'"])
                 .arg(&path)
                 .output()
                 .expect("gdb (cargo xtask setup installs it)");
@@ -161,6 +165,54 @@ mod tests {
             );
             // `stack { lo, hi }`: the probes read both.
             assert_eq!(offset_of("uintptr hi;"), Some(8), "Go {version}:\n{text}");
+            // The Go TLS probes' walk from a `*tls.Conn` to its socket's `poll.FD`.
+            assert_eq!(
+                offset_of("net.Conn conn;"),
+                Some(GO_TLS_CONN_NET_CONN_OFFSET),
+                "Go {version}:\n{text}"
+            );
+            assert_eq!(
+                offset_of("net.conn conn;"),
+                Some(0),
+                "Go {version}:\n{text}"
+            );
+            assert_eq!(
+                offset_of("net.netFD *fd;"),
+                Some(0),
+                "Go {version}:\n{text}"
+            );
+            assert_eq!(
+                offset_of("internal/poll.FD pfd;"),
+                Some(0),
+                "Go {version}:\n{text}"
+            );
+        }
+    }
+
+    /// The itab the Go linker made for `*net.TCPConn` as a `net.Conn` carries the type hash
+    /// the Go TLS probes look for, at the offset they read it (`itab { inter, _type, hash }`).
+    #[test]
+    fn the_tcp_conn_itab_carries_the_type_hash_the_tls_probes_check() {
+        use object::{Object, ObjectSection, ObjectSymbol};
+        for version in VERSIONS {
+            let path = build(version, false);
+            let data = std::fs::read(&path).expect("read binary");
+            let file = object::File::parse(data.as_slice()).expect("ELF");
+            let itab = file
+                .symbols()
+                .find(|s| {
+                    s.name().is_ok_and(|n| {
+                        n == "go:itab.*net.TCPConn,net.Conn" || n == "go.itab.*net.TCPConn,net.Conn"
+                    })
+                })
+                .unwrap_or_else(|| panic!("Go {version}: no itab of *net.TCPConn as net.Conn"));
+            let section = file
+                .section_by_index(itab.section_index().expect("a defined symbol"))
+                .expect("its section");
+            let bytes = section.data().expect("section data");
+            let at = usize::try_from(itab.address() - section.address()).expect("offset") + 16;
+            let hash = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+            assert_eq!(hash, agent_common::GO_TCPCONN_TYPE_HASH, "Go {version}");
         }
     }
 
