@@ -287,9 +287,9 @@ pub struct KernelStats {
     pub go_split_starts: u64,
     /// Go: client requests started (`persistConn.roundTrip`) by a goroutine serving a request.
     pub go_calls_owned: u64,
-    /// Go: client requests started by a goroutine that works for no request the kernel knows
-    /// (a background goroutine, or one created while no request of its creator was in
-    /// flight): written unlinked.
+    /// Go: client requests started by a goroutine that works for no request in flight (a
+    /// background goroutine, one whose request was answered or not seen, or one created while
+    /// its creator's was not in flight): written unlinked.
     pub go_calls_unowned: u64,
     /// Go: socket writes of a Go transport's write goroutine handed off to the served request
     /// its client request was started for.

@@ -86,8 +86,7 @@ static SPAWNED: LruHashMap<GoKey, Owner> = LruHashMap::with_max_entries(65536, 0
 #[map]
 static SPAWNING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16384, 0);
 
-/// A served request: its socket and which request on it (`context::request_id`; 0: whichever
-/// is in flight).
+/// A served request: its socket and which request on it (`context::request_id`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Owner {
@@ -238,17 +237,17 @@ pub fn agent_go_exit(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The request goroutine `g` of `pid` works for, if it is still in flight: the one it serves,
-/// else the one it was created for.
+/// The request goroutine `g` of `pid` works for: the one it serves, if still in flight, else
+/// the one it was created for (`true`: inherited so).
 #[inline(always)]
-fn works_for(pid: u32, g: u64) -> Option<Owner> {
+fn works_for(pid: u32, g: u64) -> Option<(Owner, bool)> {
     let k = key(pid, g);
     match SERVING.get_ptr(&k) {
         Some(cookie) => {
             let cookie = unsafe { *cookie };
-            context::request_id(cookie).map(|request| Owner { cookie, request })
+            context::request_id(cookie).map(|request| (Owner { cookie, request }, false))
         }
-        None => SPAWNED.get_ptr(&k).map(|o| unsafe { *o }),
+        None => SPAWNED.get_ptr(&k).map(|o| (unsafe { *o }, true)),
     }
 }
 
@@ -261,7 +260,7 @@ pub fn agent_go_spawn(ctx: ProbeContext) -> u32 {
     };
     let thread = bpf_get_current_pid_tgid();
     match works_for(pid, arg(&ctx, 1)) {
-        Some(owner) => {
+        Some((owner, _)) => {
             let _ = SPAWNING.insert(&thread, &owner, 0);
         }
         None => {
@@ -304,23 +303,15 @@ pub fn agent_go_round_trip(ctx: ProbeContext) -> u32 {
                 return 0;
             }
         };
-    let serving = SERVING.get_ptr(&key(pid, g)).map(|c| unsafe { *c });
-    let owner = match serving {
-        // Before request ids were named here a serving goroutine's call took whichever request
-        // was in flight at its write: the same one, as its handler waits for the answer.
-        Some(cookie) => Some(Owner {
-            cookie,
-            request: context::request_id(cookie).unwrap_or(0),
-        }),
-        None => SPAWNED.get_ptr(&key(pid, g)).map(|o| {
-            count(|c| c.go_calls_spawned += 1);
-            unsafe { *o }
-        }),
-    };
-    match owner {
-        Some(owner) => {
+    // A goroutine serving a request that is not in flight now (answered, or never opened in
+    // the kernel) owns nothing: the request its socket carries at the write may be the next.
+    match works_for(pid, g) {
+        Some((owner, inherited)) => {
             let _ = OWNERS.insert(&key(pid, req), &owner, 0);
-            count(|c| c.go_calls_owned += 1);
+            count(|c| {
+                c.go_calls_owned += 1;
+                c.go_calls_spawned += inherited as u64;
+            });
         }
         None => {
             // A `*Request` address is reused once collected: never leave an old owner on it.

@@ -1126,9 +1126,9 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
         ),
         Metric::counter(
             "kernel_go_calls_unowned",
-            "Go: client requests started by a goroutine that works for no request the kernel \
-             knows (a background goroutine, or one created while no request of its creator was \
-             in flight): written unlinked.",
+            "Go: client requests started by a goroutine that works for no request in flight (a \
+             background goroutine, one whose request was answered or not seen, or one created \
+             while its creator's was not in flight): written unlinked.",
             s.go_calls_unowned,
         ),
         Metric::counter(

@@ -101,9 +101,11 @@ impl Resources {
         self.by_pid.insert(child, Arc::new(resource));
     }
 
+    /// The parent's resource as `/proc` told it (not a minimal one: its name is its own pid's).
     fn load_parent(&mut self, parent: u32) -> Option<Arc<Resource>> {
         if let Some(r) = self.by_pid.get(&parent) {
-            return Some(Arc::clone(r));
+            let minimal = r.service_name == format!("unknown:{parent}");
+            return (!minimal).then(|| Arc::clone(r));
         }
         let r = Arc::new(self.load(parent)?);
         self.by_pid.insert(parent, Arc::clone(&r));

@@ -322,9 +322,12 @@ fn a_forked_child_gone_before_it_was_read_is_its_parents_service_with_its_own_pi
     let mut cache = Resources::new("h");
     cache.proc = ProcFs::at(&root);
 
-    // 501 is not in the tree (it served its session and exited); 777's parent is gone too.
+    // 501 is not in the tree (it served its session and exited); 777's parent is gone too,
+    // and so is 779's, whose minimal resource was cached before.
     cache.load_forked(501, 500);
     cache.load_forked(777, 778);
+    cache.get_or_load(780);
+    cache.load_forked(779, 780);
     let _ = std::fs::remove_dir_all(&root);
 
     let child = cache.get_or_load(501);
@@ -342,4 +345,5 @@ fn a_forked_child_gone_before_it_was_read_is_its_parents_service_with_its_own_pi
         attr(&parent, "process.command_line")
     );
     assert_eq!(cache.get_or_load(777).service_name, "unknown:777");
+    assert_eq!(cache.get_or_load(779).service_name, "unknown:779");
 }
