@@ -94,7 +94,7 @@ pub struct Owner {
     request: u64,
 }
 
-/// A goroutine (`g`) or a `*Request` of one process.
+/// A goroutine (`g`) or a `*Request` of one process (also the Go TLS probes' key).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GoKey {
@@ -104,19 +104,19 @@ pub struct GoKey {
 }
 
 #[inline(always)]
-fn key(pid: u32, addr: u64) -> GoKey {
+pub fn key(pid: u32, addr: u64) -> GoKey {
     GoKey { pid, _pad: 0, addr }
 }
 
 /// The running goroutine.
 #[inline(always)]
-fn g(ctx: &ProbeContext) -> u64 {
+pub fn g(ctx: &ProbeContext) -> u64 {
     arch::uprobe_reg(ctx, ARCH.go_g_slot)
 }
 
 /// The `n`th integer argument at a function's entry (register ABI).
 #[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+pub fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     arch::uprobe_reg(ctx, ARCH.go_arg_slots[n])
 }
 

@@ -28,24 +28,11 @@ use aya_ebpf::{
 };
 
 use crate::{
-    arch::{self, ARCH},
+    go::{GoKey, arg, g, key},
     maps::{count, selected_tgid},
+    sockets::read_user,
     tls::{Plaintext, emit_plaintext},
 };
-
-/// A goroutine (`g`) of one process.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GoKey {
-    pid: u32,
-    _pad: u32,
-    addr: u64,
-}
-
-#[inline(always)]
-fn key(pid: u32, addr: u64) -> GoKey {
-    GoKey { pid, _pad: 0, addr }
-}
 
 /// A `Read` in progress on a goroutine.
 #[repr(C)]
@@ -65,25 +52,12 @@ pub struct GoTlsRead {
 #[map]
 static GO_TLS_READS: LruHashMap<GoKey, GoTlsRead> = LruHashMap::with_max_entries(65536, 0);
 
-#[inline(always)]
-fn g(ctx: &ProbeContext) -> u64 {
-    arch::uprobe_reg(ctx, ARCH.go_g_slot)
-}
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    arch::uprobe_reg(ctx, ARCH.go_arg_slots[n])
-}
-
-/// The goroutine's stack, `(lo, hi)` (`g.stack`).
+/// The goroutine's stack, `(lo, hi)` (`g.stack`). The helper is called here, not through
+/// `read_user`: that way the compiler compared the bounds on the failed-read path too, which
+/// the verifier refuses (`!read_ok`).
 #[inline(always)]
 fn stack(g: u64) -> Option<[u64; 2]> {
     unsafe { bpf_probe_read_user((g + agent_common::GO_G_STACK_OFFSET) as *const [u64; 2]).ok() }
-}
-
-#[inline(always)]
-fn read_user<T>(at: u64) -> Option<T> {
-    unsafe { bpf_probe_read_user(at as *const T) }.ok()
 }
 
 /// The socket fd of TLS connection `conn` (a `*crypto/tls.Conn`) when it runs over a

@@ -583,8 +583,8 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
         (SyscallKind::Writev, fd, UserBuf::Iov { iov: buf, count })
     } else if nr == a.nr_recvmsg || nr == a.nr_sendmsg {
         // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
-        let iov: u64 = unsafe { read_user::<u64>(buf + 16) }.unwrap_or(0);
-        let count: u64 = unsafe { read_user::<u64>(buf + 24) }.unwrap_or(0);
+        let iov: u64 = read_user::<u64>(buf + 16).unwrap_or(0);
+        let count: u64 = read_user::<u64>(buf + 24).unwrap_or(0);
         let kind = if nr == a.nr_recvmsg {
             SyscallKind::RecvMsg
         } else {
@@ -598,8 +598,10 @@ fn syscall_args() -> (SyscallKind, u32, UserBuf) {
     }
 }
 
+/// A `T` at `addr` in the current process's memory (`None`: unreadable; the helper faults
+/// nothing).
 #[inline(always)]
-unsafe fn read_user<T>(addr: u64) -> Option<T> {
+pub fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T).ok() }
 }
 
@@ -635,7 +637,7 @@ fn copy_iov(payload: &mut [u8; 2 * MAX_CAPTURE], iov: u64, count: u64, want: u64
             break;
         }
         // struct iovec { void *iov_base; size_t iov_len; }, read in one go.
-        let [base, len] = unsafe { read_user::<[u64; 2]>(iov + i * 16) }.unwrap_or([0, 0]);
+        let [base, len] = read_user::<[u64; 2]>(iov + i * 16).unwrap_or([0, 0]);
         i += 1;
         if base == 0 || len == 0 {
             continue;
