@@ -263,13 +263,13 @@ fn apply(
                 scan_tls(procs.tls, procs.probes, pid, &comm, stats);
             }
         }
-        ProcessChange::Fork { pid, comm } => {
+        ProcessChange::Fork { pid, parent, comm } => {
             if selector.adopt(pid, comm.clone()) {
                 log::info!("selected {comm}[{pid}] (forked by a selected process)");
                 Stats::add(&stats.processes_selected, 1);
             }
             attach_runtime(procs.runtimes, procs.probes, pid, &comm, stats);
-            scan_tls_of(procs.tls, procs.probes, pid, &comm, stats, true);
+            scan_tls_of(procs.tls, procs.probes, pid, &comm, stats, Some(parent));
         }
         ProcessChange::Libraries { pid } => {
             let comm = selector.selected().get(&pid).cloned();
@@ -318,17 +318,17 @@ fn scan_tls(
     comm: &str,
     stats: &Stats,
 ) {
-    scan_tls_of(tls, probes, pid, comm, stats, false);
+    scan_tls_of(tls, probes, pid, comm, stats, None);
 }
 
-/// `forked`: the process was just forked by a selected one (see `TlsLibraries::scan`).
+/// `forked`: the process was just forked by this selected one (see `TlsLibraries::scan`).
 fn scan_tls_of(
     tls: &mut Option<TlsLibraries>,
     probes: &mut Probes,
     pid: u32,
     comm: &str,
     stats: &Stats,
-    forked: bool,
+    forked: Option<u32>,
 ) {
     let Some(tls) = tls.as_mut() else {
         return;

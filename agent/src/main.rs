@@ -258,7 +258,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     };
     if let Some(tls) = tls.as_mut() {
         for (pid, comm) in &traced {
-            for finding in tls.scan(&mut probes, *pid, &stats, false) {
+            for finding in tls.scan(&mut probes, *pid, &stats, None) {
                 eprintln!("agent: tls: {comm}[{pid}]: {finding}");
             }
         }

@@ -111,6 +111,7 @@ pub enum ProcessChange {
     /// The kernel selected the child of a selected process.
     Fork {
         pid: u32,
+        parent: u32,
         comm: String,
     },
     Exit {
@@ -318,7 +319,11 @@ impl<S: SpanSink> Pipeline<S> {
                 // short session) may be gone by the time its first span is built.
                 self.resources.load_forked(ev.pid, ev.parent);
                 let comm = crate::events::comm_str(&ev.comm);
-                return Some(ProcessChange::Fork { pid: ev.pid, comm });
+                return Some(ProcessChange::Fork {
+                    pid: ev.pid,
+                    parent: ev.parent,
+                    comm,
+                });
             }
             Event::ProcessExit(ev) => {
                 self.on_exit(ev.pid, ev.ts_ns);

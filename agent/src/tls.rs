@@ -232,17 +232,25 @@ impl TlsLibraries {
     /// to each OpenSSL among them. Returns what it found (nothing for files seen before). A
     /// library we do not read is named only in a process without OpenSSL (curl maps GnuTLS
     /// through its LDAP and RTMP libraries, and encrypts with OpenSSL).
-    /// `forked`: the process was just forked by a selected process (a fork event).
+    /// `forked`: the process was just forked by this selected one (a fork event). Its files
+    /// are then read through its parent, as a fork without exec maps what its parent did: a
+    /// child may be gone before its files are attached to (a PostgreSQL backend that served
+    /// a short session), and its `map_files` paths with it.
     pub fn scan(
         &mut self,
         probes: &mut Probes,
         pid: u32,
         stats: &Stats,
-        forked: bool,
+        forked: Option<u32>,
     ) -> Vec<Finding> {
         let mut findings = Vec::new();
         let mut not_served = Vec::new();
-        let files = self.proc.executable_mappings(pid);
+        let mut files = forked
+            .map(|parent| self.proc.executable_mappings(parent))
+            .unwrap_or_default();
+        if files.is_empty() {
+            files = self.proc.executable_mappings(pid);
+        }
         log::debug!("tls: process {pid} maps {} executable files", files.len());
         for file in files {
             let id = (file.dev, file.ino);
@@ -316,11 +324,7 @@ impl TlsLibraries {
                 Library::OpenSsl { offsets, node } => {
                     self.openssl.insert(pid);
                     let attached = self.attached.entry(id).or_default();
-                    let forked = forked
-                        && self
-                            .proc
-                            .parent(pid)
-                            .is_some_and(|parent| attached.users.contains(&parent));
+                    let forked = forked.is_some_and(|parent| attached.users.contains(&parent));
                     attached.users.insert(pid);
                     let scope = if attached.all.is_some() {
                         None

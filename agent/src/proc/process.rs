@@ -144,13 +144,6 @@ impl ProcFs {
         files
     }
 
-    /// The parent of process `pid` (`stat`'s fourth field, after the command name in
-    /// parentheses, which may itself hold spaces and parentheses).
-    pub fn parent(&self, pid: u32) -> Option<u32> {
-        let stat = std::fs::read_to_string(self.dir(pid).join("stat")).ok()?;
-        stat_parent(&stat)
-    }
-
     /// The inodes of the sockets process `pid` holds open (`fd/N` → `socket:[INODE]`); none
     /// without access to its file descriptors.
     pub fn socket_inodes(&self, pid: u32) -> impl Iterator<Item = u64> {
@@ -196,12 +189,6 @@ fn classify(pid: u32, file: &'static str, source: io::Error, dir: &Path) -> Proc
     } else {
         ProcessError::Read { pid, file, source }
     }
-}
-
-/// `/proc/PID/exe` of a binary replaced on disk ends in " (deleted)".
-fn stat_parent(stat: &str) -> Option<u32> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A `maps` line of an executable file mapping: its address range and the file's path.
@@ -316,16 +303,6 @@ mod tests {
                 ("55d0c0a00000-55d0c0b00000", "/opt/app/bin/server"),
             ]
         );
-    }
-
-    #[test]
-    fn the_parent_comes_after_the_command_name_whatever_it_holds() {
-        assert_eq!(stat_parent("812 (postgres) S 800 812 812 0 -1"), Some(800));
-        assert_eq!(stat_parent("9 (a) b (c) R 1 9 9 0"), Some(1));
-        assert_eq!(stat_parent("garbage"), None);
-        let proc = ProcFs::host();
-        let me = std::process::id();
-        assert_eq!(proc.parent(me), Some(std::os::unix::process::parent_id()));
     }
 
     #[test]
