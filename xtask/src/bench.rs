@@ -40,7 +40,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::builder::RangedU64ValueParser;
-use testkit::{Agent, ExitSummary, ExportTotals};
+use testkit::{Agent, AgentBuilder, Collector, ExitSummary, ExportTotals};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Counters of the agent's summary that count kernel events it lost (and said so).
@@ -90,6 +90,97 @@ pub enum Bench {
     NginxHttps,
 }
 
+/// How a with-agent run starts the agent: `bin args`, exporting to `sink`.
+pub(super) struct WithAgent<'a> {
+    pub bin: &'a Path,
+    pub args: &'a [String],
+    pub sink: &'a Sink,
+}
+
+/// Where the agent's spans go in the with-agent runs (`--export`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, clap::ValueEnum)]
+pub enum Export {
+    /// The console exporter, into /dev/null (every span built, formatted and written)
+    #[default]
+    Console,
+    /// OTLP/gRPC to a real collector on loopback (rotel, discarding what it receives)
+    Otlp,
+}
+
+/// The with-agent runs' span destination, up for the whole benchmark.
+pub(super) enum Sink {
+    Console,
+    Otlp(Collector),
+}
+
+impl Sink {
+    fn start(export: Export) -> Self {
+        match export {
+            Export::Console => Sink::Console,
+            Export::Otlp => {
+                let collector = Collector::start_quiet();
+                eprintln!(
+                    "bench: exporting to a rotel collector at {}",
+                    collector.grpc_endpoint()
+                );
+                Sink::Otlp(collector)
+            }
+        }
+    }
+
+    fn start_agent(&self, builder: AgentBuilder) -> Agent {
+        match self {
+            Sink::Console => builder.start_console(),
+            Sink::Otlp(collector) => builder.start(collector),
+        }
+    }
+
+    /// This sink's section marker: the console's are the plain ones, so an OTLP run keeps
+    /// its own section beside them.
+    pub(super) fn mark(&self, mark: &str) -> String {
+        match self {
+            Sink::Console => mark.to_string(),
+            Sink::Otlp(_) => otlp_mark(mark),
+        }
+    }
+
+    /// What a section's title adds.
+    pub(super) fn title(&self) -> &'static str {
+        match self {
+            Sink::Console => "",
+            Sink::Otlp(_) => ", spans exported over OTLP/gRPC",
+        }
+    }
+
+    /// How the agent's spans left it, for "How it was measured".
+    pub(super) fn describe(&self) -> &'static str {
+        match self {
+            Sink::Console => {
+                "console exporter (every span is built, formatted and written, to /dev/null)"
+            }
+            Sink::Otlp(_) => {
+                "OTLP/gRPC exporter (`--otlp-endpoint`) to a rotel collector on loopback that \
+                 discards what it receives (`--exporter blackhole`, one log line per batch); \
+                 the collector's CPU is counted in \"other load\", not in the agent's"
+            }
+        }
+    }
+
+    /// The command-line flag that chose it.
+    pub(super) fn flag(&self) -> &'static str {
+        match self {
+            Sink::Console => "",
+            Sink::Otlp(_) => " --export otlp",
+        }
+    }
+}
+
+/// `<!-- bench:NAME:start -->` → `<!-- bench:NAME+otlp:start -->` (and `:end`).
+fn otlp_mark(mark: &str) -> String {
+    mark.replace(":start -->", "+otlp:start -->")
+        .replace(":end -->", "+otlp:end -->")
+}
+
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 #[command(
@@ -124,6 +215,10 @@ pub struct Options {
         default_value = "prepared"
     )]
     pg_modes: Vec<pg::Mode>,
+    /// Where the agent sends its spans in the with-agent runs (an OTLP run writes sections of
+    /// its own)
+    #[arg(long, value_enum, value_name = "SINK", default_value = "console")]
+    export: Export,
     /// Use this agent binary instead of building target/release/agent
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
@@ -173,33 +268,50 @@ pub fn run(mut opts: Options) -> Result<()> {
         );
     }
     let mut bpf_stats = BpfStats::new()?;
+    let sink = Sink::start(opts.export);
     if opts.runs(Bench::Nginx) {
         let scheme = nginx::Scheme::Http;
-        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, scheme)?;
-        publish(&opts, &section, scheme.mark_start(), scheme.mark_end())?;
+        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, &sink, scheme)?;
+        publish(
+            &opts,
+            &sink,
+            &section,
+            scheme.mark_start(),
+            scheme.mark_end(),
+        )?;
     }
     if opts.runs(Bench::Pg) {
         check_interrupted()?;
-        let section = pg::run(&opts, &agent_bin, &mut bpf_stats)?;
-        publish(&opts, &section, pg::MARK_START, pg::MARK_END)?;
+        let section = pg::run(&opts, &agent_bin, &mut bpf_stats, &sink)?;
+        publish(&opts, &sink, &section, pg::MARK_START, pg::MARK_END)?;
     }
     if opts.runs(Bench::Proxy) {
         check_interrupted()?;
-        let section = proxy::run(&opts, &agent_bin, &mut bpf_stats)?;
-        publish(&opts, &section, proxy::MARK_START, proxy::MARK_END)?;
+        let section = proxy::run(&opts, &agent_bin, &mut bpf_stats, &sink)?;
+        publish(&opts, &sink, &section, proxy::MARK_START, proxy::MARK_END)?;
     }
     if opts.runs(Bench::NginxHttps) {
         check_interrupted()?;
         let scheme = nginx::Scheme::Https;
-        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, scheme)?;
-        publish(&opts, &section, scheme.mark_start(), scheme.mark_end())?;
+        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, &sink, scheme)?;
+        publish(
+            &opts,
+            &sink,
+            &section,
+            scheme.mark_start(),
+            scheme.mark_end(),
+        )?;
     }
     Ok(())
 }
 
 /// Prints a benchmark's section and (unless `--no-write`) puts it into BENCHMARKS.md at once,
 /// so the results of one benchmark survive a failure of the next.
-fn publish(opts: &Options, section: &str, start: &str, end: &str) -> Result<()> {
+/// The section is written with `sink`'s markers (those in `section` included).
+fn publish(opts: &Options, sink: &Sink, section: &str, start: &str, end: &str) -> Result<()> {
+    let (start_mark, end_mark) = (sink.mark(start), sink.mark(end));
+    let section = section.replace(start, &start_mark).replace(end, &end_mark);
+    let (start, end) = (start_mark.as_str(), end_mark.as_str());
     println!("{section}");
     if !opts.write {
         return Ok(());
@@ -210,7 +322,7 @@ fn publish(opts: &Options, section: &str, start: &str, end: &str) -> Result<()> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    fs::write(&path, replace_section(&old, section, start, end))
+    fs::write(&path, replace_section(&old, &section, start, end))
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("bench: results written to {}", path.display());
     Ok(())
@@ -354,17 +466,15 @@ fn measure_without<T>(
 /// 0.5 s and idle) to idle after the load, its BPF programs' statistics over the same window
 /// (bpf_stats switched on for it only), its memory, and its exit summary.
 fn measure_with_agent<T>(
-    agent_bin: &Path,
-    agent_args: &[String],
+    agent: &WithAgent<'_>,
     clk_tck: u64,
     bpf_stats: &mut BpfStats,
     server_ticks: &dyn Fn() -> Result<u64>,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<AgentRun<T>> {
-    let mut agent = Agent::builder()
-        .binary(agent_bin)
-        .args(agent_args)
-        .start_console();
+    let mut agent = agent
+        .sink
+        .start_agent(Agent::builder().binary(agent.bin).args(agent.args));
     let pid = agent.pid();
     // Let the start-up (process scan, first polls) finish before the baseline.
     thread::sleep(Duration::from_millis(500));
@@ -440,24 +550,14 @@ struct Pair<T> {
 /// the other way round for odd pairs, so that drift cancels.
 fn run_pair<T>(
     index: usize,
-    agent_bin: &Path,
-    agent_args: &[String],
+    agent: &WithAgent<'_>,
     clk_tck: u64,
     bpf_stats: &mut BpfStats,
     server_ticks: &dyn Fn() -> Result<u64>,
     load: impl Fn() -> Result<T>,
 ) -> Result<Pair<T>> {
     let agent_first = index % 2 == 1;
-    let mut with = || {
-        measure_with_agent(
-            agent_bin,
-            agent_args,
-            clk_tck,
-            bpf_stats,
-            server_ticks,
-            &load,
-        )
-    };
+    let mut with = || measure_with_agent(agent, clk_tck, bpf_stats, server_ticks, &load);
     let (without, with) = if agent_first {
         let with = with()?;
         check_interrupted()?;
@@ -926,6 +1026,27 @@ mod tests {
         let both = replace_section(&new, &format!("{c}\ny\n{d}"), c, d);
         assert!(
             both.contains(&format!("{a}\nnew\n{b}")) && both.ends_with(&format!("{c}\ny\n{d}\n"))
+        );
+    }
+
+    #[test]
+    fn an_otlp_run_writes_a_section_of_its_own() {
+        let (start, end) = ("<!-- bench:nginx:start -->", "<!-- bench:nginx:end -->");
+        assert_eq!(otlp_mark(start), "<!-- bench:nginx+otlp:start -->");
+        let console = format!("{start}\nconsole\n{end}");
+        let old = format!("# Benchmarks\n\n{console}\n");
+        let otlp = format!("{}\notlp\n{}", otlp_mark(start), otlp_mark(end));
+        let new = replace_section(&old, &otlp, &otlp_mark(start), &otlp_mark(end));
+        assert!(new.contains(&console) && new.contains(&otlp), "{new}");
+        let again = replace_section(
+            &new,
+            &otlp.replace("otlp\n", "2\n"),
+            &otlp_mark(start),
+            &otlp_mark(end),
+        );
+        assert!(
+            again.contains(&console) && !again.contains("\notlp\n"),
+            "{again}"
         );
     }
 

@@ -18,9 +18,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use testkit::{HttpServer as _, NginxServer, nginx_bin};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
-    check_interrupted, code_list, fmt_latency, median, nonzero_loss_counters, process_ticks,
-    processes_named, render_bpf_programs, render_threads, run_pair, yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS, Sink,
+    WithAgent, check_interrupted, code_list, fmt_latency, median, nonzero_loss_counters,
+    process_ticks, processes_named, render_bpf_programs, render_threads, run_pair, yes_no,
 };
 
 const NGINX_CPU: &str = "1";
@@ -52,6 +52,14 @@ impl Scheme {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
+        }
+    }
+
+    /// The `cargo xtask bench` argument that runs it.
+    fn bench_name(self) -> &'static str {
+        match self {
+            Scheme::Http => "nginx",
+            Scheme::Https => "nginx-https",
         }
     }
 
@@ -117,6 +125,7 @@ pub(super) fn run(
     opts: &Options,
     agent_bin: &Path,
     bpf_stats: &mut BpfStats,
+    sink: &Sink,
     scheme: Scheme,
 ) -> Result<String> {
     let env = Environment::read()?;
@@ -159,13 +168,17 @@ pub(super) fn run(
     check_interrupted()?;
 
     let agent_args: Vec<String> = AGENT_ARGS.iter().map(|a| a.to_string()).collect();
+    let with_agent = WithAgent {
+        bin: agent_bin,
+        args: &agent_args,
+        sink,
+    };
     let nginx_ticks = || Ok(process_ticks(master)? + process_ticks(worker)?);
     let mut pairs = Vec::with_capacity(opts.pairs);
     for index in 0..opts.pairs {
         let pair = run_pair(
             index,
-            agent_bin,
-            &agent_args,
+            &with_agent,
             cfg.clk_tck,
             bpf_stats,
             &nginx_ticks,
@@ -190,6 +203,7 @@ pub(super) fn run(
 
     render(
         opts,
+        sink,
         &env,
         &versions,
         &cfg,
@@ -378,8 +392,10 @@ http {
 
 const AGENT_ARGS: &[&str] = &["--comm", "nginx"];
 
+#[allow(clippy::too_many_arguments)] // a section's inputs, each read once
 fn render(
     opts: &Options,
+    sink: &Sink,
     env: &Environment,
     versions: &Versions,
     cfg: &RunConfig,
@@ -450,20 +466,22 @@ fn render(
     match cfg.scheme {
         Scheme::Http => writeln!(
             s,
-            "## nginx + wrk on loopback, with and without the agent\n"
+            "## nginx + wrk on loopback, with and without the agent{}\n",
+            sink.title()
         )?,
         Scheme::Https => writeln!(
             s,
-            "## nginx over https (TLS) + wrk on loopback, with and without the agent\n\n\
+            "## nginx over https (TLS) + wrk on loopback, with and without the agent{}\n\n\
              The agent reads the plaintext through its OpenSSL probes (uprobes on `SSL_read`, \
              `SSL_write` and their `_ex` forms in `libssl.so.3`); everything else as in the \
-             plain HTTP benchmark.\n"
+             plain HTTP benchmark.\n",
+            sink.title()
         )?,
     }
     writeln!(
         s,
         "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs \
-         (`cargo xtask bench --pairs {} --duration {} --connections {}`). \
+         (`cargo xtask bench {} --pairs {} --duration {} --connections {}{}`). \
          Load average when it started: {}.\n",
         env.date,
         env.kernel,
@@ -472,9 +490,11 @@ fn render(
         env.clk_tck,
         opts.pairs,
         opts.duration,
+        cfg.scheme.bench_name(),
         opts.pairs,
         opts.duration,
         opts.connections,
+        sink.flag(),
         env.loadavg
     )?;
 
@@ -725,10 +745,11 @@ fn render(
     writeln!(
         s,
         "- agent: `target/release/agent {} > /dev/null` — a user's configuration: select nginx by \
-         command name, console exporter (every span is built, formatted and written, to /dev/null). \
-         Started after nginx, before each with-agent run; the run starts 0.5 s after it printed \
-         `agent ready` and it is stopped with SIGTERM after the run; its summary gives the counters.",
-        AGENT_ARGS.join(" ")
+         command name, {}. Started after nginx, before each with-agent run; the run starts 0.5 s \
+         after it printed `agent ready` and it is stopped with SIGTERM after the run; its summary \
+         gives the counters.",
+        AGENT_ARGS.join(" "),
+        sink.describe()
     )?;
     writeln!(
         s,

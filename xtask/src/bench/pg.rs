@@ -30,10 +30,10 @@ use testkit::servers::children_of;
 use testkit::{PgServer, pgbench_init};
 
 use super::{
-    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS,
-    check_interrupted, code_list, first_line, fmt_latency, median, nonzero_loss_counters,
-    process_and_reaped_ticks, process_ticks, processes_named, render_bpf_programs, render_threads,
-    run_pair, yes_no,
+    AgentRun, BpfStats, EVENT_LOSS_COUNTERS, Environment, Options, Pair, SPAN_LOSS_COUNTERS, Sink,
+    WithAgent, check_interrupted, code_list, first_line, fmt_latency, median,
+    nonzero_loss_counters, process_and_reaped_ticks, process_ticks, processes_named,
+    render_bpf_programs, render_threads, run_pair, yes_no,
 };
 
 pub(super) const MARK_START: &str = "<!-- bench:pg:start -->";
@@ -70,7 +70,12 @@ impl Mode {
 }
 
 /// Runs the PostgreSQL benchmark (every mode of `--pg-modes`); returns its BENCHMARKS.md section.
-pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
+pub(super) fn run(
+    opts: &Options,
+    agent_bin: &Path,
+    bpf_stats: &mut BpfStats,
+    sink: &Sink,
+) -> Result<String> {
     let env = Environment::read()?;
     let versions = Versions {
         postgres: first_line(Command::new(pg_bin("postgres")).arg("--version")),
@@ -92,6 +97,11 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
     }
 
     let agent_args = agent_args(server.pid());
+    let with_agent = WithAgent {
+        bin: agent_bin,
+        args: &agent_args,
+        sink,
+    };
     let server_ticks = || server_ticks(&server);
     let mut results = Vec::with_capacity(opts.pg_modes.len());
     for &mode in &opts.pg_modes {
@@ -115,8 +125,7 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
         for index in 0..opts.pairs {
             let pair = run_pair(
                 index,
-                agent_bin,
-                &agent_args,
+                &with_agent,
                 cfg.clk_tck,
                 bpf_stats,
                 &server_ticks,
@@ -146,7 +155,15 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
     bpf_stats.restore();
     drop(server);
 
-    render(opts, &env, &versions, &results, bpf_stats, foreign_pgbench)
+    render(
+        opts,
+        sink,
+        &env,
+        &versions,
+        &results,
+        bpf_stats,
+        foreign_pgbench,
+    )
 }
 
 fn agent_args(postmaster: u32) -> Vec<String> {
@@ -482,6 +499,7 @@ fn mode_flag(mode: Mode) -> String {
 
 fn render(
     opts: &Options,
+    sink: &Sink,
     env: &Environment,
     versions: &Versions,
     results: &[ModeResult],
@@ -496,12 +514,13 @@ fn render(
     writeln!(s, "{MARK_START}")?;
     writeln!(
         s,
-        "## PostgreSQL + pgbench on loopback, with and without the agent\n"
+        "## PostgreSQL + pgbench on loopback, with and without the agent{}\n",
+        sink.title()
     )?;
     writeln!(
         s,
         "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs per query mode \
-         (`cargo xtask bench pg --pairs {} --duration {} --clients {} --pg-modes {}`); {}, {}. \
+         (`cargo xtask bench pg --pairs {} --duration {} --clients {} --pg-modes {}{}`); {}, {}. \
          Load average when it started: {}.\n",
         env.date,
         env.kernel,
@@ -514,6 +533,7 @@ fn render(
         opts.duration,
         opts.clients,
         modes.join(","),
+        sink.flag(),
         versions.postgres,
         versions.pgbench,
         env.loadavg
@@ -710,7 +730,7 @@ fn render(
         render_mode(&mut s, r, m, tck)?;
     }
 
-    render_method(&mut s, opts, versions, results, bpf_stats)?;
+    render_method(&mut s, opts, sink, versions, results, bpf_stats)?;
     writeln!(s, "{MARK_END}")?;
     Ok(s)
 }
@@ -810,6 +830,7 @@ fn render_mode(s: &mut String, r: &ModeResult, m: &Summary, tck: u64) -> Result<
 fn render_method(
     s: &mut String,
     opts: &Options,
+    sink: &Sink,
     versions: &Versions,
     results: &[ModeResult],
     bpf_stats: &BpfStats,
@@ -855,14 +876,14 @@ fn render_method(
         s,
         "- agent: `target/release/agent {} > /dev/null` — the postmaster by pid (the backends it \
          forks during the run are selected by the kernel at fork), pgbench by command name (at \
-         exec); console exporter, every span built, formatted and written to /dev/null. Both ends \
-         of every connection are traced: each query is one client statement (pgbench) and one \
-         server statement (backend), 2 `db_statements` and 2 spans. Started before each \
+         exec); {}. Both ends of every connection are traced: each query is one client \
+         statement (pgbench) and one server statement (backend), 2 `db_statements` and 2 spans. Started before each \
          with-agent run; the run starts 0.5 s after it printed `agent ready` and once it is idle; \
          it is stopped with SIGTERM after the run and its summary gives the counters.",
         agent_args(0)
             .join(" ")
-            .replace("--pid 0", "--pid $POSTMASTER")
+            .replace("--pid 0", "--pid $POSTMASTER"),
+        sink.describe()
     )?;
     writeln!(
         s,

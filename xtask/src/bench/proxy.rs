@@ -18,8 +18,8 @@ use anyhow::{Context as _, Result, bail};
 use testkit::{HttpServer as _, NginxServer};
 
 use super::{
-    AgentRun, BpfStats, Environment, Options, check_interrupted, fmt_latency, measure_with_agent,
-    median, process_ticks,
+    AgentRun, BpfStats, Environment, Options, Sink, WithAgent, check_interrupted, fmt_latency,
+    measure_with_agent, median, process_ticks,
 };
 
 const NGINX_CPU: &str = "1";
@@ -134,7 +134,12 @@ struct Front {
 const GO_VERSION: &str = "1.23";
 
 /// Runs the proxy benchmark for each front (nginx, Go); returns its BENCHMARKS.md section.
-pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) -> Result<String> {
+pub(super) fn run(
+    opts: &Options,
+    agent_bin: &Path,
+    bpf_stats: &mut BpfStats,
+    sink: &Sink,
+) -> Result<String> {
     let env = Environment::read()?;
     // The backend answers like the nginx benchmark's server.
     let backend = NginxServer::start_with(&super::nginx::Scheme::Http.conf(), Some(NGINX_CPU));
@@ -172,7 +177,15 @@ pub(super) fn run(opts: &Options, agent_bin: &Path, bpf_stats: &mut BpfStats) ->
                 }
             }
         };
-        let section = run_front(opts, &env, agent_bin, bpf_stats, &front, backend.port())?;
+        let section = run_front(
+            opts,
+            &env,
+            agent_bin,
+            bpf_stats,
+            sink,
+            &front,
+            backend.port(),
+        )?;
         s.push_str(&section);
     }
     let _ = writeln!(s, "{MARK_END}");
@@ -184,6 +197,7 @@ fn run_front(
     env: &Environment,
     agent_bin: &Path,
     bpf_stats: &mut BpfStats,
+    sink: &Sink,
     front: &Front,
     backend_port: u16,
 ) -> Result<String> {
@@ -213,8 +227,13 @@ fn run_front(
     let mut pairs: Vec<(Figures, Figures)> = Vec::with_capacity(opts.pairs);
     for index in 0..opts.pairs {
         let mut measure = |a: &[String]| -> Result<AgentRun<Wrk>> {
+            let with_agent = WithAgent {
+                bin: agent_bin,
+                args: a,
+                sink,
+            };
             let run =
-                measure_with_agent(agent_bin, a, env.clk_tck, bpf_stats, &front_ticks, || {
+                measure_with_agent(&with_agent, env.clk_tck, bpf_stats, &front_ticks, || {
                     run_wrk(front.port, front.path, opts.duration, opts.connections)
                 })?;
             check_interrupted()?;
@@ -254,7 +273,7 @@ fn run_front(
         pairs.push((on, off));
     }
     bpf_stats.restore();
-    Ok(render(opts, env, front, &pairs, &runs))
+    Ok(render(opts, sink, env, front, &pairs, &runs))
 }
 
 /// Counters of the runs with linking on that say how the upstream requests went.
@@ -276,6 +295,7 @@ const LINK_COUNTERS: &[&str] = &[
 
 fn render(
     opts: &Options,
+    sink: &Sink,
     env: &Environment,
     front: &Front,
     pairs: &[(Figures, Figures)],
@@ -288,8 +308,13 @@ fn render(
     let _ = writeln!(s, "{MARK_START}");
     let _ = writeln!(
         s,
-        "### Runtime linking: {}, {} ({} pairs × {} s, wrk -c{})\n",
-        front.label, env.date, opts.pairs, opts.duration, opts.connections
+        "### Runtime linking: {}{}, {} ({} pairs × {} s, wrk -c{})\n",
+        front.label,
+        sink.title(),
+        env.date,
+        opts.pairs,
+        opts.duration,
+        opts.connections
     );
     let _ = writeln!(
         s,
