@@ -219,6 +219,10 @@ pub struct Options {
     /// its own)
     #[arg(long, value_enum, value_name = "SINK", default_value = "console")]
     export: Export,
+    /// One more argument for the agent in the with-agent runs (repeat for more), e.g.
+    /// `--agent-arg=--tls=off`, to measure what a switch costs
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Use this agent binary instead of building target/release/agent
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
@@ -230,6 +234,14 @@ pub struct Options {
 impl Options {
     fn runs(&self, bench: Bench) -> bool {
         self.only.or(self.bench).is_none_or(|b| b == bench)
+    }
+
+    /// The `--agent-arg`s as given on the command line (empty without any).
+    pub(super) fn agent_arg_flags(&self) -> String {
+        self.agent_arg
+            .iter()
+            .map(|a| format!(" --agent-arg={a}"))
+            .collect()
     }
 
     /// `--pg-modes` in the order given, each once.
@@ -1078,7 +1090,10 @@ mod tests {
         assert!(!o.runs(Bench::Nginx) && o.runs(Bench::Pg));
         assert_eq!(o.pairs, 2);
         assert_eq!(o.pg_modes, vec![pg::Mode::Prepared, pg::Mode::Simple]);
-        let o = parse("--only nginx --no-write --agent /x/agent").expect("options");
+        let o = parse("--only nginx --no-write --agent /x/agent --agent-arg --tls=off")
+            .expect("options");
+        assert_eq!(o.agent_arg, ["--tls=off"]);
+        assert_eq!(o.agent_arg_flags(), " --agent-arg=--tls=off");
         assert!(o.runs(Bench::Nginx) && !o.runs(Bench::Pg));
         assert!(!o.write && o.agent.as_deref() == Some(Path::new("/x/agent")));
         assert!(parse("--only postgresql").expect("alias").runs(Bench::Pg));

@@ -167,7 +167,11 @@ pub(super) fn run(
     run_wrk(&RunConfig { duration: 2, ..cfg })?;
     check_interrupted()?;
 
-    let agent_args: Vec<String> = AGENT_ARGS.iter().map(|a| a.to_string()).collect();
+    let agent_args: Vec<String> = AGENT_ARGS
+        .iter()
+        .map(|a| a.to_string())
+        .chain(opts.agent_arg.iter().cloned())
+        .collect();
     let with_agent = WithAgent {
         bin: agent_bin,
         args: &agent_args,
@@ -481,7 +485,7 @@ fn render(
     writeln!(
         s,
         "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs \
-         (`cargo xtask bench {} --pairs {} --duration {} --connections {}{}`). \
+         (`cargo xtask bench {} --pairs {} --duration {} --connections {}{}{}`). \
          Load average when it started: {}.\n",
         env.date,
         env.kernel,
@@ -495,6 +499,7 @@ fn render(
         opts.duration,
         opts.connections,
         sink.flag(),
+        opts.agent_arg_flags(),
         env.loadavg
     )?;
 
@@ -748,7 +753,12 @@ fn render(
          command name, {}. Started after nginx, before each with-agent run; the run starts 0.5 s \
          after it printed `agent ready` and it is stopped with SIGTERM after the run; its summary \
          gives the counters.",
-        AGENT_ARGS.join(" "),
+        AGENT_ARGS
+            .iter()
+            .copied()
+            .chain(opts.agent_arg.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
         sink.describe()
     )?;
     writeln!(

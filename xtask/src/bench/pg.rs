@@ -96,7 +96,7 @@ pub(super) fn run(
         );
     }
 
-    let agent_args = agent_args(server.pid());
+    let agent_args = agent_args(server.pid(), &opts.agent_arg);
     let with_agent = WithAgent {
         bin: agent_bin,
         args: &agent_args,
@@ -166,13 +166,15 @@ pub(super) fn run(
     )
 }
 
-fn agent_args(postmaster: u32) -> Vec<String> {
-    vec![
+fn agent_args(postmaster: u32, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
         "--pid".into(),
         postmaster.to_string(),
         "--comm".into(),
         "pgbench".into(),
-    ]
+    ];
+    args.extend(extra.iter().cloned());
+    args
 }
 
 struct Versions {
@@ -520,7 +522,7 @@ fn render(
     writeln!(
         s,
         "Measured {} on Linux {}, {} CPUs ({}), CLK_TCK {}, {} pairs of {} s runs per query mode \
-         (`cargo xtask bench pg --pairs {} --duration {} --clients {} --pg-modes {}{}`); {}, {}. \
+         (`cargo xtask bench pg --pairs {} --duration {} --clients {} --pg-modes {}{}{}`); {}, {}. \
          Load average when it started: {}.\n",
         env.date,
         env.kernel,
@@ -534,6 +536,7 @@ fn render(
         opts.clients,
         modes.join(","),
         sink.flag(),
+        opts.agent_arg_flags(),
         versions.postgres,
         versions.pgbench,
         env.loadavg
@@ -880,7 +883,7 @@ fn render_method(
          statement (pgbench) and one server statement (backend), 2 `db_statements` and 2 spans. Started before each \
          with-agent run; the run starts 0.5 s after it printed `agent ready` and once it is idle; \
          it is stopped with SIGTERM after the run and its summary gives the counters.",
-        agent_args(0)
+        agent_args(0, &opts.agent_arg)
             .join(" ")
             .replace("--pid 0", "--pid $POSTMASTER"),
         sink.describe()

@@ -214,6 +214,7 @@ fn run_front(
             .flat_map(|p| ["--pid".to_string(), p.to_string()])
             .collect();
         args.extend(["--runtime-linking".to_string(), mechanism.to_string()]);
+        args.extend(opts.agent_arg.iter().cloned());
         args
     };
     let (on_args, off_args) = (args(front.mechanism), args("none"));
