@@ -31,6 +31,20 @@ use anyhow::Context as _;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// mimalloc's "free what you can now" (in the library the `mimalloc` crate links; its
+    /// Rust binding sits behind a feature with a dependency we do not otherwise need).
+    fn mi_collect(force: bool);
+}
+
+/// Start-up (the kernel's BTF, the eBPF object, `/proc` scans) frees megabytes that mimalloc
+/// keeps until this thread allocates again, which it hardly does: return them now (idle
+/// RSS 57 → 38 MiB; peak under the nginx bench 76.5 → 61.0 MiB, BENCHMARKS.md).
+fn release_start_up_memory() {
+    // SAFETY: takes no pointer; mimalloc is this process's allocator (above).
+    unsafe { mi_collect(true) };
+}
+
 fn main() -> std::process::ExitCode {
     // Errors are printed as sentences (with their causes), not as a debug dump with a backtrace.
     match start() {
@@ -295,6 +309,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .name("events".into())
         .spawn(move || event_loop::run(loop_cfg, exporter))
         .context("cannot start the event thread")?;
+    release_start_up_memory();
     eprintln!("agent ready: press Ctrl-C to stop");
 
     wait_for_signal().await;
