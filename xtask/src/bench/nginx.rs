@@ -1,5 +1,5 @@
 //! nginx answers a tiny response on loopback while wrk loads it, alternately without and with
-//! the agent (`agent --comm nginx`, console exporter into /dev/null, so every request is traced
+//! the agent (`agent --comm nginx`, console exporter into /dev/null or `--export otlp`, so every request is traced
 //! and its span built and exported). Each pair of runs gives a throughput ratio and a p99
 //! latency ratio; the with-agent run also gives the agent's CPU time per request, the BPF run
 //! time per request (kernel `bpf_stats`), its memory and what it lost.
@@ -167,11 +167,7 @@ pub(super) fn run(
     run_wrk(&RunConfig { duration: 2, ..cfg })?;
     check_interrupted()?;
 
-    let agent_args: Vec<String> = AGENT_ARGS
-        .iter()
-        .map(|a| a.to_string())
-        .chain(opts.agent_arg.iter().cloned())
-        .collect();
+    let agent_args = agent_args(opts);
     let with_agent = WithAgent {
         bin: agent_bin,
         args: &agent_args,
@@ -394,7 +390,12 @@ http {
 }
 ";
 
-const AGENT_ARGS: &[&str] = &["--comm", "nginx"];
+/// A user's configuration (nginx by command name), and any `--agent-arg`.
+fn agent_args(opts: &Options) -> Vec<String> {
+    let mut args = vec!["--comm".to_string(), "nginx".to_string()];
+    args.extend(opts.agent_arg.iter().cloned());
+    args
+}
 
 #[allow(clippy::too_many_arguments)] // a section's inputs, each read once
 fn render(
@@ -753,12 +754,7 @@ fn render(
          command name, {}. Started after nginx, before each with-agent run; the run starts 0.5 s \
          after it printed `agent ready` and it is stopped with SIGTERM after the run; its summary \
          gives the counters.",
-        AGENT_ARGS
-            .iter()
-            .copied()
-            .chain(opts.agent_arg.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
+        agent_args(opts).join(" "),
         sink.describe()
     )?;
     writeln!(
