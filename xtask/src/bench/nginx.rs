@@ -1,6 +1,6 @@
 //! nginx answers a tiny response on loopback while wrk loads it, alternately without and with
-//! the agent (`agent --comm nginx`, console exporter into /dev/null or `--export otlp`, so every request is traced
-//! and its span built and exported). Each pair of runs gives a throughput ratio and a p99
+//! the agent (`agent --comm nginx`, console exporter into /dev/null or `--export otlp`, so
+//! every request is traced and its span built and exported). Each pair of runs gives a throughput ratio and a p99
 //! latency ratio; the with-agent run also gives the agent's CPU time per request, the BPF run
 //! time per request (kernel `bpf_stats`), its memory and what it lost.
 //!
