@@ -1,8 +1,8 @@
 //! A throwaway PostgreSQL answers `pgbench -S` (one primary-key SELECT per transaction) on
 //! loopback, alternately without and with the agent (`agent --pid <postmaster> --comm pgbench`,
-//! console exporter into /dev/null, or OTLP with `--export otlp`). Both ends are traced: the backends (forked by the
-//! postmaster during the run, selected by the kernel at fork) and pgbench (selected by name at
-//! exec), so every query gives two `db_statements` and two spans.
+//! console exporter into /dev/null, or OTLP with `--export otlp`). Both ends are traced: the
+//! backends (forked by the postmaster during the run, selected by the kernel at fork) and
+//! pgbench (selected by name at exec), so every query gives two `db_statements` and two spans.
 //!
 //! The cluster: the end-to-end tests' [`PgServer`] (a copy of a cluster made once by `initdb -A
 //! trust` as the `postgres` OS user, on tmpfs) with the benchmark's settings
