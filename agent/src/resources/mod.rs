@@ -30,7 +30,7 @@ pub fn host_name() -> String {
 /// once more when the pod list tells what was still unknown of its pod).
 pub struct Resources {
     host_name: String,
-    by_pid: HashMap<u32, Arc<Resource>>,
+    by_pid: HashMap<u32, Cached>,
     k8s: Option<Arc<Kubernetes>>,
     /// The pod list's generation when `waiting` was last checked.
     k8s_generation: u64,
@@ -38,6 +38,29 @@ pub struct Resources {
     /// resource was built: where they run, and how much was known (`Resolution::rank`).
     waiting: HashMap<u32, (k8s::ContainerRef, u8)>,
     proc: ProcFs,
+}
+
+/// A process's resource, and whether `/proc` told it (`false`: the minimal one of a process
+/// that could not be read).
+struct Cached {
+    resource: Arc<Resource>,
+    read: bool,
+}
+
+impl Cached {
+    fn read(resource: Resource) -> Self {
+        Self {
+            resource: Arc::new(resource),
+            read: true,
+        }
+    }
+
+    fn minimal(pid: u32, host_name: &str) -> Self {
+        Self {
+            resource: Arc::new(build::minimal_resource(pid, host_name)),
+            read: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Resources {
@@ -72,14 +95,15 @@ impl Resources {
     /// (or unreadable) gets a minimal resource (`service.name` = `unknown:PID`).
     pub fn get_or_load(&mut self, pid: u32) -> Arc<Resource> {
         self.refresh_kubernetes();
-        if let Some(r) = self.by_pid.get(&pid) {
-            return Arc::clone(r);
+        if let Some(c) = self.by_pid.get(&pid) {
+            return Arc::clone(&c.resource);
         }
-        let r = Arc::new(
-            self.load(pid)
-                .unwrap_or_else(|| build::minimal_resource(pid, self.host())),
-        );
-        self.by_pid.insert(pid, Arc::clone(&r));
+        let cached = match self.load(pid) {
+            Some(r) => Cached::read(r),
+            None => Cached::minimal(pid, self.host()),
+        };
+        let r = Arc::clone(&cached.resource);
+        self.by_pid.insert(pid, cached);
         r
     }
 
@@ -91,24 +115,25 @@ impl Resources {
         if self.by_pid.contains_key(&child) {
             return;
         }
-        let resource = match self.load(child) {
-            Some(r) => r,
+        let cached = match self.load(child) {
+            Some(r) => Cached::read(r),
             None => match self.load_parent(parent) {
-                Some(parent) => build::forked(&parent, child, self.host()),
-                None => build::minimal_resource(child, self.host()),
+                // Told by /proc too, of the parent.
+                Some(parent) => Cached::read(build::forked(&parent, child, self.host())),
+                None => Cached::minimal(child, self.host()),
             },
         };
-        self.by_pid.insert(child, Arc::new(resource));
+        self.by_pid.insert(child, cached);
     }
 
-    /// The parent's resource as `/proc` told it (not a minimal one: its name is its own pid's).
+    /// The parent's resource as `/proc` told it (not a minimal one).
     fn load_parent(&mut self, parent: u32) -> Option<Arc<Resource>> {
-        if let Some(r) = self.by_pid.get(&parent) {
-            let minimal = r.service_name == format!("unknown:{parent}");
-            return (!minimal).then(|| Arc::clone(r));
+        if let Some(c) = self.by_pid.get(&parent) {
+            return c.read.then(|| Arc::clone(&c.resource));
         }
-        let r = Arc::new(self.load(parent)?);
-        self.by_pid.insert(parent, Arc::clone(&r));
+        let cached = Cached::read(self.load(parent)?);
+        let r = Arc::clone(&cached.resource);
+        self.by_pid.insert(parent, cached);
         Some(r)
     }
 
@@ -181,7 +206,7 @@ impl Resources {
             }
             // A process gone meanwhile keeps the resource it had.
             if let Some(r) = self.load(pid) {
-                self.by_pid.insert(pid, Arc::new(r));
+                self.by_pid.insert(pid, Cached::read(r));
             }
         }
     }
