@@ -281,16 +281,18 @@ pub fn run(mut opts: Options) -> Result<()> {
     }
     let mut bpf_stats = BpfStats::new()?;
     let sink = Sink::start(opts.export);
-    if opts.runs(Bench::Nginx) {
-        let scheme = nginx::Scheme::Http;
-        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, &sink, scheme)?;
+    let run_nginx = |scheme: nginx::Scheme, bpf_stats: &mut BpfStats| -> Result<()> {
+        let section = nginx::run(&opts, &agent_bin, bpf_stats, &sink, scheme)?;
         publish(
             &opts,
             &sink,
             &section,
             scheme.mark_start(),
             scheme.mark_end(),
-        )?;
+        )
+    };
+    if opts.runs(Bench::Nginx) {
+        run_nginx(nginx::Scheme::Http, &mut bpf_stats)?;
     }
     if opts.runs(Bench::Pg) {
         check_interrupted()?;
@@ -304,15 +306,7 @@ pub fn run(mut opts: Options) -> Result<()> {
     }
     if opts.runs(Bench::NginxHttps) {
         check_interrupted()?;
-        let scheme = nginx::Scheme::Https;
-        let section = nginx::run(&opts, &agent_bin, &mut bpf_stats, &sink, scheme)?;
-        publish(
-            &opts,
-            &sink,
-            &section,
-            scheme.mark_start(),
-            scheme.mark_end(),
-        )?;
+        run_nginx(nginx::Scheme::Https, &mut bpf_stats)?;
     }
     Ok(())
 }
