@@ -144,6 +144,7 @@ pub(super) fn run(
     // The backend answers like the nginx benchmark's server.
     let backend = NginxServer::start_with(&super::nginx::Scheme::Http.conf(), Some(NGINX_CPU));
     let mut s = String::new();
+    let _ = writeln!(s, "{MARK_START}");
     for kind in ["nginx", "go"] {
         let front = match kind {
             "nginx" => {
@@ -306,7 +307,6 @@ fn render(
     let bpf_delta = med(&|(on, off)| on.bpf_ns - off.bpf_ns);
     let agent_delta = med(&|(on, off)| on.agent_us - off.agent_us);
     let mut s = String::new();
-    let _ = writeln!(s, "{MARK_START}");
     let _ = writeln!(
         s,
         "### Runtime linking: {}{}, {} ({} pairs × {} s, wrk -c{})\n",
