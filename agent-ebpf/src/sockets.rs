@@ -294,11 +294,14 @@ pub struct SendStart {
 /// only fires once the syscall returns, and a sender held up in between (a descheduled vCPU, an
 /// interrupt) would otherwise end its span after the peer already had the answer. Runs for
 /// every TCP write on the host, so it only writes this CPU's slot; the send event checks it.
+/// Unselected writers stop first, before the clock is read.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn agent_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
+    let Some((_, tid)) = selected_tgid() else {
+        return 0;
+    };
     if let Some(slot) = SEND_STARTS.get_ptr_mut(0) {
         unsafe {
-            let tid = bpf_get_current_pid_tgid() as u32;
             let sk: u64 = ctx.arg(0);
             let now = bpf_ktime_get_ns();
             // The same thread and socket: a further chunk of this write (or a stale stamp,

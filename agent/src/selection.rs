@@ -18,6 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::{
     k8s::{self, Kubernetes, PodFilter},
+    kernel::SelectedMap,
     proc::ProcFs,
 };
 
@@ -228,7 +229,7 @@ pub struct Selector {
     watched: Vec<Watched>,
     /// The agent's PATH, where bare `--exe` names are looked up.
     path_var: Option<OsString>,
-    map: Option<BpfHashMap<MapData, u32, u32>>,
+    map: Option<SelectedMap>,
     selected: HashMap<u32, String>,
     own_pid: u32,
     pub map_errors: u64,
@@ -243,7 +244,7 @@ pub struct Selector {
 
 impl Selector {
     /// `map` is None when tracing everything (the kernel then ignores the map).
-    pub fn new(selection: Selection, map: Option<BpfHashMap<MapData, u32, u32>>) -> Self {
+    pub fn new(selection: Selection, map: Option<SelectedMap>) -> Self {
         let path_var = std::env::var_os("PATH");
         let criteria = (selection.pids.iter().map(|&p| Criterion::Pid(p)))
             .chain(selection.comms.iter().map(|c| Criterion::Comm(c.clone())))
@@ -428,7 +429,7 @@ impl Selector {
             return false;
         }
         if let Some(map) = self.map.as_mut()
-            && map.insert(&pid, &1, 0).is_err()
+            && map.insert(pid).is_err()
         {
             self.map_errors += 1;
             return false;
@@ -438,7 +439,7 @@ impl Selector {
         // be traced.
         if !self.proc.exists(pid) {
             if let Some(map) = self.map.as_mut() {
-                let _ = map.remove(&pid);
+                map.remove(pid);
             }
             return false;
         }
@@ -575,7 +576,7 @@ impl Selector {
         if self.selected.remove(&pid).is_some()
             && let Some(map) = self.map.as_mut()
         {
-            let _ = map.remove(&pid);
+            map.remove(pid);
         }
     }
 }

@@ -680,14 +680,27 @@ impl Probes {
     }
 
     /// The selected-process map (taken once, by the selector).
-    pub fn take_selected(&mut self) -> Result<HashMap<MapData, u32, u32>, KernelError> {
+    pub fn take_selected(&mut self) -> Result<SelectedMap, KernelError> {
         let map = self
             .ebpf
             .take_map("SELECTED")
             .ok_or(KernelError::MissingMap("SELECTED"))?;
-        HashMap::try_from(map).map_err(|source| KernelError::Map {
+        let pids = HashMap::try_from(map).map_err(|source| KernelError::Map {
             name: "SELECTED",
             source,
+        })?;
+        let map = self
+            .ebpf
+            .take_map("SELECTION_GENERATION")
+            .ok_or(KernelError::MissingMap("SELECTION_GENERATION"))?;
+        let generation = Array::try_from(map).map_err(|source| KernelError::Map {
+            name: "SELECTION_GENERATION",
+            source,
+        })?;
+        Ok(SelectedMap {
+            pids,
+            generation,
+            changes: 0,
         })
     }
 
@@ -1149,6 +1162,42 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             s.go_writes_handed_off,
         ),
     ]
+}
+
+/// The kernel's selected processes. Each CPU caches its last verdict until the selection
+/// changes (`selected_tgid` in the eBPF programs): every change here is followed by a bump of
+/// userspace's generation slot, after the change, so no verdict outlives it.
+pub struct SelectedMap {
+    pids: HashMap<MapData, u32, u32>,
+    generation: Array<MapData, u64>,
+    /// Changes made here (userspace's slot of the generation; this is its one writer).
+    changes: u64,
+}
+
+/// Userspace's slot in `SELECTION_GENERATION` (the kernel's programs bump slot 0).
+const USER_GENERATION_SLOT: u32 = 1;
+
+impl SelectedMap {
+    pub fn insert(&mut self, pid: u32) -> Result<(), aya::maps::MapError> {
+        self.pids.insert(&pid, &1, 0)?;
+        self.changed();
+        Ok(())
+    }
+
+    pub fn remove(&mut self, pid: u32) {
+        if self.pids.remove(&pid).is_ok() {
+            self.changed();
+        }
+    }
+
+    fn changed(&mut self) {
+        self.changes = self.changes.wrapping_add(1);
+        if let Err(e) = self.generation.set(USER_GENERATION_SLOT, &self.changes, 0) {
+            // Cannot fail for an in-range index of an array; if it did, a CPU could keep a
+            // stale verdict for a process until the kernel's next change.
+            log::warn!("selection generation not updated: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
