@@ -88,6 +88,9 @@ pub enum Bench {
     /// nginx over https (TLS plaintext read through OpenSSL's probes).
     #[value(alias = "https")]
     NginxHttps,
+    /// nginx while the agent selects only another (idle) process: what untraced processes pay.
+    #[value(alias = "untraced")]
+    NginxUntraced,
 }
 
 /// How a with-agent run starts the agent: `bin args`, exporting to `sink`.
@@ -188,7 +191,7 @@ fn otlp_mark(mark: &str) -> String {
 generator on CPU 0; PostgreSQL runs as the `postgres` OS user."
 )]
 pub struct Options {
-    /// Run only this benchmark (default: nginx, then pg, then proxy)
+    /// Run only this benchmark (default: all of them, in the order listed)
     #[arg(value_enum, conflicts_with = "only")]
     bench: Option<Bench>,
     /// The same as the positional BENCH
@@ -281,18 +284,18 @@ pub fn run(mut opts: Options) -> Result<()> {
     }
     let mut bpf_stats = BpfStats::new()?;
     let sink = Sink::start(opts.export);
-    let run_nginx = |scheme: nginx::Scheme, bpf_stats: &mut BpfStats| -> Result<()> {
-        let section = nginx::run(&opts, &agent_bin, bpf_stats, &sink, scheme)?;
+    let run_nginx = |variant: nginx::Variant, bpf_stats: &mut BpfStats| -> Result<()> {
+        let section = nginx::run(&opts, &agent_bin, bpf_stats, &sink, variant)?;
         publish(
             &opts,
             &sink,
             &section,
-            scheme.mark_start(),
-            scheme.mark_end(),
+            variant.mark_start(),
+            variant.mark_end(),
         )
     };
     if opts.runs(Bench::Nginx) {
-        run_nginx(nginx::Scheme::Http, &mut bpf_stats)?;
+        run_nginx(nginx::Variant::Http, &mut bpf_stats)?;
     }
     if opts.runs(Bench::Pg) {
         check_interrupted()?;
@@ -306,7 +309,11 @@ pub fn run(mut opts: Options) -> Result<()> {
     }
     if opts.runs(Bench::NginxHttps) {
         check_interrupted()?;
-        run_nginx(nginx::Scheme::Https, &mut bpf_stats)?;
+        run_nginx(nginx::Variant::Https, &mut bpf_stats)?;
+    }
+    if opts.runs(Bench::NginxUntraced) {
+        check_interrupted()?;
+        run_nginx(nginx::Variant::Untraced, &mut bpf_stats)?;
     }
     Ok(())
 }

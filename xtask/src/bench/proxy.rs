@@ -142,7 +142,7 @@ pub(super) fn run(
 ) -> Result<String> {
     let env = Environment::read()?;
     // The backend answers like the nginx benchmark's server.
-    let backend = NginxServer::start_with(&super::nginx::Scheme::Http.conf(), Some(NGINX_CPU));
+    let backend = NginxServer::start_with(&super::nginx::Variant::Http.conf(), Some(NGINX_CPU));
     let mut s = String::new();
     let _ = writeln!(s, "{MARK_START}");
     for kind in ["nginx", "go"] {
