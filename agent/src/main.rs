@@ -171,7 +171,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let selected_map = if selection.traces_all() {
         None
     } else {
-        Some(probes.take_selected()?)
+        let maps = probes.take_selected()?;
+        Some(selection::SelectedMap::new(maps.pids, maps.generation))
     };
     let mut selector =
         selection::Selector::new(selection, selected_map).with_kubernetes(k8s.clone());

@@ -237,17 +237,53 @@ fn attach_fexit(
     })
 }
 
+/// The kernel's selection: `SELECTED` (tgid → 1) and `SELECTION_GENERATION`, bumped after
+/// each change (each CPU caches its last verdict while it is unchanged).
+pub struct SelectionMaps {
+    pub pids: HashMap<MapData, u32, u32>,
+    pub generation: Array<MapData, u64>,
+}
+
+/// What loading asks of the kernel's BTF beyond the offsets (read with our own reader).
+struct BtfFacts {
+    /// `struct socket`'s `sk` offset.
+    socket_sk: u32,
+    has_sendpage: bool,
+    /// The BTF tracepoints a hook may use, each with whether this kernel has it.
+    tracepoints: Vec<(&'static str, bool)>,
+}
+
+impl BtfFacts {
+    fn read(btf: &btf::Btf) -> Result<Self, KernelError> {
+        let tracepoints = DATA_HOOKS
+            .iter()
+            .map(|hook| hook.tracepoint.1)
+            .chain([WRITE_STAMP_TP_BTF.1])
+            .map(|tp| (tp, btf.has_tracepoint(tp)))
+            .collect();
+        Ok(Self {
+            socket_sk: btf.member_offset("socket", "sk")?,
+            has_sendpage: btf.has_function(SENDPAGE_FEXIT.1),
+            tracepoints,
+        })
+    }
+
+    fn has_tracepoint(&self, tp: &str) -> bool {
+        self.tracepoints.iter().any(|&(t, have)| t == tp && have)
+    }
+}
+
 /// Attaches the socket data programs, per direction the best hook this kernel offers (see
 /// `DataHook`); chosen by what the kernel's BTF offers and what attaches, not by its version.
 fn attach_data_hooks(
     choice: SocketHooks,
     ebpf: &mut Ebpf,
     kernel_btf: &aya::Btf,
-    btf: &btf::Btf,
+    facts: &BtfFacts,
     attached: &mut Vec<Attached>,
     hooks: &mut Vec<HookChoice>,
 ) -> Result<(), KernelError> {
-    let sk = btf.member_offset("socket", "sk")?;
+    let sk = facts.socket_sk;
     if sk != agent_common::SOCKET_SK_OFFSET {
         return Err(KernelError::Unsupported(format!(
             "this kernel's struct socket keeps sk at byte {sk}, not {} as the kernel programs \
@@ -255,12 +291,12 @@ fn attach_data_hooks(
             agent_common::SOCKET_SK_OFFSET
         )));
     }
-    let kernel_has_sendpage = btf.has_function(SENDPAGE_FEXIT.1);
+    let kernel_has_sendpage = facts.has_sendpage;
     let mut kprobes = false;
     for hook in &DATA_HOOKS {
         let sendpage = kernel_has_sendpage && hook.sendpage;
         let (name, tp) = hook.tracepoint;
-        let have_tp = btf.has_tracepoint(tp);
+        let have_tp = facts.has_tracepoint(tp);
         if choice == SocketHooks::Tracepoints && !have_tp {
             return Err(KernelError::Unsupported(format!(
                 "--socket-hooks tracepoints: this kernel has no {tp} tracepoint (Linux >= 6.3); \
@@ -481,12 +517,19 @@ impl Probes {
         }
         let btf = btf::Btf::from_sys_fs()?;
         let offsets = btf.kernel_offsets()?;
+        let facts = BtfFacts::read(&btf)?;
+        // Gone before aya parses its own copy: with both at once (ours 18 MiB, aya's 20 MiB
+        // on this 6.18 kernel) start-up was the agent's peak, VmHWM 64 MiB for 36 when ready.
+        drop(btf);
         let trace_all: u32 = opts.trace_all.into();
         let agent_pid = std::process::id();
         let capture = clamp_capture(opts.capture_size);
         let propagation: u32 = opts.context_propagation.into();
         let linking: u32 = opts.in_process_linking.into();
+        // Parsed once, for the loader's relocations and the attachments.
+        let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut ebpf = EbpfLoader::new()
+            .btf(&kernel_btf)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_SIZE", &capture, true)
@@ -500,14 +543,13 @@ impl Probes {
                 "/agent"
             )))?;
 
-        let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut attached = Vec::new();
         let mut hooks = Vec::new();
         attach_data_hooks(
             opts.socket_hooks,
             &mut ebpf,
             &kernel_btf,
-            &btf,
+            &facts,
             &mut attached,
             &mut hooks,
         )?;
@@ -523,7 +565,7 @@ impl Probes {
                  its span late"
             )),
         };
-        if !btf.has_tracepoint(tp) {
+        if !facts.has_tracepoint(tp) {
             hooks.push(stamps_at_return(format!(
                 "no {tp} tracepoint on this kernel"
             )));
@@ -679,8 +721,8 @@ impl Probes {
         })
     }
 
-    /// The selected-process map (taken once, by the selector).
-    pub fn take_selected(&mut self) -> Result<SelectedMap, KernelError> {
+    /// The selected-process map and its generation (taken once, by the selector).
+    pub fn take_selected(&mut self) -> Result<SelectionMaps, KernelError> {
         let map = self
             .ebpf
             .take_map("SELECTED")
@@ -697,11 +739,7 @@ impl Probes {
             name: "SELECTION_GENERATION",
             source,
         })?;
-        Ok(SelectedMap {
-            pids,
-            generation,
-            changes: 0,
-        })
+        Ok(SelectionMaps { pids, generation })
     }
 
     /// Exact command names the kernel selects at exec (taken once, by the selector).
@@ -1162,42 +1200,6 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             s.go_writes_handed_off,
         ),
     ]
-}
-
-/// The kernel's selected processes. Each CPU caches its last verdict until the selection
-/// changes (`selected_tgid` in the eBPF programs): every change here is followed by a bump of
-/// userspace's generation slot, after the change, so no verdict outlives it.
-pub struct SelectedMap {
-    pids: HashMap<MapData, u32, u32>,
-    generation: Array<MapData, u64>,
-    /// Changes made here (userspace's slot of the generation; this is its one writer).
-    changes: u64,
-}
-
-/// Userspace's slot in `SELECTION_GENERATION` (the kernel's programs bump slot 0).
-const USER_GENERATION_SLOT: u32 = 1;
-
-impl SelectedMap {
-    pub fn insert(&mut self, pid: u32) -> Result<(), aya::maps::MapError> {
-        self.pids.insert(&pid, &1, 0)?;
-        self.changed();
-        Ok(())
-    }
-
-    pub fn remove(&mut self, pid: u32) {
-        if self.pids.remove(&pid).is_ok() {
-            self.changed();
-        }
-    }
-
-    fn changed(&mut self) {
-        self.changes = self.changes.wrapping_add(1);
-        if let Err(e) = self.generation.set(USER_GENERATION_SLOT, &self.changes, 0) {
-            // Cannot fail for an in-range index of an array; if it did, a CPU could keep a
-            // stale verdict for a process until the kernel's next change.
-            log::warn!("selection generation not updated: {e}");
-        }
-    }
 }
 
 #[cfg(test)]
