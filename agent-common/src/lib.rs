@@ -166,6 +166,10 @@ pub const DATA_FLAG_TLS_PLAINTEXT: u32 = 8;
 /// Socket bytes moved inside a TLS library call (encrypted records whose plaintext comes as
 /// [`DATA_FLAG_TLS_PLAINTEXT`] events): counted, not copied.
 pub const DATA_FLAG_TLS_RECORDS: u32 = 16;
+/// A write of an exchange head sampling left out, on a socket the injector follows: sent
+/// without its bytes, only so userspace knows the socket (its fd, its writes) and can put it
+/// back into the injector's map once parked; never parsed.
+pub const DATA_FLAG_UNSAMPLED: u32 = 32;
 
 /// Connection lifecycle: accept, connect, close.
 #[repr(C)]
@@ -314,8 +318,14 @@ pub struct KernelStats {
     /// Go `crypto/tls` calls on a connection whose socket the kernel could not tell (it does
     /// not run over a `*net.TCPConn`, or its fd could not be read): not traced.
     pub go_tls_unassociated: u64,
+    /// Requests read by a traced server that head sampling left out (`--sample-ratio`, or an
+    /// incoming `traceparent` not sampled): the kernel sent none of their bytes.
+    pub requests_unsampled: u64,
+    /// Client requests made for a request left out by sampling: not sampled either (their
+    /// `traceparent` says so), none of their bytes sent.
+    pub calls_unsampled: u64,
 }
-const _: () = assert!(size_of::<KernelStats>() == 328);
+const _: () = assert!(size_of::<KernelStats>() == 344);
 
 /// `RUNTIME_PIDS` flags: what a runtime mechanism's probes need of the kernel for a process.
 /// Its probes name a served request by the fd it was read on (nginx: the client connection's;
@@ -411,6 +421,8 @@ const _: () = assert!(size_of::<ThreadContext>() == 48);
 pub const THREAD_FLAG_ANSWERED: u32 = 1;
 /// Another request was in flight on this thread when this one came: do not guess.
 pub const THREAD_FLAG_AMBIGUOUS: u32 = 2;
+/// Head sampling left the request out: its client calls are left out too.
+pub const THREAD_FLAG_UNSAMPLED: u32 = 4;
 
 /// Where the injector is in an enrolled socket's outgoing byte stream.
 #[repr(C)]

@@ -6,7 +6,8 @@
 
 use agent_common::{
     CONTEXT_FLAG_PARENT, CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ContextEvent, EventKind,
-    RUNTIME_GO, RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED, ThreadContext,
+    RUNTIME_GO, RUNTIME_REQUESTS_BY_FD, THREAD_FLAG_AMBIGUOUS, THREAD_FLAG_ANSWERED,
+    THREAD_FLAG_UNSAMPLED, ThreadContext,
 };
 use aya_ebpf::{
     helpers::generated::bpf_get_prandom_u32,
@@ -16,8 +17,15 @@ use aya_ebpf::{
 
 use crate::{
     http_head::{self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_MANY_TRACEPARENTS},
-    maps::{RUNTIME_PIDS, count, emit, in_process_linking, max_children, max_trace_age_ns},
+    maps::{
+        RUNTIME_PIDS, count, emit, in_process_linking, max_children, max_trace_age_ns, sample_root,
+        sampling,
+    },
 };
+
+/// Head sampling's decision for the request being opened on this CPU (see `open_request`).
+#[map]
+static DECISION: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// The request each thread of a selected process is serving (thread id → context).
 #[map]
@@ -54,7 +62,9 @@ pub struct Inflight {
     count: u32,
     /// 1 while the ids above are those of the one request in flight: once two overlap, which
     /// of them an answer ends is unknown, so the entry names nobody until both are gone.
-    named: u16,
+    named: u8,
+    /// 1: head sampling left that request out.
+    unsampled: u8,
     /// Client requests linked to it (bounded like a thread's).
     children: u16,
 }
@@ -71,7 +81,8 @@ pub struct ServerRequest {
     span_id: [u8; 8],
     /// Client requests a runtime hand-off linked to it (bounded like a thread's).
     children: u32,
-    _pad: u32,
+    /// 1: head sampling left it out.
+    unsampled: u32,
 }
 
 /// The server socket each request was read from, by the process's fd for it, for processes
@@ -156,12 +167,34 @@ pub fn random_id<const N: usize>() -> [u8; N] {
 
 /// A read on a socket by a selected thread: if it starts a request, choose the server span's
 /// ids, remember them for the thread and tell userspace (before the data event, same `ts`).
+/// `None` when it starts no request; else whether the request is sampled (always, unless
+/// `may_sample` and head sampling is on).
 #[inline(always)]
-pub fn on_read(pid: u32, tid: u32, cookie: u64, fd: u32, ts: u64, buf: *const u8, captured: u32) {
+#[allow(clippy::too_many_arguments)]
+pub fn on_read(
+    pid: u32,
+    tid: u32,
+    cookie: u64,
+    fd: u32,
+    ts: u64,
+    buf: *const u8,
+    captured: u32,
+    may_sample: bool,
+) -> Option<bool> {
     if !http_head::starts_request(buf, captured) {
-        return;
+        return None;
     }
-    open_request(pid, tid, cookie, fd, ts, buf, captured, 0);
+    Some(open_request(
+        pid,
+        tid,
+        cookie,
+        fd,
+        ts,
+        buf,
+        captured,
+        0,
+        may_sample && sampling(),
+    ))
 }
 
 /// A runtime probe: the request now served on `cookie` was not opened at its read (its first
@@ -179,6 +212,7 @@ pub fn open_late_request(
     if !http_head::starts_request(buf, http_head::HEAD_WINDOW) {
         return false;
     }
+    // Its first byte was already sent to userspace: sampled.
     open_request(
         pid,
         tid,
@@ -188,6 +222,7 @@ pub fn open_late_request(
         buf,
         http_head::HEAD_WINDOW,
         CONTEXT_FLAG_SPLIT_START,
+        false,
     );
     // Opened unless its head did not scan (or linking is off).
     in_flight(cookie)
@@ -208,7 +243,10 @@ pub fn in_flight(cookie: u64) -> bool {
 }
 
 /// A request starts at `buf` (the read's first `captured` bytes): choose the server span's
-/// ids, remember them and tell userspace.
+/// ids, remember them and tell userspace. With `sample`, decide whether it is sampled: as its
+/// `traceparent` says if it has a valid one (parent-based), else at the configured ratio. A
+/// request left out gets ids all the same (its calls carry them, not sampled) but userspace
+/// hears nothing of it. Returns whether it is sampled (a head that does not scan is).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn open_request(
@@ -220,16 +258,20 @@ fn open_request(
     buf: *const u8,
     captured: u32,
     split: u32,
-) {
-    if pure_server(pid) {
-        return;
+    sample: bool,
+) -> bool {
+    if !sample && pure_server(pid) {
+        return true;
     }
     let Some(head) = http_head::scan(buf, captured, http_head::SCAN_READ) else {
-        return;
+        return true;
     };
     if head.flags & HEAD_BAD != 0 || head.line_end == 0 {
-        return;
+        return true;
     }
+    // A pure server's ids are not needed, but its decision is (asked after the scan: a flag
+    // live across it would have the verifier walk the scan twice).
+    let pure = sample && pure_server(pid);
     let mut ev = ContextEvent {
         kind: EventKind::Context as u32,
         role: CONTEXT_SERVER,
@@ -250,6 +292,26 @@ fn open_request(
         && http_head::decode_hex(buf, head.traceparent + 36, &mut ev.parent_id)
         && ev.trace_id != [0; 16]
         && ev.parent_id != [0; 8];
+    let mut parent_flags = [0u8; 1];
+    let sampled = if !sample {
+        true
+    } else if incoming && http_head::decode_hex(buf, head.traceparent + 53, &mut parent_flags) {
+        parent_flags[0] & 1 != 0
+    } else {
+        sample_root()
+    };
+    // Through map memory: the decision's paths end in one verifier state (the program's
+    // budget does not stretch to the rest of this function once per way of deciding).
+    let sampled = match DECISION.get_ptr_mut(0) {
+        Some(d) => unsafe {
+            core::ptr::write_volatile(d, sampled as u32);
+            core::ptr::read_volatile(d) != 0
+        },
+        None => true,
+    };
+    if pure {
+        return sampled;
+    }
     if incoming {
         ev.flags = CONTEXT_FLAG_PARENT;
     } else {
@@ -257,9 +319,9 @@ fn open_request(
         ev.parent_id = [0; 8];
     }
     if in_process_linking() {
-        remember(tid, cookie, ts, &ev);
+        remember(tid, cookie, ts, &ev, sampled);
         let line = http_head::line_hash(buf, head.line_end);
-        note_inflight(pid, cookie, ts, &ev, line, incoming);
+        note_inflight(pid, cookie, ts, &ev, line, incoming, sampled);
         if RUNTIME_PIDS
             .get_ptr(&pid)
             .is_some_and(|f| unsafe { *f } & RUNTIME_REQUESTS_BY_FD != 0)
@@ -267,9 +329,13 @@ fn open_request(
             let _ = REQUESTS_BY_FD.insert(&FdKey { pid, fd }, &cookie, 0);
         }
     }
+    if !sampled {
+        return false;
+    }
     count(|c| c.server_contexts += 1);
     ev.flags |= split;
     emit(ev);
+    true
 }
 
 #[inline(always)]
@@ -286,7 +352,15 @@ fn trace_hash(trace: &[u8; 16]) -> u64 {
 /// A request read on `cookie` is in flight in `pid` (the socket's previous one, if still
 /// there, is given up: a pipelined request is not followed).
 #[inline(always)]
-fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, incoming: bool) {
+fn note_inflight(
+    pid: u32,
+    cookie: u64,
+    ts: u64,
+    ev: &ContextEvent,
+    line: u64,
+    incoming: bool,
+    sampled: bool,
+) {
     release_inflight(cookie);
     let request = ServerRequest {
         pid,
@@ -297,7 +371,7 @@ fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, i
         trace_id: ev.trace_id,
         span_id: ev.span_id,
         children: 0,
-        _pad: 0,
+        unsampled: !sampled as u32,
     };
     add_inflight(
         InflightKey {
@@ -307,6 +381,7 @@ fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, i
         },
         ts,
         ev,
+        sampled,
     );
     if incoming {
         add_inflight(
@@ -317,13 +392,14 @@ fn note_inflight(pid: u32, cookie: u64, ts: u64, ev: &ContextEvent, line: u64, i
             },
             ts,
             ev,
+            sampled,
         );
     }
     let _ = SERVER_REQUESTS.insert(&cookie, &request, 0);
 }
 
 #[inline(always)]
-fn add_inflight(key: InflightKey, ts: u64, ev: &ContextEvent) {
+fn add_inflight(key: InflightKey, ts: u64, ev: &ContextEvent, sampled: bool) {
     if let Some(e) = INFLIGHT.get_ptr_mut(&key) {
         let e = unsafe { &mut *e };
         if ts.saturating_sub(e.ts_ns) < max_trace_age_ns() {
@@ -339,6 +415,7 @@ fn add_inflight(key: InflightKey, ts: u64, ev: &ContextEvent) {
         span_id: ev.span_id,
         count: 1,
         named: 1,
+        unsampled: !sampled as u8,
         children: 0,
     };
     let _ = INFLIGHT.insert(&key, &fresh, 0);
@@ -381,12 +458,7 @@ fn drop_inflight(key: InflightKey) {
 /// The one request `pid` is serving whose trace id is `forwarded`, or (without) whose method
 /// and target hash to `line`. Nothing when several match (counted) or none does.
 #[inline(always)]
-fn inflight_match(
-    pid: u32,
-    now: u64,
-    forwarded: Option<&[u8; 16]>,
-    line: u64,
-) -> Option<([u8; 16], [u8; 8])> {
+fn inflight_match(pid: u32, now: u64, forwarded: Option<&[u8; 16]>, line: u64) -> Option<Parent> {
     if !in_process_linking() {
         return None;
     }
@@ -425,7 +497,20 @@ fn inflight_match(
     } else {
         count(|c| c.link_request_line += 1);
     }
-    Some((e.trace_id, e.span_id))
+    Some(Parent {
+        trace_id: e.trace_id,
+        span_id: e.span_id,
+        sampled: e.unsampled == 0,
+    })
+}
+
+/// The served request a client request belongs to.
+#[derive(Clone, Copy)]
+pub struct Parent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// False when head sampling left it out: so is the client request.
+    pub sampled: bool,
 }
 
 /// Requests a process serves without making a client request before the kernel stops
@@ -463,8 +548,8 @@ pub fn makes_calls(pid: u32) {
 /// The thread now serves this request. If it was still serving another (not answered, not
 /// too old), two requests are in flight on it: its client calls cannot be attributed.
 #[inline(always)]
-fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
-    let mut flags = 0;
+fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent, sampled: bool) {
+    let mut flags = if sampled { 0 } else { THREAD_FLAG_UNSAMPLED };
     if let Some(old) = THREAD_CONTEXTS.get_ptr(&tid) {
         let old = unsafe { &*old };
         // A thread that read a request before answering the previous one serves several at
@@ -475,7 +560,7 @@ fn remember(tid: u32, cookie: u64, ts: u64, ev: &ContextEvent) {
         if (old.flags & THREAD_FLAG_ANSWERED == 0 || old.flags & THREAD_FLAG_AMBIGUOUS != 0)
             && ts.saturating_sub(old.ts_ns) < max_trace_age_ns()
         {
-            flags = THREAD_FLAG_AMBIGUOUS;
+            flags |= THREAD_FLAG_AMBIGUOUS;
         }
     }
     let ctx = ThreadContext {
@@ -504,8 +589,8 @@ pub fn on_write(tid: u32, cookie: u64) {
 
 /// What the kernel knows of the request a client request sent now by a thread belongs to.
 pub enum Local {
-    /// The request the thread serves: (trace id, span id).
-    Serving([u8; 16], [u8; 8]),
+    /// The request the thread serves.
+    Serving(Parent),
     /// The thread has served requests but cannot tell which one this call is for (several in
     /// flight on an event loop, or the last one answered): other evidence may decide.
     Unknown,
@@ -577,7 +662,7 @@ pub fn end_hand_off(tid: u32) {
 /// probe spoke (other evidence decides); `Some(None)` when it named a request that is not in
 /// flight (answered, unknown, too old, at its cap): unlinked, never another request.
 #[inline(always)]
-fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])>> {
+fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<Parent>> {
     let h = HANDOFFS.get_ptr(slot_of(tid))?;
     let h = unsafe { *h };
     if h.tid != tid || h.pid != pid {
@@ -613,7 +698,11 @@ fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<([u8; 16], [u8; 8])
     }
     r.children += 1;
     count(|c| c.link_handoff += 1);
-    Some(Some((r.trace_id, r.span_id)))
+    Some(Some(Parent {
+        trace_id: r.trace_id,
+        span_id: r.span_id,
+        sampled: r.unsampled == 0,
+    }))
 }
 
 /// The server span a client request sent now by `tid` belongs to, as far as the thread tells.
@@ -638,7 +727,32 @@ pub fn serving(tid: u32, now: u64) -> Local {
     }
     ctx.children += 1;
     count(|c| c.link_kernel += 1);
-    Local::Serving(ctx.trace_id, ctx.span_id)
+    Local::Serving(Parent {
+        trace_id: ctx.trace_id,
+        span_id: ctx.span_id,
+        sampled: ctx.flags & THREAD_FLAG_UNSAMPLED == 0,
+    })
+}
+
+/// Whether head sampling left out the request thread `tid` serves, as far as the thread alone
+/// tells (nothing counted, no child taken): for a write on `cookie` the injector did not
+/// decide (a socket it does not follow, such as PostgreSQL's). `None`: the thread cannot tell.
+#[inline(always)]
+pub fn thread_sampled(pid: u32, tid: u32, cookie: u64, now: u64) -> Option<bool> {
+    if RUNTIME_PIDS
+        .get_ptr(&pid)
+        .is_some_and(|f| unsafe { *f } & RUNTIME_GO != 0)
+    {
+        return None;
+    }
+    let ctx = unsafe { &*THREAD_CONTEXTS.get_ptr(&tid)? };
+    if ctx.sock_cookie == cookie
+        || ctx.flags & (THREAD_FLAG_ANSWERED | THREAD_FLAG_AMBIGUOUS) != 0
+        || now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns()
+    {
+        return None;
+    }
+    Some(ctx.flags & THREAD_FLAG_UNSAMPLED == 0)
 }
 
 /// The request a client request sent now belongs to: the one a runtime probe named, else the
@@ -654,7 +768,7 @@ pub fn belongs_to(
     now: u64,
     forwarded: Option<&[u8; 16]>,
     line: impl FnOnce() -> u64,
-) -> Option<([u8; 16], [u8; 8])> {
+) -> Option<Parent> {
     if !in_process_linking() {
         return None;
     }
@@ -672,7 +786,7 @@ pub fn belongs_to(
         serving(tid, now)
     };
     match local {
-        Local::Serving(t, s) => Some((t, s)),
+        Local::Serving(parent) => Some(parent),
         Local::Unknown => inflight_match(pid, now, forwarded, forwarded.map_or_else(line, |_| 0)),
         Local::None => forwarded.and_then(|t| inflight_match(pid, now, Some(t), 0)),
     }

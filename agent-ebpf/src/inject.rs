@@ -43,7 +43,7 @@ use crate::{
     http_head::{
         self, HEAD_BAD, HEAD_BAD_TRACEPARENT, HEAD_CHUNKED, HEAD_MANY_TRACEPARENTS, HEAD_WINDOW,
     },
-    maps::{SEND_STATES, TRACKED_SOCKETS, count, emit},
+    maps::{SEND_STATES, TRACKED_SOCKETS, count, decide_call, emit},
 };
 
 /// Client sockets enrolled for injection (socket cookie → socket); `agent_sk_msg` is attached
@@ -293,7 +293,8 @@ fn link_unseen(sk: u64, tid: u32, buf: *const u8, head: &http_head::Head) {
     let linked = context::belongs_to(pid, tid, now, forwarded.then_some(&trace), || {
         http_head::line_hash(buf, head.line_end)
     });
-    let Some((trace_id, parent_id)) = linked else {
+    decide_call(sk, linked.is_none_or(|p| p.sampled));
+    let Some(parent) = linked.filter(|p| p.sampled) else {
         return;
     };
     let off = crate::maps::offsets();
@@ -310,14 +311,23 @@ fn link_unseen(sk: u64, tid: u32, buf: *const u8, head: &http_head::Head) {
         local_port: read(off.skc_num),
         remote_port: u16::from_be(read(off.skc_dport)),
         flags: CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT | CONTEXT_FLAG_NOT_INJECTED,
-        trace_id,
+        trace_id: parent.trace_id,
         span_id: random_id(),
-        parent_id,
+        parent_id: parent.span_id,
     });
 }
 
 /// A request in unseen bytes is followed only if it starts this early in its write.
 const UNSEEN_START_LIMIT: u64 = 4096;
+
+/// Whether the injector decides head sampling for `sk`'s requests: it follows the socket's
+/// framing (its requests pass `apply` or, parked, `link_unseen`).
+#[inline(always)]
+pub fn decides_sampling(sk: u64) -> bool {
+    SEND_STATES
+        .get_ptr(&sk)
+        .is_some_and(|s| unsafe { (*s).mode } != SEND_LOST)
+}
 
 /// A read on a parked socket left nothing unread: userspace may put the socket back now if the
 /// answer is complete, so its event wakes userspace at once (it is otherwise read on a timer).
@@ -432,7 +442,7 @@ fn inject(ctx: &SkMsgContext) {
         lose(state);
         return;
     };
-    let added = match apply(ctx, off, head) {
+    let added = match apply(ctx, sk, off, head) {
         Outcome::Done { added } => added,
         Outcome::Skipped => {
             count(|c| c.inject_skipped += 1);
@@ -528,9 +538,11 @@ fn request_at(ctx: &SkMsgContext, off: u32, size: u32) -> Option<&'static mut ht
     Some(head)
 }
 
-/// Writes the ids into the request at `off` and reports them to userspace.
+/// Writes the ids into the request at `off` and reports them to userspace (unless head
+/// sampling left out the request it is made for: then its header says so, and userspace hears
+/// nothing of it).
 #[inline(always)]
-fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
+fn apply(ctx: &SkMsgContext, sk: u64, off: u32, head: &http_head::Head) -> Outcome {
     if head.flags & HEAD_BAD_TRACEPARENT != 0 {
         // Not a version-00 value we could rewrite in place: left as it is (the callee will
         // ignore it); our span keeps ids of its own.
@@ -562,6 +574,7 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
     };
     context::makes_calls(ev.pid);
     let added;
+    let mut sampled = true;
     if head.traceparent != 0 {
         // Keep the caller's trace; our client span becomes the callee's parent.
         let mut parent = [0u8; 8];
@@ -577,14 +590,19 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
         let local = context::belongs_to(ev.pid, ev.tid, now, forwarded, || {
             http_head::line_hash(scratch, head.line_end)
         });
+        // Left out with the request it is made for, when it continues that request's trace.
+        sampled = match local {
+            Some(p) if trace == [0; 16] || p.trace_id == trace => p.sampled,
+            _ => true,
+        };
         if trace == [0; 16] {
             // An all-zero trace id is invalid: the request gets the ids it would have had
             // without a header (our served request's trace, or a new one), written over the
             // invalid ones in place.
             match local {
-                Some((t, s)) => {
-                    ev.trace_id = t;
-                    ev.parent_id = s;
+                Some(p) => {
+                    ev.trace_id = p.trace_id;
+                    ev.parent_id = p.span_id;
                     ev.flags |= CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
                 }
                 None => ev.trace_id = random_id(),
@@ -596,8 +614,8 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
             count(|c| c.traceparent_invalid_rewritten += 1);
         } else {
             match local {
-                Some((t, s)) if t == trace => {
-                    ev.parent_id = s;
+                Some(p) if p.trace_id == trace => {
+                    ev.parent_id = p.span_id;
                     ev.flags |= CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
                 }
                 // An all-zero parent id means no parent: it is replaced below anyway.
@@ -608,7 +626,9 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
                 }
             }
         }
-        if !write_hex(ctx, head.traceparent + 36, &ev.span_id) {
+        if !write_hex(ctx, head.traceparent + 36, &ev.span_id)
+            || (!sampled && !write_hex(ctx, head.traceparent + 53, &[0u8]))
+        {
             count(|c| c.inject_failed += 1);
             return Outcome::Lost;
         }
@@ -619,21 +639,25 @@ fn apply(ctx: &SkMsgContext, off: u32, head: &http_head::Head) -> Outcome {
             http_head::line_hash(scratch, head.line_end)
         });
         match local {
-            Some((t, s)) => {
-                ev.trace_id = t;
-                ev.parent_id = s;
+            Some(p) => {
+                ev.trace_id = p.trace_id;
+                ev.parent_id = p.span_id;
                 ev.flags = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
+                sampled = p.sampled;
             }
             None => ev.trace_id = random_id(),
         }
-        if !insert_line(ctx, off, head, &ev.trace_id, &ev.span_id) {
+        if !insert_line(ctx, off, head, &ev.trace_id, &ev.span_id, sampled) {
             count(|c| c.inject_failed += 1);
             return Outcome::Lost;
         }
         count(|c| c.traceparent_injected += 1);
         added = TRACEPARENT_LINE_LEN;
     }
-    emit(ev);
+    decide_call(sk, sampled);
+    if sampled {
+        emit(ev);
+    }
     Outcome::Done { added }
 }
 
@@ -659,8 +683,8 @@ fn write_hex<const N: usize>(ctx: &SkMsgContext, at: u32, id: &[u8; N]) -> bool 
     true
 }
 
-/// Inserts `traceparent: 00-<trace>-<span>-01\r\n` after the request line of the request
-/// at message offset `off`.
+/// Inserts `traceparent: 00-<trace>-<span>-01\r\n` (`-00` when not `sampled`) after the
+/// request line of the request at message offset `off`.
 #[inline(always)]
 fn insert_line(
     ctx: &SkMsgContext,
@@ -668,6 +692,7 @@ fn insert_line(
     head: &http_head::Head,
     trace: &[u8; 16],
     span: &[u8; 8],
+    sampled: bool,
 ) -> bool {
     let at = off + head.line_end;
     if ctx.push_data(at, TRACEPARENT_LINE_LEN, 0).is_err() {
@@ -701,6 +726,9 @@ fn insert_line(
     }
     for (i, b) in b"-01\r\n".iter().enumerate() {
         put(65 + i, *b);
+    }
+    if !sampled {
+        put(67, b'0');
     }
     // The insertion split the message's data; join the head again so it leaves in one
     // segment. Split, its second part would wait behind Nagle for the peer's delayed ACK

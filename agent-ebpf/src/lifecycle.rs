@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit, make_cookies,
-    offsets, selected_tgid, selection_changed, trace_all,
+    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, UNSAMPLED, emit,
+    make_cookies, offsets, sampling, selected_tgid, selection_changed, trace_all,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -74,6 +74,9 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     }
     if newstate != TCP_SYN_SENT && newstate != TCP_CLOSE {
         return 0;
+    }
+    if newstate == TCP_CLOSE && sampling() {
+        let _ = UNSAMPLED.remove(&sk);
     }
     let protocol: u16 =
         unsafe { bpf_probe_read_kernel((sk + offsets().sk_protocol as u64) as *const u16) }

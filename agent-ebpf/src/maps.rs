@@ -56,6 +56,50 @@ static MAX_TRACE_AGE_NS: u64 = 300_000_000_000;
 /// Client requests linked to one served request at most.
 #[unsafe(no_mangle)]
 static MAX_CHILDREN: u32 = 1000;
+/// Head sampling (`--sample-ratio`): 0 traces every request, whatever an incoming
+/// `traceparent`'s sampled flag says.
+#[unsafe(no_mangle)]
+static SAMPLING: u32 = 0;
+/// A request without a sampled parent is sampled when a random u32 is below this (the ratio
+/// times 2^32).
+#[unsafe(no_mangle)]
+static SAMPLE_THRESHOLD: u64 = 1 << 32;
+
+#[inline(always)]
+pub fn sampling() -> bool {
+    unsafe { core::ptr::read_volatile(&SAMPLING) != 0 }
+}
+
+/// The decision for a request without a sampled parent.
+#[inline(always)]
+pub fn sample_root() -> bool {
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() } as u64;
+    r < unsafe { core::ptr::read_volatile(&SAMPLE_THRESHOLD) }
+}
+
+/// Sockets whose current exchange head sampling left out (socket address → `UNSAMPLED_*`):
+/// their data events are not written until the socket's next request is decided. Removed at
+/// close (an address may be reused).
+#[map]
+pub static UNSAMPLED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+/// A server socket: the request read and its answer.
+pub const UNSAMPLED_SERVER: u32 = 1;
+/// A client socket: the request written and its answer.
+pub const UNSAMPLED_CLIENT: u32 = 2;
+
+/// A client request on `sk` was decided: left out (`sampled` false) or not.
+#[inline(always)]
+pub fn decide_call(sk: u64, sampled: bool) {
+    if !sampling() {
+        return;
+    }
+    if sampled {
+        let _ = UNSAMPLED.remove(&sk);
+    } else {
+        let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_CLIENT, 0);
+        count(|c| c.calls_unsampled += 1);
+    }
+}
 
 #[inline(always)]
 pub fn context_propagation() -> bool {

@@ -5,8 +5,8 @@
 
 use agent_common::{
     DATA_FLAG_ADDRESSES, DATA_FLAG_COPY_FAILED, DATA_FLAG_TLS_RECORDS, DATA_FLAG_TRUNCATED,
-    DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS, SOCKET_SK_OFFSET,
-    SyscallKind, TrackedSocket,
+    DATA_FLAG_UNSAMPLED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, MAX_CAPTURE, MAX_IOVECS,
+    SOCKET_SK_OFFSET, SyscallKind, TrackedSocket,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -26,8 +26,9 @@ use crate::{
     arch::{self, ARCH},
     context,
     maps::{
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, capture_size,
-        context_propagation, count, counters, offsets, selected_tgid,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, UNSAMPLED,
+        UNSAMPLED_SERVER, capture_size, context_propagation, count, counters, decide_call, offsets,
+        sampling, selected_tgid,
     },
 };
 
@@ -45,7 +46,14 @@ pub static SEND_STARTS: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1
 pub struct Scratch {
     pub header: DataEvent,
     pub payload: [u8; 2 * MAX_CAPTURE],
+    /// What the read said of head sampling (`STARTED_*`), passed through map memory so the
+    /// paths of the context code end in one verifier state before sampling's own.
+    pub started: u32,
 }
+
+const STARTED_NONE: u32 = 0;
+const STARTED_SAMPLED: u32 = 1;
+const STARTED_UNSAMPLED: u32 = 2;
 
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -494,6 +502,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
     let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
     let direction = DIRECTION;
+    unsafe { core::ptr::write_volatile(&mut scratch.started, STARTED_NONE) };
     if context_propagation() {
         if direction == DIR_EGRESS {
             crate::inject::account_write(
@@ -506,7 +515,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
         }
         // Before the data event: userspace pairs the two by timestamp.
         if direction == DIR_INGRESS {
-            context::on_read(
+            let started = match context::on_read(
                 tgid,
                 tid,
                 cookie,
@@ -514,11 +523,28 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                 scratch.header.ts_ns,
                 scratch.payload.as_ptr(),
                 captured as u32,
-            );
+                true,
+            ) {
+                None => STARTED_NONE,
+                Some(true) => STARTED_SAMPLED,
+                Some(false) => STARTED_UNSAMPLED,
+            };
+            unsafe { core::ptr::write_volatile(&mut scratch.started, started) };
         } else {
             context::on_write(tid, cookie);
         }
     }
+    if sampling() {
+        match left_out::<DIRECTION>(scratch, tgid, tid, cookie, sk) {
+            LEFT_OUT => return,
+            LEFT_OUT_KNOWN => {
+                scratch.header.flags |= DATA_FLAG_UNSAMPLED;
+                unsafe { core::ptr::write_volatile(&mut scratch.header.captured, 0) };
+            }
+            _ => {}
+        }
+    }
+    let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
 
     // Last: its two outcomes would otherwise double the verifier's walk of the scans above.
     let wake =
@@ -534,6 +560,77 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
         c.copy_failed += (flags & DATA_FLAG_COPY_FAILED != 0) as u64;
         c.truncated += (flags & DATA_FLAG_TRUNCATED != 0) as u64;
     }
+}
+
+/// The event is written as usual.
+const SAMPLED: u32 = 0;
+/// Head sampling left its exchange out: not written, userspace hears nothing of it.
+const LEFT_OUT: u32 = 1;
+/// Left out, but a write on a socket the injector follows: written without its bytes
+/// (`DATA_FLAG_UNSAMPLED`), so userspace can put the socket back into the injector's map
+/// after the answer (it is taken out while an answer is read, see `inject::park`).
+const LEFT_OUT_KNOWN: u32 = 2;
+
+/// Head sampling: whether this event belongs to an exchange left out. A read that starts a
+/// request decides its server socket (`scratch.started`); a client request is decided by the
+/// injector (`apply`, `link_unseen`) on the sockets it follows, else here by the request its
+/// thread serves; every other event follows its socket's last decision.
+#[inline(always)]
+fn left_out<const DIRECTION: u32>(
+    scratch: &mut Scratch,
+    tgid: u32,
+    tid: u32,
+    cookie: u64,
+    sk: u64,
+) -> u32 {
+    let direction = DIRECTION;
+    if direction == DIR_INGRESS {
+        match unsafe { core::ptr::read_volatile(&scratch.started) } {
+            STARTED_SAMPLED => {
+                let _ = UNSAMPLED.remove(&sk);
+                return SAMPLED;
+            }
+            STARTED_UNSAMPLED => {
+                let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_SERVER, 0);
+                count(|c| c.requests_unsampled += 1);
+            }
+            _ => {
+                if UNSAMPLED.get_ptr(&sk).is_none() {
+                    return SAMPLED;
+                }
+            }
+        }
+    } else {
+        let mark = UNSAMPLED.get_ptr(&sk).map(|m| unsafe { *m });
+        let injector_decides = crate::inject::decides_sampling(sk);
+        if mark != Some(UNSAMPLED_SERVER) && !injector_decides {
+            let now = unsafe { bpf_ktime_get_ns() };
+            match context::thread_sampled(tgid, tid, cookie, now) {
+                Some(false) => {
+                    if mark.is_none() {
+                        decide_call(sk, false);
+                    }
+                }
+                _ => {
+                    if mark.is_some() {
+                        decide_call(sk, true);
+                    }
+                    return SAMPLED;
+                }
+            }
+        } else if mark.is_none() {
+            return SAMPLED;
+        } else if injector_decides {
+            return LEFT_OUT_KNOWN;
+        }
+    }
+    // The socket's addresses go with its first event written: not this one.
+    if scratch.header.flags & DATA_FLAG_ADDRESSES != 0
+        && let Some(t) = TRACKED_SOCKETS.get_ptr_mut(&cookie)
+    {
+        unsafe { (*t).addresses_sent = 0 };
+    }
+    LEFT_OUT
 }
 
 /// Writes the data event assembled in `scratch` (header and `captured` payload bytes) to the

@@ -534,6 +534,8 @@ pub fn emit_plaintext(p: &Plaintext) {
                 p.last_ns,
                 scratch.payload.as_ptr(),
                 captured as u32,
+                // Head sampling decides socket data only: TLS plaintext is always traced.
+                false,
             );
         } else {
             crate::context::on_write(tid, p.sock_cookie);

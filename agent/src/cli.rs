@@ -36,6 +36,16 @@ where
     }
 }
 
+/// `--sample-ratio`: a share from 0 to 1.
+fn sample_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "expected a share of requests from 0 to 1, e.g. 0.1 for 10 %, found {text:?}"
+        )),
+    }
+}
+
 fn endpoint(text: &str) -> Result<String, String> {
     export::check_endpoint(text)
         .map(|()| text.to_owned())
@@ -244,6 +254,13 @@ pub struct Cli {
         value_name = "auto|tracepoints|fexit|kprobes"
     )]
     pub socket_hooks: crate::kernel::SocketHooks,
+    /// Head sampling: trace this share of requests (0 to 1), decided in the kernel at each
+    /// request's first bytes. Parent-based: a request with a valid `traceparent` follows its
+    /// sampled flag, and the calls a request makes follow it (their injected `traceparent`
+    /// says so). A request left out costs no agent work. Unset: every request is traced,
+    /// whatever its `traceparent` says. Needs context propagation (off without it).
+    #[arg(long, value_name = "RATIO", value_parser = sample_ratio)]
+    pub sample_ratio: Option<f64>,
     /// A trace adopted from a long-lived connection stops growing after this many spans from
     /// this agent; later requests start new traces.
     #[arg(long, default_value_t = 1000, value_name = "SPANS", value_parser = number_in(1, MAX_SPANS))]
@@ -386,6 +403,22 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_ratio_is_a_share_from_0_to_1() {
+        for (text, want) in [("0", 0.0), ("1", 1.0), ("0.1", 0.1), (" 0.25 ", 0.25)] {
+            assert_eq!(sample_ratio(text), Ok(want), "{text:?}");
+        }
+        for text in ["-0.1", "1.5", "10%", "", "NaN", "inf"] {
+            let err = sample_ratio(text).expect_err(text);
+            assert!(err.contains("from 0 to 1"), "{text:?}: {err}");
+        }
+        let cli = Cli::try_parse_from(["agent"]).expect("no options");
+        assert_eq!(
+            cli.sample_ratio, None,
+            "unset by default: every request traced"
+        );
+    }
 
     #[test]
     fn parses_selection_and_export() {

@@ -134,6 +134,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         in_process_linking: cli.in_process_linking.is_on(),
         max_trace_age_ns: cli.max_trace_age.saturating_mul(1_000_000_000),
         max_spans_per_trace: cli.max_spans_per_trace,
+        sample_ratio: cli.sample_ratio,
     };
     let mut probes = kernel::Probes::load(&load)?;
     if let Some(why) = probes.propagation_failed.take() {
@@ -154,6 +155,19 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }
     } else {
         eprintln!("agent: context propagation: off (--context-propagation off)");
+    }
+    match cli.sample_ratio {
+        None => eprintln!("agent: sampling: every request traced (--sample-ratio unset)"),
+        Some(_) if !load.context_propagation => eprintln!(
+            "agent: sampling: off, every request traced (--sample-ratio needs context \
+             propagation: the decision travels in the injected traceparent)"
+        ),
+        Some(ratio) => eprintln!(
+            "agent: sampling: {} % of requests, decided in the kernel at their first bytes; a \
+             request with a traceparent follows its sampled flag, calls follow their request \
+             (left out: requests_unsampled, calls_unsampled)",
+            ratio * 100.0
+        ),
     }
     for a in &probes.attached {
         eprintln!("agent: attached {} to {}", a.program, a.hook);

@@ -11,8 +11,8 @@ use std::{
 
 use agent_common::{
     CONTEXT_FLAG_SPLIT_START, CONTEXT_SERVER, ConnEvent, DATA_FLAG_ADDRESSES,
-    DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TLS_RECORDS, DIR_INGRESS, DataEvent, ParkEvent,
-    ProcessEvent, SEND_LOST,
+    DATA_FLAG_TLS_PLAINTEXT, DATA_FLAG_TLS_RECORDS, DATA_FLAG_UNSAMPLED, DIR_INGRESS, DataEvent,
+    ParkEvent, ProcessEvent, SEND_LOST,
 };
 
 use crate::{
@@ -78,6 +78,9 @@ struct InjectState {
     parked_sk: Option<u64>,
     /// The injector lost the socket's framing: it never rejoins.
     lost: bool,
+    /// Requests were written on it that head sampling left out (`DATA_FLAG_UNSAMPLED`): the
+    /// injector framed them as HTTP, whether or not a parser ever saw one.
+    unsampled: bool,
 }
 
 /// What became of a parked socket's [`RejoinCandidate`].
@@ -216,7 +219,9 @@ impl<S: SpanSink> Pipeline<S> {
                 gone.push(key);
                 continue;
             }
-            if conn.stream.http_idle() {
+            // A stream that never saw a byte is between exchanges as far as it knows: the
+            // injector framed its requests, and the kernel checks that nothing is unread.
+            if conn.stream.http_idle() || (conn.inject.unsampled && conn.stream.is_undecided()) {
                 out.push(RejoinCandidate {
                     pid: key.0,
                     fd: conn.inject.fd,
@@ -434,6 +439,11 @@ impl<S: SpanSink> Pipeline<S> {
         }
         if h.direction != DIR_INGRESS {
             conn.inject.writes += 1;
+        }
+        // A write head sampling left out: only its count and fd matter (the socket's rejoin).
+        if h.flags & DATA_FLAG_UNSAMPLED != 0 {
+            conn.inject.unsampled = true;
+            return;
         }
         if conn.ignored {
             return;

@@ -83,6 +83,8 @@ const CANDIDATES: &[&str] = &[
     "y",
     "127.0.0.1:9464",
     "0.0.0.0:9465",
+    "0.5",
+    "0.25",
 ];
 
 /// Two different values the option accepts, the first not its default.

@@ -69,6 +69,8 @@ pub struct LoadOptions {
     pub in_process_linking: bool,
     pub max_trace_age_ns: u64,
     pub max_spans_per_trace: u32,
+    /// Head sampling's ratio (`None`: every request traced); only with context propagation.
+    pub sample_ratio: Option<f64>,
 }
 
 /// One attached program, for the start-up report.
@@ -235,6 +237,14 @@ fn attach_fexit(
         program: name,
         hook: format!("fexit/{function}"),
     })
+}
+
+/// A random u32 below this samples a request: 2^32 samples all.
+const SAMPLE_ALL: u64 = 1 << 32;
+
+/// The kernel's threshold for a sample ratio (0..=1).
+pub fn sample_threshold(ratio: f64) -> u64 {
+    (ratio.clamp(0.0, 1.0) * SAMPLE_ALL as f64).round() as u64
 }
 
 /// The kernel's selection: `SELECTED` (tgid → 1) and `SELECTION_GENERATION`, bumped after
@@ -526,6 +536,13 @@ impl Probes {
         let capture = clamp_capture(opts.capture_size);
         let propagation: u32 = opts.context_propagation.into();
         let linking: u32 = opts.in_process_linking.into();
+        // Sampling travels in the injected header: without propagation there is none.
+        let sample_threshold = opts
+            .sample_ratio
+            .filter(|_| opts.context_propagation)
+            .map(sample_threshold);
+        let sampling: u32 = sample_threshold.is_some().into();
+        let sample_threshold = sample_threshold.unwrap_or(SAMPLE_ALL);
         // Parsed once, for the loader's relocations and the attachments.
         let kernel_btf = aya::Btf::from_sys_fs()?;
         let mut ebpf = EbpfLoader::new()
@@ -538,6 +555,8 @@ impl Probes {
             .override_global("IN_PROCESS_LINKING", &linking, true)
             .override_global("MAX_TRACE_AGE_NS", &opts.max_trace_age_ns, true)
             .override_global("MAX_CHILDREN", &opts.max_spans_per_trace, true)
+            .override_global("SAMPLING", &sampling, true)
+            .override_global("SAMPLE_THRESHOLD", &sample_threshold, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/agent"
@@ -951,6 +970,8 @@ fn add(sum: &mut KernelStats, c: &KernelStats) {
     sum.go_spawns_followed += c.go_spawns_followed;
     sum.go_calls_spawned += c.go_calls_spawned;
     sum.go_writes_handed_off += c.go_writes_handed_off;
+    sum.requests_unsampled += c.requests_unsampled;
+    sum.calls_unsampled += c.calls_unsampled;
 }
 
 impl KernelCounters {
@@ -1090,6 +1111,18 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
             s.go_tls_unassociated,
         ),
         Metric::counter(
+            "requests_unsampled",
+            "Requests read by a traced server that head sampling left out (`--sample-ratio`, or \
+             an incoming `traceparent` not sampled): the kernel sent none of their bytes.",
+            s.requests_unsampled,
+        ),
+        Metric::counter(
+            "calls_unsampled",
+            "Client requests made for a request left out by sampling: not sampled either (their \
+             `traceparent` says so), none of their bytes sent.",
+            s.calls_unsampled,
+        ),
+        Metric::counter(
             "sockets_parked",
             "Enrolled client sockets taken out of the injector's map when their peer answered, \
              so the answer is read exactly as without the agent (see `SEND_FLAG_PARKED`).",
@@ -1205,6 +1238,18 @@ fn metrics(s: &KernelStats) -> Vec<Metric> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_thresholds_cover_the_whole_range_of_a_random_u32() {
+        // A random u32 r is sampled when r < threshold.
+        assert_eq!(sample_threshold(0.0), 0, "ratio 0 samples nothing");
+        assert_eq!(sample_threshold(1.0), 1 << 32, "ratio 1 samples every u32");
+        assert_eq!(sample_threshold(0.5), 1 << 31);
+        assert_eq!(sample_threshold(0.1), 429_496_730);
+        // Out of range (the CLI refuses these; the kernel must still get a sane value).
+        assert_eq!(sample_threshold(-1.0), 0);
+        assert_eq!(sample_threshold(7.0), 1 << 32);
+    }
 
     /// The `u64` fields of `KernelStats`, with their doc comments (joined into one line), read
     /// from agent-common's source: the struct is shared with the kernel programs.

@@ -66,6 +66,11 @@ impl Stream {
         matches!(self, Self::Unrecognized)
     }
 
+    /// No byte seen yet that tells the protocol.
+    pub fn is_undecided(&self) -> bool {
+        matches!(self, Self::Undecided(_))
+    }
+
     pub fn is_encrypted(&self) -> bool {
         matches!(self, Self::Encrypted(_))
     }
