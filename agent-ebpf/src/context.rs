@@ -301,13 +301,18 @@ fn open_request(
         sample_root()
     };
     // Through map memory: the decision's paths end in one verifier state (the program's
-    // budget does not stretch to the rest of this function once per way of deciding).
-    let sampled = match DECISION.get_ptr_mut(0) {
-        Some(d) => unsafe {
-            core::ptr::write_volatile(d, sampled as u32);
-            core::ptr::read_volatile(d) != 0
-        },
-        None => true,
+    // budget does not stretch to the rest of this function once per way of deciding). Not
+    // without sampling: there `sampled` is a constant, and the verifier walks one path.
+    let sampled = if !sample {
+        true
+    } else {
+        match DECISION.get_ptr_mut(0) {
+            Some(d) => unsafe {
+                core::ptr::write_volatile(d, sampled as u32);
+                core::ptr::read_volatile(d) != 0
+            },
+            None => true,
+        }
     };
     if pure {
         return sampled;
@@ -500,7 +505,7 @@ fn inflight_match(pid: u32, now: u64, forwarded: Option<&[u8; 16]>, line: u64) -
     Some(Parent {
         trace_id: e.trace_id,
         span_id: e.span_id,
-        sampled: e.unsampled == 0,
+        unsampled: e.unsampled as u32,
     })
 }
 
@@ -509,8 +514,18 @@ fn inflight_match(pid: u32, now: u64, forwarded: Option<&[u8; 16]>, line: u64) -
 pub struct Parent {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
-    /// False when head sampling left it out: so is the client request.
-    pub sampled: bool,
+    /// Nonzero when head sampling left it out (see [`Parent::left_out`]). Kept as the raw
+    /// value: a comparison is a branch in BPF, and with sampling off the verifier must not
+    /// walk the linking code once per outcome of it.
+    pub unsampled: u32,
+}
+
+impl Parent {
+    /// Head sampling left it out: so is the client request.
+    #[inline(always)]
+    pub fn left_out(&self) -> bool {
+        sampling() && self.unsampled != 0
+    }
 }
 
 /// Requests a process serves without making a client request before the kernel stops
@@ -701,7 +716,7 @@ fn handed_off(pid: u32, tid: u32, now: u64) -> Option<Option<Parent>> {
     Some(Some(Parent {
         trace_id: r.trace_id,
         span_id: r.span_id,
-        sampled: r.unsampled == 0,
+        unsampled: r.unsampled,
     }))
 }
 
@@ -730,29 +745,56 @@ pub fn serving(tid: u32, now: u64) -> Local {
     Local::Serving(Parent {
         trace_id: ctx.trace_id,
         span_id: ctx.span_id,
-        sampled: ctx.flags & THREAD_FLAG_UNSAMPLED == 0,
+        unsampled: ctx.flags & THREAD_FLAG_UNSAMPLED,
     })
 }
 
-/// Whether head sampling left out the request thread `tid` serves, as far as the thread alone
-/// tells (nothing counted, no child taken): for a write on `cookie` the injector did not
-/// decide (a socket it does not follow, such as PostgreSQL's). `None`: the thread cannot tell.
+/// What thread `tid`'s context says of a client write on `cookie` the injector does not
+/// decide (a socket it does not follow, such as PostgreSQL's), with head sampling on.
+pub enum ThreadCall {
+    /// For the request the thread serves, sampled.
+    Sampled,
+    /// For the request the thread serves, left out.
+    LeftOut,
+    /// The thread has served requests but cannot tell which this write is for (several in
+    /// flight, or its request answered): userspace, which does not see the requests left
+    /// out, must not link it by thread either, so it is left out too.
+    Unknown,
+    /// The thread stands for no request (never served one, a Go thread, or not the writer of
+    /// a client request): userspace cannot link it by thread.
+    NoRequest,
+}
+
+/// See [`ThreadCall`]; nothing counted, no child taken.
 #[inline(always)]
-pub fn thread_sampled(pid: u32, tid: u32, cookie: u64, now: u64) -> Option<bool> {
+pub fn thread_call(pid: u32, tid: u32, cookie: u64, now: u64) -> ThreadCall {
     if RUNTIME_PIDS
         .get_ptr(&pid)
         .is_some_and(|f| unsafe { *f } & RUNTIME_GO != 0)
     {
-        return None;
+        return ThreadCall::NoRequest;
     }
-    let ctx = unsafe { &*THREAD_CONTEXTS.get_ptr(&tid)? };
-    if ctx.sock_cookie == cookie
-        || ctx.flags & (THREAD_FLAG_ANSWERED | THREAD_FLAG_AMBIGUOUS) != 0
-        || now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns()
-    {
-        return None;
+    let Some(ctx) = THREAD_CONTEXTS.get_ptr(&tid) else {
+        return ThreadCall::NoRequest;
+    };
+    let ctx = unsafe { &*ctx };
+    if ctx.sock_cookie == cookie {
+        // Its own answer.
+        return ThreadCall::NoRequest;
     }
-    Some(ctx.flags & THREAD_FLAG_UNSAMPLED == 0)
+    // A client write: the process's served requests need their ids (not a pure server).
+    makes_calls(pid);
+    if now.saturating_sub(ctx.ts_ns) >= max_trace_age_ns() {
+        return ThreadCall::NoRequest;
+    }
+    if ctx.flags & (THREAD_FLAG_ANSWERED | THREAD_FLAG_AMBIGUOUS) != 0 {
+        return ThreadCall::Unknown;
+    }
+    if ctx.flags & THREAD_FLAG_UNSAMPLED != 0 {
+        ThreadCall::LeftOut
+    } else {
+        ThreadCall::Sampled
+    }
 }
 
 /// The request a client request sent now belongs to: the one a runtime probe named, else the

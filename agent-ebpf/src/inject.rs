@@ -293,10 +293,13 @@ fn link_unseen(sk: u64, tid: u32, buf: *const u8, head: &http_head::Head) {
     let linked = context::belongs_to(pid, tid, now, forwarded.then_some(&trace), || {
         http_head::line_hash(buf, head.line_end)
     });
-    decide_call(sk, linked.is_none_or(|p| p.sampled));
-    let Some(parent) = linked.filter(|p| p.sampled) else {
+    decide_call(sk, !linked.is_some_and(|p| p.left_out()));
+    let Some(parent) = linked else {
         return;
     };
+    if parent.left_out() {
+        return;
+    }
     let off = crate::maps::offsets();
     let read = |at: u32| unsafe {
         aya_ebpf::helpers::bpf_probe_read_kernel((sk + at as u64) as *const u16).unwrap_or(0)
@@ -592,7 +595,7 @@ fn apply(ctx: &SkMsgContext, sk: u64, off: u32, head: &http_head::Head) -> Outco
         });
         // Left out with the request it is made for, when it continues that request's trace.
         sampled = match local {
-            Some(p) if trace == [0; 16] || p.trace_id == trace => p.sampled,
+            Some(p) if trace == [0; 16] || p.trace_id == trace => !p.left_out(),
             _ => true,
         };
         if trace == [0; 16] {
@@ -643,7 +646,7 @@ fn apply(ctx: &SkMsgContext, sk: u64, off: u32, head: &http_head::Head) -> Outco
                 ev.trace_id = p.trace_id;
                 ev.parent_id = p.span_id;
                 ev.flags = CONTEXT_FLAG_PARENT | CONTEXT_FLAG_LOCAL_PARENT;
-                sampled = p.sampled;
+                sampled = !p.left_out();
             }
             None => ev.trace_id = random_id(),
         }

@@ -605,13 +605,13 @@ fn left_out<const DIRECTION: u32>(
         let injector_decides = crate::inject::decides_sampling(sk);
         if mark != Some(UNSAMPLED_SERVER) && !injector_decides {
             let now = unsafe { bpf_ktime_get_ns() };
-            match context::thread_sampled(tgid, tid, cookie, now) {
-                Some(false) => {
+            match context::thread_call(tgid, tid, cookie, now) {
+                context::ThreadCall::LeftOut | context::ThreadCall::Unknown => {
                     if mark.is_none() {
                         decide_call(sk, false);
                     }
                 }
-                _ => {
+                context::ThreadCall::Sampled | context::ThreadCall::NoRequest => {
                     if mark.is_some() {
                         decide_call(sk, true);
                     }

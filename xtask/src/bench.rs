@@ -180,8 +180,22 @@ impl Sink {
 
 /// `<!-- bench:NAME:start -->` → `<!-- bench:NAME+otlp:start -->` (and `:end`).
 fn otlp_mark(mark: &str) -> String {
-    mark.replace(":start -->", "+otlp:start -->")
-        .replace(":end -->", "+otlp:end -->")
+    tagged_mark(mark, "+otlp")
+}
+
+/// A section measured with `--agent-arg`s is a section of its own: its markers name them
+/// (`bench:nginx+sample-ratio=0.1:start`), so it does not replace the default run's.
+fn agent_arg_mark(mark: &str, args: &[String]) -> String {
+    let tag: String = args
+        .iter()
+        .map(|a| format!("+{}", a.trim_start_matches('-').replace(' ', "=")))
+        .collect();
+    tagged_mark(mark, &tag)
+}
+
+fn tagged_mark(mark: &str, tag: &str) -> String {
+    mark.replace(":start -->", &format!("{tag}:start -->"))
+        .replace(":end -->", &format!("{tag}:end -->"))
 }
 
 /// Options of `cargo xtask bench`.
@@ -322,7 +336,10 @@ pub fn run(mut opts: Options) -> Result<()> {
 /// so the results of one benchmark survive a failure of the next.
 /// The section is written with `sink`'s markers (those in `section` included).
 fn publish(opts: &Options, sink: &Sink, section: &str, start: &str, end: &str) -> Result<()> {
-    let (start_mark, end_mark) = (sink.mark(start), sink.mark(end));
+    let (start_mark, end_mark) = (
+        agent_arg_mark(&sink.mark(start), &opts.agent_arg),
+        agent_arg_mark(&sink.mark(end), &opts.agent_arg),
+    );
     let section = section.replace(start, &start_mark).replace(end, &end_mark);
     let (start, end) = (start_mark.as_str(), end_mark.as_str());
     println!("{section}");
@@ -1039,6 +1056,23 @@ mod tests {
         let both = replace_section(&new, &format!("{c}\ny\n{d}"), c, d);
         assert!(
             both.contains(&format!("{a}\nnew\n{b}")) && both.ends_with(&format!("{c}\ny\n{d}\n"))
+        );
+    }
+
+    #[test]
+    fn a_run_with_agent_args_writes_a_section_of_its_own() {
+        let start = "<!-- bench:nginx:start -->";
+        assert_eq!(agent_arg_mark(start, &[]), start);
+        assert_eq!(
+            agent_arg_mark(&otlp_mark(start), &["--sample-ratio=0.1".to_string()]),
+            "<!-- bench:nginx+otlp+sample-ratio=0.1:start -->"
+        );
+        assert_eq!(
+            agent_arg_mark(
+                "<!-- bench:pg:end -->",
+                &["--tls off".to_string(), "--verbose".to_string()]
+            ),
+            "<!-- bench:pg+tls=off+verbose:end -->"
         );
     }
 
