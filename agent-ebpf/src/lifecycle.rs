@@ -75,9 +75,6 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     if newstate != TCP_SYN_SENT && newstate != TCP_CLOSE {
         return 0;
     }
-    if newstate == TCP_CLOSE && sampling() {
-        let _ = UNSAMPLED.remove(&sk);
-    }
     let protocol: u16 =
         unsafe { bpf_probe_read_kernel((sk + offsets().sk_protocol as u64) as *const u16) }
             .unwrap_or(0);
@@ -113,6 +110,11 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     let pid = unsafe { (*owner).pid };
     let _ = TRACKED_SOCKETS.remove(&cookie);
     let _ = SEND_STATES.remove(&sk);
+    // Here, after `sk`'s last use as a pointer: a key's stack copy of it is a plain number to
+    // the verifier, which then refuses it to the cookie helper (Linux 6.1, 6.12).
+    if sampling() {
+        let _ = UNSAMPLED.remove(&sk);
+    }
     // A request still in flight on a closed server socket is over.
     crate::context::release_inflight(cookie);
     emit(ConnEvent {

@@ -591,7 +591,14 @@ fn left_out<const DIRECTION: u32>(
                 return SAMPLED;
             }
             STARTED_UNSAMPLED => {
-                let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_SERVER, 0);
+                // Most requests of a keep-alive connection are left out at a low ratio: its
+                // mark stays (a lookup is cheaper than an insert into an LRU map).
+                if UNSAMPLED
+                    .get_ptr(&sk)
+                    .is_none_or(|m| unsafe { *m } != UNSAMPLED_SERVER)
+                {
+                    let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_SERVER, 0);
+                }
                 count(|c| c.requests_unsampled += 1);
             }
             _ => {
