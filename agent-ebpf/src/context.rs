@@ -184,17 +184,11 @@ pub fn on_read(
     if !http_head::starts_request(buf, captured) {
         return None;
     }
-    Some(open_request(
-        pid,
-        tid,
-        cookie,
-        fd,
-        ts,
-        buf,
-        captured,
-        0,
-        may_sample && sampling(),
-    ))
+    Some(if may_sample && sampling() {
+        open_request::<true>(pid, tid, cookie, fd, ts, buf, captured, 0)
+    } else {
+        open_request::<false>(pid, tid, cookie, fd, ts, buf, captured, 0)
+    })
 }
 
 /// A runtime probe: the request now served on `cookie` was not opened at its read (its first
@@ -213,7 +207,7 @@ pub fn open_late_request(
         return false;
     }
     // Its first byte was already sent to userspace: sampled.
-    open_request(
+    open_request::<false>(
         pid,
         tid,
         cookie,
@@ -222,7 +216,6 @@ pub fn open_late_request(
         buf,
         http_head::HEAD_WINDOW,
         CONTEXT_FLAG_SPLIT_START,
-        false,
     );
     // Opened unless its head did not scan (or linking is off).
     in_flight(cookie)
@@ -243,13 +236,15 @@ pub fn in_flight(cookie: u64) -> bool {
 }
 
 /// A request starts at `buf` (the read's first `captured` bytes): choose the server span's
-/// ids, remember them and tell userspace. With `sample`, decide whether it is sampled: as its
+/// ids, remember them and tell userspace. With `SAMPLE`, decide whether it is sampled: as its
 /// `traceparent` says if it has a valid one (parent-based), else at the configured ratio. A
 /// request left out gets ids all the same (its calls carry them, not sampled) but userspace
-/// hears nothing of it. Returns whether it is sampled (a head that does not scan is).
+/// hears nothing of it. Returns whether it is sampled (a head that does not scan is). A const
+/// parameter: without sampling the code is what it was before sampling, which the verifier's
+/// budget on Linux 6.1 (arm64) needs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn open_request(
+fn open_request<const SAMPLE: bool>(
     pid: u32,
     tid: u32,
     cookie: u64,
@@ -258,8 +253,8 @@ fn open_request(
     buf: *const u8,
     captured: u32,
     split: u32,
-    sample: bool,
 ) -> bool {
+    let sample = SAMPLE;
     if !sample && pure_server(pid) {
         return true;
     }
@@ -292,23 +287,22 @@ fn open_request(
         && http_head::decode_hex(buf, head.traceparent + 36, &mut ev.parent_id)
         && ev.trace_id != [0; 16]
         && ev.parent_id != [0; 8];
-    let mut parent_flags = [0u8; 1];
-    let sampled = if !sample {
-        true
-    } else if incoming && http_head::decode_hex(buf, head.traceparent + 53, &mut parent_flags) {
-        parent_flags[0] & 1 != 0
-    } else {
-        sample_root()
-    };
-    // Through map memory: the decision's paths end in one verifier state (the program's
-    // budget does not stretch to the rest of this function once per way of deciding). Not
-    // without sampling: there `sampled` is a constant, and the verifier walks one path.
+    // Without sampling a constant, so the verifier walks one path.
     let sampled = if !sample {
         true
     } else {
+        let mut parent_flags = [0u8; 1];
+        let decided =
+            if incoming && http_head::decode_hex(buf, head.traceparent + 53, &mut parent_flags) {
+                parent_flags[0] & 1 != 0
+            } else {
+                sample_root()
+            };
+        // Through map memory: the ways of deciding end in one verifier state (the program's
+        // budget does not stretch to the rest of this function once per way).
         match DECISION.get_ptr_mut(0) {
             Some(d) => unsafe {
-                core::ptr::write_volatile(d, sampled as u32);
+                core::ptr::write_volatile(d, decided as u32);
                 core::ptr::read_volatile(d) != 0
             },
             None => true,

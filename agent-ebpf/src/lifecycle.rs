@@ -13,7 +13,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, UNSAMPLED, emit,
-    make_cookies, offsets, sampling, selected_tgid, selection_changed, trace_all,
+    make_cookies, offsets, sampling, selected_tgid, trace_all,
 };
 
 const TCP_SYN_SENT: i32 = 2;
@@ -135,7 +135,6 @@ pub fn agent_process_exec(_ctx: TracePointContext) -> u32 {
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     if !trace_all() && SELECTED_COMMS.get_ptr(&comm).is_some() {
         let _ = SELECTED.insert(&tgid, &1, 0);
-        selection_changed();
     }
     emit(ProcessEvent {
         kind: EventKind::Exec as u32,
@@ -169,7 +168,6 @@ pub fn agent_process_exit(_ctx: TracePointContext) -> u32 {
     // 32768), and a new process must not inherit the selection, even for a moment.
     if !trace_all() {
         let _ = SELECTED.remove(&tgid);
-        selection_changed();
     }
     let _ = RUNTIME_PIDS.remove(&tgid);
     0
@@ -210,7 +208,6 @@ pub fn agent_process_fork(ctx: BtfTracePointContext) -> i32 {
     if SELECTED.insert(&child_pid, &1, 0).is_err() {
         return 0;
     }
-    selection_changed();
     emit(ProcessEvent {
         kind: EventKind::Fork as u32,
         pid: child_pid,

@@ -200,55 +200,10 @@ pub fn selected_tgid() -> Option<(u32, u32)> {
         }
         return Some((tgid, tid));
     }
-    let generation = selection_generation();
-    let cache = SELECTION_CACHE.get_ptr_mut(0);
-    if let Some(cache) = cache {
-        let verdict = unsafe { *cache };
-        if (verdict >> 32) as u32 == tgid && (verdict as u32) >> 1 == generation {
-            return (verdict & 1 != 0).then_some((tgid, tid));
-        }
-    }
-    let selected = SELECTED.get_ptr(&tgid).is_some();
-    if let Some(cache) = cache {
-        unsafe { *cache = ((tgid as u64) << 32) | ((generation as u64) << 1) | selected as u64 };
-    }
-    selected.then_some((tgid, tid))
-}
-
-/// Bumped after every change to [`SELECTED`]: slot 0 by the kernel's programs, slot 1 by
-/// userspace (its one writer; a map update from userspace replaces the value, so the two
-/// never share a slot). Both only grow, so their sum changes with every change.
-#[map]
-pub static SELECTION_GENERATION: Array<u64> = Array::with_max_entries(2, 0);
-
-/// This CPU's last verdict of [`selected_tgid`] while `SELECTED` is unchanged: `tgid << 32 |
-/// generation << 1 | selected`. One word, so a program interrupting another cannot leave a
-/// verdict torn between two processes. A CPU mostly runs the same process from one socket
-/// call to the next: the hash lookup is skipped for most calls, selected or not (nginx's
-/// untraced requests: 4 socket calls each, all on hits).
-#[map]
-static SELECTION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// The sum of [`SELECTION_GENERATION`]'s slots, on 31 bits (the verdict's room for it).
-#[inline(always)]
-fn selection_generation() -> u32 {
-    let kernel = SELECTION_GENERATION.get(0).copied().unwrap_or(0);
-    let user = SELECTION_GENERATION.get(1).copied().unwrap_or(0);
-    (kernel.wrapping_add(user) & 0x7fff_ffff) as u32
-}
-
-/// After the kernel changed [`SELECTED`] (never before: a verdict cached in between would
-/// outlive the change). Not atomic (this target has no atomic add in `core`): two CPUs may
-/// both write the same next value, which is harmless. A verdict cached under that value was
-/// looked up after the first of those writes, so after both changes: a writer that had read
-/// the old value had made its change before the other's write.
-#[inline(always)]
-pub fn selection_changed() {
-    if let Some(slot) = SELECTION_GENERATION.get_ptr_mut(0) {
-        unsafe {
-            let next = core::ptr::read_volatile(slot).wrapping_add(1);
-            core::ptr::write_volatile(slot, next);
-        }
+    if SELECTED.get_ptr(&tgid).is_some() {
+        Some((tgid, tid))
+    } else {
+        None
     }
 }
 

@@ -502,7 +502,9 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
     let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
     let direction = DIRECTION;
-    unsafe { core::ptr::write_volatile(&mut scratch.started, STARTED_NONE) };
+    if sampling() {
+        unsafe { core::ptr::write_volatile(&mut scratch.started, STARTED_NONE) };
+    }
     if context_propagation() {
         if direction == DIR_EGRESS {
             crate::inject::account_write(
@@ -515,7 +517,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
         }
         // Before the data event: userspace pairs the two by timestamp.
         if direction == DIR_INGRESS {
-            let started = match context::on_read(
+            let started = context::on_read(
                 tgid,
                 tid,
                 cookie,
@@ -524,12 +526,16 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                 scratch.payload.as_ptr(),
                 captured as u32,
                 true,
-            ) {
-                None => STARTED_NONE,
-                Some(true) => STARTED_SAMPLED,
-                Some(false) => STARTED_UNSAMPLED,
-            };
-            unsafe { core::ptr::write_volatile(&mut scratch.started, started) };
+            );
+            // Not written without sampling: the verifier walks the same paths as before it.
+            if sampling() {
+                let started = match started {
+                    None => STARTED_NONE,
+                    Some(true) => STARTED_SAMPLED,
+                    Some(false) => STARTED_UNSAMPLED,
+                };
+                unsafe { core::ptr::write_volatile(&mut scratch.started, started) };
+            }
         } else {
             context::on_write(tid, cookie);
         }
@@ -544,7 +550,11 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
             _ => {}
         }
     }
-    let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
+    let captured = if sampling() {
+        unsafe { core::ptr::read_volatile(&scratch.header.captured) as u64 }
+    } else {
+        captured
+    };
 
     // Last: its two outcomes would otherwise double the verifier's walk of the scans above.
     let wake =

@@ -185,8 +185,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let selected_map = if selection.traces_all() {
         None
     } else {
-        let maps = probes.take_selected()?;
-        Some(selection::SelectedMap::new(maps.pids, maps.generation))
+        Some(probes.take_selected()?)
     };
     let mut selector =
         selection::Selector::new(selection, selected_map).with_kubernetes(k8s.clone());

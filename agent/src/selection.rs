@@ -14,56 +14,12 @@ use std::{
     sync::Arc,
 };
 
-use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::{
     k8s::{self, Kubernetes, PodFilter},
     proc::ProcFs,
 };
-
-/// The kernel's selected processes. Each CPU caches its last verdict until the selection
-/// changes (`selected_tgid` in the eBPF programs): every change here is followed by a bump of
-/// userspace's generation slot, after the change, so no verdict outlives it.
-pub struct SelectedMap {
-    pids: BpfHashMap<MapData, u32, u32>,
-    generation: BpfArray<MapData, u64>,
-    /// Changes made here (userspace's slot of the generation; this is its one writer).
-    changes: u64,
-}
-
-/// Userspace's slot in `SELECTION_GENERATION` (the kernel's programs bump slot 0).
-const USER_GENERATION_SLOT: u32 = 1;
-
-impl SelectedMap {
-    pub fn new(pids: BpfHashMap<MapData, u32, u32>, generation: BpfArray<MapData, u64>) -> Self {
-        Self {
-            pids,
-            generation,
-            changes: 0,
-        }
-    }
-
-    pub fn insert(&mut self, pid: u32) -> Result<(), aya::maps::MapError> {
-        self.pids.insert(&pid, &1, 0)?;
-        self.changed();
-        Ok(())
-    }
-
-    pub fn remove(&mut self, pid: u32) {
-        if self.pids.remove(&pid).is_ok() {
-            self.changed();
-        }
-    }
-
-    fn changed(&mut self) {
-        self.changes = self.changes.wrapping_add(1);
-        if let Err(e) = self.generation.set(USER_GENERATION_SLOT, &self.changes, 0) {
-            // Cannot fail for an in-range index of an array; if it did, a CPU could keep a
-            // stale verdict for a process until the kernel's next change.
-            log::warn!("selection generation not updated: {e}");
-        }
-    }
-}
 
 /// Bytes of a command name the kernel keeps (`TASK_COMM_LEN` less its NUL).
 pub const COMM_MAX: usize = 15;
@@ -272,7 +228,7 @@ pub struct Selector {
     watched: Vec<Watched>,
     /// The agent's PATH, where bare `--exe` names are looked up.
     path_var: Option<OsString>,
-    map: Option<SelectedMap>,
+    map: Option<BpfHashMap<MapData, u32, u32>>,
     selected: HashMap<u32, String>,
     own_pid: u32,
     pub map_errors: u64,
@@ -287,7 +243,7 @@ pub struct Selector {
 
 impl Selector {
     /// `map` is None when tracing everything (the kernel then ignores the map).
-    pub fn new(selection: Selection, map: Option<SelectedMap>) -> Self {
+    pub fn new(selection: Selection, map: Option<BpfHashMap<MapData, u32, u32>>) -> Self {
         let path_var = std::env::var_os("PATH");
         let criteria = (selection.pids.iter().map(|&p| Criterion::Pid(p)))
             .chain(selection.comms.iter().map(|c| Criterion::Comm(c.clone())))
@@ -472,7 +428,7 @@ impl Selector {
             return false;
         }
         if let Some(map) = self.map.as_mut()
-            && map.insert(pid).is_err()
+            && map.insert(&pid, &1, 0).is_err()
         {
             self.map_errors += 1;
             return false;
@@ -482,7 +438,7 @@ impl Selector {
         // be traced.
         if !self.proc.exists(pid) {
             if let Some(map) = self.map.as_mut() {
-                map.remove(pid);
+                let _ = map.remove(&pid);
             }
             return false;
         }
@@ -619,7 +575,7 @@ impl Selector {
         if self.selected.remove(&pid).is_some()
             && let Some(map) = self.map.as_mut()
         {
-            map.remove(pid);
+            let _ = map.remove(&pid);
         }
     }
 }

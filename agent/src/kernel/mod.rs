@@ -247,13 +247,6 @@ pub fn sample_threshold(ratio: f64) -> u64 {
     (ratio.clamp(0.0, 1.0) * SAMPLE_ALL as f64).round() as u64
 }
 
-/// The kernel's selection: `SELECTED` (tgid → 1) and `SELECTION_GENERATION`, bumped after
-/// each change (each CPU caches its last verdict while it is unchanged).
-pub struct SelectionMaps {
-    pub pids: HashMap<MapData, u32, u32>,
-    pub generation: Array<MapData, u64>,
-}
-
 /// What loading asks of the kernel's BTF beyond the offsets (read with our own reader).
 struct BtfFacts {
     /// `struct socket`'s `sk` offset.
@@ -740,25 +733,16 @@ impl Probes {
         })
     }
 
-    /// The selected-process map and its generation (taken once, by the selector).
-    pub fn take_selected(&mut self) -> Result<SelectionMaps, KernelError> {
+    /// The selected-process map (taken once, by the selector).
+    pub fn take_selected(&mut self) -> Result<HashMap<MapData, u32, u32>, KernelError> {
         let map = self
             .ebpf
             .take_map("SELECTED")
             .ok_or(KernelError::MissingMap("SELECTED"))?;
-        let pids = HashMap::try_from(map).map_err(|source| KernelError::Map {
+        HashMap::try_from(map).map_err(|source| KernelError::Map {
             name: "SELECTED",
             source,
-        })?;
-        let map = self
-            .ebpf
-            .take_map("SELECTION_GENERATION")
-            .ok_or(KernelError::MissingMap("SELECTION_GENERATION"))?;
-        let generation = Array::try_from(map).map_err(|source| KernelError::Map {
-            name: "SELECTION_GENERATION",
-            source,
-        })?;
-        Ok(SelectionMaps { pids, generation })
+        })
     }
 
     /// Exact command names the kernel selects at exec (taken once, by the selector).
