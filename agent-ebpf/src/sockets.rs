@@ -517,24 +517,35 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
         }
         // Before the data event: userspace pairs the two by timestamp.
         if direction == DIR_INGRESS {
-            let started = context::on_read(
-                tgid,
-                tid,
-                cookie,
-                scratch.header.fd,
-                scratch.header.ts_ns,
-                scratch.payload.as_ptr(),
-                captured as u32,
-                true,
-            );
-            // Not written without sampling: the verifier walks the same paths as before it.
+            // Two calls, one walked (`sampling()` is known to the verifier): without sampling
+            // the code is what it was before sampling, which the verifier's budget needs.
             if sampling() {
-                let started = match started {
+                let started = match context::on_read(
+                    tgid,
+                    tid,
+                    cookie,
+                    scratch.header.fd,
+                    scratch.header.ts_ns,
+                    scratch.payload.as_ptr(),
+                    captured as u32,
+                    true,
+                ) {
                     None => STARTED_NONE,
                     Some(true) => STARTED_SAMPLED,
                     Some(false) => STARTED_UNSAMPLED,
                 };
                 unsafe { core::ptr::write_volatile(&mut scratch.started, started) };
+            } else {
+                context::on_read(
+                    tgid,
+                    tid,
+                    cookie,
+                    scratch.header.fd,
+                    scratch.header.ts_ns,
+                    scratch.payload.as_ptr(),
+                    captured as u32,
+                    false,
+                );
             }
         } else {
             context::on_write(tid, cookie);
