@@ -168,10 +168,9 @@ pub fn random_id<const N: usize>() -> [u8; N] {
 /// A read on a socket by a selected thread: if it starts a request, choose the server span's
 /// ids, remember them for the thread and tell userspace (before the data event, same `ts`).
 /// `None` when it starts no request; else whether the request is sampled (always, unless
-/// `may_sample` and head sampling is on).
+/// `SAMPLE`: the caller found head sampling on).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn on_read(
+pub fn on_read<const SAMPLE: bool>(
     pid: u32,
     tid: u32,
     cookie: u64,
@@ -179,16 +178,13 @@ pub fn on_read(
     ts: u64,
     buf: *const u8,
     captured: u32,
-    may_sample: bool,
 ) -> Option<bool> {
     if !http_head::starts_request(buf, captured) {
         return None;
     }
-    Some(if may_sample && sampling() {
-        open_request::<true>(pid, tid, cookie, fd, ts, buf, captured, 0)
-    } else {
-        open_request::<false>(pid, tid, cookie, fd, ts, buf, captured, 0)
-    })
+    Some(open_request::<SAMPLE>(
+        pid, tid, cookie, fd, ts, buf, captured, 0,
+    ))
 }
 
 /// A runtime probe: the request now served on `cookie` was not opened at its read (its first

@@ -28,7 +28,7 @@ use crate::{
     maps::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, UNSAMPLED,
         UNSAMPLED_SERVER, capture_size, context_propagation, count, counters, decide_call, offsets,
-        sampling, selected_tgid,
+        selected_tgid,
     },
 };
 
@@ -73,6 +73,23 @@ enum UserBuf {
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn agent_sock_recv(ctx: BtfTracePointContext) -> i32 {
     on_recv(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+/// The same with head sampling (`--sample-ratio`), loaded instead of `agent_sock_recv`. Programs
+/// of their own: the data programs sit at the verifier's 1M-instruction budget on several
+/// kernels, and sampling's code, even where it is never run, changed the generated code enough
+/// to push the others over it. Only on kernels with these tracepoints (Linux 6.3+).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn agent_sock_recv_sampled(ctx: BtfTracePointContext) -> i32 {
+    on_recv_with::<true, true>(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+/// See `agent_sock_recv_sampled`.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn agent_sock_send_sampled(ctx: BtfTracePointContext) -> i32 {
+    on_send_with::<true, true>(ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -165,7 +182,7 @@ pub fn agent_send_entry(ctx: ProbeContext) -> u32 {
 pub fn agent_recv_exit(ctx: TracePointContext) -> u32 {
     if let Some(call) = recall() {
         let ret = crate::lifecycle::sys_exit_ret(&ctx);
-        on_recv_with::<false>(socket_sk_read(call.sock), ret as i32, call.flags as i32);
+        on_recv_with::<false, false>(socket_sk_read(call.sock), ret as i32, call.flags as i32);
     }
     0
 }
@@ -175,7 +192,7 @@ pub fn agent_recv_exit(ctx: TracePointContext) -> u32 {
 pub fn agent_send_exit(ctx: TracePointContext) -> u32 {
     if let Some(call) = recall() {
         let ret = crate::lifecycle::sys_exit_ret(&ctx);
-        on_send_with::<false>(socket_sk_read(call.sock), ret as i32);
+        on_send_with::<false, false>(socket_sk_read(call.sock), ret as i32);
     }
     0
 }
@@ -249,16 +266,16 @@ fn socket_sk(sock: u64) -> u64 {
 
 #[inline(always)]
 fn on_recv(sk: u64, ret: i32, flags: i32) {
-    on_recv_with::<true>(sk, ret, flags);
+    on_recv_with::<true, false>(sk, ret, flags);
 }
 
 #[inline(always)]
 fn on_send(sk: u64, ret: i32) {
-    on_send_with::<true>(sk, ret);
+    on_send_with::<true, false>(sk, ret);
 }
 
 #[inline(always)]
-fn on_recv_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32, flags: i32) {
+fn on_recv_with<const COOKIE_HELPER: bool, const SAMPLE: bool>(sk: u64, ret: i32, flags: i32) {
     if ret <= 0 || flags & MSG_PEEK != 0 {
         return;
     }
@@ -266,11 +283,11 @@ fn on_recv_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32, flags: i32) {
     let Some(thread) = selected_tgid() else {
         return;
     };
-    on_socket_io::<DIR_INGRESS, COOKIE_HELPER>(sk, thread, ret as u64, None);
+    on_socket_io::<DIR_INGRESS, COOKIE_HELPER, SAMPLE>(sk, thread, ret as u64, None);
 }
 
 #[inline(always)]
-fn on_send_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32) {
+fn on_send_with<const COOKIE_HELPER: bool, const SAMPLE: bool>(sk: u64, ret: i32) {
     let Some(thread) = selected_tgid() else {
         return;
     };
@@ -282,7 +299,7 @@ fn on_send_with<const COOKIE_HELPER: bool>(sk: u64, ret: i32) {
         }
         return;
     }
-    on_socket_io::<DIR_EGRESS, COOKIE_HELPER>(sk, thread, ret as u64, started);
+    on_socket_io::<DIR_EGRESS, COOKIE_HELPER, SAMPLE>(sk, thread, ret as u64, started);
 }
 
 /// Where and when a thread began queueing the first and the last chunk of its current TCP
@@ -345,7 +362,7 @@ fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
 }
 
 #[inline(always)]
-fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
+fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool, const SAMPLE: bool>(
     sk: u64,
     (tgid, tid): (u32, u32),
     bytes: u64,
@@ -491,18 +508,24 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool>(
         ev.flags |= DATA_FLAG_TRUNCATED;
     }
     ev.captured = captured as u32;
-    finish::<DIRECTION>(scratch, tgid, tid, cookie, sk);
+    finish::<DIRECTION, SAMPLE>(scratch, tgid, tid, cookie, sk);
 }
 
 /// Context, then the data event. Everything comes back from the scratch map here, so the
 /// many paths of the copy above end in one verifier state and this part is checked once.
 #[inline(always)]
-fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cookie: u64, sk: u64) {
+fn finish<const DIRECTION: u32, const SAMPLE: bool>(
+    scratch: &mut Scratch,
+    tgid: u32,
+    tid: u32,
+    cookie: u64,
+    sk: u64,
+) {
     let captured = unsafe { core::ptr::read_volatile(&scratch.header.captured) } as u64;
     let flags = unsafe { core::ptr::read_volatile(&scratch.header.flags) };
     let bytes = unsafe { core::ptr::read_volatile(&scratch.header.bytes) };
     let direction = DIRECTION;
-    if sampling() {
+    if SAMPLE {
         unsafe { core::ptr::write_volatile(&mut scratch.started, STARTED_NONE) };
     }
     if context_propagation() {
@@ -517,10 +540,8 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
         }
         // Before the data event: userspace pairs the two by timestamp.
         if direction == DIR_INGRESS {
-            // Two calls, one walked (`sampling()` is known to the verifier): without sampling
-            // the code is what it was before sampling, which the verifier's budget needs.
-            if sampling() {
-                let started = match context::on_read(
+            if SAMPLE {
+                let started = match context::on_read::<true>(
                     tgid,
                     tid,
                     cookie,
@@ -528,7 +549,6 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                     scratch.header.ts_ns,
                     scratch.payload.as_ptr(),
                     captured as u32,
-                    true,
                 ) {
                     None => STARTED_NONE,
                     Some(true) => STARTED_SAMPLED,
@@ -536,7 +556,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                 };
                 unsafe { core::ptr::write_volatile(&mut scratch.started, started) };
             } else {
-                context::on_read(
+                context::on_read::<false>(
                     tgid,
                     tid,
                     cookie,
@@ -544,14 +564,13 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
                     scratch.header.ts_ns,
                     scratch.payload.as_ptr(),
                     captured as u32,
-                    false,
                 );
             }
         } else {
             context::on_write(tid, cookie);
         }
     }
-    if sampling() {
+    if SAMPLE {
         match left_out::<DIRECTION>(scratch, tgid, tid, cookie, sk) {
             LEFT_OUT => return,
             LEFT_OUT_KNOWN => {
@@ -561,7 +580,7 @@ fn finish<const DIRECTION: u32>(scratch: &mut Scratch, tgid: u32, tid: u32, cook
             _ => {}
         }
     }
-    let captured = if sampling() {
+    let captured = if SAMPLE {
         unsafe { core::ptr::read_volatile(&scratch.header.captured) as u64 }
     } else {
         captured

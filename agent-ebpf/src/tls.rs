@@ -526,7 +526,8 @@ pub fn emit_plaintext(p: &Plaintext) {
     if context_propagation() && p.sock_cookie != 0 {
         let tid = p.pid_tgid as u32;
         if p.direction == DIR_INGRESS {
-            crate::context::on_read(
+            // Head sampling decides socket data only: TLS plaintext is always traced.
+            crate::context::on_read::<false>(
                 (p.pid_tgid >> 32) as u32,
                 tid,
                 p.sock_cookie,
@@ -534,8 +535,6 @@ pub fn emit_plaintext(p: &Plaintext) {
                 p.last_ns,
                 scratch.payload.as_ptr(),
                 captured as u32,
-                // Head sampling decides socket data only: TLS plaintext is always traced.
-                false,
             );
         } else {
             crate::context::on_write(tid, p.sock_cookie);

@@ -162,6 +162,11 @@ async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             "agent: sampling: off, every request traced (--sample-ratio needs context \
              propagation: the decision travels in the injected traceparent)"
         ),
+        Some(_) if !probes.sampling => eprintln!(
+            "agent: sampling: off, every request traced (--sample-ratio needs the \
+             sock_recv_length and sock_send_length tracepoints, Linux 6.3+, and \
+             --socket-hooks auto or tracepoints)"
+        ),
         Some(ratio) => eprintln!(
             "agent: sampling: {} % of requests, decided in the kernel at their first bytes; a \
              request with a traceparent follows its sampled flag, calls follow their request \

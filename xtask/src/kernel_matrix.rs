@@ -63,11 +63,6 @@ const SUBSET: &[(&str, &str, &str)] = &[
         "nginx_and_curl_over_tls_1_3_keep_alive",
         "TLS plaintext through OpenSSL's uprobes and the socket hooks' nesting, nginx and curl",
     ),
-    (
-        "sampling_e2e",
-        "an_incoming_traceparent_not_sampled_is_honoured_at_ratio_one",
-        "head sampling's kernel code loads (the verifier) and leaves a request out",
-    ),
 ];
 
 /// Debian packages of the guest beyond minbase: the servers and clients of [`SUBSET`], kmod

@@ -98,6 +98,9 @@ pub struct Probes {
     pub runtime_programs_failed: Option<String>,
     /// Why the TLS library programs could not be loaded (no TLS plaintext then).
     pub tls_programs_failed: Option<String>,
+    /// Head sampling is on in the kernel (asked for, with context propagation, and the
+    /// kernel has the socket tracepoints its programs need).
+    pub sampling: bool,
 }
 
 /// The uprobe programs of the runtime mechanisms (see `runtimes`): loaded at start, attached
@@ -149,6 +152,8 @@ const TP_BTF: &[(&str, &str)] = &[
 struct DataHook {
     function: &'static str,
     tracepoint: (&'static str, &'static str),
+    /// The tracepoint's program with head sampling.
+    sampled: &'static str,
     fexit: [(&'static str, &'static str); 2],
     kprobe: Kprobes,
     /// `sendfile` reaches this direction through `inet_sendpage` where the kernel has it.
@@ -167,6 +172,7 @@ const DATA_HOOKS: [DataHook; 2] = [
     DataHook {
         function: "socket reads",
         tracepoint: ("agent_sock_recv", "sock_recv_length"),
+        sampled: "agent_sock_recv_sampled",
         fexit: [
             ("agent_inet_recvmsg", "inet_recvmsg"),
             ("agent_inet6_recvmsg", "inet6_recvmsg"),
@@ -181,6 +187,7 @@ const DATA_HOOKS: [DataHook; 2] = [
     DataHook {
         function: "socket writes",
         tracepoint: ("agent_sock_send", "sock_send_length"),
+        sampled: "agent_sock_send_sampled",
         fexit: [
             ("agent_inet_sendmsg", "inet_sendmsg"),
             ("agent_inet6_sendmsg", "inet6_sendmsg"),
@@ -280,6 +287,7 @@ impl BtfFacts {
 /// `DataHook`); chosen by what the kernel's BTF offers and what attaches, not by its version.
 fn attach_data_hooks(
     choice: SocketHooks,
+    sampling: bool,
     ebpf: &mut Ebpf,
     kernel_btf: &aya::Btf,
     facts: &BtfFacts,
@@ -298,7 +306,11 @@ fn attach_data_hooks(
     let mut kprobes = false;
     for hook in &DATA_HOOKS {
         let sendpage = kernel_has_sendpage && hook.sendpage;
-        let (name, tp) = hook.tracepoint;
+        let (name, tp) = if sampling {
+            (hook.sampled, hook.tracepoint.1)
+        } else {
+            hook.tracepoint
+        };
         let have_tp = facts.has_tracepoint(tp);
         if choice == SocketHooks::Tracepoints && !have_tp {
             return Err(KernelError::Unsupported(format!(
@@ -529,10 +541,17 @@ impl Probes {
         let capture = clamp_capture(opts.capture_size);
         let propagation: u32 = opts.context_propagation.into();
         let linking: u32 = opts.in_process_linking.into();
-        // Sampling travels in the injected header: without propagation there is none.
+        // Sampling travels in the injected header: without propagation there is none. Its
+        // data programs are the tracepoints' (see `agent_sock_recv_sampled`).
+        let sampling_hooks = matches!(
+            opts.socket_hooks,
+            SocketHooks::Auto | SocketHooks::Tracepoints
+        ) && DATA_HOOKS
+            .iter()
+            .all(|hook| facts.has_tracepoint(hook.tracepoint.1));
         let sample_threshold = opts
             .sample_ratio
-            .filter(|_| opts.context_propagation)
+            .filter(|_| opts.context_propagation && sampling_hooks)
             .map(sample_threshold);
         let sampling: u32 = sample_threshold.is_some().into();
         let sample_threshold = sample_threshold.unwrap_or(SAMPLE_ALL);
@@ -559,6 +578,7 @@ impl Probes {
         let mut hooks = Vec::new();
         attach_data_hooks(
             opts.socket_hooks,
+            sampling == 1,
             &mut ebpf,
             &kernel_btf,
             &facts,
@@ -651,6 +671,7 @@ impl Probes {
             injecting,
             runtime_programs_failed,
             tls_programs_failed,
+            sampling: sampling == 1,
         })
     }
 
