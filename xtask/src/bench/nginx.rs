@@ -304,7 +304,9 @@ impl AgentRun<WrkStats> {
     /// Requests wrk completed that produced no exchange, beyond the losses the agent counted,
     /// plus spans built that were neither exported nor counted as dropped or failed.
     fn unaccounted(&self) -> u64 {
-        let traced = self.summary.counter("http_exchanges");
+        // Requests head sampling left out (`--sample-ratio`) are counted, not lost.
+        let traced = self.summary.counter("http_exchanges")
+            + self.summary.counter("requests_unsampled");
         let missing = self.run.client.requests.saturating_sub(traced);
         missing.saturating_sub(self.events_lost()) + self.spans_unsettled()
     }
