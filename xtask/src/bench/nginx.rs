@@ -305,8 +305,8 @@ impl AgentRun<WrkStats> {
     /// plus spans built that were neither exported nor counted as dropped or failed.
     fn unaccounted(&self) -> u64 {
         // Requests head sampling left out (`--sample-ratio`) are counted, not lost.
-        let traced = self.summary.counter("http_exchanges")
-            + self.summary.counter("requests_unsampled");
+        let traced =
+            self.summary.counter("http_exchanges") + self.summary.counter("requests_unsampled");
         let missing = self.run.client.requests.saturating_sub(traced);
         missing.saturating_sub(self.events_lost()) + self.spans_unsettled()
     }
