@@ -323,6 +323,12 @@ fn link_unseen(sk: u64, tid: u32, buf: *const u8, head: &http_head::Head) {
 /// A request in unseen bytes is followed only if it starts this early in its write.
 const UNSEEN_START_LIMIT: u64 = 4096;
 
+/// Whether the injector keeps state for `sk` (its framing, even if lost).
+#[inline(always)]
+pub fn follows(sk: u64) -> bool {
+    SEND_STATES.get_ptr(&sk).is_some()
+}
+
 /// Whether the injector decides head sampling for `sk`'s requests: it follows the socket's
 /// framing (its requests pass `apply` or, parked, `link_unseen`).
 #[inline(always)]

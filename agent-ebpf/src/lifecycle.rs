@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    RUNTIME_PIDS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, UNSAMPLED, emit,
+    RUNTIME_PIDS, SAMPLING_MARKS, SELECTED, SELECTED_COMMS, SEND_STATES, TRACKED_SOCKETS, emit,
     make_cookies, offsets, sampling, selected_tgid, trace_all,
 };
 
@@ -113,7 +113,7 @@ pub fn agent_sock_state(ctx: BtfTracePointContext) -> i32 {
     // Here, after `sk`'s last use as a pointer: a key's stack copy of it is a plain number to
     // the verifier, which then refuses it to the cookie helper (Linux 6.1, 6.12).
     if sampling() {
-        let _ = UNSAMPLED.remove(&sk);
+        let _ = SAMPLING_MARKS.remove(&sk);
     }
     // A request still in flight on a closed server socket is over.
     crate::context::release_inflight(cookie);

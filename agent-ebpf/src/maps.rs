@@ -77,15 +77,19 @@ pub fn sample_root() -> bool {
     r < unsafe { core::ptr::read_volatile(&SAMPLE_THRESHOLD) }
 }
 
-/// Sockets whose current exchange head sampling left out (socket address → `UNSAMPLED_*`):
-/// their data events are not written until the socket's next request is decided. Removed at
-/// close (an address may be reused).
+/// Head sampling's decision for a socket's current exchange (socket address → a mark below):
+/// the events of an exchange left out are not written until the socket's next request is
+/// decided. Removed at close (an address may be reused). A server socket keeps its mark when
+/// its request is sampled: a keep-alive connection's decisions are then writes in place, not
+/// LRU inserts and removals, and its answers are never taken for client calls.
 #[map]
-pub static UNSAMPLED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
-/// A server socket: the request read and its answer.
-pub const UNSAMPLED_SERVER: u32 = 1;
-/// A client socket: the request written and its answer.
-pub const UNSAMPLED_CLIENT: u32 = 2;
+pub static SAMPLING_MARKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+/// A server socket whose request read is sampled: its answer is written.
+pub const SERVER_SAMPLED: u32 = 3;
+/// A server socket: the request read and its answer are left out.
+pub const SERVER_UNSAMPLED: u32 = 1;
+/// A client socket: the request written and its answer are left out.
+pub const CLIENT_UNSAMPLED: u32 = 2;
 
 /// A client request on `sk` was decided: left out (`sampled` false) or not.
 #[inline(always)]
@@ -94,9 +98,9 @@ pub fn decide_call(sk: u64, sampled: bool) {
         return;
     }
     if sampled {
-        let _ = UNSAMPLED.remove(&sk);
+        let _ = SAMPLING_MARKS.remove(&sk);
     } else {
-        let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_CLIENT, 0);
+        let _ = SAMPLING_MARKS.insert(&sk, &CLIENT_UNSAMPLED, 0);
         count(|c| c.calls_unsampled += 1);
     }
 }

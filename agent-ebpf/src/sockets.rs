@@ -26,9 +26,9 @@ use crate::{
     arch::{self, ARCH},
     context,
     maps::{
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, TRACKED_SOCKETS, UNSAMPLED,
-        UNSAMPLED_SERVER, capture_size, context_propagation, count, counters, decide_call, offsets,
-        selected_tgid,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, EVENTS, SAMPLING_MARKS, SERVER_SAMPLED,
+        SERVER_UNSAMPLED, TRACKED_SOCKETS, capture_size, context_propagation, count, counters,
+        decide_call, offsets, selected_tgid,
     },
 };
 
@@ -446,6 +446,18 @@ fn on_socket_io<const DIRECTION: u32, const COOKIE_HELPER: bool, const SAMPLE: b
         ts_ns,
     );
 
+    // The answer of a request head sampling left out, on a socket the injector does not
+    // follow: neither its bytes nor an event are needed, only that the request was answered.
+    if SAMPLE && direction == DIR_EGRESS && !tls_records && answer_left_out(sk) {
+        if context_propagation() {
+            context::on_write(tid, cookie);
+        }
+        if send_addresses {
+            unsent_addresses(cookie);
+        }
+        return;
+    }
+
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -627,30 +639,28 @@ fn left_out<const DIRECTION: u32>(
     if direction == DIR_INGRESS {
         match unsafe { core::ptr::read_volatile(&scratch.started) } {
             STARTED_SAMPLED => {
-                let _ = UNSAMPLED.remove(&sk);
+                mark_server(sk, SERVER_SAMPLED);
                 return SAMPLED;
             }
             STARTED_UNSAMPLED => {
-                // Most requests of a keep-alive connection are left out at a low ratio: its
-                // mark stays (a lookup is cheaper than an insert into an LRU map).
-                if UNSAMPLED
-                    .get_ptr(&sk)
-                    .is_none_or(|m| unsafe { *m } != UNSAMPLED_SERVER)
-                {
-                    let _ = UNSAMPLED.insert(&sk, &UNSAMPLED_SERVER, 0);
-                }
+                mark_server(sk, SERVER_UNSAMPLED);
                 count(|c| c.requests_unsampled += 1);
             }
-            _ => {
-                if UNSAMPLED.get_ptr(&sk).is_none() {
-                    return SAMPLED;
-                }
-            }
+            _ => match SAMPLING_MARKS.get_ptr(&sk) {
+                None => return SAMPLED,
+                Some(m) if unsafe { *m } == SERVER_SAMPLED => return SAMPLED,
+                Some(_) => {}
+            },
         }
     } else {
-        let mark = UNSAMPLED.get_ptr(&sk).map(|m| unsafe { *m });
+        let mark = SAMPLING_MARKS.get_ptr(&sk).map(|m| unsafe { *m });
+        // The answer of a sampled request: whatever request the thread read last (an event
+        // loop's), this is no client call.
+        if mark == Some(SERVER_SAMPLED) {
+            return SAMPLED;
+        }
         let injector_decides = crate::inject::decides_sampling(sk);
-        if mark != Some(UNSAMPLED_SERVER) && !injector_decides {
+        if mark != Some(SERVER_UNSAMPLED) && !injector_decides {
             let now = unsafe { bpf_ktime_get_ns() };
             match context::thread_call(tgid, tid, cookie, now) {
                 context::ThreadCall::LeftOut | context::ThreadCall::Unknown => {
@@ -671,13 +681,44 @@ fn left_out<const DIRECTION: u32>(
             return LEFT_OUT_KNOWN;
         }
     }
-    // The socket's addresses go with its first event written: not this one.
-    if scratch.header.flags & DATA_FLAG_ADDRESSES != 0
-        && let Some(t) = TRACKED_SOCKETS.get_ptr_mut(&cookie)
-    {
-        unsafe { (*t).addresses_sent = 0 };
+    if scratch.header.flags & DATA_FLAG_ADDRESSES != 0 {
+        unsent_addresses(cookie);
     }
     LEFT_OUT
+}
+
+/// The socket's addresses go with its first event written: not the one left out now.
+#[inline(always)]
+fn unsent_addresses(cookie: u64) {
+    if let Some(t) = TRACKED_SOCKETS.get_ptr_mut(&cookie) {
+        unsafe { (*t).addresses_sent = 0 };
+    }
+}
+
+/// A write on `sk` answers a request left out, and the injector does not follow the socket
+/// (its accounting needs every write).
+#[inline(always)]
+fn answer_left_out(sk: u64) -> bool {
+    SAMPLING_MARKS
+        .get_ptr(&sk)
+        .is_some_and(|m| unsafe { *m } == SERVER_UNSAMPLED)
+        && !crate::inject::follows(sk)
+}
+
+/// A server socket's request was decided: its mark is set in place when it has one (a
+/// keep-alive connection), inserted else.
+#[inline(always)]
+fn mark_server(sk: u64, mark: u32) {
+    match SAMPLING_MARKS.get_ptr_mut(&sk) {
+        Some(m) => unsafe {
+            if *m != mark {
+                *m = mark;
+            }
+        },
+        None => {
+            let _ = SAMPLING_MARKS.insert(&sk, &mark, 0);
+        }
+    }
 }
 
 /// Writes the data event assembled in `scratch` (header and `captured` payload bytes) to the
