@@ -275,6 +275,7 @@ fn an_incoming_traceparent_not_sampled_is_honoured_at_ratio_one() {
 fn an_event_loops_sampled_answers_are_all_exported() {
     const CLIENTS: usize = 4;
     const PER_CLIENT: usize = 750;
+    const BY_PARENT: usize = 20;
     let _serial = require_root();
     let collector = Collector::start();
     let nginx = NginxServer::start();
@@ -305,6 +306,20 @@ fn an_event_loops_sampled_answers_are_all_exported() {
     }
     let total = CLIENTS * PER_CLIENT;
     assert_eq!(answered, total, "nginx did not answer every request");
+    // nginx is now a pure server to the kernel, whose plain heads are decided without a full
+    // scan: a `traceparent` still decides (2^-20 to pass by chance at 0.5 per group).
+    let trace_id = "7bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "30f067aa0ba902b7";
+    let by_parent = |flags: &str, from: usize| {
+        let mut curl = Curl::get(nginx.url(&format!("/parent/{from}")))
+            .header(&format!("traceparent: 00-{trace_id}-{caller_span}-{flags}"));
+        for i in from + 1..from + BY_PARENT {
+            curl = curl.then(nginx.url(&format!("/parent/{i}")));
+        }
+        curl.run()
+    };
+    by_parent("01", 0);
+    by_parent("00", BY_PARENT);
     // Wait until the spans stop coming (how many is what the test checks).
     let mut last = usize::MAX;
     let deadline = Instant::now() + tests::scaled(Duration::from_secs(20));
@@ -321,7 +336,8 @@ fn an_event_loops_sampled_answers_are_all_exported() {
     let count = |name: &str| counters.get(name).copied().unwrap_or(0);
 
     let mut failures = Failures::default();
-    let left_out = count("requests_unsampled") as usize;
+    // The group whose traceparent says not sampled is left out too.
+    let left_out = (count("requests_unsampled") as usize).saturating_sub(BY_PARENT);
     failures.check(
         (total * 3 / 10..=total * 7 / 10).contains(&left_out),
         || format!("requests_unsampled {left_out} of {total} at ratio 0.5"),
@@ -332,12 +348,34 @@ fn an_event_loops_sampled_answers_are_all_exported() {
             count("calls_unsampled")
         )
     });
+    let nginx_span = |s: &&ReceivedSpan| s.kind == SpanKind::Server && s.pid() == Some(worker);
+    let parent_path = |s: &&ReceivedSpan| {
+        s.attr_str("url.path")
+            .is_some_and(|p| p.starts_with("/parent/"))
+    };
+    for i in 0..2 * BY_PARENT {
+        let path = format!("/parent/{i}");
+        let found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(nginx_span)
+            .filter(|s| s.attr_str("url.path") == Some(path.as_str()))
+            .collect();
+        let summaries: Vec<String> = found.iter().map(|s| s.summary()).collect();
+        if i < BY_PARENT {
+            failures.check(
+                matches!(found.as_slice(), [s] if s.trace_id == trace_id
+                    && s.parent_span_id.as_deref() == Some(caller_span)),
+                || format!("{path}: its traceparent was sampled, expected one span continuing it: {summaries:?}"),
+            );
+        } else {
+            failures.check(found.is_empty(), || {
+                format!("{path}: its traceparent was not sampled, yet exported: {summaries:?}")
+            });
+        }
+    }
     let mut per_path: HashMap<&str, usize> = HashMap::new();
     let mut unanswered = Vec::new();
-    for s in spans
-        .iter()
-        .filter(|s| s.kind == SpanKind::Server && s.pid() == Some(worker))
-    {
+    for s in spans.iter().filter(nginx_span).filter(|s| !parent_path(s)) {
         *per_path
             .entry(s.attr_str("url.path").unwrap_or(""))
             .or_default() += 1;
