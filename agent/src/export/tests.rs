@@ -769,10 +769,10 @@ fn e2e_resource(pid: u32, service: &str, protocol: &str) -> Arc<Resource> {
         pid,
         service_name: service.to_owned(),
         attributes: vec![
-            Attribute::str("service.name", service),
+            Attribute::str("service.name", service.to_owned()),
             Attribute::int("process.pid", i64::from(pid)),
             Attribute::str("host.name", "e2e-host"),
-            Attribute::str("e2e.protocol", protocol),
+            Attribute::str("e2e.protocol", protocol.to_owned()),
         ],
     })
 }

@@ -120,7 +120,7 @@ mod tests {
             .iter()
             .find(|a| a.key == key)
             .and_then(|a| match &a.value {
-                AttrValue::Str(s) => Some(s.as_str()),
+                AttrValue::Str(s) => Some(s.as_ref()),
                 _ => None,
             })
     }

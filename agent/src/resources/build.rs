@@ -140,7 +140,7 @@ pub fn resource(
             continue;
         };
         match attributes.iter_mut().find(|a| a.key == key) {
-            Some(existing) => existing.value = AttrValue::Str(value),
+            Some(existing) => existing.value = AttrValue::Str(value.into()),
             None => attributes.push(Attribute::str(key, value)),
         }
     }
@@ -174,7 +174,9 @@ pub fn forked(parent: &Resource, child: u32, host_name: &str) -> Resource {
     for attr in &mut attributes {
         match attr.key {
             "process.pid" => attr.value = AttrValue::Int(i64::from(child)),
-            "service.instance.id" => attr.value = AttrValue::Str(format!("{host_name}:{child}")),
+            "service.instance.id" => {
+                attr.value = AttrValue::Str(format!("{host_name}:{child}").into())
+            }
             _ => {}
         }
     }

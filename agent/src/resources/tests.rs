@@ -46,15 +46,15 @@ fn loads_own_process() {
     );
     assert_eq!(
         attr(&r, "service.instance.id"),
-        Some(&AttrValue::Str(format!("testhost:{pid}")))
+        Some(&AttrValue::Str(format!("testhost:{pid}").into()))
     );
     assert_eq!(
         attr(&r, "process.executable.name"),
-        exe_name.clone().map(AttrValue::Str).as_ref()
+        exe_name.clone().map(|n| AttrValue::Str(n.into())).as_ref()
     );
     assert_eq!(
         attr(&r, "process.executable.path"),
-        Some(&AttrValue::Str(exe.to_string_lossy().into_owned()))
+        Some(&AttrValue::Str(exe.to_string_lossy().into_owned().into()))
     );
     assert_eq!(
         attr(&r, "telemetry.sdk.language"),
@@ -89,7 +89,7 @@ fn loads_own_process() {
     }
     assert_eq!(
         attr(&r, "service.name"),
-        Some(&AttrValue::Str(r.service_name.clone()))
+        Some(&AttrValue::Str(r.service_name.clone().into()))
     );
 }
 

@@ -1,6 +1,6 @@
 //! HTTP exchange → span, with OpenTelemetry semantic-convention attributes.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
 use super::{
     context::{Clock, IdGenerator, parse_traceparent},
@@ -101,12 +101,9 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
         Role::Client => SpanKind::Client,
     };
     let (path, query) = split_target(&req.target);
-    let method_known = KNOWN_METHODS.contains(&req.method.as_str());
-    let method = if method_known {
-        req.method.as_str()
-    } else {
-        "_OTHER"
-    };
+    let known = KNOWN_METHODS.iter().copied().find(|m| *m == req.method);
+    let method_known = known.is_some();
+    let method = known.unwrap_or("_OTHER");
     // Ids, tokens and e-mail addresses in the path: `{id}` in the name, tokens and addresses
     // `REDACTED` in url.path/url.full (see `redact`).
     let path = redact::url_path(path);
@@ -120,15 +117,17 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             req.method.clone(),
         ));
     }
-    attrs.push(Attribute::str("url.path", path.redacted.as_ref()));
+    attrs.push(Attribute::str("url.path", path.redacted.to_string()));
     // Pushed once url.full (client spans) has been written from it.
     let query = query.map(redact::url_query);
     let scheme = if conn.tls { "https" } else { "http" };
     attrs.push(Attribute::str("url.scheme", scheme));
-    attrs.push(Attribute::str(
-        "network.protocol.version",
-        format!("1.{}", req.version_minor),
-    ));
+    let version: Cow<'static, str> = match req.version_minor {
+        0 => "1.0".into(),
+        1 => "1.1".into(),
+        minor => format!("1.{minor}").into(),
+    };
+    attrs.push(Attribute::str("network.protocol.version", version));
     attrs.push(Attribute::str("network.transport", "tcp"));
     let (local, remote) = (ConnInfo::known(conn.local), ConnInfo::known(conn.remote));
     if let Some(remote) = remote {

@@ -1,6 +1,7 @@
 //! The agent's own span record: what a protocol produced, with kernel-derived wall-clock times,
 //! explicit ids and the resource of the process it belongs to. Exporters translate it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,9 +58,11 @@ pub enum SpanStatus {
     Error { description: String },
 }
 
+/// Text values borrow when they are constants (`"GET"`, `"tcp"`, `"ipv4"`…): a span is built
+/// for every request, and an allocation per constant attribute was a measurable share of it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttrValue {
-    Str(String),
+    Str(Cow<'static, str>),
     Int(i64),
     Bool(bool),
 }
@@ -71,7 +74,7 @@ pub struct Attribute {
 }
 
 impl Attribute {
-    pub fn str(key: &'static str, value: impl Into<String>) -> Self {
+    pub fn str(key: &'static str, value: impl Into<Cow<'static, str>>) -> Self {
         Self {
             key,
             value: AttrValue::Str(value.into()),

@@ -420,7 +420,7 @@ pub(crate) mod tests {
             pid,
             service_name: service.to_owned(),
             attributes: vec![
-                Attribute::str("service.name", service),
+                Attribute::str("service.name", service.to_owned()),
                 Attribute::int("process.pid", i64::from(pid)),
                 Attribute::str("host.name", "testhost"),
             ],
@@ -765,7 +765,7 @@ pub(crate) mod tests {
 
     fn proto_key_value(attr: &Attribute) -> ProtoKeyValue {
         let value = match &attr.value {
-            AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
+            AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
             AttrValue::Int(i) => any_value::Value::IntValue(*i),
             AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
         };
