@@ -130,10 +130,12 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
     attrs.push(Attribute::str("network.protocol.version", version));
     attrs.push(Attribute::str("network.transport", "tcp"));
     let (local, remote) = (ConnInfo::known(conn.local), ConnInfo::known(conn.remote));
-    if let Some(remote) = remote {
+    // Formatted once: a server span carries it twice (peer and client address).
+    let remote_text = remote.map(|r| ip_text(r.ip()));
+    if let (Some(remote), Some(text)) = (remote, &remote_text) {
         let network_type = if remote.is_ipv4() { "ipv4" } else { "ipv6" };
         attrs.push(Attribute::str("network.type", network_type));
-        attrs.push(Attribute::str("network.peer.address", ip_text(remote.ip())));
+        attrs.push(Attribute::str("network.peer.address", text.clone()));
         attrs.push(Attribute::int("network.peer.port", remote.port().into()));
     }
     let (host_addr, host_port) = req.host.as_deref().map(split_host).unzip();
@@ -147,13 +149,13 @@ pub fn build_span(inputs: SpanInputs<'_>, ids: &mut IdGenerator) -> (SpanRecord,
             if let Some(port) = host_port.or(local.map(|l| l.port())) {
                 attrs.push(Attribute::int("server.port", port.into()));
             }
-            if let Some(remote) = remote {
-                attrs.push(Attribute::str("client.address", ip_text(remote.ip())));
+            if let (Some(remote), Some(text)) = (remote, remote_text) {
+                attrs.push(Attribute::str("client.address", text));
                 attrs.push(Attribute::int("client.port", remote.port().into()));
             }
         }
         SpanKind::Client => {
-            let server = host_addr.or_else(|| remote.map(|r| ip_text(r.ip())));
+            let server = host_addr.or(remote_text);
             let port = host_port.or(remote.map(|r| r.port()));
             if let (Some(server), Some(port)) = (&server, port) {
                 let mut full = format!("{scheme}://{server}:{port}{}", path.redacted);
