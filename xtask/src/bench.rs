@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: what the agent costs a real server.
 //!
-//! Two benchmarks, each run alternately without and with the agent (the release binary, console
+//! Benchmarks run alternately without and with the agent (the release binary, console
 //! exporter into /dev/null, so every request is traced and its span built and exported):
 //!
 //! - [`nginx`]: nginx answers a tiny response on loopback while wrk loads it
@@ -9,6 +9,8 @@
 //!   (`agent --pid <postmaster> --comm pgbench`: the backends and the client are both traced).
 //! - [`proxy`]: an nginx reverse proxy in front of a second nginx, the agent in every run,
 //!   runtime linking on against off (what the mechanism costs per request).
+//! - [`connections`]: the agent's memory with many open keep-alive connections (no pairs: two
+//!   runs with the agent, connections opened at a pace and all at once).
 //!
 //! Each pair of runs gives a throughput ratio and latency ratios; the with-agent run also gives
 //! the agent's CPU time per request, the BPF run time per request (kernel `bpf_stats`), its
@@ -23,6 +25,7 @@
 //! tests, these panic on a broken set-up (a server that does not start); their guards still
 //! stop every process.
 
+mod connections;
 mod nginx;
 mod pg;
 mod proxy;
@@ -91,6 +94,9 @@ pub enum Bench {
     /// nginx while the agent selects only another (idle) process: what untraced processes pay.
     #[value(alias = "untraced")]
     NginxUntraced,
+    /// The agent's memory with many open keep-alive connections to a traced nginx.
+    #[value(alias = "connections")]
+    NginxConnections,
 }
 
 /// How a with-agent run starts the agent: `bin args`, exporting to `sink`.
@@ -240,6 +246,9 @@ pub struct Options {
     /// `--agent-arg=--tls=off`, to measure what a switch costs
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
+    /// Connections kept open (nginx-connections)
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    open_connections: usize,
     /// Use this agent binary instead of building target/release/agent
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
@@ -328,6 +337,17 @@ pub fn run(mut opts: Options) -> Result<()> {
     if opts.runs(Bench::NginxUntraced) {
         check_interrupted()?;
         run_nginx(nginx::Variant::Untraced, &mut bpf_stats)?;
+    }
+    if opts.runs(Bench::NginxConnections) {
+        check_interrupted()?;
+        let section = connections::run(&opts, &agent_bin, &sink)?;
+        publish(
+            &opts,
+            &sink,
+            &section,
+            connections::MARK_START,
+            connections::MARK_END,
+        )?;
     }
     Ok(())
 }

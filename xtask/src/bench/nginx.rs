@@ -23,7 +23,7 @@ use super::{
     process_ticks, processes_named, render_bpf_programs, render_threads, run_pair, yes_no,
 };
 
-const NGINX_CPU: &str = "1";
+pub(super) const NGINX_CPU: &str = "1";
 const WRK_CPU: &str = "0";
 /// Plain HTTP, HTTPS (nginx's `ssl` listener with a certificate made for the run; the agent
 /// reads the plaintext through its OpenSSL probes), or plain HTTP while the agent selects
