@@ -269,8 +269,8 @@ fn an_incoming_traceparent_not_sampled_is_honoured_at_ratio_one() {
 /// pure server and stops choosing ids for its requests): each answer of a sampled request is
 /// written and paired with its own request, and none is taken for a client call. Found by
 /// the benchmark: once every ~1000 requests a sampled request's answer was left out as a
-/// "call" (`calls_unsampled` counted for a process that makes none) and the next answer on
-/// the connection was paired with it.
+/// "call" (`calls_unsampled` counted for a process that makes none), and its span ended as
+/// "connection closed before a response".
 #[test]
 fn an_event_loops_sampled_answers_are_all_exported() {
     const CLIENTS: usize = 4;
