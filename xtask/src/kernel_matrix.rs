@@ -376,6 +376,29 @@ fn host_tools(arch: &GuestArch) -> Result<()> {
     Ok(())
 }
 
+/// binfmt_misc mounted at its usual place: systemd mounts it at boot, a fresh machine or
+/// container without systemd may not have it (found on a fresh VM: the kernel supports it,
+/// nothing had mounted it).
+fn mount_binfmt_misc() -> Result<()> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    if dir.join("register").exists() {
+        return Ok(());
+    }
+    let status = Command::new("mount")
+        .args(["-t", "binfmt_misc", "binfmt_misc"])
+        .arg(dir)
+        .status()
+        .context("cannot run mount (to mount binfmt_misc)")?;
+    if !status.success() || !dir.join("register").exists() {
+        bail!(
+            "binfmt_misc is not mounted at {} and `mount -t binfmt_misc binfmt_misc {}` failed              ({status}): the kernel needs CONFIG_BINFMT_MISC, and a container needs to be              privileged",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// debootstrap and apt run the guest architecture's programs in a chroot: through qemu-user,
 /// registered with binfmt_misc (the `F` flag keeps the interpreter usable inside the chroot).
 fn foreign_binaries(arch: &GuestArch) -> Result<()> {
@@ -395,6 +418,7 @@ fn foreign_binaries(arch: &GuestArch) -> Result<()> {
         .map(str::trim)
         .find(|l| l.starts_with(':'))
         .with_context(|| format!("no binfmt rule in {}", conf.display()))?;
+    mount_binfmt_misc()?;
     fs::write("/proc/sys/fs/binfmt_misc/register", rule).with_context(|| {
         format!(
             "cannot register {}'s programs with binfmt_misc (is it mounted at \
