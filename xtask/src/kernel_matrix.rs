@@ -372,8 +372,30 @@ fn host_tools(arch: &GuestArch) -> Result<()> {
     if arch.cpu != crate::Arch::host() {
         setup::cross_toolchain(arch.cpu)?;
         foreign_binaries(arch)?;
+        foreign_packages(arch)?;
     }
     Ok(())
+}
+
+/// The guest's kernel packages are of its architecture: apt lists them (and `apt-get download
+/// pkg:arm64` fetches them) only once dpkg knows the architecture as a foreign one.
+fn foreign_packages(arch: &GuestArch) -> Result<()> {
+    let known = Command::new("dpkg")
+        .arg("--print-foreign-architectures")
+        .output()
+        .context("cannot run dpkg")?;
+    if String::from_utf8_lossy(&known.stdout)
+        .split_whitespace()
+        .any(|a| a == arch.deb_arch)
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "kernel-matrix: adding {} as a foreign architecture (for its kernel packages)",
+        arch.deb_arch
+    );
+    sh(Command::new("dpkg").args(["--add-architecture", arch.deb_arch]))?;
+    sh(Command::new("apt-get").args(["update", "-qq"]))
 }
 
 /// binfmt_misc mounted at its usual place: systemd mounts it at boot, a fresh machine or
