@@ -35,6 +35,9 @@ use crate::{
 
 /// Connections without traffic for this long are dropped (their pending requests emitted).
 const IDLE_CONNECTION_NS: u64 = 300 * 1_000_000_000;
+/// A connection quiet this long gives back its parser's empty buffers (a busy one keeps them
+/// to avoid an allocation per request).
+const RELEASE_BUFFERS_AFTER_NS: u64 = 1_000_000_000;
 /// Most connections followed at once; beyond it the least recently active are evicted.
 const MAX_CONNECTIONS: usize = 100_000;
 /// Accept/connect hints not matched by data within this time are forgotten.
@@ -650,12 +653,14 @@ impl<S: SpanSink> Pipeline<S> {
             self.end_connection(key, Some(last), Ending::Closed);
         }
         self.count_encrypted(|since| since.saturating_add(TLS_PLAINTEXT_WAIT_NS) <= now_ns);
-        let idle: Vec<_> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.last_ns.saturating_add(IDLE_CONNECTION_NS) < now_ns)
-            .map(|(k, _)| *k)
-            .collect();
+        let mut idle = Vec::new();
+        for (key, c) in &mut self.conns {
+            if c.last_ns.saturating_add(IDLE_CONNECTION_NS) < now_ns {
+                idle.push(*key);
+            } else if c.last_ns.saturating_add(RELEASE_BUFFERS_AFTER_NS) < now_ns {
+                c.stream.release_idle_buffers();
+            }
+        }
         for key in idle {
             self.end_connection(key, None, Ending::Evicted);
         }

@@ -97,6 +97,15 @@ impl Stream {
         }
     }
 
+    /// An idle connection gives back what its parser holds for the next exchange.
+    pub fn release_idle_buffers(&mut self) {
+        match self {
+            Self::Http(s) => s.release_idle_buffers(),
+            Self::Postgres(s) => s.release_idle_buffers(),
+            Self::Undecided(_) | Self::Unrecognized | Self::Encrypted(_) => {}
+        }
+    }
+
     /// The process is the server side (it receives requests).
     pub fn serves(&self) -> bool {
         match self {

@@ -114,6 +114,14 @@ impl PgStream {
         self.role
     }
 
+    /// Gives back the queue of statements awaiting answers when it is empty (see
+    /// `Http1Stream::release_idle_buffers`).
+    pub fn release_idle_buffers(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+    }
+
     /// The StartupMessage's parameters, when it was seen.
     #[cfg(test)]
     pub fn startup(&self) -> Option<&PgStartup> {

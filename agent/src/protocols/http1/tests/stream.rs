@@ -212,3 +212,39 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
         "an upgrade is not a misclassification"
     );
 }
+
+// ---- idle connections ----
+
+/// Between exchanges an idle connection's empty buffers go back (a head split over two reads
+/// left one behind), and its next exchange, also split, is read as before.
+#[test]
+fn an_idle_connection_gives_back_its_buffers_and_reads_on() {
+    let mut c = Conn::new(Some(Role::Server));
+    let (first, rest) = CURL_GET_ROOT.split_at(10);
+    for _ in 0..2 {
+        c.send(IN, 1, first);
+        c.send(IN, 2, rest);
+        c.send(OUT, 3, NGINX_200);
+        assert!(c.s.idle());
+        assert!(c.s.pending.capacity() > 0);
+        assert!(c.s.readers.iter().any(|r| r.head.capacity() > 0));
+        c.s.release_idle_buffers();
+        assert_eq!(c.s.pending.capacity(), 0);
+        assert!(c.s.readers.iter().all(|r| r.head.capacity() == 0));
+    }
+    let got: Vec<Summary> = c.out.iter().map(summary).collect();
+    assert_eq!(got, vec![s("GET", "/", Some(200), 0, 45, Complete); 2]);
+}
+
+/// A request still waiting for its answer is kept.
+#[test]
+fn a_waiting_request_is_not_given_back() {
+    let mut c = Conn::new(Some(Role::Server));
+    c.send(IN, 1, CURL_GET_ROOT);
+    c.s.release_idle_buffers();
+    c.send(OUT, 2, NGINX_200);
+    assert_eq!(
+        c.out.iter().map(summary).collect::<Vec<_>>(),
+        vec![s("GET", "/", Some(200), 0, 45, Complete)]
+    );
+}
