@@ -45,7 +45,13 @@ unsafe extern "C" {
 /// default, 1000.
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// The purge delay in force before start-up changed it (a user's `MIMALLOC_PURGE_DELAY`).
+/// mimalloc's purge delay once started, unless the environment sets one
+/// (`MIMALLOC_PURGE_DELAY`): mimalloc v3's default (1 s) kept the pages freed under load
+/// resident and set the agent's peak; measured on the nginx bench (2 pairs each): 1 s: VmHWM
+/// 64.5–64.9 MiB, agent 1.52–1.61 µs per request; 100 ms: 59.6 MiB, 1.51–1.58 µs; 0 (purge at
+/// once): 56–58 MiB but 1.84–2.05 µs, a madvise per freed page.
+const STEADY_PURGE_DELAY_MS: std::ffi::c_long = 100;
+
 fn purge_delay() -> std::ffi::c_long {
     // SAFETY: reads an option by its index; no pointer.
     unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }
@@ -57,18 +63,21 @@ fn set_purge_delay(ms: std::ffi::c_long) {
 }
 
 /// Start-up (the kernel's BTF, the eBPF object, `/proc` scans) allocates and frees tens of
-/// megabytes in a burst; with mimalloc's default delay (1 s) the freed pages stay resident
-/// through the burst and count in the agent's peak (VmHWM 55.7 → 43.2 MiB purging at once,
-/// issue 13's 64 MiB target). Purged at once during start-up only: under load the delay
-/// saves a madvise per freed page.
+/// megabytes in a burst; with a purge delay the freed pages stay resident through the burst
+/// and count in the agent's peak (VmHWM 55.7 → 43.4 MiB purging at once, issue 13's 64 MiB
+/// target). Returns the delay to use once started.
 fn purge_at_once() -> std::ffi::c_long {
-    let before = purge_delay();
+    let steady = if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        purge_delay()
+    } else {
+        STEADY_PURGE_DELAY_MS
+    };
     set_purge_delay(0);
-    before
+    steady
 }
 
 /// After start-up: what start-up freed goes back now (mimalloc keeps it until this thread
-/// allocates again, which it hardly does: idle RSS 57 → 38 MiB), and the delay is restored.
+/// allocates again, which it hardly does: idle RSS 57 → 38 MiB), and the steady delay is set.
 fn release_start_up_memory(purge_delay: std::ffi::c_long) {
     // SAFETY: takes no pointer; mimalloc is this process's allocator (above).
     unsafe { mi_collect(true) };
@@ -438,12 +447,16 @@ mod tests {
     /// (unless the environment sets it), and what is set is what is read back.
     #[test]
     fn the_purge_delay_option_is_the_one_we_set() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        let from_env = std::env::var_os("MIMALLOC_PURGE_DELAY").is_some();
+        if !from_env {
             assert_eq!(purge_delay(), 1000);
         }
-        let before = purge_at_once();
+        let steady = purge_at_once();
         assert_eq!(purge_delay(), 0);
-        release_start_up_memory(before);
-        assert_eq!(purge_delay(), before);
+        if !from_env {
+            assert_eq!(steady, STEADY_PURGE_DELAY_MS);
+        }
+        release_start_up_memory(steady);
+        assert_eq!(purge_delay(), steady);
     }
 }
