@@ -65,10 +65,16 @@ impl TraceBuffer {
     pub fn add(&mut self, span: SpanRecord, now: Instant) -> Option<Vec<SpanRecord>> {
         let mut evicted = None;
         let trace_id = span.trace_id;
+        let is_local_root = span.parent_span_id.is_none() || span.parent_is_remote;
         if self.pending.len() >= MAX_PENDING_TRACES && !self.pending.contains_key(&trace_id) {
+            if is_local_root {
+                // Full (thousands of traces a second): a root none of whose spans waits is
+                // printed now rather than pushing an older trace out before its grace period,
+                // which also spares the map an insert and a removal per span under load.
+                return Some(vec![span]);
+            }
             evicted = self.evict_oldest();
         }
-        let is_local_root = span.parent_span_id.is_none() || span.parent_is_remote;
         let entry = match self.pending.entry(trace_id) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
@@ -840,6 +846,32 @@ mod tests {
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].len(), 2);
         assert_eq!(buf.len(), 0);
+    }
+
+    /// Full, a new trace's root goes out at once and every waiting trace keeps waiting; a
+    /// span that is not a root still makes room by printing the oldest trace early.
+    #[test]
+    fn a_full_buffer_prints_new_roots_at_once() {
+        let r = resource(1, "svc");
+        let t0 = Instant::now();
+        let mut buf = TraceBuffer::default();
+        let with_trace = |n: usize| {
+            let mut s = server_span(&r);
+            s.trace_id = TraceId((n as u128 + 1).to_be_bytes());
+            s
+        };
+        for n in 0..MAX_PENDING_TRACES {
+            assert!(buf.add(with_trace(n), t0).is_none());
+        }
+        let late = with_trace(MAX_PENDING_TRACES);
+        let out = buf.add(late.clone(), t0).expect("printed at once");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].trace_id, late.trace_id);
+        assert_eq!(buf.len(), MAX_PENDING_TRACES);
+        let child = client_of(&with_trace(MAX_PENDING_TRACES + 1), 1, 1, 1_000);
+        let out = buf.add(child, t0).expect("the oldest trace, early");
+        assert_eq!(out[0].trace_id, with_trace(0).trace_id);
+        assert_eq!(buf.len(), MAX_PENDING_TRACES);
     }
 
     #[test]
