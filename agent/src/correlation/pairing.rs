@@ -15,7 +15,7 @@
 //! the pair is made (or a deadline passes); then the trace is renamed to the caller's, and
 //! spans of the old trace that arrive later are renamed too.
 
-use std::net::SocketAddr;
+use std::{collections::VecDeque, net::SocketAddr};
 
 use crate::{
     idmap::IdMap,
@@ -28,8 +28,14 @@ pub const WAIT_NS: u64 = 5_000_000_000;
 /// first write can reach us after the callee's answer (events of two CPUs), so "not known"
 /// is not "not local" at once.
 pub const GRACE_NS: u64 = 50_000_000;
-/// How long a final client span, and a renamed trace, are remembered.
+/// How long a final client span is remembered.
 const REMEMBER_NS: u64 = 30_000_000_000;
+/// How long a renamed trace is remembered, and how many at most: one is made per pair, and
+/// both ends of a busy PostgreSQL pool pair tens of thousands of times a second (30 s of
+/// them was a map of a million entries, scanned every tick: pgbench VmHWM 88-96 MiB). A span
+/// of the old trace later than this stays in it (its trace is split, not mis-linked).
+const RENAME_MEMORY_NS: u64 = 5_000_000_000;
+const MAX_RENAMED: usize = 65_536;
 /// Bounds on what is held: beyond them the oldest is released as is.
 const MAX_WAITING: usize = 10_000;
 const MAX_HELD_PER_TRACE: usize = 1_000;
@@ -83,6 +89,8 @@ pub struct Pairing {
     held: IdMap<TraceId, Vec<SpanRecord>>,
     /// Renamed traces: old id → (new id, forget after).
     renamed: IdMap<TraceId, (TraceId, u64)>,
+    /// The same (old id, forget after), oldest first.
+    rename_order: VecDeque<(TraceId, u64)>,
     pub report: PairingReport,
     /// This kernel stamps writes when they return (no `tcp_sendmsg_locked`): a server's last
     /// write may be stamped after its client read the answer, by however long the server
@@ -220,7 +228,22 @@ impl Pairing {
         let now = now.unwrap_or(u64::MAX);
         self.clients
             .retain(|_, c| c.seen.saturating_add(REMEMBER_NS) > now);
-        self.renamed.retain(|_, (_, until)| *until > now);
+        while self
+            .rename_order
+            .front()
+            .is_some_and(|(_, until)| *until <= now)
+        {
+            self.forget_oldest_rename();
+        }
+    }
+
+    fn forget_oldest_rename(&mut self) {
+        if let Some((old, until)) = self.rename_order.pop_front()
+            // Renamed again since: that later entry has its own place in the order.
+            && self.renamed.get(&old).is_some_and(|(_, u)| *u == until)
+        {
+            self.renamed.remove(&old);
+        }
     }
 
     /// A waiting server span goes out unpaired, with the spans held for its trace.
@@ -232,10 +255,13 @@ impl Pairing {
 
     fn join(&mut self, server: &mut SpanRecord, client: &ClientEnd, now: u64) {
         if server.trace_id != client.trace_id {
-            self.renamed.insert(
-                server.trace_id,
-                (client.trace_id, now.saturating_add(REMEMBER_NS)),
-            );
+            if self.rename_order.len() >= MAX_RENAMED {
+                self.forget_oldest_rename();
+            }
+            let until = now.saturating_add(RENAME_MEMORY_NS);
+            self.renamed
+                .insert(server.trace_id, (client.trace_id, until));
+            self.rename_order.push_back((server.trace_id, until));
         }
         server.trace_id = client.trace_id;
         server.parent_span_id = Some(client.span_id);
@@ -320,6 +346,54 @@ mod tests {
         p.pass(span(2, 22, Some(20), 140, 150), &mut out);
         assert_eq!(out[0].trace_id, TraceId([1; 16]));
         assert_eq!(p.report.paired, 1);
+    }
+
+    /// Pairs `p` once (server span of trace `old`, client span of trace `new`) at `now`.
+    fn pair_once(p: &mut Pairing, seq: u64, old: [u8; 16], new: [u8; 16], now: u64) {
+        let mut out = Vec::new();
+        let mut server = span(0, 20, None, 110, 190);
+        server.trace_id = TraceId(old);
+        let mut client = span(0, 10, Some(9), 100, 200);
+        client.trace_id = TraceId(new);
+        p.server_span(Some(key(seq)), true, server, now, &mut out);
+        p.client_span(Some(key(seq)), client, now, &mut out);
+        assert!(out.iter().all(|s| s.trace_id == TraceId(new)));
+    }
+
+    fn late_span_trace(p: &mut Pairing, old: [u8; 16]) -> TraceId {
+        let mut late = span(0, 22, Some(20), 140, 150);
+        late.trace_id = TraceId(old);
+        let mut out = Vec::new();
+        p.pass(late, &mut out);
+        out[0].trace_id
+    }
+
+    #[test]
+    fn a_rename_is_forgotten_after_its_memory_time() {
+        let mut p = Pairing::default();
+        pair_once(&mut p, 0, [2; 16], [1; 16], 1);
+        p.tick(Some(RENAME_MEMORY_NS), &mut Vec::new());
+        assert_eq!(late_span_trace(&mut p, [2; 16]), TraceId([1; 16]));
+        p.tick(Some(RENAME_MEMORY_NS + 1), &mut Vec::new());
+        assert_eq!(late_span_trace(&mut p, [2; 16]), TraceId([2; 16]));
+        assert!(p.renamed.is_empty() && p.rename_order.is_empty());
+    }
+
+    #[test]
+    fn renames_are_bounded_oldest_first() {
+        let mut p = Pairing::default();
+        let id = |n: usize| {
+            let mut t = [0x80; 16];
+            t[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            t
+        };
+        for n in 0..=MAX_RENAMED {
+            pair_once(&mut p, n as u64, id(n), [1; 16], 1);
+        }
+        assert_eq!(p.renamed.len(), MAX_RENAMED);
+        assert_eq!(late_span_trace(&mut p, id(0)), TraceId(id(0)));
+        assert_eq!(late_span_trace(&mut p, id(1)), TraceId([1; 16]));
+        assert_eq!(late_span_trace(&mut p, id(MAX_RENAMED)), TraceId([1; 16]));
     }
 
     #[test]
