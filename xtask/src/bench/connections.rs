@@ -201,6 +201,7 @@ fn answer(c: &mut TcpStream) -> Result<()> {
 fn render(opts: &Options, sink: &Sink, env: &Environment, runs: &[Run]) -> String {
     let n = opts.open_connections;
     let mut s = String::new();
+    let _ = writeln!(s, "{MARK_START}");
     let _ = writeln!(
         s,
         "## Agent memory with {n} open keep-alive connections to a traced nginx{}\n",
@@ -257,5 +258,6 @@ fn render(opts: &Options, sink: &Sink, env: &Environment, runs: &[Run]) -> Strin
         super::nginx::NGINX_CPU,
         sink.describe()
     );
+    let _ = writeln!(s, "{MARK_END}");
     s
 }
