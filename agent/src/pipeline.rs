@@ -56,6 +56,9 @@ struct Connection {
     stream: Stream,
     info: ConnInfo,
     last_ns: u64,
+    /// `last_ns` when its parser last gave back its empty buffers (once per quiet spell: the
+    /// tick does not visit every idle parser again).
+    released_ns: u64,
     /// Traffic on an ignored port: followed for its lifecycle only.
     ignored: bool,
     /// What trace correlation keeps per connection (read and changed by `correlation/` only).
@@ -400,6 +403,7 @@ impl<S: SpanSink> Pipeline<S> {
                 stream: Stream::new(hint),
                 info,
                 last_ns: h.ts_ns,
+                released_ns: 0,
                 ignored,
                 trace: ConnTrace::default(),
                 inject: InjectState {
@@ -657,8 +661,11 @@ impl<S: SpanSink> Pipeline<S> {
         for (key, c) in &mut self.conns {
             if c.last_ns.saturating_add(IDLE_CONNECTION_NS) < now_ns {
                 idle.push(*key);
-            } else if c.last_ns.saturating_add(RELEASE_BUFFERS_AFTER_NS) < now_ns {
+            } else if c.released_ns != c.last_ns
+                && c.last_ns.saturating_add(RELEASE_BUFFERS_AFTER_NS) < now_ns
+            {
                 c.stream.release_idle_buffers();
+                c.released_ns = c.last_ns;
             }
         }
         for key in idle {
@@ -907,6 +914,26 @@ mod tests {
             Some(&AttrValue::Int(200))
         );
         assert_eq!(b.kind, SpanKind::Server);
+    }
+
+    /// A connection quiet for a second gives back its parser's empty buffers, once per quiet
+    /// spell, and reads its next exchange as before.
+    #[test]
+    fn a_quiet_connection_releases_its_buffers_once_and_reads_on() {
+        let mut p = pipeline();
+        feed(&mut p, data(1, 5, DIR_INGRESS, 100, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, 200, RESP), RESP);
+        let key = *p.conns.keys().next().expect("one connection");
+        p.tick(200 + RELEASE_BUFFERS_AFTER_NS);
+        assert_eq!(p.conns[&key].released_ns, 0, "not quiet long enough");
+        p.tick(201 + RELEASE_BUFFERS_AFTER_NS);
+        assert_eq!(p.conns[&key].released_ns, 200);
+        let later = 300 + RELEASE_BUFFERS_AFTER_NS;
+        feed(&mut p, data(1, 5, DIR_INGRESS, later, REQ_A), REQ_A);
+        feed(&mut p, data(1, 5, DIR_EGRESS, later + 100, RESP), RESP);
+        let spans = p.finish();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        assert_eq!(spans[1].end_unix_nanos - spans[1].start_unix_nanos, 100);
     }
 
     #[test]

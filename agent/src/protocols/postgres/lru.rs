@@ -1,6 +1,6 @@
 //! The per-connection memory of prepared statements and portals, by name.
 
-use crate::idmap::IdMap;
+use std::collections::HashMap;
 
 /// Name-keyed map with least-recently-used eviction, bounded in entries and in total weight.
 ///
@@ -13,12 +13,12 @@ use crate::idmap::IdMap;
 /// that keeps more than `STATEMENT_CACHE_ENTRIES` names alive, where every new name makes this
 /// map scan for the oldest (26,034 against 10,075 instructions per statement).
 ///
-/// Hashed with foldhash (seeded per process, like [`IdMap`]) rather than SipHash: names come
-/// from the wire, but a map holds at most `max_entries` of them, and SipHash was 3.7 % of the
-/// agent's CPU under pgbench.
+/// Hashed with foldhash (seeded per process, like the agent's `IdMap`; `protocols/` imports
+/// nothing outside it) rather than SipHash: names come from the wire, but a map holds at most
+/// `max_entries` of them, and SipHash was 3.7 % of the agent's CPU samples under pgbench.
 #[derive(Debug)]
 pub(super) struct Lru<V> {
-    pub(super) map: IdMap<String, (V, u64, usize)>,
+    pub(super) map: HashMap<String, (V, u64, usize), foldhash::fast::RandomState>,
     clock: u64,
     weight: usize,
     max_entries: usize,
@@ -28,7 +28,7 @@ pub(super) struct Lru<V> {
 impl<V> Lru<V> {
     pub(super) fn new(max_entries: usize, max_weight: usize) -> Self {
         Self {
-            map: IdMap::default(),
+            map: HashMap::default(),
             clock: 0,
             weight: 0,
             max_entries,
