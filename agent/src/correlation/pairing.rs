@@ -31,10 +31,10 @@ pub const GRACE_NS: u64 = 50_000_000;
 /// How long a final client span is remembered.
 const REMEMBER_NS: u64 = 30_000_000_000;
 /// How long a renamed trace is remembered, and how many at most: one is made per pair, and
-/// both ends of a busy PostgreSQL pool pair tens of thousands of times a second (30 s of
-/// them was a map of a million entries, scanned every tick: pgbench VmHWM 88-96 MiB; 65,536
-/// forgetting the oldest was still 5 % of the agent's CPU samples). A span of the old trace later than
-/// this stays in it (its trace is split, not mis-linked).
+/// both ends of a busy PostgreSQL pool pair tens of thousands of times a second (30 s of them
+/// was a map of a million entries, scanned every tick: pgbench VmHWM 88-96 MiB; with 65,536,
+/// forgetting the oldest was still 5 % of the agent's CPU samples). A span of the old trace
+/// later than this stays in it (its trace is split, not mis-linked).
 const RENAME_MEMORY_NS: u64 = 5_000_000_000;
 const MAX_RENAMED: usize = 8_192;
 /// Bounds on what is held: beyond them the oldest is released as is.
